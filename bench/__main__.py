@@ -1,0 +1,58 @@
+"""Run every benchmark (or those named on the command line): `python -m bench [tokenizer vision ...]`.
+
+Each figure is a ratio or difference against a baseline measured in the same run, printed as
+`BENCH <name> <value> <op> <target>`; a summary at the end says which targets were met.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import pkgutil
+import re
+import sys
+import traceback
+
+import bench
+
+LINE = re.compile(r"^BENCH (\S+) (\S+) (<=|>=|<|>) (\S+)$")
+OPS = {"<=": float.__le__, ">=": float.__ge__, "<": float.__lt__, ">": float.__gt__}
+
+
+class _Tee(io.TextIOBase):
+    """Echo benchmark output live while keeping it to check the BENCH lines afterwards."""
+
+    def __init__(self, out):
+        self.out, self.buffer_text = out, []
+
+    def write(self, text):
+        self.out.write(text)
+        self.out.flush()
+        self.buffer_text.append(text)
+        return len(text)
+
+
+def main(argv: list[str]) -> int:
+    names = argv or sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(bench.__path__) if m.name.startswith("bench_"))
+    tee, failed = _Tee(sys.stdout), []
+    for name in names:
+        print(f"== bench {name}", flush=True)
+        try:
+            with contextlib.redirect_stdout(tee):
+                importlib.import_module(f"bench.bench_{name}").main()
+        except Exception:  # one broken benchmark must not hide the others' figures
+            traceback.print_exc()
+            failed.append(name)
+    missed = []
+    for line in "".join(tee.buffer_text).splitlines():
+        match = LINE.match(line.strip())
+        if match and not OPS[match[3]](float(match[2]), float(match[4])):
+            missed.append(line.strip())
+    print(f"== {len(names) - len(failed)} benchmarks ran; failed: {failed or 'none'}; targets missed: {len(missed)}")
+    for line in missed:
+        print(f"   missed: {line}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""What every MaaS Mesh service needs: server bootstrap, config, errors, logging, telemetry."""

@@ -1,0 +1,102 @@
+"""Typed settings every server shares, read from flags, then environment, then loopback defaults.
+
+Each service's own config.py adds its flags to the same parser and builds a frozen dataclass in
+main(), never at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ConfigError(SystemExit):
+    """A missing or malformed setting: the process exits with a message naming it."""
+
+    def __init__(self, message: str):
+        super().__init__(f"configuration error: {message}")
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def env_int(name: str, default: int) -> int:
+    raw = env(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+
+
+def env_float(name: str, default: float) -> float:
+    raw = env(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How a gRPC server listens, drains, logs and limits message sizes."""
+
+    service_name: str
+    listen: str
+    grace_seconds: float = 10.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    metrics_port: int = 0
+    log_level: str = "INFO"
+    log_format: str = "json"
+    workers: int = os.cpu_count() or 1
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -> None:
+    """Flags every server has; defaults come from MAAS_* environment variables."""
+    g = parser.add_argument_group("server")
+    g.add_argument("--listen", default=env("MAAS_LISTEN", default_listen), help="host:port to listen on (MAAS_LISTEN)")
+    g.add_argument("--grace", type=float, default=env_float("MAAS_DRAIN_GRACE_SECONDS", 10.0),
+                   help="seconds in-flight RPCs get to finish on SIGTERM (MAAS_DRAIN_GRACE_SECONDS)")
+    g.add_argument("--max-message-bytes", type=int, default=env_int("MAAS_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
+                   help="largest gRPC message sent or received (MAAS_MAX_MESSAGE_BYTES)")
+    g.add_argument("--metrics-port", type=int, default=env_int("MAAS_METRICS_PORT", 0),
+                   help="Prometheus metrics port, 0 = off (MAAS_METRICS_PORT)")
+    g.add_argument("--log-level", default=env("MAAS_LOG_LEVEL", "INFO"), help="MAAS_LOG_LEVEL")
+    g.add_argument("--log-format", choices=["json", "text"], default=env("MAAS_LOG_FORMAT", "json"), help="MAAS_LOG_FORMAT")
+    g.add_argument("--workers", type=int, default=env_int("MAAS_WORKERS", os.cpu_count() or 1),
+                   help="threads for CPU-heavy work (MAAS_WORKERS)")
+
+
+def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettings:
+    if args.max_message_bytes <= 0:
+        raise ConfigError("--max-message-bytes must be positive")
+    if args.workers <= 0:
+        raise ConfigError("--workers must be positive")
+    return ServerSettings(
+        service_name=service_name,
+        listen=args.listen,
+        grace_seconds=args.grace,
+        max_message_bytes=args.max_message_bytes,
+        metrics_port=args.metrics_port,
+        log_level=args.log_level.upper(),
+        log_format=args.log_format,
+        workers=args.workers,
+    )
+
+
+def add_peer_argument(parser: argparse.ArgumentParser, flag: str, env_name: str, default: str | None, what: str) -> None:
+    parser.add_argument(flag, default=env(env_name, default), help=f"{what} address host:port ({env_name})")
+
+
+def require_peer(value: str | None, flag: str, env_name: str) -> str:
+    """Fail fast at start-up on a missing peer address rather than at the first request."""
+    if not value or ":" not in value:
+        raise ConfigError(f"peer address {flag} / {env_name} must be host:port, got {value!r}")
+    return value

@@ -1,0 +1,93 @@
+"""Domain errors and their gRPC status codes, mapped in this one place.
+
+Domain modules raise these plain exceptions; the error interceptor turns them into statuses, so no
+domain module needs to know about gRPC.
+"""
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    """An error a caller can act on; its message says what was wrong and where."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhausted(ServiceError):
+    """A configured limit was exceeded; the message names the limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+def item_error(kind: type[ServiceError], index: int, message: str) -> ServiceError:
+    """An error about one batch item, named by its index so the caller can find it."""
+    return kind(f"item {index}: {message}")
+
+
+def limit_error(limit_name: str, limit: int | float, actual: int | float, index: int | None = None) -> ResourceExhausted:
+    """A configured limit was exceeded; names the limit, its value and (if any) the batch item."""
+    where = f"item {index}: " if index is not None else ""
+    return ResourceExhausted(f"{where}{limit_name} is {actual}, over the limit of {limit} ({limit_name} limit)")
+
+
+# Peer statuses we forward as they are; anything else from a peer becomes UNAVAILABLE/INTERNAL.
+_FORWARDED_PEER_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status a failed RPC returns for `exc`, or None for an unexpected (internal) error."""
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        if code in _FORWARDED_PEER_CODES:
+            return code, exc.details() or code.name
+        return grpc.StatusCode.UNAVAILABLE, f"peer failed with {code.name}: {exc.details()}"
+    return None

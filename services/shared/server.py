@@ -1,0 +1,110 @@
+"""The gRPC server bootstrap every service uses.
+
+build_server() gives a grpc.aio server with the standard health service and reflection registered on
+their own, explicit message size limits, the error/metrics interceptor and (when OTEL_* is set)
+tracing. run() serves until SIGTERM/SIGINT, then flips health to NOT_SERVING and lets in-flight RPCs
+finish within the grace period.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.shared.config import ServerSettings
+from services.shared.interceptors import ServiceInterceptor
+from services.shared.structured_logging import configure_logging
+from services.shared.telemetry import (
+    setup_tracing, shutdown_tracing, start_metrics_server, tracing_server_interceptors,
+)
+
+log = logging.getLogger(__name__)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Explicit message limits (gRPC's 4 MiB default is too small for image batches)."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+@dataclass
+class ServiceServer:
+    """A started-or-not gRPC server plus its health servicer, so draining can flip health first."""
+
+    grpc_server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    service_names: list[str]
+    settings: ServerSettings
+    on_stop: list[Callable[[], object]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING first (load balancers stop sending), then finish in-flight RPCs."""
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(self.settings.grace_seconds if grace is None else grace)
+        for callback in self.on_stop:
+            result = callback()
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def wait(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+def build_server(
+    settings: ServerSettings,
+    register: Callable[[grpc.aio.Server], Iterable[str]],
+) -> tuple[ServiceServer, int]:
+    """Create the server, let `register` add the service's servicers (returning their full names),
+    bind settings.listen (port 0 picks a free one) and return (server, bound port)."""
+    server = grpc.aio.server(
+        interceptors=[*tracing_server_interceptors(), ServiceInterceptor(settings.service_name)],
+        options=channel_options(settings.max_message_bytes),
+    )
+    names = list(register(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise RuntimeError(f"could not bind {settings.listen}")
+    return ServiceServer(server, health_servicer, names, settings), port
+
+
+def run(settings: ServerSettings, create: Callable[[], tuple[ServiceServer, int]]) -> None:
+    """Entry point body shared by every service's __main__."""
+    configure_logging(settings.service_name, settings.log_level, settings.log_format)
+    setup_tracing(f"maas-{settings.service_name}")
+    start_metrics_server(settings.metrics_port)
+
+    async def serve() -> None:
+        server, port = create()
+        await server.start()
+        log.info("serving", extra={"listen": settings.listen, "port": port, "services": server.service_names})
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        log.info("draining", extra={"grace_seconds": settings.grace_seconds})
+        await server.stop()
+        log.info("stopped")
+
+    try:
+        asyncio.run(serve())
+    finally:
+        shutdown_tracing()
