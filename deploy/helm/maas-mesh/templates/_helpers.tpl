@@ -1,0 +1,504 @@
+{{/*
+Shared pieces. Component helpers take (dict "root" $ "name" "<component>");
+component values are (index .root.Values .name).
+*/}}
+
+{{- define "maas-mesh.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* <release>-maas-mesh; peers are addressed as <fullname>-<component>. */}}
+{{- define "maas-mesh.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "maas-mesh.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Shorten the prefix, not the component, so names stay distinct within 63 chars ("-triton-headless" is 16). */}}
+{{- define "maas-mesh.componentName" -}}
+{{- printf "%s-%s" (include "maas-mesh.fullname" .root | trunc 47 | trimSuffix "-") .name -}}
+{{- end -}}
+
+{{- define "maas-mesh.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "maas-mesh.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "maas-mesh.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .name }}
+{{- end -}}
+
+{{- define "maas-mesh.labels" -}}
+{{ include "maas-mesh.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: maas-mesh
+helm.sh/chart: {{ include "maas-mesh.chart" .root }}
+{{- end -}}
+
+{{/* Matches every pod of this release (NetworkPolicy peers). */}}
+{{- define "maas-mesh.releasePodSelector" -}}
+matchLabels:
+  app.kubernetes.io/name: {{ include "maas-mesh.name" . }}
+  app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* NetworkPolicy peer: any pod of this release (e.g. a `maas` CLI Job). */}}
+{{- define "maas-mesh.releasePeer" -}}
+- podSelector:
+    {{- include "maas-mesh.releasePodSelector" . | nindent 4 }}
+{{- end -}}
+
+{{/* gRPC listen port of each MaaS service (docs/development.md defaults). */}}
+{{- define "maas-mesh.port" -}}
+{{- get (dict "router" 50051 "registry" 50052 "tokenizer" 50053 "vision" 50054 "triton" 8001) .name -}}
+{{- end -}}
+
+{{/* host:port of a peer's Service. */}}
+{{- define "maas-mesh.address" -}}
+{{- printf "%s:%s" (include "maas-mesh.componentName" .) (include "maas-mesh.port" .) -}}
+{{- end -}}
+
+{{- define "maas-mesh.image" -}}
+{{- $c := index .root.Values .name -}}
+{{- $repo := $c.image.repository | default .root.Values.image.repository -}}
+{{- $tag := $c.image.tag | default .root.Values.image.tag | default .root.Chart.AppVersion -}}
+{{- printf "%s:%s" $repo $tag -}}
+{{- end -}}
+
+{{- define "maas-mesh.imagePullPolicy" -}}
+{{- $c := index .root.Values .name -}}
+{{- $c.image.pullPolicy | default .root.Values.image.pullPolicy -}}
+{{- end -}}
+
+{{- define "maas-mesh.serviceAccountName" -}}
+{{- if .root.Values.serviceAccount.create -}}
+{{- include "maas-mesh.componentName" . -}}
+{{- else -}}
+default
+{{- end -}}
+{{- end -}}
+
+{{/* Kubelet must let in-flight RPCs drain before SIGKILL. */}}
+{{- define "maas-mesh.terminationGracePeriodSeconds" -}}
+{{- $c := index .root.Values .name -}}
+{{- $drain := int $c.drainGraceSeconds -}}
+{{- if kindIs "invalid" $c.terminationGracePeriodSeconds -}}
+{{- add $drain 10 -}}
+{{- else if le (int $c.terminationGracePeriodSeconds) $drain -}}
+{{- fail (printf "%s.terminationGracePeriodSeconds (%d) must be greater than %s.drainGraceSeconds (%d)" .name (int $c.terminationGracePeriodSeconds) .name $drain) -}}
+{{- else -}}
+{{- int $c.terminationGracePeriodSeconds -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Pod-level settings shared by every workload: identity, security, scheduling.
+Pass "uid" (10001 for our image, 1000 for Triton's triton-server user) and
+"apiAccess" (true only for pods that watch EndpointSlices).
+*/}}
+{{- define "maas-mesh.podSpecCommon" -}}
+{{- $c := index .root.Values .name -}}
+serviceAccountName: {{ include "maas-mesh.serviceAccountName" . }}
+automountServiceAccountToken: {{ .apiAccess | default false }}
+terminationGracePeriodSeconds: {{ include "maas-mesh.terminationGracePeriodSeconds" . }}
+{{ include "maas-mesh.podSecurityContext" .uid }}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .nodeSelector | default $c.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations | default $c.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod security context for a non-root uid (also the group and volume owner). */}}
+{{- define "maas-mesh.podSecurityContext" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: {{ . }}
+  runAsGroup: {{ . }}
+  fsGroup: {{ . }}
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{- define "maas-mesh.containerSecurityContext" -}}
+securityContext:
+  runAsNonRoot: true
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: [ALL]
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{/* Pod metadata: labels, scrape annotations (pass "metricsPort"), user annotations. */}}
+{{- define "maas-mesh.podMetadata" -}}
+{{- $c := index .root.Values .name -}}
+labels:
+  {{- include "maas-mesh.labels" . | nindent 2 }}
+{{- $ann := dict -}}
+{{- if .root.Values.metrics.scrapeAnnotations -}}
+{{- $ann = dict "prometheus.io/scrape" "true" "prometheus.io/port" (toString .metricsPort) "prometheus.io/path" "/metrics" -}}
+{{- end -}}
+{{- $ann = merge (deepCopy ($c.podAnnotations | default dict)) $ann }}
+{{- with $ann }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Native gRPC health probes (grpc.health.v1) for our services. */}}
+{{- define "maas-mesh.grpcProbes" -}}
+startupProbe:
+  grpc:
+    port: {{ include "maas-mesh.port" . }}
+  periodSeconds: 2
+  failureThreshold: 30
+readinessProbe:
+  grpc:
+    port: {{ include "maas-mesh.port" . }}
+  periodSeconds: 5
+  failureThreshold: 2
+livenessProbe:
+  grpc:
+    port: {{ include "maas-mesh.port" . }}
+  periodSeconds: 10
+  failureThreshold: 3
+{{- end -}}
+
+{{/* Env every MaaS service reads, plus MAAS_<PEER>_ADDRESS for each of "peers". */}}
+{{- define "maas-mesh.commonEnv" -}}
+{{- $c := index .root.Values .name -}}
+- name: MAAS_LISTEN
+  value: "0.0.0.0:{{ include "maas-mesh.port" . }}"
+- name: MAAS_METRICS_PORT
+  value: "9090"
+- name: MAAS_DRAIN_GRACE_SECONDS
+  value: {{ $c.drainGraceSeconds | quote }}
+- name: MAAS_MAX_MESSAGE_BYTES
+  value: {{ .root.Values.maxMessageBytes | int64 | quote }}
+- name: MAAS_LOG_LEVEL
+  value: {{ .root.Values.logLevel | quote }}
+- name: MAAS_LOG_FORMAT
+  value: {{ .root.Values.logFormat | quote }}
+{{- /* The CPU limit, not the node's CPU count that os.cpu_count() sees. */}}
+- name: MAAS_WORKERS
+  valueFrom:
+    resourceFieldRef:
+      containerName: {{ .name }}
+      resource: limits.cpu
+      divisor: "1"
+{{- if .root.Values.otelCollector.enabled }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: "http://{{ include "maas-mesh.componentName" (dict "root" .root "name" "otel-collector") }}:4317"
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: grpc
+- name: OTEL_TRACES_EXPORTER
+  value: otlp
+- name: OTEL_SERVICE_NAME
+  value: "maas-{{ .name }}"
+{{- end }}
+{{- range .peers }}
+- name: MAAS_{{ upper . }}_ADDRESS
+  value: {{ include "maas-mesh.address" (dict "root" $.root "name" .) | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Deployment of one of the four MaaS services (one image, command maas-<name>).
+Besides root/name, callers pass:
+  peers       components whose MAAS_<PEER>_ADDRESS to set
+  apiAccess   true for EndpointSlice watchers: mounts the API token and sets
+              MAAS_TRITON_DISCOVERY/MAAS_TRITON_SERVICE (every Triton replica)
+  writable    true to mount the model repository read-write (registry only)
+  strategy    Deployment strategy (dict); default rolling with no unavailable pod
+  extraEnv, extraMounts, extraVolumes   YAML strings
+Every service gets the model repository (MAAS_MODEL_REPOSITORY): tokenizer.json,
+preprocess.json and labels live next to the models.
+*/}}
+{{- define "maas-mesh.serviceDeployment" -}}
+{{- $c := index .root.Values .name -}}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ include "maas-mesh.componentName" . }}
+  labels:
+    {{- include "maas-mesh.labels" . | nindent 4 }}
+spec:
+  {{- if not $c.autoscaling.enabled }}
+  replicas: {{ $c.replicas }}
+  {{- end }}
+  strategy:
+    {{- toYaml (.strategy | default (dict "type" "RollingUpdate" "rollingUpdate" (dict "maxSurge" "25%" "maxUnavailable" 0))) | nindent 4 }}
+  selector:
+    matchLabels:
+      {{- include "maas-mesh.selectorLabels" . | nindent 6 }}
+  template:
+    metadata:
+      {{- include "maas-mesh.podMetadata" (merge (dict "metricsPort" 9090) .) | nindent 6 }}
+    spec:
+      {{- include "maas-mesh.podSpecCommon" (merge (dict "uid" 10001) .) | nindent 6 }}
+      containers:
+        - name: {{ .name }}
+          image: {{ include "maas-mesh.image" . | quote }}
+          imagePullPolicy: {{ include "maas-mesh.imagePullPolicy" . }}
+          command: ["maas-{{ .name }}"]
+          ports:
+            - {name: grpc, containerPort: {{ include "maas-mesh.port" . }}, protocol: TCP}
+            - {name: metrics, containerPort: 9090, protocol: TCP}
+          env:
+            {{- include "maas-mesh.commonEnv" . | nindent 12 }}
+            - name: MAAS_MODEL_REPOSITORY
+              value: {{ include "maas-mesh.modelRepositoryLocation" .root | quote }}
+            {{- if .apiAccess }}
+            - name: MAAS_TRITON_DISCOVERY
+              value: endpointslices
+            - name: MAAS_TRITON_SERVICE
+              value: {{ include "maas-mesh.componentName" (dict "root" .root "name" "triton-headless") }}
+            {{- end }}
+            {{- with .extraEnv }}
+            {{- . | nindent 12 }}
+            {{- end }}
+            {{- with $c.env }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          {{- with include "maas-mesh.modelRepositoryEnvFrom" .root }}
+          {{- . | nindent 10 }}
+          {{- end }}
+          {{- include "maas-mesh.grpcProbes" . | nindent 10 }}
+          {{- include "maas-mesh.containerSecurityContext" . | nindent 10 }}
+          {{- with $c.resources }}
+          resources:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          volumeMounts:
+            {{- /* readOnlyRootFilesystem: /tmp is the only scratch space. */}}
+            - {name: tmp, mountPath: /tmp}
+            {{- include "maas-mesh.modelRepositoryMounts" (dict "root" .root "readOnly" (not .writable)) | nindent 12 }}
+            {{- with .extraMounts }}
+            {{- . | nindent 12 }}
+            {{- end }}
+      volumes:
+        - {name: tmp, emptyDir: {}}
+        {{- include "maas-mesh.modelRepositoryVolumes" (dict "root" .root "readOnly" (not .writable)) | nindent 8 }}
+        {{- with .extraVolumes }}
+        {{- . | nindent 8 }}
+        {{- end }}
+{{- end -}}
+
+{{/* gRPC + metrics Service for a MaaS service. */}}
+{{- define "maas-mesh.service" -}}
+{{- $c := index .root.Values .name -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "maas-mesh.componentName" . }}
+  labels:
+    {{- include "maas-mesh.labels" . | nindent 4 }}
+    maas-mesh.io/scrape: "true"
+  {{- with $c.service.annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  type: {{ $c.service.type }}
+  selector:
+    {{- include "maas-mesh.selectorLabels" . | nindent 4 }}
+  ports:
+    - {name: grpc, port: {{ include "maas-mesh.port" . }}, targetPort: grpc, protocol: TCP, appProtocol: grpc}
+    - {name: metrics, port: 9090, targetPort: metrics, protocol: TCP}
+{{- end -}}
+
+{{/* The lower bound of replicas the component will run with. */}}
+{{- define "maas-mesh.minReplicas" -}}
+{{- $c := index .root.Values .name -}}
+{{- if $c.autoscaling.enabled -}}{{ $c.autoscaling.minReplicas }}{{- else -}}{{ $c.replicas }}{{- end -}}
+{{- end -}}
+
+{{/* HPA (autoscaling/v2), or a KEDA ScaledObject when keda.enabled. */}}
+{{- define "maas-mesh.autoscaler" -}}
+{{- $c := index .root.Values .name -}}
+{{- $a := $c.autoscaling -}}
+{{- if $a.enabled -}}
+{{- if and (kindIs "invalid" $a.targetCPUUtilizationPercentage) (not $a.podsMetric) -}}
+{{- fail (printf "%s.autoscaling needs targetCPUUtilizationPercentage or podsMetric" .name) -}}
+{{- end -}}
+{{- if .root.Values.keda.enabled }}
+---
+apiVersion: keda.sh/v1alpha1
+kind: ScaledObject
+metadata:
+  name: {{ include "maas-mesh.componentName" . }}
+  labels:
+    {{- include "maas-mesh.labels" . | nindent 4 }}
+spec:
+  scaleTargetRef:
+    name: {{ include "maas-mesh.componentName" . }}
+  minReplicaCount: {{ $a.minReplicas }}
+  maxReplicaCount: {{ $a.maxReplicas }}
+  pollingInterval: {{ .root.Values.keda.pollingInterval }}
+  cooldownPeriod: {{ .root.Values.keda.cooldownPeriod }}
+  {{- with $a.behavior }}
+  advanced:
+    horizontalPodAutoscalerConfig:
+      behavior:
+        {{- toYaml . | nindent 8 }}
+  {{- end }}
+  triggers:
+    {{- if not (kindIs "invalid" $a.targetCPUUtilizationPercentage) }}
+    - type: cpu
+      metricType: Utilization
+      metadata:
+        value: {{ $a.targetCPUUtilizationPercentage | quote }}
+    {{- end }}
+    {{- with $a.podsMetric }}
+    - type: prometheus
+      metricType: AverageValue
+      metadata:
+        serverAddress: {{ $.root.Values.keda.prometheusServerAddress | quote }}
+        query: {{ tpl .kedaQuery $.root | quote }}
+        threshold: {{ .targetAverageValue | quote }}
+    {{- end }}
+{{- else }}
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: {{ include "maas-mesh.componentName" . }}
+  labels:
+    {{- include "maas-mesh.labels" . | nindent 4 }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: {{ include "maas-mesh.componentName" . }}
+  minReplicas: {{ $a.minReplicas }}
+  maxReplicas: {{ $a.maxReplicas }}
+  metrics:
+    {{- if not (kindIs "invalid" $a.targetCPUUtilizationPercentage) }}
+    - type: Resource
+      resource:
+        name: cpu
+        target:
+          type: Utilization
+          averageUtilization: {{ $a.targetCPUUtilizationPercentage }}
+    {{- end }}
+    {{- with $a.podsMetric }}
+    - type: Pods
+      pods:
+        metric:
+          name: {{ .name }}
+        target:
+          type: AverageValue
+          averageValue: {{ .targetAverageValue | quote }}
+    {{- end }}
+  {{- with $a.behavior }}
+  behavior:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* PDB only where more than one replica runs. */}}
+{{- define "maas-mesh.pdb" -}}
+{{- $c := index .root.Values .name -}}
+{{- if and $c.pdb.enabled (gt (int (include "maas-mesh.minReplicas" .)) 1) }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "maas-mesh.componentName" . }}
+  labels:
+    {{- include "maas-mesh.labels" . | nindent 4 }}
+spec:
+  maxUnavailable: {{ $c.pdb.maxUnavailable }}
+  selector:
+    matchLabels:
+      {{- include "maas-mesh.selectorLabels" . | nindent 6 }}
+{{- end }}
+{{- end -}}
+
+{{/* Model repository as Triton sees it: a mount path or the bucket URL. */}}
+{{- define "maas-mesh.modelRepositoryLocation" -}}
+{{- $m := .Values.modelRepository -}}
+{{- if eq $m.type "objectStore" -}}
+{{- required "modelRepository.objectStore.url is required when modelRepository.type=objectStore" $m.objectStore.url -}}
+{{- else -}}
+{{- $m.mountPath -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "maas-mesh.modelRepositoryClaim" -}}
+{{- .Values.modelRepository.pvc.existingClaim | default (printf "%s-models" (include "maas-mesh.fullname" .)) -}}
+{{- end -}}
+
+{{/* Volumes + mounts giving a pod the model repository (readOnly for Triton). */}}
+{{- define "maas-mesh.modelRepositoryVolumes" -}}
+{{- $m := .root.Values.modelRepository -}}
+{{- if eq $m.type "objectStore" -}}
+- name: object-store-credentials
+  secret:
+    secretName: {{ required "modelRepository.objectStore.credentialsSecret is required when modelRepository.type=objectStore" $m.objectStore.credentialsSecret }}
+{{- else -}}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ include "maas-mesh.modelRepositoryClaim" .root }}
+    readOnly: {{ .readOnly }}
+{{- end -}}
+{{- end -}}
+
+{{- define "maas-mesh.modelRepositoryMounts" -}}
+{{- $m := .root.Values.modelRepository -}}
+{{- if eq $m.type "objectStore" -}}
+- {name: object-store-credentials, mountPath: /etc/maas/object-store, readOnly: true}
+{{- else -}}
+- {name: models, mountPath: {{ $m.mountPath }}, readOnly: {{ .readOnly }}}
+{{- end -}}
+{{- end -}}
+
+{{/* Secret holding MAAS_ADMIN_TOKEN: the user's, or the one the chart generates. */}}
+{{- define "maas-mesh.registry.tokenSecret" -}}
+{{- .Values.registry.adminToken.existingSecret | default (printf "%s-admin-token" (include "maas-mesh.componentName" (dict "root" . "name" "registry"))) -}}
+{{- end -}}
+
+{{/* Object-store credentials as env (AWS_*, AZURE_*, GOOGLE_APPLICATION_CREDENTIALS). */}}
+{{- define "maas-mesh.modelRepositoryEnvFrom" -}}
+{{- $m := .Values.modelRepository -}}
+{{- if eq $m.type "objectStore" -}}
+envFrom:
+  - secretRef:
+      name: {{ $m.objectStore.credentialsSecret }}
+{{- end -}}
+{{- end -}}
+
+{{/* NetworkPolicy ingress rule for metrics from the monitoring namespace. */}}
+{{- define "maas-mesh.metricsIngress" -}}
+- from:
+    - namespaceSelector:
+        {{- toYaml .root.Values.networkPolicy.monitoringNamespaceSelector | nindent 8 }}
+  ports:
+    - {port: {{ .metricsPort }}, protocol: TCP}
+{{- end -}}
+
+{{/* Peer: pods of one component of this release. */}}
+{{- define "maas-mesh.componentPeer" -}}
+- podSelector:
+    matchLabels:
+      {{- include "maas-mesh.selectorLabels" . | nindent 6 }}
+{{- end -}}

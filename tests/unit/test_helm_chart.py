@@ -1,0 +1,448 @@
+"""The Helm chart (deploy/helm/maas-mesh): lint, render, Kubernetes schemas and the mesh's invariants.
+
+Needs the real helm from tools/install_k8s_tools.sh (`make k8s-tools`, which `make test` runs first).
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from tests.unit import chart_render as cr
+from tests.unit.chart_render import COMPONENTS, SCENARIOS, SERVICES, STATELESS, name
+
+pytestmark = pytest.mark.skipif(
+    not cr.HELM.exists(), reason=f"{cr.HELM} missing: run `make k8s-tools` (tools/install_k8s_tools.sh)"
+)
+
+# Oldest Kubernetes the chart supports (Chart.yaml kubeVersion); strict = unknown fields fail.
+K8S_VERSION = "1.30.0"
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
+GPU_SCENARIOS = [None, "gpu-production-values.yaml"]
+PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054}
+ids = [s or "defaults" for s in SCENARIOS]
+
+
+# --- lint, render, schemas ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=ids)
+def test_lint_strict(scenario):
+    proc = cr.helm("lint", "--strict", str(cr.CHART), *cr.values_args(scenario))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=ids)
+def test_every_object_validates_against_kubernetes_schema(scenario):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = cr.render(scenario)
+    assert docs
+    errors = []
+    for d in docs:
+        if d["apiVersion"].startswith(CRD_GROUPS):
+            continue  # no schema in kubernetes-validate; shapes are asserted below
+        try:
+            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{d['kind']}/{d['metadata']['name']}: {e.message} at {list(e.path)}")
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=ids)
+def test_recommended_labels_everywhere(scenario):
+    for d in cr.render(scenario):
+        labels = d["metadata"].get("labels", {})
+        for key in ("name", "instance", "component", "version", "managed-by", "part-of"):
+            assert f"app.kubernetes.io/{key}" in labels, (d["kind"], d["metadata"]["name"], key)
+        assert labels["helm.sh/chart"].startswith("maas-mesh-")
+
+
+# --- GPU placement --------------------------------------------------------------------------------
+
+def _gpu_mentions(spec: dict) -> list[str]:
+    text = json.dumps({k: spec.get(k) for k in ("containers", "nodeSelector", "tolerations")})
+    return re.findall(r"nvidia\.com/[\w.-]+", text)
+
+
+@pytest.mark.parametrize("scenario", GPU_SCENARIOS, ids=[s or "defaults" for s in GPU_SCENARIOS])
+def test_gpus_only_on_triton(scenario):
+    docs = cr.render(scenario)
+    for workload, spec in cr.pods(docs):
+        if workload != name("triton"):
+            assert not _gpu_mentions(spec), workload
+    spec = cr.pod_spec(docs, "triton")
+    triton = cr.container(docs, "triton")
+    assert int(triton["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert spec["nodeSelector"]["nvidia.com/gpu.present"] == "true"
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    assert "--allow-gpu-metrics=true" in triton["args"]
+
+
+def test_cpu_only_has_no_gpu_anything():
+    docs = cr.render("cpu-only-values.yaml")
+    for workload, spec in cr.pods(docs):
+        assert not _gpu_mentions(spec), workload
+        assert "runtimeClassName" not in spec
+    assert "--allow-gpu-metrics=false" in cr.container(docs, "triton")["args"]
+
+
+def test_triton_image_args_and_ports():
+    docs = cr.render()
+    c = cr.container(docs, "triton")
+    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", c["image"])
+    args = c["args"]
+    assert args[0] == "tritonserver"
+    for flag in ("--model-control-mode=explicit", "--model-repository=/models", "--allow-metrics=true"):
+        assert flag in args
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert not any(a.startswith("--trace-config") for a in args)  # no collector by default
+
+
+def test_triton_headless_and_normal_services():
+    services = cr.by_name(cr.render(), "Service")
+    headless, normal = services[name("triton") + "-headless"], services[name("triton")]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert "clusterIP" not in normal["spec"]
+    for svc in (headless, normal):
+        assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+
+# --- autoscaling and disruption ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("scenario", [None, "gpu-production-values.yaml", "object-store-values.yaml"])
+def test_hpa_per_stateless_component(scenario):
+    docs = cr.render(scenario)
+    hpas = {cr.component_of(h): h for h in cr.kind(docs, "HorizontalPodAutoscaler")}
+    assert set(hpas) == set(STATELESS)  # never the registry
+    assert not cr.kind(docs, "ScaledObject")
+    metrics = {c: h["spec"]["metrics"] for c, h in hpas.items()}
+    for c in ("tokenizer", "vision"):
+        assert metrics[c][0]["resource"]["name"] == "cpu"
+    assert metrics["router"][0]["pods"]["metric"]["name"] == "maas_router_inflight_requests"
+    assert metrics["triton"][0]["pods"]["metric"]["name"] == "triton_queue_time_per_request_us"
+    for c, h in hpas.items():
+        assert h["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name(c)}
+        assert {"scaleUp", "scaleDown"} <= set(h["spec"]["behavior"])
+        assert "replicas" not in cr.deployment(docs, c)["spec"]  # the HPA owns it
+
+
+def test_adapter_rules_serve_every_hpa_pods_metric():
+    rules = yaml.safe_load((cr.CHART / "files" / "prometheus-adapter-rules.yaml").read_text())["rules"]["custom"]
+    served = {r["name"]["as"] for r in rules}
+    wanted = {m["pods"]["metric"]["name"] for h in cr.kind(cr.render(), "HorizontalPodAutoscaler")
+              for m in h["spec"]["metrics"] if m["type"] == "Pods"}
+    assert wanted and wanted <= served
+    for r in rules:
+        assert set(r["resources"]["overrides"]) == {"namespace", "pod"}
+        assert "<<.LabelMatchers>>" in r["metricsQuery"] and "<<.GroupBy>>" in r["metricsQuery"]
+
+
+def test_keda_scaled_objects_replace_hpas():
+    docs = cr.render("keda-values.yaml")
+    assert not cr.kind(docs, "HorizontalPodAutoscaler")
+    scaled = {cr.component_of(s): s for s in cr.kind(docs, "ScaledObject")}
+    assert set(scaled) == set(STATELESS)
+    for c, so in scaled.items():
+        assert so["apiVersion"] == "keda.sh/v1alpha1"
+        spec = so["spec"]
+        assert spec["scaleTargetRef"]["name"] == name(c)
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+        assert {"scaleUp", "scaleDown"} <= set(spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"])
+        assert spec["triggers"]
+        for t in spec["triggers"]:
+            assert t["type"] in ("cpu", "prometheus")
+            if t["type"] == "prometheus":
+                md = t["metadata"]
+                assert md["serverAddress"].startswith("http")
+                assert float(md["threshold"]) > 0
+                assert "{{" not in md["query"] and 'namespace="ml"' in md["query"]
+    assert [t["type"] for t in scaled["tokenizer"]["spec"]["triggers"]] == ["cpu"]
+    assert "maas_router_inflight_requests" in scaled["router"]["spec"]["triggers"][0]["metadata"]["query"]
+    assert "nv_inference_queue_duration_us" in scaled["triton"]["spec"]["triggers"][0]["metadata"]["query"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=ids)
+def test_pdbs_only_for_multi_replica_components(scenario):
+    docs = cr.render(scenario)
+    pdbs = {cr.component_of(p) for p in cr.kind(docs, "PodDisruptionBudget")}
+    assert "registry" not in pdbs
+    for d in cr.kind(docs, "Deployment"):
+        c = cr.component_of(d)
+        if c not in STATELESS:
+            continue
+        hpa = [h for h in cr.kind(docs, "HorizontalPodAutoscaler") + cr.kind(docs, "ScaledObject")
+               if cr.component_of(h) == c]
+        low = (hpa[0]["spec"].get("minReplicas") or hpa[0]["spec"].get("minReplicaCount")) if hpa \
+            else d["spec"]["replicas"]
+        assert (c in pdbs) == (low > 1), (scenario, c, low)
+
+
+# --- pods: probes, security, shutdown -------------------------------------------------------------
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=ids)
+def test_probes_on_every_container(scenario):
+    docs = cr.render(scenario)
+    for workload, spec in cr.pods(docs):
+        for c in spec["containers"]:
+            assert "livenessProbe" in c and "readinessProbe" in c, (workload, c["name"])
+    for svc in SERVICES:
+        c = cr.container(docs, svc)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"] == {"port": PORTS[svc]}, (svc, probe)
+        assert {"name": "grpc", "containerPort": PORTS[svc], "protocol": "TCP"} in c["ports"]
+    triton = cr.container(docs, "triton")
+    assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # Room to load models before liveness may kill the pod.
+    budget = triton["startupProbe"]["periodSeconds"] * triton["startupProbe"]["failureThreshold"]
+    assert budget >= 300
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=ids)
+def test_security_context_on_every_pod_and_container(scenario):
+    for workload, spec in cr.pods(cr.render(scenario)):
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["seccompProfile"]["type"] == "RuntimeDefault", workload
+        assert psc["runAsUser"] == (1000 if workload == name("triton") else 10001), workload
+        for c in spec["containers"]:
+            csc = c["securityContext"]
+            assert csc["allowPrivilegeEscalation"] is False, workload
+            assert csc["readOnlyRootFilesystem"] is True, workload
+            assert csc["capabilities"]["drop"] == ["ALL"], workload
+            assert csc["runAsNonRoot"] is True, workload
+        if workload != name("otel-collector"):
+            mounts = {m["mountPath"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts, workload
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=ids)
+def test_termination_grace_exceeds_drain(scenario):
+    docs = cr.render(scenario)
+    for svc in SERVICES:
+        drain = float(cr.env(cr.container(docs, svc))["MAAS_DRAIN_GRACE_SECONDS"]["value"])
+        assert cr.pod_spec(docs, svc)["terminationGracePeriodSeconds"] > drain, svc
+    args = cr.container(docs, "triton")["args"]
+    exit_timeout = int(next(a for a in args if a.startswith("--exit-timeout-secs=")).split("=")[1])
+    assert cr.pod_spec(docs, "triton")["terminationGracePeriodSeconds"] > exit_timeout
+
+
+def test_termination_grace_not_above_drain_fails():
+    proc = cr.template(None, "router.drainGraceSeconds=30", "router.terminationGracePeriodSeconds=30")
+    assert proc.returncode != 0
+    assert "router.terminationGracePeriodSeconds" in proc.stderr
+
+
+# --- env, peers, RBAC -----------------------------------------------------------------------------
+
+def _names_read_by_services() -> set[str]:
+    """MAAS_* names documented in docs/development.md or read by the services' code."""
+    text = (cr.ROOT / "docs" / "development.md").read_text()
+    text += "".join(p.read_text() for p in (cr.ROOT / "services").rglob("*.py"))
+    return set(re.findall(r"\b(MAAS_[A-Z_]+[A-Z])\b", text))
+
+
+def test_chart_sets_only_env_the_services_read():
+    known = _names_read_by_services()
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_TRACES_EXPORTER", "OTEL_SERVICE_NAME"}
+    for scenario in SCENARIOS:
+        docs = cr.render(scenario)
+        for svc in SERVICES:
+            names = set(cr.env(cr.container(docs, svc)))
+            maas = {n for n in names if n.startswith("MAAS_")}
+            assert maas <= known, (svc, maas - known)
+            assert names - maas <= otel, (svc, names - maas - otel)
+
+
+def test_service_env_and_peer_addresses():
+    docs = cr.render()
+    services = cr.by_name(docs, "Service")
+    for svc in SERVICES:
+        e = cr.env(cr.container(docs, svc))
+        assert e["MAAS_LISTEN"]["value"] == f"0.0.0.0:{PORTS[svc]}"
+        assert e["MAAS_METRICS_PORT"]["value"] == "9090"
+        assert e["MAAS_MODEL_REPOSITORY"]["value"] == "/models"
+        for var, spec in e.items():
+            if var.endswith("_ADDRESS"):
+                host, port = spec["value"].rsplit(":", 1)
+                peer = var.removeprefix("MAAS_").removesuffix("_ADDRESS").lower()
+                assert host == name(peer), var
+                assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}, var
+    router = cr.env(cr.container(docs, "router"))
+    assert {f"MAAS_{p}_ADDRESS" for p in ("REGISTRY", "TOKENIZER", "VISION", "TRITON")} <= set(router)
+    registry = cr.env(cr.container(docs, "registry"))
+    assert registry["MAAS_TRITON_ADDRESS"]["value"] == f"{name('triton')}:8001"
+    for svc in ("router", "registry"):  # every Triton replica, through the headless Service
+        e = cr.env(cr.container(docs, svc))
+        assert e["MAAS_TRITON_DISCOVERY"]["value"] == "endpointslices"
+        assert services[e["MAAS_TRITON_SERVICE"]["value"]]["spec"]["clusterIP"] == "None"
+    assert registry["MAAS_REGISTRY_DB"]["value"].startswith("/var/lib/maas/")
+
+
+def test_registry_single_writer():
+    docs = cr.render()
+    d = cr.deployment(docs, "registry")
+    assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"] == {"type": "Recreate"}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in d["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    pvcs = cr.by_name(docs, "PersistentVolumeClaim")
+    assert pvcs[claims["data"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvcs[claims["models"]]["spec"]["accessModes"] == ["ReadWriteMany"]
+    mounts = {m["name"]: m for m in cr.container(docs, "registry")["volumeMounts"]}
+    assert mounts["models"]["readOnly"] is False
+    triton_mounts = {m["name"]: m for m in cr.container(docs, "triton")["volumeMounts"]}
+    assert triton_mounts["models"]["readOnly"] is True
+
+
+def test_rbac_is_endpointslice_read_only_for_router_and_registry():
+    docs = cr.render()
+    (role,) = cr.kind(docs, "Role")
+    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                              "verbs": ["get", "list", "watch"]}]
+    assert not cr.kind(docs, "ClusterRole") and not cr.kind(docs, "ClusterRoleBinding")
+    (binding,) = cr.kind(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert {s["name"] for s in binding["subjects"]} == {name("router"), name("registry")}
+    for sa in cr.kind(docs, "ServiceAccount"):
+        assert sa["automountServiceAccountToken"] is False
+    for workload, spec in cr.pods(docs):
+        assert spec["automountServiceAccountToken"] is (workload in (name("router"), name("registry"))), workload
+
+
+# --- network policies ----------------------------------------------------------------------------
+
+def _policies(docs) -> dict[str, dict]:
+    return {cr.component_of(p): p for p in cr.kind(docs, "NetworkPolicy")}
+
+
+def _rule_for(policy: dict, port: int) -> dict:
+    (rule,) = [r for r in policy["spec"]["ingress"] if {"port": port, "protocol": "TCP"} in r["ports"]]
+    return rule
+
+
+def _components(rule: dict) -> set[str]:
+    return {p["podSelector"]["matchLabels"].get("app.kubernetes.io/component") for p in rule["from"]}
+
+
+def test_network_policies():
+    policies = _policies(cr.render())
+    assert set(policies) == set(COMPONENTS)
+    for c in ("tokenizer", "vision"):
+        assert _components(_rule_for(policies[c], PORTS[c])) == {"router"}
+    assert _components(_rule_for(policies["triton"], 8001)) == {"router", "registry"}
+    assert _components(_rule_for(policies["triton"], 8000)) == {"registry"}
+    (peer,) = _rule_for(policies["registry"], 50052)["from"]
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "maas-mesh",
+                                                  "app.kubernetes.io/instance": cr.RELEASE}
+    assert "from" not in _rule_for(policies["router"], 50051)  # the entry point
+    for c, p in policies.items():
+        assert p["spec"]["policyTypes"] == ["Ingress"]
+        metrics = _rule_for(p, 8002 if c == "triton" else 9090)
+        (peer,) = metrics["from"]
+        assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def test_network_policies_can_be_disabled():
+    assert not cr.kind(cr.render(None, "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+# --- secrets and model repository ------------------------------------------------------------------
+
+def test_generated_admin_token():
+    docs = cr.render()
+    (secret,) = cr.kind(docs, "Secret")
+    ref = cr.env(cr.container(docs, "registry"))["MAAS_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": secret["metadata"]["name"], "key": "token"}
+    assert len(secret["data"]["token"]) >= 32
+
+
+def test_existing_admin_token_secret():
+    docs = cr.render("existing-secret-values.yaml")
+    assert not cr.kind(docs, "Secret")
+    ref = cr.env(cr.container(docs, "registry"))["MAAS_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "maas-admin", "key": "admin-token"}
+
+
+def test_object_store_model_repository():
+    docs = cr.render("object-store-values.yaml")
+    url = "s3://maas-models/repository"
+    assert all("ReadWriteMany" not in p["spec"]["accessModes"] for p in cr.kind(docs, "PersistentVolumeClaim"))
+    assert f"--model-repository={url}" in cr.container(docs, "triton")["args"]
+    for c in SERVICES + ("triton",):
+        spec = cr.pod_spec(docs, c)
+        assert "models" not in {v["name"] for v in spec["volumes"]}, c
+        assert cr.container(docs, c)["envFrom"] == [{"secretRef": {"name": "maas-model-store"}}], c
+    assert cr.env(cr.container(docs, "registry"))["MAAS_MODEL_REPOSITORY"]["value"] == url
+
+
+def test_object_store_needs_url():
+    proc = cr.template(None, "modelRepository.type=objectStore", "modelRepository.objectStore.credentialsSecret=s")
+    assert proc.returncode != 0 and "modelRepository.objectStore.url" in proc.stderr
+
+
+# --- observability ----------------------------------------------------------------------------------
+
+def test_scrape_annotations_point_at_metrics_port():
+    docs = cr.render()
+    for c in COMPONENTS:
+        d = cr.deployment(docs, c)
+        ann = d["spec"]["template"]["metadata"]["annotations"]
+        ports = {p["name"]: p["containerPort"] for p in cr.container(docs, c)["ports"]}
+        assert ann["prometheus.io/scrape"] == "true"
+        assert int(ann["prometheus.io/port"]) == ports["metrics"]
+
+
+def test_service_monitor_and_tracing_in_production():
+    docs = cr.render("gpu-production-values.yaml")
+    (sm,) = cr.kind(docs, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    selector = sm["spec"]["selector"]["matchLabels"]
+    scraped = {cr.component_of(s) for s in cr.kind(docs, "Service")
+               if selector.items() <= s["metadata"]["labels"].items()}
+    assert scraped == set(COMPONENTS)  # once each: not the headless Service
+    assert sum(selector.items() <= s["metadata"]["labels"].items() for s in cr.kind(docs, "Service")) == 5
+
+    collector = name("otel-collector")
+    ports = {p["port"] for p in cr.by_name(docs, "Service")[collector]["spec"]["ports"]}
+    assert ports == {4317, 4318}
+    for svc in SERVICES:
+        e = cr.env(cr.container(docs, svc))
+        assert e["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == f"http://{collector}:4317"
+        assert e["OTEL_SERVICE_NAME"]["value"] == f"maas-{svc}"
+    args = cr.container(docs, "triton")["args"]
+    assert "--trace-config=mode=opentelemetry" in args
+    assert f"--trace-config=opentelemetry,url=http://{collector}:4318/v1/traces" in args
+    assert "--trace-config=rate=1000" in args
+    config = yaml.safe_load(cr.by_name(docs, "ConfigMap")[collector]["data"]["config.yaml"])
+    assert set(config["receivers"]["otlp"]["protocols"]) == {"grpc", "http"}
+    assert config["service"]["pipelines"]["traces"]["exporters"] == ["otlp"]
+
+
+def test_grafana_dashboard_configmap():
+    (cm,) = [c for c in cr.kind(cr.render(), "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["maas-mesh.json"])
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for metric in ("maas_router_requests_total", "maas_rpc_server_duration_seconds_bucket",
+                   "maas_rpc_server_requests_total", "nv_inference_queue_duration_us",
+                   "nv_inference_request_success", "maas_router_inflight_requests"):
+        assert metric in exprs, metric
+
+
+# --- values schema ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sets, field", [
+    (("router.replicas=-1",), "/router/replicas"),
+    (("tokenizer.unknownKey=1",), "unknownKey"),
+    (("registry.replicas=2",), "/registry/replicas"),
+    (("registry.autoscaling.enabled=true",), "/registry/autoscaling/enabled"),
+    (("modelRepository.type=nfs",), "/modelRepository/type"),
+    (("triton.image.pullPolicy=Sometimes",), "/triton/image/pullPolicy"),
+    (("modelRepository.objectStore.url=http://bucket",), "/modelRepository/objectStore/url"),
+])
+def test_invalid_values_fail_naming_the_field(sets, field):
+    proc = cr.template(None, *sets)
+    assert proc.returncode != 0, sets
+    assert field in proc.stderr, proc.stderr
