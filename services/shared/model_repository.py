@@ -1,0 +1,47 @@
+"""Reading a Triton model repository: which models ship a given file, and a model's input names.
+
+Services that serve something per model (a tokenizer.json, a preprocess.json) discover it here, from
+`MAAS_MODEL_REPOSITORY` plus an optional extra directory laid out the same way (<name>/<file>).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from services.shared.config import ConfigError, env
+
+DEFAULT_MODEL_REPOSITORY = "model_repository"
+
+
+def add_model_repository_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-repository", type=Path,
+                        default=Path(env("MAAS_MODEL_REPOSITORY", DEFAULT_MODEL_REPOSITORY)),
+                        help="Triton model repository (MAAS_MODEL_REPOSITORY)")
+
+
+def models_with(filename: str, *directories: Path | None) -> dict[str, Path]:
+    """{model name: path} for every <dir>/<model>/<filename>; a later directory wins on a name clash."""
+    found: dict[str, Path] = {}
+    for directory in directories:
+        if directory is None or not directory.is_dir():
+            continue
+        for path in sorted(directory.glob(f"*/{filename}")):
+            if path.is_file():
+                found[path.parent.name] = path
+    return found
+
+
+def model_input_names(model_dir: Path) -> list[str] | None:
+    """Input tensor names from <model_dir>/config.pbtxt, in declared order; None without a config."""
+    config_path = model_dir / "config.pbtxt"
+    if not config_path.is_file():
+        return None
+    # Triton's own ModelConfig message, as shipped with tritonclient (imported late: it is slow to load).
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig(), allow_unknown_field=True)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from None
+    return [tensor.name for tensor in config.input]
