@@ -1,0 +1,174 @@
+"""Long-lived gRPC channels to every replica of a peer, with calls spread over them.
+
+A ClusterIP Service balances connections, not calls: one long-lived HTTP/2 channel to it sends every
+request to the same pod. The pool keeps one channel per replica (fed by a discovery source, see
+services.shared.discovery) and hands out the one with fewer calls in flight of two picked at random
+("power of two choices": near least-loaded, without a global scan or herding on one replica).
+
+    pool = ReplicaPool("triton", admit=has_live_versions)
+    await source.start(pool.set_replicas)
+    with pool.lease() as replica:
+        stub = replica.stub(service_pb2_grpc.GRPCInferenceServiceStub)
+        await stub.ModelInfer(request, timeout=...)
+
+`admit(address, channel)` (optional) gates a new replica until it can really serve - e.g. until the
+registry has loaded the live model versions on it; it is polled every `admit_interval` seconds.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+from prometheus_client import Gauge
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from services.shared.channels import open_channel
+from services.shared.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+Admit = Callable[[str, grpc.aio.Channel], Awaitable[bool]]
+
+POOL_REPLICAS = Gauge("maas_replica_pool_replicas", "Replicas calls are spread over", ["pool"])
+
+
+class Replica:
+    """One replica's channel, its in-flight call count and stubs built on the channel (built once)."""
+
+    def __init__(self, address: str, channel: grpc.aio.Channel):
+        self.address = address
+        self.channel = channel
+        self.inflight = 0
+        self.calls = 0
+        self._stubs: dict[Any, Any] = {}
+
+    def stub(self, factory: Callable[[grpc.aio.Channel], S]) -> S:
+        """factory(channel), cached by factory: pass a stub class or module-level function, not a new lambda."""
+        if factory not in self._stubs:
+            self._stubs[factory] = factory(self.channel)
+        return self._stubs[factory]
+
+
+class ReplicaPool:
+    def __init__(
+        self,
+        name: str,
+        *,
+        connect: Callable[[str], grpc.aio.Channel] = open_channel,
+        admit: Admit | None = None,
+        admit_interval: float = 1.0,
+        close_grace: float = 30.0,
+    ):
+        self.name = name
+        self._connect = connect
+        self._admit = admit
+        self._admit_interval = admit_interval
+        self._close_grace = close_grace
+        self._known: dict[str, Replica] = {}  # every reported replica, admitted or not
+        self._serving: list[Replica] = []  # admitted: calls go here
+        self._pending: dict[str, asyncio.Task] = {}
+        self._closing: set[asyncio.Task] = set()
+
+    @property
+    def addresses(self) -> frozenset[str]:
+        """Replicas calls are spread over now."""
+        return frozenset(r.address for r in self._serving)
+
+    def replicas(self) -> list[Replica]:
+        return list(self._serving)
+
+    async def set_replicas(self, addresses: Iterable[str]) -> None:
+        """The discovery callback: open channels to new replicas, retire the ones that left."""
+        wanted = frozenset(addresses)
+        for address in sorted(wanted - self._known.keys()):
+            replica = Replica(address, self._connect(address))
+            self._known[address] = replica
+            if self._admit is None:
+                self._join(replica)
+            else:
+                self._pending[address] = asyncio.create_task(self._admit_when_ready(replica),
+                                                             name=f"{self.name}-admit-{address}")
+        for address in sorted(self._known.keys() - wanted):
+            self._retire(self._known.pop(address))
+
+    def _join(self, replica: Replica) -> None:
+        self._serving.append(replica)
+        POOL_REPLICAS.labels(self.name).set(len(self._serving))
+        log.info("replica serving", extra={"pool": self.name, "address": replica.address})
+
+    def _retire(self, replica: Replica) -> None:
+        task = self._pending.pop(replica.address, None)
+        if task is not None:
+            task.cancel()
+        if replica in self._serving:
+            self._serving.remove(replica)
+            POOL_REPLICAS.labels(self.name).set(len(self._serving))
+            log.info("replica left", extra={"pool": self.name, "address": replica.address})
+        # Calls already on the channel get the grace period to finish.
+        closing = asyncio.create_task(replica.channel.close(self._close_grace))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def _admit_when_ready(self, replica: Replica) -> None:
+        while True:
+            try:
+                if await self._admit(replica.address, replica.channel):
+                    break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - not ready yet, whatever the reason
+                log.debug("replica not admitted yet: %s", exc, extra={"pool": self.name, "address": replica.address})
+            await asyncio.sleep(self._admit_interval)
+        self._pending.pop(replica.address, None)
+        self._join(replica)
+
+    def pick(self) -> Replica:
+        """The less busy of two random serving replicas."""
+        serving = self._serving
+        if not serving:
+            waiting = f" ({len(self._pending)} starting)" if self._pending else ""
+            raise Unavailable(f"no {self.name} replica is ready{waiting}")
+        if len(serving) == 1:
+            return serving[0]
+        a, b = random.sample(serving, 2)
+        return a if a.inflight <= b.inflight else b
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[Replica]:
+        """A replica for one call, counted as in flight until the block ends."""
+        replica = self.pick()
+        replica.inflight += 1
+        replica.calls += 1
+        try:
+            yield replica
+        finally:
+            replica.inflight -= 1
+
+    async def close(self) -> None:
+        for task in self._pending.values():
+            task.cancel()
+        self._pending.clear()
+        replicas, self._known, self._serving = list(self._known.values()), {}, []
+        POOL_REPLICAS.labels(self.name).set(0)
+        await asyncio.gather(*(r.channel.close() for r in replicas), *self._closing, return_exceptions=True)
+
+
+def triton_admission(required: Callable[[], Iterable[tuple[str, str]]], timeout: float = 5.0) -> Admit:
+    """An `admit` for Triton: the replica is ready and serves every (model, version) `required()` names
+    (for the router: the READY versions of its routing table, which the registry loads on new replicas)."""
+
+    async def admit(address: str, channel: grpc.aio.Channel) -> bool:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        if not (await stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout)).ready:
+            return False
+        index = await stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True), timeout=timeout)
+        serving = {(m.name, m.version) for m in index.models if m.state == "READY"}
+        return set(required()) <= serving
+
+    return admit
