@@ -1,0 +1,369 @@
+"""The whole mesh on one machine: Triton + registry + tokenizer + vision + router, as subprocesses.
+
+    with LocalMesh(MeshConfig()) as mesh:          # `maas up` (fixed default ports)
+        MeshClient(mesh.router_address).embed(["hello"])
+
+    LocalMesh(MeshConfig(state_dir=tmp, ports=FREE_PORTS))   # tests: free loopback ports
+
+Triton serves the registry-owned working repository (<state_dir>/repository, explicit model control);
+on first start the models of the source `model_repository/` are registered through the registry and
+`production` points at them. Every component runs in its own process group and is stopped in reverse
+order (also on failure and Ctrl-C); each dies with this process (PR_SET_PDEATHSIG), so none is orphaned.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from maas.local.triton import REPO, LocalTriton, TritonConfig, _kill_with_parent, free_ports
+from maas.registry_client import RegistryClient, RegistryError
+
+SERVICES = ("registry", "tokenizer", "vision", "router")  # start order; stopped in reverse, Triton last
+DEFAULT_PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054,
+                 "triton_grpc": 8001, "triton_http": 8000, "triton_metrics": 8002}
+FREE_PORTS = {name: 0 for name in DEFAULT_PORTS}
+
+
+class MeshError(RuntimeError):
+    """A component failed to start or a start-up step failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """How a model of the source repository is registered on first start."""
+
+    name: str
+    artifact: str  # relative to the model folder
+    format: str
+    preprocessing: tuple[str, str]
+    postprocessing: tuple[str, str]
+    top_k: int = 0
+    labels_file: str = ""
+    signature_from_config: bool = False  # TorchScript carries no signature: read config.pbtxt
+
+
+SOURCE_MODELS = (
+    SourceModel("minilm", "1/model.onnx", "onnx", ("tokenizer", "minilm"), ("embedding", "sentence_embedding")),
+    SourceModel("efficientnet_lite0", "1/model.pt", "torchscript", ("vision", "efficientnet_lite0"),
+                ("softmax_top_k", "OUTPUT__0"), top_k=5, labels_file="labels.txt", signature_from_config=True),
+)
+
+
+def triton_tracing_args(env: Mapping[str, str]) -> list[str]:
+    """Hook for Triton's own tracing (`--trace-config mode=opentelemetry ...` from OTEL_*): none yet."""
+    return []
+
+
+@dataclass
+class MeshConfig:
+    source_repository: Path = REPO / "model_repository"
+    state_dir: Path = Path(".maas")  # repository/, registry.sqlite3, triton/, logs/
+    host: str = "127.0.0.1"
+    ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))  # 0 = a free port
+    models: Sequence[SourceModel] = SOURCE_MODELS  # registered on first start
+    env: Mapping[str, str] = field(default_factory=dict)  # extra environment for every component
+    service_args: Mapping[str, Sequence[str]] = field(default_factory=dict)  # extra flags per service
+    triton_extra_args: Sequence[str] = ()
+    startup_timeout: float = 180.0
+    register_timeout: float = 600.0
+    stop_grace: float = 10.0
+
+
+def _config_signature(model_dir: Path) -> tuple[list, list, int]:
+    """(inputs, outputs, max_batch_size) from a committed config.pbtxt, as registry TensorSpecs."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from maas.v1 import registry_pb2
+
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig(),
+                               allow_unknown_field=True)
+
+    def specs(tensors):
+        return [registry_pb2.TensorSpec(name=t.name, shape=list(t.dims),
+                                        datatype=model_config_pb2.DataType.Name(t.data_type).removeprefix("TYPE_"))
+                for t in tensors]
+    return specs(config.input), specs(config.output), int(config.max_batch_size)
+
+
+class LocalMesh:
+    def __init__(self, config: MeshConfig | None = None, log: Callable[[str], None] | None = None):
+        self.config = config or MeshConfig()
+        self.log = log or (lambda message: None)
+        self.triton: LocalTriton | None = None
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.addresses: dict[str, str] = {}
+        self.registered: list[tuple[str, int]] = []  # (model, version) registered by this start
+        self._lock = threading.Lock()
+
+    # -- paths and addresses -------------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.config.state_dir).resolve()
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def router_address(self) -> str:
+        return self.addresses["router"]
+
+    @property
+    def registry_address(self) -> str:
+        return self.addresses["registry"]
+
+    def _pick_ports(self) -> dict[str, int]:
+        wanted = {name: int(self.config.ports.get(name, DEFAULT_PORTS[name])) for name in DEFAULT_PORTS}
+        fixed = [p for p in wanted.values() if p]
+        busy = [p for p in fixed if not _port_free(self.config.host, p)]
+        if busy:
+            raise MeshError(f"port(s) {', '.join(map(str, busy))} on {self.config.host} already in use — is another "
+                            f"mesh (or Triton) running? Stop it or choose other ports.")
+        free = iter(free_ports(sum(1 for p in wanted.values() if not p), self.config.host))
+        return {name: port or next(free) for name, port in wanted.items()}
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)  # OTEL_* and MAAS_* pass through to every component
+        env.pop("OTEL_SERVICE_NAME", None)  # each component names itself (maas-router, maas-registry, ...)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        env.update(self.config.env)
+        return env
+
+    def _service_command(self, name: str) -> list[str]:
+        a, cfg = self.addresses, self.config
+        flags = {
+            "registry": ["--database", str(self.state_dir / "registry.sqlite3"),
+                         "--model-repository", str(self.state_dir / "repository"), "--triton", a["triton"]],
+            "tokenizer": ["--model-repository", str(Path(cfg.source_repository).resolve())],
+            "vision": ["--model-repository", str(Path(cfg.source_repository).resolve())],
+            "router": ["--registry", a["registry"], "--tokenizer", a["tokenizer"], "--vision", a["vision"],
+                       "--triton", a["triton"]],
+        }[name]
+        return [sys.executable, "-m", f"services.{name}", "--listen", a[name], *flags,
+                *cfg.service_args.get(name, ())]
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> "LocalMesh":
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        cfg = self.config
+        if not Path(cfg.source_repository).is_dir():
+            raise MeshError(f"model repository {cfg.source_repository} not found (run from the repository root, "
+                            f"or pass --model-repository)")
+        ports = self._pick_ports()
+        host = cfg.host
+        self.addresses = {name: f"{host}:{ports[name]}" for name in SERVICES}
+        self.addresses["triton"] = f"{host}:{ports['triton_grpc']}"
+        (self.state_dir / "repository").mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        atexit.register(self.stop)
+
+        self.log(f"starting Triton on {self.addresses['triton']}")
+        env = self._env()
+        self.triton = LocalTriton(TritonConfig(
+            model_repository=self.state_dir / "repository", models=(), host=host,
+            grpc_port=ports["triton_grpc"], http_port=ports["triton_http"], metrics_port=ports["triton_metrics"],
+            work_dir=self.state_dir / "triton", extra_args=[*triton_tracing_args(env), *cfg.triton_extra_args],
+            env={k: v for k, v in env.items() if k.startswith("OTEL_")}, startup_timeout=cfg.startup_timeout,
+        ))
+        self.triton.start()
+        for name in SERVICES:
+            self.log(f"starting {name} on {self.addresses[name]}")
+            self._spawn(name, env)
+        for name in SERVICES:
+            self._wait_serving(name)
+        self.register_models()
+        self._wait_routable([m.name for m in cfg.models])
+
+    def _spawn(self, name: str, env: dict[str, str]) -> None:
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            self.processes[name] = subprocess.Popen(
+                self._service_command(name), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, cwd=REPO, start_new_session=True,
+                preexec_fn=_kill_with_parent if threading.current_thread() is threading.main_thread() else None,
+            )
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        if name == "triton":
+            return self.triton.log_tail(lines) if self.triton else "(no log)"
+        try:
+            return "\n".join((self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _check_alive(self, name: str) -> None:
+        proc = self.processes.get(name)
+        if proc is not None and proc.poll() is not None:
+            raise MeshError(f"{name} exited with code {proc.returncode}; log {self.log_dir / (name + '.log')}:\n"
+                            f"{self.log_tail(name)}")
+
+    def _wait_serving(self, name: str) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout
+        with grpc.insecure_channel(self.addresses[name]) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self._check_alive(name)
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise MeshError(f"{name} not SERVING after {self.config.startup_timeout:.0f}s; log:\n"
+                                    f"{self.log_tail(name)}")
+                time.sleep(0.1)
+
+    def register_models(self) -> None:
+        """Register each source model the registry does not know yet and point `production` at it."""
+        source = Path(self.config.source_repository).resolve()
+        with RegistryClient(self.registry_address, timeout=30) as registry:
+            known = {m.name: m for m in registry.list_models()}
+            for model in self.config.models:
+                existing = known.get(model.name)
+                if existing is not None and existing.versions:
+                    continue
+                folder = source / model.name
+                artifact = folder / model.artifact
+                if not artifact.is_file():
+                    raise MeshError(f"{artifact} is missing: build the models first (make models)")
+                inputs, outputs, max_batch = _config_signature(folder)
+                labels = (folder / model.labels_file).read_text().splitlines() if model.labels_file else []
+                self.log(f"registering {model.name} from {artifact.relative_to(source.parent)}")
+                try:
+                    version = registry.register(
+                        artifact, model.name, format=model.format,
+                        inputs=inputs if model.signature_from_config else (),
+                        outputs=outputs if model.signature_from_config else (),
+                        preprocessing=model.preprocessing, postprocessing=model.postprocessing, top_k=model.top_k,
+                        labels=labels, max_batch_size=max_batch, tags={"source": "model_repository"},
+                        description=f"{model.name} from the source model repository (first start of the local mesh)",
+                    )
+                    registry.wait_ready(model.name, version.version, timeout=self.config.register_timeout)
+                    registry.set_alias(model.name, "production", version.version, reason="first start of the local mesh")
+                except RegistryError as exc:
+                    raise MeshError(f"registering {model.name} failed: {exc}\nregistry log:\n"
+                                    f"{self.log_tail('registry')}") from None
+                self.registered.append((model.name, version.version))
+
+    def _wait_routable(self, models: Sequence[str]) -> None:
+        """Until the router has the registry's state and Triton has each model ready (OIP ModelReady)."""
+        deadline = time.monotonic() + self.config.startup_timeout
+        with grpc.insecure_channel(self.router_address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            pending = list(models)
+            while pending:
+                self._check_alive("router")
+                try:
+                    if stub.ModelReady(service_pb2.ModelReadyRequest(name=pending[0]), timeout=2).ready:
+                        pending.pop(0)
+                        continue
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise MeshError(f"router cannot route {pending[0]} after {self.config.startup_timeout:.0f}s; "
+                                    f"router log:\n{self.log_tail('router')}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Services in reverse start order (SIGTERM, then SIGKILL after the grace), Triton last."""
+        with self._lock:
+            for name in reversed(SERVICES):
+                self.stop_component(name)
+            if self.triton is not None:
+                self.triton.stop()
+                self.triton = None
+            atexit.unregister(self.stop)
+
+    def stop_component(self, name: str) -> None:
+        """Stop one service (tests use this to take the registry or Triton away)."""
+        if name == "triton":
+            if self.triton is not None:
+                self.triton.stop()
+            return
+        proc = self.processes.pop(name, None)
+        if proc is None:
+            return
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(self.config.stop_grace)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def restart_component(self, name: str) -> None:
+        """Start a stopped component again on the same address. Triton comes back empty (explicit model
+        control): restart the registry after it, which re-loads every live version at start-up."""
+        if name == "triton":
+            if self.triton is not None and self.triton.process is None:
+                self.triton.start()
+            return
+        if name in self.processes:
+            return
+        self._spawn(name, self._env())
+        self._wait_serving(name)
+
+    def wait_routable(self, models: Sequence[str] | None = None) -> None:
+        self._wait_routable(models if models is not None else [m.name for m in self.config.models])
+
+    def alive(self) -> dict[str, bool]:
+        status = {name: proc.poll() is None for name, proc in self.processes.items()}
+        status["triton"] = self.triton is not None and self.triton.process is not None and self.triton.process.poll() is None
+        return status
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(component, address, log file under log_dir) for the table `maas up` prints."""
+        rows = [("router — maas.v1.Router + Open Inference Protocol", self.addresses["router"], "router.log"),
+                ("registry", self.addresses["registry"], "registry.log"),
+                ("tokenizer", self.addresses["tokenizer"], "tokenizer.log"),
+                ("vision", self.addresses["vision"], "vision.log")]
+        if self.triton is not None:
+            rows += [("triton gRPC", self.triton.grpc_address, "../triton/tritonserver.log"),
+                     ("triton HTTP", self.triton.http_address, ""),
+                     ("triton metrics", self.triton.metrics_address, "")]
+        return rows
+
+    def __enter__(self) -> "LocalMesh":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

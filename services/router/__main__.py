@@ -1,0 +1,17 @@
+"""`maas-router` / `python -m services.router`."""
+from __future__ import annotations
+
+import sys
+
+from services.router.config import load_config
+from services.router.server import create_server
+from services.shared.server import run
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    run(cfg.server, lambda: create_server(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Router settings: flags, then MAAS_* environment, then loopback defaults."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from services.shared.config import (
+    ConfigError, ServerSettings, add_peer_argument, add_server_arguments, env, env_float, env_int, require_peer,
+    server_settings,
+)
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    server: ServerSettings
+    registry: str
+    tokenizer: str
+    vision: str
+    triton: str
+    # Deadline given to peers when the caller set none: a request can never hang.
+    default_timeout: float = 30.0
+    max_batch_items: int = 256
+    shadow_max_inflight: int = 64
+    shadow_timeout: float = 10.0
+    shadow_report_interval: float = 1.0
+    # Sent with ReportShadowResults when the registry requires its admin token (MAAS_ADMIN_TOKEN).
+    admin_token: str | None = None
+
+
+def load_config(argv: list[str] | None = None) -> RouterConfig:
+    parser = argparse.ArgumentParser(prog="maas-router", description="MaaS Mesh router (maas.v1.Router + Open Inference Protocol)")
+    add_server_arguments(parser, DEFAULT_LISTEN)
+    peers = parser.add_argument_group("peers")
+    add_peer_argument(peers, "--registry", "MAAS_REGISTRY_ADDRESS", "127.0.0.1:50052", "registry")
+    add_peer_argument(peers, "--tokenizer", "MAAS_TOKENIZER_ADDRESS", "127.0.0.1:50053", "tokenizer")
+    add_peer_argument(peers, "--vision", "MAAS_VISION_ADDRESS", "127.0.0.1:50054", "vision")
+    add_peer_argument(peers, "--triton", "MAAS_TRITON_ADDRESS", "127.0.0.1:8001", "Triton gRPC")
+    g = parser.add_argument_group("router")
+    g.add_argument("--default-timeout", type=float, default=env_float("MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS", 30.0),
+                   help="deadline for peer calls when the caller sets none (MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS)")
+    g.add_argument("--max-batch-items", type=int, default=env_int("MAAS_MAX_BATCH_ITEMS", 256),
+                   help="most texts or images in one request (MAAS_MAX_BATCH_ITEMS)")
+    g.add_argument("--shadow-max-inflight", type=int, default=env_int("MAAS_SHADOW_MAX_INFLIGHT", 64),
+                   help="shadow copies in flight before new ones are dropped (MAAS_SHADOW_MAX_INFLIGHT)")
+    g.add_argument("--shadow-timeout", type=float, default=env_float("MAAS_SHADOW_TIMEOUT_SECONDS", 10.0),
+                   help="deadline of one shadow copy (MAAS_SHADOW_TIMEOUT_SECONDS)")
+    g.add_argument("--shadow-report-interval", type=float, default=env_float("MAAS_SHADOW_REPORT_INTERVAL_SECONDS", 1.0),
+                   help="seconds between shadow result reports to the registry (MAAS_SHADOW_REPORT_INTERVAL_SECONDS)")
+    args = parser.parse_args(argv)
+    for flag in ("default_timeout", "shadow_timeout", "shadow_report_interval"):
+        if getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
+    for flag in ("max_batch_items", "shadow_max_inflight"):
+        if getattr(args, flag) < (1 if flag == "max_batch_items" else 0):
+            raise ConfigError(f"--{flag.replace('_', '-')} is out of range")
+    return RouterConfig(
+        server=server_settings("router", args),
+        registry=require_peer(args.registry, "--registry", "MAAS_REGISTRY_ADDRESS"),
+        tokenizer=require_peer(args.tokenizer, "--tokenizer", "MAAS_TOKENIZER_ADDRESS"),
+        vision=require_peer(args.vision, "--vision", "MAAS_VISION_ADDRESS"),
+        triton=require_peer(args.triton, "--triton", "MAAS_TRITON_ADDRESS"),
+        default_timeout=args.default_timeout,
+        max_batch_items=args.max_batch_items,
+        shadow_max_inflight=args.shadow_max_inflight,
+        shadow_timeout=args.shadow_timeout,
+        shadow_report_interval=args.shadow_report_interval,
+        admin_token=env("MAAS_ADMIN_TOKEN"),
+    )
