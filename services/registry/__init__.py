@@ -1,0 +1,1 @@
+"""Registry service: model versions, aliases, traffic policy, rollback and the Watch stream."""

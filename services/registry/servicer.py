@@ -1,0 +1,91 @@
+"""gRPC Registry servicer: converts protobuf ⇄ domain types, checks the admin token, calls the Registry."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from maas.v1 import registry_pb2 as pb
+from maas.v1 import registry_pb2_grpc
+from services.registry import convert
+from services.registry.auth import AdminAuth
+from services.registry.registry import Registry
+from services.shared.errors import InvalidArgument
+from services.shared.telemetry import annotate
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    def __init__(self, registry: Registry, auth: AdminAuth):
+        self.registry = registry
+        self.auth = auth
+
+    def _admin(self, context: grpc.aio.ServicerContext) -> None:
+        self.auth.check(context.invocation_metadata())
+
+    async def RegisterVersion(self, request_iterator: AsyncIterator[pb.RegisterVersionRequest], context):
+        self._admin(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("the first RegisterVersion message must be the header")
+        req = convert.registration_in(first.header)
+        annotate(model=req.model)
+
+        async def chunks():
+            async for message in request_iterator:
+                if message.WhichOneof("part") != "chunk":
+                    raise InvalidArgument("only chunks may follow the header")
+                yield message.chunk
+
+        version = await self.registry.register(req, chunks())
+        annotate(version=version.version)
+        return convert.version_out(version)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context):
+        models = self.registry.list_models(request.include_archived)
+        return pb.ListModelsResponse(models=[convert.model_out(m) for m in models])
+
+    async def GetModel(self, request: pb.GetModelRequest, context):
+        annotate(model=request.model)
+        return convert.model_out(self.registry.get_model(request.model))
+
+    async def GetVersion(self, request: pb.GetVersionRequest, context):
+        annotate(model=request.model, version=request.version)
+        return convert.version_out(self.registry.get_version(request.model, request.version))
+
+    async def SetAlias(self, request: pb.SetAliasRequest, context):
+        self._admin(context)
+        annotate(model=request.model, version=request.version)
+        alias = await self.registry.set_alias(request.model, request.alias, request.version, request.actor,
+                                              request.reason)
+        return convert.alias_out(alias)
+
+    async def SetTrafficPolicy(self, request: pb.SetTrafficPolicyRequest, context):
+        self._admin(context)
+        annotate(model=request.model)
+        shadow = convert.target_in(request.shadow.target) if request.HasField("shadow") and \
+            request.shadow.HasField("target") else None
+        policy = await self.registry.set_traffic_policy(
+            request.model, [convert.target_in(t) for t in request.split], shadow, request.shadow.fraction,
+            request.actor, request.reason)
+        return convert.policy_out(policy)
+
+    async def Rollback(self, request: pb.RollbackRequest, context):
+        self._admin(context)
+        annotate(model=request.model)
+        return convert.alias_out(await self.registry.rollback(request.model, request.alias, request.actor,
+                                                              request.reason))
+
+    async def ArchiveVersion(self, request: pb.ArchiveVersionRequest, context):
+        self._admin(context)
+        annotate(model=request.model, version=request.version)
+        return convert.version_out(await self.registry.archive(request.model, request.version, request.actor,
+                                                               request.reason))
+
+    async def ReportShadowResults(self, request: pb.ReportShadowResultsRequest, context):
+        self._admin(context)
+        self.registry.report_shadow_results([convert.shadow_result_in(r) for r in request.results])
+        return pb.ReportShadowResultsResponse()
+
+    async def Watch(self, request: pb.WatchRequest, context):
+        async for event in self.registry.watch():
+            yield convert.watch_event_out(event)

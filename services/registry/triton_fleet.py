@@ -1,0 +1,174 @@
+"""Triton replicas the registry keeps in step through Triton's repository API (explicit model control).
+
+Every load/unload goes to every replica. A replica added later (set_replicas) first gets every live
+version loaded, and only then joins the fleet.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+from services.registry.domain import Signature
+from services.registry.tritonconfig import to_json
+from services.shared.errors import Unavailable
+from services.shared.tensors import numpy_dtype
+
+log = logging.getLogger(__name__)
+
+# Dynamic dimensions of the warm-up input take this size (a short sequence, a small image side).
+WARMUP_DYNAMIC_DIM = 8
+SETTLE_POLL_SECONDS = 0.05
+
+
+class TritonError(Exception):
+    """Triton refused or failed an operation; the message carries Triton's reason."""
+
+
+def warmup_inputs(signature: Signature, max_batch_size: int) -> list[InferInput]:
+    inputs = []
+    for spec in signature.inputs:
+        shape = [WARMUP_DYNAMIC_DIM if d == -1 else d for d in spec.shape]
+        if max_batch_size > 0:
+            shape = [1, *shape]
+        if spec.datatype == "BYTES":
+            array = np.full(shape, b"warm-up", dtype=np.object_)
+        elif spec.datatype.startswith(("INT", "UINT")):
+            array = np.ones(shape, dtype=numpy_dtype(spec.datatype))  # ones: a valid token id / mask everywhere
+        else:
+            array = np.zeros(shape, dtype=numpy_dtype(spec.datatype) if spec.datatype != "BF16" else np.float32)
+        inp = InferInput(spec.name, shape, spec.datatype)
+        inp.set_data_from_numpy(array)
+        inputs.append(inp)
+    return inputs
+
+
+class TritonFleet:
+    def __init__(self, addresses: list[str] | tuple[str, ...], timeout: float = 300.0):
+        self.timeout = timeout
+        self._clients: dict[str, triton_aio.InferenceServerClient] = {}
+        for address in addresses:
+            self._clients[address] = triton_aio.InferenceServerClient(address)
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self._clients)
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+
+    async def apply(self, model: str, config, live: list[int], addresses: list[str] | None = None) -> None:
+        """Make every replica (or those in `addresses`) serve exactly `live` versions of `model` (none = unloaded)."""
+        await asyncio.gather(*(self._apply_one(a, c, model, config, live) for a, c in self._clients.items()
+                               if addresses is None or a in addresses))
+
+    async def _apply_one(self, address: str, client, model: str, config, live: list[int]) -> None:
+        try:
+            if live:
+                await client.load_model(model, config=to_json(config))
+            else:
+                await client.unload_model(model)
+        except InferenceServerException as exc:
+            action = f"load of {model} versions {sorted(live)}" if live else f"unload of {model}"
+            raise TritonError(f"Triton {address}: {action} failed: {exc.message()}") from None
+        await self._wait_settled(client, model, set(live))
+
+    async def _wait_settled(self, client, model: str, live: set[int]) -> None:
+        """Unloads are asynchronous in Triton: wait until exactly `live` versions are READY."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            states = await self.version_states(client, model)
+            ready = {v for v, (state, _) in states.items() if state == "READY"}
+            busy = {v for v, (state, _) in states.items() if state in ("LOADING", "UNLOADING")}
+            if ready == live and not busy:
+                return
+            failed = {v: reason for v, (state, reason) in states.items()
+                      if v in live and state == "UNAVAILABLE" and reason}
+            if failed:
+                raise TritonError("; ".join(f"version {v}: {r}" for v, r in sorted(failed.items())))
+            if time.monotonic() > deadline:
+                raise TritonError(f"Triton did not settle on versions {sorted(live)} of {model} in "
+                                  f"{self.timeout:.0f}s (now {states})")
+            await asyncio.sleep(SETTLE_POLL_SECONDS)
+
+    @staticmethod
+    async def version_states(client, model: str) -> dict[int, tuple[str, str]]:
+        index = await client.get_model_repository_index(as_json=True)
+        return {int(m["version"]): (m.get("state", ""), m.get("reason", ""))
+                for m in index.get("models", []) if m.get("name") == model and m.get("version", "").isdigit()}
+
+    async def ready_versions(self) -> dict[str, dict[str, set[int]]]:
+        """{replica address: {model: READY versions}}; unreachable replicas are left out."""
+        out = {}
+        for address, client in list(self._clients.items()):
+            try:
+                index = await client.get_model_repository_index(as_json=True)
+            except InferenceServerException:
+                continue
+            models: dict[str, set[int]] = {}
+            for m in index.get("models", []):
+                if m.get("state") == "READY" and m.get("version", "").isdigit():
+                    models.setdefault(m["name"], set()).add(int(m["version"]))
+            out[address] = models
+        return out
+
+    async def ready_on(self, address: str, model: str) -> set[int]:
+        states = await self.version_states(self._clients[address], model)
+        return {v for v, (state, _) in states.items() if state == "READY"}
+
+    async def warm_up(self, model: str, version: int, signature: Signature, max_batch_size: int) -> None:
+        """One inference on every replica with a small dummy input: proves the version really serves."""
+        inputs = warmup_inputs(signature, max_batch_size)
+        for client in self._clients.values():
+            try:
+                await client.infer(model, inputs, model_version=str(version), client_timeout=self.timeout)
+            except InferenceServerException as exc:
+                raise TritonError(f"warm-up inference on version {version} failed: {exc.message()}") from None
+
+    async def set_replicas(self, addresses, desired: Mapping[str, tuple[object, list[int]]]) -> None:
+        """Change the replica list. New replicas load every model's live versions before joining;
+        `desired` is {model: (config, live versions)}. A replica that fails to load is left out (logged)."""
+        addresses = set(addresses)
+        for address in sorted(addresses - set(self._clients)):
+            client = triton_aio.InferenceServerClient(address)
+            try:
+                for model, (config, live) in desired.items():
+                    if live:
+                        await self._apply_one(address, client, model, config, live)
+            except Exception as exc:  # noqa: BLE001 - one bad replica must not stop the others joining
+                await client.close()
+                log.warning("triton replica could not load the live versions; not joining yet",
+                            extra={"address": address, "error": str(exc)})
+                continue
+            self._clients[address] = client
+            log.info("triton replica joined", extra={"address": address})
+        for address in [a for a in self._clients if a not in addresses]:
+            await self._clients.pop(address).close()
+            log.info("triton replica left", extra={"address": address})
+
+    async def wait_reachable(self, timeout: float) -> bool:
+        """Wait (up to `timeout`) until every replica answers; False if one still does not."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self.check_reachable()
+                return True
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    return False
+                await asyncio.sleep(0.5)
+
+    async def check_reachable(self) -> None:
+        for address, client in self._clients.items():
+            try:
+                if not await client.is_server_live():
+                    raise Unavailable(f"Triton at {address} is not live")
+            except InferenceServerException as exc:
+                raise Unavailable(f"Triton at {address} is unreachable: {exc.message()}") from None
