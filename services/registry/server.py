@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-
 from maas.v1 import registry_pb2, registry_pb2_grpc
 from services.registry.auth import AdminAuth
 from services.registry.config import RegistryConfig
@@ -28,18 +26,7 @@ def create_registry(cfg: RegistryConfig) -> Registry:
     )
 
 
-@dataclass
-class RegistryServer(ServiceServer):
-    """The shared server plus the registry's own start-up (crash clean-up, reconciling Triton) and shutdown."""
-
-    registry: Registry | None = None
-
-    async def start(self) -> None:
-        await self.registry.start()
-        await super().start()
-
-
-def create_server(cfg: RegistryConfig) -> tuple[RegistryServer, int]:
+def create_server(cfg: RegistryConfig) -> tuple[ServiceServer, int]:
     """(server, bound port); `server.registry` is the domain object (tests and the bench use it)."""
     registry = create_registry(cfg)
 
@@ -47,7 +34,9 @@ def create_server(cfg: RegistryConfig) -> tuple[RegistryServer, int]:
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(registry, AdminAuth(cfg.admin_token)), server)
         return [SERVICE_NAME]
 
-    base, port = build_server(cfg.server, register)
-    server = RegistryServer(base.grpc_server, base.health, base.service_names, base.settings,
-                            [*base.on_stop, registry.stop, registry.store.close], registry=registry)
+    server, port = build_server(cfg.server, register)
+    # Crash clean-up and reconciling Triton finish before the first RPC is accepted.
+    server.on_start.append(registry.start)
+    server.on_stop.extend([registry.stop, registry.store.close])
+    server.registry = registry
     return server, port

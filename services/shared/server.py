@@ -35,6 +35,13 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+async def _run_callbacks(callbacks: list[Callable[[], object]]) -> None:
+    for callback in callbacks:
+        result = callback()
+        if asyncio.iscoroutine(result):
+            await result
+
+
 @dataclass
 class ServiceServer:
     """A started-or-not gRPC server plus its health servicer, so draining can flip health first."""
@@ -43,9 +50,13 @@ class ServiceServer:
     health: health.aio.HealthServicer
     service_names: list[str]
     settings: ServerSettings
+    # Start-up work that must finish before the server accepts RPCs (e.g. the registry's crash clean-up),
+    # and shutdown work run after in-flight RPCs are done. Callbacks may be sync or async.
+    on_start: list[Callable[[], object]] = field(default_factory=list)
     on_stop: list[Callable[[], object]] = field(default_factory=list)
 
     async def start(self) -> None:
+        await _run_callbacks(self.on_start)
         await self.grpc_server.start()
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -54,10 +65,7 @@ class ServiceServer:
         """Health NOT_SERVING first (load balancers stop sending), then finish in-flight RPCs."""
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.settings.grace_seconds if grace is None else grace)
-        for callback in self.on_stop:
-            result = callback()
-            if asyncio.iscoroutine(result):
-                await result
+        await _run_callbacks(self.on_stop)
 
     async def wait(self) -> None:
         await self.grpc_server.wait_for_termination()
