@@ -100,3 +100,22 @@ def require_peer(value: str | None, flag: str, env_name: str) -> str:
     if not value or ":" not in value:
         raise ConfigError(f"peer address {flag} / {env_name} must be host:port, got {value!r}")
     return value
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser, env_prefix: str, defaults, helps: dict[str, str]) -> None:
+    """One `--max-…` flag per field of a limits dataclass named in `helps`, default from
+    `<env_prefix>_<FIELD>` then the dataclass default (e.g. --max-batch / MAAS_VISION_MAX_BATCH)."""
+    group = parser.add_argument_group("limits")
+    for name, text in helps.items():
+        env_name = f"{env_prefix}_{name.upper()}"
+        group.add_argument(f"--{name.replace('_', '-')}", type=int, default=env_int(env_name, getattr(defaults, name)),
+                           help=f"{text} ({env_name})")
+
+
+def limits_from_args(limits_type, args: argparse.Namespace, helps: dict[str, str], **fixed):
+    """The limits dataclass from the parsed flags (plus `fixed` values); every limit must be positive."""
+    limits = limits_type(**{name: getattr(args, name) for name in helps}, **fixed)
+    for name in helps:
+        if getattr(limits, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(limits, name)}")
+    return limits

@@ -2,18 +2,22 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.shared.config import (
-    ConfigError, ServerSettings, add_server_arguments, env, env_int, server_settings,
+    ServerSettings, add_limit_arguments, add_server_arguments, env, limits_from_args, server_settings,
 )
 from services.shared.model_repository import add_model_repository_argument
 from services.vision.pipeline import VisionLimits
 
 DEFAULT_LISTEN = "127.0.0.1:50054"
 DEFAULT_SPEC = "efficientnet_lite0"
+LIMIT_HELP = {
+    "max_batch": "images per request",
+    "max_request_bytes": "encoded request size",
+    "max_image_pixels": "width x height of one image, checked before decoding",
+}
 
 
 @dataclass(frozen=True)
@@ -33,22 +37,10 @@ def load_config(argv: list[str] | None = None) -> VisionConfig:
                         help="extra directory of <name>/preprocess.json (MAAS_VISION_SPEC_DIR)")
     parser.add_argument("--default-spec", default=env("MAAS_VISION_DEFAULT_SPEC", DEFAULT_SPEC),
                         help="spec used when a request names none (MAAS_VISION_DEFAULT_SPEC)")
-    defaults = VisionLimits()
-    limits = parser.add_argument_group("limits")
-    limits.add_argument("--max-batch", type=int, default=env_int("MAAS_VISION_MAX_BATCH", defaults.max_batch),
-                        help="images per request (MAAS_VISION_MAX_BATCH)")
-    limits.add_argument("--max-request-bytes", type=int,
-                        default=env_int("MAAS_VISION_MAX_REQUEST_BYTES", defaults.max_request_bytes),
-                        help="encoded request size (MAAS_VISION_MAX_REQUEST_BYTES)")
-    limits.add_argument("--max-image-pixels", type=int,
-                        default=env_int("MAAS_VISION_MAX_IMAGE_PIXELS", defaults.max_image_pixels),
-                        help="width x height of one image, checked before decoding (MAAS_VISION_MAX_IMAGE_PIXELS)")
+    add_limit_arguments(parser, "MAAS_VISION", VisionLimits(), LIMIT_HELP)
     args = parser.parse_args(argv)
-    limits_config = VisionLimits(max_batch=args.max_batch, max_request_bytes=args.max_request_bytes,
-                                 max_image_pixels=args.max_image_pixels, max_response_bytes=args.max_message_bytes)
-    for field in dataclasses.fields(limits_config):
-        if getattr(limits_config, field.name) <= 0:
-            raise ConfigError(f"--{field.name.replace('_', '-')} must be positive")
+    # One response is one gRPC message, so the server's message limit bounds it.
+    limits_config = limits_from_args(VisionLimits, args, LIMIT_HELP, max_response_bytes=args.max_message_bytes)
     return VisionConfig(
         server=server_settings("vision", args),
         model_repository=args.model_repository,
