@@ -3,6 +3,8 @@
 16 closed-loop callers, one text or one image per request. The baseline does the same work in this
 process with the same libraries: `tokenizers` + onnxruntime for embeddings, PIL + torch for images.
 Triton's dynamic batching is what lets the mesh keep up despite three extra hops.
+Mesh and baseline take turns for ROUNDS rounds and each keeps its best, so a burst of load from other
+processes on a shared machine does not decide the ratio.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ from maas.local.mesh import FREE_PORTS, LocalMesh, MeshConfig
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "model_repository"
 CONCURRENCY = 16
-SECONDS = 8.0
+SECONDS = 6.0
 WARMUP_SECONDS = 2.0
+ROUNDS = 2
 SENTENCES = [f"Sentence number {i}: the quick brown fox jumps over the lazy dog near the river bank." for i in range(64)]
 
 
@@ -122,18 +125,24 @@ async def mesh_qps(address: str, call: str, concurrency: int, seconds: float) ->
 
 
 def main() -> None:
-    baselines = {"embed": threaded_qps(embed_baseline(), CONCURRENCY, SECONDS)}
-    baselines["classify"] = threaded_qps(classify_baseline(), CONCURRENCY, SECONDS)
+    baselines = {"embed": embed_baseline(), "classify": classify_baseline()}
+    best = {(call, where): (0.0, 0.0) for call in baselines for where in ("mesh", "in-process")}
     with tempfile.TemporaryDirectory(prefix="maas-bench-e2e-") as tmp:
         with LocalMesh(MeshConfig(state_dir=Path(tmp) / "mesh", ports=FREE_PORTS)) as mesh:
-            through = {call: asyncio.run(mesh_qps(mesh.router_address, call, CONCURRENCY, SECONDS))
-                       for call in ("embed", "classify")}
-    for call in ("embed", "classify"):
-        qps, p50 = through[call]
-        print(f"{call}: mesh {qps:.1f} req/s (p50 {p50:.1f} ms) vs in-process {baselines[call]:.1f} req/s "
-              f"at concurrency {CONCURRENCY}")
-    for call in ("embed", "classify"):
-        print(f"BENCH e2e_{call}_qps_ratio_c{CONCURRENCY} {through[call][0] / baselines[call]:.3f} >= 0.8")
+            # Contenders take turns, best of ROUNDS each: other processes' load bursts on this shared
+            # machine then cannot land on one side only (the idle mesh costs the baseline nothing).
+            for _ in range(ROUNDS):
+                for call, run in baselines.items():
+                    best[call, "in-process"] = max(best[call, "in-process"],
+                                                   (threaded_qps(run, CONCURRENCY, SECONDS), 0.0))
+                    best[call, "mesh"] = max(best[call, "mesh"],
+                                             asyncio.run(mesh_qps(mesh.router_address, call, CONCURRENCY, SECONDS)))
+    for call in baselines:
+        (qps, p50), (base, _) = best[call, "mesh"], best[call, "in-process"]
+        print(f"{call}: mesh {qps:.1f} req/s (p50 {p50:.1f} ms) vs in-process {base:.1f} req/s "
+              f"at concurrency {CONCURRENCY}, best of {ROUNDS}")
+    for call in baselines:
+        print(f"BENCH e2e_{call}_qps_ratio_c{CONCURRENCY} {best[call, 'mesh'][0] / best[call, 'in-process'][0]:.3f} >= 0.8")
 
 
 if __name__ == "__main__":

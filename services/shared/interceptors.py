@@ -13,21 +13,40 @@ from services.shared.telemetry import RPC_DURATION, RPC_INFLIGHT, RPC_REQUESTS, 
 log = logging.getLogger(__name__)
 
 
-class _Outcome:
-    """Records one RPC's metrics and turns its exception (if any) into a status."""
+class _MethodMetrics:
+    """One method's metric children, looked up once instead of by label values on every request."""
 
     def __init__(self, service: str, method: str):
         self.service, self.method = service, method
+        self.inflight = RPC_INFLIGHT.labels(service)
+        self.duration = RPC_DURATION.labels(service, method)
+        self._requests: dict[tuple[str, str, grpc.StatusCode], object] = {}
+
+    def requests(self, model: str, version: str, code: grpc.StatusCode):
+        key = (model, version, code)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = RPC_REQUESTS.labels(self.service, self.method, model, version, code.name)
+        return child
+
+
+class _Outcome:
+    """Records one RPC's metrics and turns its exception (if any) into a status."""
+
+    __slots__ = ("metrics", "labels", "start", "token")
+
+    def __init__(self, metrics: _MethodMetrics):
+        self.metrics = metrics
         self.labels: dict = {}
         self.start = time.perf_counter()
         self.token = _request_labels.set(self.labels)
-        RPC_INFLIGHT.labels(service).inc()
+        metrics.inflight.inc()
 
     async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         mapped = status_for(exc)
         if mapped is None:
             incident = uuid.uuid4().hex[:12]
-            log.exception("unhandled error", extra={"method": self.method, "incident": incident})
+            log.exception("unhandled error", extra={"method": self.metrics.method, "incident": incident})
             mapped = (grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
         self.finish(mapped[0])
         await context.abort(*mapped)
@@ -35,11 +54,10 @@ class _Outcome:
     def finish(self, code: grpc.StatusCode) -> None:
         if self.token is None:
             return
-        RPC_INFLIGHT.labels(self.service).dec()
-        RPC_DURATION.labels(self.service, self.method).observe(time.perf_counter() - self.start)
-        RPC_REQUESTS.labels(
-            self.service, self.method, self.labels.get("model", ""), self.labels.get("version", ""), code.name
-        ).inc()
+        metrics = self.metrics
+        metrics.inflight.dec()
+        metrics.duration.observe(time.perf_counter() - self.start)
+        metrics.requests(self.labels.get("model", ""), self.labels.get("version", ""), code).inc()
         _request_labels.reset(self.token)
         self.token = None
 
@@ -53,28 +71,37 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, service: str):
         self.service = service
+        # method → (the service's handler, its wrapped handler): built once per method, not per call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return handler
-        name = method.rsplit("/", 1)[-1]
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[method] = (handler, self._wrap(handler, method))
+        return cached[1]
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        metrics = _MethodMetrics(self.service, method.rsplit("/", 1)[-1])
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, name), handler.request_deserializer, handler.response_serializer)
+                self._unary(handler.unary_unary, metrics), handler.request_deserializer, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, name), handler.request_deserializer, handler.response_serializer)
+                self._unary(handler.stream_unary, metrics), handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, name), handler.request_deserializer, handler.response_serializer)
+                self._stream(handler.unary_stream, metrics), handler.request_deserializer, handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(
-            self._stream(handler.stream_stream, name), handler.request_deserializer, handler.response_serializer)
+            self._stream(handler.stream_stream, metrics), handler.request_deserializer, handler.response_serializer)
 
-    def _unary(self, behaviour, name):
+    @staticmethod
+    def _unary(behaviour, metrics: _MethodMetrics):
         async def wrapped(request_or_iterator, context):
-            outcome = _Outcome(self.service, name)
+            outcome = _Outcome(metrics)
             try:
                 response = await behaviour(request_or_iterator, context)
             except grpc.aio.AbortError:
@@ -87,9 +114,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 return response
         return wrapped
 
-    def _stream(self, behaviour, name):
+    @staticmethod
+    def _stream(behaviour, metrics: _MethodMetrics):
         async def wrapped(request_or_iterator, context):
-            outcome = _Outcome(self.service, name)
+            outcome = _Outcome(metrics)
             try:
                 async for response in behaviour(request_or_iterator, context):
                     yield response
