@@ -8,6 +8,7 @@ from services.shared.config import (
     ConfigError, ServerSettings, add_peer_argument, add_server_arguments, env, env_float, env_int, require_peer,
     server_settings,
 )
+from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -18,7 +19,7 @@ class RouterConfig:
     registry: str
     tokenizer: str
     vision: str
-    triton: str
+    triton: str  # the --triton flag: one address, or a comma-separated list of static replicas
     # Deadline given to peers when the caller set none: a request can never hang.
     default_timeout: float = 30.0
     max_batch_items: int = 256
@@ -27,6 +28,19 @@ class RouterConfig:
     shadow_report_interval: float = 1.0
     # Sent with ReportShadowResults when the registry requires its admin token (MAAS_ADMIN_TOKEN).
     admin_token: str | None = None
+    # Where the Triton replicas come from; None = static: the --triton address(es).
+    discovery: DiscoveryConfig | None = None
+
+    def triton_discovery(self) -> DiscoveryConfig:
+        return self.discovery or DiscoveryConfig(mode="static", static_addresses=static_addresses(self.triton))
+
+
+def static_addresses(value: str) -> tuple[str, ...]:
+    """`a:8001` or `a:8001,b:8001`, each checked to be host:port."""
+    addresses = tuple(a.strip() for a in value.split(",") if a.strip())
+    for address in addresses or (value,):
+        require_peer(address, "--triton", "MAAS_TRITON_ADDRESS")
+    return addresses
 
 
 def load_config(argv: list[str] | None = None) -> RouterConfig:
@@ -36,7 +50,9 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     add_peer_argument(peers, "--registry", "MAAS_REGISTRY_ADDRESS", "127.0.0.1:50052", "registry")
     add_peer_argument(peers, "--tokenizer", "MAAS_TOKENIZER_ADDRESS", "127.0.0.1:50053", "tokenizer")
     add_peer_argument(peers, "--vision", "MAAS_VISION_ADDRESS", "127.0.0.1:50054", "vision")
-    add_peer_argument(peers, "--triton", "MAAS_TRITON_ADDRESS", "127.0.0.1:8001", "Triton gRPC")
+    add_peer_argument(peers, "--triton", "MAAS_TRITON_ADDRESS", "127.0.0.1:8001",
+                      "Triton gRPC (comma-separated for several static replicas)")
+    add_discovery_arguments(parser)
     g = parser.add_argument_group("router")
     g.add_argument("--default-timeout", type=float, default=env_float("MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS", 30.0),
                    help="deadline for peer calls when the caller sets none (MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS)")
@@ -49,6 +65,9 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     g.add_argument("--shadow-report-interval", type=float, default=env_float("MAAS_SHADOW_REPORT_INTERVAL_SECONDS", 1.0),
                    help="seconds between shadow result reports to the registry (MAAS_SHADOW_REPORT_INTERVAL_SECONDS)")
     args = parser.parse_args(argv)
+    discovery = discovery_config(args)
+    if discovery.mode == "static":
+        discovery = discovery_config(args, static_addresses(args.triton or ""))
     for flag in ("default_timeout", "shadow_timeout", "shadow_report_interval"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
@@ -60,11 +79,12 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         registry=require_peer(args.registry, "--registry", "MAAS_REGISTRY_ADDRESS"),
         tokenizer=require_peer(args.tokenizer, "--tokenizer", "MAAS_TOKENIZER_ADDRESS"),
         vision=require_peer(args.vision, "--vision", "MAAS_VISION_ADDRESS"),
-        triton=require_peer(args.triton, "--triton", "MAAS_TRITON_ADDRESS"),
+        triton=args.triton or "",
         default_timeout=args.default_timeout,
         max_batch_items=args.max_batch_items,
         shadow_max_inflight=args.shadow_max_inflight,
         shadow_timeout=args.shadow_timeout,
         shadow_report_interval=args.shadow_report_interval,
         admin_token=env("MAAS_ADMIN_TOKEN"),
+        discovery=discovery,
     )

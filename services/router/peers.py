@@ -1,4 +1,5 @@
-"""Clients for the router's peers: tokenizer, vision and Triton, each over one long-lived channel.
+"""Clients for the router's peers: tokenizer and vision over one long-lived channel each, Triton over a
+pool of replicas (services.shared.replica_pool: one channel per replica, calls spread by in-flight count).
 
 Every call gets the caller's remaining deadline and wait_for_ready=False, so a peer that is down
 fails fast with UNAVAILABLE instead of hanging; cancelling the caller cancels the awaited call.
@@ -6,13 +7,19 @@ fails fast with UNAVAILABLE instead of hanging; cancelling the caller cancels th
 from __future__ import annotations
 
 import functools
+import logging
+import random
 from dataclasses import dataclass
+from time import monotonic
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas.v1 import tensor_pb2, tokenizer_pb2, tokenizer_pb2_grpc, vision_pb2, vision_pb2_grpc
 from services.shared.errors import Unavailable
+from services.shared.replica_pool import Replica, ReplicaPool
+
+log = logging.getLogger(__name__)
 
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -62,27 +69,44 @@ class VisionPeer:
         return response.tensor
 
 
-class TritonPeer:
-    """Triton's own gRPC API through the raw generated stub (no tritonclient per-call overhead)."""
+def raw_model_infer(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable:
+    """ModelInfer taking and returning bytes (module-level so Replica.stub caches it per channel)."""
+    return channel.unary_unary(MODEL_INFER_METHOD)
 
-    def __init__(self, channel: grpc.aio.Channel, address: str = ""):
-        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        self.peer = f"Triton ({address})"
-        # Bytes in, bytes out: the passthrough never parses or re-serialises tensors.
-        self._raw_infer = channel.unary_unary(MODEL_INFER_METHOD)
+
+TritonStub = service_pb2_grpc.GRPCInferenceServiceStub
+
+# gRPC's status text when the call could not be given a connection at all (wait_for_ready=False and the
+# channel cannot connect): the request never left the router, so another replica may take it.
+NOT_SENT = "failed to connect to all addresses"
+
+
+def never_sent(exc: grpc.aio.AioRpcError) -> bool:
+    """Retry rule: only UNAVAILABLE from a connection that could not be made. Any other failure (reset,
+    GOAWAY mid-call, Triton's own UNAVAILABLE, deadline) may have reached the model and is not retried."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and (exc.details() or "").startswith(NOT_SENT)
+
+
+class TritonPeer:
+    """Triton's own gRPC API through the raw generated stub, each call on a replica of the pool.
+
+    A call failing before it was sent (see never_sent) is retried once on each other serving replica
+    while the caller's deadline lasts; anything else is the caller's answer.
+    """
+
+    def __init__(self, pool: ReplicaPool):
+        self.pool = pool
         self._max_batch: dict[tuple[str, str], int] = {}  # versions are immutable: cache forever
 
-    @names_peer
     async def max_batch_size(self, model: str, version: str, timeout: float | None) -> int:
         """The version's max_batch_size from Triton's config (0 = no batch dimension), fetched once."""
         key = (model, version)
         if key not in self._max_batch:
             request = service_pb2.ModelConfigRequest(name=model, version=version)
-            response = await self.stub.ModelConfig(request, timeout=timeout, wait_for_ready=False)
+            response = await self._call(TritonStub, "ModelConfig", request, timeout)
             self._max_batch[key] = int(response.config.max_batch_size)
         return self._max_batch[key]
 
-    @names_peer
     async def infer(self, model: str, version: str, inputs: list[tensor_pb2.Tensor], outputs: list[str],
                     timeout: float | None) -> list[tensor_pb2.Tensor]:
         request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
@@ -91,20 +115,66 @@ class TritonPeer:
             request.raw_input_contents.append(tensor.raw_contents)
         for name in outputs:
             request.outputs.add(name=name)
-        response = await self.stub.ModelInfer(request, timeout=timeout, wait_for_ready=False)
+        response = await self._call(TritonStub, "ModelInfer", request, timeout)
         return [
             tensor_pb2.Tensor(name=o.name, datatype=o.datatype, shape=o.shape, raw_contents=raw)
             for o, raw in zip(response.outputs, response.raw_output_contents)
         ]
 
-    @names_peer
     async def infer_raw(self, request: bytes, timeout: float | None) -> bytes:
-        return await self._raw_infer(request, timeout=timeout, wait_for_ready=False)
+        """Bytes in, bytes out: the passthrough never parses or re-serialises tensors."""
+        return await self._call(raw_model_infer, None, request, timeout)
 
-    @names_peer
     async def call(self, method: str, request, timeout: float | None):
         """Any other unary method of Triton's API by name, e.g. call("ModelMetadata", req, 5)."""
-        return await getattr(self.stub, method)(request, timeout=timeout, wait_for_ready=False)
+        return await self._call(TritonStub, method, request, timeout)
+
+    async def _call(self, factory, method: str | None, request, timeout: float | None):
+        # The hot path: no allocation beyond gRPC's own (lease() is inlined: no generator per call).
+        started = monotonic()
+        replica = self.pool.pick()
+        replica.inflight += 1
+        replica.calls += 1
+        try:
+            rpc = replica.stub(factory)
+            return await (getattr(rpc, method) if method else rpc)(request, timeout=timeout, wait_for_ready=False)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            failure = exc
+        finally:
+            replica.inflight -= 1
+        return await self._retry(replica, failure, factory, method, request, timeout, started)
+
+    async def _retry(self, replica: Replica, failure: grpc.aio.AioRpcError, factory, method: str | None, request,
+                     timeout: float | None, started: float):
+        tried = {replica}
+        while never_sent(failure):
+            others = [r for r in self.pool.replicas() if r not in tried]
+            remaining = None if timeout is None else timeout - (monotonic() - started)
+            if not others or (remaining is not None and remaining <= 0):
+                break
+            replica = min(random.sample(others, min(2, len(others))), key=_inflight)
+            tried.add(replica)
+            log.debug("retrying a Triton call on another replica",
+                     extra={"failed": failure.details(), "replica": replica.address})
+            replica.inflight += 1
+            replica.calls += 1
+            try:
+                rpc = replica.stub(factory)
+                return await (getattr(rpc, method) if method else rpc)(request, timeout=remaining,
+                                                                       wait_for_ready=False)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                failure = exc
+            finally:
+                replica.inflight -= 1
+        raise Unavailable(f"Triton ({replica.address}) is unavailable: {failure.details()}") from None
+
+
+def _inflight(replica: Replica) -> int:
+    return replica.inflight
 
 
 def output_tensor(response: service_pb2.ModelInferResponse, name: str) -> tensor_pb2.Tensor | None:

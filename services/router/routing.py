@@ -178,6 +178,12 @@ class RoutingTable:
     def models(self) -> list[ModelRoutes]:
         return list(self._models.values())
 
+    def ready_versions(self) -> set[tuple[str, str]]:
+        """(Triton model, Triton version) of every READY version: what a new Triton replica must serve
+        before the router sends it calls (the registry loads them there)."""
+        return {(info.triton_model, info.triton_version)
+                for routes in self._models.values() for info in routes.versions.values() if info.ready}
+
     def model(self, name: str) -> ModelRoutes:
         if not self.has_state:
             raise Unavailable("routing state not received from the registry yet; retry shortly")

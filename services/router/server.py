@@ -3,6 +3,11 @@
 Call it inside a running event loop (services.shared.server.run does): it starts the registry watch.
 Health is SERVING once started; until the first routing snapshot arrives requests get UNAVAILABLE
 ("routing state not received from the registry yet") and OIP ServerReady answers false.
+
+Triton calls are spread over every replica the discovery source reports (static --triton list, or the
+ready endpoints of the headless Service). With discovery, a new replica gets calls only once it serves
+every READY version of the routing table (the registry loads them there); static replicas are trusted
+as given, so one static address costs what a single channel did.
 """
 from __future__ import annotations
 
@@ -15,17 +20,23 @@ from services.router.servicer import InferenceServicer, RouterServicer, add_infe
 from services.router.shadow import ShadowRunner
 from services.router.watcher import RegistryWatcher
 from services.shared.channels import open_channel
+from services.shared.discovery import ReplicaSource, StaticReplicas, create_replica_source
+from services.shared.replica_pool import ReplicaPool, triton_admission
 from services.shared.server import ServiceServer, build_server
 
 
-def create_server(cfg: RouterConfig) -> tuple[ServiceServer, int]:
+def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None) -> tuple[ServiceServer, int]:
+    """triton_source: where Triton replicas come from (default: from cfg; tests pass their own)."""
     limit = cfg.server.max_message_bytes
-    channels = {name: open_channel(getattr(cfg, name), limit) for name in ("registry", "tokenizer", "vision", "triton")}
+    channels = {name: open_channel(getattr(cfg, name), limit) for name in ("registry", "tokenizer", "vision")}
     table = RoutingTable()
     watcher = RegistryWatcher(channels["registry"], table)
     shadow = ShadowRunner(channels["registry"], max_inflight=cfg.shadow_max_inflight, timeout=cfg.shadow_timeout,
                           report_interval=cfg.shadow_report_interval, admin_token=cfg.admin_token)
-    triton = TritonPeer(channels["triton"], cfg.triton)
+    source = triton_source or create_replica_source(cfg.triton_discovery())
+    admit = None if isinstance(source, StaticReplicas) else admit_when_serving(table)
+    pool = ReplicaPool("triton", connect=lambda address: open_channel(address, limit), admit=admit)
+    triton = TritonPeer(pool)
     plane = Dataplane(table, triton, TokenizerPeer(channels["tokenizer"], cfg.tokenizer),
                       VisionPeer(channels["vision"], cfg.vision), shadow,
                       default_timeout=cfg.default_timeout, max_batch_items=cfg.max_batch_items)
@@ -37,6 +48,20 @@ def create_server(cfg: RouterConfig) -> tuple[ServiceServer, int]:
 
     service, port = build_server(cfg.server, register)
     watcher.start()
+    # Static replicas are known at once; a watcher reports its first set shortly after (until then
+    # Triton calls get UNAVAILABLE "no triton replica is ready").
+    service.on_start.append(lambda: source.start(pool.set_replicas))
     # After the gRPC server drained: stop following the registry, report the last shadow results, close.
-    service.on_stop.extend([watcher.stop, shadow.stop, *(channel.close for channel in channels.values())])
+    service.on_stop.extend([watcher.stop, shadow.stop, source.stop, pool.close,
+                            *(channel.close for channel in channels.values())])
     return service, port
+
+
+def admit_when_serving(table: RoutingTable):
+    """A discovered replica joins once the routing state is known and it serves every READY version
+    (before the first snapshot the required set would look empty and let an unloaded replica in)."""
+    serves_ready_versions = triton_admission(table.ready_versions)
+
+    async def admit(address, channel) -> bool:
+        return table.has_state and await serves_ready_versions(address, channel)
+    return admit

@@ -136,7 +136,11 @@ class ReplicaPool:
             raise Unavailable(f"no {self.name} replica is ready{waiting}")
         if len(serving) == 1:
             return serving[0]
-        a, b = random.sample(serving, 2)
+        # Two distinct indices without random.sample's per-call set-up (this runs on every Triton call).
+        n = len(serving)
+        i = random.randrange(n)
+        j = (i + 1 + random.randrange(n - 1)) % n
+        a, b = serving[i], serving[j]
         return a if a.inflight <= b.inflight else b
 
     @contextlib.contextmanager

@@ -1,0 +1,157 @@
+"""The router spreads requests over every ready Triton replica the EndpointSlices announce.
+
+Two real Tritons on one model repository (like pods on a shared volume), the registry loading the
+tiny model on both, the fake Kubernetes API announcing them, and a real router in between. Which
+replica served is read from Triton's own statistics, never from the router.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput
+
+from maas.local.triton import LocalTriton, TritonConfig
+from maas.v1 import registry_pb2 as pb
+from services.router.config import RouterConfig
+from services.router.server import create_server
+from services.shared.config import ServerSettings
+from services.shared.discovery import TritonReplicaWatcher
+from tests.fixtures.registry import header, tiny_onnx, triton_versions, upload_messages, wait_state
+
+NS = "models"
+SERVICE = "rel-maas-mesh-triton-headless"
+WAIT = 60.0
+BATCH = 40
+X = np.arange(4, dtype=np.float32).reshape(1, 4)
+
+
+def announce(fake_kube, name: str, triton: LocalTriton) -> None:
+    host, port = triton.grpc_address.rsplit(":", 1)
+    fake_kube.put_slice(NS, name, service=SERVICE, port=int(port), endpoints=[(host, True)])
+
+
+async def inference_count(triton: LocalTriton, model: str = "tiny") -> int:
+    client = triton_aio.InferenceServerClient(triton.grpc_address)
+    try:
+        stats = await client.get_inference_statistics(model, as_json=True)
+    finally:
+        await client.close()
+    return sum(int(s.get("inference_stats", {}).get("success", {}).get("count", 0)) for s in stats["model_stats"])
+
+
+async def counts(*tritons: LocalTriton) -> list[int]:
+    return [await inference_count(t) for t in tritons]
+
+
+async def send(client: triton_aio.InferenceServerClient, n: int = BATCH) -> None:
+    """n requests through the router, 8 at a time; every one must succeed with y = 2x."""
+    inp = InferInput("x", [1, 4], "FP32")
+    inp.set_data_from_numpy(X)
+    semaphore = asyncio.Semaphore(8)
+
+    async def one():
+        async with semaphore:
+            result = await client.infer("tiny", [inp], client_timeout=30)
+        np.testing.assert_array_equal(result.as_numpy("y"), X * 2)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def until(check, what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+
+
+@pytest.fixture
+async def router(fake_kube, start_registry):
+    """start(registry_env) -> address of a router whose Triton replicas come from the fake API's slices."""
+    started = []
+
+    async def start(env) -> str:
+        source = TritonReplicaWatcher(SERVICE, NS, api_client=fake_kube.api_client(),
+                                      backoff_initial_seconds=0.05, backoff_max_seconds=0.5)
+        cfg = RouterConfig(
+            server=ServerSettings(service_name="router", listen="127.0.0.1:0", grace_seconds=0.5, workers=1),
+            registry=env.address, tokenizer="127.0.0.1:1", vision="127.0.0.1:1", triton="127.0.0.1:1",
+            default_timeout=10.0)
+        server, port = create_server(cfg, triton_source=source)
+        started.append(server)
+        await server.start()
+        return f"127.0.0.1:{port}"
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            await server.stop(0)
+
+
+async def test_router_spreads_over_the_announced_replicas_and_follows_them(fake_kube, start_registry, router,
+                                                                           tmp_path):
+    env = await start_registry()
+    a = env.triton
+    data = tiny_onnx(2.0)
+    v1 = await wait_state(env.stub, "tiny", (await env.stub.RegisterVersion(upload_messages(header("tiny", data),
+                                                                                            data))).version)
+    assert v1.state == pb.VERSION_STATE_READY, v1.state_reason
+
+    with LocalTriton(TritonConfig(model_repository=env.repository, work_dir=tmp_path / "triton-b")) as b:
+        await env.registry.set_triton_replicas([a.grpc_address, b.grpc_address])  # loads tiny on b too
+        assert await triton_versions(b, "tiny") == {v1.version}
+        announce(fake_kube, "triton-a", a)
+        announce(fake_kube, "triton-b", b)
+        client = triton_aio.InferenceServerClient(await router(env))
+        try:
+            # Ready once the routing state arrived and a replica serving its READY versions was admitted.
+            await until(client.is_server_ready, "router ready")
+            # Both replicas admitted: both get calls (no request may fail from here on).
+            start = await counts(a, b)
+
+            async def both_used() -> bool:
+                await send(client, 10)
+                now = await counts(a, b)
+                return all(n > s for n, s in zip(now, start))
+            await until(both_used, "both replicas serving")
+
+            before = await counts(a, b)
+            await send(client)
+            after = await counts(a, b)
+            grown = [n - s for n, s in zip(after, before)]
+            assert sum(grown) == BATCH and all(g > 0 for g in grown), grown
+
+            # b leaves the slices (still running: draining pod): all traffic goes to a, none fails.
+            fake_kube.delete_slice(NS, "triton-b")
+
+            async def only_a() -> bool:
+                b_before = await inference_count(b)
+                await send(client, 20)
+                return await inference_count(b) == b_before
+            await until(only_a, "b retired")
+            before = await counts(a, b)
+            await send(client)
+            after = await counts(a, b)
+            assert [n - s for n, s in zip(after, before)] == [BATCH, 0]
+
+            # b comes back: it is used again.
+            announce(fake_kube, "triton-b", b)
+            b_back = await inference_count(b)
+
+            async def b_used() -> bool:
+                await send(client, 20)
+                return await inference_count(b) > b_back
+            await until(b_used, "b used again")
+
+            # b dies while still announced (the slice update has not arrived yet): calls that cannot
+            # connect to b are retried on a, so no request fails.
+            b.stop()
+            a_before = await inference_count(a)
+            await send(client)
+            await send(client)
+            assert await inference_count(a) - a_before == 2 * BATCH
+        finally:
+            await client.close()
