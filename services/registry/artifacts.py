@@ -1,7 +1,7 @@
 """Receiving and validating uploaded artefacts before they can become visible.
 
-An upload is streamed into a staging folder inside the model repository (same filesystem, so the
-final step is one atomic rename). The digest and size are checked as bytes arrive; the artefact is then
+An upload is streamed into a staging folder inside its model's folder in the repository (same
+filesystem, so the final step is one atomic rename; repository.py says why there). The digest and size are checked as bytes arrive; the artefact is then
 validated with the format's own tooling (ONNX checker, torch.jit.load on CPU, Triton config parser)
 in a worker thread, and the signature is read from it where possible.
 """
@@ -19,7 +19,9 @@ from pathlib import Path
 from services.registry.domain import (
     ArtifactFormat, PostprocessingKind, PreprocessingKind, RegistrationRequest, Signature, TensorSpec, check_name,
 )
+from services.shared.config import ConfigError
 from services.shared.errors import InvalidArgument
+from services.shared.model_repository import read_model_config
 
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 # The file each backend loads from a version folder (default_model_filename).
@@ -225,14 +227,14 @@ def _extract_folder(archive: Path, dest: Path, max_bytes: int) -> Path:
 
 
 def check_triton_folder(archive: Path, work: Path, max_bytes: int) -> ValidatedArtifact:
-    from google.protobuf import json_format, text_format
+    from google.protobuf import json_format
     from tritonclient.grpc import model_config_pb2
 
     root = _extract_folder(archive, work / "unpacked", max_bytes)
     try:
-        config = text_format.Parse((root / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    except (text_format.ParseError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"config.pbtxt does not parse: {exc}") from None
+        config = read_model_config(root / "config.pbtxt")  # strict: an unknown field is a typo here
+    except ConfigError as exc:
+        raise InvalidArgument(str(exc)) from None
     versions = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
     if len(versions) != 1:
         raise InvalidArgument(f"the folder must hold exactly one numbered version folder, found {len(versions)}")

@@ -9,6 +9,7 @@ from typing import Sequence
 from services.shared.config import (
     ConfigError, ServerSettings, add_server_arguments, env, env_float, env_int, require_peer, server_settings,
 )
+from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
 DEFAULT_LISTEN = "127.0.0.1:50052"
 DEFAULT_MAX_ARTIFACT_BYTES = 2 * 1024 * 1024 * 1024  # 2 GiB
@@ -20,7 +21,7 @@ class RegistryConfig:
     server: ServerSettings
     database: Path
     model_repository: Path
-    # Every Triton replica the registry keeps in step (load/unload go to all of them).
+    # Every Triton replica the registry keeps in step (load/unload go to all of them): the static list...
     triton_addresses: tuple[str, ...]
     admin_token: str | None = None
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
@@ -30,6 +31,12 @@ class RegistryConfig:
     watch_queue_size: int = 1024
     # How often every Triton replica is checked for the live versions (re-loaded after a Triton restart); 0 = off.
     reconcile_interval_seconds: float = 10.0
+    # ...or, in Kubernetes, the ready replicas of the headless Triton Service (EndpointSlices).
+    discovery: DiscoveryConfig | None = None  # None = static triton_addresses
+
+    @property
+    def replica_discovery(self) -> DiscoveryConfig:
+        return self.discovery or DiscoveryConfig(mode="static", static_addresses=self.triton_addresses)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,16 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reconcile-interval", type=float, default=env_float("MAAS_RECONCILE_INTERVAL_SECONDS", 10.0),
                    help="seconds between checks that every Triton replica serves the live versions, 0 = off "
                         "(MAAS_RECONCILE_INTERVAL_SECONDS)")
+    add_discovery_arguments(parser)
     return parser
 
 
 def load_config(argv: Sequence[str] | None = None) -> RegistryConfig:
     args = build_parser().parse_args(argv)
-    addresses = tuple(a.strip() for a in (args.triton or "").split(",") if a.strip())
-    if not addresses:
-        raise ConfigError("--triton / MAAS_TRITON_ADDRESS must name at least one Triton gRPC address")
-    for address in addresses:
-        require_peer(address, "--triton", "MAAS_TRITON_ADDRESS")
+    discovery = discovery_config(args)
+    addresses: tuple[str, ...] = ()
+    if discovery.mode == "static":
+        addresses = tuple(a.strip() for a in (args.triton or "").split(",") if a.strip())
+        if not addresses:
+            raise ConfigError("--triton / MAAS_TRITON_ADDRESS must name at least one Triton gRPC address")
+        for address in addresses:
+            require_peer(address, "--triton", "MAAS_TRITON_ADDRESS")
+        discovery = discovery_config(args, addresses)
     for flag, value in (("--max-artifact-bytes", args.max_artifact_bytes),
                         ("--default-max-batch-size", args.default_max_batch_size),
                         ("--load-timeout", args.load_timeout), ("--watch-queue-size", args.watch_queue_size)):
@@ -83,4 +95,5 @@ def load_config(argv: Sequence[str] | None = None) -> RegistryConfig:
         load_timeout_seconds=args.load_timeout,
         watch_queue_size=args.watch_queue_size,
         reconcile_interval_seconds=args.reconcile_interval,
+        discovery=discovery,
     )

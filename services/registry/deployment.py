@@ -2,13 +2,20 @@
 
 A model has one Triton config listing all its live versions, so loads (with warm-up), unloads and
 repairs of a model run one at a time under that model's lock. Also: start-up reconciliation (Triton
-may have restarted with the registry), a watchdog that repairs drifted replicas, and admitting a new
-replica only once it serves every live version.
+may have restarted with the registry), a watchdog that repairs drifted replicas, and catching up a
+replica that joins (from EndpointSlices): it receives every load from the moment it joins, and each
+model's live versions are applied to it under that model's lock.
+
+<model>/config.pbtxt on disk always lists exactly the READY versions (rewritten atomically, with no
+await between the state commit and the write): a replica started with `--load-model=*` comes up with
+the live versions. A version being loaded reaches Triton through the load API's config override only.
+
+With no Triton replica at all, a version stays REGISTERED ("waiting for a Triton replica") and loads
+when the first replica joins: the artefact is safely stored, and READY always means "served".
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +23,7 @@ from collections.abc import Callable
 from services.registry.domain import VersionState
 from services.registry.repository import ModelRepository
 from services.registry.store import Store
-from services.registry.triton_fleet import TritonFleet
+from services.registry.triton_fleet import TritonError, TritonFleet
 from services.registry.tritonconfig import LABELS_FILE, model_config, to_pbtxt
 
 log = logging.getLogger(__name__)
@@ -38,8 +45,11 @@ class Deployment:
         self._tasks: set[asyncio.Task] = set()
         self._watchdog_task: asyncio.Task | None = None
         self._wanted_replicas: list[str] | None = None  # the last set given to set_replicas
+        self._membership = asyncio.Lock()  # one set_replicas at a time (the watcher and the watchdog)
+        self._started = False
 
     async def start(self) -> None:
+        self._started = True
         for name in self.store.model_names():
             pending = [v.version for v in self.store.versions(name)
                        if v.state in (VersionState.REGISTERED, VersionState.LOADING)]
@@ -72,21 +82,27 @@ class Deployment:
         """Load a just-registered version in the background."""
         self._spawn(self.load(model, number))
 
-    def _write_config(self, model: str, live: list[int]):
-        """Write <model>/config.pbtxt (and labels.txt) for `live`; returns the config (None when nothing is live)."""
+    def _config(self, model: str, live: list[int], write_labels: bool):
+        """Triton config serving `live` (None when nothing is); `write_labels` also refreshes labels.txt."""
         if not live:
             return None
         versions = {v.version: v for v in self.store.versions(model)}
         labelled = next((versions[v] for v in sorted(live, reverse=True) if versions[v].labels), None)
-        if labelled is not None:
+        if labelled is not None and write_labels:
             self.repository.write_file(model, LABELS_FILE, "\n".join(labelled.labels) + "\n")
-        config = model_config(model, versions[max(live)], live, with_labels=labelled is not None)
-        self.repository.write_file(model, "config.pbtxt", to_pbtxt(config))
-        return config
+        return model_config(model, versions[max(live)], live, with_labels=labelled is not None)
+
+    def write_disk_config(self, model: str) -> None:
+        """<model>/config.pbtxt := the READY versions. With none, the last one stays: Triton refuses a
+        policy with no version, and a replica that loads the stale one is corrected when it joins."""
+        config = self._config(model, self.ready_versions(model), write_labels=False)
+        if config is not None:
+            self.repository.write_file(model, "config.pbtxt", to_pbtxt(config))
 
     async def apply(self, model: str, live: list[int], addresses: list[str] | None = None) -> None:
         """Make every Triton replica (or those in `addresses`) serve exactly the `live` versions."""
-        config = self._write_config(model, live)
+        config = self._config(model, live, write_labels=True)
+        self.write_disk_config(model)
         await asyncio.wait_for(self.fleet.apply(model, config, live, addresses), self.load_timeout)
 
     def ready_versions(self, model: str) -> list[int]:
@@ -97,11 +113,18 @@ class Deployment:
             version = self.store.version(model, number)
             if version is None or version.state not in (VersionState.REGISTERED, VersionState.LOADING):
                 return
+            if not self.fleet.members:
+                self._wait_for_replica(version)
+                return
             self._set_state(model, number, VersionState.LOADING)
             try:
                 await self.apply(model, sorted({*self.ready_versions(model), number}))
-                await asyncio.wait_for(
+                served = await asyncio.wait_for(
                     self.fleet.warm_up(model, number, version.signature, version.max_batch_size), self.load_timeout)
+                if not served:
+                    # Every replica left (or only newcomers remain, caught up without this version) mid-load.
+                    self._wait_for_replica(version)
+                    return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any load failure fails the version, with the reason
@@ -115,7 +138,23 @@ class Deployment:
                 return
             load_ms = (time.time() - version.created_at) * 1000.0
             self._set_state(model, number, VersionState.READY, load_ms=load_ms)
+            self.write_disk_config(model)  # no await since the commit: the file never lags the state
             log.info("version ready", extra={"model": model, "version": number, "load_ms": round(load_ms, 1)})
+
+    def _wait_for_replica(self, version) -> None:
+        """Leave the version REGISTERED until a replica joins (set_replicas loads it then)."""
+        reason = "waiting for a Triton replica to load it on"
+        if version.state != VersionState.REGISTERED or version.state_reason != reason:
+            self._set_state(version.model, version.version, VersionState.REGISTERED, reason)
+        log.warning("no Triton replica to load on; the version waits for one",
+                    extra={"model": version.model, "version": version.version})
+
+    def _load_pending(self) -> None:
+        """Load every REGISTERED/LOADING version in the background (idempotent: load() re-checks the state)."""
+        for name in self.store.model_names():
+            for v in self.store.versions(name):
+                if v.state in (VersionState.REGISTERED, VersionState.LOADING):
+                    self.load_later(name, v.version)
 
     async def _reconcile(self, model: str, pending: list[int]) -> None:
         """At start-up: Triton may have restarted too, so re-apply the ready set, then finish pending loads."""
@@ -153,7 +192,7 @@ class Deployment:
         while True:
             await asyncio.sleep(self.reconcile_interval)
             try:
-                if self._wanted_replicas is not None and sorted(self.fleet.addresses) != self._wanted_replicas:
+                if self._wanted_replicas is not None and sorted(self.fleet.members) != self._wanted_replicas:
                     await self.set_replicas(self._wanted_replicas)
                 await self.reconcile_replicas()
             except asyncio.CancelledError:
@@ -161,23 +200,42 @@ class Deployment:
             except Exception:  # noqa: BLE001 - an unreachable replica is retried next round
                 log.warning("reconciling Triton replicas failed", exc_info=True)
 
-    def desired_state(self) -> dict[str, tuple[object, list[int]]]:
-        """{model: (config, ready versions)} — what a new Triton replica must load before it joins."""
-        out = {}
-        for name in self.store.model_names():
-            ready = self.ready_versions(name)
-            if ready:
-                versions = {v.version: v for v in self.store.versions(name)}
-                labelled = any(versions[v].labels for v in ready)
-                out[name] = (model_config(name, versions[max(ready)], ready, labelled), ready)
-        return out
-
     async def set_replicas(self, addresses) -> None:
-        """Follow a new set of Triton replicas (e.g. from EndpointSlices). A new replica first loads every
-        live version and only then joins; one that cannot is retried by the watchdog."""
-        self._wanted_replicas = sorted(set(addresses))
-        # Hold every model's lock: no load may run while the fleet changes under it.
-        async with contextlib.AsyncExitStack() as stack:
-            for name in sorted(self.store.model_names()):
-                await stack.enter_async_context(self.lock(name))
-            await self.fleet.set_replicas(self._wanted_replicas, self.desired_state())
+        """Follow a new set of Triton replicas (e.g. from EndpointSlices). A new replica joins the fleet at
+        once (so it gets every load from now on), then each model's live versions are applied to it under
+        that model's lock. A replica that cannot catch up is dropped and TritonError raised: the caller
+        (the watcher, or the watchdog) hands the set over again later."""
+        async with self._membership:
+            self._wanted_replicas = sorted(set(addresses))
+            for address in [a for a in self.fleet.members if a not in self._wanted_replicas]:
+                await self.fleet.remove_replica(address)
+                log.info("triton replica left", extra={"address": address})
+            models = sorted(self.store.model_names())
+            added = self.fleet.add_replicas(self._wanted_replicas, models)
+            failed: dict[str, str] = {}
+            for name in models:
+                async with self.lock(name):
+                    for address in added:
+                        if address in failed:
+                            continue
+                        try:
+                            await self._catch_up(address, name)
+                        except Exception as exc:  # noqa: BLE001 - one bad replica must not stop the others
+                            failed[address] = f"{name}: {exc}"
+                            await self.fleet.remove_replica(address)
+            for address in added:
+                if address not in failed:
+                    log.info("triton replica joined", extra={"address": address})
+        if added and self._started:
+            self._load_pending()  # versions that waited for a replica, or lost theirs mid-load
+        if failed:
+            raise TritonError("Triton replica(s) could not load the live versions, left out for now: "
+                              + "; ".join(f"{a} ({why})" for a, why in sorted(failed.items())))
+
+    async def _catch_up(self, address: str, model: str) -> None:
+        """Under the model's lock: make the new replica serve the model's live versions, then mark it so."""
+        ready = self.ready_versions(model)
+        # A replica started with --load-model=* usually has them already (the config on disk lists them).
+        if await self.fleet.ready_on(address, model) != set(ready):
+            await self.apply(model, ready, [address])
+        self.fleet.caught_up(address, model)

@@ -61,8 +61,9 @@ class Registry:
         await self.deployment.wait_idle()
 
     async def set_triton_replicas(self, addresses) -> None:
-        """Follow a new set of Triton replicas (e.g. from EndpointSlices): a new one joins once it serves
-        every live version; one that cannot yet is retried by the watchdog."""
+        """Follow a new set of Triton replicas (e.g. from EndpointSlices): a new one gets every load at once
+        and each model's live versions; one that cannot is dropped and TritonError raised (the watcher and
+        the watchdog hand the set over again)."""
         await self.deployment.set_replicas(addresses)
 
     # -- reads -------------------------------------------------------------------------------------
@@ -123,8 +124,11 @@ class Registry:
     async def register(self, req: RegistrationRequest, chunks: AsyncIterator[bytes]) -> Version:
         """Receive, validate and store a new version; it then loads in the background."""
         artifacts.check_request(req, self.max_artifact_bytes)
-        upload = Upload(self.repository.new_staging(), req)
+        # Claim the model folder first: a folder the registry does not own is refused before any upload.
+        self.repository.claim(req.model, self.store.model_exists(req.model))
+        upload = Upload(self.repository.new_staging(req.model), req)
         work = None
+        version = None
         try:
             async for chunk in chunks:
                 upload.write(chunk)
@@ -142,6 +146,8 @@ class Registry:
                 # The caller went away mid-validation: let the worker finish with the folder before removing it.
                 await asyncio.wait([asyncio.wrap_future(work)])
             upload.discard()
+            if version is None and not self.store.model_exists(req.model):
+                self.repository.release(req.model)  # no empty folder left for Triton to trip on
         log.info("version registered", extra={"model": req.model, "version": version.version, "sha256": req.sha256})
         self.deployment.load_later(req.model, version.version)
         return version

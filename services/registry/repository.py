@@ -3,6 +3,12 @@
 Versions appear by one atomic rename of a fully written, fsynced staging folder, so a crash at any
 moment leaves either no version folder or a whole one. Folders no database row accounts for (a crash
 between the rename and the commit) are removed at start-up.
+
+Uploads are staged in <root>/<model>/.staging/: on the same filesystem as their final place (even in
+a chart where the volume's mount point is the repository root), and out of Triton's sight: Triton
+skips non-numeric folders inside a model, whereas every folder at the root is a model to it (and one
+that fails to load stops a replica started with `--load-model=*`). A new model's folder therefore
+exists from its first upload on; if that upload fails, the folder is removed again (release).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from services.shared.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
-STAGING = ".staging"
+STAGING = ".staging"  # inside each model folder (it was <root>/.staging before; removed at start-up)
 # Marks a model folder the registry created: it never writes into (or cleans) folders it does not own.
 MARKER = ".maas-registry"
 
@@ -43,8 +49,7 @@ def fsync_tree(root: Path) -> None:
 class ModelRepository:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
-        self.staging_root = self.root / STAGING
-        self.staging_root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def model_dir(self, model: str) -> Path:
         return self.root / model
@@ -52,9 +57,31 @@ class ModelRepository:
     def version_dir(self, model: str, version: int) -> Path:
         return self.root / model / str(version)
 
-    def new_staging(self) -> Path:
-        """A private folder on the repository's filesystem for one upload."""
-        return Path(tempfile.mkdtemp(prefix="upload-", dir=self.staging_root))
+    def staging_dir(self, model: str) -> Path:
+        return self.root / model / STAGING
+
+    def staged_uploads(self) -> list[Path]:
+        """Every upload folder under staging (tests check nothing is left behind)."""
+        return sorted(self.root.glob(f"*/{STAGING}/*"))
+
+    def new_staging(self, model: str) -> Path:
+        """A private folder for one upload of `model`, inside its (claimed) model folder."""
+        staging = self.staging_dir(model)
+        staging.mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="upload-", dir=staging))
+
+    def release(self, model: str) -> bool:
+        """Remove the folder of a model that never got a version (its first upload failed), unless another
+        upload is staging in it. True if removed."""
+        model_dir = self.model_dir(model)
+        staging = self.staging_dir(model)
+        if not (model_dir / MARKER).exists() or (staging.is_dir() and any(staging.iterdir())):
+            return False
+        if any(c.name not in (MARKER, STAGING) for c in model_dir.iterdir()):
+            return False  # it has versions or a config: a real model
+        shutil.rmtree(model_dir, ignore_errors=True)
+        _fsync_dir(self.root)
+        return True
 
     def claim(self, model: str, registered: bool) -> None:
         """Make <root>/<model> ours; refuse a folder someone else put there (e.g. a hand-made model) unless
@@ -104,26 +131,33 @@ class ModelRepository:
     def remove_orphans(self, known: set[tuple[str, int]]) -> list[Path]:
         """Delete staging leftovers and version folders without a database row; returns what was removed."""
         removed = []
-        for entry in self.staging_root.iterdir():
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry)
+        legacy_staging = self.root / STAGING  # where older registries staged: a "model" to Triton
+        if legacy_staging.is_dir():
+            shutil.rmtree(legacy_staging, ignore_errors=True)
+            removed.append(legacy_staging)
         known_models = {m for m, _ in known}
         for model_dir in self.root.iterdir():
-            if not model_dir.is_dir() or model_dir.name == STAGING:
+            if not model_dir.is_dir():
                 continue
             if model_dir.name not in known_models and not (model_dir / MARKER).exists():
                 continue  # folders the registry did not create are not ours to touch
             for child in model_dir.iterdir():
-                if child.is_dir() and child.name.isdigit() and (model_dir.name, int(child.name)) not in known:
+                if child.name == STAGING and child.is_dir():
+                    for entry in child.iterdir():
+                        if entry.is_dir():
+                            shutil.rmtree(entry, ignore_errors=True)
+                        else:
+                            entry.unlink(missing_ok=True)
+                        removed.append(entry)
+                elif child.is_dir() and child.name.isdigit() and (model_dir.name, int(child.name)) not in known:
                     shutil.rmtree(child, ignore_errors=True)
                     removed.append(child)
                 elif child.name.startswith(".") and child.name != MARKER and child.is_file():
                     # A temp file of an interrupted config write.
                     child.unlink(missing_ok=True)
                     removed.append(child)
+            if model_dir.name not in known_models and self.release(model_dir.name):
+                removed.append(model_dir)  # a first upload that never committed
         if removed:
             log.warning("removed partial artefacts left by an interrupted registration",
                         extra={"paths": [str(p) for p in removed]})

@@ -1,14 +1,16 @@
 """Triton replicas the registry keeps in step through Triton's repository API (explicit model control).
 
-Every load/unload goes to every replica. A replica added later (set_replicas) first gets every live
-version loaded, and only then joins the fleet.
+Every load/unload goes to every replica. A replica added later (add_replicas) is in the fleet at once,
+so it receives every load and unload from then on, but it is "behind" on each model until the
+Deployment has applied that model's live versions to it (caught_up): warm-up inferences skip it for
+those models, since a load that began before it joined never reached it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable
 
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
@@ -50,23 +52,52 @@ def warmup_inputs(signature: Signature, max_batch_size: int) -> list[InferInput]
 
 
 class TritonFleet:
-    def __init__(self, addresses: list[str] | tuple[str, ...], timeout: float = 300.0):
+    def __init__(self, addresses: Iterable[str] = (), timeout: float = 300.0):
         self.timeout = timeout
         self._clients: dict[str, triton_aio.InferenceServerClient] = {}
+        # replica -> models whose live versions it has not been given yet (it joined after they loaded)
+        self._behind: dict[str, set[str]] = {}
         for address in addresses:
             self._clients[address] = triton_aio.InferenceServerClient(address)
 
     @property
     def addresses(self) -> list[str]:
+        """Replicas that serve every live version (joined and caught up)."""
+        return [a for a in self._clients if not self._behind.get(a)]
+
+    @property
+    def members(self) -> list[str]:
+        """Every replica loads and unloads go to, including those still catching up."""
         return list(self._clients)
 
     async def close(self) -> None:
-        for client in self._clients.values():
+        for address in list(self._clients):
+            await self.remove_replica(address)
+
+    def add_replicas(self, addresses: Iterable[str], models: Iterable[str]) -> list[str]:
+        """Add the replicas not yet in the fleet, behind on every one of `models`; returns those added."""
+        added = sorted(set(addresses) - set(self._clients))
+        for address in added:
+            self._clients[address] = triton_aio.InferenceServerClient(address)
+            self._behind[address] = set(models)
+        return added
+
+    async def remove_replica(self, address: str) -> None:
+        client = self._clients.pop(address, None)
+        self._behind.pop(address, None)
+        if client is not None:
             await client.close()
+
+    def caught_up(self, address: str, model: str) -> None:
+        """`address` now serves `model`'s live versions: warm-ups include it again."""
+        self._behind.get(address, set()).discard(model)
+
+    def behind(self, address: str) -> set[str]:
+        return set(self._behind.get(address, ()))
 
     async def apply(self, model: str, config, live: list[int], addresses: list[str] | None = None) -> None:
         """Make every replica (or those in `addresses`) serve exactly `live` versions of `model` (none = unloaded)."""
-        await asyncio.gather(*(self._apply_one(a, c, model, config, live) for a, c in self._clients.items()
+        await asyncio.gather(*(self._apply_one(a, c, model, config, live) for a, c in list(self._clients.items())
                                if addresses is None or a in addresses))
 
     async def _apply_one(self, address: str, client, model: str, config, live: list[int]) -> None:
@@ -123,35 +154,21 @@ class TritonFleet:
         states = await self.version_states(self._clients[address], model)
         return {v for v, (state, _) in states.items() if state == "READY"}
 
-    async def warm_up(self, model: str, version: int, signature: Signature, max_batch_size: int) -> None:
-        """One inference on every replica with a small dummy input: proves the version really serves."""
+    async def warm_up(self, model: str, version: int, signature: Signature, max_batch_size: int) -> int:
+        """One inference with a small dummy input on every replica that is not behind on `model`: proves
+        the version really serves. Returns how many replicas served it (0: none could be asked)."""
         inputs = warmup_inputs(signature, max_batch_size)
-        for client in self._clients.values():
+        served = 0
+        for address, client in list(self._clients.items()):
+            if model in self._behind.get(address, ()):
+                continue  # joined while this load was under way; the Deployment catches it up afterwards
             try:
                 await client.infer(model, inputs, model_version=str(version), client_timeout=self.timeout)
             except InferenceServerException as exc:
-                raise TritonError(f"warm-up inference on version {version} failed: {exc.message()}") from None
-
-    async def set_replicas(self, addresses, desired: Mapping[str, tuple[object, list[int]]]) -> None:
-        """Change the replica list. New replicas load every model's live versions before joining;
-        `desired` is {model: (config, live versions)}. A replica that fails to load is left out (logged)."""
-        addresses = set(addresses)
-        for address in sorted(addresses - set(self._clients)):
-            client = triton_aio.InferenceServerClient(address)
-            try:
-                for model, (config, live) in desired.items():
-                    if live:
-                        await self._apply_one(address, client, model, config, live)
-            except Exception as exc:  # noqa: BLE001 - one bad replica must not stop the others joining
-                await client.close()
-                log.warning("triton replica could not load the live versions; not joining yet",
-                            extra={"address": address, "error": str(exc)})
-                continue
-            self._clients[address] = client
-            log.info("triton replica joined", extra={"address": address})
-        for address in [a for a in self._clients if a not in addresses]:
-            await self._clients.pop(address).close()
-            log.info("triton replica left", extra={"address": address})
+                raise TritonError(f"warm-up inference on version {version} failed on {address}: "
+                                  f"{exc.message()}") from None
+            served += 1
+        return served
 
     async def wait_reachable(self, timeout: float) -> bool:
         """Wait (up to `timeout`) until every replica answers; False if one still does not."""
@@ -166,7 +183,7 @@ class TritonFleet:
                 await asyncio.sleep(0.5)
 
     async def check_reachable(self) -> None:
-        for address, client in self._clients.items():
+        for address, client in list(self._clients.items()):
             try:
                 if not await client.is_server_live():
                     raise Unavailable(f"Triton at {address} is not live")

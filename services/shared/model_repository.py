@@ -31,17 +31,30 @@ def models_with(filename: str, *directories: Path | None) -> dict[str, Path]:
     return found
 
 
+def read_model_config(config_path: Path, *, allow_unknown_fields: bool = False):
+    """Triton's own ModelConfig message (as shipped with tritonclient) parsed from a config.pbtxt.
+
+    Raises ConfigError naming the file when it is unreadable text or not a valid config. Readers of
+    configs written by others pass allow_unknown_fields (a newer Triton's fields); validators do not.
+    """
+    # Imported late: tritonclient's protos are slow to load.
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        return text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig(),
+                                 allow_unknown_field=allow_unknown_fields)
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config_path.name} does not parse: {exc}") from None
+
+
 def model_input_names(model_dir: Path) -> list[str] | None:
     """Input tensor names from <model_dir>/config.pbtxt, in declared order; None without a config."""
     config_path = model_dir / "config.pbtxt"
     if not config_path.is_file():
         return None
-    # Triton's own ModelConfig message, as shipped with tritonclient (imported late: it is slow to load).
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
     try:
-        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig(), allow_unknown_field=True)
-    except text_format.ParseError as exc:
-        raise ConfigError(f"{config_path}: {exc}") from None
+        config = read_model_config(config_path, allow_unknown_fields=True)
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path.parent}/{exc}") from None
     return [tensor.name for tensor in config.input]

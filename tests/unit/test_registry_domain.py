@@ -26,7 +26,7 @@ class FakeFleet:
         self.fail_versions: set[int] = set()
         self.closed = False
 
-    addresses = ["fake:1"]
+    addresses = members = ["fake:1"]
 
     async def apply(self, model, config, live, addresses=None):
         if set(live) & self.fail_versions:
@@ -45,6 +45,7 @@ class FakeFleet:
 
     async def warm_up(self, model, version, signature, max_batch_size):
         await asyncio.sleep(0)
+        return len(self.addresses)
 
     async def close(self):
         self.closed = True
@@ -127,8 +128,8 @@ async def test_incompatible_signature_is_refused_and_nothing_written(registry):
     with pytest.raises(FailedPrecondition, match="datatype FP64 != FP32"):
         await register(registry, data=tiny_onnx(dtype="FP64"))
     assert [v.version for v in registry.store.versions("tiny")] == [1]
-    assert sorted(p.name for p in (registry.repository.root / "tiny").iterdir() if p.is_dir()) == ["1"]
-    assert not any(registry.repository.staging_root.iterdir())
+    assert sorted(p.name for p in (registry.repository.root / "tiny").iterdir() if p.name.isdigit()) == ["1"]
+    assert registry.repository.staged_uploads() == []
     # Once every live version is archived, a new signature is accepted.
     await registry.archive("tiny", 1, "me", "")
     v = await register(registry, data=tiny_onnx(width=8))
@@ -153,7 +154,7 @@ async def test_bad_uploads(registry):
         post = Postprocessing(PostprocessingKind.EMBEDDING, "nope")
         await registry.register(request("tiny", data, postprocessing=post), chunks(data))
     assert registry.store.model_names() == []
-    assert not any(registry.repository.staging_root.iterdir())
+    assert registry.repository.staged_uploads() == []
 
 
 async def test_alias_rollback_history(registry):
@@ -259,7 +260,10 @@ async def test_restart_keeps_everything_and_cleans_orphans(tmp_path):
     reg.store.close()
     # What a crash between rename and commit, or mid-upload, leaves behind:
     (tmp_path / "repo" / "tiny" / "2").mkdir()
-    (tmp_path / "repo" / ".staging" / "upload-x").mkdir()
+    (tmp_path / "repo" / "tiny" / ".staging" / "upload-x").mkdir(parents=True)
+    (tmp_path / "repo" / ".staging" / "upload-y").mkdir(parents=True)  # where older registries staged
+    (tmp_path / "repo" / "newmodel" / ".staging" / "upload-z").mkdir(parents=True)  # a first upload
+    (tmp_path / "repo" / "newmodel" / ".maas-registry").write_text("")
     (tmp_path / "repo" / "other" / "1").mkdir(parents=True)  # not ours: left alone
 
     reg = make()
@@ -268,7 +272,8 @@ async def test_restart_keeps_everything_and_cleans_orphans(tmp_path):
         await reg.wait_idle()
         assert reg.get_model("tiny") == model and reg.store.revision() == revision
         assert not (tmp_path / "repo" / "tiny" / "2").exists()
-        assert not any((tmp_path / "repo" / ".staging").iterdir())
+        assert reg.repository.staged_uploads() == []
+        assert not (tmp_path / "repo" / ".staging").exists() and not (tmp_path / "repo" / "newmodel").exists()
         assert (tmp_path / "repo" / "other" / "1").exists()
         assert reg.fleet.live == {"tiny": [1]}  # Triton reconciled on start
         v2 = await register(reg)
@@ -310,3 +315,41 @@ async def test_folders_the_registry_does_not_own_are_left_alone(registry):
         await register(registry, "handmade")
     assert (hand_made / "config.pbtxt").read_text() == "name: 'handmade'"
     assert registry.store.model_names() == []
+
+
+def disk_policy(reg, model: str) -> list[int]:
+    from services.shared.model_repository import read_model_config
+
+    path = reg.repository.model_dir(model) / "config.pbtxt"
+    return list(read_model_config(path).version_policy.specific.versions) if path.exists() else []
+
+
+async def test_config_on_disk_lists_only_ready_versions_at_every_step(registry):
+    """A replica started with --load-model=* reads config.pbtxt: it must never list a version that is
+    still loading (or failed), nor miss one that is READY."""
+    seen_during_load = []
+    apply = registry.fleet.apply
+
+    async def recording_apply(model, config, live, addresses=None):
+        seen_during_load.append((sorted(live), disk_policy(registry, model)))
+        await apply(model, config, live, addresses)
+
+    registry.fleet.apply = recording_apply
+    await register(registry)
+    assert seen_during_load[-1] == ([1], [])  # nothing on disk until the first version is READY
+    assert disk_policy(registry, "tiny") == [1]
+    await register(registry, data=tiny_onnx(3.0))
+    assert seen_during_load[-1] == ([1, 2], [1])  # Triton loads {1,2}; the disk still says {1}
+    assert disk_policy(registry, "tiny") == [1, 2]
+    registry.fleet.fail_versions = {3}
+    v3 = await register(registry, data=tiny_onnx(4.0))
+    assert v3.state == VersionState.FAILED and disk_policy(registry, "tiny") == [1, 2]
+    await registry.archive("tiny", 1, "me", "")
+    assert disk_policy(registry, "tiny") == [2]
+
+
+async def test_no_replica_means_registered_not_ready(registry):
+    registry.fleet.addresses = registry.fleet.members = []
+    v = await register(registry)
+    assert v.state == VersionState.REGISTERED and "waiting for a Triton replica" in v.state_reason
+    assert "tiny" not in registry.fleet.live

@@ -209,3 +209,31 @@ def test_warmup_inputs_follow_the_signature():
     assert [(i.name(), i.shape(), i.datatype()) for i in batched] == [("ids", [1, 8], "INT64"),
                                                                       ("img", [1, 3, 8, 8], "FP32")]
     assert [i.shape() for i in warmup_inputs(sig, 0)] == [[8], [3, 8, 8]]
+
+
+def test_config_discovery_static_by_default_and_endpointslices_from_env(monkeypatch):
+    for name in ("MAAS_TRITON_DISCOVERY", "MAAS_TRITON_SERVICE", "MAAS_NAMESPACE", "MAAS_TRITON_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = load_config(["--triton", "a:1,b:2"])
+    assert cfg.replica_discovery.mode == "static" and cfg.replica_discovery.static_addresses == ("a:1", "b:2")
+    # What the chart sets: no --triton needed, every ready replica of the headless Service.
+    monkeypatch.setenv("MAAS_TRITON_DISCOVERY", "endpointslices")
+    monkeypatch.setenv("MAAS_TRITON_SERVICE", "rel-maas-mesh-triton-headless")
+    monkeypatch.setenv("MAAS_NAMESPACE", "models")
+    cfg = load_config([])
+    assert cfg.replica_discovery.mode == "endpointslices" and cfg.triton_addresses == ()
+    assert (cfg.replica_discovery.service, cfg.replica_discovery.namespace) == ("rel-maas-mesh-triton-headless",
+                                                                                "models")
+    monkeypatch.delenv("MAAS_TRITON_SERVICE")
+    with pytest.raises(ConfigError, match="MAAS_TRITON_SERVICE"):
+        load_config([])
+
+
+def test_one_config_reader_for_uploads_and_services(tmp_path):
+    from services.shared.model_repository import model_input_names, read_model_config
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text('input { name: "ids" } input { name: "mask" } future_field: 1')
+    assert model_input_names(tmp_path / "m") == ["ids", "mask"]  # a newer Triton's field is tolerated
+    with pytest.raises(ConfigError, match="future_field"):
+        read_model_config(tmp_path / "m" / "config.pbtxt")  # validating an upload: it is a typo
