@@ -208,7 +208,8 @@ class LocalTriton:
 
     def _wait_ready(self, models: Sequence[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        pending = ["/v2/health/ready"] + [f"/v2/models/{m}/ready" for m in models]
+        # "*" (load everything) names no model to wait for: server readiness covers it.
+        pending = ["/v2/health/ready"] + [f"/v2/models/{m}/ready" for m in models if m != "*"]
         while pending:
             if self.process.poll() is not None:
                 raise TritonError(f"tritonserver exited with code {self.process.returncode} during startup:\n"
