@@ -6,7 +6,6 @@ cluster they share the port and differ by pod IP; the watcher handles both).
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -17,32 +16,10 @@ from maas.local.triton import LocalTriton, TritonConfig
 from maas.v1 import registry_pb2 as pb
 from services.shared.discovery import TritonReplicaWatcher
 from services.shared.replica_pool import ReplicaPool, triton_admission
+from tests.fixtures.replicas import NS, SERVICE, WAIT, announce, eventually, inference_count
 from tests.fixtures.registry import (
     header, tiny_onnx, triton_versions, upload_messages, wait_state,
 )
-
-NS = "models"
-SERVICE = "rel-maas-mesh-triton-headless"
-WAIT = 60.0
-
-
-def announce(fake_kube, name: str, triton: LocalTriton, ready: bool = True) -> None:
-    host, port = triton.grpc_address.rsplit(":", 1)
-    fake_kube.put_slice(NS, name, service=SERVICE, port=int(port), endpoints=[(host, ready)])
-
-
-async def eventually(predicate, timeout: float = WAIT, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached in {timeout}s")
-        await asyncio.sleep(0.05)
-
 
 async def all_live(addresses) -> bool:
     """Every address is a Triton answering on gRPC (not just a string the watcher made up)."""
@@ -165,15 +142,6 @@ async def infer_tiny(pool: ReplicaPool, version: str = "1") -> str:
         response = await replica.stub(service_pb2_grpc.GRPCInferenceServiceStub).ModelInfer(request, timeout=30)
     assert np.frombuffer(response.raw_output_contents[0], dtype=np.float32).tolist() == [0.0, 2.0, 4.0, 6.0]
     return replica.address
-
-
-async def inference_count(triton: LocalTriton, model: str) -> int:
-    client = triton_aio.InferenceServerClient(triton.grpc_address)
-    try:
-        stats = await client.get_inference_statistics(model, as_json=True)
-    finally:
-        await client.close()
-    return sum(int(s.get("inference_stats", {}).get("success", {}).get("count", 0)) for s in stats["model_stats"])
 
 
 async def test_calls_spread_over_the_replicas_that_serve_the_live_versions(fake_kube, start_registry, watcher,

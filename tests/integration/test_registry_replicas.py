@@ -17,7 +17,7 @@ from services.shared.model_repository import read_model_config
 from tests.fixtures.registry import (
     MINILM_ONNX, header, registry_config, tiny_onnx, triton_versions, upload_messages, wait_state,
 )
-from tests.integration.test_discovery import NS, SERVICE, WAIT, announce, eventually
+from tests.fixtures.replicas import NS, SERVICE, WAIT, announce, eventually
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ replica served is read from Triton's own statistics, never from the router.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -21,30 +20,14 @@ from services.router.server import create_server
 from services.shared.config import ServerSettings
 from services.shared.discovery import TritonReplicaWatcher
 from tests.fixtures.registry import header, tiny_onnx, triton_versions, upload_messages, wait_state
+from tests.fixtures.replicas import NS, SERVICE, announce, eventually, inference_count
 
-NS = "models"
-SERVICE = "rel-maas-mesh-triton-headless"
-WAIT = 60.0
 BATCH = 40
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
 
 
-def announce(fake_kube, name: str, triton: LocalTriton) -> None:
-    host, port = triton.grpc_address.rsplit(":", 1)
-    fake_kube.put_slice(NS, name, service=SERVICE, port=int(port), endpoints=[(host, True)])
-
-
-async def inference_count(triton: LocalTriton, model: str = "tiny") -> int:
-    client = triton_aio.InferenceServerClient(triton.grpc_address)
-    try:
-        stats = await client.get_inference_statistics(model, as_json=True)
-    finally:
-        await client.close()
-    return sum(int(s.get("inference_stats", {}).get("success", {}).get("count", 0)) for s in stats["model_stats"])
-
-
 async def counts(*tritons: LocalTriton) -> list[int]:
-    return [await inference_count(t) for t in tritons]
+    return [await inference_count(t, "tiny") for t in tritons]
 
 
 async def send(client: triton_aio.InferenceServerClient, n: int = BATCH) -> None:
@@ -59,12 +42,6 @@ async def send(client: triton_aio.InferenceServerClient, n: int = BATCH) -> None
         np.testing.assert_array_equal(result.as_numpy("y"), X * 2)
 
     await asyncio.gather(*(one() for _ in range(n)))
-
-
-async def until(check, what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
 
 
 @pytest.fixture
@@ -108,7 +85,7 @@ async def test_router_spreads_over_the_announced_replicas_and_follows_them(fake_
         client = triton_aio.InferenceServerClient(await router(env))
         try:
             # Ready once the routing state arrived and a replica serving its READY versions was admitted.
-            await until(client.is_server_ready, "router ready")
+            await eventually(client.is_server_ready, what="router ready")
             # Both replicas admitted: both get calls (no request may fail from here on).
             start = await counts(a, b)
 
@@ -116,7 +93,7 @@ async def test_router_spreads_over_the_announced_replicas_and_follows_them(fake_
                 await send(client, 10)
                 now = await counts(a, b)
                 return all(n > s for n, s in zip(now, start))
-            await until(both_used, "both replicas serving")
+            await eventually(both_used, what="both replicas serving")
 
             before = await counts(a, b)
             await send(client)
@@ -128,10 +105,10 @@ async def test_router_spreads_over_the_announced_replicas_and_follows_them(fake_
             fake_kube.delete_slice(NS, "triton-b")
 
             async def only_a() -> bool:
-                b_before = await inference_count(b)
+                b_before = await inference_count(b, "tiny")
                 await send(client, 20)
-                return await inference_count(b) == b_before
-            await until(only_a, "b retired")
+                return await inference_count(b, "tiny") == b_before
+            await eventually(only_a, what="b retired")
             before = await counts(a, b)
             await send(client)
             after = await counts(a, b)
@@ -139,19 +116,19 @@ async def test_router_spreads_over_the_announced_replicas_and_follows_them(fake_
 
             # b comes back: it is used again.
             announce(fake_kube, "triton-b", b)
-            b_back = await inference_count(b)
+            b_back = await inference_count(b, "tiny")
 
             async def b_used() -> bool:
                 await send(client, 20)
-                return await inference_count(b) > b_back
-            await until(b_used, "b used again")
+                return await inference_count(b, "tiny") > b_back
+            await eventually(b_used, what="b used again")
 
             # b dies while still announced (the slice update has not arrived yet): calls that cannot
             # connect to b are retried on a, so no request fails.
             b.stop()
-            a_before = await inference_count(a)
+            a_before = await inference_count(a, "tiny")
             await send(client)
             await send(client)
-            assert await inference_count(a) - a_before == 2 * BATCH
+            assert await inference_count(a, "tiny") - a_before == 2 * BATCH
         finally:
             await client.close()
