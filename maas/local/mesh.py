@@ -9,11 +9,17 @@ Triton serves the registry-owned working repository (<state_dir>/repository, exp
 on first start the models of the source `model_repository/` are registered through the registry and
 `production` points at them. Every component runs in its own process group and is stopped in reverse
 order (also on failure and Ctrl-C); each dies with this process (PR_SET_PDEATHSIG), so none is orphaned.
+
+Observability: each service serves Prometheus metrics on its own port (`metrics_addresses`). With OTEL_*
+tracing set, every component gets those settings and its own OTEL_SERVICE_NAME, and Triton runs its
+OpenTelemetry trace mode towards the OTLP/HTTP endpoint (see `triton_tracing_args`), so one request is
+one trace from the router through the preprocessing service to Triton.
 """
 from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,10 +35,13 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas.local.triton import REPO, LocalTriton, TritonConfig, _kill_with_parent, free_ports
 from maas.registry_client import RegistryClient, RegistryError
+from services.shared.telemetry import tracing_configured
 
 SERVICES = ("registry", "tokenizer", "vision", "router")  # start order; stopped in reverse, Triton last
+# Each service's Prometheus endpoint (<name>_metrics) takes any free port unless one is given.
 DEFAULT_PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054,
-                 "triton_grpc": 8001, "triton_http": 8000, "triton_metrics": 8002}
+                 "triton_grpc": 8001, "triton_http": 8000, "triton_metrics": 8002,
+                 **{f"{name}_metrics": 0 for name in SERVICES}}
 FREE_PORTS = {name: 0 for name in DEFAULT_PORTS}
 
 
@@ -61,9 +70,52 @@ SOURCE_MODELS = (
 )
 
 
+TRITON_SERVICE_NAME = "maas-triton"  # same as the chart's
+
+
+def triton_otlp_http_endpoint(env: Mapping[str, str]) -> str | None:
+    """Where Triton (which exports OTLP over HTTP only) sends spans: MAAS_TRITON_OTLP_HTTP_ENDPOINT if set
+    (a base URL or a full .../v1/traces one), else the services' OTLP endpoint when it speaks HTTP; None
+    when the services export over gRPC and no HTTP endpoint was given."""
+    override = env.get("MAAS_TRITON_OTLP_HTTP_ENDPOINT", "").strip()
+    if override:
+        return override if override.rstrip("/").endswith("/v1/traces") else override.rstrip("/") + "/v1/traces"
+    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
+    if not protocol.lower().startswith("http"):
+        return None
+    if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]  # per the spec: used as is
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318"
+    return base.rstrip("/") + "/v1/traces"
+
+
+def triton_sample_rate(env: Mapping[str, str]) -> int:
+    """Triton's rate=N traces 1 request in N; OTEL_TRACES_SAMPLER_ARG is a ratio (0.1 → 10)."""
+    sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").lower()
+    if sampler.endswith("always_off"):
+        return 0
+    if not sampler.endswith("traceidratio"):
+        return 1
+    try:
+        ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", "1"))
+    except ValueError:
+        return 1
+    return 0 if ratio <= 0 else max(1, round(1 / min(ratio, 1.0)))
+
+
 def triton_tracing_args(env: Mapping[str, str]) -> list[str]:
-    """Hook for Triton's own tracing (`--trace-config mode=opentelemetry ...` from OTEL_*): none yet."""
-    return []
+    """Triton's OpenTelemetry trace mode from the same OTEL_* settings the services read (empty when
+    tracing is off, or when there is no OTLP/HTTP endpoint Triton could export to)."""
+    if not tracing_configured(env) or env.get("OTEL_TRACES_EXPORTER", "otlp").lower() not in ("", "otlp"):
+        return []
+    url = triton_otlp_http_endpoint(env)
+    rate = triton_sample_rate(env)
+    if url is None or rate == 0:
+        return []
+    return [arg for setting in ("mode=opentelemetry", f"opentelemetry,url={url}",
+                                f"opentelemetry,resource=service.name={TRITON_SERVICE_NAME}",
+                                f"rate={rate}", "level=TIMESTAMPS")
+            for arg in ("--trace-config", setting)]
 
 
 @dataclass
@@ -125,6 +177,14 @@ class LocalMesh:
     def registry_address(self) -> str:
         return self.addresses["registry"]
 
+    @property
+    def metrics_addresses(self) -> dict[str, str]:
+        """host:port of every component's Prometheus endpoint (GET /metrics), Triton's included."""
+        found = {name: self.addresses[f"{name}_metrics"] for name in SERVICES if f"{name}_metrics" in self.addresses}
+        if self.triton is not None:
+            found["triton"] = self.triton.metrics_address
+        return found
+
     def _pick_ports(self) -> dict[str, int]:
         wanted = {name: int(self.config.ports.get(name, DEFAULT_PORTS[name])) for name in DEFAULT_PORTS}
         fixed = [p for p in wanted.values() if p]
@@ -152,7 +212,8 @@ class LocalMesh:
             "router": ["--registry", a["registry"], "--tokenizer", a["tokenizer"], "--vision", a["vision"],
                        "--triton", a["triton"]],
         }[name]
-        return [sys.executable, "-m", f"services.{name}", "--listen", a[name], *flags,
+        metrics_port = a[f"{name}_metrics"].rsplit(":", 1)[1]
+        return [sys.executable, "-m", f"services.{name}", "--listen", a[name], "--metrics-port", metrics_port, *flags,
                 *cfg.service_args.get(name, ())]
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -173,16 +234,21 @@ class LocalMesh:
         host = cfg.host
         self.addresses = {name: f"{host}:{ports[name]}" for name in SERVICES}
         self.addresses["triton"] = f"{host}:{ports['triton_grpc']}"
+        self.addresses.update({f"{name}_metrics": f"{host}:{ports[f'{name}_metrics']}" for name in SERVICES})
         (self.state_dir / "repository").mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         atexit.register(self.stop)
 
         self.log(f"starting Triton on {self.addresses['triton']}")
         env = self._env()
+        tracing = triton_tracing_args(env)
+        if tracing_configured(env) and not tracing:
+            self.log("Triton is not traced: it exports OTLP over HTTP only; set MAAS_TRITON_OTLP_HTTP_ENDPOINT "
+                     "(or OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)")
         self.triton = LocalTriton(TritonConfig(
             model_repository=self.state_dir / "repository", models=(), host=host,
             grpc_port=ports["triton_grpc"], http_port=ports["triton_http"], metrics_port=ports["triton_metrics"],
-            work_dir=self.state_dir / "triton", extra_args=[*triton_tracing_args(env), *cfg.triton_extra_args],
+            work_dir=self.state_dir / "triton", extra_args=[*tracing, *cfg.triton_extra_args],
             env={k: v for k, v in env.items() if k.startswith("OTEL_")}, startup_timeout=cfg.startup_timeout,
         ))
         self.triton.start()
@@ -195,11 +261,19 @@ class LocalMesh:
         self._wait_routable([m.name for m in cfg.models])
 
     def _spawn(self, name: str, env: dict[str, str]) -> None:
+        # Each component names itself in traces (the spec's variable, so it wins everywhere).
+        env = {**env, "OTEL_SERVICE_NAME": f"maas-{name}"} if tracing_configured(env) else env
+        command, preexec = self._service_command(name), None
+        if threading.current_thread() is threading.main_thread():
+            # Dies with us. setpriv sets PR_SET_PDEATHSIG without a Python preexec_fn: such a fork runs
+            # grpcio's at-fork hooks in the child, which abort it when a gRPC server runs in this process.
+            setpriv = shutil.which("setpriv")
+            command, preexec = ([setpriv, "--pdeathsig", "KILL", "--", *command], None) if setpriv else \
+                (command, _kill_with_parent)
         with open(self.log_dir / f"{name}.log", "ab") as log:
             self.processes[name] = subprocess.Popen(
-                self._service_command(name), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, cwd=REPO, start_new_session=True,
-                preexec_fn=_kill_with_parent if threading.current_thread() is threading.main_thread() else None,
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, cwd=REPO, start_new_session=True, preexec_fn=preexec,
             )
 
     def log_tail(self, name: str, lines: int = 30) -> str:
@@ -337,6 +411,7 @@ class LocalMesh:
                 ("registry", self.addresses["registry"], "registry.log"),
                 ("tokenizer", self.addresses["tokenizer"], "tokenizer.log"),
                 ("vision", self.addresses["vision"], "vision.log")]
+        rows += [(f"{name} metrics", self.addresses[f"{name}_metrics"], "") for name in SERVICES]
         if self.triton is not None:
             rows += [("triton gRPC", self.triton.grpc_address, "../triton/tritonserver.log"),
                      ("triton HTTP", self.triton.http_address, ""),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from services.shared.telemetry import annotate
 from services.shared.tensors import from_proto, to_proto
 
 DEFAULT_TOP_K = 5
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,11 @@ class Dataplane:
         info = route.info
         ROUTER_REQUESTS.labels(info.model, str(info.version), route.kind.name.lower()).inc()
         annotate(model=info.model, version=info.version, alias=ref.alias or None, route=route.kind.name.lower(),
+                 route_target=route.target or None, shadow=route.shadow is not None,
                  shadow_version=route.shadow.version if route.shadow else None)
+        if log.isEnabledFor(logging.DEBUG):  # carries trace_id/span_id: from a log line to its trace
+            log.debug("routed", extra={"model": info.model, "version": info.version, "route": route.kind.name.lower(),
+                                       "target": route.target})
         return route
 
     def _deadline(self, timeout: float | None) -> Deadline:
@@ -203,8 +209,10 @@ class Dataplane:
             if info.pre_kind != PreKind.TOKENIZER:
                 raise InvalidArgument(f"model {info.model!r} v{info.version} takes no texts "
                                       f"(preprocessing {info.pre_kind.name}); send inputs")
-            annotate(batch_size=len(payload.texts))
+            annotate(batch_size=len(payload.texts), items=len(payload.texts), preprocessing="tokenizer")
+            start = time.perf_counter()
             tokenized = await self.tokenizer.tokenize(info.pre_name, payload.texts, deadline.remaining())
+            annotate(preprocess_ms=(time.perf_counter() - start) * 1000, truncated=sum(tokenized.truncated))
             wanted = {spec.name for spec in info.inputs}
             tensors = [t for t in tokenized.tensors if not wanted or t.name in wanted]
             return Prepared(tensors, tokenized.truncated)
@@ -212,9 +220,12 @@ class Dataplane:
             if info.pre_kind != PreKind.VISION:
                 raise InvalidArgument(f"model {info.model!r} v{info.version} takes no images "
                                       f"(preprocessing {info.pre_kind.name}); send inputs")
-            annotate(batch_size=len(payload.images))
+            annotate(batch_size=len(payload.images), items=len(payload.images), preprocessing="vision",
+                     bytes=sum(map(len, payload.images)))
             input_name = info.inputs[0].name if info.inputs else ""
+            start = time.perf_counter()
             tensor = await self.vision.preprocess(info.pre_name, payload.images, input_name, deadline.remaining())
+            annotate(preprocess_ms=(time.perf_counter() - start) * 1000)
             return Prepared([tensor], [])
         if payload.tensors and payload.tensors[0].shape:
             annotate(batch_size=int(payload.tensors[0].shape[0]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+from collections.abc import Mapping
 
 import grpc
 from opentelemetry import trace
@@ -52,13 +53,15 @@ def annotate(**attributes) -> None:
         labels.update({k: str(v) for k, v in attributes.items() if k in ("model", "version")})
 
 
-def tracing_configured() -> bool:
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+def tracing_configured(env: Mapping[str, str] | None = None) -> bool:
+    """True when the OTEL_* settings (of `env`, default this process's) ask for spans to be exported."""
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return False
-    if os.environ.get("OTEL_TRACES_EXPORTER", "").lower() == "none":
+    if env.get("OTEL_TRACES_EXPORTER", "").lower() == "none":
         return False
     return any(
-        os.environ.get(name)
+        env.get(name)
         for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER")
     )
 

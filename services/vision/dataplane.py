@@ -38,7 +38,7 @@ class VisionDataplane:
     async def preprocess(self, spec_name: str, images: list[bytes], output_name: str,
                          request_bytes: int) -> PreprocessedBatch:
         spec = self.catalog.get(spec_name)
-        annotate(model=spec.name, batch=len(images))
+        annotate(model=spec.name, batch_size=len(images), items=len(images), bytes=request_bytes)
         BATCH_ITEMS.labels(SERVICE, "Preprocess").observe(len(images))
         preprocessor = self._preprocessors[spec.name]
         start = time.perf_counter()
@@ -54,6 +54,8 @@ class VisionDataplane:
         except ServiceError as exc:
             ITEM_ERRORS.labels(SERVICE, type(exc).__name__).inc()
             raise
-        PREPROCESS_SECONDS.labels(SERVICE, "image").observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        PREPROCESS_SECONDS.labels(SERVICE, "image").observe(elapsed)
+        annotate(preprocess_ms=elapsed * 1000, output_shape=list(batch.shape))
         return PreprocessedBatch(spec.name, output_name or spec.input_name, batch, infos)
 
