@@ -29,6 +29,7 @@ import typer
 from typer.core import TyperGroup
 
 from maas.cli import models
+from maas.local.processes import spawn
 
 REGISTRY_PORT = 50052
 ADDRESS_ENV = "MAAS_REGISTRY_ADDRESS"
@@ -98,8 +99,9 @@ class PortForward:
 
     def start(self) -> "PortForward":
         try:
-            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent())
+            # Dies with this process, even on SIGKILL: no port-forward is left running.
+            self.process = spawn(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=False)
         except OSError as exc:
             raise PluginError(f"could not run {self.argv[0]!r}: {exc}") from None
         lines: queue.Queue[str | None] = queue.Queue()
@@ -144,15 +146,6 @@ def _pump(stream, sink, at_end=None) -> None:
     stream.close()
     if at_end is not None:
         at_end(None)
-
-
-def _die_with_parent():
-    """On Linux the port-forward gets SIGKILL if this process dies without cleaning up (even SIGKILL)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    from maas.local.triton import _kill_with_parent
-
-    return _kill_with_parent
 
 
 # -- the command line --------------------------------------------------------------------------------

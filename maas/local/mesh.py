@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +32,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from maas.local.triton import REPO, LocalTriton, TritonConfig, _kill_with_parent, free_ports
+from maas.local.processes import free_ports, spawn
+from maas.local.triton import REPO, LocalTriton, TritonConfig
 from maas.registry_client import RegistryClient, RegistryError
 from services.shared.telemetry import tracing_configured
 
@@ -263,17 +263,10 @@ class LocalMesh:
     def _spawn(self, name: str, env: dict[str, str]) -> None:
         # Each component names itself in traces (the spec's variable, so it wins everywhere).
         env = {**env, "OTEL_SERVICE_NAME": f"maas-{name}"} if tracing_configured(env) else env
-        command, preexec = self._service_command(name), None
-        if threading.current_thread() is threading.main_thread():
-            # Dies with us. setpriv sets PR_SET_PDEATHSIG without a Python preexec_fn: such a fork runs
-            # grpcio's at-fork hooks in the child, which abort it when a gRPC server runs in this process.
-            setpriv = shutil.which("setpriv")
-            command, preexec = ([setpriv, "--pdeathsig", "KILL", "--", *command], None) if setpriv else \
-                (command, _kill_with_parent)
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            self.processes[name] = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, cwd=REPO, start_new_session=True, preexec_fn=preexec,
+            self.processes[name] = spawn(
+                self._service_command(name), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, cwd=REPO,
             )
 
     def log_tail(self, name: str, lines: int = 30) -> str:

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
 import importlib.util
 import os
 import shutil
 import signal
 import site
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -32,6 +30,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from maas.local.processes import free_ports, spawn  # noqa: F401 - free_ports is part of this API
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,24 +63,6 @@ def _wheel_paths() -> tuple[Path, Path]:
         raise TritonError("nvidia-pytriton is not installed (it ships tritonserver)")
     pkg = Path(list(spec.submodule_search_locations)[0])
     return pkg / "tritonserver", pkg.parent / "nvidia_pytriton.libs"
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct free TCP ports (all held open until chosen, so they differ)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _kill_with_parent() -> None:
-    # Runs in the child before exec: Linux sends SIGKILL to tritonserver if our thread dies (even by
-    # SIGKILL), so a crashed test run leaves no server behind. Its stubs notice and exit on their own.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class LocalTriton:
@@ -180,15 +162,11 @@ class LocalTriton:
                     *cfg.extra_args,
                 ]
                 self.log_path = self.work_dir / "tritonserver.log"
-                # PDEATHSIG follows the starting *thread*: only from the main thread, or a finished
-                # worker thread would take the server down with it.
-                on_main = threading.current_thread() is threading.main_thread()
                 with open(self.log_path, "ab") as log:
-                    self.process = subprocess.Popen(
+                    # Own process group (stop() signals tritonserver and its stubs), dies with us.
+                    self.process = spawn(
                         cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.work_dir,
                         env=self._env(libs_dir),
-                        start_new_session=True,  # own process group: stop() signals tritonserver and its stubs
-                        preexec_fn=_kill_with_parent if on_main else None,
                     )
                 atexit.register(self.stop)
                 self._wait_ready(cfg.models, cfg.startup_timeout)
