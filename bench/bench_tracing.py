@@ -29,7 +29,8 @@ from maas.registry_client import RegistryClient
 from tests.fixtures.otlp import OtlpReceiver, _http_handler
 
 CONCURRENCY = (1, 8)
-SECONDS = 4.0
+SECONDS = 3.0
+ROUNDS = 2
 
 
 def start_router(mesh: LocalMesh, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
@@ -86,7 +87,15 @@ def main() -> None:
                 print(f"{'concurrency':>11} " + " ".join(f"{n + ' ' + col:>14}" for n in targets for col in ("p50", "qps")))
                 results = {}
                 for c in CONCURRENCY:
-                    results[c] = {n: asyncio.run(load(address, v, c, SECONDS)) for n, (address, v) in targets.items()}
+                    # Variants take turns for ROUNDS rounds and each keeps its best round, so a burst of
+                    # other load on this 2-core machine cannot decide a ratio on its own.
+                    best: dict[str, tuple[list[float], float]] = {}
+                    for _ in range(ROUNDS):
+                        for n, (address, v) in targets.items():
+                            lat, qps = asyncio.run(load(address, v, c, SECONDS))
+                            if n not in best or qps > best[n][1]:
+                                best[n] = (lat, qps)
+                    results[c] = best
                     print(f"{c:>11} " + " ".join(f"{np.percentile(lat, 50):>14.3f} {qps:>14.0f}"
                                                  for lat, qps in results[c].values()), flush=True)
     finally:
