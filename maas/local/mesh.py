@@ -283,22 +283,26 @@ class LocalMesh:
             raise MeshError(f"{name} exited with code {proc.returncode}; log {self.log_dir / (name + '.log')}:\n"
                             f"{self.log_tail(name)}")
 
-    def _wait_serving(self, name: str) -> None:
+    def _poll(self, name: str, ready, what: str) -> None:
+        """Until ready() is true (a gRPC error counts as not yet), failing fast if `name` exits."""
         deadline = time.monotonic() + self.config.startup_timeout
+        while True:
+            self._check_alive(name)
+            try:
+                if ready():
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise MeshError(f"{what} after {self.config.startup_timeout:.0f}s; {name} log:\n"
+                                f"{self.log_tail(name)}")
+            time.sleep(0.1)
+
+    def _wait_serving(self, name: str) -> None:
         with grpc.insecure_channel(self.addresses[name]) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                self._check_alive(name)
-                try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise MeshError(f"{name} not SERVING after {self.config.startup_timeout:.0f}s; log:\n"
-                                    f"{self.log_tail(name)}")
-                time.sleep(0.1)
+            self._poll(name, lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                       == health_pb2.HealthCheckResponse.SERVING, f"{name} not SERVING")
 
     def register_models(self) -> None:
         """Register each source model the registry does not know yet and point `production` at it."""
@@ -334,22 +338,11 @@ class LocalMesh:
 
     def _wait_routable(self, models: Sequence[str]) -> None:
         """Until the router has the registry's state and Triton has each model ready (OIP ModelReady)."""
-        deadline = time.monotonic() + self.config.startup_timeout
         with grpc.insecure_channel(self.router_address) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            pending = list(models)
-            while pending:
-                self._check_alive("router")
-                try:
-                    if stub.ModelReady(service_pb2.ModelReadyRequest(name=pending[0]), timeout=2).ready:
-                        pending.pop(0)
-                        continue
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise MeshError(f"router cannot route {pending[0]} after {self.config.startup_timeout:.0f}s; "
-                                    f"router log:\n{self.log_tail('router')}")
-                time.sleep(0.1)
+            for model in models:
+                self._poll("router", lambda: stub.ModelReady(service_pb2.ModelReadyRequest(name=model), timeout=2)
+                           .ready, f"router cannot route {model}")
 
     def stop(self) -> None:
         """Services in reverse start order (SIGTERM, then SIGKILL after the grace), Triton last."""
