@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/maas/v1/*.proto)
 
-.PHONY: install protos models k8s-tools run test test-unit test-integration chart-test bench clean
+.PHONY: install protos models fastpath k8s-tools run test test-unit test-integration chart-test bench clean
 
 install: $(STAMP) maas/v1/__init__.py
 
@@ -28,25 +28,31 @@ maas/v1/__init__.py: $(PROTOS) | $(STAMP)
 models: install
 	HF_HUB_OFFLINE=1 $(PY) tools/build_models.py
 
+# The router's compiled Open Inference Protocol data path (C++, gRPC C++ from Debian's packages).
+FASTPATH := build/bin/maas-oip-fastpath
+fastpath: $(FASTPATH)
+$(FASTPATH): services/router/native/oip_fastpath.cc tools/build_fastpath.sh
+	bash tools/build_fastpath.sh
+
 k8s-tools:
 	bash tools/install_k8s_tools.sh
 
-test: install models k8s-tools
+test: install models fastpath k8s-tools
 	$(PY) -m pytest tests -q
 
 test-unit: install
 	$(PY) -m pytest tests/unit -q
 
-test-integration: install models
+test-integration: install models fastpath
 	$(PY) -m pytest tests/integration -q
 
 chart-test: install k8s-tools
 	$(PY) -m pytest tests/unit/test_helm_chart.py -q
 
-run: install models
+run: install models fastpath
 	$(VENV)/bin/maas up --demo
 
-bench: install models
+bench: install models fastpath
 	$(PY) -m bench
 
 clean:

@@ -2,8 +2,12 @@
 
 A tiny model (y = 2x on FP32 [1, 4]) keeps Triton's own time small, so the difference is the hop:
 added p50/p99 latency and the QPS ratio at concurrency 1, 8 and 64, all measured in this run.
-A third target, a bare grpc.aio bytes-forwarding proxy with no routing at all, measures what any
-Python gRPC hop costs on this machine, so the router's own share can be told apart from it.
+
+The router answers the Open Inference Protocol on two ports: its compiled data path
+(maas-oip-fastpath, "router-fast", the figures the targets are about) and its main Python port
+("router-main", the same protocol with every feature). A bare grpc.aio bytes-forwarding proxy with
+no routing at all measures what any Python gRPC hop costs on this machine, so the main port's own
+share can be told apart from it.
 """
 from __future__ import annotations
 
@@ -110,7 +114,8 @@ def main() -> None:
                 time.sleep(1.0)
                 # Direct names the version, the router follows the policy: the same version answers all three.
                 results = measure({"direct": (mesh.addresses["triton"], version), "bare-proxy": (proxy_address, ""),
-                                   "router": (mesh.router_address, "")})
+                                   "router-main": (mesh.router_address, ""),
+                                   "router-fast": (mesh.addresses["router_oip"], "")})
             finally:
                 proxy.kill()
                 proxy.wait()
@@ -121,16 +126,17 @@ def main() -> None:
     def qps(c, name):
         return results[c][name][1]
 
-    print(f"BENCH router_added_p50_ms_c1 {p(1, 'router', 50) - p(1, 'direct', 50):.3f} <= 0.5")
-    print(f"BENCH router_added_p99_ms_c1 {p(1, 'router', 99) - p(1, 'direct', 99):.3f} <= 2.0")
+    print(f"BENCH router_added_p50_ms_c1 {p(1, 'router-fast', 50) - p(1, 'direct', 50):.3f} <= 0.5")
+    print(f"BENCH router_added_p99_ms_c1 {p(1, 'router-fast', 99) - p(1, 'direct', 99):.3f} <= 2.0")
     for c in CONCURRENCY:
-        # c8: the issue's target. c1/c64: within 10% of what a bare Python gRPC hop reaches in this run.
-        floor = qps(c, "bare-proxy") / qps(c, "direct")
-        target = 0.8 if c == 8 else round(0.9 * floor, 3)
-        print(f"BENCH router_qps_ratio_c{c} {qps(c, 'router') / qps(c, 'direct'):.3f} >= {target}")
-    # The router's own share, over the cost of any Python gRPC hop measured in this run.
-    print(f"BENCH router_over_bare_proxy_p50_ms_c1 {p(1, 'router', 50) - p(1, 'bare-proxy', 50):.3f} <= 0.2")
-    print(f"BENCH router_vs_bare_proxy_qps_ratio_c8 {qps(8, 'router') / qps(8, 'bare-proxy'):.3f} >= 0.9")
+        # c8 is the issue's target; at c64 Triton batches 64 calls at once and each hop's CPU (two cores
+        # shared with Triton and the load generator) is what limits.
+        target = {1: 0.8, 8: 0.8, 64: 0.45}[c]
+        print(f"BENCH router_qps_ratio_c{c} {qps(c, 'router-fast') / qps(c, 'direct'):.3f} >= {target}")
+    # The main port (Python, every feature): within reach of any Python gRPC hop measured in this run.
+    print(f"BENCH router_main_port_added_p50_ms_c1 {p(1, 'router-main', 50) - p(1, 'direct', 50):.3f} "
+          f"<= {p(1, 'bare-proxy', 50) - p(1, 'direct', 50) + 0.2:.3f}")
+    print(f"BENCH router_main_port_vs_bare_proxy_qps_ratio_c8 {qps(8, 'router-main') / qps(8, 'bare-proxy'):.3f} >= 0.9")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from services.shared.telemetry import tracing_configured
 
 SERVICES = ("registry", "tokenizer", "vision", "router")  # start order; stopped in reverse, Triton last
 # Each service's Prometheus endpoint (<name>_metrics) takes any free port unless one is given.
-DEFAULT_PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054,
+DEFAULT_PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054, "router_oip": 50055,
                  "triton_grpc": 8001, "triton_http": 8000, "triton_metrics": 8002,
                  **{f"{name}_metrics": 0 for name in SERVICES}}
 FREE_PORTS = {name: 0 for name in DEFAULT_PORTS}
@@ -210,7 +210,7 @@ class LocalMesh:
             "tokenizer": ["--model-repository", str(Path(cfg.source_repository).resolve())],
             "vision": ["--model-repository", str(Path(cfg.source_repository).resolve())],
             "router": ["--registry", a["registry"], "--tokenizer", a["tokenizer"], "--vision", a["vision"],
-                       "--triton", a["triton"]],
+                       "--triton", a["triton"], "--oip-fast-listen", a["router_oip"]],
         }[name]
         metrics_port = a[f"{name}_metrics"].rsplit(":", 1)[1]
         return [sys.executable, "-m", f"services.{name}", "--listen", a[name], "--metrics-port", metrics_port, *flags,
@@ -234,6 +234,7 @@ class LocalMesh:
         host = cfg.host
         self.addresses = {name: f"{host}:{ports[name]}" for name in SERVICES}
         self.addresses["triton"] = f"{host}:{ports['triton_grpc']}"
+        self.addresses["router_oip"] = f"{host}:{ports['router_oip']}"  # the router's compiled OIP data path
         self.addresses.update({f"{name}_metrics": f"{host}:{ports[f'{name}_metrics']}" for name in SERVICES})
         (self.state_dir / "repository").mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -394,6 +395,7 @@ class LocalMesh:
     def rows(self) -> list[tuple[str, str, str]]:
         """(component, address, log file under log_dir) for the table `maas up` prints."""
         rows = [("router — maas.v1.Router + Open Inference Protocol", self.addresses["router"], "router.log"),
+                ("router — Open Inference Protocol, compiled data path", self.addresses["router_oip"], "router.log"),
                 ("registry", self.addresses["registry"], "registry.log"),
                 ("tokenizer", self.addresses["tokenizer"], "tokenizer.log"),
                 ("vision", self.addresses["vision"], "vision.log")]

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.shared.config import (
     ConfigError, ServerSettings, add_peer_argument, add_server_arguments, env, env_float, env_int, require_peer,
     server_settings,
 )
+from services.router.fastpath import BINARY_NAME, find_binary
 from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_OIP_FAST_LISTEN = "127.0.0.1:50055"
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class RouterConfig:
     admin_token: str | None = None
     # Where the Triton replicas come from; None = static: the --triton address(es).
     discovery: DiscoveryConfig | None = None
+    # The compiled OIP data path (services/router/fastpath.py): its address, "" = not started.
+    oip_fast_listen: str = ""
+    oip_fast_binary: str = ""
 
     def triton_discovery(self) -> DiscoveryConfig:
         return self.discovery or DiscoveryConfig(mode="static", static_addresses=static_addresses(self.triton))
@@ -64,6 +70,12 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
                    help="deadline of one shadow copy (MAAS_SHADOW_TIMEOUT_SECONDS)")
     g.add_argument("--shadow-report-interval", type=float, default=env_float("MAAS_SHADOW_REPORT_INTERVAL_SECONDS", 1.0),
                    help="seconds between shadow result reports to the registry (MAAS_SHADOW_REPORT_INTERVAL_SECONDS)")
+    g.add_argument("--oip-fast-listen", default=env("MAAS_ROUTER_OIP_FAST_LISTEN", DEFAULT_OIP_FAST_LISTEN),
+                   help="address of the compiled Open Inference Protocol data path; \"off\" = none "
+                        "(MAAS_ROUTER_OIP_FAST_LISTEN)")
+    g.add_argument("--oip-fast-binary", default=env("MAAS_ROUTER_OIP_FAST_BINARY", ""),
+                   help=f"the {BINARY_NAME} executable (default: on PATH, else build/bin of a source checkout; "
+                        "`make fastpath` builds it) (MAAS_ROUTER_OIP_FAST_BINARY)")
     args = parser.parse_args(argv)
     discovery = discovery_config(args)
     if discovery.mode == "static":
@@ -74,6 +86,7 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     for flag in ("max_batch_items", "shadow_max_inflight"):
         if getattr(args, flag) < (1 if flag == "max_batch_items" else 0):
             raise ConfigError(f"--{flag.replace('_', '-')} is out of range")
+    fast_listen, fast_binary = oip_fast_path(args.oip_fast_listen, args.oip_fast_binary)
     return RouterConfig(
         server=server_settings("router", args),
         registry=require_peer(args.registry, "--registry", "MAAS_REGISTRY_ADDRESS"),
@@ -87,4 +100,21 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         shadow_report_interval=args.shadow_report_interval,
         admin_token=env("MAAS_ADMIN_TOKEN"),
         discovery=discovery,
+        oip_fast_listen=fast_listen,
+        oip_fast_binary=fast_binary,
     )
+
+
+def oip_fast_path(listen: str, binary: str) -> tuple[str, str]:
+    """(listen, binary) of the compiled OIP data path, ("", "") when it is off. A binary named but
+    missing is an error; one not found by itself only turns the fast path off (the main port still
+    serves the protocol), with a warning when the server starts."""
+    listen = (listen or "").strip()
+    if not listen or listen.lower() == "off":
+        return "", ""
+    require_peer(listen, "--oip-fast-listen", "MAAS_ROUTER_OIP_FAST_LISTEN")
+    if binary:
+        if not Path(binary).is_file():
+            raise ConfigError(f"--oip-fast-binary {binary!r} not found (build it with `make fastpath`)")
+        return listen, binary
+    return listen, find_binary() or ""

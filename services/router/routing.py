@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.shared.errors import FailedPrecondition, NotFound, Unavailable
@@ -161,18 +162,26 @@ class RoutingTable:
         self._sequence: dict[tuple[str, str], float] = {}
         self.revision = 0
         self.has_state = False
+        # Called after every change (the compiled OIP fast path mirrors the table).
+        self.listeners: list[Callable[[], None]] = []
 
     # -- updates (from the watcher) ----------------------------------------------------------------
     def replace_all(self, models: list[ModelRoutes], revision: int) -> None:
         self._models = {m.name: m for m in models}
         self.revision = revision
         self.has_state = True
+        self._changed()
 
     def update(self, model: ModelRoutes, revision: int) -> None:
         if revision and revision <= self.revision:
             return  # stale or duplicate event
         self._models = {**self._models, model.name: model}
         self.revision = revision
+        self._changed()
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     # -- reads -------------------------------------------------------------------------------------
     def models(self) -> list[ModelRoutes]:
@@ -240,12 +249,7 @@ class RoutingTable:
         return point
 
     def _pick_split(self, routes: ModelRoutes, routing_key: str) -> tuple[VersionInfo, Target]:
-        # Targets that do not resolve to a READY version get no traffic; the others share it by weight.
-        usable = []
-        for target in routes.split:
-            info = _target_version(routes, target)
-            if target.weight > 0 and info is not None and info.ready:
-                usable.append((info, target))
+        usable = usable_split(routes)
         if not usable:
             described = ", ".join(f"{t.describe()}={t.weight}" for t in routes.split)
             raise FailedPrecondition(f"model {routes.name!r}: no READY version in its traffic policy ({described})")
@@ -267,6 +271,21 @@ class RoutingTable:
         if self._draw(routes, routing_key, "shadow") >= shadow.fraction:
             return None
         return info
+
+
+def usable_split(routes: ModelRoutes) -> list[tuple[VersionInfo, Target]]:
+    """The traffic policy's targets that get traffic: those resolving to a READY version, by weight."""
+    usable = []
+    for target in routes.split:
+        info = _target_version(routes, target)
+        if target.weight > 0 and info is not None and info.ready:
+            usable.append((info, target))
+    return usable
+
+
+def ready_aliases(routes: ModelRoutes) -> dict[str, int]:
+    """Aliases that point at a READY version (the others give FAILED_PRECONDITION or NOT_FOUND)."""
+    return {alias: v for alias, v in routes.aliases.items() if v in routes.versions and routes.versions[v].ready}
 
 
 def _target_version(routes: ModelRoutes, target: Target) -> VersionInfo | None:

@@ -11,9 +11,12 @@ as given, so one static address costs what a single channel did.
 """
 from __future__ import annotations
 
+import logging
+
 from maas.v1 import router_pb2, router_pb2_grpc
 from services.router.config import RouterConfig
 from services.router.dataplane import Dataplane
+from services.router.fastpath import BINARY_NAME, FastPath, FastPathSettings
 from services.router.peers import TokenizerPeer, TritonPeer, VisionPeer
 from services.router.routing import RoutingTable
 from services.router.servicer import InferenceServicer, RouterServicer, add_inference_service
@@ -23,6 +26,8 @@ from services.shared.channels import open_channel
 from services.shared.discovery import ReplicaSource, StaticReplicas, create_replica_source
 from services.shared.replica_pool import ReplicaPool, triton_admission
 from services.shared.server import ServiceServer, build_server
+
+log = logging.getLogger(__name__)
 
 
 def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None) -> tuple[ServiceServer, int]:
@@ -47,6 +52,8 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
                 add_inference_service(InferenceServicer(plane, table, triton), server)]
 
     service, port = build_server(cfg.server, register)
+    if cfg.oip_fast_listen:
+        add_fast_path(service, port, cfg, table, pool)
     watcher.start()
     # Static replicas are known at once; a watcher reports its first set shortly after (until then
     # Triton calls get UNAVAILABLE "no triton replica is ready").
@@ -65,3 +72,20 @@ def admit_when_serving(table: RoutingTable):
     async def admit(address, channel) -> bool:
         return table.has_state and await serves_ready_versions(address, channel)
     return admit
+
+
+def add_fast_path(service: ServiceServer, port: int, cfg: RouterConfig, table: RoutingTable, pool: ReplicaPool) -> None:
+    """Run the compiled OIP data path beside this server; what it cannot settle comes to `port`."""
+    if not cfg.oip_fast_binary:
+        log.warning("%s not found: the compiled OIP data path is off (build it with `make fastpath`); "
+                    "the main port still serves the Open Inference Protocol", BINARY_NAME,
+                    extra={"oip_fast_listen": cfg.oip_fast_listen})
+        return
+    host = cfg.server.listen.rsplit(":", 1)[0]
+    local = "127.0.0.1" if host in ("", "0.0.0.0", "[::]", "::") else host
+    fast_path = FastPath(FastPathSettings(
+        binary=cfg.oip_fast_binary, listen=cfg.oip_fast_listen, fallback=f"{local}:{port}",
+        max_message_bytes=cfg.server.max_message_bytes, default_timeout=cfg.default_timeout,
+        grace=cfg.server.grace_seconds), table, pool)
+    service.on_start.append(fast_path.start)
+    service.on_drain.append(fast_path.stop)

@@ -74,6 +74,7 @@ class ReplicaPool:
         self._serving: list[Replica] = []  # admitted: calls go here
         self._pending: dict[str, asyncio.Task] = {}
         self._closing: set[asyncio.Task] = set()
+        self.listeners: list[Callable[[], None]] = []  # called when the serving set changes
 
     @property
     def addresses(self) -> frozenset[str]:
@@ -101,6 +102,7 @@ class ReplicaPool:
         self._serving.append(replica)
         POOL_REPLICAS.labels(self.name).set(len(self._serving))
         log.info("replica serving", extra={"pool": self.name, "address": replica.address})
+        self._changed()
 
     def _retire(self, replica: Replica) -> None:
         task = self._pending.pop(replica.address, None)
@@ -110,10 +112,15 @@ class ReplicaPool:
             self._serving.remove(replica)
             POOL_REPLICAS.labels(self.name).set(len(self._serving))
             log.info("replica left", extra={"pool": self.name, "address": replica.address})
+            self._changed()
         # Calls already on the channel get the grace period to finish.
         closing = asyncio.create_task(replica.channel.close(self._close_grace))
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     async def _admit_when_ready(self, replica: Replica) -> None:
         while True:

@@ -54,6 +54,8 @@ class ServiceServer:
     # and shutdown work run after in-flight RPCs are done. Callbacks may be sync or async.
     on_start: list[Callable[[], object]] = field(default_factory=list)
     on_stop: list[Callable[[], object]] = field(default_factory=list)
+    # Run while in-flight RPCs finish (e.g. stopping a companion process that serves another port).
+    on_drain: list[Callable[[], object]] = field(default_factory=list)
 
     async def start(self) -> None:
         await _run_callbacks(self.on_start)
@@ -64,7 +66,8 @@ class ServiceServer:
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING first (load balancers stop sending), then finish in-flight RPCs."""
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(self.settings.grace_seconds if grace is None else grace)
+        await asyncio.gather(self.grpc_server.stop(self.settings.grace_seconds if grace is None else grace),
+                             _run_callbacks(self.on_drain))
         await _run_callbacks(self.on_stop)
 
     async def wait(self) -> None:

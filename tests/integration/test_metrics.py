@@ -7,7 +7,6 @@ import re
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families

@@ -17,9 +17,10 @@ REPO_MODELS = __import__("pathlib").Path(__file__).resolve().parents[2] / "model
 TIMEOUT = 30
 
 
-@pytest.fixture(scope="module")
-def clients(mesh):
-    with grpcclient.InferenceServerClient(mesh.router_address) as routed, \
+@pytest.fixture(scope="module", params=["router", "router_oip"])
+def clients(mesh, request):
+    """(client of the router: its main port, then its compiled OIP data path; client of Triton)."""
+    with grpcclient.InferenceServerClient(mesh.addresses[request.param]) as routed, \
             grpcclient.InferenceServerClient(mesh.addresses["triton"]) as direct:
         yield routed, direct
 

@@ -12,7 +12,6 @@ import secrets
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np

@@ -29,7 +29,7 @@ class Changes:
 
     async def until(self, expected: set[str]) -> None:
         """Wait for `expected` (intermediate sets may come first: the watcher reports every change)."""
-        while (got := await self.next()) != expected:
+        while await self.next() != expected:
             pass
 
 

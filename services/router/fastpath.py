@@ -1,0 +1,185 @@
+"""The router's compiled OIP data path: maas-oip-fastpath, started, fed and watched from here.
+
+A Python grpc.aio hop costs ~0.7 ms per call here, more than the router may add to a Triton call;
+the compiled forwarder (services/router/native/oip_fastpath.cc) costs ~0.25 ms. It serves
+inference.GRPCInferenceService on its own port (--oip-fast-listen) and knows only what this module
+sends it: for each model, the versions a version-less, alias or numbered ModelInfer may go to,
+computed here from the routing table with routing.py's own rules. Every call those lines do not
+settle (unknown model, version not READY, a routing key, a shadow copy to take, metadata and
+readiness calls) it forwards to this router's main port, which answers as it always does.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from services.router.metrics import ROUTER_INFLIGHT
+from services.router.routing import ModelRoutes, RoutingTable, default_version, ready_aliases, usable_split
+from services.shared.errors import FailedPrecondition
+from services.shared.replica_pool import ReplicaPool
+from services.shared.telemetry import RPC_REQUESTS
+
+log = logging.getLogger(__name__)
+
+BINARY_NAME = "maas-oip-fastpath"
+# Built by `make fastpath` in a source checkout; installed on PATH in the container image.
+_SOURCE_BUILD = Path(__file__).resolve().parents[2] / "build" / "bin" / BINARY_NAME
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_SEPARATORS = ("\t", "\n", ",", "=", ":")
+
+
+def find_binary() -> str | None:
+    """The forwarder on PATH, else the source checkout's build; None when neither exists."""
+    found = shutil.which(BINARY_NAME)
+    if found:
+        return found
+    return str(_SOURCE_BUILD) if _SOURCE_BUILD.is_file() else None
+
+
+def model_line(routes: ModelRoutes) -> str | None:
+    """One model's line of a snapshot (see oip_fastpath.cc), or None when a name cannot be written
+    in the line format: the forwarder then sends that model's calls to the Python router."""
+    names = [routes.name, *routes.aliases]
+    if any(sep in name for name in names for sep in _SEPARATORS) or not routes.name:
+        return None
+    try:
+        default = default_version(routes)[0].version
+    except FailedPrecondition:
+        default = 0
+    if routes.split:
+        usable = usable_split(routes)
+        split = ",".join(f"{info.version}:{target.weight}" for info, target in usable) or "!"
+    else:
+        split = "-"
+    aliases = ",".join(f"{alias}={version}" for alias, version in sorted(ready_aliases(routes).items())) or "-"
+    ready = ",".join(map(str, routes.ready_versions())) or "-"
+    shadow = int(routes.shadow is not None and routes.shadow.fraction > 0)
+    return "\t".join(["model", routes.name, str(default), ready, split, aliases, str(shadow)])
+
+
+def snapshot(table: RoutingTable, replicas: Iterable[str]) -> str:
+    """The whole routing state as the forwarder reads it: replaced at once on "commit"."""
+    lines = ["begin", "replicas\t" + (",".join(sorted(replicas)) or "-")]
+    if table.has_state:
+        lines += [line for routes in table.models() if (line := model_line(routes)) is not None]
+    lines.append("commit")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class FastPathSettings:
+    binary: str
+    listen: str
+    fallback: str  # the router's own main address
+    max_message_bytes: int
+    default_timeout: float
+    grace: float
+    stats_interval: float = 1.0
+
+
+class FastPath:
+    """Runs the forwarder as a child process for as long as the router runs, restarting it if it dies.
+
+    Its stdin carries routing snapshots (sent again on every table or replica change); its stdout
+    reports its port, then request counts and in-flight calls, which land in this process's metrics.
+    Closing its stdin (also when this process dies) makes it drain and exit."""
+
+    def __init__(self, settings: FastPathSettings, table: RoutingTable, pool: ReplicaPool):
+        self.settings = settings
+        self.table, self.pool = table, pool
+        self.port: int | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task | None = None
+        self._stopping = False
+        self._reported_inflight = 0
+        self._listening: asyncio.Future | None = None
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start the forwarder; returns once it listens (raises RuntimeError if it cannot)."""
+        self.table.listeners.append(self.push)
+        self.pool.listeners.append(self.push)
+        self._listening = asyncio.get_running_loop().create_future()
+        self._supervisor = asyncio.create_task(self._supervise(), name="oip-fastpath")
+        try:
+            self.port = await asyncio.wait_for(asyncio.shield(self._listening), timeout)
+        except (asyncio.TimeoutError, RuntimeError) as exc:
+            await self.stop()
+            raise RuntimeError(f"{BINARY_NAME} did not start on {self.settings.listen}: {exc}") from None
+        log.info("oip fast path serving", extra={"listen": self.settings.listen, "port": self.port})
+
+    def push(self) -> None:
+        """Send the current routing state (called on every change; writes do not block)."""
+        process = self._process
+        if process is None or process.stdin is None or process.stdin.is_closing():
+            return
+        process.stdin.write(snapshot(self.table, self.pool.addresses).encode())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(ValueError):
+            self.table.listeners.remove(self.push)
+            self.pool.listeners.remove(self.push)
+        process = self._process
+        if process is not None and process.returncode is None:
+            if process.stdin is not None:
+                process.stdin.close()  # the forwarder drains its calls and exits
+            try:
+                await asyncio.wait_for(process.wait(), self.settings.grace + 2)
+            except asyncio.TimeoutError:
+                process.kill()
+                await process.wait()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        self._report_inflight(0)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _command(self) -> list[str]:
+        s = self.settings
+        return [s.binary, "--listen", s.listen, "--fallback", s.fallback, "--max-message-bytes",
+                str(s.max_message_bytes), "--default-timeout", str(s.default_timeout), "--grace", str(s.grace),
+                "--stats-interval", str(s.stats_interval)]
+
+    async def _supervise(self) -> None:
+        backoff = 0.5
+        while not self._stopping:
+            self._process = await asyncio.create_subprocess_exec(
+                *self._command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            self.push()
+            await self._read_reports(self._process)
+            code = await self._process.wait()
+            self._report_inflight(0)
+            if self._stopping:
+                return
+            if self._listening is not None and not self._listening.done():
+                self._listening.set_exception(RuntimeError(f"exited with code {code}"))
+                return
+            log.error("oip fast path exited; restarting", extra={"code": code, "backoff_seconds": backoff})
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def _read_reports(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        async for raw in process.stdout:
+            fields = raw.decode(errors="replace").rstrip("\n").split("\t")
+            if fields[0] == "listening" and self._listening is not None and not self._listening.done():
+                self._listening.set_result(int(fields[1]))
+            elif fields[0] == "stats" and len(fields) == 2:
+                self._report_inflight(int(fields[1]))
+            elif fields[0] == "requests" and len(fields) == 5:
+                model, version, code, count = fields[1:]
+                RPC_REQUESTS.labels("router", "ModelInfer", model, version,
+                                    _CODE_NAMES.get(int(code), code)).inc(int(count))
+
+    def _report_inflight(self, inflight: int) -> None:
+        """The forwarder's calls join the router's in-flight gauge (what the HPA scales on)."""
+        ROUTER_INFLIGHT.inc(inflight - self._reported_inflight)
+        self._reported_inflight = inflight

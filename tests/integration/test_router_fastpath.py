@@ -1,0 +1,122 @@
+"""The router's compiled OIP data path (maas-oip-fastpath) in the real mesh: an unmodified
+tritonclient on the router's fast port gets Triton's answers, the traffic policy holds, and what
+the forwarder cannot settle is answered by the Python router exactly as on the main port."""
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from maas.registry_client import parse_target
+from services.router.fastpath import find_binary
+from tests.fixtures.mesh import register_tiny
+from tests.integration.test_router_traffic import wait_for
+
+TIMEOUT = 30
+X = np.ones((1, 4), np.float32)
+
+
+@pytest.fixture(scope="module")
+def fast(mesh):
+    with grpcclient.InferenceServerClient(mesh.addresses["router_oip"]) as client:
+        yield client
+
+
+def tiny_input(x: np.ndarray = X) -> list[grpcclient.InferInput]:
+    inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return [inp]
+
+
+def answer(client, model: str, version: str = "", headers=None) -> tuple[str, float]:
+    """(version that answered, the scale it applied: y = x * scale)."""
+    result = client.infer(model, tiny_input(), model_version=version, client_timeout=TIMEOUT, headers=headers)
+    return result.get_response().model_version, float(result.as_numpy("y")[0, 0])
+
+
+def status_of(call) -> tuple[grpc.StatusCode | str, str]:
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    return caught.value.status(), caught.value.message()
+
+
+def test_the_binary_was_built():
+    assert find_binary(), "build/bin/maas-oip-fastpath is missing: `make fastpath`"
+
+
+def test_canary_split_explicit_versions_and_aliases(mesh, mesh_registry, fast, tmp_path):
+    v1 = register_tiny(mesh_registry, "fast_tiny", tmp_path, scale=1.0)
+    v2 = register_tiny(mesh_registry, "fast_tiny", tmp_path, scale=2.0)
+    mesh_registry.set_alias("fast_tiny", "production", v1)
+    mesh_registry.set_alias("fast_tiny", "candidate", v2)
+    mesh_registry.set_traffic("fast_tiny", [parse_target("production", 90), parse_target(str(v2), 10)])
+    wait_for(lambda: {answer(fast, "fast_tiny")[0] for _ in range(30)} == {str(v1), str(v2)}, "the canary policy")
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: answer(fast, "fast_tiny"), range(2000)))
+    versions = Counter(version for version, _ in answers)
+    assert 0.07 <= versions[str(v2)] / len(answers) <= 0.13, versions
+    assert all(scale == {str(v1): 1.0, str(v2): 2.0}[version] for version, scale in answers)
+
+    assert answer(fast, "fast_tiny", str(v2)) == (str(v2), 2.0)  # explicit version beats the policy
+    assert answer(fast, "fast_tiny", "candidate") == (str(v2), 2.0)  # an alias as model_version
+    # A routing key goes to the Python router, which keeps each key on one version.
+    keyed = {key: {answer(fast, "fast_tiny", headers={"x-maas-routing-key": key})[0] for _ in range(3)}
+             for key in (f"user-{i}" for i in range(40))}
+    assert all(len(seen) == 1 for seen in keyed.values()) and len(set().union(*keyed.values())) == 2
+
+
+def test_what_the_forwarder_cannot_settle_is_answered_like_the_main_port(mesh, mesh_registry, fast, tmp_path):
+    register_tiny(mesh_registry, "fast_errors", tmp_path, scale=3.0)
+    wait_for(lambda: fast.is_model_ready("fast_errors"), "fast_errors routable")
+    with grpcclient.InferenceServerClient(mesh.router_address) as main:
+        for version in ("", "77", "no_such_alias"):
+            model = "no_such_model" if not version else "fast_errors"
+            on_fast = status_of(lambda: fast.infer(model, tiny_input(), model_version=version, client_timeout=TIMEOUT))
+            on_main = status_of(lambda: main.infer(model, tiny_input(), model_version=version, client_timeout=TIMEOUT))
+            assert on_fast == on_main and on_fast[0] == "StatusCode.NOT_FOUND", (on_fast, on_main)
+        # Readiness and metadata are forwarded to the Python router too.
+        assert fast.is_server_ready() and fast.is_model_ready("fast_errors") and not fast.is_model_ready("fast_errors", "77")
+        assert fast.get_model_metadata("fast_errors", as_json=True)["inputs"][0]["name"] == "x"
+    # Bad tensors are Triton's to refuse, with its own status, through the fast path.
+    code, message = status_of(lambda: fast.infer("fast_errors", tiny_input(np.ones((1, 5), np.float32)),
+                                                 client_timeout=TIMEOUT))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "x" in message
+
+
+def test_fast_path_calls_reach_the_router_metrics(mesh, fast, mesh_registry, tmp_path):
+    register_tiny(mesh_registry, "fast_metrics", tmp_path, scale=1.0)
+    wait_for(lambda: fast.is_model_ready("fast_metrics"), "fast_metrics routable")
+    for _ in range(5):
+        answer(fast, "fast_metrics")
+
+    def counted() -> bool:
+        with urllib.request.urlopen(f"http://{mesh.addresses['router_metrics']}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return any(line.startswith("maas_rpc_server_requests_total{") and 'method="ModelInfer"' in line
+                   and 'model="fast_metrics"' in line and 'code="OK"' in line and float(line.split()[-1]) >= 5
+                   for line in text.splitlines())
+    wait_for(counted, "fast path request counts in the router's metrics", timeout=10)
+
+
+def test_the_forwarder_exits_when_its_router_goes_away(tmp_path):
+    """Its stdin is the router's pipe: when the router dies, however it dies, the forwarder stops."""
+    process = subprocess.Popen([find_binary(), "--listen", "127.0.0.1:0", "--fallback", "127.0.0.1:1"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith("listening\t")
+        process.stdin.close()
+        started = time.monotonic()
+        assert process.wait(timeout=10) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        process.kill()
+        process.wait()
