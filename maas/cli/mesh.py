@@ -237,6 +237,8 @@ def up(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS
        model_repository: Path = typer.Option(Path("model_repository"), "--model-repository",
                                              envvar="MAAS_MODEL_REPOSITORY", help="source models registered on first start"),
        router_port: int = typer.Option(50051, envvar="MAAS_ROUTER_PORT"),
+       router_oip_port: int = typer.Option(50055, envvar="MAAS_ROUTER_OIP_PORT",
+                                           help="the router's compiled Open Inference Protocol data path"),
        registry_port: int = typer.Option(50052, envvar="MAAS_REGISTRY_PORT"),
        tokenizer_port: int = typer.Option(50053, envvar="MAAS_TOKENIZER_PORT"),
        vision_port: int = typer.Option(50054, envvar="MAAS_VISION_PORT"),
@@ -249,7 +251,7 @@ def up(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS
     from maas.local.mesh import MeshConfig
 
     config = MeshConfig(source_repository=model_repository, state_dir=state_dir, ports=_ports(
-        free_ports, router=router_port, registry=registry_port, tokenizer=tokenizer_port, vision=vision_port,
+        free_ports, router=router_port, router_oip=router_oip_port, registry=registry_port, tokenizer=tokenizer_port, vision=vision_port,
         triton_grpc=triton_grpc_port, triton_http=triton_http_port, triton_metrics=triton_metrics_port))
     try:
         with _running_mesh(config) as mesh:

@@ -22,6 +22,7 @@ K8S_VERSION = "1.30.0"
 CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 GPU_SCENARIOS = [None, "gpu-production-values.yaml"]
 PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054}
+OIP_FAST_PORT = 50055  # router.oipFastPath.port default
 ids = [s or "defaults" for s in SCENARIOS]
 
 
@@ -343,6 +344,56 @@ def test_network_policies():
         assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
 
 
+def test_router_oip_fast_path_ports_and_env():
+    docs = cr.render()
+    router = cr.container(docs, "router")
+    assert {"name": "oip-fast", "containerPort": OIP_FAST_PORT, "protocol": "TCP"} in router["ports"]
+    assert cr.env(router)["MAAS_ROUTER_OIP_FAST_LISTEN"]["value"] == f"0.0.0.0:{OIP_FAST_PORT}"
+    # Probes stay on the main port, which serves health and the same protocol.
+    assert router["readinessProbe"]["grpc"] == {"port": PORTS["router"]}
+    ports = {p["name"]: p for p in cr.by_name(docs, "Service")[name("router")]["spec"]["ports"]}
+    assert ports["oip-fast"] == {"name": "oip-fast", "port": OIP_FAST_PORT, "targetPort": "oip-fast",
+                                 "protocol": "TCP", "appProtocol": "grpc"}
+    assert ports["grpc"]["port"] == PORTS["router"]
+    # Only the router has it.
+    for svc in SERVICES[1:]:
+        assert "MAAS_ROUTER_OIP_FAST_LISTEN" not in cr.env(cr.container(docs, svc)), svc
+        assert "oip-fast" not in {p["name"] for p in cr.container(docs, svc)["ports"]}, svc
+    # Admitted exactly like the gRPC port: the same rule (default: any source).
+    policy = _policies(docs)["router"]
+    assert _rule_for(policy, OIP_FAST_PORT) == _rule_for(policy, PORTS["router"])
+    assert "from" not in _rule_for(policy, OIP_FAST_PORT)
+
+
+def test_router_oip_fast_path_port_follows_values_and_router_ingress():
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}
+    docs = cr.render(None, "router.oipFastPath.port=8443",
+                     "networkPolicy.routerIngressFrom[0].namespaceSelector.matchLabels"
+                     ".kubernetes\\.io/metadata\\.name=gateway")
+    router = cr.container(docs, "router")
+    assert {"name": "oip-fast", "containerPort": 8443, "protocol": "TCP"} in router["ports"]
+    assert cr.env(router)["MAAS_ROUTER_OIP_FAST_LISTEN"]["value"] == "0.0.0.0:8443"
+    ports = {p["name"]: p["port"] for p in cr.by_name(docs, "Service")[name("router")]["spec"]["ports"]}
+    assert ports["oip-fast"] == 8443
+    policy = _policies(docs)["router"]
+    for port in (PORTS["router"], 8443):
+        assert _rule_for(policy, port)["from"] == [peer], port
+    assert not [r for r in policy["spec"]["ingress"] if {"port": OIP_FAST_PORT, "protocol": "TCP"} in r["ports"]]
+
+
+def test_router_oip_fast_path_can_be_disabled():
+    docs = cr.render(None, "router.oipFastPath.enabled=false")
+    router = cr.container(docs, "router")
+    assert cr.env(router)["MAAS_ROUTER_OIP_FAST_LISTEN"]["value"] == "off"
+    assert {p["name"] for p in router["ports"]} == {"grpc", "metrics"}
+    service = cr.by_name(docs, "Service")[name("router")]
+    assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}
+    (grpc_rule,) = [r for r in _policies(docs)["router"]["spec"]["ingress"]
+                    if {"port": PORTS["router"], "protocol": "TCP"} in r["ports"]]
+    assert grpc_rule["ports"] == [{"port": PORTS["router"], "protocol": "TCP"}]
+    assert str(OIP_FAST_PORT) not in json.dumps([d for d in docs if d["kind"] != "Secret"])  # random token
+
+
 def test_network_policies_can_be_disabled():
     assert not cr.kind(cr.render(None, "networkPolicy.enabled=false"), "NetworkPolicy")
 
@@ -441,6 +492,12 @@ def test_grafana_dashboard_configmap():
     (("modelRepository.type=nfs",), "/modelRepository/type"),
     (("triton.image.pullPolicy=Sometimes",), "/triton/image/pullPolicy"),
     (("modelRepository.objectStore.url=http://bucket",), "/modelRepository/objectStore/url"),
+    (("router.oipFastPath.port=0",), "/router/oipFastPath/port"),
+    (("router.oipFastPath.port=70000",), "/router/oipFastPath/port"),
+    (("router.oipFastPath.port=50051",), "/router/oipFastPath/port"),  # the router's gRPC port
+    (("router.oipFastPath.port=9090",), "/router/oipFastPath/port"),  # its metrics port
+    (("router.oipFastPath.enabled=yes",), "/router/oipFastPath/enabled"),
+    (("router.oipFastPath.listen=0.0.0.0:1",), "listen"),
 ])
 def test_invalid_values_fail_naming_the_field(sets, field):
     proc = cr.template(None, *sets)

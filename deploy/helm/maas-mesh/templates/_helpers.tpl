@@ -227,7 +227,7 @@ Besides root/name, callers pass:
               MAAS_TRITON_DISCOVERY/MAAS_TRITON_SERVICE (every Triton replica)
   writable    true to mount the model repository read-write (registry only)
   strategy    Deployment strategy (dict); default rolling with no unavailable pod
-  extraEnv, extraMounts, extraVolumes   YAML strings
+  extraPorts, extraEnv, extraMounts, extraVolumes   YAML strings
 Every service gets the model repository (MAAS_MODEL_REPOSITORY): tokenizer.json,
 preprocess.json and labels live next to the models.
 */}}
@@ -261,6 +261,9 @@ spec:
           ports:
             - {name: grpc, containerPort: {{ include "maas-mesh.port" . }}, protocol: TCP}
             - {name: metrics, containerPort: 9090, protocol: TCP}
+            {{- with .extraPorts }}
+            {{- . | nindent 12 }}
+            {{- end }}
           env:
             {{- include "maas-mesh.commonEnv" . | nindent 12 }}
             - name: MAAS_MODEL_REPOSITORY
@@ -301,7 +304,7 @@ spec:
         {{- end }}
 {{- end -}}
 
-{{/* gRPC + metrics Service for a MaaS service. */}}
+{{/* gRPC + metrics Service for a MaaS service; "extraPorts" (YAML string) adds ServicePorts. */}}
 {{- define "maas-mesh.service" -}}
 {{- $c := index .root.Values .name -}}
 apiVersion: v1
@@ -322,6 +325,9 @@ spec:
   ports:
     - {name: grpc, port: {{ include "maas-mesh.port" . }}, targetPort: grpc, protocol: TCP, appProtocol: grpc}
     - {name: metrics, port: 9090, targetPort: metrics, protocol: TCP}
+    {{- with .extraPorts }}
+    {{- . | nindent 4 }}
+    {{- end }}
 {{- end -}}
 
 {{/* The lower bound of replicas the component will run with. */}}
@@ -501,4 +507,35 @@ envFrom:
 - podSelector:
     matchLabels:
       {{- include "maas-mesh.selectorLabels" . | nindent 6 }}
+{{- end -}}
+
+{{/*
+Router's compiled Open Inference Protocol data path (maas-oip-fastpath, a child process of the
+router): inference.GRPCInferenceService on its own port, beside the router's main gRPC port.
+Takes the root context.
+*/}}
+{{- define "maas-mesh.router.oipFastPort" -}}
+{{- int .Values.router.oipFastPath.port -}}
+{{- end -}}
+
+{{/* MAAS_ROUTER_OIP_FAST_LISTEN: 0.0.0.0:<port>, or "off" so the router starts no fast path. */}}
+{{- define "maas-mesh.router.oipFastEnv" -}}
+- name: MAAS_ROUTER_OIP_FAST_LISTEN
+  {{- if .Values.router.oipFastPath.enabled }}
+  value: "0.0.0.0:{{ include "maas-mesh.router.oipFastPort" . }}"
+  {{- else }}
+  value: "off"
+  {{- end }}
+{{- end -}}
+
+{{- define "maas-mesh.router.oipFastContainerPort" -}}
+{{- if .Values.router.oipFastPath.enabled -}}
+- {name: oip-fast, containerPort: {{ include "maas-mesh.router.oipFastPort" . }}, protocol: TCP}
+{{- end -}}
+{{- end -}}
+
+{{- define "maas-mesh.router.oipFastServicePort" -}}
+{{- if .Values.router.oipFastPath.enabled -}}
+- {name: oip-fast, port: {{ include "maas-mesh.router.oipFastPort" . }}, targetPort: oip-fast, protocol: TCP, appProtocol: grpc}
+{{- end -}}
 {{- end -}}
