@@ -1,10 +1,12 @@
 """Tokenizer gRPC servicer: protobuf ⇄ domain types only; the work is in dataplane.py."""
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from maas.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from services.shared.errors import InvalidArgument
+from services.shared.errors import InvalidArgument, status_for
 from services.shared.tensors import to_proto
 from services.tokenizer.dataplane import TokenizerDataplane
 from services.tokenizer.tokenization import Padding, TokenizedBatch, TokenizeOptions
@@ -21,6 +23,34 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         self.dataplane = dataplane
 
     async def Tokenize(self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):
+        return _fill(tokenizer_pb2.TokenizeResponse(), await self._tokenize(request))
+
+    async def TokenizeStream(self, requests: AsyncIterator[tokenizer_pb2.TokenizeRequest],
+                             context: grpc.aio.ServicerContext):
+        # One request at a time, in arrival order: responses must come back in request order, and
+        # running a stream's batches side by side would gain nothing, as every batch already queues
+        # for tokenizers' one shared thread pool. Flow control holds back a caller that sends faster.
+        # Async iteration measured as fast as context.read()/write(), and it is the handler shape the
+        # shared interceptor wraps (an async generator).
+        async for request in requests:
+            yield await self._answer(request)
+
+    async def _answer(self, request: tokenizer_pb2.TokenizeRequest) -> tokenizer_pb2.TokenizeStreamResponse:
+        """One request's answer on a stream: its tensors, or the status Tokenize would have failed with."""
+        answer = tokenizer_pb2.TokenizeStreamResponse()
+        try:
+            batch = await self._tokenize(request)
+        except Exception as exc:
+            status = status_for(exc)
+            if status is None:
+                raise  # a bug ends the stream: the interceptor logs it and returns INTERNAL with an incident id
+            code, answer.error.message = status
+            answer.error.code = code.value[0]
+            return answer
+        _fill(answer.response, batch)  # filled in place: no copy of the tensor bytes
+        return answer
+
+    async def _tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> TokenizedBatch:
         padding = _PADDING.get(request.padding)
         if padding is None:
             raise InvalidArgument(f"padding {request.padding} is not a known Padding value")
@@ -28,8 +58,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             padding=padding, max_length=request.max_length,
             return_offsets=request.return_offsets, return_tokens=request.return_tokens,
         )
-        batch = await self.dataplane.tokenize(request.tokenizer, list(request.texts), options, request.ByteSize())
-        return _response(batch)
+        return await self.dataplane.tokenize(request.tokenizer, list(request.texts), options, request.ByteSize())
 
     async def ListTokenizers(self, request, context):
         return tokenizer_pb2.ListTokenizersResponse(
@@ -42,10 +71,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         )
 
 
-def _response(batch: TokenizedBatch) -> tokenizer_pb2.TokenizeResponse:
-    response = tokenizer_pb2.TokenizeResponse(
-        tensors=[to_proto(name, array) for name, array in batch.tensors.items()], tokenizer=batch.tokenizer,
-    )
+def _fill(response: tokenizer_pb2.TokenizeResponse, batch: TokenizedBatch) -> tokenizer_pb2.TokenizeResponse:
+    """Writes `batch` into `response` (a new message, or the field of a stream's answer) and returns it."""
+    response.tensors.extend(to_proto(name, array) for name, array in batch.tensors.items())
+    response.tokenizer = batch.tokenizer
     for details in batch.items:
         item = response.items.add(length=details.length, truncated=details.truncated,
                                   original_length=details.original_length)
