@@ -120,3 +120,33 @@ def test_the_forwarder_exits_when_its_router_goes_away(tmp_path):
     finally:
         process.kill()
         process.wait()
+
+
+async def test_deadline_and_cancellation_reach_triton_through_the_forwarder():
+    """The in-process router of tests/unit/test_router_service.py (fake Triton whose "slow" model
+    notices cancellation), with its compiled data path started."""
+    import asyncio
+
+    import tritonclient.grpc.aio as triton_aio
+
+    from maas.local.processes import free_ports
+    from tests.unit.test_router_service import Mesh
+
+    fast_address = f"127.0.0.1:{free_ports(1)[0]}"
+    mesh = await Mesh().start(oip_fast_listen=fast_address, oip_fast_binary=find_binary())
+    try:
+        await mesh.synced()
+        client = triton_aio.InferenceServerClient(fast_address)
+        inp = grpcclient.InferInput("x", [1, 4], "FP32")
+        inp.set_data_from_numpy(X)
+        response = await client.infer("tiny", [inp], model_version="canary", client_timeout=5)
+        assert response.get_response().model_version == "2"  # the alias, resolved by the forwarder
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException) as err:
+            await client.infer("slow", [inp], client_timeout=0.3)
+        assert "DEADLINE_EXCEEDED" in str(err.value.status()) and time.monotonic() - started < 1.5
+        await asyncio.wait_for(mesh.triton.cancelled.wait(), 2)  # Triton saw the call end too
+        assert mesh.triton.calls[-1][:2] == ("slow", "1")  # sent by the forwarder, version from the table
+        await client.close()
+    finally:
+        await mesh.stop()

@@ -164,7 +164,8 @@ async def start(add, servicer) -> tuple[grpc.aio.Server, str]:
 class Mesh:
     """Fake peers + the real router, all in this event loop."""
 
-    async def start(self, registry_address: str | None = None):
+    async def start(self, registry_address: str | None = None, oip_fast_listen: str = "", oip_fast_binary: str = ""):
+        """oip_fast_listen/binary: also run the router's compiled OIP data path (a process: integration tests)."""
         self.registry, self.tokenizer, self.vision, self.triton = FakeRegistry(), FakeTokenizer(), FakeVision(), FakeTriton()
         self.servers = {}
         for name, add, servicer in (
@@ -179,6 +180,7 @@ class Mesh:
             registry=registry_address or self.servers["registry"][1], tokenizer=self.servers["tokenizer"][1],
             vision=self.servers["vision"][1], triton=self.servers["triton"][1],
             default_timeout=5.0, shadow_report_interval=0.05,
+            oip_fast_listen=oip_fast_listen, oip_fast_binary=oip_fast_binary,
         )
         self.router, port = create_server(cfg)
         await self.router.start()
