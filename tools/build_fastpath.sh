@@ -12,6 +12,7 @@ DEB_PACKAGES=(g++ pkg-config libgrpc++-dev)
 if ! pkg-config --exists 'grpc++ >= 1.51' 2>/dev/null || ! command -v g++ >/dev/null; then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     echo "installing ${DEB_PACKAGES[*]} (Debian packages) for the OIP fast path"
+    export DEBIAN_FRONTEND=noninteractive
     apt-get install -y --no-install-recommends -qq "${DEB_PACKAGES[@]}" >/dev/null ||
       { apt-get update -qq && apt-get install -y --no-install-recommends -qq "${DEB_PACKAGES[@]}" >/dev/null; }
   else
