@@ -262,7 +262,8 @@ def up(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS
                         demo_requests(client, {})
                     except StepFailed as exc:
                         _fail(str(exc))
-            console.print(f"[green]serving[/] — try: maas embed 'hello world' --router {mesh.router_address}   "
+            console.print(f"[green]serving[/] — try: maas embed 'hello world' --router {mesh.router_address}, or "
+                          f"tritonclient at {mesh.addresses['router_oip']} (the router's OIP fast path)   "
                           f"(Ctrl-C stops everything)")
             while True:
                 time.sleep(1)
