@@ -24,7 +24,7 @@ from services.router.metrics import ROUTER_INFLIGHT
 from services.router.routing import ModelRoutes, RoutingTable, default_version, ready_aliases, usable_split
 from services.shared.errors import FailedPrecondition
 from services.shared.replica_pool import ReplicaPool
-from services.shared.telemetry import RPC_REQUESTS
+from services.shared.telemetry import RPC_DURATION, RPC_REQUESTS
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,19 @@ def snapshot(table: RoutingTable, replicas: Iterable[str]) -> str:
         lines += [line for routes in table.models() if (line := model_line(routes)) is not None]
     lines.append("commit")
     return "\n".join(lines) + "\n"
+
+
+def add_to_histogram(child, bucket_counts: list[int], seconds: float) -> None:
+    """Adds observations counted elsewhere (per bucket, not cumulative) to a prometheus_client
+    histogram child. The library has no bulk observe: this touches its per-bucket values, which
+    tests/unit/test_router_fastpath.py checks against what observe() would have exported."""
+    buckets = child._buckets  # noqa: SLF001 - see above
+    if len(bucket_counts) != len(buckets):
+        raise ValueError(f"{len(bucket_counts)} bucket counts for a histogram of {len(buckets)} buckets")
+    for bucket, count in zip(buckets, bucket_counts):
+        if count:
+            bucket.inc(count)
+    child._sum.inc(seconds)  # noqa: SLF001
 
 
 @dataclass(frozen=True)
@@ -146,7 +159,8 @@ class FastPath:
         s = self.settings
         return [s.binary, "--listen", s.listen, "--fallback", s.fallback, "--max-message-bytes",
                 str(s.max_message_bytes), "--default-timeout", str(s.default_timeout), "--grace", str(s.grace),
-                "--stats-interval", str(s.stats_interval)]
+                "--stats-interval", str(s.stats_interval),
+                "--duration-buckets", ",".join(map(str, RPC_DURATION._upper_bounds[:-1]))]  # +Inf is implied
 
     async def _supervise(self) -> None:
         backoff = 0.5
@@ -178,6 +192,9 @@ class FastPath:
                 model, version, code, count = fields[1:]
                 RPC_REQUESTS.labels("router", "ModelInfer", model, version,
                                     _CODE_NAMES.get(int(code), code)).inc(int(count))
+            elif fields[0] == "durations" and len(fields) == 3:
+                add_to_histogram(RPC_DURATION.labels("router", "ModelInfer"),
+                                 [int(n) for n in fields[1].split(",")], float(fields[2]))
 
     def _report_inflight(self, inflight: int) -> None:
         """The forwarder's calls join the router's in-flight gauge (what the HPA scales on)."""

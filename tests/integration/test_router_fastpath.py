@@ -84,7 +84,8 @@ def test_what_the_forwarder_cannot_settle_is_answered_like_the_main_port(mesh, m
             on_main = status_of(lambda: main.infer(model, tiny_input(), model_version=version, client_timeout=TIMEOUT))
             assert on_fast == on_main and on_fast[0] == "StatusCode.NOT_FOUND", (on_fast, on_main)
         # Readiness and metadata are forwarded to the Python router too.
-        assert fast.is_server_ready() and fast.is_model_ready("fast_errors") and not fast.is_model_ready("fast_errors", "77")
+        assert fast.is_server_ready() and fast.is_model_ready("fast_errors")
+        assert not fast.is_model_ready("fast_errors", "77")
         assert fast.get_model_metadata("fast_errors", as_json=True)["inputs"][0]["name"] == "x"
     # Bad tensors are Triton's to refuse, with its own status, through the fast path.
     code, message = status_of(lambda: fast.infer("fast_errors", tiny_input(np.ones((1, 5), np.float32)),
@@ -95,16 +96,20 @@ def test_what_the_forwarder_cannot_settle_is_answered_like_the_main_port(mesh, m
 def test_fast_path_calls_reach_the_router_metrics(mesh, fast, mesh_registry, tmp_path):
     register_tiny(mesh_registry, "fast_metrics", tmp_path, scale=1.0)
     wait_for(lambda: fast.is_model_ready("fast_metrics"), "fast_metrics routable")
+
+    def metric(prefix: str, *labels: str) -> float:
+        with urllib.request.urlopen(f"http://{mesh.addresses['router_metrics']}/metrics", timeout=5) as response:
+            lines = response.read().decode().splitlines()
+        return sum(float(line.split()[-1]) for line in lines
+                   if line.startswith(prefix + "{") and all(label in line for label in labels))
+
+    timed = ("maas_rpc_server_duration_seconds_count", 'service="router"', 'method="ModelInfer"')
+    timed_before = metric(*timed)
     for _ in range(5):
         answer(fast, "fast_metrics")
-
-    def counted() -> bool:
-        with urllib.request.urlopen(f"http://{mesh.addresses['router_metrics']}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        return any(line.startswith("maas_rpc_server_requests_total{") and 'method="ModelInfer"' in line
-                   and 'model="fast_metrics"' in line and 'code="OK"' in line and float(line.split()[-1]) >= 5
-                   for line in text.splitlines())
-    wait_for(counted, "fast path request counts in the router's metrics", timeout=10)
+    wait_for(lambda: metric("maas_rpc_server_requests_total", 'method="ModelInfer"', 'model="fast_metrics"',
+                            'code="OK"') >= 5 and metric(*timed) >= timed_before + 5,
+             "fast path request counts and durations in the router's metrics", timeout=10)
 
 
 def test_the_forwarder_exits_when_its_router_goes_away(tmp_path):

@@ -57,3 +57,22 @@ def test_the_fast_path_is_configured_by_flag_or_env(monkeypatch, tmp_path):
 def test_a_named_binary_that_is_missing_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="--oip-fast-binary"):
         load_config(["--oip-fast-binary", str(tmp_path / "missing")])
+
+
+def test_durations_counted_by_the_forwarder_export_like_observed_ones():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from services.router.fastpath import add_to_histogram
+
+    registry = CollectorRegistry()
+    histogram = Histogram("d", "d", ["path"], buckets=(0.001, 0.01, 0.1), registry=registry)
+    seconds = [0.0005, 0.001, 0.004, 0.004, 0.05, 2.0]
+    for value in seconds:
+        histogram.labels("observed").observe(value)
+    add_to_histogram(histogram.labels("added"), [2, 2, 1, 1], sum(seconds))  # per bucket, +Inf last
+    exported = generate_latest(registry).decode().splitlines()
+
+    def series(path: str) -> list[str]:  # without the creation timestamps, which differ
+        label = f'path="{path}"'
+        return sorted(line.replace(label, "") for line in exported if label in line and "_created" not in line)
+    assert series("observed") == series("added") and any("d_bucket{" in line for line in series("added"))

@@ -15,12 +15,15 @@
 //         <shadow 0|1>          ("!" = a traffic policy with no usable target: the Python router answers)
 //   commit
 // stdout: "listening <port>" once, then every --stats-interval seconds
-//   stats <inflight> and "requests <model> <version> <grpc code> <count since last report>" lines.
+//   stats <inflight> and "requests <model> <version> <grpc code> <count since last report>" lines,
+//   and "durations <count per --duration-buckets bucket, then +Inf, comma-separated> <seconds>" (since
+//   the last report) of the calls it sent to Triton (the Python router times the ones it answers).
 // stdin closing (the router exited) or SIGTERM/SIGINT: stop accepting, let calls finish, exit.
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -164,11 +167,13 @@ struct Options {
   std::string listen, fallback;
   int max_message_bytes = 64 << 20;
   double default_timeout = 30.0, stats_interval = 1.0, grace = 5.0;
+  std::vector<double> duration_buckets;  // upper bounds, ascending (the router's latency histogram's)
 };
 
 class Forwarder {
  public:
-  explicit Forwarder(const Options& options) : options_(options), table_(std::make_shared<Table>()) {
+  explicit Forwarder(const Options& options)
+      : options_(options), table_(std::make_shared<Table>()), durations_(options.duration_buckets.size() + 1, 0) {
     fallback_ = std::make_unique<grpc::GenericStub>(Connect(options.fallback));
     sequence_rng_.seed(std::random_device{}());
   }
@@ -220,20 +225,33 @@ class Forwarder {
     return replica_stubs_[next_replica_++ % replica_stubs_.size()];
   }
 
-  void Count(const std::string& model, const std::string& version, grpc::StatusCode code) {
+  void Count(const std::string& model, const std::string& version, grpc::StatusCode code, double seconds) {
+    const std::vector<double>& bounds = options_.duration_buckets;
+    size_t bucket = std::lower_bound(bounds.begin(), bounds.end(), seconds) - bounds.begin();  // first bound >= seconds
     std::lock_guard<std::mutex> lock(stats_mutex_);
     ++counts_[model + "\t" + version + "\t" + std::to_string(static_cast<int>(code))];
+    ++durations_[bucket];
+    duration_sum_ += seconds;
   }
 
   void ReportStats() {
     std::map<std::string, long> counts;
+    std::vector<long> durations(durations_.size(), 0);
+    double duration_sum = 0;
     {
       std::lock_guard<std::mutex> lock(stats_mutex_);
       counts.swap(counts_);
+      durations.swap(durations_);
+      std::swap(duration_sum, duration_sum_);
     }
     std::ostringstream out;
     out << "stats\t" << inflight.load() << "\n";
     for (const auto& [key, count] : counts) out << "requests\t" << key << "\t" << count << "\n";
+    if (!counts.empty()) {
+      out << "durations\t";
+      for (size_t i = 0; i < durations.size(); ++i) out << (i ? "," : "") << durations[i];
+      out << "\t" << duration_sum << "\n";
+    }
     std::cout << out.str() << std::flush;
   }
 
@@ -272,6 +290,8 @@ class Forwarder {
   std::unordered_map<std::string, double> sequence_;
   std::mt19937_64 sequence_rng_;
   std::map<std::string, long> counts_;
+  std::vector<long> durations_;
+  double duration_sum_ = 0;
 };
 
 bool ForwardedHeader(const grpc::string_ref& key) {
@@ -285,7 +305,8 @@ bool ForwardedHeader(const grpc::string_ref& key) {
 // One call: read the request, send it on (to Triton or the Python router), write back what came.
 class Call : public grpc::ServerGenericBidiReactor {
  public:
-  Call(grpc::GenericCallbackServerContext* context, Forwarder* forwarder) : context_(context), forwarder_(forwarder) {
+  Call(grpc::GenericCallbackServerContext* context, Forwarder* forwarder)
+      : context_(context), forwarder_(forwarder), started_(std::chrono::steady_clock::now()) {
     ++forwarder_->inflight;
     for (const char* method : kStreamingMethods) {
       if (context_->method() == method) {
@@ -343,7 +364,10 @@ class Call : public grpc::ServerGenericBidiReactor {
 
  private:
   void Done(const grpc::Status& status) {
-    if (replica_) forwarder_->Count(model_, version_, status.error_code());
+    if (replica_) {
+      std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - started_;
+      forwarder_->Count(model_, version_, status.error_code(), elapsed.count());
+    }
     if (status.ok()) StartWriteAndFinish(&response_, grpc::WriteOptions(), status);
     else Finish(status);
   }
@@ -352,6 +376,7 @@ class Call : public grpc::ServerGenericBidiReactor {
   Forwarder* forwarder_;
   std::unique_ptr<grpc::ClientContext> upstream_;
   std::shared_ptr<grpc::GenericStub> replica_;
+  std::chrono::steady_clock::time_point started_;
   std::string model_, version_;
   grpc::ByteBuffer request_, retargeted_, response_;
 };
@@ -432,6 +457,10 @@ bool ParseArgs(int argc, char** argv, Options* options) {
     else if (flag == "--default-timeout") options->default_timeout = std::atof(value.c_str());
     else if (flag == "--stats-interval") options->stats_interval = std::atof(value.c_str());
     else if (flag == "--grace") options->grace = std::atof(value.c_str());
+    else if (flag == "--duration-buckets") {
+      for (const std::string& bound : Split(value, ',')) options->duration_buckets.push_back(std::atof(bound.c_str()));
+      if (!std::is_sorted(options->duration_buckets.begin(), options->duration_buckets.end())) return false;
+    }
     else return false;
   }
   return argc % 2 == 1 && !options->listen.empty() && !options->fallback.empty();
@@ -443,7 +472,8 @@ int main(int argc, char** argv) {
   Options options;
   if (!ParseArgs(argc, argv, &options)) {
     std::cerr << "usage: maas-oip-fastpath --listen HOST:PORT --fallback HOST:PORT [--max-message-bytes N]"
-                 " [--default-timeout S] [--stats-interval S] [--grace S]  (routing snapshots on stdin)" << std::endl;
+                 " [--default-timeout S] [--stats-interval S] [--grace S] [--duration-buckets S,S,...]"
+                 "  (routing snapshots on stdin)" << std::endl;
     return 2;
   }
   Forwarder forwarder(options);
