@@ -311,7 +311,9 @@ class Call : public grpc::ServerGenericBidiReactor {
     for (const char* method : kStreamingMethods) {
       if (context_->method() == method) {
         Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                            context_->method() + " is streaming: call it on the router's main port"));
+                            method == kStreamingMethods[0]
+                                ? "ModelStreamInfer is not served by the router yet; use ModelInfer"  // as the main port
+                                : context_->method() + " is streaming: call it on the router's main port"));
         return;
       }
     }
