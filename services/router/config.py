@@ -5,11 +5,11 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.router.fastpath import BINARY_NAME, find_binary
 from services.shared.config import (
     ConfigError, ServerSettings, add_peer_argument, add_server_arguments, env, env_float, env_int, require_peer,
     server_settings,
 )
-from services.router.fastpath import BINARY_NAME, find_binary
 from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
