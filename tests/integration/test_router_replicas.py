@@ -1,4 +1,5 @@
-"""The router spreads requests over every ready Triton replica the EndpointSlices announce.
+"""The router spreads requests over every ready Triton replica the EndpointSlices announce, on its
+main port and on its compiled OIP data path alike.
 
 Two real Tritons on one model repository (like pods on a shared volume), the registry loading the
 tiny model on both, the fake Kubernetes API announcing them, and a real router in between. Which
@@ -13,9 +14,11 @@ import pytest
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
 
+from maas.local.processes import free_ports
 from maas.local.triton import LocalTriton, TritonConfig
 from maas.v1 import registry_pb2 as pb
 from services.router.config import RouterConfig
+from services.router.fastpath import find_binary
 from services.router.server import create_server
 from services.shared.config import ServerSettings
 from services.shared.discovery import TritonReplicaWatcher
@@ -44,10 +47,12 @@ async def send(client: triton_aio.InferenceServerClient, n: int = BATCH) -> None
     await asyncio.gather(*(one() for _ in range(n)))
 
 
-@pytest.fixture
-async def router(fake_kube, start_registry):
-    """start(registry_env) -> address of a router whose Triton replicas come from the fake API's slices."""
+@pytest.fixture(params=["main port", "fast path"])
+async def router(fake_kube, start_registry, request):
+    """start(registry_env) -> OIP address of a router whose Triton replicas come from the fake API's
+    slices: its main port, or its compiled data path (maas-oip-fastpath)."""
     started = []
+    fast_address = f"127.0.0.1:{free_ports(1)[0]}" if request.param == "fast path" else ""
 
     async def start(env) -> str:
         source = TritonReplicaWatcher(SERVICE, NS, api_client=fake_kube.api_client(),
@@ -55,11 +60,11 @@ async def router(fake_kube, start_registry):
         cfg = RouterConfig(
             server=ServerSettings(service_name="router", listen="127.0.0.1:0", grace_seconds=0.5, workers=1),
             registry=env.address, tokenizer="127.0.0.1:1", vision="127.0.0.1:1", triton="127.0.0.1:1",
-            default_timeout=10.0)
+            default_timeout=10.0, oip_fast_listen=fast_address, oip_fast_binary=find_binary() if fast_address else "")
         server, port = create_server(cfg, triton_source=source)
         started.append(server)
         await server.start()
-        return f"127.0.0.1:{port}"
+        return fast_address or f"127.0.0.1:{port}"
 
     try:
         yield start

@@ -218,11 +218,14 @@ class Forwarder {
     table_ = std::move(table);
   }
 
-  // A Triton replica's stub, round robin (calls keep it alive); nullptr when none is known.
-  std::shared_ptr<grpc::GenericStub> ReplicaRef() {
+  // A Triton replica's stub, round robin, skipping `tried` (calls keep it alive); nullptr when none.
+  std::shared_ptr<grpc::GenericStub> ReplicaRef(const std::vector<std::shared_ptr<grpc::GenericStub>>& tried = {}) {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (replica_stubs_.empty()) return nullptr;
-    return replica_stubs_[next_replica_++ % replica_stubs_.size()];
+    for (size_t i = 0; i < replica_stubs_.size(); ++i) {
+      const std::shared_ptr<grpc::GenericStub>& stub = replica_stubs_[next_replica_++ % replica_stubs_.size()];
+      if (std::find(tried.begin(), tried.end(), stub) == tried.end()) return stub;
+    }
+    return nullptr;
   }
 
   void Count(const std::string& model, const std::string& version, grpc::StatusCode code, double seconds) {
@@ -325,20 +328,14 @@ class Call : public grpc::ServerGenericBidiReactor {
       Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "no request message received"));
       return;
     }
-    upstream_ = grpc::ClientContext::FromCallbackServerContext(*context_);  // deadline + cancellation
-    gpr_timespec deadline = context_->raw_deadline();
-    if (gpr_time_cmp(deadline, gpr_inf_future(deadline.clock_type)) == 0) {  // the caller set none
-      upstream_->set_deadline(std::chrono::system_clock::now() +
-                              std::chrono::milliseconds(static_cast<long>(forwarder_->options().default_timeout * 1000)));
-    }
     bool routing_key = false;
     for (const auto& [key, value] : context_->client_metadata()) {
       if (!ForwardedHeader(key)) continue;
       if (key == "x-maas-routing-key") routing_key = true;
-      upstream_->AddMetadata(std::string(key.data(), key.size()), std::string(value.data(), value.size()));
+      metadata_.emplace_back(std::string(key.data(), key.size()), std::string(value.data(), value.size()));
     }
     grpc::GenericStub* stub = forwarder_->Fallback();
-    const grpc::ByteBuffer* outgoing = &request_;
+    outgoing_ = &request_;
     if (context_->method() == kModelInfer && !routing_key) {
       std::vector<grpc::Slice> slices;
       std::string version;
@@ -349,14 +346,13 @@ class Call : public grpc::ServerGenericBidiReactor {
           if (target != version) {
             slices.emplace_back(VersionField(target));
             retargeted_ = grpc::ByteBuffer(slices.data(), slices.size());
-            outgoing = &retargeted_;
+            outgoing_ = &retargeted_;
           }
           stub = replica_.get();
         }
       }
     }
-    stub->UnaryCall(upstream_.get(), context_->method(), grpc::StubOptions(), outgoing, &response_,
-                    [this](grpc::Status status) { Done(status); });
+    Send(stub);
   }
 
   void OnDone() override {
@@ -365,7 +361,35 @@ class Call : public grpc::ServerGenericBidiReactor {
   }
 
  private:
+  void Send(grpc::GenericStub* stub) {
+    upstream_ = grpc::ClientContext::FromCallbackServerContext(*context_);  // deadline + cancellation
+    gpr_timespec deadline = context_->raw_deadline();
+    if (gpr_time_cmp(deadline, gpr_inf_future(deadline.clock_type)) == 0) {  // the caller set none
+      upstream_->set_deadline(std::chrono::system_clock::now() +
+                              std::chrono::milliseconds(static_cast<long>(forwarder_->options().default_timeout * 1000)));
+    }
+    for (const auto& [key, value] : metadata_) upstream_->AddMetadata(key, value);
+    stub->UnaryCall(upstream_.get(), context_->method(), grpc::StubOptions(), outgoing_, &response_,
+                    [this](grpc::Status status) { Done(status); });
+  }
+
+  // The Python router's retry rule: only a call that never left (its replica could not be connected
+  // to) goes to another replica, once per replica; anything else may have reached the model.
+  bool RetryElsewhere(const grpc::Status& status) {
+    if (!replica_ || status.error_code() != grpc::StatusCode::UNAVAILABLE ||
+        status.error_message().rfind("failed to connect to all addresses", 0) != 0) {
+      return false;
+    }
+    tried_.push_back(replica_);
+    std::shared_ptr<grpc::GenericStub> next = forwarder_->ReplicaRef(tried_);
+    if (!next) return false;
+    replica_ = next;
+    Send(replica_.get());
+    return true;
+  }
+
   void Done(const grpc::Status& status) {
+    if (RetryElsewhere(status)) return;
     if (replica_) {
       std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - started_;
       forwarder_->Count(model_, version_, status.error_code(), elapsed.count());
@@ -377,7 +401,10 @@ class Call : public grpc::ServerGenericBidiReactor {
   grpc::GenericCallbackServerContext* context_;
   Forwarder* forwarder_;
   std::unique_ptr<grpc::ClientContext> upstream_;
+  std::vector<std::pair<std::string, std::string>> metadata_;  // the caller's, passed on
+  const grpc::ByteBuffer* outgoing_ = nullptr;
   std::shared_ptr<grpc::GenericStub> replica_;
+  std::vector<std::shared_ptr<grpc::GenericStub>> tried_;
   std::chrono::steady_clock::time_point started_;
   std::string model_, version_;
   grpc::ByteBuffer request_, retargeted_, response_;
