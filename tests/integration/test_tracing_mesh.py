@@ -158,8 +158,9 @@ def test_shadow_copy_is_a_linked_span_in_its_own_trace(traced_mesh, router, otlp
     response = router.Infer(infer_request("traced_tiny", x, None, None, [], None, None, None), metadata=metadata,
                             timeout=30)
     assert response.routed.shadowed and response.routed.version == v1
-    spans = otlp_receiver.wait_for(lambda _: bool(otlp_receiver.trace(trace_id)), timeout=SPAN_WAIT)
-    caller = one(otlp_receiver.trace(trace_id), "maas-router", SERVER)
+    # Each process exports on its own schedule: wait for the router's span, not just any of the trace.
+    caller = one(wait_trace(otlp_receiver, trace_id, lambda spans: any(
+        s.service == "maas-router" and s.kind == SERVER for s in spans)), "maas-router", SERVER)
     assert caller.attributes["maas.shadow"] is True and caller.attributes["maas.shadow_version"] == v2
 
     spans = otlp_receiver.wait_for(
