@@ -130,20 +130,14 @@ class TritonPeer:
         return await self._call(TritonStub, method, request, timeout)
 
     async def _call(self, factory, method: str | None, request, timeout: float | None):
-        # The hot path: no allocation beyond gRPC's own (lease() is inlined: no generator per call).
         started = monotonic()
         replica = self.pool.pick()
-        replica.inflight += 1
-        replica.calls += 1
         try:
-            rpc = replica.stub(factory)
-            return await (getattr(rpc, method) if method else rpc)(request, timeout=timeout, wait_for_ready=False)
+            return await _attempt(replica, factory, method, request, timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             failure = exc
-        finally:
-            replica.inflight -= 1
         return await self._retry(replica, failure, factory, method, request, timeout, started)
 
     async def _retry(self, replica: Replica, failure: grpc.aio.AioRpcError, factory, method: str | None, request,
@@ -158,19 +152,24 @@ class TritonPeer:
             tried.add(replica)
             log.debug("retrying a Triton call on another replica",
                      extra={"failed": failure.details(), "replica": replica.address})
-            replica.inflight += 1
-            replica.calls += 1
             try:
-                rpc = replica.stub(factory)
-                return await (getattr(rpc, method) if method else rpc)(request, timeout=remaining,
-                                                                       wait_for_ready=False)
+                return await _attempt(replica, factory, method, request, remaining)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 failure = exc
-            finally:
-                replica.inflight -= 1
         raise Unavailable(f"Triton ({replica.address}) is unavailable: {failure.details()}") from None
+
+
+async def _attempt(replica: Replica, factory, method: str | None, request, timeout: float | None):
+    """One call on one replica, counted in its in-flight and call totals (what pick() balances on)."""
+    replica.inflight += 1
+    replica.calls += 1
+    try:
+        rpc = replica.stub(factory)
+        return await (getattr(rpc, method) if method else rpc)(request, timeout=timeout, wait_for_ready=False)
+    finally:
+        replica.inflight -= 1
 
 
 def _inflight(replica: Replica) -> int:
