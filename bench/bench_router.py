@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -100,25 +102,32 @@ def measure(targets: dict[str, tuple[str, str]]) -> dict[int, dict[str, tuple[np
     return results
 
 
-def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="maas-bench-router-") as tmp:
+@contextmanager
+def tiny_mesh(prefix: str) -> Iterator[tuple[LocalMesh, str]]:
+    """(a local mesh on free ports with only the tiny model, registered and routable, its version)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         config = MeshConfig(state_dir=Path(tmp) / "mesh", ports=FREE_PORTS, models=())
         with LocalMesh(config) as mesh, RegistryClient(mesh.registry_address) as registry:
             version = str(registry.register(tiny_onnx(Path(tmp) / "tiny.onnx"), MODEL, format="onnx").version)
             registry.wait_ready(MODEL, int(version))
             mesh.wait_routable([MODEL])
-            proxy_address = f"127.0.0.1:{free_ports(1)[0]}"
-            proxy = subprocess.Popen([sys.executable, "-m", "bench.bench_router", "--bare-proxy", proxy_address,
-                                      mesh.addresses["triton"], version])
-            try:
-                time.sleep(1.0)
-                # Direct names the version, the router follows the policy: the same version answers all three.
-                results = measure({"direct": (mesh.addresses["triton"], version), "bare-proxy": (proxy_address, ""),
-                                   "router-main": (mesh.router_address, ""),
-                                   "router-fast": (mesh.addresses["router_oip"], "")})
-            finally:
-                proxy.kill()
-                proxy.wait()
+            yield mesh, version
+
+
+def main() -> None:
+    with tiny_mesh("maas-bench-router-") as (mesh, version):
+        proxy_address = f"127.0.0.1:{free_ports(1)[0]}"
+        proxy = subprocess.Popen([sys.executable, "-m", "bench.bench_router", "--bare-proxy", proxy_address,
+                                  mesh.addresses["triton"], version])
+        try:
+            time.sleep(1.0)
+            # Direct names the version, the router follows the policy: the same version answers all three.
+            results = measure({"direct": (mesh.addresses["triton"], version), "bare-proxy": (proxy_address, ""),
+                               "router-main": (mesh.router_address, ""),
+                               "router-fast": (mesh.addresses["router_oip"], "")})
+        finally:
+            proxy.kill()
+            proxy.wait()
 
     def p(c, name, q):
         return float(np.percentile(results[c][name][0], q))

@@ -22,10 +22,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from bench.bench_router import MODEL, load, tiny_onnx
-from maas.local.mesh import FREE_PORTS, LocalMesh, MeshConfig
+from bench.bench_router import MODEL, load, tiny_mesh
+from maas.local.mesh import LocalMesh
 from maas.local.triton import REPO, free_ports
-from maas.registry_client import RegistryClient
 from tests.fixtures.otlp import OtlpReceiver, _http_handler
 
 CONCURRENCY = (1, 8)
@@ -74,31 +73,27 @@ def main() -> None:
     }
     routers: list[subprocess.Popen] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="maas-bench-tracing-") as tmp:
-            config = MeshConfig(state_dir=Path(tmp) / "mesh", ports=FREE_PORTS, models=())
-            with LocalMesh(config) as mesh, RegistryClient(mesh.registry_address) as registry:
-                version = str(registry.register(tiny_onnx(Path(tmp) / "tiny.onnx"), MODEL, format="onnx").version)
-                registry.wait_ready(MODEL, int(version))
-                mesh.wait_routable([MODEL])
-                targets = {"direct": (mesh.addresses["triton"], version)}
-                for name, env in variants.items():
-                    proc, address = start_router(mesh, env, Path(tmp) / f"router-{name}.log")
-                    routers.append(proc)
-                    targets[name] = (address, "")
-                print(f"{'concurrency':>11} " + " ".join(f"{n + ' ' + col:>14}" for n in targets for col in ("p50", "qps")))
-                results = {}
-                for c in CONCURRENCY:
-                    # Variants take turns for ROUNDS rounds and each keeps its best round, so a burst of
-                    # other load on this 2-core machine cannot decide a ratio on its own.
-                    best: dict[str, tuple[list[float], float]] = {}
-                    for _ in range(ROUNDS):
-                        for n, (address, v) in targets.items():
-                            lat, qps = asyncio.run(load(address, v, c, SECONDS))
-                            if n not in best or qps > best[n][1]:
-                                best[n] = (lat, qps)
-                    results[c] = best
-                    print(f"{c:>11} " + " ".join(f"{np.percentile(lat, 50):>14.3f} {qps:>14.0f}"
-                                                 for lat, qps in results[c].values()), flush=True)
+        with tempfile.TemporaryDirectory(prefix="maas-bench-tracing-") as tmp, \
+                tiny_mesh("maas-bench-tracing-mesh-") as (mesh, version):
+            targets = {"direct": (mesh.addresses["triton"], version)}
+            for name, env in variants.items():
+                proc, address = start_router(mesh, env, Path(tmp) / f"router-{name}.log")
+                routers.append(proc)
+                targets[name] = (address, "")
+            print(f"{'concurrency':>11} " + " ".join(f"{n + ' ' + col:>14}" for n in targets for col in ("p50", "qps")))
+            results = {}
+            for c in CONCURRENCY:
+                # Variants take turns for ROUNDS rounds and each keeps its best round, so a burst of
+                # other load on this 2-core machine cannot decide a ratio on its own.
+                best: dict[str, tuple[list[float], float]] = {}
+                for _ in range(ROUNDS):
+                    for n, (address, v) in targets.items():
+                        lat, qps = asyncio.run(load(address, v, c, SECONDS))
+                        if n not in best or qps > best[n][1]:
+                            best[n] = (lat, qps)
+                results[c] = best
+                print(f"{c:>11} " + " ".join(f"{np.percentile(lat, 50):>14.3f} {qps:>14.0f}"
+                                             for lat, qps in results[c].values()), flush=True)
     finally:
         for proc in routers:
             proc.terminate()
