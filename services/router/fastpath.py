@@ -136,9 +136,9 @@ class FastPath:
 
     async def stop(self) -> None:
         self._stopping = True
-        with contextlib.suppress(ValueError):
-            self.table.listeners.remove(self.push)
-            self.pool.listeners.remove(self.push)
+        for listeners in (self.table.listeners, self.pool.listeners):
+            with contextlib.suppress(ValueError):  # stop() may run twice (after a failed start)
+                listeners.remove(self.push)
         process = self._process
         if process is not None and process.returncode is None:
             if process.stdin is not None:
