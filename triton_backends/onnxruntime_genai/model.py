@@ -185,6 +185,8 @@ class Scheduler(threading.Thread):
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self._release(seq)
+        if reason == "cancelled":
+            self.log.log_info(f"generation cancelled after {seq.generated} tokens (request {seq.request.request_id()!r})")
         seq.sender.send(_response([], reason, (seq.prompt.size, seq.generated)), flags=FINAL)
 
     def _fail(self, seq: Sequence, message: str) -> None:
