@@ -249,6 +249,7 @@ def up(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS
        demo: bool = typer.Option(False, "--demo", help="run the demo requests once the mesh is up")) -> None:
     """Run the whole mesh locally (Triton + registry + tokenizer + vision + router) until Ctrl-C."""
     from maas.local.mesh import MeshConfig
+    from maas.local.supervisor import Supervisor
 
     config = MeshConfig(source_repository=model_repository, state_dir=state_dir, ports=_ports(
         free_ports, router=router_port, router_oip=router_oip_port, registry=registry_port, tokenizer=tokenizer_port, vision=vision_port,
@@ -265,11 +266,15 @@ def up(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS
             console.print(f"[green]serving[/] — try: maas embed 'hello world' --router {mesh.router_address}, or "
                           f"tritonclient at {mesh.addresses['router_oip']} (the router's OIP fast path)   "
                           f"(Ctrl-C stops everything)")
-            while True:
-                time.sleep(1)
-                dead = [name for name, alive in mesh.alive().items() if not alive]
-                if dead:
-                    _fail(f"{dead[0]} stopped unexpectedly; last log lines:\n{mesh.log_tail(dead[0])}")
+            supervisor = Supervisor(mesh, log=lambda message: console.print(f"[yellow]{message}[/]"))
+            supervisor.start()
+            try:
+                while not supervisor.failed.wait(1):
+                    pass
+            finally:
+                supervisor.stop()
+            gave_up = next(s.gave_up for s in supervisor.status.values() if s.gave_up)
+            _fail(gave_up)
     except KeyboardInterrupt:
         console.print("stopped")
 
@@ -317,8 +322,32 @@ def demo(model_repository: Path = typer.Option(Path("model_repository"), "--mode
                       "through one router — callers never saw a redeploy.")
 
 
+def status(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS_STATE_DIR",
+                                          help="the state directory of the `maas up` to look at"),
+           as_json: bool = JsonOpt) -> None:
+    """Each component of a running `maas up`: alive, restarts, why it last stopped."""
+    from maas.local.supervisor import read_status
+
+    found = read_status(state_dir)
+    if not found:
+        _fail(f"no mesh status in {state_dir} (is `maas up --state-dir {state_dir}` running?)")
+    if as_json:
+        print(json.dumps(found))
+        return
+    age = time.time() - found["updated"]
+    table = Table(title=f"mesh in {state_dir} (status written {age:.0f}s ago)")
+    for column in ("component", "state", "restarts", "last stop", "last restart"):
+        table.add_column(column)
+    for name, row in found["components"].items():
+        state = "[red]given up[/]" if row["gave_up"] else "[green]running[/]" if row["alive"] else "[yellow]restarting[/]"
+        when = time.strftime("%H:%M:%S", time.localtime(row["last_restart"])) if row["last_restart"] else ""
+        table.add_row(name, state, str(row["restarts"]), row["last_exit"], when)
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
     app.command(help="Run the whole mesh locally until Ctrl-C.")(up)
+    app.command(help="Components of a running `maas up`: alive, restarts, last stop.")(status)
     app.command(help="Start the mesh, run the demo story, stop; exit 0 when every step worked.")(demo)
     app.command(help="Embed texts through the router.")(embed)
     app.command(help="Classify images through the router.")(classify)

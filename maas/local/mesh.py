@@ -131,6 +131,9 @@ class MeshConfig:
     startup_timeout: float = 180.0
     register_timeout: float = 600.0
     stop_grace: float = 10.0
+    # How often the registry checks that Triton still serves every live version (a restarted Triton
+    # comes back empty): short here, so a supervised restart is healed within seconds.
+    reconcile_interval: float = 2.0
 
 
 def _config_signature(model_dir: Path) -> tuple[list, list, int]:
@@ -206,7 +209,8 @@ class LocalMesh:
         a, cfg = self.addresses, self.config
         flags = {
             "registry": ["--database", str(self.state_dir / "registry.sqlite3"),
-                         "--model-repository", str(self.state_dir / "repository"), "--triton", a["triton"]],
+                         "--model-repository", str(self.state_dir / "repository"), "--triton", a["triton"],
+                         "--reconcile-interval", str(cfg.reconcile_interval)],
             "tokenizer": ["--model-repository", str(Path(cfg.source_repository).resolve())],
             "vision": ["--model-repository", str(Path(cfg.source_repository).resolve())],
             "router": ["--registry", a["registry"], "--tokenizer", a["tokenizer"], "--vision", a["vision"],
@@ -383,6 +387,23 @@ class LocalMesh:
             return
         self._spawn(name, self._env())
         self._wait_serving(name)
+
+    def revive(self, name: str) -> None:
+        """Start a component that died, on the same address (the supervisor's restart)."""
+        if name == "triton":
+            if self.triton is not None:
+                self.triton.stop()  # reaps stubs and their shared memory
+                self.triton.start()
+            return
+        self.stop_component(name)
+        self.restart_component(name)
+
+    def exit_reason(self, name: str) -> str:
+        proc = self.triton.process if name == "triton" and self.triton else self.processes.get(name)
+        code = proc.poll() if proc is not None else None
+        if code is None:
+            return "not running"
+        return f"signal {-code}" if code < 0 else f"exit code {code}"
 
     def wait_routable(self, models: Sequence[str] | None = None) -> None:
         self._wait_routable(models if models is not None else [m.name for m in self.config.models])
