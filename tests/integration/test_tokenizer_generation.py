@@ -11,7 +11,9 @@ import pytest
 
 from maas.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.shared.channels import open_channel
+from services.shared.errors import InvalidArgument, NotFound
 from services.shared.tensors import from_proto
+from services.tokenizer.client import DetokenizeSession
 from tests.fixtures.preprocessing import make_generation_repository, service_process
 from tests.unit.test_tokenizer_generation import CHATS, DECODE_CORPUS
 
@@ -186,3 +188,21 @@ async def test_listing_and_tokenize_for_a_generation_tokenizer(stub, reference):
         assert length == len(ids) and got["input_ids"][row, :length].tolist() == ids
         assert got["attention_mask"][row].tolist() == [1] * length + [0] * (got["attention_mask"].shape[1] - length)
         assert set(got["input_ids"][row, length:].tolist()) <= {reference.pad_token_id}
+
+
+async def test_detokenize_session_helper(stub, reference):
+    ids = reference.encode("Grüße 👩‍👩‍👧‍👦 from the router", add_special_tokens=False)
+    session = DetokenizeSession(stub, "smollm2", timeout=30)
+    try:
+        with pytest.raises(InvalidArgument, match=r"ids\[0\] = 99999"):
+            await session.send([99999])  # refused first request: the next one names the tokenizer again
+        pieces = [await session.send(ids[i:i + 3], flush=i + 3 >= len(ids)) for i in range(0, len(ids), 3)]
+    finally:
+        await session.close()
+    assert "".join(pieces) == reference.decode(ids)
+    missing = DetokenizeSession(stub, "gpt9", timeout=30)
+    try:
+        with pytest.raises(NotFound, match="tokenizer 'gpt9' not found"):
+            await missing.send([1])
+    finally:
+        await missing.close()
