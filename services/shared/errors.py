@@ -91,3 +91,13 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
             return code, exc.details() or code.name
         return grpc.StatusCode.UNAVAILABLE, f"peer failed with {code.name}: {exc.details()}"
     return None
+
+
+def error_for_code(code: int, message: str) -> ServiceError:
+    """The domain error for a status code sent as a number (a stream's per-request StreamError), so a
+    caller re-raising it returns the same status; a code with no domain error here is INTERNAL."""
+    for kind in (InvalidArgument, ResourceExhausted, NotFound, AlreadyExists, FailedPrecondition, Unavailable,
+                 DeadlineExceeded, Unauthenticated, PermissionDenied):
+        if kind.code.value[0] == code:
+            return kind(message)
+    return ServiceError(f"status {code}: {message}")

@@ -48,13 +48,18 @@ def read_model_config(config_path: Path, *, allow_unknown_fields: bool = False):
         raise ConfigError(f"{config_path.name} does not parse: {exc}") from None
 
 
-def model_input_names(model_dir: Path) -> list[str] | None:
-    """Input tensor names from <model_dir>/config.pbtxt, in declared order; None without a config."""
+def model_config(model_dir: Path):
+    """<model_dir>/config.pbtxt as a ModelConfig; None without a config."""
     config_path = model_dir / "config.pbtxt"
     if not config_path.is_file():
         return None
     try:
-        config = read_model_config(config_path, allow_unknown_fields=True)
+        return read_model_config(config_path, allow_unknown_fields=True)
     except ConfigError as exc:
         raise ConfigError(f"{config_path.parent}/{exc}") from None
-    return [tensor.name for tensor in config.input]
+
+
+def model_input_names(model_dir: Path) -> list[str] | None:
+    """Input tensor names from <model_dir>/config.pbtxt, in declared order; None without a config."""
+    config = model_config(model_dir)
+    return None if config is None else [tensor.name for tensor in config.input]

@@ -18,6 +18,9 @@ LIMIT_HELP = {
     "max_request_bytes": "encoded request size",
     "max_text_chars": "characters per text",
     "max_tokens": "largest max_length a request may ask for",
+    "max_ids": "token ids per Detokenize or DetokenizeStream request",
+    "max_messages": "chat messages per ApplyChatTemplate request",
+    "max_chat_chars": "characters of all chat messages of an ApplyChatTemplate request",
 }
 
 

@@ -8,7 +8,9 @@ import grpc
 from maas.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.shared.errors import InvalidArgument, status_for
 from services.shared.tensors import to_proto
+from services.tokenizer.chat_template import Message
 from services.tokenizer.dataplane import TokenizerDataplane
+from services.tokenizer.generation import DecodeSession
 from services.tokenizer.tokenization import Padding, TokenizedBatch, TokenizeOptions
 
 _PADDING = {
@@ -41,11 +43,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         try:
             batch = await self._tokenize(request)
         except Exception as exc:
-            status = status_for(exc)
-            if status is None:
-                raise  # a bug ends the stream: the interceptor logs it and returns INTERNAL with an incident id
-            code, answer.error.message = status
-            answer.error.code = code.value[0]
+            _fill_error(answer.error, exc)
             return answer
         _fill(answer.response, batch)  # filled in place: no copy of the tensor bytes
         return answer
@@ -60,15 +58,55 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         )
         return await self.dataplane.tokenize(request.tokenizer, list(request.texts), options, request.ByteSize())
 
+    async def ApplyChatTemplate(self, request: tokenizer_pb2.ChatTemplateRequest, context):
+        messages = [Message(m.role, m.content) for m in request.messages]
+        add_generation_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+        name, prompt = await self.dataplane.apply_chat_template(request.tokenizer, messages, add_generation_prompt)
+        return tokenizer_pb2.ChatTemplateResponse(prompt=prompt.prompt, input_ids=prompt.input_ids, tokenizer=name)
+
+    async def Detokenize(self, request: tokenizer_pb2.DetokenizeRequest, context):
+        text = await self.dataplane.detokenize(request.tokenizer, request.ids, _skip_special_tokens(request))
+        return tokenizer_pb2.DetokenizeResponse(text=text)
+
+    async def DetokenizeStream(self, requests: AsyncIterator[tokenizer_pb2.DetokenizeStreamRequest], context):
+        # In arrival order, one answer each, like TokenizeStream. The first request opens the session;
+        # if it names an unknown tokenizer, it and the next requests get NOT_FOUND errors until one
+        # names a tokenizer that exists.
+        session: DecodeSession | None = None
+        async for request in requests:
+            answer = tokenizer_pb2.DetokenizeStreamResponse()
+            try:
+                if session is None:
+                    session = self.dataplane.decode_session(request.tokenizer, _skip_special_tokens(request))
+                answer.text = session.step(request.ids, request.flush)
+            except Exception as exc:
+                _fill_error(answer.error, exc)
+            yield answer
+
     async def ListTokenizers(self, request, context):
         return tokenizer_pb2.ListTokenizersResponse(
             tokenizers=[
                 tokenizer_pb2.TokenizerInfo(name=t.name, max_length=t.default_max_length, outputs=t.outputs,
-                                            vocab_size=t.vocab_size)
+                                            vocab_size=t.vocab_size, chat_template=t.chat_template is not None,
+                                            eos_token_id=t.eos_token_id)
                 for t in self.dataplane.tokenizers()
             ],
             default_tokenizer=self.dataplane.catalog.default,
         )
+
+
+def _skip_special_tokens(request) -> bool:
+    return request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+
+
+def _fill_error(error: tokenizer_pb2.StreamError, exc: Exception) -> None:
+    """A stream request's failure as its answer; a bug is re-raised and ends the stream (the interceptor
+    logs it and returns INTERNAL with an incident id)."""
+    status = status_for(exc)
+    if status is None:
+        raise exc
+    code, error.message = status
+    error.code = code.value[0]
 
 
 def _fill(response: tokenizer_pb2.TokenizeResponse, batch: TokenizedBatch) -> tokenizer_pb2.TokenizeResponse:

@@ -30,6 +30,11 @@ class TokenizeLimits:
     max_text_chars: int = 100_000
     # Largest max_length (and fixed padding) a request may ask for; also caps tokenizer defaults.
     max_tokens: int = 512
+    # Generation: ids per Detokenize / DetokenizeStream request; chat messages per ApplyChatTemplate and
+    # their characters in all (the template adds a little; its tokens are at most about that many).
+    max_ids: int = 65_536
+    max_messages: int = 256
+    max_chat_chars: int = 200_000
 
 
 @dataclass(frozen=True)
