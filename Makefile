@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/maas/v1/*.proto)
 
-.PHONY: install protos models fastpath k8s-tools run test test-unit test-integration chart-test bench clean
+.PHONY: install protos models fastpath k8s-tools images run test test-unit test-integration chart-test bench clean
 
 install: $(STAMP) maas/v1/__init__.py
 
@@ -41,6 +41,11 @@ $(FASTPATH): services/router/native/oip_fastpath.cc tools/build_fastpath.sh
 
 k8s-tools:
 	bash tools/install_k8s_tools.sh
+
+# The services image (Dockerfile) and the CPU Triton image (deploy/images/triton-cpu.Dockerfile), with
+# podman from a local bookworm base; cached under build/images and build/wheels.
+images: install
+	bash tools/build_images.sh
 
 test: install models fastpath k8s-tools
 	$(PY) -m pytest tests -q

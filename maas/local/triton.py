@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import importlib.util
 import os
 import shutil
 import signal
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from maas.local.processes import free_ports, spawn  # noqa: F401 - free_ports is part of this API
+from maas.local.triton_backends import BackendsError, assemble_backends, wheel_paths
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,12 +57,10 @@ class TritonConfig:
 
 
 def _wheel_paths() -> tuple[Path, Path]:
-    """(pytriton/tritonserver dir, nvidia_pytriton.libs dir) without importing pytriton (slow)."""
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise TritonError("nvidia-pytriton is not installed (it ships tritonserver)")
-    pkg = Path(list(spec.submodule_search_locations)[0])
-    return pkg / "tritonserver", pkg.parent / "nvidia_pytriton.libs"
+    try:
+        return wheel_paths()
+    except BackendsError as e:
+        raise TritonError(str(e)) from None
 
 
 class LocalTriton:
@@ -97,22 +95,10 @@ class LocalTriton:
     # -- lifecycle ---------------------------------------------------------------------------------
     def _assemble_backends(self, server_dir: Path) -> Path:
         """<work>/backends/{python,onnxruntime,pytorch,common}: the Python backend + ours."""
-        backends = self.work_dir / "backends"
-        shutil.rmtree(backends, ignore_errors=True)
-        python = backends / "python"
-        python.mkdir(parents=True)
-        for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
-            shutil.copy2(server_dir / "backends" / "python" / f, python / f)
-        # The stub must match this interpreter's Python version.
-        ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-        stub = server_dir / "python_backend_stubs" / ver / "triton_python_backend_stub"
-        if not stub.exists():
-            raise TritonError(f"no Triton Python backend stub for Python {ver} in the pytriton wheel")
-        shutil.copy2(stub, python / stub.name)
-        for src in self.config.backends_source.iterdir():
-            if src.is_dir() and not src.name.startswith(("_", ".")):
-                shutil.copytree(src, backends / src.name, ignore=shutil.ignore_patterns("__pycache__"))
-        return backends
+        try:
+            return assemble_backends(server_dir, self.work_dir / "backends", self.config.backends_source)
+        except BackendsError as e:
+            raise TritonError(str(e)) from None
 
     def _env(self, libs_dir: Path) -> dict[str, str]:
         env = dict(os.environ)
