@@ -55,7 +55,6 @@ PYEOF
   # (grep: the host's pip settings name local indexes that lack most packages; it warns for each.)
   "$PY" -m pip wheel --quiet -c constraints.txt -r build/wheels/requirements.txt -w build/wheels 2>&1 |
     { grep -v "^WARNING: Location .* is ignored" || true; }
-  [[ ${PIPESTATUS[0]} -eq 0 ]]
   rm -f build/wheels/.lock-* && touch "$stamp"
 fi
 

@@ -100,6 +100,15 @@ def test_triton_image_args_and_ports():
     assert not any(a.startswith("--trace-config") for a in args)  # no collector by default
 
 
+@pytest.mark.parametrize("scenario", ["cpu-only-values.yaml", "podman-values.yaml"])
+def test_cpu_profiles_use_the_cpu_triton_image_with_the_same_args(scenario):
+    """The CPU Triton image (`make images`) takes the chart's args as NVIDIA's does: `tritonserver ...`."""
+    docs = cr.render(scenario)
+    c = cr.container(docs, "triton")
+    assert re.fullmatch(r"(localhost/)?maas-triton-cpu:\d+\.\d+\.\d+", c["image"])
+    assert c["args"][0] == "tritonserver" and "--model-repository=/models" in c["args"]
+
+
 def test_triton_headless_and_normal_services():
     services = cr.by_name(cr.render(), "Service")
     headless, normal = services[name("triton") + "-headless"], services[name("triton")]
