@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/maas/v1/*.proto)
 
-.PHONY: install protos models fastpath k8s-tools images run test test-unit test-integration chart-test bench clean
+.PHONY: install protos models fastpath k8s-tools images run test test-unit test-integration chart-test bench soak clean
 
 install: $(STAMP) maas/v1/__init__.py
 
@@ -64,6 +64,10 @@ run: install models fastpath
 
 bench: install models fastpath
 	$(PY) -m bench
+
+# 10 minutes of mixed load with a fault every minute (MAAS_SOAK_SECONDS, MAAS_SOAK_FAULT_EVERY to change).
+soak: install models fastpath
+	$(PY) -m bench soak
 
 clean:
 	rm -rf .maas build dist *.egg-info maas/v1

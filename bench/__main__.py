@@ -15,6 +15,8 @@ import traceback
 
 import bench
 
+# Long runs that `python -m bench` without names leaves out (`make soak` runs the soak).
+ON_REQUEST = {"soak"}
 LINE = re.compile(r"^BENCH (\S+) (\S+) (<=|>=|<|>) (\S+)$")
 OPS = {"<=": float.__le__, ">=": float.__ge__, "<": float.__lt__, ">": float.__gt__}
 
@@ -33,7 +35,8 @@ class _Tee(io.TextIOBase):
 
 
 def main(argv: list[str]) -> int:
-    names = argv or sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(bench.__path__) if m.name.startswith("bench_"))
+    names = argv or sorted(name for m in pkgutil.iter_modules(bench.__path__) if m.name.startswith("bench_")
+                           and (name := m.name[len("bench_"):]) not in ON_REQUEST)
     tee, failed = _Tee(sys.stdout), []
     for name in names:
         print(f"== bench {name}", flush=True)

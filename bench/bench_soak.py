@@ -1,0 +1,201 @@
+"""Soak: mixed Embed / Classify / Generate load on a self-healing local mesh for a while (10 minutes by
+default, MAAS_SOAK_SECONDS to change), with a fault injected every minute (kill a component, kill
+Triton, SIGSTOP a peer for a few seconds). Reports errors by code, p99 per call, recovery times and
+the RSS growth of every process.
+
+An error counts as expected when it falls in a fault's window: from the injection until every call
+kind has succeeded again, plus a short grace. Anything else is `soak_unexpected_errors`.
+
+    make soak            # or: python -m bench soak
+"""
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+
+from maas.cli.mesh import cat_photo
+from maas.local.mesh import FREE_PORTS, SOURCE_MODELS, LocalMesh, MeshConfig
+from maas.local.supervisor import RestartPolicy, Supervisor
+from maas.v1 import router_pb2, router_pb2_grpc, tensor_pb2
+
+SECONDS = float(os.environ.get("MAAS_SOAK_SECONDS", "600"))
+FAULT_EVERY = float(os.environ.get("MAAS_SOAK_FAULT_EVERY", "60"))
+GRACE = 2.0  # after recovery, errors still count as the fault's
+CALL_TIMEOUT = 10.0
+# (what, component): cycled through, one per FAULT_EVERY.
+FAULTS = [("kill", "tokenizer"), ("kill", "triton"), ("stop", "vision"), ("kill", "router"), ("kill", "registry")]
+STOP_SECONDS = 5.0
+
+
+@dataclass
+class Record:
+    at: float
+    kind: str
+    code: str
+    ms: float
+
+
+@dataclass
+class Fault:
+    at: float
+    what: str
+    component: str
+    recovered: dict[str, float] = field(default_factory=dict)  # call kind -> first success after
+
+
+def generation_model() -> str | None:
+    return next((m.name for m in SOURCE_MODELS if m.name == "smollm2"), None)
+
+
+class Load(threading.Thread):
+    def __init__(self, mesh: LocalMesh, kind: str, records: list, stop: threading.Event):
+        super().__init__(daemon=True, name=f"soak-{kind}")
+        self.mesh, self.kind, self.records, self.stopping = mesh, kind, records, stop
+        self.examples: dict[str, str] = {}  # code -> the first message seen with it
+
+    def run(self) -> None:
+        channel = grpc.insecure_channel(self.mesh.router_address)
+        stub = router_pb2_grpc.RouterStub(channel)
+        image = cat_photo()
+        calls = {
+            "embed": lambda: stub.Embed(router_pb2.EmbedRequest(model=tensor_pb2.ModelRef(name="minilm"),
+                                                                texts=["soak test sentence"]), timeout=CALL_TIMEOUT),
+            "classify": lambda: stub.Classify(router_pb2.ClassifyRequest(
+                model=tensor_pb2.ModelRef(name="efficientnet_lite0"), images=[image]), timeout=CALL_TIMEOUT),
+            "generate": lambda: stub.GenerateUnary(router_pb2.GenerateRequest(
+                model=tensor_pb2.ModelRef(name=generation_model() or ""), prompt="Hello, my name is",
+                sampling=router_pb2.SamplingParams(max_tokens=8)), timeout=CALL_TIMEOUT),
+        }
+        call = calls[self.kind]
+        while not self.stopping.is_set():
+            t0 = time.monotonic()
+            try:
+                call()
+                code = "OK"
+            except grpc.RpcError as err:
+                code = err.code().name
+                self.examples.setdefault(code, err.details())
+            self.records.append(Record(t0, self.kind, code, (time.monotonic() - t0) * 1000))
+            if code != "OK":
+                time.sleep(0.1)  # a client backs off a little on errors
+        channel.close()
+
+
+class RssSampler(threading.Thread):
+    """Every few seconds: RSS of every process of the mesh (tritonserver, stubs, services) by pid."""
+
+    def __init__(self, root_pid: int, stop: threading.Event):
+        super().__init__(daemon=True, name="soak-rss")
+        self.root, self.stopping = psutil.Process(root_pid), stop
+        self.samples: dict[tuple[int, str], list[tuple[float, int]]] = defaultdict(list)
+
+    def run(self) -> None:
+        while not self.stopping.wait(5):
+            for proc in self.root.children(recursive=True):
+                try:
+                    name = " ".join(proc.cmdline()[:3])[-60:]
+                    self.samples[(proc.pid, name)].append((time.monotonic(), proc.memory_info().rss))
+                except psutil.Error:
+                    pass
+
+    def growth(self, settle: float = 60.0, min_life: float = 120.0) -> dict[str, float]:
+        """Per process that lived long enough: % growth from its first sample after `settle` s to its last."""
+        found = {}
+        for (pid, name), samples in self.samples.items():
+            start = samples[0][0]
+            settled = [rss for t, rss in samples if t - start >= settle]
+            if len(settled) >= 2 and samples[-1][0] - start >= min_life:
+                found[f"{pid} {name}"] = (settled[-1] / settled[0] - 1) * 100
+        return found
+
+
+def inject(mesh: LocalMesh, fault: Fault) -> None:
+    proc = mesh.triton.process if fault.component == "triton" else mesh.processes[fault.component]
+    if fault.what == "kill":
+        os.killpg(proc.pid, signal.SIGKILL)
+        return
+    os.killpg(proc.pid, signal.SIGSTOP)
+    time.sleep(STOP_SECONDS)
+    os.killpg(proc.pid, signal.SIGCONT)
+
+
+def main() -> None:
+    models = [m for m in SOURCE_MODELS if m.name in ("minilm", "efficientnet_lite0", generation_model())]
+    kinds = ["embed", "classify"] + (["generate"] if generation_model() else [])
+    records: list[Record] = []
+    faults: list[Fault] = []
+    stop = threading.Event()
+    with tempfile.TemporaryDirectory(prefix="maas-soak-") as state:
+        with LocalMesh(MeshConfig(state_dir=Path(state), ports=FREE_PORTS, models=models)) as mesh:
+            supervisor = Supervisor(mesh, RestartPolicy(max_restarts=20))
+            supervisor.start()
+            sampler = RssSampler(os.getpid(), stop)
+            sampler.start()
+            loads = [Load(mesh, kind, records, stop) for kind in kinds]
+            for load in loads:
+                load.start()
+            t0 = time.monotonic()
+            next_fault = t0 + FAULT_EVERY
+            try:
+                while time.monotonic() - t0 < SECONDS:
+                    time.sleep(0.5)
+                    if time.monotonic() >= next_fault and time.monotonic() - t0 < SECONDS - 20:
+                        what, component = FAULTS[len(faults) % len(FAULTS)]
+                        fault = Fault(time.monotonic(), what, component)
+                        faults.append(fault)
+                        print(f"soak t={fault.at - t0:.0f}s: {what} {component}", flush=True)
+                        inject(mesh, fault)
+                        next_fault += FAULT_EVERY
+            finally:
+                stop.set()
+                for load in loads:
+                    load.join(timeout=CALL_TIMEOUT + 5)
+                supervisor.stop()
+    for load in loads:
+        for code, message in load.examples.items():
+            print(f"soak {load.kind} {code} e.g.: {message[:200]}")
+    report(records, faults, kinds, sampler, t0)
+
+
+def report(records: list[Record], faults: list[Fault], kinds: list[str], sampler: RssSampler, t0: float) -> None:
+    for fault in faults:
+        for kind in kinds:
+            ok = [r.at for r in records if r.kind == kind and r.code == "OK" and r.at > fault.at]
+            fault.recovered[kind] = (min(ok) - fault.at) if ok else float("inf")
+    windows = [(f.at, f.at + max(f.recovered.values()) + GRACE) for f in faults]
+    errors = [r for r in records if r.code != "OK"]
+    # A call counts as the fault's when it overlaps the window (one in flight at the injection, too).
+    unexpected = [r for r in errors if not any(r.at <= b and r.at + r.ms / 1000 >= a for a, b in windows)]
+    print(f"soak: {len(records)} calls over {SECONDS:.0f}s, {len(faults)} faults; errors by code "
+          f"{dict(Counter((r.kind, r.code) for r in errors))}; outside fault windows "
+          f"{dict(Counter((r.kind, r.code, round(r.at - t0)) for r in unexpected))}")
+    for kind in kinds:
+        ok = [r.ms for r in records if r.kind == kind and r.code == "OK"]
+        if ok:
+            print(f"soak {kind}: {len(ok)} ok, p50 {statistics.median(ok):.1f} ms, p99 {np.percentile(ok, 99):.1f} ms")
+    for fault in faults:
+        print(f"soak fault {fault.what} {fault.component} at {fault.at - t0:.0f}s: recovered "
+              + ", ".join(f"{k} {v:.1f}s" for k, v in fault.recovered.items()))
+    growth = sampler.growth()
+    for name, pct in sorted(growth.items(), key=lambda kv: -kv[1]):
+        print(f"soak rss {pct:+.1f}% {name}")
+    triton = [max(f.recovered.values()) for f in faults if f.component == "triton"]
+    print(f"BENCH soak_rss_growth_pct_max {max(growth.values(), default=0.0):.1f} <= 5")
+    print(f"BENCH soak_unexpected_errors {len(unexpected)} <= 0")
+    if triton:
+        print(f"BENCH recovery_after_triton_kill_s {max(triton):.1f} <= 15")
+
+
+if __name__ == "__main__":
+    main()
