@@ -6,11 +6,11 @@
 # BASE_IMAGE: any bookworm with python3 (3.11) and its venv module; `make images` passes a local one.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 # Python packages come from the index, pinned by constraints.txt (the lock). `make images` sets
-# PIP_NO_INDEX=1 and mounts a wheel cache at /wheels (PIP_FIND_LINKS), so it needs no index at all.
+# PIP_NO_INDEX=1 and PIP_FIND_LINKS=/wheels, a wheel cache it mounts: it needs no index at all.
 
 FROM ${BASE_IMAGE} AS build
 ARG PIP_NO_INDEX
-ARG PIP_FIND_LINKS=/wheels
+ARG PIP_FIND_LINKS
 RUN apt-get update && apt-get install -y --no-install-recommends make \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -40,7 +40,7 @@ RUN MAAS_FASTPATH_OUT=/out/maas-oip-fastpath bash tools/build_fastpath.sh
 
 FROM ${BASE_IMAGE}
 ARG PIP_NO_INDEX
-ARG PIP_FIND_LINKS=/wheels
+ARG PIP_FIND_LINKS
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/maas/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

@@ -29,13 +29,13 @@ if ! podman image exists "$BASE"; then
     rm -rf build/images/rootfs && mkdir -p build/images
     debootstrap --variant=minbase --include=python3,python3-venv bookworm build/images/rootfs >build/images/debootstrap.log
     # debootstrap can leave the rootfs's /proc mounted: unmount before tar and rm.
-    grep -o "$ROOT/build/images/rootfs/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l
+    { grep -o "$ROOT/build/images/rootfs/[^ ]*" /proc/mounts || true; } | sort -r | xargs -r -n1 umount -l
     rm -rf build/images/rootfs/var/cache/apt/archives/*.deb build/images/rootfs/var/lib/apt/lists/*
     tar --one-file-system -C build/images/rootfs -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
     rm -rf build/images/rootfs
   fi
   # An imported rootfs has no config: give it the PATH an image normally has.
-  podman import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+  podman import --quiet --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'CMD ["/bin/bash"]' "$tarball" "$BASE" >/dev/null
 fi
 
@@ -64,7 +64,7 @@ mounts=(-v "$ROOT/build/wheels:/wheels:ro")
 for f in /etc/ssl/certs /etc/pip.conf; do [[ -e $f ]] && mounts+=(-v "$f:$f:ro"); done
 build() {  # NAME DOCKERFILE
   local t0=$SECONDS
-  podman build --network host "${mounts[@]}" --build-arg BASE_IMAGE="$BASE" --build-arg PIP_NO_INDEX=1 \
+  podman build --network host "${mounts[@]}" --build-arg BASE_IMAGE="$BASE" --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels \
     -f "$2" -t "localhost/$1:$TAG" . >"build/images/$1.build.log" 2>&1 ||
     { tail -30 "build/images/$1.build.log"; log "FAILED $1 (build/images/$1.build.log)"; return 1; }
   log "built localhost/$1:$TAG in $((SECONDS - t0)) s, $(podman image inspect --format '{{.Size}}' "localhost/$1:$TAG" | awk '{printf "%.0f MB", $1/1e6}')"
