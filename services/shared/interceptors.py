@@ -65,6 +65,15 @@ class _Outcome:
         code = context.code() if hasattr(context, "code") else None
         self.finish(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK)
 
+    def finish_abandoned(self, context: grpc.aio.ServicerContext) -> None:
+        """The handler was cancelled (the client went away or its deadline passed): a no-op when the
+        call already finished, else it leaves the in-flight gauge like any other call."""
+        if self.token is None:
+            return
+        remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+        expired = remaining is not None and remaining <= 0
+        self.finish(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler. Health and reflection calls are passed through untouched."""
@@ -112,6 +121,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             else:
                 outcome.finish_from_context(context)
                 return response
+            finally:
+                outcome.finish_abandoned(context)  # cancelled or timed out: CancelledError is no Exception
         return wrapped
 
     @staticmethod
@@ -129,5 +140,5 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             else:
                 outcome.finish_from_context(context)
             finally:
-                outcome.finish(grpc.StatusCode.CANCELLED)  # no-op unless the stream was cancelled
+                outcome.finish_abandoned(context)  # no-op unless the stream was cancelled
         return wrapped

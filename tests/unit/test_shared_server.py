@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.shared import errors
 from services.shared.config import ServerSettings
 from services.shared.server import build_server
+from services.shared.telemetry import RPC_INFLIGHT, RPC_REQUESTS
 
 SLOW = "/test.Probe/Slow"
 FAIL = "/test.Probe/Fail"
@@ -98,3 +99,34 @@ async def test_drain_flips_health_and_finishes_inflight(probe_server):
     await stopping
     with pytest.raises(grpc.aio.AioRpcError):
         await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+
+
+def _inflight() -> float:
+    return RPC_INFLIGHT.labels("probe")._value.get()  # noqa: SLF001 - the gauge's current value
+
+
+async def _until(predicate, what: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+def _requests(code: str) -> float:
+    return RPC_REQUESTS.labels("probe", "Slow", "", "", code)._value.get()  # noqa: SLF001
+
+
+async def test_cancelled_and_timed_out_calls_leave_the_inflight_gauge(probe_server):
+    """The HPA scales on in-flight requests: a unary call abandoned by its client must not stay counted."""
+    _, channel = probe_server
+    before = _inflight()
+    timed_out_before, cancelled_before = _requests("DEADLINE_EXCEEDED"), _requests("CANCELLED")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(SLOW)(b"30", timeout=0.2)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    call = channel.unary_unary(SLOW)(b"30")
+    await _until(lambda: _inflight() >= before + 1, "the call is being handled")
+    call.cancel()
+    await _until(lambda: _inflight() == before, "in-flight gauge back to its value before the calls")
+    await _until(lambda: _requests("CANCELLED") == cancelled_before + 1, "the cancelled call counted")
+    assert _requests("DEADLINE_EXCEEDED") == timed_out_before + 1
