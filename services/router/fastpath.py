@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from services.router.metrics import ROUTER_INFLIGHT
+from services.router.metrics import ROUTER_INFLIGHT, ROUTER_REQUESTS
 from services.router.routing import ModelRoutes, RoutingTable, default_version, ready_aliases, usable_split
 from services.shared.errors import FailedPrecondition
 from services.shared.replica_pool import ReplicaPool
@@ -188,10 +188,11 @@ class FastPath:
                 self._listening.set_result(int(fields[1]))
             elif fields[0] == "stats" and len(fields) == 2:
                 self._report_inflight(int(fields[1]))
-            elif fields[0] == "requests" and len(fields) == 5:
-                model, version, code, count = fields[1:]
+            elif fields[0] == "requests" and len(fields) == 6:
+                model, version, route, code, count = fields[1:]
                 RPC_REQUESTS.labels("router", "ModelInfer", model, version,
                                     _CODE_NAMES.get(int(code), code)).inc(int(count))
+                ROUTER_REQUESTS.labels(model, version, route).inc(int(count))
             elif fields[0] == "durations" and len(fields) == 3:
                 add_to_histogram(RPC_DURATION.labels("router", "ModelInfer"),
                                  [int(n) for n in fields[1].split(",")], float(fields[2]))

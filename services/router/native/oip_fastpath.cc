@@ -15,7 +15,9 @@
 //         <shadow 0|1>          ("!" = a traffic policy with no usable target: the Python router answers)
 //   commit
 // stdout: "listening <port>" once, then every --stats-interval seconds
-//   stats <inflight> and "requests <model> <version> <grpc code> <count since last report>" lines,
+//   stats <inflight> (calls it is sending to Triton; the ones it hands to the Python router are counted
+//   there) and "requests <model> <version> <route> <grpc code> <count since last report>" lines (route:
+//   explicit_version, alias, traffic_policy or default, as maas_router_requests_total labels them),
 //   and "durations <count per --duration-buckets bucket, then +Inf, comma-separated> <seconds>" (since
 //   the last report) of the calls it sent to Triton (the Python router times the ones it answers).
 // stdin closing (the router exited) or SIGTERM/SIGINT: stop accepting, let calls finish, exit.
@@ -178,19 +180,28 @@ class Forwarder {
     sequence_rng_.seed(std::random_device{}());
   }
 
-  // Decides where a ModelInfer goes: the Triton version to ask for, or "" = the Python router.
-  std::string Route(const std::string& name, const std::string& version) {
+  // Decides where a ModelInfer goes: the Triton version to ask for, or "" = the Python router; *kind
+  // is how it was chosen (the Python router's RouteKind names).
+  std::string Route(const std::string& name, const std::string& version, const char** kind) {
     std::shared_ptr<Table> table = CurrentTable();
     auto found = table->models.find(name);
     if (found == table->models.end()) return "";
     const ModelRoutes& routes = found->second;
-    if (IsNumber(version)) return routes.ready.count(version) ? version : "";
+    if (IsNumber(version)) {
+      *kind = "explicit_version";
+      return routes.ready.count(version) ? version : "";
+    }
     if (!version.empty()) {
+      *kind = "alias";
       auto alias = routes.aliases.find(version);
       return alias == routes.aliases.end() ? "" : alias->second;
     }
     if (routes.shadow || routes.split_unusable) return "";
-    if (routes.split.empty()) return routes.default_version;
+    if (routes.split.empty()) {
+      *kind = "default";
+      return routes.default_version;
+    }
+    *kind = "traffic_policy";
     double point = NextPoint(name) * routes.split_total;
     for (const auto& [target, weight] : routes.split) {
       point -= weight;
@@ -228,11 +239,12 @@ class Forwarder {
     return nullptr;
   }
 
-  void Count(const std::string& model, const std::string& version, grpc::StatusCode code, double seconds) {
+  void Count(const std::string& model, const std::string& version, const char* route, grpc::StatusCode code,
+             double seconds) {
     const std::vector<double>& bounds = options_.duration_buckets;
     size_t bucket = std::lower_bound(bounds.begin(), bounds.end(), seconds) - bounds.begin();  // first bound >= seconds
     std::lock_guard<std::mutex> lock(stats_mutex_);
-    ++counts_[model + "\t" + version + "\t" + std::to_string(static_cast<int>(code))];
+    ++counts_[model + "\t" + version + "\t" + route + "\t" + std::to_string(static_cast<int>(code))];
     ++durations_[bucket];
     duration_sum_ += seconds;
   }
@@ -310,7 +322,6 @@ class Call : public grpc::ServerGenericBidiReactor {
  public:
   Call(grpc::GenericCallbackServerContext* context, Forwarder* forwarder)
       : context_(context), forwarder_(forwarder), started_(std::chrono::steady_clock::now()) {
-    ++forwarder_->inflight;
     for (const char* method : kStreamingMethods) {
       if (context_->method() == method) {
         Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
@@ -340,8 +351,9 @@ class Call : public grpc::ServerGenericBidiReactor {
       std::vector<grpc::Slice> slices;
       std::string version;
       if (request_.Dump(&slices).ok() && ReadModelRef(slices, &model_, &version)) {
-        std::string target = forwarder_->Route(model_, version);
+        std::string target = forwarder_->Route(model_, version, &route_);
         if (!target.empty() && (replica_ = forwarder_->ReplicaRef())) {
+          ++forwarder_->inflight;  // only here: a call handed to the Python router is counted there
           version_ = target;
           if (target != version) {
             slices.emplace_back(VersionField(target));
@@ -356,7 +368,7 @@ class Call : public grpc::ServerGenericBidiReactor {
   }
 
   void OnDone() override {
-    --forwarder_->inflight;
+    if (replica_) --forwarder_->inflight;
     delete this;
   }
 
@@ -392,7 +404,7 @@ class Call : public grpc::ServerGenericBidiReactor {
     if (RetryElsewhere(status)) return;
     if (replica_) {
       std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - started_;
-      forwarder_->Count(model_, version_, status.error_code(), elapsed.count());
+      forwarder_->Count(model_, version_, route_, status.error_code(), elapsed.count());
     }
     if (status.ok()) StartWriteAndFinish(&response_, grpc::WriteOptions(), status);
     else Finish(status);
@@ -407,6 +419,7 @@ class Call : public grpc::ServerGenericBidiReactor {
   std::vector<std::shared_ptr<grpc::GenericStub>> tried_;
   std::chrono::steady_clock::time_point started_;
   std::string model_, version_;
+  const char* route_ = "";
   grpc::ByteBuffer request_, retargeted_, response_;
 };
 
