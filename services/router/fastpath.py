@@ -22,7 +22,8 @@ import grpc
 
 from services.router.metrics import ROUTER_INFLIGHT, ROUTER_REQUESTS
 from services.router.routing import ModelRoutes, RoutingTable, default_version, ready_aliases, usable_split
-from services.shared.errors import FailedPrecondition
+from services.router.triton_errors import MODEL_INPUT_ERROR_MARKERS
+from services.shared.errors import MAX_STATUS_MESSAGE_BYTES, FailedPrecondition
 from services.shared.replica_pool import ReplicaPool
 from services.shared.telemetry import RPC_DURATION, RPC_REQUESTS
 
@@ -160,7 +161,9 @@ class FastPath:
         return [s.binary, "--listen", s.listen, "--fallback", s.fallback, "--max-message-bytes",
                 str(s.max_message_bytes), "--default-timeout", str(s.default_timeout), "--grace", str(s.grace),
                 "--stats-interval", str(s.stats_interval),
-                "--duration-buckets", ",".join(map(str, RPC_DURATION._upper_bounds[:-1]))]  # +Inf is implied
+                "--duration-buckets", ",".join(map(str, RPC_DURATION._upper_bounds[:-1])),  # +Inf is implied
+                "--max-status-message-bytes", str(MAX_STATUS_MESSAGE_BYTES),
+                *(arg for marker in MODEL_INPUT_ERROR_MARKERS for arg in ("--input-error-marker", marker))]
 
     async def _supervise(self) -> None:
         backoff = 0.5

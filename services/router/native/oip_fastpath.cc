@@ -21,6 +21,9 @@
 //   and "durations <count per --duration-buckets bucket, then +Inf, comma-separated> <seconds>" (since
 //   the last report) of the calls it sent to Triton (the Python router times the ones it answers).
 // stdin closing (the router exited) or SIGTERM/SIGINT: stop accepting, let calls finish, exit.
+// Triton's errors are answered as the main port answers them (services/router/triton_errors.py, which
+// passes its rules as flags): INTERNAL naming an --input-error-marker becomes INVALID_ARGUMENT, and
+// every error message is cut to --max-status-message-bytes like services.shared.errors.bounded.
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
@@ -170,7 +173,18 @@ struct Options {
   int max_message_bytes = 64 << 20;
   double default_timeout = 30.0, stats_interval = 1.0, grace = 5.0;
   std::vector<double> duration_buckets;  // upper bounds, ascending (the router's latency histogram's)
+  std::vector<std::string> input_error_markers;
+  size_t max_status_message_bytes = 1024;
 };
+
+// services.shared.errors.bounded, byte for byte: the two ports give the same message.
+std::string Bounded(const std::string& message, size_t limit) {
+  if (message.size() <= limit) return message;
+  std::string marker = "\u2026 (" + std::to_string(message.size() - limit) + " more bytes cut)";
+  size_t keep = limit > marker.size() + 4 ? limit - marker.size() - 4 : 0;
+  while (keep > 0 && (static_cast<unsigned char>(message[keep]) & 0xC0) == 0x80) --keep;  // whole characters
+  return message.substr(0, keep) + "\u2026 (" + std::to_string(message.size() - keep) + " more bytes cut)";
+}
 
 class Forwarder {
  public:
@@ -385,6 +399,19 @@ class Call : public grpc::ServerGenericBidiReactor {
                     [this](grpc::Status status) { Done(status); });
   }
 
+  grpc::Status AsTheMainPort(const grpc::Status& status) {
+    if (status.ok()) return status;
+    const Options& options = forwarder_->options();
+    grpc::StatusCode code = status.error_code();
+    if (code == grpc::StatusCode::INTERNAL) {
+      for (const std::string& marker : options.input_error_markers) {
+        if (status.error_message().find(marker) != std::string::npos) code = grpc::StatusCode::INVALID_ARGUMENT;
+      }
+    }
+    return grpc::Status(code, Bounded(status.error_message(), options.max_status_message_bytes),
+                        status.error_details());
+  }
+
   // The Python router's retry rule: only a call that never left (its replica could not be connected
   // to) goes to another replica, once per replica; anything else may have reached the model.
   bool RetryElsewhere(const grpc::Status& status) {
@@ -400,8 +427,9 @@ class Call : public grpc::ServerGenericBidiReactor {
     return true;
   }
 
-  void Done(const grpc::Status& status) {
-    if (RetryElsewhere(status)) return;
+  void Done(const grpc::Status& received) {
+    if (RetryElsewhere(received)) return;
+    grpc::Status status = AsTheMainPort(received);
     if (replica_) {
       std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - started_;
       forwarder_->Count(model_, version_, route_, status.error_code(), elapsed.count());
@@ -499,6 +527,8 @@ bool ParseArgs(int argc, char** argv, Options* options) {
     else if (flag == "--default-timeout") options->default_timeout = std::atof(value.c_str());
     else if (flag == "--stats-interval") options->stats_interval = std::atof(value.c_str());
     else if (flag == "--grace") options->grace = std::atof(value.c_str());
+    else if (flag == "--input-error-marker") options->input_error_markers.push_back(value);
+    else if (flag == "--max-status-message-bytes") options->max_status_message_bytes = std::atol(value.c_str());
     else if (flag == "--duration-buckets") {
       for (const std::string& bound : Split(value, ',')) options->duration_buckets.push_back(std::atof(bound.c_str()));
       if (!std::is_sorted(options->duration_buckets.begin(), options->duration_buckets.end())) return false;
@@ -515,6 +545,7 @@ int main(int argc, char** argv) {
   if (!ParseArgs(argc, argv, &options)) {
     std::cerr << "usage: maas-oip-fastpath --listen HOST:PORT --fallback HOST:PORT [--max-message-bytes N]"
                  " [--default-timeout S] [--stats-interval S] [--grace S] [--duration-buckets S,S,...]"
+                 " [--input-error-marker TEXT]... [--max-status-message-bytes N]"
                  "  (routing snapshots on stdin)" << std::endl;
     return 2;
   }
