@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -316,6 +317,9 @@ class Registry:
             check_name(r.model)
             if r.items and r.top1_agreed > r.items:
                 raise InvalidArgument(f"{r.model}: top1_agreed {r.top1_agreed} > items {r.items}")
+            for name in ("cosine_sum", "primary_latency_ms", "shadow_latency_ms"):
+                if not math.isfinite(getattr(r, name)):  # NaN would reach SQLite as NULL
+                    raise InvalidArgument(f"{r.model}: {name} is {getattr(r, name)}, not a finite number")
         with self.store.transaction() as tx:
             self.store.add_shadow_results(tx, results)
         agreement = {}

@@ -316,6 +316,8 @@ def version_selector(version: str) -> tuple[int, str]:
     """OIP model_version → (version number, alias): "" = policy, "3" = version 3, "canary" = an alias."""
     if not version:
         return 0, ""
+    if version.isdigit() and not version.isascii():  # int() takes "١٢", raises on "²": neither is a version
+        raise InvalidArgument(f"model_version {version!r}: a version number is written in ASCII digits 0-9")
     if version.isdigit():
         if int(version) <= 0:
             raise InvalidArgument(f"model_version {version!r}: versions start at 1")

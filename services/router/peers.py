@@ -16,6 +16,7 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas.v1 import tensor_pb2, tokenizer_pb2, tokenizer_pb2_grpc, vision_pb2, vision_pb2_grpc
+from services.router.triton_errors import model_input_error
 from services.shared.errors import Unavailable
 from services.shared.replica_pool import Replica, ReplicaPool
 
@@ -136,7 +137,7 @@ class TritonPeer:
             return await _attempt(replica, factory, method, request, timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                raise
+                raise model_input_error(exc) or exc from None
             failure = exc
         return await self._retry(replica, failure, factory, method, request, timeout, started)
 
@@ -156,7 +157,7 @@ class TritonPeer:
                 return await _attempt(replica, factory, method, request, remaining)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
+                    raise model_input_error(exc) or exc from None
                 failure = exc
         raise Unavailable(f"Triton ({replica.address}) is unavailable: {failure.details()}") from None
 

@@ -12,6 +12,7 @@ from maas.v1 import router_pb2, router_pb2_grpc, tensor_pb2
 from services.router.dataplane import ClassifyResult, Dataplane, ModelRef, Payload
 from services.router.peers import TritonPeer
 from services.router.routing import Route, RoutingTable
+from services.router.triton_errors import oip_worded
 from services.shared.errors import ServiceError
 
 OIP_SERVICE = "inference.GRPCInferenceService"
@@ -147,14 +148,14 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
     """Register the OIP service; returns its full name (for health and reflection)."""
     def typed(method: str, request_type: str):
         return grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method),
+            oip_worded(getattr(servicer, method)),
             request_deserializer=getattr(service_pb2, request_type).FromString,
             response_serializer=lambda message: message.SerializeToString(),
         )
 
     handlers = {
         # Bytes in, bytes out.
-        "ModelInfer": grpc.unary_unary_rpc_method_handler(servicer.ModelInfer),
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(oip_worded(servicer.ModelInfer)),
         **{name: typed(name, f"{name}Request") for name in (
             "ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig",
             "ModelStatistics")},
