@@ -61,12 +61,19 @@ class SourceModel:
     top_k: int = 0
     labels_file: str = ""
     signature_from_config: bool = False  # TorchScript carries no signature: read config.pbtxt
+    # Further versions registered after `artifact`, in order; `production` points at the last one.
+    more_artifacts: tuple[str, ...] = ()
+    descriptions: tuple[str, ...] = ()  # per version, else a generic one
 
 
 SOURCE_MODELS = (
     SourceModel("minilm", "1/model.onnx", "onnx", ("tokenizer", "minilm"), ("embedding", "sentence_embedding")),
     SourceModel("efficientnet_lite0", "1/model.pt", "torchscript", ("vision", "efficientnet_lite0"),
                 ("softmax_top_k", "OUTPUT__0"), top_k=5, labels_file="labels.txt", signature_from_config=True),
+    # ONNX Runtime GenAI folders (docs/generation.md): v1 fp32 (the reference), v2 int4 (production).
+    SourceModel("smollm2", "1", "genai", ("tokenizer", "smollm2"), ("generation", ""), more_artifacts=("2",),
+                descriptions=("SmolLM2-135M-Instruct, fp32 (the reference export)",
+                              "SmolLM2-135M-Instruct, int4 (MatMulNBits)")),
 )
 
 
@@ -319,27 +326,37 @@ class LocalMesh:
                 if existing is not None and existing.versions:
                     continue
                 folder = source / model.name
-                artifact = folder / model.artifact
-                if not artifact.is_file():
-                    raise MeshError(f"{artifact} is missing: build the models first (make models)")
+                artifacts = [folder / a for a in (model.artifact, *model.more_artifacts)]
+                for artifact in artifacts:
+                    if not (artifact.is_dir() if model.format == "genai" else artifact.is_file()):
+                        raise MeshError(f"{artifact} is missing: build the models first (make models)")
                 inputs, outputs, max_batch = _config_signature(folder)
+                if model.format == "genai":  # the registry owns the generation contract's config
+                    inputs, outputs, max_batch = [], [], 0
                 labels = (folder / model.labels_file).read_text().splitlines() if model.labels_file else []
-                self.log(f"registering {model.name} from {artifact.relative_to(source.parent)}")
+                for i, artifact in enumerate(artifacts):
+                    self.log(f"registering {model.name} from {artifact.relative_to(source.parent)}")
+                    description = model.descriptions[i] if i < len(model.descriptions) else \
+                        f"{model.name} from the source model repository (first start of the local mesh)"
+                    try:
+                        version = registry.register(
+                            artifact, model.name, format=model.format,
+                            inputs=inputs if model.signature_from_config else (),
+                            outputs=outputs if model.signature_from_config else (),
+                            preprocessing=model.preprocessing, postprocessing=model.postprocessing,
+                            top_k=model.top_k, labels=labels, max_batch_size=max_batch,
+                            tags={"source": "model_repository", "source_path": f"{model.name}/{artifact.name}"},
+                            description=description,
+                        )
+                        registry.wait_ready(model.name, version.version, timeout=self.config.register_timeout)
+                    except RegistryError as exc:
+                        raise MeshError(f"registering {model.name} failed: {exc}\nregistry log:\n"
+                                        f"{self.log_tail('registry')}") from None
+                    self.registered.append((model.name, version.version))
                 try:
-                    version = registry.register(
-                        artifact, model.name, format=model.format,
-                        inputs=inputs if model.signature_from_config else (),
-                        outputs=outputs if model.signature_from_config else (),
-                        preprocessing=model.preprocessing, postprocessing=model.postprocessing, top_k=model.top_k,
-                        labels=labels, max_batch_size=max_batch, tags={"source": "model_repository"},
-                        description=f"{model.name} from the source model repository (first start of the local mesh)",
-                    )
-                    registry.wait_ready(model.name, version.version, timeout=self.config.register_timeout)
                     registry.set_alias(model.name, "production", version.version, reason="first start of the local mesh")
                 except RegistryError as exc:
-                    raise MeshError(f"registering {model.name} failed: {exc}\nregistry log:\n"
-                                    f"{self.log_tail('registry')}") from None
-                self.registered.append((model.name, version.version))
+                    raise MeshError(f"pointing production of {model.name} at v{version.version} failed: {exc}") from None
 
     def _wait_routable(self, models: Sequence[str]) -> None:
         """Until the router has the registry's state and Triton has each model ready (OIP ModelReady)."""
