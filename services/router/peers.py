@@ -6,9 +6,11 @@ fails fast with UNAVAILABLE instead of hanging; cancelling the caller cancels th
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from time import monotonic
 
@@ -22,6 +24,7 @@ from services.shared.replica_pool import Replica, ReplicaPool
 log = logging.getLogger(__name__)
 
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_STREAM_INFER_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 def names_peer(method):
@@ -41,6 +44,29 @@ def names_peer(method):
 class Tokenized:
     tensors: list[tensor_pb2.Tensor]
     truncated: list[bool]
+    original_lengths: list[int] = ()
+
+
+class DetokenizeStream:
+    """One sequence's incremental detokenization: push the next ids, get the text they complete."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall, tokenizer: str, peer: str):
+        self._call, self._tokenizer, self.peer = call, tokenizer, peer
+        self._first = True
+
+    @names_peer
+    async def push(self, ids: list[int]) -> str:
+        request = tokenizer_pb2.DetokenizeStreamRequest(ids=ids)
+        if self._first:  # the first request names the tokenizer; later ones are read for their ids only
+            request.tokenizer, self._first = self._tokenizer, False
+        await self._call.write(request)
+        response = await self._call.read()
+        if response is grpc.aio.EOF:
+            raise Unavailable(f"{self.peer} ended the detokenize stream early")
+        return response.text
+
+    def cancel(self) -> None:
+        self._call.cancel()
 
 
 class TokenizerPeer:
@@ -53,7 +79,21 @@ class TokenizerPeer:
         request = tokenizer_pb2.TokenizeRequest(tokenizer=tokenizer, texts=texts,
                                                 padding=tokenizer_pb2.PADDING_LONGEST)
         response = await self._stub.Tokenize(request, timeout=timeout, wait_for_ready=False)
-        return Tokenized(list(response.tensors), [item.truncated for item in response.items])
+        return Tokenized(list(response.tensors), [item.truncated for item in response.items],
+                         [item.original_length for item in response.items])
+
+    @names_peer
+    async def chat_template(self, tokenizer: str, messages: list[tuple[str, str]], timeout: float | None) -> list[int]:
+        """The messages rendered with the tokenizer's chat template (assistant turn opened), as ids."""
+        request = tokenizer_pb2.ChatTemplateRequest(
+            tokenizer=tokenizer, add_generation_prompt=True,
+            messages=[tokenizer_pb2.TemplateMessage(role=role, content=content) for role, content in messages])
+        response = await self._stub.ApplyChatTemplate(request, timeout=timeout, wait_for_ready=False)
+        return list(response.input_ids)
+
+    def detokenize_stream(self, tokenizer: str, timeout: float | None) -> DetokenizeStream:
+        call = self._stub.DetokenizeStream(timeout=timeout, wait_for_ready=False)
+        return DetokenizeStream(call, tokenizer, self.peer)
 
 
 class VisionPeer:
@@ -76,6 +116,18 @@ def raw_model_infer(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallab
 
 TritonStub = service_pb2_grpc.GRPCInferenceServiceStub
 
+
+def raw_model_stream_infer(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiCallable:
+    """ModelStreamInfer with serialised messages both ways (the OIP passthrough)."""
+    return channel.stream_stream(MODEL_STREAM_INFER_METHOD)
+
+
+def model_stream_infer(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiCallable:
+    """ModelStreamInfer with service_pb2 messages (the router's own generation requests)."""
+    return channel.stream_stream(MODEL_STREAM_INFER_METHOD,
+                                 request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+                                 response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+
 # gRPC's status text when the call could not be given a connection at all (wait_for_ready=False and the
 # channel cannot connect): the request never left the router, so another replica may take it.
 NOT_SENT = "failed to connect to all addresses"
@@ -97,6 +149,7 @@ class TritonPeer:
     def __init__(self, pool: ReplicaPool):
         self.pool = pool
         self._max_batch: dict[tuple[str, str], int] = {}  # versions are immutable: cache forever
+        self._parameters: dict[tuple[str, str], dict[str, str]] = {}
 
     async def max_batch_size(self, model: str, version: str, timeout: float | None) -> int:
         """The version's max_batch_size from Triton's config (0 = no batch dimension), fetched once."""
@@ -124,6 +177,33 @@ class TritonPeer:
     async def infer_raw(self, request: bytes, timeout: float | None) -> bytes:
         """Bytes in, bytes out: the passthrough never parses or re-serialises tensors."""
         return await self._call(raw_model_infer, None, request, timeout)
+
+    async def model_parameters(self, model: str, version: str, timeout: float | None) -> dict[str, str]:
+        """The string parameters of the version's Triton config (a generation model's limits), fetched once."""
+        key = (model, version)
+        if key not in self._parameters:
+            request = service_pb2.ModelConfigRequest(name=model, version=version)
+            response = await self._call(TritonStub, "ModelConfig", request, timeout)
+            self._parameters[key] = {k: p.string_value for k, p in response.config.parameters.items()}
+        return self._parameters[key]
+
+    @contextlib.asynccontextmanager
+    async def stream(self, timeout: float | None, raw: bool = False,
+                     metadata: tuple = ()) -> AsyncIterator[grpc.aio.StreamStreamCall]:
+        """A ModelStreamInfer call on one replica, counted in its in-flight calls while open, and
+        cancelled when the block ends however it ends (Triton then cancels the requests still running
+        on it: that is how a caller's cancel or deadline reaches a decoupled model). Not retried: a
+        stream's requests may have reached the model."""
+        replica = self.pool.pick()
+        replica.inflight += 1
+        replica.calls += 1
+        call = replica.stub(raw_model_stream_infer if raw else model_stream_infer)(
+            timeout=timeout, wait_for_ready=False, metadata=metadata or None)
+        try:
+            yield call
+        finally:
+            replica.inflight -= 1
+            call.cancel()
 
     async def call(self, method: str, request, timeout: float | None):
         """Any other unary method of Triton's API by name, e.g. call("ModelMetadata", req, 5)."""
