@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
 
@@ -289,6 +290,14 @@ class Generation:
             raise InvalidArgument("the prompt has no tokens")
         return ids
 
+    async def _detokenize(self, session, ids: list[int], flush: bool = False) -> str:
+        try:
+            return await session.send(ids, flush=flush)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise Unavailable(f"{self.tokenizer.peer} is unavailable: {exc.details()}") from None
+            raise
+
     async def _generate(self, route: Route, ids: list[int], max_tokens: int, sampling: Sampling,
                         deadline: Deadline, started: float) -> AsyncIterator[Piece]:
         info = route.info
@@ -297,7 +306,7 @@ class Generation:
         finish = FinishReason.UNSPECIFIED
         tokens = GENERATED_TOKENS.labels(info.model, str(info.version))
         async with self.triton.stream(deadline.remaining()) as call:
-            detokenizer = self.tokenizer.detokenize_stream(info.pre_name, deadline.remaining())
+            detokenizer = self.tokenizer.detokenize_session(info.pre_name, deadline.remaining())
             try:
                 await call.write(triton_request(info, ids, max_tokens, sampling))
                 await call.done_writing()
@@ -309,7 +318,7 @@ class Generation:
                         if started:
                             TIME_TO_FIRST_TOKEN.labels(info.model).observe(time.perf_counter() - started)
                             started = 0.0
-                        text, shown, matched = stops.feed(await detokenizer.push(new_ids), new_ids)
+                        text, shown, matched = stops.feed(await self._detokenize(detokenizer, new_ids), new_ids)
                         if text or shown:
                             sent += len(shown)
                             tokens.inc(len(shown))
@@ -324,12 +333,26 @@ class Generation:
                 else:
                     raise Unavailable(f"Triton ended the stream of model {info.model!r} v{info.version} "
                                       f"before its final response")
+                text, shown = "", []
+                if not matched:  # what the detokenizer held back (a character cut at the end)
+                    text, shown, matched = stops.feed(await self._detokenize(detokenizer, [], flush=True), [])
+                    if matched:
+                        finish = FinishReason.STOP
             finally:
-                detokenizer.cancel()
-        text, shown = ("", []) if matched else stops.flush()  # after a match the rest is never shown
+                await _close(detokenizer)
+        if not matched:  # after a match the rest is never shown
+            rest, rest_ids = stops.flush()
+            text, shown = text + rest, shown + rest_ids
         sent += len(shown)
         tokens.inc(len(shown))
         yield Piece(text, shown, route if first else None, finish, (len(ids), sent))
+
+
+async def _close(session) -> None:
+    try:
+        await session.close()
+    except Exception:  # noqa: BLE001 - the answer is complete; a detokenizer hiccup at the end changes nothing
+        pass
 
 
 def _triton_failure(info: VersionInfo, message: str) -> Exception:

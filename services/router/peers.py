@@ -19,6 +19,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas.v1 import tensor_pb2, tokenizer_pb2, tokenizer_pb2_grpc, vision_pb2, vision_pb2_grpc
 from services.shared.errors import Unavailable
+from services.tokenizer.client import DetokenizeSession
 from services.shared.replica_pool import Replica, ReplicaPool
 
 log = logging.getLogger(__name__)
@@ -47,28 +48,6 @@ class Tokenized:
     original_lengths: list[int] = ()
 
 
-class DetokenizeStream:
-    """One sequence's incremental detokenization: push the next ids, get the text they complete."""
-
-    def __init__(self, call: grpc.aio.StreamStreamCall, tokenizer: str, peer: str):
-        self._call, self._tokenizer, self.peer = call, tokenizer, peer
-        self._first = True
-
-    @names_peer
-    async def push(self, ids: list[int]) -> str:
-        request = tokenizer_pb2.DetokenizeStreamRequest(ids=ids)
-        if self._first:  # the first request names the tokenizer; later ones are read for their ids only
-            request.tokenizer, self._first = self._tokenizer, False
-        await self._call.write(request)
-        response = await self._call.read()
-        if response is grpc.aio.EOF:
-            raise Unavailable(f"{self.peer} ended the detokenize stream early")
-        return response.text
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-
 class TokenizerPeer:
     def __init__(self, channel: grpc.aio.Channel, address: str = ""):
         self._stub = tokenizer_pb2_grpc.TokenizerStub(channel)
@@ -91,9 +70,9 @@ class TokenizerPeer:
         response = await self._stub.ApplyChatTemplate(request, timeout=timeout, wait_for_ready=False)
         return list(response.input_ids)
 
-    def detokenize_stream(self, tokenizer: str, timeout: float | None) -> DetokenizeStream:
-        call = self._stub.DetokenizeStream(timeout=timeout, wait_for_ready=False)
-        return DetokenizeStream(call, tokenizer, self.peer)
+    def detokenize_session(self, tokenizer: str, timeout: float | None) -> DetokenizeSession:
+        """One generated sequence's DetokenizeStream (send ids, get the text they complete; close it)."""
+        return DetokenizeSession(self._stub, tokenizer, timeout=timeout)
 
 
 class VisionPeer:

@@ -101,7 +101,11 @@ class GenTokenizer(base.FakeTokenizer):
 
     async def DetokenizeStream(self, request_iterator, context):
         async for request in request_iterator:
-            yield tokenizer_pb2.DetokenizeStreamResponse(text="".join(VOCAB.get(i, "?") for i in request.ids))
+            # A flush sends a held-back tail: here a marker, so tests see it arrive last.
+            tail = "~" if request.flush and self.flush_tail else ""
+            yield tokenizer_pb2.DetokenizeStreamResponse(text="".join(VOCAB.get(i, "?") for i in request.ids) + tail)
+
+    flush_tail = False
 
 
 class GenMesh(base.Mesh):
@@ -277,3 +281,10 @@ async def test_oip_stream_routes_each_request_and_relays_every_response(mesh):
         assert [int(r.as_numpy("output_ids")[0]) for r in by_id["a"][:3]] == SCRIPT[:3]
     finally:
         await client.close()
+
+
+async def test_text_the_detokenizer_held_back_is_flushed_at_the_end(mesh):
+    mesh.tokenizer.flush_tail = True  # e.g. a character cut by max_tokens: sent on the flush
+    messages = await collect(mesh, chat("x", max_tokens=2))
+    assert "".join(m.text for m in messages) == "Hello,~" and messages[-1].text.endswith("~")
+    assert (await mesh.stub.GenerateUnary(chat("x", max_tokens=2), timeout=5)).text == "Hello,~"
