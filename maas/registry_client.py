@@ -33,7 +33,8 @@ FORMATS = {"onnx": pb.ARTIFACT_FORMAT_ONNX, "torchscript": pb.ARTIFACT_FORMAT_TO
 PREPROCESSING = {"none": pb.Preprocessing.KIND_NONE, "tokenizer": pb.Preprocessing.KIND_TOKENIZER,
                  "vision": pb.Preprocessing.KIND_VISION}
 POSTPROCESSING = {"none": pb.Postprocessing.KIND_NONE, "embedding": pb.Postprocessing.KIND_EMBEDDING,
-                  "softmax_top_k": pb.Postprocessing.KIND_SOFTMAX_TOP_K, "generation": pb.Postprocessing.KIND_GENERATION}
+                  "softmax_top_k": pb.Postprocessing.KIND_SOFTMAX_TOP_K,
+                  "generation": pb.Postprocessing.KIND_GENERATION}
 STATE_NAMES = {v: pb.VersionState.Name(v).removeprefix("VERSION_STATE_").lower() for v in pb.VersionState.values()}
 FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
 

@@ -354,9 +354,11 @@ class LocalMesh:
                                         f"{self.log_tail('registry')}") from None
                     self.registered.append((model.name, version.version))
                 try:
-                    registry.set_alias(model.name, "production", version.version, reason="first start of the local mesh")
+                    registry.set_alias(model.name, "production", version.version,
+                                       reason="first start of the local mesh")
                 except RegistryError as exc:
-                    raise MeshError(f"pointing production of {model.name} at v{version.version} failed: {exc}") from None
+                    raise MeshError(f"pointing production of {model.name} at v{version.version} failed: "
+                                    f"{exc}") from None
 
     def _wait_routable(self, models: Sequence[str]) -> None:
         """Until the router has the registry's state and Triton has each model ready (OIP ModelReady)."""
