@@ -140,6 +140,7 @@ def test_canary_sticky_keys_and_rollback_between_two_generation_versions(mesh, m
                 lambda _: router.GenerateUnary(quick(), timeout=120).routed.version, range(400)))
             assert set(versions) == {1, 2}
             assert 0.07 <= versions[1] / 400 <= 0.13, versions
+            print(f"canary share of v1 over 400 requests: {versions[1] / 400:.3f}")
             keyed = list(pool.map(lambda i: (f"user-{i % 10}", router.GenerateUnary(
                 quick(f"user-{i % 10}"), timeout=120).routed.version), range(40)))
         per_key: dict[str, set[int]] = {}
