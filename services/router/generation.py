@@ -12,6 +12,7 @@ No gRPC server types here: the servicer hands in plain values and gets Pieces ba
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import time
@@ -246,7 +247,8 @@ class Generation:
         started = time.perf_counter()
         check_sampling(sampling, self.limits)
         check_prompt(prompt, self.limits)
-        route = self.plane.route(ref)
+        # No shadow copies of generations (a second full generation per request): the decision says so.
+        route = dataclasses.replace(self.plane.route(ref), shadow=None)
         info = route.info
         check_generation_model(info)
         deadline = Deadline(timeout if timeout is not None else self.limits.default_timeout)
