@@ -188,12 +188,45 @@ def test_cancel_mid_stream_reaches_the_model_and_frees_its_slot(mesh, router):
     while finished_requests() == before:
         assert time.monotonic() < deadline, "Triton's statistics never showed the cancelled request released"
         time.sleep(0.1)
+    # A deadline does the same: the caller gets DEADLINE_EXCEEDED and the model stops decoding.
+    cancelled = mesh.triton.log_path.read_text().count("generation cancelled after")
+    with pytest.raises(grpc.RpcError) as late:
+        router.GenerateUnary(request("Tell me a very long story about dragons.", max_tokens=1000), timeout=1.5)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    while mesh.triton.log_path.read_text().count("generation cancelled after") == cancelled:
+        assert time.monotonic() < deadline + 30, "the model never saw the deadline"
+        time.sleep(0.1)
     # The next request starts and completes; no stream is left open on the router.
     assert router.GenerateUnary(request(max_tokens=4), timeout=120).usage.completion_tokens == 4
     while metric(mesh, "maas_router_inflight_streams") != 0:
         assert time.monotonic() < deadline, "the router still counts a stream in flight"
         time.sleep(0.1)
     assert metric(mesh, "maas_router_generated_tokens_total") > 0
+
+
+def test_64_concurrent_streams_with_disconnects_leave_the_mesh_serving(mesh, router):
+    """More streams than the model's sequence slots (16), a quarter of them dropped mid-stream."""
+    def one(i: int) -> int:
+        call = router.Generate(router_pb2.GenerateRequest(
+            model=tensor_pb2.ModelRef(name="smollm2"), prompt=f"Count to {i}:",
+            sampling=router_pb2.SamplingParams(max_tokens=1 if i % 4 else 200)), timeout=300)
+        if i % 4 == 0:  # disconnects after its first piece
+            next(call)
+            call.cancel()
+            return -1
+        return sum(len(m.token_ids) for m in call)
+
+    with ThreadPoolExecutor(64) as pool:
+        done = list(pool.map(one, range(64)))
+    assert done.count(-1) == 16 and all(n == 1 for n in done if n != -1)
+    deadline = time.monotonic() + 60
+    while metric(mesh, "maas_router_inflight_streams") != 0:
+        assert time.monotonic() < deadline, "a stream is still counted in flight"
+        time.sleep(0.1)
+    # Every slot is free again: 16 sequences at once all complete.
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(lambda i: router.GenerateUnary(quick(f"after-{i}"), timeout=120).usage.completion_tokens
+                            == 1, range(16)))
 
 
 @pytest.mark.parametrize("bad, code, names", [
