@@ -288,3 +288,15 @@ async def test_text_the_detokenizer_held_back_is_flushed_at_the_end(mesh):
     messages = await collect(mesh, chat("x", max_tokens=2))
     assert "".join(m.text for m in messages) == "Hello,~" and messages[-1].text.endswith("~")
     assert (await mesh.stub.GenerateUnary(chat("x", max_tokens=2), timeout=5)).text == "Hello,~"
+
+
+def test_generation_limits_from_flags_and_env(monkeypatch):
+    from services.router.config import load_config
+    from services.shared.config import ConfigError
+
+    monkeypatch.setenv("MAAS_GENERATE_MAX_TOKENS", "256")
+    monkeypatch.setenv("MAAS_GENERATE_TIMEOUT_SECONDS", "60")
+    limits = load_config(["--generate-max-stop", "4"]).generation
+    assert (limits.max_tokens, limits.default_timeout, limits.max_stop) == (256, 60.0, 4)
+    with pytest.raises(ConfigError, match="generate-max-tokens"):
+        load_config(["--generate-max-tokens", "0"])
