@@ -1,4 +1,5 @@
-"""The whole mesh on one machine: Triton + registry + tokenizer + vision + router, as subprocesses.
+"""The whole mesh on one machine: Triton + registry + tokenizer + vision + router + the OpenAI HTTP
+gateway, as subprocesses.
 
     with LocalMesh(MeshConfig()) as mesh:          # `maas up` (fixed default ports)
         MeshClient(mesh.router_address).embed(["hello"])
@@ -37,9 +38,11 @@ from maas.local.triton import REPO, LocalTriton, TritonConfig
 from maas.registry_client import RegistryClient, RegistryError
 from services.shared.telemetry import tracing_configured
 
-SERVICES = ("registry", "tokenizer", "vision", "router")  # start order; stopped in reverse, Triton last
+SERVICES = ("registry", "tokenizer", "vision", "router", "openai")  # start order; stopped in reverse, Triton last
+HTTP_SERVICES = ("openai",)  # health is GET /healthz, not gRPC health
 # Each service's Prometheus endpoint (<name>_metrics) takes any free port unless one is given.
 DEFAULT_PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054, "router_oip": 50055,
+                 "openai": 8090,
                  "triton_grpc": 8001, "triton_http": 8000, "triton_metrics": 8002,
                  **{f"{name}_metrics": 0 for name in SERVICES}}
 FREE_PORTS = {name: 0 for name in DEFAULT_PORTS}
@@ -188,6 +191,11 @@ class LocalMesh:
         return self.addresses["registry"]
 
     @property
+    def openai_url(self) -> str:
+        """Base URL for OpenAI clients: OpenAI(base_url=mesh.openai_url, api_key="unused")."""
+        return f"http://{self.addresses['openai']}/v1"
+
+    @property
     def metrics_addresses(self) -> dict[str, str]:
         """host:port of every component's Prometheus endpoint (GET /metrics), Triton's included."""
         found = {name: self.addresses[f"{name}_metrics"] for name in SERVICES if f"{name}_metrics" in self.addresses}
@@ -222,6 +230,7 @@ class LocalMesh:
             "vision": ["--model-repository", str(Path(cfg.source_repository).resolve())],
             "router": ["--registry", a["registry"], "--tokenizer", a["tokenizer"], "--vision", a["vision"],
                        "--triton", a["triton"], "--oip-fast-listen", a["router_oip"]],
+            "openai": ["--router", a["router"], "--registry", a["registry"]],
         }[name]
         metrics_port = a[f"{name}_metrics"].rsplit(":", 1)[1]
         return [sys.executable, "-m", f"services.{name}", "--listen", a[name], "--metrics-port", metrics_port, *flags,
@@ -311,6 +320,9 @@ class LocalMesh:
             time.sleep(0.1)
 
     def _wait_serving(self, name: str) -> None:
+        if name in HTTP_SERVICES:
+            self._poll(name, lambda: _http_ok(f"http://{self.addresses[name]}/healthz"), f"{name} not serving")
+            return
         with grpc.insecure_channel(self.addresses[name]) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             self._poll(name, lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
@@ -438,7 +450,8 @@ class LocalMesh:
                 ("router — Open Inference Protocol, compiled data path", self.addresses["router_oip"], "router.log"),
                 ("registry", self.addresses["registry"], "registry.log"),
                 ("tokenizer", self.addresses["tokenizer"], "tokenizer.log"),
-                ("vision", self.addresses["vision"], "vision.log")]
+                ("vision", self.addresses["vision"], "vision.log"),
+                ("openai — OpenAI-compatible HTTP API (base_url)", self.openai_url, "openai.log")]
         rows += [(f"{name} metrics", self.addresses[f"{name}_metrics"], "") for name in SERVICES]
         if self.triton is not None:
             rows += [("triton gRPC", self.triton.grpc_address, "../triton/tritonserver.log"),
@@ -451,6 +464,17 @@ class LocalMesh:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def _port_free(host: str, port: int) -> bool:
