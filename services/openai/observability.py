@@ -65,11 +65,30 @@ class Observability:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route, started, status = route_of(scope["path"]), time.perf_counter(), [0]
+        route, started, status, recorded = route_of(scope["path"]), time.perf_counter(), [0], [False]
+
+        def record() -> None:
+            """Once, before the last body byte leaves: a client that has its answer sees it counted."""
+            if recorded[0]:
+                return
+            recorded[0] = True
+            elapsed, code = time.perf_counter() - started, status[0] or 500
+            HTTP_REQUESTS.labels(SERVICE, route, str(code)).inc()
+            HTTP_DURATION.labels(SERVICE, route).observe(elapsed)
+            if span is not None:
+                span.set_attribute("http.response.status_code", code)
+                if code >= 500:
+                    span.set_status(trace.StatusCode.ERROR)
+            level = logging.WARNING if code >= 500 else logging.DEBUG
+            if log.isEnabledFor(level):
+                log.log(level, "request", extra={"method": scope["method"], "route": route, "status": code,
+                                                 "ms": round(elapsed * 1000, 3)})
 
         async def send_tracked(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                record()
             await send(message)
 
         token, span = None, None
@@ -94,20 +113,10 @@ class Observability:
         finally:
             self.inflight -= 1
             self._inflight_gauge.dec()
-            elapsed = time.perf_counter() - started
-            code = status[0] or 500
-            HTTP_REQUESTS.labels(SERVICE, route, str(code)).inc()
-            HTTP_DURATION.labels(SERVICE, route).observe(elapsed)
+            record()  # a response cut short (client gone, error) is counted here
             if span is not None:
-                span.set_attribute("http.response.status_code", code)
-                if code >= 500:
-                    span.set_status(trace.StatusCode.ERROR)
                 span.end()
                 otel_context.detach(token)
-            level = logging.WARNING if code >= 500 else logging.DEBUG
-            if log.isEnabledFor(level):
-                log.log(level, "request", extra={"method": scope["method"], "route": route, "status": code,
-                                                 "ms": round(elapsed * 1000, 3)})
 
     def _too_large(self) -> OpenAIError:
         return OpenAIError(413, f"request body is over the limit of {self.limits.max_request_bytes} bytes "
