@@ -294,3 +294,15 @@ def test_metrics_count_requests_by_route_and_code(openai_gateway):
     assert (count("200"), count("404")) == (ok + 1, bad + 1)
     assert REGISTRY.get_sample_value("maas_http_request_duration_seconds_count",
                                      {"service": "openai", "route": "/v1/embeddings"}) >= 2
+
+
+def test_trace_context_reaches_the_router(openai_gateway_traced):
+    gw = openai_gateway_traced
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    for path, body in (("/v1/chat/completions", {"messages": CHAT}), ("/v1/embeddings", {"input": "x"})):
+        status, _ = raw(gw, "POST", path, body, {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+        assert status == 200
+        version, got_trace, parent, flags = gw.router.metadata[-1]["traceparent"].split("-")
+        assert got_trace == trace_id and parent != "00f067aa0ba902b7"  # a child: the gateway's own spans
+    status, _ = raw(gw, "POST", "/v1/chat/completions", {"messages": CHAT})
+    assert status == 200 and "traceparent" in gw.router.metadata[-1]  # a new trace when the caller sent none
