@@ -4,10 +4,12 @@ each a call to the router's gRPC API (Generate / GenerateUnary / Embed) or the r
 Errors leave as OpenAI error bodies with the HTTP status matching the router's gRPC status
 (errors.py). A streamed completion first waits for the router's first message, so a bad request is a
 plain 4xx answer, not a stream; errors after that arrive as one `data: {"error": …}` event. A client
-that goes away mid-stream cancels the router call (Starlette cancels the body, `finally` cancels it).
+that goes away mid-stream cancels the router call (Starlette cancels the body, `finally` cancels it);
+one that goes away while a unary completion is generated cancels it too (Gateway.unary).
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -86,8 +88,19 @@ class Gateway:
         await self.router_channel.close()
         await self.registry_channel.close()
 
-    async def unary(self, request: router_pb2.GenerateRequest) -> router_pb2.GenerateResponse:
-        response = await self.router.GenerateUnary(request, timeout=self.config.default_timeout)
+    async def unary(self, request: router_pb2.GenerateRequest, http: Request) -> router_pb2.GenerateResponse:
+        """GenerateUnary, cancelled when the HTTP client goes away first (its sequence slot is freed)."""
+        call = self.router.GenerateUnary(request, timeout=self.config.default_timeout)
+        answer, gone = asyncio.ensure_future(_result(call)), asyncio.ensure_future(_disconnected(http))
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done():
+                call.cancel()
+                raise OpenAIError(499, "the client went away", type="cancelled", code="cancelled")
+            response = answer.result()
+        finally:
+            gone.cancel()
+            answer.cancel()
         _count_tokens(response.routed.model, response.usage)
         return response
 
@@ -138,6 +151,16 @@ class Gateway:
         return answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def _result(call):
+    return await call
+
+
+async def _disconnected(http: Request) -> None:
+    """Returns when the client disconnects (the body was read already: the next message says so)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _count_tokens(model: str, usage: router_pb2.Usage) -> None:
     TOKENS.labels(model or "unknown", "prompt").inc(usage.prompt_tokens)
     TOKENS.labels(model or "unknown", "completion").inc(usage.completion_tokens)
@@ -172,21 +195,21 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     @errors_to_openai
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
         request = convert.chat_request(body, config.default_chat_model)
         gateway = state["gateway"]
         if body.stream:
             return await gateway.stream(request, "chat", bool(body.stream_options and body.stream_options.include_usage))
-        return JSONResponse(convert.chat_response(await gateway.unary(request)))
+        return JSONResponse(convert.chat_response(await gateway.unary(request, http)))
 
     @app.post("/v1/completions")
     @errors_to_openai
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http: Request):
         request = convert.completion_request(body, config.default_chat_model)
         gateway = state["gateway"]
         if body.stream:
             return await gateway.stream(request, "text", bool(body.stream_options and body.stream_options.include_usage))
-        return JSONResponse(convert.completion_response(await gateway.unary(request)))
+        return JSONResponse(convert.completion_response(await gateway.unary(request, http)))
 
     @app.post("/v1/embeddings")
     @errors_to_openai

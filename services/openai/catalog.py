@@ -2,7 +2,8 @@
 
 The gateway keeps each model's last ModelRouting view; while the registry is away it lists what it
 last knew. Listed: every model with a READY version, as "name", "name:<alias>" (aliases pointing at a
-READY version) and "name:<version>" — exactly the `model` strings the gateway accepts.
+READY version) and "name:<version>" — exactly the `model` strings the gateway accepts; the "name"
+entry also says what the model answers (`kind`: generation, embedding, softmax_top_k, none).
 """
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def model_entries(m: registry_pb2.ModelRouting) -> list[dict]:
         return {"id": id_, "object": "model", "created": created, "owned_by": OWNER, **extra}
 
     aliases = {a: n for a, n in sorted(m.aliases.items()) if n in ready}
-    rows = [entry(m.model, None, aliases=aliases, versions=sorted(ready))]
+    newest = ready[max(ready)].postprocessing.kind  # what the model answers: generation, embedding, ...
+    kind = registry_pb2.Postprocessing.Kind.Name(newest).removeprefix("KIND_").lower() if newest else "none"
+    rows = [entry(m.model, None, kind=kind, aliases=aliases, versions=sorted(ready))]
     rows += [entry(f"{m.model}:{alias}", ready[n], version=n) for alias, n in aliases.items()]
     rows += [entry(f"{m.model}:{n}", ready[n], version=n) for n in sorted(ready)]
     return rows

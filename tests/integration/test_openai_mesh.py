@@ -47,6 +47,10 @@ def test_models_list_and_errors(api):
             break
         time.sleep(0.1)
     assert {"minilm", "minilm:production", "efficientnet_lite0"} <= set(ids)
+    assert api.models.retrieve("minilm").model_extra["kind"] == "embedding"
+    if any(m.name == CHAT_MODEL for m in SOURCE_MODELS):
+        chat = api.models.retrieve(CHAT_MODEL)
+        assert chat.model_extra["kind"] == "generation" and f"{CHAT_MODEL}:production" in ids
     with pytest.raises(openai.NotFoundError) as caught:
         api.embeddings.create(model="no-such-model", input="x")
     assert caught.value.body["code"] == "not_found"
@@ -100,14 +104,15 @@ def test_bad_generation_input_codes(mesh, fields, status, param):
 @needs_chat
 def test_disconnect_mid_stream_leaves_the_mesh_serving(api, mesh):
     url = urlparse(mesh.openai_url)
-    for _ in range(3):
+    for stream in (True, True, True, False):  # gone mid-stream three times, and once during a unary answer
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
         conn.request("POST", "/v1/chat/completions",
-                     json.dumps({"model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 512, "stream": True}),
+                     json.dumps({"model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 512, "stream": stream}),
                      {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        assert response.status == 200 and response.read1().startswith(b"data: ")
-        conn.close()  # gone mid-stream
+        if stream:
+            response = conn.getresponse()
+            assert response.status == 200 and response.read1().startswith(b"data: ")
+        conn.close()  # gone before the answer ended
     answer = api.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=4, temperature=0)
     assert answer.choices[0].message.content
     with MeshClient(mesh.router_address) as direct:

@@ -220,6 +220,7 @@ def test_error_mid_stream_is_an_error_event(openai_gateway):
 def test_client_disconnect_mid_stream_cancels_the_router_call(openai_gateway):
     router = openai_gateway.router
     router.cancelled.clear()
+    router.slow_started.clear()
     url = urlparse(openai_gateway.url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
     conn.request("POST", "/v1/chat/completions", json.dumps({"model": "slow", "messages": CHAT, "stream": True}),
@@ -232,6 +233,19 @@ def test_client_disconnect_mid_stream_cancels_the_router_call(openai_gateway):
     assert client(openai_gateway).chat.completions.create(model="smollm2", messages=CHAT).choices  # still serving
 
 
+def test_client_gone_during_a_unary_completion_cancels_the_router_call(openai_gateway):
+    router = openai_gateway.router
+    router.cancelled.clear()
+    router.slow_started.clear()
+    url = urlparse(openai_gateway.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"model": "slow", "messages": CHAT}),
+                 {"Content-Type": "application/json"})
+    assert router.slow_started.wait(10)
+    conn.close()
+    assert router.cancelled.wait(10), "the router call was not cancelled"
+
+
 def test_models_list_names_models_aliases_and_versions(openai_gateway):
     api = client(openai_gateway)
     for _ in range(100):  # the registry Watch snapshot arrives right after start-up
@@ -242,6 +256,8 @@ def test_models_list_names_models_aliases_and_versions(openai_gateway):
             time.sleep(0.05)
     assert ids == ["minilm", "minilm:production", "minilm:1",
                    "smollm2", "smollm2:canary", "smollm2:production", "smollm2:1", "smollm2:2"]
+    assert api.models.retrieve("smollm2").model_extra["kind"] == "generation"
+    assert api.models.retrieve("minilm").model_extra["kind"] == "embedding"
     canary = api.models.retrieve("smollm2:canary")
     assert canary.owned_by == "maas-mesh" and canary.model_extra["version"] == 1 and canary.created == 1_700_000_001
     with pytest.raises(openai.NotFoundError):
