@@ -178,7 +178,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
         finally:
             await gateway.close()
 
-    app = FastAPI(title="MaaS Mesh OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # FastAPI's own OpenTelemetry spans/metrics (newer versions) off: Observability does it for every route,
+    # the same way across versions, and one server span per request is enough.
+    app = FastAPI(title="MaaS Mesh OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, exc: RequestValidationError):
