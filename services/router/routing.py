@@ -44,6 +44,7 @@ class PostKind(enum.IntEnum):
     NONE = 1
     EMBEDDING = 2
     SOFTMAX_TOP_K = 3
+    GENERATION = 4
 
 
 class RouteKind(enum.IntEnum):

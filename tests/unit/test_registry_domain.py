@@ -43,7 +43,7 @@ class FakeFleet:
     async def ready_on(self, address, model):
         return set(self.live.get(model, []))
 
-    async def warm_up(self, model, version, signature, max_batch_size):
+    async def warm_up(self, model, version, signature, max_batch_size, generation=False):
         await asyncio.sleep(0)
         return len(self.addresses)
 

@@ -338,10 +338,10 @@ class Call : public grpc::ServerGenericBidiReactor {
       : context_(context), forwarder_(forwarder), started_(std::chrono::steady_clock::now()) {
     for (const char* method : kStreamingMethods) {
       if (context_->method() == method) {
+        // Streams (ModelStreamInfer of decoupled models included) are the main port's: it routes each request.
         Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                            method == kStreamingMethods[0]
-                                ? "ModelStreamInfer is not served by the router yet; use ModelInfer"  // as the main port
-                                : context_->method() + " is streaming: call it on the router's main port"));
+                            context_->method() + " is streaming: this compiled data path forwards unary calls only; "
+                                                 "call it on the router's main port"));
         return;
       }
     }
