@@ -300,3 +300,15 @@ def test_generation_limits_from_flags_and_env(monkeypatch):
     assert (limits.max_tokens, limits.default_timeout, limits.max_stop) == (256, 60.0, 4)
     with pytest.raises(ConfigError, match="generate-max-tokens"):
         load_config(["--generate-max-tokens", "0"])
+
+
+async def test_undecodable_requests_are_invalid_argument_not_unknown(mesh):
+    # GenerateRequest{model: {name: "gen"}, prompt: b"\xff\xfe"}: invalid UTF-8 in a string field.
+    raw = bytes([0x0A, 0x05, 0x0A, 0x03]) + b"gen" + bytes([0x12, 0x02, 0xFF, 0xFE])
+    for call in (mesh.channel.unary_unary("/maas.v1.Router/GenerateUnary"),
+                 mesh.channel.unary_stream("/maas.v1.Router/Generate")):
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            result = call(raw, timeout=5)
+            await (result if not hasattr(result, "__aiter__") else result.read())
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "GenerateRequest" in failed.value.details()
+    assert not mesh.triton.stream_requests
