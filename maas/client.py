@@ -5,6 +5,9 @@
         vectors = mesh.embed(["a sentence", "another"], model="minilm").vectors   # [2, 384] float32
         top = mesh.classify([open("cat.jpg", "rb").read()], model="efficientnet_lite0").results[0][0]
         out = mesh.infer("my_model", inputs={"x": np.zeros((1, 4), np.float32)}).outputs["y"]
+        print(mesh.chat("Name a colour.", max_tokens=16).text)                   # unary: the whole answer
+        for piece in mesh.chat([("system", "Be brief."), ("user", "Hi!")], stream=True):
+            print(piece.text, end="", flush=True)                                  # streamed as generated
 
 Every call takes version= (a number) or alias= (e.g. "canary"), and routing_key= for sticky routing;
 each result says which version answered (`.routed`). AsyncMeshClient has the same methods, awaitable.
@@ -13,8 +16,8 @@ Failures raise MeshError with the gRPC status code and the server's message.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -72,6 +75,110 @@ class Classifications:
 class InferResult:
     outputs: dict[str, np.ndarray]
     routed: Routed
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A whole answer (unary generate/chat)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # stop, length or cancelled
+    usage: Usage
+    routed: Routed
+
+
+@dataclass(frozen=True)
+class GenerationPiece:
+    """One streamed piece of the answer; the pieces concatenated are the unary text."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class _StreamState:
+    """What a stream learns as it goes: `routed` from the first message, the rest from the last."""
+
+    routed: Routed | None = None
+    finish_reason: str = ""
+    usage: Usage | None = None
+    pieces: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def take(self, response: router_pb2.GenerateResponse) -> GenerationPiece | None:
+        if response.HasField("routed") and self.routed is None:
+            self.routed = routed(response.routed)
+        if response.finish_reason:
+            self.finish_reason = finish_reason(response.finish_reason)
+        if response.HasField("usage"):
+            self.usage = Usage(response.usage.prompt_tokens, response.usage.completion_tokens)
+        if response.text or response.token_ids:
+            self.pieces.append(response.text)
+            return GenerationPiece(response.text, list(response.token_ids))
+        return None
+
+
+class GenerationStream(_StreamState):
+    """Iterate for the pieces; afterwards `.text`, `.finish_reason`, `.usage` and `.routed` are set.
+    Leaving a `with` block (or calling cancel()) early cancels the generation in the mesh."""
+
+    def __init__(self, call):
+        super().__init__()
+        self._call = call
+
+    def __iter__(self) -> Iterator[GenerationPiece]:
+        try:
+            for response in self._call:
+                piece = self.take(response)
+                if piece is not None:
+                    yield piece
+        except grpc.RpcError as exc:
+            raise MeshError(exc.code(), exc.details()) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> "GenerationStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+
+class AsyncGenerationStream(_StreamState):
+    """The same for AsyncMeshClient: `async for piece in stream`."""
+
+    def __init__(self, call):
+        super().__init__()
+        self._call = call
+
+    async def __aiter__(self) -> AsyncIterator[GenerationPiece]:
+        try:
+            async for response in self._call:
+                piece = self.take(response)
+                if piece is not None:
+                    yield piece
+        except grpc.aio.AioRpcError as exc:
+            raise MeshError(exc.code(), exc.details()) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    async def __aenter__(self) -> "AsyncGenerationStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.cancel()
 
 
 # -- request / response conversion (shared by both clients) ------------------------------------------
@@ -141,6 +248,45 @@ def infer_result(response: router_pb2.InferResponse) -> InferResult:
     return InferResult({t.name: from_tensor(t) for t in response.outputs}, routed(response.routed))
 
 
+def finish_reason(value: int) -> str:
+    return router_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower() if value else ""
+
+
+Messages = str | Sequence[tuple[str, str] | Mapping[str, str]]
+
+
+def chat_messages(messages: Messages) -> router_pb2.ChatMessages:
+    """A string is one user turn; else (role, content) pairs or {"role", "content"} dicts."""
+    if isinstance(messages, str):
+        messages = [("user", messages)]
+    turns = [(m["role"], m["content"]) if isinstance(m, Mapping) else tuple(m) for m in messages]
+    return router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role=r, content=c) for r, c in turns])
+
+
+def generate_request(model: str, *, prompt: str | None = None, messages: Messages | None = None,
+                     max_tokens: int = 0, temperature: float | None = None, top_p: float | None = None,
+                     top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
+                     repetition_penalty: float | None = None, version=None, alias=None,
+                     routing_key=None) -> router_pb2.GenerateRequest:
+    sampling = router_pb2.SamplingParams(max_tokens=max_tokens, top_k=top_k,
+                                         stop=[stop] if isinstance(stop, str) else list(stop))
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed),
+                        ("repetition_penalty", repetition_penalty)):
+        if value is not None:
+            setattr(sampling, name, value)
+    request = router_pb2.GenerateRequest(model=model_ref(model, version, alias, routing_key), sampling=sampling)
+    if messages is not None:
+        request.messages.CopyFrom(chat_messages(messages))
+    else:
+        request.prompt = prompt or ""
+    return request
+
+
+def generation_result(response: router_pb2.GenerateResponse) -> Generation:
+    return Generation(response.text, list(response.token_ids), finish_reason(response.finish_reason),
+                      Usage(response.usage.prompt_tokens, response.usage.completion_tokens), routed(response.routed))
+
+
 # -- clients -----------------------------------------------------------------------------------------
 class MeshClient:
     """Blocking client over one long-lived channel; thread-safe."""
@@ -173,6 +319,22 @@ class MeshClient:
               timeout: float | None = None) -> InferResult:
         request = infer_request(model, inputs, texts, images, outputs, version, alias, routing_key)
         return infer_result(self._call(self._stub.Infer, request, timeout))
+
+    def generate(self, prompt: str, model: str = "smollm2", *, stream: bool = False, timeout: float | None = None,
+                 **sampling) -> Generation | GenerationStream:
+        """Raw prompt (no chat template). Sampling: max_tokens, temperature, top_p, top_k, seed, stop,
+        repetition_penalty; routing: version, alias, routing_key. stream=True → a GenerationStream."""
+        return self._generate(generate_request(model, prompt=prompt, **sampling), stream, timeout)
+
+    def chat(self, messages: Messages, model: str = "smollm2", *, stream: bool = False, timeout: float | None = None,
+             **sampling) -> Generation | GenerationStream:
+        """Chat turns through the model's chat template; the same options as generate()."""
+        return self._generate(generate_request(model, messages=messages, **sampling), stream, timeout)
+
+    def _generate(self, request, stream: bool, timeout):
+        if stream:
+            return GenerationStream(self._stub.Generate(request, timeout=timeout or self.timeout))
+        return generation_result(self._call(self._stub.GenerateUnary, request, timeout))
 
     def close(self) -> None:
         self._channel.close()
@@ -212,6 +374,20 @@ class AsyncMeshClient:
                     routing_key=None, timeout=None) -> InferResult:
         request = infer_request(model, inputs, texts, images, outputs, version, alias, routing_key)
         return infer_result(await self._call(self._stub.Infer, request, timeout))
+
+    async def generate(self, prompt: str, model: str = "smollm2", *, stream: bool = False, timeout=None,
+                       **sampling) -> Generation | AsyncGenerationStream:
+        """As MeshClient.generate; with stream=True: `async for piece in await mesh.generate(..., stream=True)`."""
+        return await self._generate(generate_request(model, prompt=prompt, **sampling), stream, timeout)
+
+    async def chat(self, messages: Messages, model: str = "smollm2", *, stream: bool = False, timeout=None,
+                   **sampling) -> Generation | AsyncGenerationStream:
+        return await self._generate(generate_request(model, messages=messages, **sampling), stream, timeout)
+
+    async def _generate(self, request, stream: bool, timeout):
+        if stream:
+            return AsyncGenerationStream(self._stub.Generate(request, timeout=timeout or self.timeout))
+        return generation_result(await self._call(self._stub.GenerateUnary, request, timeout))
 
     async def close(self) -> None:
         await self._channel.close()

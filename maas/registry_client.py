@@ -29,11 +29,12 @@ CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 FORMATS = {"onnx": pb.ARTIFACT_FORMAT_ONNX, "torchscript": pb.ARTIFACT_FORMAT_TORCHSCRIPT,
-           "triton": pb.ARTIFACT_FORMAT_TRITON_FOLDER}
+           "triton": pb.ARTIFACT_FORMAT_TRITON_FOLDER, "genai": pb.ARTIFACT_FORMAT_ORT_GENAI}
 PREPROCESSING = {"none": pb.Preprocessing.KIND_NONE, "tokenizer": pb.Preprocessing.KIND_TOKENIZER,
                  "vision": pb.Preprocessing.KIND_VISION}
 POSTPROCESSING = {"none": pb.Postprocessing.KIND_NONE, "embedding": pb.Postprocessing.KIND_EMBEDDING,
-                  "softmax_top_k": pb.Postprocessing.KIND_SOFTMAX_TOP_K}
+                  "softmax_top_k": pb.Postprocessing.KIND_SOFTMAX_TOP_K,
+                  "generation": pb.Postprocessing.KIND_GENERATION}
 STATE_NAMES = {v: pb.VersionState.Name(v).removeprefix("VERSION_STATE_").lower() for v in pb.VersionState.values()}
 FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
 
@@ -71,8 +72,11 @@ def default_actor() -> str:
 
 
 def detect_format(path: Path) -> str:
-    """onnx / torchscript / triton from the path (a folder or .tar.gz is a packed Triton model folder)."""
+    """onnx / torchscript / triton / genai from the path (a folder with genai_config.json is an ONNX Runtime
+    GenAI model; another folder or a .tar.gz is a packed Triton model folder)."""
     name = path.name.lower()
+    if path.is_dir() and (path / "genai_config.json").is_file():
+        return "genai"
     if path.is_dir() or name.endswith((".tar.gz", ".tgz")):
         return "triton"
     if name.endswith(".onnx"):
@@ -82,11 +86,14 @@ def detect_format(path: Path) -> str:
     raise ValueError(f"cannot tell the format of {path}; pass format= onnx, torchscript or triton")
 
 
-def pack_folder(folder: Path, dest: Path) -> Path:
-    """A Triton model folder (config.pbtxt + one numbered version folder) as a .tar.gz."""
-    if not (folder / "config.pbtxt").is_file():
-        raise ValueError(f"{folder} has no config.pbtxt; a Triton model folder is expected")
-    with tarfile.open(dest, "w:gz") as tar:
+def pack_folder(folder: Path, dest: Path, genai: bool = False) -> Path:
+    """A Triton model folder (config.pbtxt + one numbered version folder) as a .tar.gz, or an ONNX Runtime
+    GenAI folder as a plain .tar (its weights do not compress; gzip would only cost time)."""
+    marker = "genai_config.json" if genai else "config.pbtxt"
+    if not (folder / marker).is_file():
+        kind = "an ONNX Runtime GenAI folder" if genai else "a Triton model folder"
+        raise ValueError(f"{folder} has no {marker}; {kind} is expected")
+    with tarfile.open(dest, "w" if genai else "w:gz") as tar:
         for item in sorted(folder.rglob("*")):
             if item.is_symlink():
                 raise ValueError(f"{item}: symbolic links cannot be uploaded")
@@ -162,7 +169,8 @@ class RegistryClient:
             raise ValueError(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
         with tempfile.TemporaryDirectory(prefix="maas-upload-") as tmp:
             if path.is_dir():
-                path = pack_folder(path, Path(tmp) / "model.tar.gz")
+                genai = fmt == "genai"
+                path = pack_folder(path, Path(tmp) / ("model.tar" if genai else "model.tar.gz"), genai=genai)
             size = path.stat().st_size
             header = pb.RegistrationHeader(
                 model=model, format=FORMATS[fmt], sha256=sha256_file(path), size_bytes=size,

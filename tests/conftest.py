@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.preprocessing",
     "tests.fixtures.fake_kube",
     "tests.fixtures.mesh",
+    "tests.fixtures.fake_router",
 ]

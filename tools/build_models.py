@@ -26,6 +26,8 @@ import warnings
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything comes from installed packages, never a hub
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # conversion progress bars drown the build log
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 

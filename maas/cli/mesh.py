@@ -1,4 +1,4 @@
-"""`maas up|demo|embed|classify`: run the mesh locally and call it through the router."""
+"""`maas up|demo|embed|classify`: run the mesh locally and call it through the router (and its OpenAI gateway)."""
 from __future__ import annotations
 
 import io
@@ -24,6 +24,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 DEMO_SENTENCES = ("A cat sits on the warm windowsill.", "A kitten is sleeping in the sun by the window.")
+DEMO_CHAT = "In one sentence: why do cats like warm windowsills?"
+DEMO_CHAT_MODEL = "smollm2"
+DEMO_CHAT_TOKENS = 48
 CANARY_PERCENT = 10
 CANARY_REQUESTS = 200
 
@@ -143,6 +146,42 @@ def demo_requests(client: MeshClient, summary: dict) -> None:
         summary["classify"] = {"top1": top.label, "score": top.score, "version": result.routed.version}
 
 
+def openai_chat(base_url: str, body: dict, timeout: float = 120.0) -> dict:
+    """POST /v1/chat/completions with the standard library (what any OpenAI client sends)."""
+    import urllib.request
+
+    request = urllib.request.Request(f"{base_url}/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
+def demo_chat(client: MeshClient, openai_url: str, summary: dict) -> None:
+    with step(f"Chat with {DEMO_CHAT_MODEL} through the router (streamed, greedy)", summary):
+        console.print(f"  [bold]you:[/] {DEMO_CHAT}")
+        console.print("  [bold]model:[/] ", end="")
+        with client.chat(DEMO_CHAT, DEMO_CHAT_MODEL, stream=True, max_tokens=DEMO_CHAT_TOKENS, temperature=0.0) as stream:
+            for piece in stream:
+                console.print(piece.text, end="", markup=False, highlight=False)
+        console.print()
+        console.print(f"  {stream.usage.completion_tokens} tokens, finish {stream.finish_reason} — {_routed(stream.routed)}")
+        if not stream.text.strip():
+            raise StepFailed("the chat model answered nothing")
+        summary["chat"] = {"text": stream.text, "finish_reason": stream.finish_reason,
+                           "completion_tokens": stream.usage.completion_tokens, "version": stream.routed.version}
+    with step("Ask the same through the OpenAI-compatible gateway", summary):
+        answer = openai_chat(openai_url, {"model": DEMO_CHAT_MODEL, "max_tokens": DEMO_CHAT_TOKENS, "temperature": 0,
+                                          "messages": [{"role": "user", "content": DEMO_CHAT}]})
+        text = answer["choices"][0]["message"]["content"]
+        same = text == summary["chat"]["text"]
+        console.print(f"  POST {openai_url}/chat/completions → {answer['model']}: "
+                      f"{'the same answer' if same else 'a different answer: ' + text!r}")
+        console.print(f"  from Python: OpenAI(base_url={openai_url!r}, api_key='unused')")
+        summary["openai"] = {"base_url": openai_url, "model": answer["model"], "same_as_grpc": same}
+        if not same:
+            raise StepFailed("greedy answers through HTTP and gRPC differ")
+
+
 def _wait_route(client: MeshClient, check, what: str, timeout: float = 15.0) -> None:
     """The router follows the registry's Watch stream: wait until it routes as expected."""
     deadline = time.monotonic() + timeout
@@ -226,6 +265,11 @@ def _running_mesh(config):
         signal.signal(signal.SIGTERM, previous)
 
 
+def _serves_chat(config) -> bool:
+    """The demo's chat steps run when the mesh registers the chat model on first start."""
+    return any(m.name == DEMO_CHAT_MODEL for m in config.models)
+
+
 def _ports(free: bool, **ports: int) -> dict[str, int]:
     from maas.local.mesh import FREE_PORTS
 
@@ -242,6 +286,7 @@ def up(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS
        registry_port: int = typer.Option(50052, envvar="MAAS_REGISTRY_PORT"),
        tokenizer_port: int = typer.Option(50053, envvar="MAAS_TOKENIZER_PORT"),
        vision_port: int = typer.Option(50054, envvar="MAAS_VISION_PORT"),
+       openai_port: int = typer.Option(8090, envvar="MAAS_OPENAI_PORT", help="the OpenAI-compatible HTTP gateway"),
        triton_grpc_port: int = typer.Option(8001, envvar="MAAS_TRITON_GRPC_PORT"),
        triton_http_port: int = typer.Option(8000, envvar="MAAS_TRITON_HTTP_PORT"),
        triton_metrics_port: int = typer.Option(8002, envvar="MAAS_TRITON_METRICS_PORT"),
@@ -253,7 +298,7 @@ def up(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS
 
     config = MeshConfig(source_repository=model_repository, state_dir=state_dir, ports=_ports(
         free_ports, router=router_port, router_oip=router_oip_port, registry=registry_port, tokenizer=tokenizer_port, vision=vision_port,
-        triton_grpc=triton_grpc_port, triton_http=triton_http_port, triton_metrics=triton_metrics_port))
+        openai=openai_port, triton_grpc=triton_grpc_port, triton_http=triton_http_port, triton_metrics=triton_metrics_port))
     try:
         with _running_mesh(config) as mesh:
             _print_addresses(mesh)
@@ -261,11 +306,14 @@ def up(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS
                 with MeshClient(mesh.router_address) as client:
                     try:
                         demo_requests(client, {})
+                        if _serves_chat(config):
+                            demo_chat(client, mesh.openai_url, {})
                     except StepFailed as exc:
                         _fail(str(exc))
-            console.print(f"[green]serving[/] — try: maas embed 'hello world' --router {mesh.router_address}, or "
-                          f"tritonclient at {mesh.addresses['router_oip']} (the router's OIP fast path)   "
-                          f"(Ctrl-C stops everything)")
+            console.print(f"[green]serving[/] — try: maas embed 'hello world' --router {mesh.router_address}; "
+                          f"maas chat 'hello' --router {mesh.router_address}; OpenAI clients at base_url "
+                          f"{mesh.openai_url}; tritonclient at {mesh.addresses['router_oip']} (the router's OIP fast "
+                          f"path)   (Ctrl-C stops everything)")
             supervisor = Supervisor(mesh, log=lambda message: console.print(f"[yellow]{message}[/]"))
             supervisor.start()
             try:
@@ -286,7 +334,8 @@ def demo(model_repository: Path = typer.Option(Path("model_repository"), "--mode
          free_ports: bool = typer.Option(True, "--free-ports/--default-ports",
                                          help="free ports (default) or the standard ones"),
          as_json: bool = JsonOpt) -> None:
-    """Start the mesh, embed and classify through the router, canary a new version, roll back, stop."""
+    """Start the mesh, embed, classify and chat through the router (and its OpenAI gateway), canary a new
+    version, roll back, stop."""
     from maas.local.mesh import DEFAULT_PORTS, MeshConfig
     from maas.registry_client import RegistryClient
 
@@ -303,6 +352,8 @@ def demo(model_repository: Path = typer.Option(Path("model_repository"), "--mode
             _print_addresses(mesh)
             with MeshClient(mesh.router_address) as client, RegistryClient(mesh.registry_address) as registry:
                 demo_requests(client, summary)
+                if _serves_chat(config):
+                    demo_chat(client, mesh.openai_url, summary)
                 demo_rollout(client, registry, Path(model_repository), summary)
         ok = True
     except StepFailed as exc:
@@ -318,8 +369,9 @@ def demo(model_repository: Path = typer.Option(Path("model_repository"), "--mode
     if as_json:
         print(json.dumps(summary))
     else:
-        console.print("[bold green]demo complete[/]: embedded, classified, canaried, promoted and rolled back "
-                      "through one router — callers never saw a redeploy.")
+        chatted = "chatted (gRPC and OpenAI HTTP), " if "chat" in summary else ""
+        console.print(f"[bold green]demo complete[/]: embedded, classified, {chatted}canaried, promoted and rolled "
+                      "back through one router — callers never saw a redeploy.")
 
 
 def status(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS_STATE_DIR",

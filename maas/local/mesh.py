@@ -1,4 +1,5 @@
-"""The whole mesh on one machine: Triton + registry + tokenizer + vision + router, as subprocesses.
+"""The whole mesh on one machine: Triton + registry + tokenizer + vision + router + the OpenAI HTTP
+gateway, as subprocesses.
 
     with LocalMesh(MeshConfig()) as mesh:          # `maas up` (fixed default ports)
         MeshClient(mesh.router_address).embed(["hello"])
@@ -37,9 +38,11 @@ from maas.local.triton import REPO, LocalTriton, TritonConfig
 from maas.registry_client import RegistryClient, RegistryError
 from services.shared.telemetry import tracing_configured
 
-SERVICES = ("registry", "tokenizer", "vision", "router")  # start order; stopped in reverse, Triton last
+SERVICES = ("registry", "tokenizer", "vision", "router", "openai")  # start order; stopped in reverse, Triton last
+HTTP_SERVICES = ("openai",)  # health is GET /healthz, not gRPC health
 # Each service's Prometheus endpoint (<name>_metrics) takes any free port unless one is given.
 DEFAULT_PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054, "router_oip": 50055,
+                 "openai": 8090,
                  "triton_grpc": 8001, "triton_http": 8000, "triton_metrics": 8002,
                  **{f"{name}_metrics": 0 for name in SERVICES}}
 FREE_PORTS = {name: 0 for name in DEFAULT_PORTS}
@@ -61,12 +64,19 @@ class SourceModel:
     top_k: int = 0
     labels_file: str = ""
     signature_from_config: bool = False  # TorchScript carries no signature: read config.pbtxt
+    # Further versions registered after `artifact`, in order; `production` points at the last one.
+    more_artifacts: tuple[str, ...] = ()
+    descriptions: tuple[str, ...] = ()  # per version, else a generic one
 
 
 SOURCE_MODELS = (
     SourceModel("minilm", "1/model.onnx", "onnx", ("tokenizer", "minilm"), ("embedding", "sentence_embedding")),
     SourceModel("efficientnet_lite0", "1/model.pt", "torchscript", ("vision", "efficientnet_lite0"),
                 ("softmax_top_k", "OUTPUT__0"), top_k=5, labels_file="labels.txt", signature_from_config=True),
+    # ONNX Runtime GenAI folders (docs/generation.md): v1 fp32 (the reference), v2 int4 (production).
+    SourceModel("smollm2", "1", "genai", ("tokenizer", "smollm2"), ("generation", ""), more_artifacts=("2",),
+                descriptions=("SmolLM2-135M-Instruct, fp32 (the reference export)",
+                              "SmolLM2-135M-Instruct, int4 (MatMulNBits)")),
 )
 
 
@@ -181,6 +191,11 @@ class LocalMesh:
         return self.addresses["registry"]
 
     @property
+    def openai_url(self) -> str:
+        """Base URL for OpenAI clients: OpenAI(base_url=mesh.openai_url, api_key="unused")."""
+        return f"http://{self.addresses['openai']}/v1"
+
+    @property
     def metrics_addresses(self) -> dict[str, str]:
         """host:port of every component's Prometheus endpoint (GET /metrics), Triton's included."""
         found = {name: self.addresses[f"{name}_metrics"] for name in SERVICES if f"{name}_metrics" in self.addresses}
@@ -215,6 +230,7 @@ class LocalMesh:
             "vision": ["--model-repository", str(Path(cfg.source_repository).resolve())],
             "router": ["--registry", a["registry"], "--tokenizer", a["tokenizer"], "--vision", a["vision"],
                        "--triton", a["triton"], "--oip-fast-listen", a["router_oip"]],
+            "openai": ["--router", a["router"], "--registry", a["registry"]],
         }[name]
         metrics_port = a[f"{name}_metrics"].rsplit(":", 1)[1]
         return [sys.executable, "-m", f"services.{name}", "--listen", a[name], "--metrics-port", metrics_port, *flags,
@@ -304,6 +320,9 @@ class LocalMesh:
             time.sleep(0.1)
 
     def _wait_serving(self, name: str) -> None:
+        if name in HTTP_SERVICES:
+            self._poll(name, lambda: _http_ok(f"http://{self.addresses[name]}/healthz"), f"{name} not serving")
+            return
         with grpc.insecure_channel(self.addresses[name]) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             self._poll(name, lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
@@ -319,27 +338,39 @@ class LocalMesh:
                 if existing is not None and existing.versions:
                     continue
                 folder = source / model.name
-                artifact = folder / model.artifact
-                if not artifact.is_file():
-                    raise MeshError(f"{artifact} is missing: build the models first (make models)")
+                artifacts = [folder / a for a in (model.artifact, *model.more_artifacts)]
+                for artifact in artifacts:
+                    if not (artifact.is_dir() if model.format == "genai" else artifact.is_file()):
+                        raise MeshError(f"{artifact} is missing: build the models first (make models)")
                 inputs, outputs, max_batch = _config_signature(folder)
+                if model.format == "genai":  # the registry owns the generation contract's config
+                    inputs, outputs, max_batch = [], [], 0
                 labels = (folder / model.labels_file).read_text().splitlines() if model.labels_file else []
-                self.log(f"registering {model.name} from {artifact.relative_to(source.parent)}")
+                for i, artifact in enumerate(artifacts):
+                    self.log(f"registering {model.name} from {artifact.relative_to(source.parent)}")
+                    description = model.descriptions[i] if i < len(model.descriptions) else \
+                        f"{model.name} from the source model repository (first start of the local mesh)"
+                    try:
+                        version = registry.register(
+                            artifact, model.name, format=model.format,
+                            inputs=inputs if model.signature_from_config else (),
+                            outputs=outputs if model.signature_from_config else (),
+                            preprocessing=model.preprocessing, postprocessing=model.postprocessing,
+                            top_k=model.top_k, labels=labels, max_batch_size=max_batch,
+                            tags={"source": "model_repository", "source_path": f"{model.name}/{artifact.name}"},
+                            description=description,
+                        )
+                        registry.wait_ready(model.name, version.version, timeout=self.config.register_timeout)
+                    except RegistryError as exc:
+                        raise MeshError(f"registering {model.name} failed: {exc}\nregistry log:\n"
+                                        f"{self.log_tail('registry')}") from None
+                    self.registered.append((model.name, version.version))
                 try:
-                    version = registry.register(
-                        artifact, model.name, format=model.format,
-                        inputs=inputs if model.signature_from_config else (),
-                        outputs=outputs if model.signature_from_config else (),
-                        preprocessing=model.preprocessing, postprocessing=model.postprocessing, top_k=model.top_k,
-                        labels=labels, max_batch_size=max_batch, tags={"source": "model_repository"},
-                        description=f"{model.name} from the source model repository (first start of the local mesh)",
-                    )
-                    registry.wait_ready(model.name, version.version, timeout=self.config.register_timeout)
-                    registry.set_alias(model.name, "production", version.version, reason="first start of the local mesh")
+                    registry.set_alias(model.name, "production", version.version,
+                                       reason="first start of the local mesh")
                 except RegistryError as exc:
-                    raise MeshError(f"registering {model.name} failed: {exc}\nregistry log:\n"
-                                    f"{self.log_tail('registry')}") from None
-                self.registered.append((model.name, version.version))
+                    raise MeshError(f"pointing production of {model.name} at v{version.version} failed: "
+                                    f"{exc}") from None
 
     def _wait_routable(self, models: Sequence[str]) -> None:
         """Until the router has the registry's state and Triton has each model ready (OIP ModelReady)."""
@@ -419,7 +450,8 @@ class LocalMesh:
                 ("router — Open Inference Protocol, compiled data path", self.addresses["router_oip"], "router.log"),
                 ("registry", self.addresses["registry"], "registry.log"),
                 ("tokenizer", self.addresses["tokenizer"], "tokenizer.log"),
-                ("vision", self.addresses["vision"], "vision.log")]
+                ("vision", self.addresses["vision"], "vision.log"),
+                ("openai — OpenAI-compatible HTTP API (base_url)", self.openai_url, "openai.log")]
         rows += [(f"{name} metrics", self.addresses[f"{name}_metrics"], "") for name in SERVICES]
         if self.triton is not None:
             rows += [("triton gRPC", self.triton.grpc_address, "../triton/tritonserver.log"),
@@ -432,6 +464,17 @@ class LocalMesh:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def _port_free(host: str, port: int) -> bool:

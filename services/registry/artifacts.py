@@ -19,6 +19,8 @@ from pathlib import Path
 from services.registry.domain import (
     ArtifactFormat, PostprocessingKind, PreprocessingKind, RegistrationRequest, Signature, TensorSpec, check_name,
 )
+from services.registry.tritonconfig import generation_config
+from services.shared import generation
 from services.shared.config import ConfigError
 from services.shared.errors import InvalidArgument
 from services.shared.model_repository import read_model_config
@@ -53,6 +55,17 @@ def check_request(req: RegistrationRequest, max_bytes: int) -> None:
                               f"{req.preprocessing.kind.value} spec")
     if req.preprocessing.name and not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", req.preprocessing.name):
         raise InvalidArgument(f"preprocessing name {req.preprocessing.name[:80]!r} is invalid")
+    if req.format == ArtifactFormat.ORT_GENAI:
+        if req.preprocessing.kind != PreprocessingKind.TOKENIZER:
+            raise InvalidArgument("an ORT_GENAI (generation) version needs preprocessing tokenizer with the "
+                                  "tokenizer's name (its prompts are tokenized and its ids detokenized there)")
+        if req.postprocessing.kind not in (PostprocessingKind.NONE, PostprocessingKind.GENERATION):
+            raise InvalidArgument(f"postprocessing {req.postprocessing.kind.value} does not fit an ORT_GENAI "
+                                  f"(generation) version; leave it empty or use generation")
+        if req.signature:
+            raise InvalidArgument("an ORT_GENAI version takes no signature: it is the generation contract's")
+    elif req.postprocessing.kind == PostprocessingKind.GENERATION:
+        raise InvalidArgument(f"postprocessing generation needs an ORT_GENAI artefact, not {req.format.value}")
     if req.postprocessing.kind == PostprocessingKind.SOFTMAX_TOP_K and req.postprocessing.top_k > 1000:
         raise InvalidArgument(f"postprocessing top_k {req.postprocessing.top_k} is over 1000")
     if len(req.labels) > MAX_LABELS:
@@ -202,10 +215,10 @@ def _triton_datatype(config_type: str) -> str:
     return "BYTES" if name == "STRING" else name
 
 
-def _extract_folder(archive: Path, dest: Path, max_bytes: int) -> Path:
-    """Safely unpack a .tar.gz of one Triton model folder; returns the folder holding config.pbtxt."""
+def _unpack(archive: Path, dest: Path, max_bytes: int, what: str) -> None:
+    """Safely unpack a .tar or .tar.gz: files and folders only, nothing outside dest, within max_bytes."""
     try:
-        with tarfile.open(archive, "r:gz") as tar:
+        with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
             total = 0
             for m in members:
@@ -219,7 +232,12 @@ def _extract_folder(archive: Path, dest: Path, max_bytes: int) -> Path:
                     raise InvalidArgument(f"archive unpacks to more than the limit of {max_bytes} bytes")
             tar.extractall(dest, filter="data")
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise InvalidArgument(f"not a readable .tar.gz Triton model folder: {exc}") from None
+        raise InvalidArgument(f"not a readable .tar(.gz) {what}: {exc}") from None
+
+
+def _extract_folder(archive: Path, dest: Path, max_bytes: int) -> Path:
+    """Safely unpack a .tar.gz of one Triton model folder; returns the folder holding config.pbtxt."""
+    _unpack(archive, dest, max_bytes, "Triton model folder")
     configs = [p.parent for p in dest.rglob("config.pbtxt")]
     if len(configs) != 1:
         raise InvalidArgument(f"the archive must hold exactly one config.pbtxt, found {len(configs)}")
@@ -260,12 +278,59 @@ def check_triton_folder(archive: Path, work: Path, max_bytes: int) -> ValidatedA
                              json.dumps(json_format.MessageToDict(config)))
 
 
+# -- ONNX Runtime GenAI folder -------------------------------------------------------------------
+
+def check_genai_dir(folder: Path) -> int:
+    """An ONNX Runtime GenAI model folder: genai_config.json names a decoder ONNX file that is there and
+    takes input_ids. Returns the model's context length. (The weights are not loaded: Triton's load
+    and the warm-up generation prove they work.)"""
+    import onnx
+
+    try:
+        config = json.loads((folder / generation.GENAI_CONFIG).read_text())
+        model = config["model"]
+        context = int(model["context_length"])
+        int(model["vocab_size"])
+        filename = str(model["decoder"]["filename"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument(f"{generation.GENAI_CONFIG} is unreadable or lacks model.context_length, "
+                              f"model.vocab_size or model.decoder.filename: {exc!r}") from None
+    if context <= 0:
+        raise InvalidArgument(f"{generation.GENAI_CONFIG}: model.context_length {context} must be positive")
+    decoder = folder / filename
+    if Path(filename).is_absolute() or ".." in Path(filename).parts or not decoder.is_file():
+        raise InvalidArgument(f"{generation.GENAI_CONFIG} names decoder {filename!r}, which is not in the folder")
+    try:
+        graph = onnx.load(str(decoder), load_external_data=False).graph
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types; all mean "not an ONNX file"
+        raise InvalidArgument(f"decoder {filename!r} is not an ONNX model: {str(exc)[:300]}") from None
+    if "input_ids" not in {i.name for i in graph.input}:
+        raise InvalidArgument(f"decoder {filename!r} has no input_ids input: not a causal language model")
+    return context
+
+
+def check_genai_folder(archive: Path, work: Path, max_bytes: int) -> ValidatedArtifact:
+    root = work / "unpacked"
+    _unpack(archive, root, max_bytes, "ONNX Runtime GenAI folder")
+    found = [p.parent for p in root.rglob(generation.GENAI_CONFIG)]
+    if len(found) != 1:
+        raise InvalidArgument(f"the archive must hold exactly one {generation.GENAI_CONFIG}, found {len(found)}")
+    context = check_genai_dir(found[0])
+    signature = Signature(tuple(TensorSpec(n, dt, dims) for n, dt, dims, _ in generation.INPUTS),
+                          tuple(TensorSpec(n, dt, dims) for n, dt, dims in generation.OUTPUTS))
+    return ValidatedArtifact(found[0], signature, 0, generation_config(context))
+
+
 # -- entry point ------------------------------------------------------------------------------------
 
 def validate(upload: Upload, default_max_batch_size: int, max_bytes: int) -> ValidatedArtifact:
     """Check the received artefact and lay it out as staging/version/<model file>. Runs in a thread."""
     req = upload.req
     version_dir = upload.staging / "version"
+    if req.format == ArtifactFormat.ORT_GENAI:
+        art = check_genai_folder(upload.path, upload.staging, max_bytes)
+        art.version_dir.rename(version_dir)
+        return ValidatedArtifact(version_dir, art.signature, 0, art.base_config)
     if req.format == ArtifactFormat.TRITON_FOLDER:
         art = check_triton_folder(upload.path, upload.staging, max_bytes)
         if req.signature and (diff := req.signature.differences(art.signature)):

@@ -11,6 +11,7 @@ _FORMATS = {
     pb.ARTIFACT_FORMAT_ONNX: d.ArtifactFormat.ONNX,
     pb.ARTIFACT_FORMAT_TORCHSCRIPT: d.ArtifactFormat.TORCHSCRIPT,
     pb.ARTIFACT_FORMAT_TRITON_FOLDER: d.ArtifactFormat.TRITON_FOLDER,
+    pb.ARTIFACT_FORMAT_ORT_GENAI: d.ArtifactFormat.ORT_GENAI,
 }
 _FORMATS_PB = {v: k for k, v in _FORMATS.items()}
 _STATES_PB = {s: pb.VersionState.Value(f"VERSION_STATE_{s.name}") for s in d.VersionState}
@@ -26,6 +27,7 @@ _POST = {
     pb.Postprocessing.KIND_NONE: d.PostprocessingKind.NONE,
     pb.Postprocessing.KIND_EMBEDDING: d.PostprocessingKind.EMBEDDING,
     pb.Postprocessing.KIND_SOFTMAX_TOP_K: d.PostprocessingKind.SOFTMAX_TOP_K,
+    pb.Postprocessing.KIND_GENERATION: d.PostprocessingKind.GENERATION,
 }
 _POST_PB = {kind: value for value, kind in _POST.items() if value != pb.Postprocessing.KIND_UNSPECIFIED}
 
@@ -45,7 +47,7 @@ def signature_in(sig: pb.Signature) -> d.Signature:
 
 def registration_in(h: pb.RegistrationHeader) -> d.RegistrationRequest:
     if h.format not in _FORMATS:
-        raise InvalidArgument(f"header.format must be ONNX, TORCHSCRIPT or TRITON_FOLDER, got {h.format}")
+        raise InvalidArgument(f"header.format must be ONNX, TORCHSCRIPT, TRITON_FOLDER or ORT_GENAI, got {h.format}")
     if h.preprocessing.kind not in _PRE or h.postprocessing.kind not in _POST:
         raise InvalidArgument("header: unknown preprocessing or postprocessing kind")
     return d.RegistrationRequest(

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from services.registry.domain import VersionState
+from services.registry.domain import ArtifactFormat, VersionState
 from services.registry.repository import ModelRepository
 from services.registry.store import Store
 from services.registry.triton_fleet import TritonError, TritonFleet
@@ -120,7 +120,8 @@ class Deployment:
             try:
                 await self.apply(model, sorted({*self.ready_versions(model), number}))
                 served = await asyncio.wait_for(
-                    self.fleet.warm_up(model, number, version.signature, version.max_batch_size), self.load_timeout)
+                    self.fleet.warm_up(model, number, version.signature, version.max_batch_size,
+                                       generation=version.format == ArtifactFormat.ORT_GENAI), self.load_timeout)
                 if not served:
                     # Every replica left (or only newcomers remain, caught up without this version) mid-load.
                     self._wait_for_replica(version)

@@ -40,6 +40,7 @@ class ArtifactFormat(enum.Enum):
     ONNX = "onnx"
     TORCHSCRIPT = "torchscript"
     TRITON_FOLDER = "triton_folder"
+    ORT_GENAI = "ort_genai"  # an ONNX Runtime GenAI folder: a text-generation version
 
 
 class PreprocessingKind(enum.Enum):
@@ -52,6 +53,7 @@ class PostprocessingKind(enum.Enum):
     NONE = "none"
     EMBEDDING = "embedding"
     SOFTMAX_TOP_K = "softmax_top_k"
+    GENERATION = "generation"  # decoupled text generation (Router.Generate)
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,8 @@ class Version:
     state_reason: str = ""
     load_ms: float = 0.0
     aliases: tuple[str, ...] = ()
-    # For TRITON_FOLDER uploads: the uploaded config (JSON) the generated one is based on.
+    # For TRITON_FOLDER uploads: the uploaded config (JSON) the generated one is based on; for
+    # ORT_GENAI ones the generation config the registry derived from genai_config.json.
     base_config: str = ""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -17,8 +18,8 @@ from services.registry import artifacts, metrics
 from services.registry.artifacts import Upload
 from services.registry.deployment import Deployment
 from services.registry.domain import (
-    LIVE_STATES, Alias, Model, ModelRouting, RegistrationRequest, ShadowResult, Target, TrafficPolicy, Version,
-    VersionState, WatchEvent, check_name,
+    LIVE_STATES, Alias, ArtifactFormat, Model, ModelRouting, Postprocessing, PostprocessingKind, RegistrationRequest,
+    ShadowResult, Target, TrafficPolicy, Version, VersionState, WatchEvent, check_name,
 )
 from services.registry.repository import ModelRepository, fsync_tree
 from services.registry.store import Store
@@ -179,12 +180,15 @@ class Registry:
         # No await from here to the commit: the compatibility check and the number are atomic.
         self._check_compatible(req, art)
         self.repository.claim(req.model, self.store.model_exists(req.model))
+        # A generation version is always served by Router.Generate, whatever the header said (NONE).
+        post = Postprocessing(PostprocessingKind.GENERATION) if req.format == ArtifactFormat.ORT_GENAI \
+            else req.postprocessing
         with self.store.transaction() as tx:
             number = self.store.next_version(tx, req.model)
             version = Version(
                 model=req.model, version=number, state=VersionState.REGISTERED, format=req.format,
                 sha256=req.sha256, size_bytes=req.size_bytes, signature=art.signature,
-                preprocessing=req.preprocessing, postprocessing=req.postprocessing, labels=req.labels,
+                preprocessing=req.preprocessing, postprocessing=post, labels=req.labels,
                 tags=dict(req.tags), created_at=time.time(), created_by=req.actor, description=req.description,
                 max_batch_size=art.max_batch_size, base_config=art.base_config,
             )
@@ -316,6 +320,9 @@ class Registry:
             check_name(r.model)
             if r.items and r.top1_agreed > r.items:
                 raise InvalidArgument(f"{r.model}: top1_agreed {r.top1_agreed} > items {r.items}")
+            for name in ("cosine_sum", "primary_latency_ms", "shadow_latency_ms"):
+                if not math.isfinite(getattr(r, name)):  # NaN would reach SQLite as NULL
+                    raise InvalidArgument(f"{r.model}: {name} is {getattr(r, name)}, not a finite number")
         with self.store.transaction() as tx:
             self.store.add_shadow_results(tx, results)
         agreement = {}

@@ -51,6 +51,35 @@ def warmup_inputs(signature: Signature, max_batch_size: int) -> list[InferInput]
     return inputs
 
 
+def generation_warmup_inputs() -> list[InferInput]:
+    """A one-token prompt asking for one token: the cheapest whole generation."""
+    inputs = []
+    for name, datatype, value in (("input_ids", "INT64", [1]), ("max_tokens", "INT32", [1])):
+        inp = InferInput(name, [1], datatype)
+        inp.set_data_from_numpy(np.asarray(value, dtype=numpy_dtype(datatype)))
+        inputs.append(inp)
+    return inputs
+
+
+async def _generate_once(client, model: str, version: str, inputs: list[InferInput], timeout: float) -> None:
+    """One decoupled request over ModelStreamInfer, read up to its final response."""
+    async def requests():
+        yield {"model_name": model, "model_version": version, "inputs": inputs}
+
+    responses = client.stream_infer(requests(), stream_timeout=timeout)
+    try:
+        async for result, error in responses:
+            if error is not None:
+                raise error
+            params = result.get_response().parameters
+            finish = result.as_numpy("finish_reason")
+            if params["triton_final_response"].bool_param or (finish is not None and finish.size and finish[0]):
+                return  # the contract's final response carries the finish reason
+        raise InferenceServerException("the stream ended before the final response")
+    finally:
+        responses.cancel()
+
+
 class TritonFleet:
     def __init__(self, addresses: Iterable[str] = (), timeout: float = 300.0):
         self.timeout = timeout
@@ -154,16 +183,21 @@ class TritonFleet:
         states = await self.version_states(self._clients[address], model)
         return {v for v, (state, _) in states.items() if state == "READY"}
 
-    async def warm_up(self, model: str, version: int, signature: Signature, max_batch_size: int) -> int:
+    async def warm_up(self, model: str, version: int, signature: Signature, max_batch_size: int,
+                      generation: bool = False) -> int:
         """One inference with a small dummy input on every replica that is not behind on `model`: proves
-        the version really serves. Returns how many replicas served it (0: none could be asked)."""
-        inputs = warmup_inputs(signature, max_batch_size)
+        the version really serves (a generation version: one token over ModelStreamInfer). Returns how
+        many replicas served it (0: none could be asked)."""
+        inputs = generation_warmup_inputs() if generation else warmup_inputs(signature, max_batch_size)
         served = 0
         for address, client in list(self._clients.items()):
             if model in self._behind.get(address, ()):
                 continue  # joined while this load was under way; the Deployment catches it up afterwards
             try:
-                await client.infer(model, inputs, model_version=str(version), client_timeout=self.timeout)
+                if generation:
+                    await _generate_once(client, model, str(version), inputs, self.timeout)
+                else:
+                    await client.infer(model, inputs, model_version=str(version), client_timeout=self.timeout)
             except InferenceServerException as exc:
                 raise TritonError(f"warm-up inference on version {version} failed on {address}: "
                                   f"{exc.message()}") from None

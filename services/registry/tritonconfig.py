@@ -12,6 +12,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from services.registry.domain import ArtifactFormat, TensorSpec, Version
+from services.shared import generation
 
 LABELS_FILE = "labels.txt"
 QUEUE_DELAY_MICROSECONDS = 2000
@@ -63,6 +64,25 @@ def model_config(model: str, newest: Version, live: list[int], with_labels: bool
             if out.name == wanted:
                 out.label_filename = LABELS_FILE
     return config
+
+
+def generation_config(context_length: int) -> str:
+    """The base config (JSON) of an ORT_GENAI version: the decoupled generation contract of
+    docs/generation.md on the onnxruntime_genai backend, as model_repository/smollm2/config.pbtxt has it."""
+    config = model_config_pb2.ModelConfig(backend=generation.BACKEND, max_batch_size=0)
+    config.model_transaction_policy.decoupled = True
+    for name, datatype, dims, optional in generation.INPUTS:
+        _tensor(config.input.add(optional=optional), TensorSpec(name, datatype, dims))
+    for name, datatype, dims in generation.OUTPUTS:
+        _tensor(config.output.add(), TensorSpec(name, datatype, dims))
+    config.instance_group.add(count=1, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    max_tokens_cap = min(generation.DEFAULT_MAX_TOKENS_CAP, context_length - 1)
+    for key, value in ((generation.PARAM_MAX_TOKENS_CAP, max_tokens_cap),
+                       (generation.PARAM_DEFAULT_MAX_TOKENS, min(generation.DEFAULT_DEFAULT_MAX_TOKENS, max_tokens_cap)),
+                       (generation.PARAM_MAX_SEQUENCES, generation.DEFAULT_MAX_SEQUENCES),
+                       (generation.PARAM_CONTEXT_LENGTH, context_length)):
+        config.parameters[key].string_value = str(value)
+    return json.dumps(json_format.MessageToDict(config))
 
 
 def to_pbtxt(config: model_config_pb2.ModelConfig) -> str:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.router.fastpath import BINARY_NAME, find_binary
@@ -14,6 +14,19 @@ from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, 
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_OIP_FAST_LISTEN = "127.0.0.1:50055"
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """Caps of Router.Generate; a version's own limits (its Triton config) apply on top."""
+
+    max_tokens: int = 1024  # largest sampling.max_tokens
+    max_messages: int = 256
+    max_prompt_chars: int = 1_000_000  # prompt text, or all message contents together
+    max_stop: int = 16  # stop sequences per request
+    max_stop_chars: int = 256  # characters of one stop sequence
+    # Deadline of a generation when the caller sets none (longer than other calls: it streams).
+    default_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,8 @@ class RouterConfig:
     admin_token: str | None = None
     # Where the Triton replicas come from; None = static: the --triton address(es).
     discovery: DiscoveryConfig | None = None
+    # Text generation (services/router/generation.py): limits checked before any work.
+    generation: GenerationLimits = field(default_factory=GenerationLimits)
     # The compiled OIP data path (services/router/fastpath.py): its address, "" = not started.
     oip_fast_listen: str = ""
     oip_fast_binary: str = ""
@@ -76,7 +91,22 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     g.add_argument("--oip-fast-binary", default=env("MAAS_ROUTER_OIP_FAST_BINARY", ""),
                    help=f"the {BINARY_NAME} executable (default: on PATH, else build/bin of a source checkout; "
                         "`make fastpath` builds it) (MAAS_ROUTER_OIP_FAST_BINARY)")
+    gen = parser.add_argument_group("generation")
+    for flag, env_name, default, what in (
+            ("--generate-max-tokens", "MAAS_GENERATE_MAX_TOKENS", 1024, "largest sampling.max_tokens"),
+            ("--generate-max-messages", "MAAS_GENERATE_MAX_MESSAGES", 256, "most chat messages in one request"),
+            ("--generate-max-prompt-chars", "MAAS_GENERATE_MAX_PROMPT_CHARS", 1_000_000,
+             "most characters of a prompt (or of all message contents)"),
+            ("--generate-max-stop", "MAAS_GENERATE_MAX_STOP", 16, "most stop sequences in one request"),
+            ("--generate-max-stop-chars", "MAAS_GENERATE_MAX_STOP_CHARS", 256, "longest stop sequence")):
+        gen.add_argument(flag, type=int, default=env_int(env_name, default), help=f"{what} ({env_name})")
+    gen.add_argument("--generate-timeout", type=float, default=env_float("MAAS_GENERATE_TIMEOUT_SECONDS", 300.0),
+                     help="deadline of a generation when the caller sets none (MAAS_GENERATE_TIMEOUT_SECONDS)")
     args = parser.parse_args(argv)
+    for flag in ("generate_max_tokens", "generate_max_messages", "generate_max_prompt_chars", "generate_max_stop",
+                 "generate_max_stop_chars", "generate_timeout"):
+        if getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
     discovery = discovery_config(args)
     if discovery.mode == "static":
         discovery = discovery_config(args, static_addresses(args.triton or ""))
@@ -102,6 +132,10 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         discovery=discovery,
         oip_fast_listen=fast_listen,
         oip_fast_binary=fast_binary,
+        generation=GenerationLimits(
+            max_tokens=args.generate_max_tokens, max_messages=args.generate_max_messages,
+            max_prompt_chars=args.generate_max_prompt_chars, max_stop=args.generate_max_stop,
+            max_stop_chars=args.generate_max_stop_chars, default_timeout=args.generate_timeout),
     )
 
 

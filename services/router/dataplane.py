@@ -127,8 +127,9 @@ class Dataplane:
         if not items:
             raise InvalidArgument(f"no {what} given")
         self._check_items(len(items), what)
-        route = self._route(ref)
+        route = self.route(ref)
         info = route.info
+        refuse_generation(info, "Generate")
         if info.pre_kind != needs:
             raise InvalidArgument(f"model {info.model!r} v{info.version} does not take {what} "
                                   f"(preprocessing {info.pre_kind.name}); use {other} or Infer")
@@ -148,8 +149,9 @@ class Dataplane:
         if len(given) != 1:
             raise InvalidArgument(f"give exactly one of inputs, texts or images (got {', '.join(given) or 'none'})")
         self._check_items(len(payload.texts) + len(payload.images), given[0])
-        route = self._route(ref)
+        route = self.route(ref)
         info = route.info
+        refuse_generation(info, "Generate")
         deadline = self._deadline(timeout)
         prepared = await self._prepare(info, payload, deadline)
         start = time.perf_counter()
@@ -164,14 +166,22 @@ class Dataplane:
         """A serialised inference.ModelInferRequest in, Triton's serialised response out, tensors untouched.
         An empty model_version follows the traffic policy; a non-numeric one is taken as an alias."""
         name, version = wire.read_model_ref(request)
-        route = self._route(ModelRef(name, *version_selector(version), routing_key))
+        route = self.route(ModelRef(name, *version_selector(version), routing_key))
         info = route.info
+        refuse_generation(info, "ModelStreamInfer")
         deadline = self._deadline(timeout)
         start = time.perf_counter()
         response = await self.triton.infer_raw(self._retarget(request, name, info), deadline.remaining())
         if route.shadow is not None:
             self._shadow_raw(route, request, name, response, start)
         return response
+
+    def retarget_stream_request(self, request: bytes, routing_key: str) -> bytes:
+        """One request of an OIP ModelStreamInfer stream, routed like ModelInfer and retargeted to the
+        chosen version (tensors untouched); decoupled (generation) models are welcome here."""
+        name, version = wire.read_model_ref(request)
+        route = self.route(ModelRef(name, *version_selector(version), routing_key))
+        return self._retarget(request, name, route.info)
 
     def resolve_for_metadata(self, name: str, version: str) -> VersionInfo:
         """The version metadata/readiness calls describe: the one asked for, else the default (no draw)."""
@@ -183,7 +193,8 @@ class Dataplane:
         return self.table.default(name)
 
     # -- pipeline steps ------------------------------------------------------------------------------
-    def _route(self, ref: ModelRef) -> Route:
+    def route(self, ref: ModelRef) -> Route:
+        """The version for a request (counted in maas_router_requests_total and annotated on the span)."""
         if not ref.name:
             raise InvalidArgument("model.name is required")
         route = self.table.resolve(ref.name, ref.version, ref.alias, ref.routing_key)
@@ -312,10 +323,19 @@ class Dataplane:
         self.shadow.submit(info, shadow, primary_output, shadow_output, primary_ms)
 
 
+def refuse_generation(info: VersionInfo, use: str) -> None:
+    """A generation (decoupled) version answers with a stream: one-shot calls are pointed at `use`."""
+    if info.post_kind == PostKind.GENERATION:
+        raise InvalidArgument(f"model {info.model!r} v{info.version} is a generation model (decoupled: one "
+                              f"response per token); use {use}")
+
+
 def version_selector(version: str) -> tuple[int, str]:
     """OIP model_version → (version number, alias): "" = policy, "3" = version 3, "canary" = an alias."""
     if not version:
         return 0, ""
+    if version.isdigit() and not version.isascii():  # int() takes "١٢", raises on "²": neither is a version
+        raise InvalidArgument(f"model_version {version!r}: a version number is written in ASCII digits 0-9")
     if version.isdigit():
         if int(version) <= 0:
             raise InvalidArgument(f"model_version {version!r}: versions start at 1")

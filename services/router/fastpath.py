@@ -20,9 +20,10 @@ from pathlib import Path
 
 import grpc
 
-from services.router.metrics import ROUTER_INFLIGHT
+from services.router.metrics import ROUTER_INFLIGHT, ROUTER_REQUESTS
 from services.router.routing import ModelRoutes, RoutingTable, default_version, ready_aliases, usable_split
-from services.shared.errors import FailedPrecondition
+from services.router.triton_errors import MODEL_INPUT_ERROR_MARKERS
+from services.shared.errors import MAX_STATUS_MESSAGE_BYTES, FailedPrecondition
 from services.shared.replica_pool import ReplicaPool
 from services.shared.telemetry import RPC_DURATION, RPC_REQUESTS
 
@@ -160,7 +161,9 @@ class FastPath:
         return [s.binary, "--listen", s.listen, "--fallback", s.fallback, "--max-message-bytes",
                 str(s.max_message_bytes), "--default-timeout", str(s.default_timeout), "--grace", str(s.grace),
                 "--stats-interval", str(s.stats_interval),
-                "--duration-buckets", ",".join(map(str, RPC_DURATION._upper_bounds[:-1]))]  # +Inf is implied
+                "--duration-buckets", ",".join(map(str, RPC_DURATION._upper_bounds[:-1])),  # +Inf is implied
+                "--max-status-message-bytes", str(MAX_STATUS_MESSAGE_BYTES),
+                *(arg for marker in MODEL_INPUT_ERROR_MARKERS for arg in ("--input-error-marker", marker))]
 
     async def _supervise(self) -> None:
         backoff = 0.5
@@ -188,10 +191,11 @@ class FastPath:
                 self._listening.set_result(int(fields[1]))
             elif fields[0] == "stats" and len(fields) == 2:
                 self._report_inflight(int(fields[1]))
-            elif fields[0] == "requests" and len(fields) == 5:
-                model, version, code, count = fields[1:]
+            elif fields[0] == "requests" and len(fields) == 6:
+                model, version, route, code, count = fields[1:]
                 RPC_REQUESTS.labels("router", "ModelInfer", model, version,
                                     _CODE_NAMES.get(int(code), code)).inc(int(count))
+                ROUTER_REQUESTS.labels(model, version, route).inc(int(count))
             elif fields[0] == "durations" and len(fields) == 3:
                 add_to_histogram(RPC_DURATION.labels("router", "ModelInfer"),
                                  [int(n) for n in fields[1].split(",")], float(fields[2]))

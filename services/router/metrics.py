@@ -1,7 +1,8 @@
-"""Router metrics (Prometheus). The HPA scales on maas_router_inflight_requests: keep that name."""
+"""Router metrics (Prometheus). The HPA scales on maas_router_inflight_requests (and, for generation,
+maas_router_inflight_streams): keep those names."""
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 ROUTER_REQUESTS = Counter(
     "maas_router_requests", "Data-plane requests routed, by model, version and how the version was chosen",
@@ -11,4 +12,14 @@ ROUTER_INFLIGHT = Gauge("maas_router_inflight_requests", "Data-plane requests be
 SHADOW_REQUESTS = Counter(
     "maas_router_shadow_requests", "Shadow copies of requests, by outcome (sent, dropped, failed)",
     ["model", "outcome"],
+)
+STREAMS_INFLIGHT = Gauge(
+    "maas_router_inflight_streams",
+    "Generation streams open on this router (Generate, GenerateUnary, OIP ModelStreamInfer): the generation HPA's signal",
+)
+GENERATED_TOKENS = Counter("maas_router_generated_tokens", "Tokens generated and returned to callers",
+                           ["model", "version"])
+TIME_TO_FIRST_TOKEN = Histogram(
+    "maas_router_time_to_first_token_seconds", "From a Generate request's arrival to its first generated token",
+    ["model"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )

@@ -6,9 +6,11 @@ fails fast with UNAVAILABLE instead of hanging; cancelling the caller cancels th
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from time import monotonic
 
@@ -16,12 +18,15 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas.v1 import tensor_pb2, tokenizer_pb2, tokenizer_pb2_grpc, vision_pb2, vision_pb2_grpc
+from services.router.triton_errors import model_input_error
 from services.shared.errors import Unavailable
+from services.tokenizer.client import DetokenizeSession
 from services.shared.replica_pool import Replica, ReplicaPool
 
 log = logging.getLogger(__name__)
 
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_STREAM_INFER_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 def names_peer(method):
@@ -41,6 +46,7 @@ def names_peer(method):
 class Tokenized:
     tensors: list[tensor_pb2.Tensor]
     truncated: list[bool]
+    original_lengths: list[int] = ()
 
 
 class TokenizerPeer:
@@ -53,7 +59,21 @@ class TokenizerPeer:
         request = tokenizer_pb2.TokenizeRequest(tokenizer=tokenizer, texts=texts,
                                                 padding=tokenizer_pb2.PADDING_LONGEST)
         response = await self._stub.Tokenize(request, timeout=timeout, wait_for_ready=False)
-        return Tokenized(list(response.tensors), [item.truncated for item in response.items])
+        return Tokenized(list(response.tensors), [item.truncated for item in response.items],
+                         [item.original_length for item in response.items])
+
+    @names_peer
+    async def chat_template(self, tokenizer: str, messages: list[tuple[str, str]], timeout: float | None) -> list[int]:
+        """The messages rendered with the tokenizer's chat template (assistant turn opened), as ids."""
+        request = tokenizer_pb2.ChatTemplateRequest(
+            tokenizer=tokenizer, add_generation_prompt=True,
+            messages=[tokenizer_pb2.TemplateMessage(role=role, content=content) for role, content in messages])
+        response = await self._stub.ApplyChatTemplate(request, timeout=timeout, wait_for_ready=False)
+        return list(response.input_ids)
+
+    def detokenize_session(self, tokenizer: str, timeout: float | None) -> DetokenizeSession:
+        """One generated sequence's DetokenizeStream (send ids, get the text they complete; close it)."""
+        return DetokenizeSession(self._stub, tokenizer, timeout=timeout)
 
 
 class VisionPeer:
@@ -76,6 +96,18 @@ def raw_model_infer(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallab
 
 TritonStub = service_pb2_grpc.GRPCInferenceServiceStub
 
+
+def raw_model_stream_infer(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiCallable:
+    """ModelStreamInfer with serialised messages both ways (the OIP passthrough)."""
+    return channel.stream_stream(MODEL_STREAM_INFER_METHOD)
+
+
+def model_stream_infer(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiCallable:
+    """ModelStreamInfer with service_pb2 messages (the router's own generation requests)."""
+    return channel.stream_stream(MODEL_STREAM_INFER_METHOD,
+                                 request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+                                 response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+
 # gRPC's status text when the call could not be given a connection at all (wait_for_ready=False and the
 # channel cannot connect): the request never left the router, so another replica may take it.
 NOT_SENT = "failed to connect to all addresses"
@@ -97,6 +129,7 @@ class TritonPeer:
     def __init__(self, pool: ReplicaPool):
         self.pool = pool
         self._max_batch: dict[tuple[str, str], int] = {}  # versions are immutable: cache forever
+        self._parameters: dict[tuple[str, str], dict[str, str]] = {}
 
     async def max_batch_size(self, model: str, version: str, timeout: float | None) -> int:
         """The version's max_batch_size from Triton's config (0 = no batch dimension), fetched once."""
@@ -125,6 +158,33 @@ class TritonPeer:
         """Bytes in, bytes out: the passthrough never parses or re-serialises tensors."""
         return await self._call(raw_model_infer, None, request, timeout)
 
+    async def model_parameters(self, model: str, version: str, timeout: float | None) -> dict[str, str]:
+        """The string parameters of the version's Triton config (a generation model's limits), fetched once."""
+        key = (model, version)
+        if key not in self._parameters:
+            request = service_pb2.ModelConfigRequest(name=model, version=version)
+            response = await self._call(TritonStub, "ModelConfig", request, timeout)
+            self._parameters[key] = {k: p.string_value for k, p in response.config.parameters.items()}
+        return self._parameters[key]
+
+    @contextlib.asynccontextmanager
+    async def stream(self, timeout: float | None, raw: bool = False,
+                     metadata: tuple = ()) -> AsyncIterator[grpc.aio.StreamStreamCall]:
+        """A ModelStreamInfer call on one replica, counted in its in-flight calls while open, and
+        cancelled when the block ends however it ends (Triton then cancels the requests still running
+        on it: that is how a caller's cancel or deadline reaches a decoupled model). Not retried: a
+        stream's requests may have reached the model."""
+        replica = self.pool.pick()
+        replica.inflight += 1
+        replica.calls += 1
+        call = replica.stub(raw_model_stream_infer if raw else model_stream_infer)(
+            timeout=timeout, wait_for_ready=False, metadata=metadata or None)
+        try:
+            yield call
+        finally:
+            replica.inflight -= 1
+            call.cancel()
+
     async def call(self, method: str, request, timeout: float | None):
         """Any other unary method of Triton's API by name, e.g. call("ModelMetadata", req, 5)."""
         return await self._call(TritonStub, method, request, timeout)
@@ -136,7 +196,7 @@ class TritonPeer:
             return await _attempt(replica, factory, method, request, timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                raise
+                raise model_input_error(exc) or exc from None
             failure = exc
         return await self._retry(replica, failure, factory, method, request, timeout, started)
 
@@ -156,7 +216,7 @@ class TritonPeer:
                 return await _attempt(replica, factory, method, request, remaining)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
+                    raise model_input_error(exc) or exc from None
                 failure = exc
         raise Unavailable(f"Triton ({replica.address}) is unavailable: {failure.details()}") from None
 

@@ -44,6 +44,7 @@ class PostKind(enum.IntEnum):
     NONE = 1
     EMBEDDING = 2
     SOFTMAX_TOP_K = 3
+    GENERATION = 4
 
 
 class RouteKind(enum.IntEnum):
@@ -199,7 +200,7 @@ class RoutingTable:
         routes = self._models.get(name)
         if routes is None:
             known = ", ".join(sorted(self._models)) or "none"
-            raise NotFound(f"model {name!r} is not registered (registered models: {known})")
+            raise UnknownModel(name, f"model {name!r} is not registered (registered models: {known})")
         return routes
 
     def resolve(self, name: str, version: int = 0, alias: str = "", routing_key: str = "") -> Route:
@@ -229,7 +230,7 @@ class RoutingTable:
         routes = self.model(name)
         info = routes.versions.get(version)
         if info is None:
-            raise NotFound(f"model {name!r} has no version {version} (versions: {sorted(routes.versions)})")
+            raise UnknownVersion(name, version, f"model {name!r} has no version {version} (versions: {sorted(routes.versions)})")
         return info
 
     # -- internals ---------------------------------------------------------------------------------
@@ -273,6 +274,30 @@ class RoutingTable:
         return info
 
 
+class UnknownModel(NotFound):
+    def __init__(self, model: str, message: str):
+        super().__init__(message)
+        self.triton_wording = f"Request for unknown model: '{model}' is not found"
+
+
+class UnknownVersion(NotFound):
+    def __init__(self, model: str, version: int, message: str):
+        super().__init__(message)
+        self.triton_wording = f"Request for unknown model: '{model}' version {version} is not found"
+
+
+class VersionNotReady(FailedPrecondition):
+    def __init__(self, model: str, version: int, message: str):
+        super().__init__(message)
+        self.triton_wording = f"Request for unknown model: '{model}' version {version} is not at ready state"
+
+
+class NoReadyVersion(FailedPrecondition):
+    def __init__(self, model: str, message: str):
+        super().__init__(message)
+        self.triton_wording = f"Request for unknown model: '{model}' has no available versions"
+
+
 def usable_split(routes: ModelRoutes) -> list[tuple[VersionInfo, Target]]:
     """The traffic policy's targets that get traffic: those resolving to a READY version, by weight."""
     usable = []
@@ -296,10 +321,11 @@ def _target_version(routes: ModelRoutes, target: Target) -> VersionInfo | None:
 def _must_be_ready(routes: ModelRoutes, version: int, what: str) -> VersionInfo:
     info = routes.versions.get(version)
     if info is None:
-        raise NotFound(f"model {routes.name!r} has no {what} (versions: {sorted(routes.versions)})")
+        raise UnknownVersion(routes.name, version,
+                             f"model {routes.name!r} has no {what} (versions: {sorted(routes.versions)})")
     if not info.ready:
         reason = f": {info.state_reason}" if info.state_reason else ""
-        raise FailedPrecondition(
+        raise VersionNotReady(routes.name, version,
             f"model {routes.name!r} {what} is {info.state.name}, not READY{reason}"
         )
     return info
@@ -321,5 +347,5 @@ def default_version(routes: ModelRoutes) -> tuple[VersionInfo, str]:
     ready = routes.ready_versions()
     if not ready:
         states = ", ".join(f"v{v}={i.state.name}" for v, i in sorted(routes.versions.items())) or "no versions"
-        raise FailedPrecondition(f"model {routes.name!r} has no READY version ({states})")
+        raise NoReadyVersion(routes.name, f"model {routes.name!r} has no READY version ({states})")
     return routes.versions[ready[-1]], f"v{ready[-1]}"

@@ -17,6 +17,7 @@ from maas.v1 import router_pb2, router_pb2_grpc
 from services.router.config import RouterConfig
 from services.router.dataplane import Dataplane
 from services.router.fastpath import BINARY_NAME, FastPath, FastPathSettings
+from services.router.generation import Generation
 from services.router.peers import TokenizerPeer, TritonPeer, VisionPeer
 from services.router.routing import RoutingTable
 from services.router.servicer import InferenceServicer, RouterServicer, add_inference_service
@@ -47,7 +48,7 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
                       default_timeout=cfg.default_timeout, max_batch_items=cfg.max_batch_items)
 
     def register(server):
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(plane), server)
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(plane, Generation(plane, cfg.generation)), server)
         return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
                 add_inference_service(InferenceServicer(plane, table, triton), server)]
 

@@ -9,9 +9,12 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from maas.v1 import router_pb2, router_pb2_grpc, tensor_pb2
+from services.router import oip_stream
 from services.router.dataplane import ClassifyResult, Dataplane, ModelRef, Payload
+from services.router.generation import Generation, Piece, Prompt, Sampling
 from services.router.peers import TritonPeer
 from services.router.routing import Route, RoutingTable
+from services.router.triton_errors import oip_worded
 from services.shared.errors import ServiceError
 
 OIP_SERVICE = "inference.GRPCInferenceService"
@@ -21,7 +24,7 @@ ROUTING_KEY_METADATA = "x-maas-routing-key"
 _REFUSED_OIP_METHODS = (
     "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "SystemSharedMemoryStatus",
     "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
-    "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings", "ModelStreamInfer",
+    "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings",
 )
 
 
@@ -44,9 +47,46 @@ def classify_response(result: ClassifyResult) -> router_pb2.ClassifyResponse:
     )
 
 
+def sampling(s: router_pb2.SamplingParams) -> Sampling:
+    return Sampling(
+        max_tokens=s.max_tokens, top_k=s.top_k, stop=tuple(s.stop),
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        seed=s.seed if s.HasField("seed") else None,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
+    )
+
+
+def prompt(request: router_pb2.GenerateRequest) -> Prompt:
+    which = request.WhichOneof("input")
+    if which == "prompt":
+        return Prompt(text=request.prompt)
+    if which == "messages":
+        return Prompt(messages=tuple((m.role, m.content) for m in request.messages.messages))
+    return Prompt()
+
+
+def generate_response(piece: Piece) -> router_pb2.GenerateResponse:
+    response = router_pb2.GenerateResponse(text=piece.text, token_ids=piece.token_ids, finish_reason=int(piece.finish))
+    if piece.route is not None:
+        response.routed.CopyFrom(decision(piece.route))
+    if piece.usage is not None:
+        response.usage.CopyFrom(router_pb2.Usage(prompt_tokens=piece.usage[0], completion_tokens=piece.usage[1]))
+    return response
+
+
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, plane: Dataplane):
-        self.plane = plane
+    def __init__(self, plane: Dataplane, generation: Generation):
+        self.plane, self.generation = plane, generation
+
+    async def Generate(self, request, context):
+        async for piece in self.generation.stream(model_ref(request.model), prompt(request),
+                                                  sampling(request.sampling), context.time_remaining()):
+            yield generate_response(piece)
+
+    async def GenerateUnary(self, request, context):
+        return generate_response(await self.generation.collect(
+            model_ref(request.model), prompt(request), sampling(request.sampling), context.time_remaining()))
 
     async def Embed(self, request, context):
         result = await self.plane.embed(model_ref(request.model), list(request.texts), context.time_remaining())
@@ -76,9 +116,13 @@ class InferenceServicer:
         self.server_name, self.server_version = server_name, server_version
 
     async def ModelInfer(self, request: bytes, context) -> bytes:
-        key = next((v for k, v in context.invocation_metadata() or () if k == ROUTING_KEY_METADATA), "")
-        return await self.plane.infer_raw(request, key if isinstance(key, str) else key.decode(),
-                                          context.time_remaining())
+        return await self.plane.infer_raw(request, _routing_key(context), context.time_remaining())
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Serialised requests in, Triton's serialised stream responses out (oip_stream.py)."""
+        async for response in oip_stream.relay(self.plane, request_iterator, _routing_key(context),
+                                               context.time_remaining()):
+            yield response
 
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -131,6 +175,11 @@ class InferenceServicer:
         return await self.triton.call("ModelStatistics", request, context.time_remaining())
 
 
+def _routing_key(context) -> str:
+    key = next((v for k, v in context.invocation_metadata() or () if k == ROUTING_KEY_METADATA), "")
+    return key if isinstance(key, str) else key.decode()
+
+
 def _short(context) -> float:
     remaining = context.time_remaining()
     return min(remaining, 2.0) if remaining is not None else 2.0
@@ -147,27 +196,22 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
     """Register the OIP service; returns its full name (for health and reflection)."""
     def typed(method: str, request_type: str):
         return grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method),
+            oip_worded(getattr(servicer, method)),
             request_deserializer=getattr(service_pb2, request_type).FromString,
             response_serializer=lambda message: message.SerializeToString(),
         )
 
     handlers = {
         # Bytes in, bytes out.
-        "ModelInfer": grpc.unary_unary_rpc_method_handler(servicer.ModelInfer),
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(oip_worded(servicer.ModelInfer)),
         **{name: typed(name, f"{name}Request") for name in (
             "ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig",
             "ModelStatistics")},
-        **{name: grpc.unary_unary_rpc_method_handler(_refuse(name)) for name in _REFUSED_OIP_METHODS
-           if name != "ModelStreamInfer"},
-        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(_refuse_stream),
+        # Bytes in, bytes out, too: one Triton stream per caller stream.
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(servicer.ModelStreamInfer),
+        **{name: grpc.unary_unary_rpc_method_handler(_refuse(name)) for name in _REFUSED_OIP_METHODS},
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(OIP_SERVICE, handlers),))
     return OIP_SERVICE
 
-
-async def _refuse_stream(request_iterator, context):
-    await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                        "ModelStreamInfer is not served by the router yet; use ModelInfer")
-    yield  # pragma: no cover - makes this an async generator
 

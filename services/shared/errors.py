@@ -56,6 +56,22 @@ class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+# Status messages are sent as a header: one that echoes a large input could exceed the caller's metadata
+# limit (gRPC's default is 8 KiB, and the message is percent-encoded: up to 3 bytes per byte), and the
+# caller would see RESOURCE_EXHAUSTED instead of the error. Messages are cut to this many UTF-8 bytes.
+MAX_STATUS_MESSAGE_BYTES = 1024
+
+
+def bounded(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """`message` cut to `limit` UTF-8 bytes (on a character boundary), saying how much was cut."""
+    raw = message.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return message
+    marker = f"… ({len(raw) - limit} more bytes cut)"
+    kept = raw[:limit - len(marker.encode()) - 4].decode("utf-8", "ignore")  # 4: room for the count's digits
+    return kept + f"… ({len(raw) - len(kept.encode())} more bytes cut)"
+
+
 def item_error(kind: type[ServiceError], index: int, message: str) -> ServiceError:
     """An error about one batch item, named by its index so the caller can find it."""
     return kind(f"item {index}: {message}")

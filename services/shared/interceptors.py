@@ -1,4 +1,5 @@
-"""Server interceptor every service uses: domain errors → statuses, request metrics, no crash on a bug."""
+"""Server interceptor every service uses: domain errors → statuses, request metrics, no crash on a bug,
+requests that do not parse → INVALID_ARGUMENT (services.shared.decoding)."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,8 @@ import uuid
 
 import grpc
 
-from services.shared.errors import status_for
+from services.shared.decoding import decoded, decoded_stream, tolerant
+from services.shared.errors import InvalidArgument, bounded, status_for
 from services.shared.telemetry import RPC_DURATION, RPC_INFLIGHT, RPC_REQUESTS, _request_labels
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class _Outcome:
             log.exception("unhandled error", extra={"method": self.metrics.method, "incident": incident})
             mapped = (grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
         self.finish(mapped[0])
-        await context.abort(*mapped)
+        await context.abort(mapped[0], bounded(mapped[1]))
 
     def finish(self, code: grpc.StatusCode) -> None:
         if self.token is None:
@@ -65,6 +67,15 @@ class _Outcome:
         code = context.code() if hasattr(context, "code") else None
         self.finish(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK)
 
+    def finish_abandoned(self, context: grpc.aio.ServicerContext) -> None:
+        """The handler was cancelled (the client went away or its deadline passed): a no-op when the
+        call already finished, else it leaves the in-flight gauge like any other call."""
+        if self.token is None:
+            return
+        remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+        expired = remaining is not None and remaining <= 0.05  # grpc may cancel just before its own clock
+        self.finish(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler. Health and reflection calls are passed through untouched."""
@@ -77,7 +88,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(("/grpc.health.", "/grpc.reflection.")):
+        if handler is None:
             return handler
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
@@ -85,18 +96,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return cached[1]
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        deserializer = tolerant(handler.request_deserializer)
+        if method.startswith(("/grpc.health.", "/grpc.reflection.")):  # no metrics, only the decoding check
+            return _with_behaviour(handler, _refusing_undecodable(handler), deserializer)
         metrics = _MethodMetrics(self.service, method.rsplit("/", 1)[-1])
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, metrics), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, metrics), handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, metrics), handler.request_deserializer, handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(
-            self._stream(handler.stream_stream, metrics), handler.request_deserializer, handler.response_serializer)
+        behaviour = self._unary if handler.unary_unary or handler.stream_unary else self._stream
+        return _with_behaviour(handler, behaviour(_checked(handler), metrics), deserializer)
 
     @staticmethod
     def _unary(behaviour, metrics: _MethodMetrics):
@@ -112,6 +117,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             else:
                 outcome.finish_from_context(context)
                 return response
+            finally:
+                outcome.finish_abandoned(context)  # cancelled or timed out: CancelledError is no Exception
         return wrapped
 
     @staticmethod
@@ -129,5 +136,51 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             else:
                 outcome.finish_from_context(context)
             finally:
-                outcome.finish(grpc.StatusCode.CANCELLED)  # no-op unless the stream was cancelled
+                outcome.finish_abandoned(context)  # no-op unless the stream was cancelled
         return wrapped
+
+
+def _checked(handler: grpc.RpcMethodHandler):
+    """The handler's behaviour, refusing messages that did not parse before it sees them (a request-
+    streaming handler marked per_message_errors gets them as they are and answers each itself)."""
+    behaviour = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+    streamed_requests = handler.request_streaming
+    if streamed_requests and getattr(behaviour, "per_message_errors", False):
+        return behaviour
+    if handler.response_streaming:
+        def checked_stream(request_or_iterator, context):
+            arg = decoded_stream(request_or_iterator) if streamed_requests else decoded(request_or_iterator)
+            return behaviour(arg, context)
+        return checked_stream
+
+    async def checked(request_or_iterator, context):
+        arg = decoded_stream(request_or_iterator) if streamed_requests else decoded(request_or_iterator)
+        return await behaviour(arg, context)
+    return checked
+
+
+def _with_behaviour(handler: grpc.RpcMethodHandler, behaviour, deserializer) -> grpc.RpcMethodHandler:
+    make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary else
+            grpc.stream_unary_rpc_method_handler if handler.stream_unary else
+            grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler)
+    return make(behaviour, deserializer, handler.response_serializer)
+
+
+def _refusing_undecodable(handler: grpc.RpcMethodHandler):
+    """Health and reflection: no metrics, only a message that did not parse → INVALID_ARGUMENT."""
+    behaviour = _checked(handler)
+    if handler.response_streaming:
+        async def streamed(request_or_iterator, context):
+            try:
+                async for response in behaviour(request_or_iterator, context):
+                    yield response
+            except InvalidArgument as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+        return streamed
+
+    async def unary(request_or_iterator, context):
+        try:
+            return await behaviour(request_or_iterator, context)
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+    return unary

@@ -1,6 +1,8 @@
 """numpy ⇄ maas.v1.Tensor in Triton's raw little-endian layout (no per-element encoding)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from maas.v1 import tensor_pb2
@@ -45,7 +47,7 @@ def from_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"tensor {tensor.name!r}: negative dimension in shape {list(shape)}")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: an int64 product could wrap and match
     if len(tensor.raw_contents) != expected:
         raise InvalidArgument(
             f"tensor {tensor.name!r}: {len(tensor.raw_contents)} bytes for shape {list(shape)} {tensor.datatype}, "

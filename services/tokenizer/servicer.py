@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from maas.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from services.shared.decoding import decoded, per_message_errors
 from services.shared.errors import InvalidArgument, status_for
 from services.shared.tensors import to_proto
 from services.tokenizer.chat_template import Message
@@ -27,6 +28,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     async def Tokenize(self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):
         return _fill(tokenizer_pb2.TokenizeResponse(), await self._tokenize(request))
 
+    @per_message_errors  # a message that does not parse gets its INVALID_ARGUMENT answer; the stream goes on
     async def TokenizeStream(self, requests: AsyncIterator[tokenizer_pb2.TokenizeRequest],
                              context: grpc.aio.ServicerContext):
         # One request at a time, in arrival order: responses must come back in request order, and
@@ -49,6 +51,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return answer
 
     async def _tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> TokenizedBatch:
+        request = decoded(request)
         padding = _PADDING.get(request.padding)
         if padding is None:
             raise InvalidArgument(f"padding {request.padding} is not a known Padding value")

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from maas.local.mesh import SOURCE_MODELS
+
 REPO = Path(__file__).resolve().parents[2]
 MAAS = [sys.executable, "-c", "import sys; from maas.cli import main; sys.argv[0] = 'maas'; main()"]
 
@@ -16,7 +18,11 @@ def test_maas_demo_runs_every_step_and_exits_zero(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
-    assert [s["step"].split()[0] for s in summary["steps"]] == ["Embed", "Classify", "Register", "Send", "Promote", "Roll"]
+    chat = ["Chat", "Ask"] if any(m.name == "smollm2" for m in SOURCE_MODELS) else []
+    assert [s["step"].split()[0] for s in summary["steps"]] == ["Embed", "Classify", *chat, "Register", "Send",
+                                                                 "Promote", "Roll"]
+    if chat:
+        assert summary["chat"]["text"].strip() and summary["openai"]["same_as_grpc"]
     assert "cat" in summary["classify"]["top1"] and 0.2 < summary["embed"]["cosine"] < 1
     production, candidate = summary["versions"]["production"], summary["versions"]["candidate"]
     assert set(summary["canary"]) == {f"v{production}", f"v{candidate}"}

@@ -67,11 +67,15 @@ def exposed(mesh) -> dict[str, set[str]]:
     # may have restarted the registry (a fresh process has counted nothing yet).
     with RegistryClient(mesh.registry_address) as registry:
         registry.list_models()
+    request = urllib.request.Request(f"{mesh.openai_url}/embeddings", data=json.dumps({"input": "x"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:  # the OpenAI gateway's own metrics
+        assert response.status == 200
     return {component: scrape(address) for component, address in mesh.metrics_addresses.items()}
 
 
 def test_every_component_serves_metrics(mesh, exposed):
-    assert set(exposed) == {"router", "registry", "tokenizer", "vision", "triton"}
+    assert set(exposed) == {"router", "registry", "tokenizer", "vision", "openai", "triton"}
     for component in ("router", "registry", "tokenizer", "vision"):
         assert "maas_rpc_server_requests_total" in exposed[component], component
         assert "maas_rpc_server_duration_seconds_bucket" in exposed[component], component
@@ -82,6 +86,8 @@ def test_every_component_serves_metrics(mesh, exposed):
     assert "maas_item_errors_total" in exposed["vision"]
     assert "maas_registry_versions" in exposed["registry"]
     assert {"nv_inference_queue_duration_us", "nv_inference_request_success"} <= exposed["triton"]
+    assert {"maas_http_requests_total", "maas_http_request_duration_seconds_bucket", "maas_http_inflight_requests",
+            "maas_openai_inflight_streams"} <= exposed["openai"]
 
 
 def test_every_metric_the_chart_references_is_exposed(exposed):

@@ -87,15 +87,12 @@ def test_what_the_forwarder_cannot_settle_is_answered_like_the_main_port(mesh, m
         assert fast.is_server_ready() and fast.is_model_ready("fast_errors")
         assert not fast.is_model_ready("fast_errors", "77")
         assert fast.get_model_metadata("fast_errors", as_json=True)["inputs"][0]["name"] == "x"
-    # Streaming inference: refused alike on both ports.
-    refusals = set()
-    for address in (mesh.addresses["router_oip"], mesh.router_address):
-        with grpc.insecure_channel(address) as channel:
-            stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(iter([b""]), timeout=5)
-            with pytest.raises(grpc.RpcError) as refused:
-                list(stream)
-            refusals.add((refused.value.code(), refused.value.details()))
-    assert len(refusals) == 1 and next(iter(refusals))[0] == grpc.StatusCode.UNIMPLEMENTED, refusals
+    # Streaming inference is the main port's: the fast path refuses it, pointing there.
+    with grpc.insecure_channel(mesh.addresses["router_oip"]) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(iter([b""]), timeout=5)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stream)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED and "main port" in refused.value.details()
     # Bad tensors are Triton's to refuse, with its own status, through the fast path.
     code, message = status_of(lambda: fast.infer("fast_errors", tiny_input(np.ones((1, 5), np.float32)),
                                                  client_timeout=TIMEOUT))
@@ -163,4 +160,60 @@ async def test_deadline_and_cancellation_reach_triton_through_the_forwarder():
         assert mesh.triton.calls[-1][:2] == ("slow", "1")  # sent by the forwarder, version from the table
         await client.close()
     finally:
+        await mesh.stop()
+
+
+async def test_fast_path_calls_are_counted_once_in_the_router_metrics(monkeypatch):
+    """maas_router_inflight_requests (the HPA's signal) counts a call the forwarder hands to the main
+    port once, not by both; maas_router_requests_total counts the calls the forwarder sends to Triton."""
+    import asyncio
+
+    import tritonclient.grpc.aio as triton_aio
+    from prometheus_client import REGISTRY
+
+    from maas.local.processes import free_ports
+    from services.router.fastpath import FastPath
+    from tests.unit.test_router_service import Mesh
+
+    reports: list[int] = []
+    report = FastPath._report_inflight
+    monkeypatch.setattr(FastPath, "_report_inflight", lambda self, n: (reports.append(n), report(self, n))[1])
+
+    def sample(name: str, labels: dict | None = None) -> float:
+        return REGISTRY.get_sample_value(name, labels or {}) or 0
+
+    async def until(predicate, what: str) -> None:
+        for _ in range(500):
+            if predicate():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(what)
+
+    fast_address = f"127.0.0.1:{free_ports(1)[0]}"
+    mesh = await Mesh().start(oip_fast_listen=fast_address, oip_fast_binary=find_binary())
+    client = triton_aio.InferenceServerClient(fast_address)
+    slow_calls = []
+    try:
+        await mesh.synced()
+        inp = grpcclient.InferInput("x", [1, 4], "FP32")
+        inp.set_data_from_numpy(X)
+        alias = {"model": "tiny", "version": "2", "route": "alias"}
+        before = sample("maas_router_requests_total", alias)
+        await client.infer("tiny", [inp], model_version="canary", client_timeout=5)
+        await until(lambda: sample("maas_router_requests_total", alias) == before + 1,
+                    "the forwarder's call in maas_router_requests_total")
+
+        assert sample("maas_router_inflight_requests") == 0
+        at_triton = len(mesh.triton.calls)
+        for headers in ({"x-maas-routing-key": "user-1"}, None):  # the main port's call, then the forwarder's
+            slow_calls.append(asyncio.ensure_future(client.infer("slow", [inp], headers=headers, client_timeout=20)))
+            await until(lambda: len(mesh.triton.calls) == at_triton + len(slow_calls), "the slow call at Triton")
+        reported = len(reports)
+        await until(lambda: len(reports) > reported, "a report of the forwarder's in-flight calls")
+        assert sample("maas_router_inflight_requests") == 2
+    finally:
+        for call in slow_calls:
+            call.cancel()
+        await asyncio.gather(*slow_calls, return_exceptions=True)
+        await client.close()
         await mesh.stop()

@@ -92,3 +92,71 @@ def test_a_third_model_needs_no_router_change(mesh, mesh_registry, clients, tmp_
     response = routed.infer("third_tiny", [inp], client_timeout=TIMEOUT)
     np.testing.assert_allclose(response.as_numpy("y"), 2 * x)
     assert response.get_response().model_version == str(version)
+
+
+def int64_inputs(shape, value=1) -> list:
+    inputs = []
+    for name, fill in (("input_ids", value), ("attention_mask", 1), ("token_type_ids", 0)):
+        inp = grpcclient.InferInput(name, list(shape), "INT64")
+        inp.set_data_from_numpy(np.full(shape, fill, np.int64))
+        inputs.append(inp)
+    return inputs
+
+
+def refusal(client, model, inputs, version=""):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(model, inputs, model_version=version, client_timeout=TIMEOUT)
+    return caught.value.status(), caught.value.message()
+
+
+def test_one_error_contract_on_both_router_ports(mesh):
+    """Input the model refuses is INVALID_ARGUMENT (not a retryable UNAVAILABLE) with Triton's words; the
+    errors Triton defines keep its wording; messages that echo a large input are cut, not lost to
+    gRPC's metadata limit; both ports answer alike."""
+    model_side = {
+        "sequence too long": ("minilm", int64_inputs((1, 5000))),
+        "ids outside the vocabulary": ("minilm", int64_inputs((1, 8), 10**9)),
+        "a zero dimension": ("minilm", int64_inputs((1, 0))),
+    }
+    huge_name = "m" * 100_000
+    answers = {}
+    for port in ("router", "router_oip"):
+        with grpcclient.InferenceServerClient(mesh.addresses[port]) as client:
+            for what, (model, inputs) in model_side.items():
+                code, message = answers[port, what] = refusal(client, model, inputs)
+                assert code == "StatusCode.INVALID_ARGUMENT" and "ONNXRuntimeError" in message, (port, what, message)
+            code, message = answers[port, "unknown model"] = refusal(client, "no_such_model", int64_inputs((1, 4)))
+            assert code == "StatusCode.NOT_FOUND", (port, message)
+            assert message.startswith("Request for unknown model: 'no_such_model' is not found ("), message
+            code, message = answers[port, "unknown version"] = refusal(client, "minilm", int64_inputs((1, 4)), "77")
+            assert code == "StatusCode.NOT_FOUND"
+            assert message.startswith("Request for unknown model: 'minilm' version 77 is not found ("), message
+            code, message = answers[port, "huge name"] = refusal(client, huge_name, int64_inputs((1, 4)))
+            assert code == "StatusCode.NOT_FOUND" and len(message.encode()) <= 1024, (code, len(message))
+            assert message.startswith("Request for unknown model: 'mmm") and message.endswith("more bytes cut)")
+    for what in (*model_side, "unknown model", "unknown version", "huge name"):
+        assert answers["router", what] == answers["router_oip", what], what
+
+
+def test_request_bytes_that_do_not_parse_are_invalid_argument_on_every_service(mesh):
+    import grpc
+
+    undecodable = b"\x0a\x05\xff\xfe\xfd\xfc\xfb"  # field 1 (a string everywhere here) with invalid UTF-8
+    calls = {"router": ["/maas.v1.Router/Embed", "/maas.v1.Router/Classify", "/maas.v1.Router/Infer",
+                        "/inference.GRPCInferenceService/ModelMetadata", "/grpc.health.v1.Health/Check"],
+             "tokenizer": ["/maas.v1.Tokenizer/Tokenize", "/grpc.health.v1.Health/Check"],
+             "vision": ["/maas.v1.Vision/Preprocess"],
+             "registry": ["/maas.v1.Registry/GetVersion", "/maas.v1.Registry/GetModel"]}
+    for service, methods in calls.items():
+        with grpc.insecure_channel(mesh.addresses[service]) as channel:
+            for method in methods:
+                with pytest.raises(grpc.RpcError) as caught:
+                    channel.unary_unary(method)(undecodable, timeout=TIMEOUT)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (service, method, caught.value)
+    with grpc.insecure_channel(mesh.addresses["registry"]) as channel:  # a stream, mid-way: no INTERNAL
+        upload = channel.stream_unary("/maas.v1.Registry/RegisterVersion")
+        with pytest.raises(grpc.RpcError) as caught:
+            upload(iter([undecodable]), timeout=TIMEOUT)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value

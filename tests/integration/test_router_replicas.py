@@ -4,6 +4,12 @@ main port and on its compiled OIP data path alike.
 Two real Tritons on one model repository (like pods on a shared volume), the registry loading the
 tiny model on both, the fake Kubernetes API announcing them, and a real router in between. Which
 replica served is read from Triton's own statistics, never from the router.
+
+Triton's backends send the responses of a batch before they count it in the statistics, so a reading
+taken right after the last answer can miss a batch still being counted (it then lands in the next
+reading: "44 inferences for 40 requests" under CPU load). Readings are therefore taken once every
+request sent so far is counted (Ledger.settled), and a count over the requests sent fails at once:
+a request executed twice would show as exactly that.
 """
 from __future__ import annotations
 
@@ -31,6 +37,29 @@ X = np.arange(4, dtype=np.float32).reshape(1, 4)
 
 async def counts(*tritons: LocalTriton) -> list[int]:
     return [await inference_count(t, "tiny") for t in tritons]
+
+
+class Ledger:
+    """Every request the test sent through the router, to read Triton's counts once they include them."""
+
+    def __init__(self, tritons: list[LocalTriton], origin: int):
+        self.tritons, self.origin, self.sent = tritons, origin, 0
+
+    async def settled(self) -> list[int]:
+        """Each replica's count, once their sum accounts for every request sent (never more)."""
+        now: list[int] = []
+
+        async def accounted() -> bool:
+            now[:] = await counts(*self.tritons)
+            executed = sum(now) - self.origin
+            assert executed <= self.sent, f"{executed} inferences executed for {self.sent} requests sent"
+            return executed == self.sent
+        await eventually(accounted, what="Triton's statistics to count every request sent")
+        return now
+
+    async def send(self, client: triton_aio.InferenceServerClient, n: int = BATCH) -> None:
+        await send(client, n)
+        self.sent += n
 
 
 async def send(client: triton_aio.InferenceServerClient, n: int = BATCH) -> None:
@@ -92,17 +121,18 @@ async def test_router_spreads_over_the_announced_replicas_and_follows_them(fake_
             # Ready once the routing state arrived and a replica serving its READY versions was admitted.
             await eventually(client.is_server_ready, what="router ready")
             # Both replicas admitted: both get calls (no request may fail from here on).
-            start = await counts(a, b)
+            start = await counts(a, b)  # the registry's warm-ups were answered long before
+            ledger = Ledger([a, b], sum(start))
 
             async def both_used() -> bool:
-                await send(client, 10)
-                now = await counts(a, b)
+                await ledger.send(client, 10)
+                now = await ledger.settled()
                 return all(n > s for n, s in zip(now, start))
             await eventually(both_used, what="both replicas serving")
 
-            before = await counts(a, b)
-            await send(client)
-            after = await counts(a, b)
+            before = await ledger.settled()
+            await ledger.send(client)
+            after = await ledger.settled()
             grown = [n - s for n, s in zip(after, before)]
             assert sum(grown) == BATCH and all(g > 0 for g in grown), grown
 
@@ -110,30 +140,31 @@ async def test_router_spreads_over_the_announced_replicas_and_follows_them(fake_
             fake_kube.delete_slice(NS, "triton-b")
 
             async def only_a() -> bool:
-                b_before = await inference_count(b, "tiny")
-                await send(client, 20)
-                return await inference_count(b, "tiny") == b_before
+                b_before = (await ledger.settled())[1]
+                await ledger.send(client, 20)
+                return (await ledger.settled())[1] == b_before
             await eventually(only_a, what="b retired")
-            before = await counts(a, b)
-            await send(client)
-            after = await counts(a, b)
+            before = await ledger.settled()
+            await ledger.send(client)
+            after = await ledger.settled()
             assert [n - s for n, s in zip(after, before)] == [BATCH, 0]
 
             # b comes back: it is used again.
             announce(fake_kube, "triton-b", b)
-            b_back = await inference_count(b, "tiny")
+            b_back = (await ledger.settled())[1]
 
             async def b_used() -> bool:
-                await send(client, 20)
-                return await inference_count(b, "tiny") > b_back
+                await ledger.send(client, 20)
+                return (await ledger.settled())[1] > b_back
             await eventually(b_used, what="b used again")
 
             # b dies while still announced (the slice update has not arrived yet): calls that cannot
-            # connect to b are retried on a, so no request fails.
+            # connect to b are retried on a, so no request fails, and none runs twice.
+            a_before = (await ledger.settled())[0]
             b.stop()
-            a_before = await inference_count(a, "tiny")
-            await send(client)
-            await send(client)
-            assert await inference_count(a, "tiny") - a_before == 2 * BATCH
+            only_a_counted = Ledger([a], a_before)
+            await only_a_counted.send(client)
+            await only_a_counted.send(client)
+            assert (await only_a_counted.settled())[0] - a_before == 2 * BATCH
         finally:
             await client.close()

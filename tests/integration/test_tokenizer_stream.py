@@ -152,3 +152,27 @@ async def test_the_deadline_ends_the_stream_and_its_handler(stub):
         await call.read()  # nothing more is sent, so the deadline passes while the handler waits
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await until_inflight_is(before)
+
+
+async def test_a_message_that_does_not_parse_gets_invalid_argument_and_the_stream_goes_on(tokenizer_config):
+    """Bytes that are no TokenizeRequest (truncated, or invalid UTF-8 in texts): INVALID_ARGUMENT for that
+    message on the stream, for the whole call on Tokenize; never UNKNOWN or an ended stream."""
+    good = tokenizer_pb2.TokenizeRequest(texts=["fine"]).SerializeToString()
+    undecodable = [b"\x0a\x03\xff\xfe\xfd", b"\x0a\x40abc", good[:-1] + b"\x80"]
+    async with serving(create_server, dataclasses.replace(tokenizer_config, limits=LIMITS)) as running, \
+            open_channel(running.address) as channel:
+        call = channel.stream_stream("/maas.v1.Tokenizer/TokenizeStream",
+                                     response_deserializer=tokenizer_pb2.TokenizeStreamResponse.FromString)()
+        for bad in undecodable:
+            await call.write(bad)
+            error = (await call.read()).error
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], error
+            assert "not a valid maas.v1.TokenizeRequest" in error.message, error
+            await call.write(good)
+            assert (await call.read()).WhichOneof("result") == "response"
+            with pytest.raises(grpc.aio.AioRpcError) as unary:
+                await channel.unary_unary("/maas.v1.Tokenizer/Tokenize")(bad)
+            assert (unary.value.code(), unary.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, error.message)
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK

@@ -175,3 +175,24 @@ def test_shadow_copy_is_a_linked_span_in_its_own_trace(traced_mesh, router, otlp
     shadow_calls = otlp_receiver.wait_for(lambda all_spans: any(
         s.trace_id == shadow.trace_id and s.service == "maas-triton" for s in all_spans), timeout=SPAN_WAIT)
     assert any(s.trace_id == shadow.trace_id and s.service == "maas-triton" for s in shadow_calls)
+
+
+def test_openai_http_request_is_one_trace_gateway_router_triton(traced_mesh, otlp_receiver):
+    import urllib.request
+
+    trace_id, caller, metadata = traceparent()
+    request = urllib.request.Request(f"{traced_mesh.openai_url}/embeddings",
+                                     data=json.dumps({"model": "minilm", "input": ["a traced sentence"]}).encode(),
+                                     headers={"Content-Type": "application/json", **dict(metadata)})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200
+    spans = wait_trace(otlp_receiver, trace_id, lambda s: {x.service for x in s} >= {"maas-openai", "maas-router",
+                                                                                       "maas-tokenizer", "maas-triton"})
+    http_span = one(spans, "maas-openai", SERVER, name="POST /v1/embeddings")  # one server span per request
+    assert http_span.parent_span_id == caller  # the HTTP caller's traceparent
+    assert (http_span.attributes["http.route"], http_span.attributes["http.response.status_code"]) == \
+        ("/v1/embeddings", 200)
+    to_router = one(spans, "maas-openai", CLIENT, name_ends="/Embed")
+    router_server = one(spans, "maas-router", SERVER)
+    assert to_router.parent_span_id == http_span.span_id and router_server.parent_span_id == to_router.span_id
+    assert http_span.start_ns <= to_router.start_ns <= to_router.end_ns <= http_span.end_ns

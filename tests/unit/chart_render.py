@@ -15,10 +15,11 @@ RELEASE = "mesh"
 NAMESPACE = "ml"
 FULLNAME = f"{RELEASE}-maas-mesh"
 
-# Our four services and Triton; the registry is the only stateful one.
+# Our four gRPC services, the OpenAI HTTP gateway and Triton; the registry is the only stateful one.
 SERVICES = ("router", "registry", "tokenizer", "vision")
-COMPONENTS = SERVICES + ("triton",)
-STATELESS = ("router", "tokenizer", "vision", "triton")
+GATEWAY = "openai"
+COMPONENTS = SERVICES + (GATEWAY, "triton")
+STATELESS = ("router", "tokenizer", "vision", GATEWAY, "triton")
 SCENARIOS = [None] + sorted(p.name for p in (CHART / "ci").glob("*.yaml"))
 
 

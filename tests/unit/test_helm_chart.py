@@ -23,6 +23,7 @@ CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 GPU_SCENARIOS = [None, "gpu-production-values.yaml"]
 PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054}
 OIP_FAST_PORT = 50055  # router.oipFastPath.port default
+OPENAI_PORT = 8090  # the OpenAI gateway's HTTP port
 ids = [s or "defaults" for s in SCENARIOS]
 
 
@@ -130,6 +131,8 @@ def test_hpa_per_stateless_component(scenario):
     for c in ("tokenizer", "vision"):
         assert metrics[c][0]["resource"]["name"] == "cpu"
     assert metrics["router"][0]["pods"]["metric"]["name"] == "maas_router_inflight_requests"
+    assert metrics["openai"] == [{"type": "Pods", "pods": {"metric": {"name": "maas_openai_inflight_streams"},
+                                                          "target": {"type": "AverageValue", "averageValue": "32"}}}]
     assert metrics["triton"][0]["pods"]["metric"]["name"] == "triton_queue_time_per_request_us"
     for c, h in hpas.items():
         assert h["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name(c)}
@@ -169,6 +172,7 @@ def test_keda_scaled_objects_replace_hpas():
                 assert "{{" not in md["query"] and 'namespace="ml"' in md["query"]
     assert [t["type"] for t in scaled["tokenizer"]["spec"]["triggers"]] == ["cpu"]
     assert "maas_router_inflight_requests" in scaled["router"]["spec"]["triggers"][0]["metadata"]["query"]
+    assert 'pod=~"mesh-maas-mesh-openai-.*"' in scaled["openai"]["spec"]["triggers"][0]["metadata"]["query"]
     assert "nv_inference_queue_duration_us" in scaled["triton"]["spec"]["triggers"][0]["metadata"]["query"]
 
 
@@ -258,7 +262,7 @@ def test_chart_sets_only_env_the_services_read():
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_TRACES_EXPORTER", "OTEL_SERVICE_NAME"}
     for scenario in SCENARIOS:
         docs = cr.render(scenario)
-        for svc in SERVICES:
+        for svc in SERVICES + (cr.GATEWAY,):
             names = set(cr.env(cr.container(docs, svc)))
             maas = {n for n in names if n.startswith("MAAS_")}
             assert maas <= known, (svc, maas - known)
@@ -346,6 +350,7 @@ def test_network_policies():
     assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "maas-mesh",
                                                   "app.kubernetes.io/instance": cr.RELEASE}
     assert "from" not in _rule_for(policies["router"], 50051)  # the entry point
+    assert "from" not in _rule_for(policies["openai"], OPENAI_PORT)  # the other one
     for c, p in policies.items():
         assert p["spec"]["policyTypes"] == ["Ingress"]
         metrics = _rule_for(p, 8002 if c == "triton" else 9090)
@@ -385,8 +390,10 @@ def test_router_oip_fast_path_port_follows_values_and_router_ingress():
     ports = {p["name"]: p["port"] for p in cr.by_name(docs, "Service")[name("router")]["spec"]["ports"]}
     assert ports["oip-fast"] == 8443
     policy = _policies(docs)["router"]
+    gateway = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "maas-mesh", "app.kubernetes.io/instance":
+                                               cr.RELEASE, "app.kubernetes.io/component": "openai"}}}
     for port in (PORTS["router"], 8443):
-        assert _rule_for(policy, port)["from"] == [peer], port
+        assert _rule_for(policy, port)["from"] == [peer, gateway], port  # the OpenAI gateway stays admitted
     assert not [r for r in policy["spec"]["ingress"] if {"port": OIP_FAST_PORT, "protocol": "TCP"} in r["ports"]]
 
 
@@ -462,7 +469,7 @@ def test_service_monitor_and_tracing_in_production():
     scraped = {cr.component_of(s) for s in cr.kind(docs, "Service")
                if selector.items() <= s["metadata"]["labels"].items()}
     assert scraped == set(COMPONENTS)  # once each: not the headless Service
-    assert sum(selector.items() <= s["metadata"]["labels"].items() for s in cr.kind(docs, "Service")) == 5
+    assert sum(selector.items() <= s["metadata"]["labels"].items() for s in cr.kind(docs, "Service")) == 6
 
     collector = name("otel-collector")
     ports = {p["port"] for p in cr.by_name(docs, "Service")[collector]["spec"]["ports"]}
@@ -507,8 +514,63 @@ def test_grafana_dashboard_configmap():
     (("router.oipFastPath.port=9090",), "/router/oipFastPath/port"),  # its metrics port
     (("router.oipFastPath.enabled=yes",), "/router/oipFastPath/enabled"),
     (("router.oipFastPath.listen=0.0.0.0:1",), "listen"),
+    (("openai.maxInflight=0",), "/openai/maxInflight"),
+    (("openai.timeoutSeconds=0",), "/openai/timeoutSeconds"),
+    (("openai.defaultChatModel=",), "/openai/defaultChatModel"),
+    (("openai.port=80",), "port"),
+    (("triton.generation.enabled=yes",), "/triton/generation/enabled"),
 ])
 def test_invalid_values_fail_naming_the_field(sets, field):
     proc = cr.template(None, *sets)
     assert proc.returncode != 0, sets
     assert field in proc.stderr, proc.stderr
+
+
+# --- OpenAI gateway and the generation model ----------------------------------------------------------
+
+def test_openai_gateway_deployment_service_and_probes():
+    docs = cr.render()
+    c = cr.container(docs, "openai")
+    assert c["command"] == ["maas-openai"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": OPENAI_PORT, "metrics": 9090}
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}  # follows the router
+    e = cr.env(c)
+    assert e["MAAS_LISTEN"]["value"] == f"0.0.0.0:{OPENAI_PORT}"
+    assert e["MAAS_ROUTER_ADDRESS"]["value"] == f"{name('router')}:{PORTS['router']}"
+    assert e["MAAS_REGISTRY_ADDRESS"]["value"] == f"{name('registry')}:{PORTS['registry']}"
+    assert e["MAAS_OPENAI_DEFAULT_EMBEDDING_MODEL"]["value"] == "minilm"
+    assert int(e["MAAS_OPENAI_MAX_INFLIGHT"]["value"]) > 0 and int(e["MAAS_OPENAI_MAX_REQUEST_BYTES"]["value"]) > 0
+    spec = cr.pod_spec(docs, "openai")
+    assert {v["name"] for v in spec["volumes"]} == {"tmp"}  # no model repository: it only calls the router
+    assert spec["terminationGracePeriodSeconds"] > float(e["MAAS_DRAIN_GRACE_SECONDS"]["value"])
+    service = cr.by_name(docs, "Service")[name("openai")]
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": OPENAI_PORT, "metrics": 9090}
+    assert {cr.component_of(p) for p in cr.kind(docs, "PodDisruptionBudget")} >= {"openai"}
+    assert name("openai") in cr.by_name(docs, "ServiceAccount")
+
+
+def test_openai_ingress_can_be_restricted():
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}
+    docs = cr.render(None, "networkPolicy.openaiIngressFrom[0].namespaceSelector.matchLabels"
+                           ".kubernetes\\.io/metadata\\.name=ingress")
+    policies = _policies(docs)
+    assert _rule_for(policies["openai"], OPENAI_PORT)["from"] == [peer]
+    assert "from" not in _rule_for(policies["router"], PORTS["router"])
+
+
+def test_openai_gateway_can_be_disabled():
+    docs = cr.render(None, "openai.enabled=false")
+    assert not [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "openai"]
+    restricted = cr.render(None, "openai.enabled=false", "networkPolicy.routerIngressFrom[0].podSelector.matchLabels.a=b")
+    assert _rule_for(_policies(restricted)["router"], PORTS["router"])["from"] == [{"podSelector": {"matchLabels": {"a": "b"}}}]
+
+
+def test_generation_needs_a_triton_image_with_onnxruntime_genai():
+    proc = cr.template(None, "triton.generation.enabled=true")
+    assert proc.returncode != 0 and "triton.generation.enabled" in proc.stderr and "Dockerfile.genai" in proc.stderr
+    docs = cr.render(None, "triton.generation.enabled=true", "triton.image.repository=registry.example/maas-triton-genai")
+    assert cr.container(docs, "triton")["image"].startswith("registry.example/maas-triton-genai:")
+    dockerfile = (cr.ROOT / "deploy" / "triton" / "Dockerfile.genai").read_text()
+    assert "onnxruntime-genai" in dockerfile and "triton_backends/onnxruntime_genai" in dockerfile

@@ -43,7 +43,7 @@ class FakeFleet:
     async def ready_on(self, address, model):
         return set(self.live.get(model, []))
 
-    async def warm_up(self, model, version, signature, max_batch_size):
+    async def warm_up(self, model, version, signature, max_batch_size, generation=False):
         await asyncio.sleep(0)
         return len(self.addresses)
 
@@ -353,3 +353,16 @@ async def test_no_replica_means_registered_not_ready(registry):
     v = await register(registry)
     assert v.state == VersionState.REGISTERED and "waiting for a Triton replica" in v.state_reason
     assert "tiny" not in registry.fleet.live
+
+
+@pytest.mark.parametrize("field", ["cosine_sum", "primary_latency_ms", "shadow_latency_ms"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+async def test_a_shadow_report_with_a_non_finite_number_is_invalid_argument(registry, field, value):
+    from services.registry.domain import ShadowResult
+    from services.shared.errors import InvalidArgument
+
+    await register(registry)
+    numbers = {"cosine_sum": 1.0, "primary_latency_ms": 2.0, "shadow_latency_ms": 3.0, field: value}
+    with pytest.raises(InvalidArgument, match=field):
+        registry.report_shadow_results([ShadowResult("tiny", 1, 1, 1, 1, **numbers)])
+    registry.report_shadow_results([ShadowResult("tiny", 1, 1, 1, 1, 1.0, 2.0, 3.0)])  # still accepted

@@ -417,3 +417,26 @@ async def test_routing_metrics(mesh):
     await mesh.stub.Infer(router_pb2.InferRequest(model=ref("tiny", version=2), inputs=[x_tensor()]))
     assert REGISTRY.get_sample_value("maas_router_requests_total", labels) == before + 1
     assert REGISTRY.get_sample_value("maas_router_inflight_requests") == 0  # back to zero once answered
+
+
+async def test_hostile_but_parseable_requests_are_invalid_argument(mesh):
+    """Inputs that used to reach code that raises (INTERNAL): non-ASCII digits as an OIP model_version,
+    a shape whose element count overflows int64."""
+    from tritonclient.grpc import InferInput
+    from tritonclient.utils import InferenceServerException
+
+    client = triton_aio.InferenceServerClient(mesh.address)
+    try:
+        inp = InferInput("x", [1, 3], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 3), np.float32))
+        for version in ("²", "١", "1\u0662"):
+            with pytest.raises(InferenceServerException) as caught:
+                await client.infer("tiny", [inp], model_version=version)
+            assert caught.value.status() == "StatusCode.INVALID_ARGUMENT" and "ASCII digits" in caught.value.message()
+    finally:
+        await client.close()
+    overflowing = tensor_pb2.Tensor(name="x", datatype="FP32", shape=[2**32, 2**32], raw_contents=b"")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.stub.Infer(router_pb2.InferRequest(model=ref("tiny"), inputs=[overflowing]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    assert "0 bytes for shape [4294967296, 4294967296]" in caught.value.details()

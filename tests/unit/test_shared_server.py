@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.shared import errors
 from services.shared.config import ServerSettings
 from services.shared.server import build_server
+from services.shared.telemetry import RPC_INFLIGHT, RPC_REQUESTS
 
 SLOW = "/test.Probe/Slow"
 FAIL = "/test.Probe/Fail"
@@ -98,3 +99,105 @@ async def test_drain_flips_health_and_finishes_inflight(probe_server):
     await stopping
     with pytest.raises(grpc.aio.AioRpcError):
         await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+
+
+def _inflight() -> float:
+    return RPC_INFLIGHT.labels("probe")._value.get()  # noqa: SLF001 - the gauge's current value
+
+
+async def _until(predicate, what: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+def _requests(code: str) -> float:
+    return RPC_REQUESTS.labels("probe", "Slow", "", "", code)._value.get()  # noqa: SLF001
+
+
+async def test_cancelled_and_timed_out_calls_leave_the_inflight_gauge(probe_server):
+    """The HPA scales on in-flight requests: a unary call abandoned by its client must not stay counted."""
+    _, channel = probe_server
+    before = _inflight()
+    timed_out_before, cancelled_before = _requests("DEADLINE_EXCEEDED"), _requests("CANCELLED")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(SLOW)(b"30", timeout=0.2)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await _until(lambda: _inflight() == before, "the timed-out call no longer in flight")
+    call = channel.unary_unary(SLOW)(b"30")
+    await _until(lambda: _inflight() >= before + 1, "the call is being handled")
+    call.cancel()
+    await _until(lambda: _inflight() == before, "in-flight gauge back to its value before the calls")
+    # Both counted once, as CANCELLED or DEADLINE_EXCEEDED (which one grpc's timing decides).
+    await _until(lambda: _requests("CANCELLED") + _requests("DEADLINE_EXCEEDED") == cancelled_before + timed_out_before + 2,
+                 "the abandoned calls counted")
+
+
+async def test_request_bytes_that_do_not_parse_are_invalid_argument():
+    """A deserializer that raises makes grpc answer UNKNOWN (unary) or INTERNAL (streams): the shared
+    interceptor turns bytes that do not parse - invalid UTF-8 in a string field too - into INVALID_ARGUMENT,
+    on every kind of RPC, health and reflection included; a per_message_errors stream answers each one."""
+    from grpc_health.v1 import health_pb2
+
+    from services.shared.decoding import decoded, per_message_errors
+
+    def register(server):
+        Check = health_pb2.HealthCheckRequest
+
+        async def unary(request, context):
+            return request.service.encode()
+
+        async def client_stream(requests, context):
+            return b",".join([r.service.encode() async for r in requests])
+
+        async def server_stream(request, context):
+            yield request.service.encode()
+
+        @per_message_errors
+        async def per_message(requests, context):
+            async for request in requests:
+                try:
+                    yield decoded(request).service.encode()
+                except errors.InvalidArgument as exc:
+                    yield b"error: " + exc.message.encode()
+
+        handlers = {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary, Check.FromString),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream, Check.FromString),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream, Check.FromString),
+            "PerMessage": grpc.stream_stream_rpc_method_handler(per_message, Check.FromString),
+        }
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Decode", handlers)])
+        return ["test.Decode"]
+
+    good = health_pb2.HealthCheckRequest(service="ok").SerializeToString()
+    bad_utf8 = b"\x0a\x02\xff\xfe"  # field 1 (a string) holding invalid UTF-8
+    truncated = b"\x0a\x09ab"
+    server, port = build_server(ServerSettings(service_name="decode", listen="127.0.0.1:0"), register)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert await channel.unary_unary("/test.Decode/Unary")(good) == b"ok"
+            for bad in (bad_utf8, truncated):
+                calls = {
+                    "Unary": lambda: channel.unary_unary("/test.Decode/Unary")(bad),
+                    "ClientStream": lambda: channel.stream_unary("/test.Decode/ClientStream")(iter([good, bad])),
+                    "ServerStream": lambda: _drain(channel.unary_stream("/test.Decode/ServerStream")(bad)),
+                    "Health": lambda: channel.unary_unary("/grpc.health.v1.Health/Check")(bad),
+                    "Reflection": lambda: _drain(channel.stream_stream(
+                        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")(iter([bad]))),
+                }
+                for name, call in calls.items():
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await call()
+                    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, caught.value)
+                    assert "grpc.health.v1.HealthCheckRequest" in caught.value.details() or name == "Reflection"
+                answers = await _drain(channel.stream_stream("/test.Decode/PerMessage")(iter([good, bad, good])))
+                assert answers[0] == answers[2] == b"ok" and answers[1].startswith(b"error: the request is not")
+    finally:
+        await server.stop(0)
+
+
+async def _drain(call) -> list:
+    return [message async for message in call]

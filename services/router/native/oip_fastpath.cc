@@ -15,10 +15,15 @@
 //         <shadow 0|1>          ("!" = a traffic policy with no usable target: the Python router answers)
 //   commit
 // stdout: "listening <port>" once, then every --stats-interval seconds
-//   stats <inflight> and "requests <model> <version> <grpc code> <count since last report>" lines,
+//   stats <inflight> (calls it is sending to Triton; the ones it hands to the Python router are counted
+//   there) and "requests <model> <version> <route> <grpc code> <count since last report>" lines (route:
+//   explicit_version, alias, traffic_policy or default, as maas_router_requests_total labels them),
 //   and "durations <count per --duration-buckets bucket, then +Inf, comma-separated> <seconds>" (since
 //   the last report) of the calls it sent to Triton (the Python router times the ones it answers).
 // stdin closing (the router exited) or SIGTERM/SIGINT: stop accepting, let calls finish, exit.
+// Triton's errors are answered as the main port answers them (services/router/triton_errors.py, which
+// passes its rules as flags): INTERNAL naming an --input-error-marker becomes INVALID_ARGUMENT, and
+// every error message is cut to --max-status-message-bytes like services.shared.errors.bounded.
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
@@ -168,7 +173,18 @@ struct Options {
   int max_message_bytes = 64 << 20;
   double default_timeout = 30.0, stats_interval = 1.0, grace = 5.0;
   std::vector<double> duration_buckets;  // upper bounds, ascending (the router's latency histogram's)
+  std::vector<std::string> input_error_markers;
+  size_t max_status_message_bytes = 1024;
 };
+
+// services.shared.errors.bounded, byte for byte: the two ports give the same message.
+std::string Bounded(const std::string& message, size_t limit) {
+  if (message.size() <= limit) return message;
+  std::string marker = "\u2026 (" + std::to_string(message.size() - limit) + " more bytes cut)";
+  size_t keep = limit > marker.size() + 4 ? limit - marker.size() - 4 : 0;
+  while (keep > 0 && (static_cast<unsigned char>(message[keep]) & 0xC0) == 0x80) --keep;  // whole characters
+  return message.substr(0, keep) + "\u2026 (" + std::to_string(message.size() - keep) + " more bytes cut)";
+}
 
 class Forwarder {
  public:
@@ -178,19 +194,28 @@ class Forwarder {
     sequence_rng_.seed(std::random_device{}());
   }
 
-  // Decides where a ModelInfer goes: the Triton version to ask for, or "" = the Python router.
-  std::string Route(const std::string& name, const std::string& version) {
+  // Decides where a ModelInfer goes: the Triton version to ask for, or "" = the Python router; *kind
+  // is how it was chosen (the Python router's RouteKind names).
+  std::string Route(const std::string& name, const std::string& version, const char** kind) {
     std::shared_ptr<Table> table = CurrentTable();
     auto found = table->models.find(name);
     if (found == table->models.end()) return "";
     const ModelRoutes& routes = found->second;
-    if (IsNumber(version)) return routes.ready.count(version) ? version : "";
+    if (IsNumber(version)) {
+      *kind = "explicit_version";
+      return routes.ready.count(version) ? version : "";
+    }
     if (!version.empty()) {
+      *kind = "alias";
       auto alias = routes.aliases.find(version);
       return alias == routes.aliases.end() ? "" : alias->second;
     }
     if (routes.shadow || routes.split_unusable) return "";
-    if (routes.split.empty()) return routes.default_version;
+    if (routes.split.empty()) {
+      *kind = "default";
+      return routes.default_version;
+    }
+    *kind = "traffic_policy";
     double point = NextPoint(name) * routes.split_total;
     for (const auto& [target, weight] : routes.split) {
       point -= weight;
@@ -228,11 +253,12 @@ class Forwarder {
     return nullptr;
   }
 
-  void Count(const std::string& model, const std::string& version, grpc::StatusCode code, double seconds) {
+  void Count(const std::string& model, const std::string& version, const char* route, grpc::StatusCode code,
+             double seconds) {
     const std::vector<double>& bounds = options_.duration_buckets;
     size_t bucket = std::lower_bound(bounds.begin(), bounds.end(), seconds) - bounds.begin();  // first bound >= seconds
     std::lock_guard<std::mutex> lock(stats_mutex_);
-    ++counts_[model + "\t" + version + "\t" + std::to_string(static_cast<int>(code))];
+    ++counts_[model + "\t" + version + "\t" + route + "\t" + std::to_string(static_cast<int>(code))];
     ++durations_[bucket];
     duration_sum_ += seconds;
   }
@@ -310,13 +336,12 @@ class Call : public grpc::ServerGenericBidiReactor {
  public:
   Call(grpc::GenericCallbackServerContext* context, Forwarder* forwarder)
       : context_(context), forwarder_(forwarder), started_(std::chrono::steady_clock::now()) {
-    ++forwarder_->inflight;
     for (const char* method : kStreamingMethods) {
       if (context_->method() == method) {
+        // Streams (ModelStreamInfer of decoupled models included) are the main port's: it routes each request.
         Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                            method == kStreamingMethods[0]
-                                ? "ModelStreamInfer is not served by the router yet; use ModelInfer"  // as the main port
-                                : context_->method() + " is streaming: call it on the router's main port"));
+                            context_->method() + " is streaming: this compiled data path forwards unary calls only; "
+                                                 "call it on the router's main port"));
         return;
       }
     }
@@ -340,8 +365,9 @@ class Call : public grpc::ServerGenericBidiReactor {
       std::vector<grpc::Slice> slices;
       std::string version;
       if (request_.Dump(&slices).ok() && ReadModelRef(slices, &model_, &version)) {
-        std::string target = forwarder_->Route(model_, version);
+        std::string target = forwarder_->Route(model_, version, &route_);
         if (!target.empty() && (replica_ = forwarder_->ReplicaRef())) {
+          ++forwarder_->inflight;  // only here: a call handed to the Python router is counted there
           version_ = target;
           if (target != version) {
             slices.emplace_back(VersionField(target));
@@ -356,7 +382,7 @@ class Call : public grpc::ServerGenericBidiReactor {
   }
 
   void OnDone() override {
-    --forwarder_->inflight;
+    if (replica_) --forwarder_->inflight;
     delete this;
   }
 
@@ -371,6 +397,19 @@ class Call : public grpc::ServerGenericBidiReactor {
     for (const auto& [key, value] : metadata_) upstream_->AddMetadata(key, value);
     stub->UnaryCall(upstream_.get(), context_->method(), grpc::StubOptions(), outgoing_, &response_,
                     [this](grpc::Status status) { Done(status); });
+  }
+
+  grpc::Status AsTheMainPort(const grpc::Status& status) {
+    if (status.ok()) return status;
+    const Options& options = forwarder_->options();
+    grpc::StatusCode code = status.error_code();
+    if (code == grpc::StatusCode::INTERNAL) {
+      for (const std::string& marker : options.input_error_markers) {
+        if (status.error_message().find(marker) != std::string::npos) code = grpc::StatusCode::INVALID_ARGUMENT;
+      }
+    }
+    return grpc::Status(code, Bounded(status.error_message(), options.max_status_message_bytes),
+                        status.error_details());
   }
 
   // The Python router's retry rule: only a call that never left (its replica could not be connected
@@ -388,11 +427,12 @@ class Call : public grpc::ServerGenericBidiReactor {
     return true;
   }
 
-  void Done(const grpc::Status& status) {
-    if (RetryElsewhere(status)) return;
+  void Done(const grpc::Status& received) {
+    if (RetryElsewhere(received)) return;
+    grpc::Status status = AsTheMainPort(received);
     if (replica_) {
       std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - started_;
-      forwarder_->Count(model_, version_, status.error_code(), elapsed.count());
+      forwarder_->Count(model_, version_, route_, status.error_code(), elapsed.count());
     }
     if (status.ok()) StartWriteAndFinish(&response_, grpc::WriteOptions(), status);
     else Finish(status);
@@ -407,6 +447,7 @@ class Call : public grpc::ServerGenericBidiReactor {
   std::vector<std::shared_ptr<grpc::GenericStub>> tried_;
   std::chrono::steady_clock::time_point started_;
   std::string model_, version_;
+  const char* route_ = "";
   grpc::ByteBuffer request_, retargeted_, response_;
 };
 
@@ -486,6 +527,8 @@ bool ParseArgs(int argc, char** argv, Options* options) {
     else if (flag == "--default-timeout") options->default_timeout = std::atof(value.c_str());
     else if (flag == "--stats-interval") options->stats_interval = std::atof(value.c_str());
     else if (flag == "--grace") options->grace = std::atof(value.c_str());
+    else if (flag == "--input-error-marker") options->input_error_markers.push_back(value);
+    else if (flag == "--max-status-message-bytes") options->max_status_message_bytes = std::atol(value.c_str());
     else if (flag == "--duration-buckets") {
       for (const std::string& bound : Split(value, ',')) options->duration_buckets.push_back(std::atof(bound.c_str()));
       if (!std::is_sorted(options->duration_buckets.begin(), options->duration_buckets.end())) return false;
@@ -502,6 +545,7 @@ int main(int argc, char** argv) {
   if (!ParseArgs(argc, argv, &options)) {
     std::cerr << "usage: maas-oip-fastpath --listen HOST:PORT --fallback HOST:PORT [--max-message-bytes N]"
                  " [--default-timeout S] [--stats-interval S] [--grace S] [--duration-buckets S,S,...]"
+                 " [--input-error-marker TEXT]... [--max-status-message-bytes N]"
                  "  (routing snapshots on stdin)" << std::endl;
     return 2;
   }

@@ -52,9 +52,9 @@ matchLabels:
     {{- include "maas-mesh.releasePodSelector" . | nindent 4 }}
 {{- end -}}
 
-{{/* gRPC listen port of each MaaS service (docs/development.md defaults). */}}
+{{/* Listen port of each MaaS service (docs/development.md defaults; openai is HTTP, the others gRPC). */}}
 {{- define "maas-mesh.port" -}}
-{{- get (dict "router" 50051 "registry" 50052 "tokenizer" 50053 "vision" 50054 "triton" 8001) .name -}}
+{{- get (dict "router" 50051 "registry" 50052 "tokenizer" 50053 "vision" 50054 "triton" 8001 "openai" 8090) .name -}}
 {{- end -}}
 
 {{/* host:port of a peer's Service. */}}

@@ -1,0 +1,38 @@
+"""The decoupled text-generation model contract (docs/generation.md), in one place.
+
+The registry writes it into a generation version's Triton config and warms versions up with it; the
+router builds its ModelStreamInfer requests and reads the responses with these names.
+"""
+from __future__ import annotations
+
+BACKEND = "onnxruntime_genai"
+GENAI_CONFIG = "genai_config.json"
+
+# (name, Triton datatype, dims without a batch dimension, optional)
+INPUTS = (
+    ("input_ids", "INT64", (-1,), False),
+    ("max_tokens", "INT32", (1,), True),
+    ("temperature", "FP32", (1,), True),
+    ("top_p", "FP32", (1,), True),
+    ("top_k", "INT32", (1,), True),
+    ("seed", "UINT64", (1,), True),
+    ("repetition_penalty", "FP32", (1,), True),
+    ("stop_token_ids", "INT64", (-1,), True),
+)
+OUTPUTS = (
+    ("output_ids", "INT64", (-1,)),
+    ("finish_reason", "BYTES", (1,)),
+    ("usage", "INT32", (2,)),
+)
+
+# Triton config parameters the model reads (and the router, to validate before any work).
+PARAM_MAX_TOKENS_CAP = "max_tokens_cap"
+PARAM_DEFAULT_MAX_TOKENS = "default_max_tokens"
+PARAM_MAX_SEQUENCES = "max_sequences"
+PARAM_CONTEXT_LENGTH = "context_length"  # written by the registry from genai_config.json
+DEFAULT_MAX_TOKENS_CAP = 1024
+DEFAULT_DEFAULT_MAX_TOKENS = 64
+DEFAULT_MAX_SEQUENCES = 16
+
+# finish_reason values of the final response.
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
