@@ -173,46 +173,50 @@ class MeshStreams:
 
 
 def bench_serving() -> None:
+    """In-process engine, Triton direct (the mesh's own Triton) and Router.Generate, taking turns so the
+    machine's load changes hit all three alike; added figures are medians of paired differences."""
     import tempfile
 
     from maas.local.mesh import FREE_PORTS, SOURCE_MODELS, LocalMesh, MeshConfig
-    from maas.local.triton import LocalTriton, TritonConfig
 
     prompt = chat_prompt("Tell me a long story about a dragon and a knight.")
     ids = chat_ids("Tell me a long story about a dragon and a knight.")
     engine = Engine("2")
-    list(engine.stream(ids, 8))  # warm-up
-    baseline = [stream_stats([s for _, s in engine.stream(ids, TOKENS)]) for _ in range(3)]
-    base_ttft = statistics.median(b[0] for b in baseline)
-    base_rate = statistics.median(b[1] for b in baseline)
-    del engine
-    with LocalTriton(TritonConfig(models=["smollm2"], startup_timeout=300)) as triton:
-        direct = TritonStreams(triton.grpc_address)
-        direct.run(ids, 8)  # warm-up
-        d_ttft, d_rate = measure(direct.run, ids)
-        direct.close()
-    print(f"in-process: ttft {base_ttft:.1f} ms, {base_rate:.1f} tok/s; Triton direct: ttft {d_ttft:.1f} ms, "
-          f"{d_rate:.1f} tok/s")
-    print(f"BENCH generate_triton_ttft_added_ms_c1 {d_ttft - base_ttft:.1f} <= 5")
+
+    def in_process(ids: list[int], max_tokens: int) -> list[float]:
+        return [at for _, at in engine.stream(ids, max_tokens, exactly=False)]
+
     with tempfile.TemporaryDirectory(prefix="maas-bench-gen-") as state, LocalMesh(MeshConfig(
             state_dir=Path(state), ports=FREE_PORTS, models=[m for m in SOURCE_MODELS if m.name == "smollm2"])) as mesh:
-        streams = MeshStreams(mesh.router_address, prompt)
-        streams.run(ids, 8)  # warm-up
-        ttft, rate = measure(streams.run, ids)
+        direct, streams = TritonStreams(mesh.triton.grpc_address), MeshStreams(mesh.router_address, prompt)
+        paths = {"engine": in_process, "triton": direct.run, "mesh": streams.run}
+        for run in paths.values():
+            run(ids, 8)  # warm-up
+        rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+        for _ in range(5):
+            for name, run in paths.items():
+                rounds[name].append(stream_stats(run(ids, TOKENS)))
         c1_total, _ = concurrent(streams.run, ids, 1, TOKENS)
         c8_total, p99 = concurrent(streams.run, ids, 8, TOKENS)
-    print(f"mesh Router.Generate: ttft {ttft:.1f} ms, {rate:.1f} tok/s; c1 {c1_total:.1f} tok/s, "
-          f"c8 {c8_total:.1f} tok/s")
-    print(f"BENCH generate_ttft_added_ms_c1 {ttft - base_ttft:.1f} <= 5")
-    print(f"BENCH generate_tokens_per_s_ratio_c1 {rate / base_rate:.2f} >= 0.9")
+        direct.close()
+
+    def added_ttft(name: str, base: str = "engine") -> float:
+        return statistics.median(r[0] - e[0] for r, e in zip(rounds[name], rounds[base]))
+
+    def rate_ratio(name: str) -> float:
+        return statistics.median(r[1] / e[1] for r, e in zip(rounds[name], rounds["engine"]))
+
+    for name in paths:
+        print(f"{name}: ttft median {statistics.median(r[0] for r in rounds[name]):.1f} ms, "
+              f"{statistics.median(r[1] for r in rounds[name]):.1f} tok/s")
+    print(f"mesh Router.Generate: c1 {c1_total:.1f} tok/s, c8 {c8_total:.1f} tok/s (aggregate)")
+    print(f"BENCH generate_triton_ttft_added_ms_c1 {added_ttft('triton'):.1f} <= 5")
+    print(f"BENCH generate_ttft_added_ms_c1 {added_ttft('mesh'):.1f} <= 5")
+    # The mesh's own share (router, chat template, detokenizer) over Triton's stream, same Triton.
+    print(f"BENCH generate_mesh_over_triton_ttft_added_ms_c1 {added_ttft('mesh', 'triton'):.1f} <= 5")
+    print(f"BENCH generate_tokens_per_s_ratio_c1 {rate_ratio('mesh'):.2f} >= 0.9")
     print(f"BENCH generate_tokens_per_s_c8_over_c1 {c8_total / c1_total:.2f} >= 3")
     print(f"BENCH generate_inter_token_p99_ms_c8 {p99:.1f} >= 0")
-
-
-def measure(run, ids: list[int]) -> tuple[float, float]:
-    """Median (time to first token ms, tokens/s) over 3 streams of TOKENS tokens."""
-    runs = [stream_stats(run(ids, TOKENS)) for _ in range(3)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def main() -> None:
