@@ -13,10 +13,12 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
 from maas.v1 import tensor_pb2
-from services.router import wire
+
+from services.router import signature, wire
 from services.router.metrics import ROUTER_INFLIGHT, ROUTER_REQUESTS
 from services.router.peers import TokenizerPeer, TritonPeer, VisionPeer, output_tensor
 from services.router.postprocess import ClassScore, as_matrix, l2_normalise, softmax, top_k
@@ -135,6 +137,7 @@ class Dataplane:
                                   f"(preprocessing {info.pre_kind.name}); use {other} or Infer")
         deadline = self._deadline(timeout)
         prepared = await self._prepare(info, payload, deadline)
+        await self._check_inputs(info, _givens(prepared.tensors), deadline, batch_checked=False, caller_ids=False)
         start = time.perf_counter()
         outputs = await self._call_triton(info, prepared.tensors, [info.output_name] if info.output_name else [],
                                           deadline)
@@ -154,6 +157,10 @@ class Dataplane:
         refuse_generation(info, "Generate")
         deadline = self._deadline(timeout)
         prepared = await self._prepare(info, payload, deadline)
+        # Batches over the limit are sliced (_call_triton), except BYTES tensors, which go as they are.
+        await self._check_inputs(info, _givens(prepared.tensors), deadline,
+                                 batch_checked=any(t.datatype == "BYTES" for t in prepared.tensors),
+                                 caller_ids=bool(payload.tensors))
         start = time.perf_counter()
         result = await self._call_triton(info, prepared.tensors, outputs, deadline)
         if route.shadow is not None and info.output_name:
@@ -170,6 +177,7 @@ class Dataplane:
         info = route.info
         refuse_generation(info, "ModelStreamInfer")
         deadline = self._deadline(timeout)
+        await self._check_inputs(info, _raw_givens(request), deadline, batch_checked=True, caller_ids=True)
         start = time.perf_counter()
         response = await self.triton.infer_raw(self._retarget(request, name, info), deadline.remaining())
         if route.shadow is not None:
@@ -241,6 +249,20 @@ class Dataplane:
         if payload.tensors and payload.tensors[0].shape:
             annotate(batch_size=int(payload.tensors[0].shape[0]))
         return Prepared(list(payload.tensors), [])
+
+    async def _check_inputs(self, info: VersionInfo, givens: list[signature.Given], deadline: Deadline,
+                            batch_checked: bool, caller_ids: bool) -> None:
+        """Refuses what the version's signature and limits rule out, before Triton sees it. Ids the
+        tokenizer produced are in its vocabulary: only a caller's own ids are checked against it."""
+        if not info.inputs:
+            return
+        max_batch = await self.triton.max_batch_size(info.triton_model, info.triton_version, deadline.remaining())
+        vocab = info.vocab_size if caller_ids else 0
+        if caller_ids and not vocab and info.pre_kind == PreKind.TOKENIZER and any(g.name == signature.IDS_INPUT for g in givens):
+            vocab = await self.tokenizer.vocab_size(info.pre_name, deadline.remaining())
+        signature.check(info, givens, signature.Limits(
+            max_batch_size=max_batch if batch_checked else None, has_batch_dim=max_batch > 0,
+            max_sequence_length=info.max_sequence_length, vocab_size=vocab))
 
     async def _call_triton(self, info: VersionInfo, tensors: list[tensor_pb2.Tensor], outputs: list[str],
                            deadline: Deadline) -> list[tensor_pb2.Tensor]:
@@ -328,6 +350,24 @@ def refuse_generation(info: VersionInfo, use: str) -> None:
     if info.post_kind == PostKind.GENERATION:
         raise InvalidArgument(f"model {info.model!r} v{info.version} is a generation model (decoupled: one "
                               f"response per token); use {use}")
+
+
+def _givens(tensors: list[tensor_pb2.Tensor]) -> list[signature.Given]:
+    return [signature.Given(t.name, t.datatype, tuple(t.shape), t.raw_contents) for t in tensors]
+
+
+def _raw_givens(request: bytes) -> list[signature.Given]:
+    """The inputs of a serialised ModelInferRequest (parsed for the check; the bytes go on untouched)."""
+    try:
+        parsed = service_pb2.ModelInferRequest.FromString(request)
+    except DecodeError:
+        raise InvalidArgument("malformed ModelInferRequest: the request is not a valid inference.ModelInferRequest") from None
+    raw = parsed.raw_input_contents
+    if raw and len(raw) != len(parsed.inputs):
+        raise InvalidArgument(f"expected {len(parsed.inputs)} raw input contents, got {len(raw)} "
+                              f"(one per input, in order)")
+    return [signature.Given(i.name, i.datatype, tuple(i.shape), raw[n] if raw else None)
+            for n, i in enumerate(parsed.inputs)]
 
 
 def version_selector(version: str) -> tuple[int, str]:

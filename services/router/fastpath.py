@@ -22,6 +22,7 @@ import grpc
 
 from services.router.metrics import ROUTER_INFLIGHT, ROUTER_REQUESTS
 from services.router.routing import ModelRoutes, RoutingTable, default_version, ready_aliases, usable_split
+from services.router.signature import beyond_triton
 from services.router.triton_errors import MODEL_INPUT_ERROR_MARKERS
 from services.shared.errors import MAX_STATUS_MESSAGE_BYTES, FailedPrecondition
 from services.shared.replica_pool import ReplicaPool
@@ -46,9 +47,12 @@ def find_binary() -> str | None:
 
 def model_line(routes: ModelRoutes) -> str | None:
     """One model's line of a snapshot (see oip_fastpath.cc), or None when a name cannot be written
-    in the line format: the forwarder then sends that model's calls to the Python router."""
+    in the line format or a version has input limits only the router checks (token ids, sequence
+    length: signature.beyond_triton): the forwarder then sends that model's calls to the Python router."""
     names = [routes.name, *routes.aliases]
     if any(sep in name for name in names for sep in _SEPARATORS) or not routes.name:
+        return None
+    if any(beyond_triton(info) for info in routes.versions.values()):
         return None
     try:
         default = default_version(routes)[0].version

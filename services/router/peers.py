@@ -53,6 +53,19 @@ class TokenizerPeer:
     def __init__(self, channel: grpc.aio.Channel, address: str = ""):
         self._stub = tokenizer_pb2_grpc.TokenizerStub(channel)
         self.peer = f"the tokenizer service ({address})"
+        self._vocab: dict[str, int] = {}
+
+    @names_peer
+    async def vocab_size(self, tokenizer: str, timeout: float | None) -> int:
+        """The named tokenizer's vocabulary size (0 when the service does not list it), fetched once."""
+        if tokenizer not in self._vocab:
+            listed = await self._stub.ListTokenizers(tokenizer_pb2.ListTokenizersRequest(), timeout=timeout,
+                                                     wait_for_ready=False)
+            for info in listed.tokenizers:
+                self._vocab[info.name] = int(info.vocab_size)
+            name = tokenizer or listed.default_tokenizer
+            self._vocab[tokenizer] = self._vocab.get(name, 0)
+        return self._vocab[tokenizer]
 
     @names_peer
     async def tokenize(self, tokenizer: str, texts: list[str], timeout: float | None) -> Tokenized:

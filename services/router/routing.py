@@ -80,6 +80,9 @@ class VersionInfo:
     post_output: str = ""
     top_k: int = 0
     labels: tuple[str, ...] = ()
+    # Input limits the signature cannot express, declared by version tags (0 = unknown; see signature.py).
+    max_sequence_length: int = 0
+    vocab_size: int = 0
 
     @property
     def ready(self) -> bool:

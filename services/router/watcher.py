@@ -14,6 +14,7 @@ from maas.v1 import registry_pb2, registry_pb2_grpc
 from services.router.routing import (
     ModelRoutes, PostKind, PreKind, RoutingTable, Shadow, Target, TensorSpec, VersionInfo, VersionState,
 )
+from services.router.signature import MAX_SEQUENCE_LENGTH_TAG, VOCAB_SIZE_TAG, declared_limit
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ def version_from_proto(v: registry_pb2.ModelVersion) -> VersionInfo:
         pre_kind=PreKind(v.preprocessing.kind), pre_name=v.preprocessing.name,
         post_kind=PostKind(v.postprocessing.kind), post_output=v.postprocessing.output,
         top_k=v.postprocessing.top_k, labels=tuple(v.labels),
+        max_sequence_length=declared_limit(v.tags, MAX_SEQUENCE_LENGTH_TAG),
+        vocab_size=declared_limit(v.tags, VOCAB_SIZE_TAG),
     )
 
 
