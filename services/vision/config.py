@@ -17,6 +17,9 @@ LIMIT_HELP = {
     "max_batch": "images per request",
     "max_request_bytes": "encoded request size",
     "max_image_pixels": "width x height of one image, checked before decoding",
+    "max_image_width": "width of one image in pixels, checked before decoding",
+    "max_image_height": "height of one image in pixels, checked before decoding",
+    "max_aspect_ratio": "longer side / shorter side of one image, checked before decoding",
 }
 
 

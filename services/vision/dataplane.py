@@ -29,7 +29,7 @@ class VisionDataplane:
         self.catalog = catalog
         self.limits = limits
         self.pool = pool
-        self._preprocessors = {name: Preprocessor(spec, limits.max_image_pixels)
+        self._preprocessors = {name: Preprocessor(spec, limits.max_image_pixels, limits=limits)
                                for name, spec in catalog.specs.items()}
 
     def specs(self) -> list[VisionSpec]:

@@ -38,6 +38,11 @@ class VisionLimits:
     max_batch: int = 64
     max_request_bytes: int = 48 * 1024 * 1024
     max_image_pixels: int = 40_000_000  # of the encoded image, as its header says
+    # A thin image under the pixel limit still costs: the resize to the spec's shorter side blows the
+    # longer one up (1x60000 -> 256x15M). Width, height and longer/shorter side, from the header too.
+    max_image_width: int = 16384
+    max_image_height: int = 16384
+    max_aspect_ratio: int = 20
     # The response must fit in one gRPC message: batch x crop x 4 bytes (the server's --max-message-bytes).
     max_response_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
@@ -78,9 +83,11 @@ def crop_origin(width: int, height: int, crop_width: int, crop_height: int) -> t
 class Preprocessor:
     """Turns one encoded image into one normalised slot of a batch array, per `spec`."""
 
-    def __init__(self, spec: VisionSpec, max_image_pixels: int, reducing_gap: float = 2.0):
+    def __init__(self, spec: VisionSpec, max_image_pixels: int, reducing_gap: float = 2.0,
+                 limits: VisionLimits | None = None):
         self.spec = spec
         self.max_image_pixels = max_image_pixels
+        self.limits = limits or VisionLimits(max_image_pixels=max_image_pixels)
         self.reducing_gap = reducing_gap
         self.resample = _RESAMPLE[spec.interpolation]
         # (x/255 - mean)/std = x*scale + offset. mean/std are listed in output channel order; output
@@ -119,6 +126,7 @@ class Preprocessor:
         width, height = image.size
         if width * height > self.max_image_pixels:
             raise limit_error("image pixels", self.max_image_pixels, width * height, index)
+        self._check_sides(width, height, index)
         draft_scale = self._draft(image)  # before load(): it changes how the JPEG is decoded
         image.load()
         orientation = _orientation(image)
@@ -129,6 +137,19 @@ class Preprocessor:
         image = _to_rgb(image, self.spec.background)
         self._resize_crop_normalise(image, width, height, draft_scale, slot)
         return ImageInfo(source_format, width, height, draft_scale > 1)
+
+    def _check_sides(self, width: int, height: int, index: int) -> None:
+        """Header sizes against the side and aspect-ratio caps, before load() decodes anything."""
+        limits = self.limits
+        if width > limits.max_image_width:
+            raise limit_error("image width", limits.max_image_width, width, index)
+        if height > limits.max_image_height:
+            raise limit_error("image height", limits.max_image_height, height, index)
+        if width <= 0 or height <= 0:
+            raise item_error(InvalidArgument, index, f"image of {width}x{height} pixels has no pixels")
+        ratio = max(width, height) / min(width, height)
+        if ratio > limits.max_aspect_ratio:
+            raise limit_error("image aspect ratio", limits.max_aspect_ratio, f"{ratio:g} ({width}x{height})", index)
 
     def _draft(self, image: Image.Image) -> int:
         """DCT-domain downscale of a JPEG that is much larger than the resize target; returns the factor."""

@@ -122,6 +122,28 @@ async def test_bad_images_get_statuses_naming_the_item(strict_stub, photos):
     assert list(ok.tensor.shape) == [1, 3, 224, 224]
 
 
+async def test_thin_or_wide_images_are_refused_from_the_header(stub, photos):
+    """Under the pixel limit, yet costly to decode and resize (the shorter side is scaled up to 256):
+    refused by the width / height / aspect-ratio caps before anything is decoded (default limits)."""
+    cases = [
+        (encode(Image.new("L", (1, 60000)), "PNG"), "item 0: image height is 60000, over the limit of 16384"),
+        (encode(Image.new("L", (60000, 1)), "PNG"), "item 0: image width is 60000, over the limit of 16384"),
+        (encode(Image.new("RGB", (60000, 8)), "JPEG"), "item 0: image width is 60000, over the limit of 16384"),
+        (encode(Image.new("L", (10000, 2)), "PNG"), "item 0: image aspect ratio is 5000 (10000x2), over the limit of 20"),
+        # Bomb-like: 38 MP of one colour (a few KB on the wire), under the 40 MP limit, past the width cap.
+        (encode(Image.new("1", (20000, 1900)), "PNG"), "item 0: image width is 20000, over the limit of 16384"),
+    ]
+    for image, message in cases:
+        assert len(image) < 200_000
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await stub.Preprocess(vision_pb2.PreprocessRequest(images=[image]))
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, failure.value.details()
+        assert message in failure.value.details()
+    wide_but_allowed = encode(Image.fromarray(photo("coffee")).resize((1200, 100)), "PNG")  # 12:1, under the caps
+    ok = await stub.Preprocess(vision_pb2.PreprocessRequest(images=[wide_but_allowed, photos["chelsea"]]))
+    assert list(ok.tensor.shape) == [2, 3, 224, 224]
+
+
 async def test_small_request_is_not_stuck_behind_a_big_one(stub, photos):
     """Concurrent requests take turns image by image: one image sent while a 32-image batch is being
     decoded is answered first."""
