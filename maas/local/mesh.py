@@ -67,10 +67,13 @@ class SourceModel:
     # Further versions registered after `artifact`, in order; `production` points at the last one.
     more_artifacts: tuple[str, ...] = ()
     descriptions: tuple[str, ...] = ()  # per version, else a generic one
+    # Version tags the router reads, e.g. max_sequence_length (its limit check before Triton).
+    tags: tuple[tuple[str, str], ...] = ()
 
 
 SOURCE_MODELS = (
-    SourceModel("minilm", "1/model.onnx", "onnx", ("tokenizer", "minilm"), ("embedding", "sentence_embedding")),
+    SourceModel("minilm", "1/model.onnx", "onnx", ("tokenizer", "minilm"), ("embedding", "sentence_embedding"),
+                tags=(("max_sequence_length", "512"),)),  # BERT's position embeddings
     SourceModel("efficientnet_lite0", "1/model.pt", "torchscript", ("vision", "efficientnet_lite0"),
                 ("softmax_top_k", "OUTPUT__0"), top_k=5, labels_file="labels.txt", signature_from_config=True),
     # ONNX Runtime GenAI folders (docs/generation.md): v1 fp32 (the reference), v2 int4 (production).
@@ -357,7 +360,8 @@ class LocalMesh:
                             outputs=outputs if model.signature_from_config else (),
                             preprocessing=model.preprocessing, postprocessing=model.postprocessing,
                             top_k=model.top_k, labels=labels, max_batch_size=max_batch,
-                            tags={"source": "model_repository", "source_path": f"{model.name}/{artifact.name}"},
+                            tags={"source": "model_repository", "source_path": f"{model.name}/{artifact.name}",
+                                  **dict(model.tags)},
                             description=description,
                         )
                         registry.wait_ready(model.name, version.version, timeout=self.config.register_timeout)
