@@ -151,10 +151,10 @@ def concurrent(run, ids: list[int], streams: int, max_tokens: int) -> tuple[floa
 class MeshStreams:
     """Router.Generate through the mesh (the router, its tokenizer hops, Triton), one channel per caller."""
 
-    def __init__(self, address: str, prompt: str):
+    def __init__(self, address: str, prompt: str, version: int = 0):
         import threading
 
-        self.address, self.prompt, self.local = address, prompt, threading.local()
+        self.address, self.prompt, self.version, self.local = address, prompt, version, threading.local()
 
     def run(self, ids: list[int], max_tokens: int) -> list[float]:
         import grpc
@@ -163,7 +163,8 @@ class MeshStreams:
 
         if not hasattr(self.local, "stub"):
             self.local.stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(self.address))
-        request = router_pb2.GenerateRequest(model=tensor_pb2.ModelRef(name="smollm2"), prompt=self.prompt,
+        request = router_pb2.GenerateRequest(model=tensor_pb2.ModelRef(name="smollm2", version=self.version),
+                                             prompt=self.prompt,
                                              sampling=router_pb2.SamplingParams(max_tokens=max_tokens))
         t0, times = time.perf_counter(), []
         for response in self.local.stub.Generate(request, timeout=120):
@@ -198,6 +199,9 @@ def bench_serving() -> None:
                 rounds[name].append(stream_stats(run(ids, TOKENS)))
         c1_total, _ = concurrent(streams.run, ids, 1, TOKENS)
         c8_total, p99 = concurrent(streams.run, ids, 8, TOKENS)
+        fp32 = MeshStreams(mesh.router_address, prompt, version=1)
+        fp32_c1, _ = concurrent(fp32.run, ids, 1, TOKENS)
+        fp32_c8, _ = concurrent(fp32.run, ids, 8, TOKENS)
         direct.close()
 
     def added_ttft(name: str, base: str = "engine") -> float:
@@ -209,18 +213,47 @@ def bench_serving() -> None:
     for name in paths:
         print(f"{name}: ttft median {statistics.median(r[0] for r in rounds[name]):.1f} ms, "
               f"{statistics.median(r[1] for r in rounds[name]):.1f} tok/s")
-    print(f"mesh Router.Generate: c1 {c1_total:.1f} tok/s, c8 {c8_total:.1f} tok/s (aggregate)")
+    print(f"mesh Router.Generate, production (int4): c1 {c1_total:.1f} tok/s, c8 {c8_total:.1f} tok/s (aggregate); "
+          f"v1 (fp32): c1 {fp32_c1:.1f}, c8 {fp32_c8:.1f}")
     print(f"BENCH generate_triton_ttft_added_ms_c1 {added_ttft('triton'):.1f} <= 5")
     print(f"BENCH generate_ttft_added_ms_c1 {added_ttft('mesh'):.1f} <= 5")
     # The mesh's own share (router, chat template, detokenizer) over Triton's stream, same Triton.
     print(f"BENCH generate_mesh_over_triton_ttft_added_ms_c1 {added_ttft('mesh', 'triton'):.1f} <= 5")
     print(f"BENCH generate_tokens_per_s_ratio_c1 {rate_ratio('mesh'):.2f} >= 0.9")
     print(f"BENCH generate_tokens_per_s_c8_over_c1 {c8_total / c1_total:.2f} >= 3")
+    print(f"BENCH generate_tokens_per_s_c8_over_c1_fp32 {fp32_c8 / fp32_c1:.2f} >= 3")
     print(f"BENCH generate_inter_token_p99_ms_c8 {p99:.1f} >= 0")
+
+
+def bench_engine_batching() -> None:
+    """What batching buys in the engine itself (8 rows of one Generator over 1, decode steps only): the
+    ceiling of the mesh's c8/c1, per version."""
+    import onnxruntime_genai as og
+
+    ids = chat_ids("Tell me a long story about a dragon and a knight.")
+    for version, precision in (("2", "int4"), ("1", "fp32")):
+        model = og.Model(str(MODEL / version))
+
+        def rate(rows: int) -> float:
+            params = og.GeneratorParams(model)
+            params.set_search_options(batch_size=rows, max_length=len(ids) + TOKENS,
+                                      min_length=len(ids) + TOKENS, do_sample=False)
+            generator = og.Generator(model, params)
+            generator.append_tokens(np.tile(np.asarray(ids, dtype=np.int32), (rows, 1)))
+            generator.generate_next_token()
+            t0, steps = time.perf_counter(), 0
+            while not generator.is_done():
+                generator.generate_next_token()
+                steps += 1
+            return rows * steps / (time.perf_counter() - t0)
+
+        ratio = statistics.median(rate(8) / rate(1) for _ in range(3))
+        print(f"BENCH generate_engine_batch8_over_batch1_{precision} {ratio:.2f} >= 0")
 
 
 def main() -> None:
     bench_versions()
+    bench_engine_batching()
     bench_serving()
 
 

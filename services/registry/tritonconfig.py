@@ -80,6 +80,8 @@ def generation_config(context_length: int) -> str:
     for key, value in ((generation.PARAM_MAX_TOKENS_CAP, max_tokens_cap),
                        (generation.PARAM_DEFAULT_MAX_TOKENS, min(generation.DEFAULT_DEFAULT_MAX_TOKENS, max_tokens_cap)),
                        (generation.PARAM_MAX_SEQUENCES, generation.DEFAULT_MAX_SEQUENCES),
+                       (generation.PARAM_MAX_BATCH_ROWS, generation.DEFAULT_MAX_BATCH_ROWS),
+                       (generation.PARAM_BATCH_WINDOW_MS, generation.DEFAULT_BATCH_WINDOW_MS),
                        (generation.PARAM_CONTEXT_LENGTH, context_length)):
         config.parameters[key].string_value = str(value)
     return json.dumps(json_format.MessageToDict(config))

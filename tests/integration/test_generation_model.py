@@ -119,6 +119,16 @@ class Stream:
         self.client.close()
 
 
+def wait_for_log(triton, holds, seconds: float = 30.0) -> bool:
+    """The Python backend's log lines reach Triton's log asynchronously."""
+    deadline = time.monotonic() + seconds
+    while not holds(triton.log_path.read_text()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 @pytest.fixture
 def stream(triton):
     s = Stream(triton.grpc_address)
@@ -136,6 +146,33 @@ def test_triton_greedy_equals_the_engine_in_process(stream, hf_tokenizer, versio
     assert got == expected
     assert finish == ("length" if len(got) == 24 else "stop")
     assert usage == [len(ids), len(got)]
+
+
+def test_concurrent_sequences_decode_in_one_batch_with_their_own_greedy_tokens(triton, hf_tokenizer):
+    """Requests that arrive together share a batched generator; fp32's rows (right-padded) give each
+    prompt's own greedy tokens, and a seeded sample among them runs alone, so it repeats exactly."""
+    prompts = [chat_ids(hf_tokenizer, p) for p in PROMPTS[:4]]
+    solo = Stream(triton.grpc_address)
+    try:
+        solo.send(prompts[0], "1", temperature=0.8, seed=7, max_tokens=12)
+        seeded = solo.collect()
+    finally:
+        solo.close()
+    logged = triton.log_path.read_text().count("generation batch of")
+    streams = [Stream(triton.grpc_address) for _ in range(len(prompts) + 1)]
+    try:
+        for s, ids in zip(streams, prompts):  # one burst: they wait together behind the first
+            s.send(ids, "1", max_tokens=TOKENS)
+        streams[-1].send(prompts[0], "1", temperature=0.8, seed=7, max_tokens=12)
+        results = [s.collect() for s in streams]
+    finally:
+        for s in streams:
+            s.close()
+    for ids, (got, finish, usage) in zip(prompts, results):
+        assert got == [t for t in engine_greedy("1", ids, TOKENS) if t != 2]
+        assert usage == [len(ids), len(got)]
+    assert results[-1] == seeded
+    assert wait_for_log(triton, lambda text: text.count("generation batch of") > logged)  # they shared one
 
 
 def test_seeded_sampling_repeats_and_max_tokens_holds(stream, hf_tokenizer):
@@ -178,9 +215,7 @@ def test_cancelled_stream_frees_its_slot(triton, hf_tokenizer):
     doomed.responses.get(timeout=60)  # generation is running
     doomed.close(cancel=True)
     # The model saw Triton's cancellation and stopped decoding (well before its 1000 tokens).
-    deadline = time.monotonic() + 30
-    while "generation cancelled after" not in triton.log_path.read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for_log(triton, lambda text: "generation cancelled after" in text)
     line = next(ln for ln in triton.log_path.read_text().splitlines() if "generation cancelled after" in ln)
     assert int(line.split("generation cancelled after ")[1].split()[0]) < 1000
     fresh = Stream(triton.grpc_address)

@@ -1,14 +1,19 @@
 """Python-based Triton backend named "onnxruntime_genai": a decoupled text-generation model whose
-generation loop (KV cache, sampling) is ONNX Runtime GenAI's, one `og.Generator` per sequence.
+generation loop (KV cache, sampling) is ONNX Runtime GenAI's.
 
 The contract (inputs, one response per token, the final response) is in docs/generation.md. Triton has
 no native backend for it, so this same file serves on the official GPU image too (with onnxruntime-genai
 installed in its Python environment).
 
-Sequences are decoded by one scheduler thread, one token each in turn, so a new request starts after
-at most one decode step of every running sequence, and a cancelled one stops within one step. (ONNX
-Runtime GenAI's continuous-batching Engine needs paged attention, which its CPU build does not have;
-its static-batch Engine on CPU has no per-request seeds, so it cannot serve this contract.)
+Batched decoding: requests that arrive while others run are grouped, by compatible sampling settings,
+into one `og.Generator` with several rows (right-padded with the `batch_pad_token_id` parameter), so
+their decode steps share matrix multiplications. Such a batch cannot take rows once started, so a new
+batch forms from whatever waits at each turn; one scheduler thread steps every batch in turn, so a new
+request starts after at most one decode step of every running batch. A sequence that must be exact on
+its own runs alone: a seeded sample (its random stream must not depend on neighbours), a repetition
+penalty (it would count the padding), a prompt holding the pad id. (ONNX Runtime GenAI's
+continuous-batching Engine needs paged attention, which its builder exports for CUDA only; its
+static-batch Engine on CPU has no per-request seeds and measured slower than a batched Generator.)
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import math
 import os
 import queue
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +32,7 @@ import onnxruntime_genai as og
 import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+_GATHER_S = 0.001
 _SEED_RANGE = 2**31  # ONNX Runtime GenAI's random_seed is a 32-bit int: seeds are taken modulo this
 
 
@@ -37,6 +44,7 @@ class BadRequest(ValueError):
 class Limits:
     vocab_size: int
     context_length: int
+    pad_token_id: int
     max_tokens_cap: int
     default_max_tokens: int
     stop_ids: frozenset[int]
@@ -50,10 +58,9 @@ class Sequence:
     max_tokens: int
     search: dict
     stop_ids: frozenset[int]
-    generator: object = None
+    batch_key: tuple | None  # sequences with equal keys may share a batch; None = runs alone
     generated: int = 0
-    finish: str = ""
-    pending: list = field(default_factory=list)
+    arrived: float = 0.0  # time.monotonic() when the scheduler took it
 
 
 def _scalar(request, name: str, kind: type, default):
@@ -101,7 +108,6 @@ def parse(request, sender, limits: Limits) -> Sequence:
     extra = pb_utils.get_input_tensor_by_name(request, "stop_token_ids")
     stop_ids = limits.stop_ids | frozenset(int(i) for i in (extra.as_numpy().reshape(-1) if extra is not None else ()))
     search = {
-        "max_length": int(ids.size + max_tokens),
         "do_sample": temperature > 0,
         "temperature": temperature if temperature > 0 else 1.0,
         "top_p": top_p,
@@ -109,7 +115,9 @@ def parse(request, sender, limits: Limits) -> Sequence:
         "repetition_penalty": penalty,
         "random_seed": (seed if seed is not None else int.from_bytes(os.urandom(4), "little")) % _SEED_RANGE,
     }
-    return Sequence(request, sender, ids, max_tokens, search, stop_ids)
+    alone = (seed is not None and temperature > 0) or penalty != 1.0 or bool((ids == limits.pad_token_id).any())
+    key = None if alone else (search["do_sample"], search["temperature"], top_p, search["top_k"])
+    return Sequence(request, sender, ids, max_tokens, search, stop_ids, key)
 
 
 def _response(ids: list[int], finish: str, usage: tuple[int, int]):
@@ -120,14 +128,38 @@ def _response(ids: list[int], finish: str, usage: tuple[int, int]):
     ])
 
 
+class Batch:
+    """One `og.Generator` decoding rows that share their sampling options. A finished row (None) is
+    still computed until the batch ends: GenAI cannot drop a row, so the batch ends with its last row."""
+
+    def __init__(self, model, rows: list[Sequence], pad_token_id: int):
+        length = max(seq.prompt.size for seq in rows)
+        prompts = np.full((len(rows), length), pad_token_id, dtype=np.int32)
+        for i, seq in enumerate(rows):
+            prompts[i, :seq.prompt.size] = seq.prompt
+        params = og.GeneratorParams(model)
+        params.set_search_options(**rows[0].search, batch_size=len(rows),
+                                  max_length=length + max(seq.max_tokens for seq in rows))
+        self.generator = og.Generator(model, params)
+        self.generator.append_tokens(prompts)  # the prefill of every row
+        self.rows: list[Sequence | None] = list(rows)
+
+    def live(self) -> list[tuple[int, Sequence]]:
+        return [(i, seq) for i, seq in enumerate(self.rows) if seq is not None]
+
+
 class Scheduler(threading.Thread):
     """Owns the engine: every og call happens on this thread."""
 
-    def __init__(self, model, max_sequences: int, logger):
+    def __init__(self, model, limits: Limits, max_sequences: int, max_batch_rows: int, batch_window_ms: int,
+                 logger):
         super().__init__(name="generation-scheduler", daemon=True)
-        self.model, self.max_sequences, self.log = model, max_sequences, logger
+        self.model, self.limits, self.log = model, limits, logger
+        self.max_sequences, self.max_batch_rows = max_sequences, max_batch_rows
+        self.batch_window_s = batch_window_ms / 1000
         self.incoming: queue.Queue[Sequence | None] = queue.Queue()
-        self.active: list[Sequence] = []
+        self.waiting: list[Sequence] = []  # taken from `incoming`, over max_sequences for now
+        self.batches: list[Batch] = []
         self.stopping = False
 
     def submit(self, seq: Sequence) -> None:
@@ -140,70 +172,144 @@ class Scheduler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping:
-            self._admit(block=not self.active)
-            for seq in list(self.active):
-                self._step(seq)
-        for seq in self.active:  # model unloading: end every open stream
-            self._finish(seq, "cancelled")
+            self._admit(block=not self.batches)
+            for batch in list(self.batches):
+                self._step(batch)
+        for batch in self.batches:  # model unloading: end every open stream
+            for i, _ in batch.live():
+                self._finish(batch, i, "cancelled")
+
+    def _live_count(self) -> int:
+        return sum(len(batch.live()) for batch in self.batches)
+
+    def _take(self, block: bool) -> int:
+        """Moves what Triton submitted into `waiting`; how many."""
+        taken = 0
+        while True:
+            try:
+                seq = self.incoming.get(block=block and not self.waiting and not taken)
+            except queue.Empty:
+                return taken
+            if seq is None:
+                return taken
+            seq.arrived = time.monotonic()
+            self.waiting.append(seq)
+            taken += 1
 
     def _admit(self, block: bool) -> None:
-        while len(self.active) < self.max_sequences:
-            try:
-                seq = self.incoming.get(block=block)
-            except queue.Empty:
-                return
-            if seq is None:
-                return
-            block = False
-            try:
-                params = og.GeneratorParams(self.model)
-                params.set_search_options(**seq.search)
-                seq.generator = og.Generator(self.model, params)
-                seq.generator.append_tokens(seq.prompt.astype(np.int32))  # the prefill
-            except Exception as exc:  # noqa: BLE001 - the engine raises RuntimeError with its reason
-                self._fail(seq, f"generation could not start: {exc}")
+        """Starts batches from what waits. When idle, at once (a lone request starts without delay);
+        while others decode, a batch that is not full waits up to batch_window_s for companions, so
+        requests that trickle in during a decode step still share a batch."""
+        idle = not self.batches
+        taken, gathered = self._take(block), 0.0
+        # GenAI holds the GIL while it computes, so Triton's thread hands over one request per decode
+        # step; when one came, let go of the GIL briefly to take those queued behind it.
+        while taken and not idle and gathered < self.batch_window_s:
+            time.sleep(_GATHER_S)
+            gathered += _GATHER_S
+            taken = self._take(False)
+        free = max(self.max_sequences - self._live_count(), 0)
+        now, idle = time.monotonic(), not self.batches
+        for rows in self._form(self.waiting[:free]):
+            if not idle and len(rows) < self.max_batch_rows and now - rows[0].arrived < self.batch_window_s:
                 continue
-            self.active.append(seq)
+            for seq in rows:
+                self.waiting.remove(seq)
+            try:
+                self.batches.append(Batch(self.model, rows, self.limits.pad_token_id))
+                if len(rows) > 1:
+                    self.log.log_info(f"generation batch of {len(rows)} rows started")
+            except Exception as exc:  # noqa: BLE001 - the engine raises RuntimeError with its reason
+                for seq in rows:
+                    self._fail(seq, f"generation could not start: {exc}")
 
-    def _step(self, seq: Sequence) -> None:
-        if seq.sender.is_cancelled():
-            self._finish(seq, "cancelled")
+    def _form(self, sequences: list[Sequence]) -> list[list[Sequence]]:
+        """Groups sequences of one batch key, up to max_batch_rows a batch, while the longest prompt
+        plus the largest max_tokens fits the context (every row's cache is that long)."""
+        batches: list[list[Sequence]] = []
+        for seq in sequences:
+            for rows in batches:
+                if (seq.batch_key is not None and rows[0].batch_key == seq.batch_key
+                        and len(rows) < self.max_batch_rows
+                        and max(seq.prompt.size, *(r.prompt.size for r in rows))
+                        + max(seq.max_tokens, *(r.max_tokens for r in rows)) <= self.limits.context_length):
+                    rows.append(seq)
+                    break
+            else:
+                batches.append([seq])
+        return batches
+
+    def _step(self, batch: Batch) -> None:
+        for i, seq in batch.live():
+            if seq.sender.is_cancelled():
+                self._finish(batch, i, "cancelled")
+        if not batch.live():
+            self._drop(batch)
             return
         try:
-            seq.generator.generate_next_token()
-            token = int(seq.generator.get_next_tokens()[0])
+            batch.generator.generate_next_token()
+            tokens = batch.generator.get_next_tokens()
         except Exception as exc:  # noqa: BLE001
-            self._fail(seq, f"generation failed after {seq.generated} tokens: {exc}")
+            for i, seq in batch.live():
+                batch.rows[i] = None
+                self._fail(seq, f"generation failed after {seq.generated} tokens: {exc}")
+            self._drop(batch)
             return
-        if token in seq.stop_ids:
-            self._finish(seq, "stop")
-            return
-        seq.generated += 1
-        seq.sender.send(_response([token], "", (seq.prompt.size, seq.generated)))
-        if seq.generated >= seq.max_tokens or seq.generator.is_done():
-            self._finish(seq, "length")
+        for i, seq in batch.live():
+            token = int(tokens[i])
+            if token in seq.stop_ids:
+                self._finish(batch, i, "stop")
+                continue
+            seq.generated += 1
+            seq.sender.send(_response([token], "", (seq.prompt.size, seq.generated)))
+            if seq.generated >= seq.max_tokens:
+                self._finish(batch, i, "length")
+        if batch.generator.is_done():  # every row at its end already; a safety net, not a path
+            for i, _ in batch.live():
+                self._finish(batch, i, "length")
+        if not batch.live():
+            self._drop(batch)
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        self._release(seq)
+    def _finish(self, batch: Batch, row: int, reason: str) -> None:
+        seq, batch.rows[row] = batch.rows[row], None
         if reason == "cancelled":
             self.log.log_info(f"generation cancelled after {seq.generated} tokens (request {seq.request.request_id()!r})")
         seq.sender.send(_response([], reason, (seq.prompt.size, seq.generated)), flags=FINAL)
 
     def _fail(self, seq: Sequence, message: str) -> None:
         self.log.log_error(message)
-        self._release(seq)
         seq.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)),
                         flags=FINAL)
 
-    def _release(self, seq: Sequence) -> None:
-        if seq in self.active:
-            self.active.remove(seq)
-        seq.generator = None  # frees the KV cache now, not at the next GC
+    def _drop(self, batch: Batch) -> None:
+        if batch in self.batches:
+            self.batches.remove(batch)
+        batch.generator = None  # frees the KV cache now, not at the next GC
 
 
-def _parameter(config: dict, key: str, default: int) -> int:
+def _parameter(config: dict, key: str, default: int | None) -> int | None:
     value = config.get("parameters", {}).get(key, {}).get("string_value")
     return int(value) if value else default
+
+
+def batch_pad_token_id(folder: Path, genai: dict) -> int:
+    """The id that pads a batch's shorter prompts. GenAI masks pad ids in a batch's prompts, so it must
+    be an id prompts do not hold; the export's own pad id is often the EOS (SmolLM2: <|im_end|>), which
+    every chat prompt holds. The first special token that is neither EOS nor BOS nor written by the chat
+    template does; else the export's pad id (a prompt holding the pad id runs alone, so this is about
+    batching, never correctness)."""
+    eos = genai.get("eos_token_id", [])
+    taken = set(eos if isinstance(eos, list) else [eos]) | {genai.get("bos_token_id")}
+    template_file = folder / "chat_template.jinja"
+    template = template_file.read_text(encoding="utf-8") if template_file.exists() else ""
+    try:
+        added = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens", [])
+    except (OSError, ValueError):
+        added = []
+    for token in added:
+        if token.get("special") and token["id"] not in taken and token["content"] not in template:
+            return int(token["id"])
+    return int(genai.get("pad_token_id", 0))
 
 
 class TritonPythonModel:
@@ -213,17 +319,25 @@ class TritonPythonModel:
             raise ValueError(f"{config['name']}: the onnxruntime_genai backend needs "
                              "model_transaction_policy { decoupled: true }")
         folder = Path(args["model_repository"]) / args["model_version"]
-        genai = json.loads((folder / "genai_config.json").read_text())["model"]
+        genai = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
         eos = genai.get("eos_token_id", [])
         self.limits = Limits(
             vocab_size=int(genai["vocab_size"]),
             context_length=int(genai["context_length"]),
+            pad_token_id=_pad if (_pad := _parameter(config, "batch_pad_token_id", None)) is not None
+            else batch_pad_token_id(folder, genai),
             max_tokens_cap=_parameter(config, "max_tokens_cap", 1024),
             default_max_tokens=_parameter(config, "default_max_tokens", 64),
             stop_ids=frozenset(eos if isinstance(eos, list) else [eos]),
         )
-        self.model = og.Model(str(folder))
-        self.scheduler = Scheduler(self.model, _parameter(config, "max_sequences", 16), pb_utils.Logger)
+        engine_config = og.Config(str(folder))
+        # The export's pad id is its EOS (<|im_end|>), which every chat prompt holds: GenAI masks pad ids
+        # in a batch's prompts, so batches pad with an id that prompts do not hold.
+        engine_config.overlay(json.dumps({"model": {"pad_token_id": self.limits.pad_token_id}}))
+        self.model = og.Model(engine_config)
+        self.scheduler = Scheduler(self.model, self.limits, _parameter(config, "max_sequences", 16),
+                                   _parameter(config, "max_batch_rows", 8),
+                                   _parameter(config, "batch_window_ms", 20), pb_utils.Logger)
         self.scheduler.start()
 
     def execute(self, requests):
