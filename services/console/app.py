@@ -275,7 +275,10 @@ def create_app(config: ConsoleConfig):
     # -- charts ------------------------------------------------------------------------------------
     def chart_context() -> dict:
         scraper = mesh().scraper
-        span = config.history_seconds
+        samples = scraper.history.samples
+        # The x axis covers what is kept, at least a minute: a fresh console's points are not squashed at the right.
+        age = samples[-1].at - samples[0].at if samples else 0.0
+        span = min(config.history_seconds, max(60.0, age))
         drawn = [{"svg": charts.line_chart(s, span, f"chart{i}"), "title": s.title, "unit": s.unit,
                   "legend": charts.legend(s)} for i, s in enumerate(scraper.history.charts(time.time()))]
         return {"charts": drawn, "source": config.router_metrics, "scrape_error": scraper.last_error,

@@ -24,6 +24,10 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def line_chart(series: Series, span: float, chart_id: str) -> str:
     """`span` seconds of history on the x axis (now at the right)."""
     points = [v for line in series.lines.values() for _, v in line]
@@ -33,7 +37,7 @@ def line_chart(series: Series, span: float, chart_id: str) -> str:
     def xy(x: float, y: float) -> str:
         return f"{LEFT + inner_w * (1 + x / span):.1f},{TOP + inner_h * (1 - y / top):.1f}"
 
-    title = escape(f"{series.title} ({series.unit}), last {span / 60:.0f} minutes")
+    title = escape(f"{series.title} ({series.unit}), last {_minutes(span)}")
     parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-labelledby="{chart_id}-t">',
              f'<title id="{chart_id}-t">{title}</title>',
              f'<rect x="{LEFT}" y="{TOP}" width="{inner_w}" height="{inner_h}" class="plot"/>']
@@ -41,7 +45,7 @@ def line_chart(series: Series, span: float, chart_id: str) -> str:
         y = TOP + inner_h * (1 - frac)
         parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
                      f'<text x="{LEFT - 4}" y="{y + 4:.1f}" class="tick" text-anchor="end">{_fmt(top * frac)}</text>')
-    parts.append(f'<text x="{LEFT}" y="{HEIGHT - 6}" class="tick">-{span / 60:.0f} min</text>'
+    parts.append(f'<text x="{LEFT}" y="{HEIGHT - 6}" class="tick">-{_minutes(span)}</text>'
                  f'<text x="{WIDTH - RIGHT}" y="{HEIGHT - 6}" class="tick" text-anchor="end">now</text>')
     for i, (name, line) in enumerate(sorted(series.lines.items())):
         colour = PALETTE[i % len(PALETTE)]
