@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from prometheus_client import Gauge
 from starlette.datastructures import UploadFile
 
 from maas.v1 import registry_pb2 as pb
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 FRAGMENT_HEADER = "x-console-fragment"
 _KEEPALIVE = 15.0  # seconds between comments on an idle event stream (finds browsers that went away)
+
+EVENT_STREAMS = Gauge("maas_console_event_streams",
+                      "Server-sent event streams the console holds open (Models page feeds, chats)")
 
 PAGES = (("models", "Models"), ("playground", "Playground"), ("operations", "Operations"), ("charts", "Charts"))
 
@@ -83,6 +87,16 @@ async def _too_large(limit: int, scope, send) -> None:
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body.encode())).encode())]})
     await send({"type": "http.response.body", "body": body.encode()})
+
+
+async def _counted(events):
+    EVENT_STREAMS.inc()
+    try:
+        async for event in events:
+            yield event
+    finally:
+        EVENT_STREAMS.dec()
+        await events.aclose()  # cancels the router call now, not when the generator is collected
 
 
 def create_app(config: ConsoleConfig):
@@ -149,6 +163,7 @@ def create_app(config: ConsoleConfig):
         queue = feed.subscribe()
 
         async def events():
+            EVENT_STREAMS.inc()
             try:
                 yield f"event: hello\ndata: {json.dumps({'revision': feed.revision})}\n\n".encode()
                 while True:
@@ -167,6 +182,7 @@ def create_app(config: ConsoleConfig):
                             card = f'<p class="error" role="alert">{exc.code}: {exc.message}</p>'
                         yield f"event: model\ndata: {json.dumps({'name': changed, 'html': card})}\n\n".encode()
             finally:
+                EVENT_STREAMS.dec()
                 feed.unsubscribe(queue)
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -201,7 +217,7 @@ def create_app(config: ConsoleConfig):
                 events = await play.chat_stream(call)
             except Refused as exc:
                 return html("_chat.html", exc.status, error=exc)
-            return StreamingResponse(events, media_type="text/event-stream",
+            return StreamingResponse(_counted(events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         async def work():
