@@ -45,12 +45,17 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def console_mesh(tmp_path_factory):
+def console_mesh(tmp_path_factory, otlp_receiver):
     subprocess.run([sys.executable, str(REPO / "tools" / "build_models.py")], check=True, cwd=REPO)
+    # Traced, so the trace id a page shows can be looked up among the spans the services exported.
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.http_endpoint,
+           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "200",
+           "OTEL_SDK_DISABLED": "false", "OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
     saved = os.environ.get("MAAS_ADMIN_TOKEN")
     os.environ["MAAS_ADMIN_TOKEN"] = TOKEN  # the registry's token; also what register_models sends
     try:
-        with LocalMesh(MeshConfig(state_dir=tmp_path_factory.mktemp("console-mesh"), ports=FREE_PORTS)) as mesh:
+        config = MeshConfig(state_dir=tmp_path_factory.mktemp("console-mesh"), ports=FREE_PORTS, env=env)
+        with LocalMesh(config) as mesh:
             yield mesh
     finally:
         if saved is None:
@@ -180,7 +185,7 @@ def test_chat_streams_and_stop_cancels_the_router_call(page, console_mesh):
     assert_no_console_errors(page)
 
 
-def test_embeddings_show_a_similarity_matrix(page, console_mesh):
+def test_embeddings_show_a_similarity_matrix(page, console_mesh, otlp_receiver):
     page.goto("/playground")
     page.locator("#embed-form button[type=submit]").focus()
     page.keyboard.press("Enter")  # keyboard only
@@ -194,6 +199,10 @@ def test_embeddings_show_a_similarity_matrix(page, console_mesh):
     assert len(cells) == 3 and all(abs(cells[i][j] - expected[i][j]) <= 0.0011 for i in range(3) for j in range(3))
     assert cells[0][1] > cells[0][2]
     assert page.locator("#embed-result .answered-version").inner_text() == "minilm v1"
+    trace_id = page.locator("#embed-result .answered-trace code").inner_text()
+    assert re.fullmatch(r"[0-9a-f]{32}", trace_id)
+    otlp_receiver.wait_for(lambda _: {"maas-console", "maas-router", "maas-tokenizer"} <= {
+        span.service for span in otlp_receiver.trace(trace_id)}, timeout=40)
     shoot(page, "playground")
     assert_no_console_errors(page)
 
@@ -309,3 +318,29 @@ def test_charts_draw_the_routers_metrics(page, console_mesh):
     assert page.locator(".chart-card").nth(2).locator("table.legend").inner_text().count("Embed") == 1
     shoot(page, "charts")
     assert_no_console_errors(page)
+
+
+def test_pages_work_without_script(browser, console_mesh):
+    """Progressive enhancement: with JavaScript off every form posts and the whole page comes back."""
+    context = browser.new_context(viewport=WIDE, base_url=console_mesh.console_url, java_script_enabled=False)
+    try:
+        tab = context.new_page()
+        tab.goto("/playground")
+        tab.click("#embed-form button[type=submit]")
+        tab.wait_for_url("**/playground/embed")
+        assert tab.locator("#embed-result table.matrix tbody tr").count() == 3
+        tab.fill("#chat-message", "Name a colour.")
+        tab.fill("#chat-max-tokens", "4")
+        tab.click("#chat-send")
+        tab.wait_for_url("**/playground/chat")
+        assert tab.locator("#chat-answer").inner_text().strip()
+        assert tab.locator("#chat-result .answered-version").inner_text().startswith("smollm2 v")
+        tab.goto("/operations")
+        tab.fill("#alias-version", "1")
+        tab.click("#alias-form button[type=submit]")
+        tab.wait_for_url("**/operations/alias")
+        assert "401 UNAUTHENTICATED" in tab.locator("#operation-result").inner_text()
+        tab.goto("/models")
+        assert tab.locator("#model-smollm2 .alias[data-alias=production]").count() == 1
+    finally:
+        context.close()
