@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/maas/v1/*.proto)
 
-.PHONY: install protos models fastpath k8s-tools images run test test-unit test-integration chart-test bench soak clean
+.PHONY: install protos models fastpath k8s-tools browser images run test test-unit test-integration chart-test bench soak clean
 
 install: $(STAMP) maas/v1/__init__.py
 
@@ -42,18 +42,22 @@ $(FASTPATH): services/router/native/oip_fastpath.cc tools/build_fastpath.sh
 k8s-tools:
 	bash tools/install_k8s_tools.sh
 
+# Debian's chromium for the web console's browser tests (apt-get as root; otherwise those tests skip).
+browser:
+	bash tools/install_chromium.sh
+
 # The services image (Dockerfile) and the CPU Triton image (deploy/images/triton-cpu.Dockerfile), with
 # podman from a local bookworm base; cached under build/images and build/wheels.
 images: install
 	bash tools/build_images.sh
 
-test: install models fastpath k8s-tools
+test: install models fastpath k8s-tools browser
 	$(PY) -m pytest tests -q
 
 test-unit: install
 	$(PY) -m pytest tests/unit -q
 
-test-integration: install models fastpath
+test-integration: install models fastpath browser
 	$(PY) -m pytest tests/integration -q
 
 chart-test: install k8s-tools

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from maas.client import DEFAULT_ADDRESS, MeshClient, MeshError, Routed
+from services.console.config import DEFAULT_PORT as CONSOLE_PORT
 
 console = Console()
 err_console = Console(stderr=True)
@@ -287,6 +288,7 @@ def up(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS
        tokenizer_port: int = typer.Option(50053, envvar="MAAS_TOKENIZER_PORT"),
        vision_port: int = typer.Option(50054, envvar="MAAS_VISION_PORT"),
        openai_port: int = typer.Option(8090, envvar="MAAS_OPENAI_PORT", help="the OpenAI-compatible HTTP gateway"),
+       console_port: int = typer.Option(CONSOLE_PORT, envvar="MAAS_CONSOLE_PORT", help="the web console"),
        triton_grpc_port: int = typer.Option(8001, envvar="MAAS_TRITON_GRPC_PORT"),
        triton_http_port: int = typer.Option(8000, envvar="MAAS_TRITON_HTTP_PORT"),
        triton_metrics_port: int = typer.Option(8002, envvar="MAAS_TRITON_METRICS_PORT"),
@@ -298,7 +300,7 @@ def up(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS
 
     config = MeshConfig(source_repository=model_repository, state_dir=state_dir, ports=_ports(
         free_ports, router=router_port, router_oip=router_oip_port, registry=registry_port, tokenizer=tokenizer_port, vision=vision_port,
-        openai=openai_port, triton_grpc=triton_grpc_port, triton_http=triton_http_port, triton_metrics=triton_metrics_port))
+        openai=openai_port, console=console_port, triton_grpc=triton_grpc_port, triton_http=triton_http_port, triton_metrics=triton_metrics_port))
     try:
         with _running_mesh(config) as mesh:
             _print_addresses(mesh)
@@ -312,7 +314,7 @@ def up(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS
                         _fail(str(exc))
             console.print(f"[green]serving[/] — try: maas embed 'hello world' --router {mesh.router_address}; "
                           f"maas chat 'hello' --router {mesh.router_address}; OpenAI clients at base_url "
-                          f"{mesh.openai_url}; tritonclient at {mesh.addresses['router_oip']} (the router's OIP fast "
+                          f"{mesh.openai_url}; the web console at {mesh.console_url}; tritonclient at {mesh.addresses['router_oip']} (the router's OIP fast "
                           f"path)   (Ctrl-C stops everything)")
             supervisor = Supervisor(mesh, log=lambda message: console.print(f"[yellow]{message}[/]"))
             supervisor.start()

@@ -1,5 +1,5 @@
 """The whole mesh on one machine: Triton + registry + tokenizer + vision + router + the OpenAI HTTP
-gateway, as subprocesses.
+gateway + the web console, as subprocesses.
 
     with LocalMesh(MeshConfig()) as mesh:          # `maas up` (fixed default ports)
         MeshClient(mesh.router_address).embed(["hello"])
@@ -36,13 +36,15 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from maas.local.processes import free_ports, spawn
 from maas.local.triton import REPO, LocalTriton, TritonConfig
 from maas.registry_client import RegistryClient, RegistryError
+from services.console.config import DEFAULT_PORT as CONSOLE_PORT
 from services.shared.telemetry import tracing_configured
 
-SERVICES = ("registry", "tokenizer", "vision", "router", "openai")  # start order; stopped in reverse, Triton last
-HTTP_SERVICES = ("openai",)  # health is GET /healthz, not gRPC health
+# start order; stopped in reverse, Triton last
+SERVICES = ("registry", "tokenizer", "vision", "router", "openai", "console")
+HTTP_SERVICES = ("openai", "console")  # health is GET /healthz, not gRPC health
 # Each service's Prometheus endpoint (<name>_metrics) takes any free port unless one is given.
 DEFAULT_PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054, "router_oip": 50055,
-                 "openai": 8090,
+                 "openai": 8090, "console": CONSOLE_PORT,
                  "triton_grpc": 8001, "triton_http": 8000, "triton_metrics": 8002,
                  **{f"{name}_metrics": 0 for name in SERVICES}}
 FREE_PORTS = {name: 0 for name in DEFAULT_PORTS}
@@ -199,6 +201,11 @@ class LocalMesh:
         return f"http://{self.addresses['openai']}/v1"
 
     @property
+    def console_url(self) -> str:
+        """The web console (docs/console.md)."""
+        return f"http://{self.addresses['console']}"
+
+    @property
     def metrics_addresses(self) -> dict[str, str]:
         """host:port of every component's Prometheus endpoint (GET /metrics), Triton's included."""
         found = {name: self.addresses[f"{name}_metrics"] for name in SERVICES if f"{name}_metrics" in self.addresses}
@@ -234,6 +241,9 @@ class LocalMesh:
             "router": ["--registry", a["registry"], "--tokenizer", a["tokenizer"], "--vision", a["vision"],
                        "--triton", a["triton"], "--oip-fast-listen", a["router_oip"]],
             "openai": ["--router", a["router"], "--registry", a["registry"]],
+            # The console reads the router's Prometheus endpoint for its charts.
+            "console": ["--router", a["router"], "--registry", a["registry"],
+                        "--router-metrics", f"http://{a['router_metrics']}/metrics"],
         }[name]
         metrics_port = a[f"{name}_metrics"].rsplit(":", 1)[1]
         return [sys.executable, "-m", f"services.{name}", "--listen", a[name], "--metrics-port", metrics_port, *flags,
@@ -455,7 +465,8 @@ class LocalMesh:
                 ("registry", self.addresses["registry"], "registry.log"),
                 ("tokenizer", self.addresses["tokenizer"], "tokenizer.log"),
                 ("vision", self.addresses["vision"], "vision.log"),
-                ("openai — OpenAI-compatible HTTP API (base_url)", self.openai_url, "openai.log")]
+                ("openai — OpenAI-compatible HTTP API (base_url)", self.openai_url, "openai.log"),
+                ("console — web console (browser)", self.console_url, "console.log")]
         rows += [(f"{name} metrics", self.addresses[f"{name}_metrics"], "") for name in SERVICES]
         if self.triton is not None:
             rows += [("triton gRPC", self.triton.grpc_address, "../triton/tritonserver.log"),

@@ -75,7 +75,7 @@ def exposed(mesh) -> dict[str, set[str]]:
 
 
 def test_every_component_serves_metrics(mesh, exposed):
-    assert set(exposed) == {"router", "registry", "tokenizer", "vision", "openai", "triton"}
+    assert set(exposed) == {"router", "registry", "tokenizer", "vision", "openai", "console", "triton"}
     for component in ("router", "registry", "tokenizer", "vision"):
         assert "maas_rpc_server_requests_total" in exposed[component], component
         assert "maas_rpc_server_duration_seconds_bucket" in exposed[component], component
@@ -88,6 +88,7 @@ def test_every_component_serves_metrics(mesh, exposed):
     assert {"nv_inference_queue_duration_us", "nv_inference_request_success"} <= exposed["triton"]
     assert {"maas_http_requests_total", "maas_http_request_duration_seconds_bucket", "maas_http_inflight_requests",
             "maas_openai_inflight_streams"} <= exposed["openai"]
+    assert "maas_console_event_streams" in exposed["console"]
 
 
 def test_every_metric_the_chart_references_is_exposed(exposed):
