@@ -80,6 +80,7 @@ def generation_config(context_length: int) -> str:
     for key, value in ((generation.PARAM_MAX_TOKENS_CAP, max_tokens_cap),
                        (generation.PARAM_DEFAULT_MAX_TOKENS, min(generation.DEFAULT_DEFAULT_MAX_TOKENS, max_tokens_cap)),
                        (generation.PARAM_MAX_SEQUENCES, generation.DEFAULT_MAX_SEQUENCES),
+                       (generation.PARAM_MAX_QUEUED, generation.DEFAULT_MAX_QUEUED),
                        (generation.PARAM_MAX_BATCH_ROWS, generation.DEFAULT_MAX_BATCH_ROWS),
                        (generation.PARAM_BATCH_WINDOW_MS, generation.DEFAULT_BATCH_WINDOW_MS),
                        (generation.PARAM_CONTEXT_LENGTH, context_length)):

@@ -29,12 +29,14 @@ OUTPUTS = (
 PARAM_MAX_TOKENS_CAP = "max_tokens_cap"
 PARAM_DEFAULT_MAX_TOKENS = "default_max_tokens"
 PARAM_MAX_SEQUENCES = "max_sequences"
+PARAM_MAX_QUEUED = "max_queued"  # requests waiting for a slot; more are refused (UNAVAILABLE)
 PARAM_MAX_BATCH_ROWS = "max_batch_rows"  # rows of one batched generator
 PARAM_BATCH_WINDOW_MS = "batch_window_ms"  # how long a request waits for companions while others decode
 PARAM_CONTEXT_LENGTH = "context_length"  # written by the registry from genai_config.json
 DEFAULT_MAX_TOKENS_CAP = 1024
 DEFAULT_DEFAULT_MAX_TOKENS = 64
 DEFAULT_MAX_SEQUENCES = 16
+DEFAULT_MAX_QUEUED = 256
 DEFAULT_MAX_BATCH_ROWS = 8
 DEFAULT_BATCH_WINDOW_MS = 20
 

@@ -40,6 +40,10 @@ class BadRequest(ValueError):
     """Input the model refuses: answered with INVALID_ARG, naming the input."""
 
 
+class Busy(RuntimeError):
+    """The queue is full: answered with UNAVAILABLE."""
+
+
 @dataclass
 class Limits:
     vocab_size: int
@@ -152,10 +156,10 @@ class Scheduler(threading.Thread):
     """Owns the engine: every og call happens on this thread."""
 
     def __init__(self, model, limits: Limits, max_sequences: int, max_batch_rows: int, batch_window_ms: int,
-                 logger):
+                 max_queued: int, logger):
         super().__init__(name="generation-scheduler", daemon=True)
         self.model, self.limits, self.log = model, limits, logger
-        self.max_sequences, self.max_batch_rows = max_sequences, max_batch_rows
+        self.max_sequences, self.max_batch_rows, self.max_queued = max_sequences, max_batch_rows, max_queued
         self.batch_window_s = batch_window_ms / 1000
         self.incoming: queue.Queue[Sequence | None] = queue.Queue()
         self.waiting: list[Sequence] = []  # taken from `incoming`, over max_sequences for now
@@ -163,6 +167,10 @@ class Scheduler(threading.Thread):
         self.stopping = False
 
     def submit(self, seq: Sequence) -> None:
+        """Queues a sequence, or refuses it (UNAVAILABLE: a retry may succeed) when max_queued wait."""
+        if self.incoming.qsize() + len(self.waiting) >= self.max_queued:
+            raise Busy(f"{self.max_queued} generation requests are waiting already (the model's max_queued); "
+                       "retry later")
         self.incoming.put(seq)
 
     def stop(self) -> None:
@@ -208,6 +216,10 @@ class Scheduler(threading.Thread):
             time.sleep(_GATHER_S)
             gathered += _GATHER_S
             taken = self._take(False)
+        for seq in [w for w in self.waiting if w.sender.is_cancelled()]:  # gone before it started
+            self.waiting.remove(seq)
+            self.log.log_info(f"generation cancelled while queued (request {seq.request.request_id()!r})")
+            seq.sender.send(_response([], "cancelled", (seq.prompt.size, 0)), flags=FINAL)
         free = max(self.max_sequences - self._live_count(), 0)
         now, idle = time.monotonic(), not self.batches
         for rows in self._form(self.waiting[:free]):
@@ -337,7 +349,8 @@ class TritonPythonModel:
         self.model = og.Model(engine_config)
         self.scheduler = Scheduler(self.model, self.limits, _parameter(config, "max_sequences", 16),
                                    _parameter(config, "max_batch_rows", 8),
-                                   _parameter(config, "batch_window_ms", 20), pb_utils.Logger)
+                                   _parameter(config, "batch_window_ms", 20),
+                                   _parameter(config, "max_queued", 256), pb_utils.Logger)
         self.scheduler.start()
 
     def execute(self, requests):
@@ -345,9 +358,9 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 self.scheduler.submit(parse(request, sender, self.limits))
-            except BadRequest as exc:
-                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+            except (BadRequest, Busy) as exc:
+                code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, BadRequest) else pb_utils.TritonError.UNAVAILABLE
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code)), flags=FINAL)
         return None
 
     def finalize(self):
