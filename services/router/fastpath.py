@@ -23,7 +23,7 @@ import grpc
 from services.router.metrics import ROUTER_INFLIGHT, ROUTER_REQUESTS
 from services.router.routing import ModelRoutes, RoutingTable, default_version, ready_aliases, usable_split
 from services.router.signature import beyond_triton
-from services.router.triton_errors import MODEL_INPUT_ERROR_MARKERS
+from services.router.triton_errors import MODEL_INPUT_ERROR_MARKERS, NOT_SERVING_MARKER, NOT_SERVING_MESSAGE
 from services.shared.errors import MAX_STATUS_MESSAGE_BYTES, FailedPrecondition
 from services.shared.replica_pool import ReplicaPool
 from services.shared.telemetry import RPC_DURATION, RPC_REQUESTS
@@ -167,6 +167,7 @@ class FastPath:
                 "--stats-interval", str(s.stats_interval),
                 "--duration-buckets", ",".join(map(str, RPC_DURATION._upper_bounds[:-1])),  # +Inf is implied
                 "--max-status-message-bytes", str(MAX_STATUS_MESSAGE_BYTES),
+                "--not-serving-marker", NOT_SERVING_MARKER, "--not-serving-message", NOT_SERVING_MESSAGE,
                 *(arg for marker in MODEL_INPUT_ERROR_MARKERS for arg in ("--input-error-marker", marker))]
 
     async def _supervise(self) -> None:

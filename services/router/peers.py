@@ -18,7 +18,8 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas.v1 import tensor_pb2, tokenizer_pb2, tokenizer_pb2_grpc, vision_pb2, vision_pb2_grpc
-from services.router.triton_errors import model_input_error
+from services.router import wire
+from services.router.triton_errors import model_input_error, not_serving
 from services.shared.errors import Unavailable
 from services.tokenizer.client import DetokenizeSession
 from services.shared.replica_pool import Replica, ReplicaPool
@@ -209,7 +210,7 @@ class TritonPeer:
             return await _attempt(replica, factory, method, request, timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                raise model_input_error(exc) or exc from None
+                raise _answer(exc, request) from None
             failure = exc
         return await self._retry(replica, failure, factory, method, request, timeout, started)
 
@@ -229,9 +230,25 @@ class TritonPeer:
                 return await _attempt(replica, factory, method, request, remaining)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise model_input_error(exc) or exc from None
+                    raise _answer(exc, request) from None
                 failure = exc
-        raise Unavailable(f"Triton ({replica.address}) is unavailable: {failure.details()}") from None
+        answer = _answer(failure, request)
+        if isinstance(answer, grpc.aio.AioRpcError):
+            answer = Unavailable(f"Triton ({replica.address}) is unavailable: {failure.details()}")
+        raise answer from None
+
+
+def _answer(exc: grpc.aio.AioRpcError, request) -> Exception:
+    """What a Triton failure means to the caller (triton_errors.py); else Triton's own status."""
+    return not_serving(exc.code(), exc.details() or "", *_model_of(request)) or model_input_error(exc) or exc
+
+
+def _model_of(request) -> tuple[str, str]:
+    """(model, version) a Triton request names: serialised ModelInferRequest bytes or a parsed message."""
+    if isinstance(request, bytes):
+        return wire.read_model_ref(request)
+    name = getattr(request, "model_name", None) or getattr(request, "name", "")
+    return name, getattr(request, "model_version", None) or getattr(request, "version", "")
 
 
 async def _attempt(replica: Replica, factory, method: str | None, request, timeout: float | None):

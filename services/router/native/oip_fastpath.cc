@@ -22,7 +22,9 @@
 //   the last report) of the calls it sent to Triton (the Python router times the ones it answers).
 // stdin closing (the router exited) or SIGTERM/SIGINT: stop accepting, let calls finish, exit.
 // Triton's errors are answered as the main port answers them (services/router/triton_errors.py, which
-// passes its rules as flags): INTERNAL naming an --input-error-marker becomes INVALID_ARGUMENT, and
+// passes its rules as flags): INTERNAL naming an --input-error-marker becomes INVALID_ARGUMENT,
+// NOT_FOUND/UNAVAILABLE starting with --not-serving-marker (Triton does not serve a version the
+// router has as READY: it is (re)loading) becomes UNAVAILABLE worded by --not-serving-message, and
 // every error message is cut to --max-status-message-bytes like services.shared.errors.bounded.
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
@@ -174,8 +176,16 @@ struct Options {
   double default_timeout = 30.0, stats_interval = 1.0, grace = 5.0;
   std::vector<double> duration_buckets;  // upper bounds, ascending (the router's latency histogram's)
   std::vector<std::string> input_error_markers;
+  std::string not_serving_marker, not_serving_message;  // {model} {version} {detail} in the message
   size_t max_status_message_bytes = 1024;
 };
+
+std::string ReplaceAll(std::string text, const std::string& from, const std::string& to) {
+  for (size_t at = text.find(from); at != std::string::npos; at = text.find(from, at + to.size())) {
+    text.replace(at, from.size(), to);
+  }
+  return text;
+}
 
 // services.shared.errors.bounded, byte for byte: the two ports give the same message.
 std::string Bounded(const std::string& message, size_t limit) {
@@ -403,13 +413,21 @@ class Call : public grpc::ServerGenericBidiReactor {
     if (status.ok()) return status;
     const Options& options = forwarder_->options();
     grpc::StatusCode code = status.error_code();
+    std::string message = status.error_message();
     if (code == grpc::StatusCode::INTERNAL) {
       for (const std::string& marker : options.input_error_markers) {
-        if (status.error_message().find(marker) != std::string::npos) code = grpc::StatusCode::INVALID_ARGUMENT;
+        if (message.find(marker) != std::string::npos) code = grpc::StatusCode::INVALID_ARGUMENT;
       }
     }
-    return grpc::Status(code, Bounded(status.error_message(), options.max_status_message_bytes),
-                        status.error_details());
+    // Only Triton's answers (replica_ set): the Python router's NOT_FOUND is about the registry.
+    if (replica_ && !options.not_serving_marker.empty() &&
+        (code == grpc::StatusCode::NOT_FOUND || code == grpc::StatusCode::UNAVAILABLE) &&
+        message.rfind(options.not_serving_marker, 0) == 0) {
+      code = grpc::StatusCode::UNAVAILABLE;
+      message = ReplaceAll(ReplaceAll(ReplaceAll(options.not_serving_message, "{model}", model_), "{version}", version_),
+                           "{detail}", message);
+    }
+    return grpc::Status(code, Bounded(message, options.max_status_message_bytes), status.error_details());
   }
 
   // The Python router's retry rule: only a call that never left (its replica could not be connected
@@ -528,6 +546,8 @@ bool ParseArgs(int argc, char** argv, Options* options) {
     else if (flag == "--stats-interval") options->stats_interval = std::atof(value.c_str());
     else if (flag == "--grace") options->grace = std::atof(value.c_str());
     else if (flag == "--input-error-marker") options->input_error_markers.push_back(value);
+    else if (flag == "--not-serving-marker") options->not_serving_marker = value;
+    else if (flag == "--not-serving-message") options->not_serving_message = value;
     else if (flag == "--max-status-message-bytes") options->max_status_message_bytes = std::atol(value.c_str());
     else if (flag == "--duration-buckets") {
       for (const std::string& bound : Split(value, ',')) options->duration_buckets.push_back(std::atof(bound.c_str()));
@@ -545,7 +565,8 @@ int main(int argc, char** argv) {
   if (!ParseArgs(argc, argv, &options)) {
     std::cerr << "usage: maas-oip-fastpath --listen HOST:PORT --fallback HOST:PORT [--max-message-bytes N]"
                  " [--default-timeout S] [--stats-interval S] [--grace S] [--duration-buckets S,S,...]"
-                 " [--input-error-marker TEXT]... [--max-status-message-bytes N]"
+                 " [--input-error-marker TEXT]... [--not-serving-marker TEXT --not-serving-message TEMPLATE]"
+                 " [--max-status-message-bytes N]"
                  "  (routing snapshots on stdin)" << std::endl;
     return 2;
   }
