@@ -255,7 +255,9 @@ class TritonPeer:
             remaining = None if timeout is None else timeout - (monotonic() - started)
             if not others or (remaining is not None and remaining <= 0):
                 break
-            if not self.pool.try_retry():
+            # A call that never left costs no Triton anything: only retries after a replica answered
+            # (refused a version it does not serve) draw on the budget.
+            if not never_sent(failure) and not self.pool.try_retry():
                 refused = "; not retried on another replica: the retry budget is spent"
                 break
             replica = min(random.sample(others, min(2, len(others))), key=_inflight)

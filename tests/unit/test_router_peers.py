@@ -235,9 +235,10 @@ async def test_a_replica_that_does_not_serve_the_version_is_retried_elsewhere(tr
 
 
 async def test_retries_stop_when_the_budget_is_spent(tritons):
-    """Every replica down: only min_retries calls are retried (ratio 0), the rest fail at once, saying why."""
-    peer = await peer_over([await dead_address(), await dead_address()],
-                           outlier=OutlierSettings(consecutive_failures=0),
+    """Every replica refusing (restarted empty): only min_retries calls are retried (ratio 0), the rest
+    fail at once, saying why. A call that never left (connect failure) costs no Triton and is not counted."""
+    fakes = [FakeTriton("a", empty=True), FakeTriton("b", empty=True)]
+    peer = await peer_over(await tritons(*fakes), outlier=OutlierSettings(consecutive_failures=0),
                            retry_budget=RetryBudgetSettings(ratio=0.0, min_retries=3, window_seconds=600))
     refusals, retries = sample("maas_replica_pool_retry_budget_refusals_total"), sample("maas_replica_pool_retries_total")
     try:
@@ -252,3 +253,14 @@ async def test_retries_stop_when_the_budget_is_spent(tritons):
     assert sample("maas_replica_pool_retry_budget_refusals_total") - refusals == 7
     assert all(m.endswith("the retry budget is spent") for m in messages[3:]), messages
     assert not any("budget" in m for m in messages[:3]), messages
+
+
+async def test_a_call_that_never_left_is_retried_whatever_the_budget(tritons):
+    live = FakeTriton("live")
+    peer = await peer_over([*(await tritons(live)), await dead_address()],
+                           outlier=OutlierSettings(consecutive_failures=0),
+                           retry_budget=RetryBudgetSettings(ratio=0.0, min_retries=0, window_seconds=600))
+    try:
+        assert [(await peer.call("ModelInfer", infer_request(), 5)).id for _ in range(20)] == ["live"] * 20
+    finally:
+        await peer.pool.close()

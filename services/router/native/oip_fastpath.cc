@@ -489,7 +489,7 @@ class Call : public grpc::ServerGenericBidiReactor {
     tried_.push_back(replica_);
     std::shared_ptr<grpc::GenericStub> next = forwarder_->ReplicaRef(tried_);
     if (!next) return false;
-    if (!forwarder_->budget.TryRetry()) {
+    if (!never_sent && !forwarder_->budget.TryRetry()) {  // a call that never left costs no Triton anything
       ++forwarder_->budget_refusals;
       budget_spent_ = true;
       return false;
