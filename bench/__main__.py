@@ -16,7 +16,7 @@ import traceback
 import bench
 
 # Long runs that `python -m bench` without names leaves out (`make soak` runs the soak).
-ON_REQUEST = {"soak"}
+ON_REQUEST = {"soak", "recovery"}
 LINE = re.compile(r"^BENCH (\S+) (\S+) (<=|>=|<|>) (\S+)$")
 OPS = {"<=": float.__le__, ">=": float.__ge__, "<": float.__lt__, ">": float.__gt__}
 

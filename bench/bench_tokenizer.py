@@ -163,6 +163,22 @@ def main() -> None:
                     calls["slow"] = lambda batch: slow(batch, padding=True, truncation=True, max_length=128)
                 report(size, best_rates(calls, texts, size))
     detokenize_stream_bench(texts)
+    drain_bench()
+
+
+def drain_bench() -> None:
+    """SIGTERM to one of two replicas under load (tokenizer, vision, router; tests/fixtures/drain.py):
+    requests lost in all (~25 s)."""
+    from tests.fixtures.drain import SERVICES, drain_under_load
+
+    lost = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for service in SERVICES:
+            result = drain_under_load(service, Path(tmp))
+            lost += len(result.lost)
+            print(f"drain {service}: {result.before} calls before the SIGTERM, {result.after} after, "
+                  f"{len(result.lost)} lost, drained replica exit code {result.exit_code}")
+    print(f"BENCH drain_lost_requests {lost} <= 0")
 
 
 def seconds_per_token(step, ids: list[int]) -> float:

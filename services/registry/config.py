@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Sequence
 
 from services.shared.config import (
-    ConfigError, ServerSettings, add_server_arguments, env, env_float, env_int, require_peer, server_settings,
+    DEFAULT_RELOAD_CONCURRENCY, ConfigError, ServerSettings, add_server_arguments, env, env_float, env_int, require_peer,
+    server_settings,
 )
 from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
@@ -31,6 +32,8 @@ class RegistryConfig:
     watch_queue_size: int = 1024
     # How often every Triton replica is checked for the live versions (re-loaded after a Triton restart); 0 = off.
     reconcile_interval_seconds: float = 10.0
+    # Models reloaded at once on a replica that lost them (services/registry/deployment.py).
+    reload_concurrency: int = DEFAULT_RELOAD_CONCURRENCY
     # ...or, in Kubernetes, the ready replicas of the headless Triton Service (EndpointSlices).
     discovery: DiscoveryConfig | None = None  # None = static triton_addresses
 
@@ -62,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reconcile-interval", type=float, default=env_float("MAAS_RECONCILE_INTERVAL_SECONDS", 10.0),
                    help="seconds between checks that every Triton replica serves the live versions, 0 = off "
                         "(MAAS_RECONCILE_INTERVAL_SECONDS)")
+    g.add_argument("--reload-concurrency", type=int, default=env_int("MAAS_RELOAD_CONCURRENCY", DEFAULT_RELOAD_CONCURRENCY),
+                   help="models loaded at once when a Triton replica lost them, e.g. after a restart "
+                        "(MAAS_RELOAD_CONCURRENCY)")
     add_discovery_arguments(parser)
     return parser
 
@@ -79,7 +85,8 @@ def load_config(argv: Sequence[str] | None = None) -> RegistryConfig:
         discovery = discovery_config(args, addresses)
     for flag, value in (("--max-artifact-bytes", args.max_artifact_bytes),
                         ("--default-max-batch-size", args.default_max_batch_size),
-                        ("--load-timeout", args.load_timeout), ("--watch-queue-size", args.watch_queue_size)):
+                        ("--load-timeout", args.load_timeout), ("--watch-queue-size", args.watch_queue_size),
+                        ("--reload-concurrency", args.reload_concurrency)):
         if value <= 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
     if args.reconcile_interval < 0:
@@ -95,5 +102,6 @@ def load_config(argv: Sequence[str] | None = None) -> RegistryConfig:
         load_timeout_seconds=args.load_timeout,
         watch_queue_size=args.watch_queue_size,
         reconcile_interval_seconds=args.reconcile_interval,
+        reload_concurrency=args.reload_concurrency,
         discovery=discovery,
     )

@@ -10,6 +10,10 @@ model's live versions are applied to it under that model's lock.
 await between the state commit and the write): a replica started with `--load-model=*` comes up with
 the live versions. A version being loaded reaches Triton through the load API's config override only.
 
+Repairs (start-up, the watchdog after a Triton restart) reload models `reload_concurrency` at once
+(MAAS_RELOAD_CONCURRENCY; 1 by default: CPU-bound loads only slow each other down on a small CPU
+Triton), smallest artefacts first, so a large one (a chat model) does not hold up the others.
+
 With no Triton replica at all, a version stays REGISTERED ("waiting for a Triton replica") and loads
 when the first replica joins: the artefact is safely stored, and READY always means "served".
 """
@@ -25,6 +29,7 @@ from services.registry.repository import ModelRepository
 from services.registry.store import Store
 from services.registry.triton_fleet import TritonError, TritonFleet
 from services.registry.tritonconfig import LABELS_FILE, model_config, to_pbtxt
+from services.shared.config import DEFAULT_RELOAD_CONCURRENCY
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +39,15 @@ SetState = Callable[..., None]
 
 class Deployment:
     def __init__(self, store: Store, repository: ModelRepository, fleet: TritonFleet, set_state: SetState, *,
-                 load_timeout: float, reconcile_interval: float = 0.0):
+                 load_timeout: float, reconcile_interval: float = 0.0,
+                 reload_concurrency: int = DEFAULT_RELOAD_CONCURRENCY):
         self.store = store
         self.repository = repository
         self.fleet = fleet
         self._set_state = set_state
         self.load_timeout = load_timeout
         self.reconcile_interval = reconcile_interval
+        self._reloads = asyncio.Semaphore(max(1, reload_concurrency))  # repairs loading at once
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
         self._watchdog_task: asyncio.Task | None = None
@@ -50,7 +57,7 @@ class Deployment:
 
     async def start(self) -> None:
         self._started = True
-        for name in self.store.model_names():
+        for name in self.reload_order():
             pending = [v.version for v in self.store.versions(name)
                        if v.state in (VersionState.REGISTERED, VersionState.LOADING)]
             self._spawn(self._reconcile(name, pending))
@@ -164,30 +171,46 @@ class Deployment:
                 log.warning("Triton unreachable at start-up; loading anyway", extra={"replicas": self.fleet.addresses})
             ready = self.ready_versions(model)
             try:
-                await self.apply(model, ready)
+                async with self._reloads:
+                    await self.apply(model, ready)
             except Exception:  # noqa: BLE001 - keep the registry up; the next mutation retries
                 log.exception("could not load the live versions at start-up", extra={"model": model, "live": ready})
         for number in pending:
             await self.load(model, number)
 
+    def reload_order(self) -> list[str]:
+        """Model names, the ones quickest to load again (smallest live artefacts) first."""
+        def size(name: str) -> int:
+            return sum(v.size_bytes for v in self.store.versions(name) if v.state == VersionState.READY)
+        return sorted(self.store.model_names(), key=lambda name: (size(name), name))
+
     async def reconcile_replicas(self) -> list[tuple[str, str]]:
-        """Re-apply the live versions on replicas that drifted (a restarted Triton has nothing loaded).
-        Returns the (replica, model) pairs repaired."""
-        repaired = []
+        """Re-apply the live versions on replicas that drifted (a restarted Triton has nothing loaded),
+        `reload_concurrency` models at once. Returns the (replica, model) pairs repaired; a repair that
+        fails is logged and retried on the next round, the others go on."""
         snapshot = await self.fleet.ready_versions()
-        for name in self.store.model_names():
-            for address, models in snapshot.items():
-                if models.get(name, set()) == set(self.ready_versions(name)):
-                    continue
-                async with self.lock(name):  # re-check under the lock: a load may have been under way
-                    ready = self.ready_versions(name)
-                    if address not in self.fleet.addresses or await self.fleet.ready_on(address, name) == set(ready):
-                        continue
-                    log.warning("Triton replica drifted from the live versions; re-applying",
-                                extra={"replica": address, "model": name, "live": ready})
+        drifted = [(address, name) for name in self.reload_order() for address, models in snapshot.items()
+                   if models.get(name, set()) != set(self.ready_versions(name))]
+
+        async def repair(address: str, name: str) -> bool:
+            async with self.lock(name):  # re-check under the lock: a load may have been under way
+                ready = self.ready_versions(name)
+                if address not in self.fleet.addresses or await self.fleet.ready_on(address, name) == set(ready):
+                    return False
+                log.warning("Triton replica drifted from the live versions; re-applying",
+                            extra={"replica": address, "model": name, "live": ready})
+                async with self._reloads:  # taken under the model's lock: a waiting model holds no slot
                     await self.apply(name, ready, [address])
-                    repaired.append((address, name))
-        return repaired
+                return True
+
+        done = await asyncio.gather(*(repair(a, n) for a, n in drifted), return_exceptions=True)
+        for (address, name), outcome in zip(drifted, done):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                log.warning("could not re-apply the live versions; next round retries",
+                            extra={"replica": address, "model": name, "reason": str(outcome) or type(outcome).__name__})
+        return [pair for pair, outcome in zip(drifted, done) if outcome is True]
 
     async def _watchdog(self) -> None:
         while True:

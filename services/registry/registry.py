@@ -25,6 +25,7 @@ from services.registry.repository import ModelRepository, fsync_tree
 from services.registry.store import Store
 from services.registry.triton_fleet import TritonFleet
 from services.registry.watch import Subscription, WatchHub
+from services.shared.config import DEFAULT_RELOAD_CONCURRENCY
 from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ DEFAULT_ALIAS = "production"
 class Registry:
     def __init__(self, store: Store, repository: ModelRepository, fleet: TritonFleet, *, executor: Executor | None,
                  max_artifact_bytes: int, default_max_batch_size: int, load_timeout: float,
-                 watch_queue_size: int = 1024, reconcile_interval: float = 0.0):
+                 watch_queue_size: int = 1024, reconcile_interval: float = 0.0,
+                 reload_concurrency: int = DEFAULT_RELOAD_CONCURRENCY):
         self.store = store
         self.repository = repository
         self.fleet = fleet
@@ -44,7 +46,7 @@ class Registry:
         self.max_artifact_bytes = max_artifact_bytes
         self.default_max_batch_size = default_max_batch_size
         self.deployment = Deployment(store, repository, fleet, self._set_state, load_timeout=load_timeout,
-                                     reconcile_interval=reconcile_interval)
+                                     reconcile_interval=reconcile_interval, reload_concurrency=reload_concurrency)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from services.router.fastpath import BINARY_NAME, find_binary
 from services.shared.config import (
-    ConfigError, ServerSettings, add_peer_argument, add_server_arguments, env, env_float, env_int, require_peer,
-    server_settings,
+    ConfigError, OutlierSettings, RetryBudgetSettings, ServerSettings, add_peer_argument, add_pool_arguments,
+    add_server_arguments, env, env_float, env_int, pool_settings, require_peer, server_settings,
 )
 from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
@@ -51,6 +51,9 @@ class RouterConfig:
     # The compiled OIP data path (services/router/fastpath.py): its address, "" = not started.
     oip_fast_listen: str = ""
     oip_fast_binary: str = ""
+    # The Triton replica pool: outlier ejection and the retry budget (services/shared/outlier.py).
+    outlier: OutlierSettings = field(default_factory=OutlierSettings)
+    retry_budget: RetryBudgetSettings = field(default_factory=RetryBudgetSettings)
 
     def triton_discovery(self) -> DiscoveryConfig:
         return self.discovery or DiscoveryConfig(mode="static", static_addresses=static_addresses(self.triton))
@@ -74,6 +77,7 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     add_peer_argument(peers, "--triton", "MAAS_TRITON_ADDRESS", "127.0.0.1:8001",
                       "Triton gRPC (comma-separated for several static replicas)")
     add_discovery_arguments(parser)
+    add_pool_arguments(parser)
     g = parser.add_argument_group("router")
     g.add_argument("--default-timeout", type=float, default=env_float("MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS", 30.0),
                    help="deadline for peer calls when the caller sets none (MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS)")
@@ -117,6 +121,7 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         if getattr(args, flag) < (1 if flag == "max_batch_items" else 0):
             raise ConfigError(f"--{flag.replace('_', '-')} is out of range")
     fast_listen, fast_binary = oip_fast_path(args.oip_fast_listen, args.oip_fast_binary)
+    outlier, retry_budget = pool_settings(args)
     return RouterConfig(
         server=server_settings("router", args),
         registry=require_peer(args.registry, "--registry", "MAAS_REGISTRY_ADDRESS"),
@@ -132,6 +137,8 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         discovery=discovery,
         oip_fast_listen=fast_listen,
         oip_fast_binary=fast_binary,
+        outlier=outlier,
+        retry_budget=retry_budget,
         generation=GenerationLimits(
             max_tokens=args.generate_max_tokens, max_messages=args.generate_max_messages,
             max_prompt_chars=args.generate_max_prompt_chars, max_stop=args.generate_max_stop,

@@ -23,9 +23,9 @@ import grpc
 from services.router.metrics import ROUTER_INFLIGHT, ROUTER_REQUESTS
 from services.router.routing import ModelRoutes, RoutingTable, default_version, ready_aliases, usable_split
 from services.router.signature import beyond_triton
-from services.router.triton_errors import MODEL_INPUT_ERROR_MARKERS
+from services.router.triton_errors import MODEL_INPUT_ERROR_MARKERS, NOT_SERVING_MARKER, NOT_SERVING_MESSAGE
 from services.shared.errors import MAX_STATUS_MESSAGE_BYTES, FailedPrecondition
-from services.shared.replica_pool import ReplicaPool
+from services.shared.replica_pool import POOL_BUDGET_REFUSALS, ReplicaPool
 from services.shared.telemetry import RPC_DURATION, RPC_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -162,11 +162,14 @@ class FastPath:
     # -- internals ---------------------------------------------------------------------------------
     def _command(self) -> list[str]:
         s = self.settings
+        budget = self.pool.budget.settings  # the forwarder keeps its own count, with the same budget
         return [s.binary, "--listen", s.listen, "--fallback", s.fallback, "--max-message-bytes",
                 str(s.max_message_bytes), "--default-timeout", str(s.default_timeout), "--grace", str(s.grace),
                 "--stats-interval", str(s.stats_interval),
                 "--duration-buckets", ",".join(map(str, RPC_DURATION._upper_bounds[:-1])),  # +Inf is implied
                 "--max-status-message-bytes", str(MAX_STATUS_MESSAGE_BYTES),
+                "--not-serving-marker", NOT_SERVING_MARKER, "--not-serving-message", NOT_SERVING_MESSAGE,
+                "--retry-budget", ",".join(map(str, (budget.ratio, budget.min_retries, budget.window_seconds))),
                 *(arg for marker in MODEL_INPUT_ERROR_MARKERS for arg in ("--input-error-marker", marker))]
 
     async def _supervise(self) -> None:
@@ -195,6 +198,8 @@ class FastPath:
                 self._listening.set_result(int(fields[1]))
             elif fields[0] == "stats" and len(fields) == 2:
                 self._report_inflight(int(fields[1]))
+            elif fields[0] == "budget_refusals" and len(fields) == 2:
+                POOL_BUDGET_REFUSALS.labels(self.pool.name).inc(int(fields[1]))
             elif fields[0] == "requests" and len(fields) == 6:
                 model, version, route, code, count = fields[1:]
                 RPC_REQUESTS.labels("router", "ModelInfer", model, version,

@@ -27,6 +27,7 @@ from services.router.config import GenerationLimits
 from services.router.dataplane import Dataplane, Deadline, ModelRef
 from services.router.metrics import GENERATED_TOKENS, STREAMS_INFLIGHT, TIME_TO_FIRST_TOKEN
 from services.router.routing import PostKind, PreKind, Route, VersionInfo
+from services.router.triton_errors import NOT_SERVING_MARKER, not_serving_message
 from services.shared import generation as contract
 from services.shared.errors import FailedPrecondition, InvalidArgument, Unavailable, limit_error
 from services.shared.tensors import from_proto
@@ -362,4 +363,6 @@ def _triton_failure(info: VersionInfo, message: str) -> Exception:
     failed in Triton or the engine."""
     if message.startswith("input '") or "input '" in message[:80]:
         return InvalidArgument(f"model {info.model!r} v{info.version}: {message}")
+    if message.startswith(NOT_SERVING_MARKER):  # the replica has not (re)loaded the READY version yet
+        return Unavailable(not_serving_message(info.triton_model, info.triton_version, message))
     return Unavailable(f"Triton failed the generation on model {info.model!r} v{info.version}: {message}")

@@ -18,8 +18,9 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas.v1 import tensor_pb2, tokenizer_pb2, tokenizer_pb2_grpc, vision_pb2, vision_pb2_grpc
-from services.router.triton_errors import model_input_error
-from services.shared.errors import Unavailable
+from services.router import wire
+from services.router.triton_errors import NOT_SERVING_CODES, NOT_SERVING_MARKER, model_input_error, not_serving
+from services.shared.errors import Unavailable, bounded
 from services.tokenizer.client import DetokenizeSession
 from services.shared.replica_pool import Replica, ReplicaPool
 
@@ -127,16 +128,31 @@ NOT_SENT = "failed to connect to all addresses"
 
 
 def never_sent(exc: grpc.aio.AioRpcError) -> bool:
-    """Retry rule: only UNAVAILABLE from a connection that could not be made. Any other failure (reset,
-    GOAWAY mid-call, Triton's own UNAVAILABLE, deadline) may have reached the model and is not retried."""
+    """UNAVAILABLE from a connection that could not be made: the request never left the router."""
     return exc.code() == grpc.StatusCode.UNAVAILABLE and (exc.details() or "").startswith(NOT_SENT)
+
+
+def retry_elsewhere(exc: grpc.aio.AioRpcError) -> bool:
+    """Retry rule: a call that provably never ran - it never left (never_sent), or Triton refused it
+    because that replica does not serve the version (restarted, still loading: NOT_SERVING_MARKER).
+    Any other failure (reset, GOAWAY mid-call, Triton's own UNAVAILABLE, deadline) may have reached
+    the model and is not retried."""
+    details = exc.details() or ""
+    return (exc.code() == grpc.StatusCode.UNAVAILABLE and details.startswith(NOT_SENT)) or \
+        (exc.code() in NOT_SERVING_CODES and details.startswith(NOT_SERVING_MARKER))
+
+
+def retryable(exc: grpc.aio.AioRpcError) -> bool:
+    """A failure that says the replica is unwell (what outlier ejection counts)."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE or retry_elsewhere(exc)
 
 
 class TritonPeer:
     """Triton's own gRPC API through the raw generated stub, each call on a replica of the pool.
 
-    A call failing before it was sent (see never_sent) is retried once on each other serving replica
-    while the caller's deadline lasts; anything else is the caller's answer.
+    A call that provably never ran (see retry_elsewhere) is retried once on each other serving replica
+    while the caller's deadline and the pool's retry budget last; anything else is the caller's
+    answer. Every call's outcome feeds the pool's outlier ejection.
     """
 
     def __init__(self, pool: ReplicaPool):
@@ -187,6 +203,7 @@ class TritonPeer:
         cancelled when the block ends however it ends (Triton then cancels the requests still running
         on it: that is how a caller's cancel or deadline reaches a decoupled model). Not retried: a
         stream's requests may have reached the model."""
+        self.pool.request()
         replica = self.pool.pick()
         replica.inflight += 1
         replica.calls += 1
@@ -194,6 +211,11 @@ class TritonPeer:
             timeout=timeout, wait_for_ready=False, metadata=metadata or None)
         try:
             yield call
+        except grpc.aio.AioRpcError as exc:
+            self.pool.report(replica, ok=not retryable(exc))
+            raise
+        else:
+            self.pool.report(replica, ok=True)
         finally:
             replica.inflight -= 1
             call.cancel()
@@ -204,34 +226,69 @@ class TritonPeer:
 
     async def _call(self, factory, method: str | None, request, timeout: float | None):
         started = monotonic()
+        self.pool.request()
         replica = self.pool.pick()
         try:
-            return await _attempt(replica, factory, method, request, timeout)
+            return await self._attempt(replica, factory, method, request, timeout)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                raise model_input_error(exc) or exc from None
+            if not retryable(exc):
+                raise _answer(exc, request) from None
             failure = exc
         return await self._retry(replica, failure, factory, method, request, timeout, started)
+
+    async def _attempt(self, replica: Replica, factory, method: str | None, request, timeout: float | None):
+        """One call on one replica; its outcome goes to the pool's outlier detection."""
+        try:
+            response = await _attempt(replica, factory, method, request, timeout)
+        except grpc.aio.AioRpcError as exc:
+            self.pool.report(replica, ok=not retryable(exc))
+            raise
+        self.pool.report(replica, ok=True)
+        return response
 
     async def _retry(self, replica: Replica, failure: grpc.aio.AioRpcError, factory, method: str | None, request,
                      timeout: float | None, started: float):
         tried = {replica}
-        while never_sent(failure):
+        refused = ""
+        while retry_elsewhere(failure):
             others = [r for r in self.pool.replicas() if r not in tried]
             remaining = None if timeout is None else timeout - (monotonic() - started)
             if not others or (remaining is not None and remaining <= 0):
+                break
+            # A call that never left costs no Triton anything: only retries after a replica answered
+            # (refused a version it does not serve) draw on the budget.
+            if not never_sent(failure) and not self.pool.try_retry():
+                refused = "; not retried on another replica: the retry budget is spent"
                 break
             replica = min(random.sample(others, min(2, len(others))), key=_inflight)
             tried.add(replica)
             log.debug("retrying a Triton call on another replica",
                      extra={"failed": failure.details(), "replica": replica.address})
             try:
-                return await _attempt(replica, factory, method, request, remaining)
+                return await self._attempt(replica, factory, method, request, remaining)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise model_input_error(exc) or exc from None
+                if not retryable(exc):
+                    raise _answer(exc, request) from None
                 failure = exc
-        raise Unavailable(f"Triton ({replica.address}) is unavailable: {failure.details()}") from None
+        answer = _answer(failure, request)
+        if isinstance(answer, grpc.aio.AioRpcError):
+            answer = Unavailable(f"Triton ({replica.address}) is unavailable: {failure.details()}")
+        if refused:
+            answer.message = bounded(answer.message + refused)
+        raise answer from None
+
+
+def _answer(exc: grpc.aio.AioRpcError, request) -> Exception:
+    """What a Triton failure means to the caller (triton_errors.py); else Triton's own status."""
+    return not_serving(exc.code(), exc.details() or "", *_model_of(request)) or model_input_error(exc) or exc
+
+
+def _model_of(request) -> tuple[str, str]:
+    """(model, version) a Triton request names: serialised ModelInferRequest bytes or a parsed message."""
+    if isinstance(request, bytes):
+        return wire.read_model_ref(request)
+    name = getattr(request, "model_name", None) or getattr(request, "name", "")
+    return name, getattr(request, "model_version", None) or getattr(request, "version", "")
 
 
 async def _attempt(replica: Replica, factory, method: str | None, request, timeout: float | None):

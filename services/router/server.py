@@ -40,8 +40,11 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
     shadow = ShadowRunner(channels["registry"], max_inflight=cfg.shadow_max_inflight, timeout=cfg.shadow_timeout,
                           report_interval=cfg.shadow_report_interval, admin_token=cfg.admin_token)
     source = triton_source or create_replica_source(cfg.triton_discovery())
-    admit = None if isinstance(source, StaticReplicas) else admit_when_serving(table)
-    pool = ReplicaPool("triton", connect=lambda address: open_channel(address, limit), admit=admit)
+    serving = admit_when_serving(table)
+    admit = None if isinstance(source, StaticReplicas) else serving
+    # An ejected replica (outlier detection) comes back once it serves the READY versions again.
+    pool = ReplicaPool("triton", connect=lambda address: open_channel(address, limit), admit=admit,
+                       outlier=cfg.outlier, retry_budget=cfg.retry_budget, probe=serving)
     triton = TritonPeer(pool)
     plane = Dataplane(table, triton, TokenizerPeer(channels["tokenizer"], cfg.tokenizer),
                       VisionPeer(channels["vision"], cfg.vision), shadow,

@@ -10,6 +10,11 @@ import os
 from dataclasses import dataclass
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Models the registry reloads at once on a Triton replica that lost them (restart): MAAS_RELOAD_CONCURRENCY.
+# 1 here: loads are CPU-bound on a CPU Triton, and on 2 cores 2 or 4 at once made the first Classify
+# after a kill 54-85 s instead of 11-15 s (bench/bench_recovery.py); raise it for Tritons with spare
+# cores or GPUs, where loads wait on I/O.
+DEFAULT_RELOAD_CONCURRENCY = 1
 
 
 class ConfigError(SystemExit):
@@ -51,6 +56,9 @@ class ServerSettings:
     service_name: str
     listen: str
     grace_seconds: float = 10.0
+    # Of the grace: how long a draining server goes on taking calls after health says NOT_SERVING,
+    # so clients watching health (and endpoint lists) stop sending before it stops listening.
+    drain_delay_seconds: float = 1.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     metrics_port: int = 0
     log_level: str = "INFO"
@@ -64,6 +72,9 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -
     g.add_argument("--listen", default=env("MAAS_LISTEN", default_listen), help="host:port to listen on (MAAS_LISTEN)")
     g.add_argument("--grace", type=float, default=env_float("MAAS_DRAIN_GRACE_SECONDS", 10.0),
                    help="seconds in-flight RPCs get to finish on SIGTERM (MAAS_DRAIN_GRACE_SECONDS)")
+    g.add_argument("--drain-delay", type=float, default=env_float("MAAS_DRAIN_DELAY_SECONDS", 1.0),
+                   help="seconds of the grace a draining server still takes calls after health turns NOT_SERVING "
+                        "(MAAS_DRAIN_DELAY_SECONDS)")
     g.add_argument("--max-message-bytes", type=int, default=env_int("MAAS_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
                    help="largest gRPC message sent or received (MAAS_MAX_MESSAGE_BYTES)")
     g.add_argument("--metrics-port", type=int, default=env_int("MAAS_METRICS_PORT", 0),
@@ -79,10 +90,13 @@ def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettin
         raise ConfigError("--max-message-bytes must be positive")
     if args.workers <= 0:
         raise ConfigError("--workers must be positive")
+    if args.drain_delay < 0:
+        raise ConfigError("--drain-delay must be >= 0")
     return ServerSettings(
         service_name=service_name,
         listen=args.listen,
         grace_seconds=args.grace,
+        drain_delay_seconds=args.drain_delay,
         max_message_bytes=args.max_message_bytes,
         metrics_port=args.metrics_port,
         log_level=args.log_level.upper(),
@@ -119,3 +133,69 @@ def limits_from_args(limits_type, args: argparse.Namespace, helps: dict[str, str
         if getattr(limits, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(limits, name)}")
     return limits
+
+
+# -- replica pools: outlier ejection and retry budget (services/shared/outlier.py) -------------------
+
+@dataclass(frozen=True)
+class OutlierSettings:
+    """When a replica is taken out of a pool (Envoy's outlier detection defaults, but at most half)."""
+
+    consecutive_failures: int = 5  # retryable failures in a row that eject; 0 = never eject
+    base_ejection_seconds: float = 30.0  # × the replica's number of ejections
+    max_ejection_seconds: float = 300.0
+    max_ejection_percent: float = 50.0  # of the pool's replicas at once (never the last one)
+    probe_timeout_seconds: float = 2.0  # the health probe before an ejected replica returns
+
+
+@dataclass(frozen=True)
+class RetryBudgetSettings:
+    """Retries ≤ ratio × requests + min_retries over the last window_seconds."""
+
+    ratio: float = 0.2
+    min_retries: int = 10
+    window_seconds: float = 10.0
+
+
+_OUTLIER_FLAGS = (  # (field, flag, env, type, help)
+    ("consecutive_failures", "--outlier-consecutive-failures", "MAAS_OUTLIER_CONSECUTIVE_FAILURES", int,
+     "retryable failures in a row that eject a replica, 0 = off"),
+    ("base_ejection_seconds", "--outlier-base-ejection", "MAAS_OUTLIER_BASE_EJECTION_SECONDS", float,
+     "seconds an ejection lasts, times the replica's number of ejections"),
+    ("max_ejection_seconds", "--outlier-max-ejection", "MAAS_OUTLIER_MAX_EJECTION_SECONDS", float,
+     "longest ejection (s)"),
+    ("max_ejection_percent", "--outlier-max-ejection-percent", "MAAS_OUTLIER_MAX_EJECTION_PERCENT", float,
+     "most replicas ejected at once, in % (never the last one)"),
+    ("probe_timeout_seconds", "--outlier-probe-timeout", "MAAS_OUTLIER_PROBE_TIMEOUT_SECONDS", float,
+     "deadline of the probe before an ejected replica returns (s)"),
+)
+_BUDGET_FLAGS = (
+    ("ratio", "--retry-budget-ratio", "MAAS_RETRY_BUDGET_RATIO", float, "retries allowed per request"),
+    ("min_retries", "--retry-budget-min-retries", "MAAS_RETRY_BUDGET_MIN_RETRIES", int,
+     "retries allowed per window on top of the ratio"),
+    ("window_seconds", "--retry-budget-window", "MAAS_RETRY_BUDGET_WINDOW_SECONDS", float,
+     "seconds the budget counts requests and retries over"),
+)
+
+
+def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of outlier ejection and the retry budget of a service's replica pools."""
+    g = parser.add_argument_group("replica pools (outlier ejection, retry budget)")
+    for defaults, flags in ((OutlierSettings(), _OUTLIER_FLAGS), (RetryBudgetSettings(), _BUDGET_FLAGS)):
+        for name, flag, env_name, kind, text in flags:
+            default = getattr(defaults, name)
+            value = env_int(env_name, default) if kind is int else env_float(env_name, default)
+            g.add_argument(flag, dest=f"pool_{name}", type=kind, default=value, help=f"{text} ({env_name})")
+
+
+def pool_settings(args: argparse.Namespace) -> tuple[OutlierSettings, RetryBudgetSettings]:
+    built = []
+    for kind, flags in ((OutlierSettings, _OUTLIER_FLAGS), (RetryBudgetSettings, _BUDGET_FLAGS)):
+        values = {name: getattr(args, f"pool_{name}") for name, *_ in flags}
+        for name, flag, *_ in flags:
+            if values[name] < 0 or (name in ("window_seconds", "probe_timeout_seconds") and values[name] <= 0):
+                raise ConfigError(f"{flag} must be {'positive' if 'seconds' in name else '>= 0'}, got {values[name]}")
+        if values.get("max_ejection_percent", 0) > 100:
+            raise ConfigError(f"--outlier-max-ejection-percent must be at most 100, got {values['max_ejection_percent']}")
+        built.append(kind(**values))
+    return built[0], built[1]

@@ -2,6 +2,7 @@
 requests that do not parse → INVALID_ARGUMENT (services.shared.decoding)."""
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import uuid
@@ -172,7 +173,11 @@ def _refusing_undecodable(handler: grpc.RpcMethodHandler):
     if handler.response_streaming:
         async def streamed(request_or_iterator, context):
             try:
-                async for response in behaviour(request_or_iterator, context):
+                responses = behaviour(request_or_iterator, context)
+                if inspect.isawaitable(responses):  # writes with context.write() (Health.Watch does)
+                    await responses
+                    return
+                async for response in responses:
                     yield response
             except InvalidArgument as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)

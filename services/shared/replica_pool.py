@@ -13,6 +13,11 @@ services.shared.discovery) and hands out the one with fewer calls in flight of t
 
 `admit(address, channel)` (optional) gates a new replica until it can really serve - e.g. until the
 registry has loaded the live model versions on it; it is polled every `admit_interval` seconds.
+
+Outlier ejection and a retry budget (services.shared.outlier): callers report each call's outcome
+(`report`); a replica failing too many calls in a row leaves the serving set for a while and comes
+back once `probe` (default: `admit`, else the channel connects) passes. Callers retry another replica
+only while `try_retry()` allows it.
 """
 from __future__ import annotations
 
@@ -24,11 +29,13 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import grpc
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.shared.channels import open_channel
+from services.shared.config import OutlierSettings, RetryBudgetSettings
 from services.shared.errors import Unavailable
+from services.shared.outlier import OutlierDetector, RetryBudget
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,11 @@ S = TypeVar("S")
 Admit = Callable[[str, grpc.aio.Channel], Awaitable[bool]]
 
 POOL_REPLICAS = Gauge("maas_replica_pool_replicas", "Replicas calls are spread over", ["pool"])
+POOL_EJECTED = Gauge("maas_replica_pool_ejected_replicas", "Replicas ejected (outlier detection) right now", ["pool"])
+POOL_EJECTIONS = Counter("maas_replica_pool_ejections", "Replicas ejected for failing calls in a row", ["pool"])
+POOL_RETRIES = Counter("maas_replica_pool_retries", "Calls sent again to another replica", ["pool"])
+POOL_BUDGET_REFUSALS = Counter("maas_replica_pool_retry_budget_refusals",
+                               "Retries not made because the retry budget was spent", ["pool"])
 
 
 class Replica:
@@ -64,6 +76,9 @@ class ReplicaPool:
         admit: Admit | None = None,
         admit_interval: float = 1.0,
         close_grace: float = 30.0,
+        outlier: OutlierSettings | None = None,
+        retry_budget: RetryBudgetSettings | None = None,
+        probe: Admit | None = None,
     ):
         self.name = name
         self._connect = connect
@@ -75,6 +90,11 @@ class ReplicaPool:
         self._pending: dict[str, asyncio.Task] = {}
         self._closing: set[asyncio.Task] = set()
         self.listeners: list[Callable[[], None]] = []  # called when the serving set changes
+        self.outlier_settings = outlier or OutlierSettings()
+        self.outliers = OutlierDetector(self.outlier_settings)
+        self.budget = RetryBudget(retry_budget or RetryBudgetSettings())
+        self._probe = probe or admit or _connects
+        self._ejected: dict[str, asyncio.Task] = {}  # address -> the task that probes it back
 
     @property
     def addresses(self) -> frozenset[str]:
@@ -100,6 +120,7 @@ class ReplicaPool:
 
     def _join(self, replica: Replica) -> None:
         self._serving.append(replica)
+        self.outliers.add(replica.address)
         POOL_REPLICAS.labels(self.name).set(len(self._serving))
         log.info("replica serving", extra={"pool": self.name, "address": replica.address})
         self._changed()
@@ -108,6 +129,11 @@ class ReplicaPool:
         task = self._pending.pop(replica.address, None)
         if task is not None:
             task.cancel()
+        probing = self._ejected.pop(replica.address, None)
+        if probing is not None:
+            probing.cancel()
+            POOL_EJECTED.labels(self.name).set(len(self._ejected))
+        self.outliers.remove(replica.address)
         if replica in self._serving:
             self._serving.remove(replica)
             POOL_REPLICAS.labels(self.name).set(len(self._serving))
@@ -134,6 +160,64 @@ class ReplicaPool:
             await asyncio.sleep(self._admit_interval)
         self._pending.pop(replica.address, None)
         self._join(replica)
+
+    # -- outlier ejection and retry budget -----------------------------------------------------------
+    def report(self, replica: Replica, ok: bool) -> None:
+        """One call's outcome on `replica`: ok, or a retryable failure (UNAVAILABLE)."""
+        if ok:
+            self.outliers.success(replica.address)
+            return
+        seconds = self.outliers.failure(replica.address)
+        if seconds is not None and replica in self._serving:
+            self._serving.remove(replica)
+            POOL_EJECTIONS.labels(self.name).inc()
+            log.warning("replica ejected: failed %d calls in a row", self.outlier_settings.consecutive_failures,
+                        extra={"pool": self.name, "address": replica.address, "ejected_for_s": seconds})
+            self._ejected[replica.address] = asyncio.get_running_loop().create_task(
+                self._probe_back(replica, seconds), name=f"{self.name}-probe-{replica.address}")
+            self._update_ejected()
+
+    def ejected(self) -> frozenset[str]:
+        return frozenset(self._ejected)
+
+    def _update_ejected(self) -> None:
+        POOL_EJECTED.labels(self.name).set(len(self._ejected))
+        POOL_REPLICAS.labels(self.name).set(len(self._serving))
+        self._changed()
+
+    async def _probe_back(self, replica: Replica, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                passed = bool(await asyncio.wait_for(self._probe(replica.address, replica.channel),
+                                                     self.outlier_settings.probe_timeout_seconds))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any probe failure keeps it out
+                log.debug("probe failed: %s", exc, extra={"pool": self.name, "address": replica.address})
+                passed = False
+            again = self.outliers.probed(replica.address, passed)
+            if again is None:
+                break
+            seconds = again
+            log.info("ejected replica failed its probe; ejected again",
+                     extra={"pool": self.name, "address": replica.address, "ejected_for_s": seconds})
+        self._ejected.pop(replica.address, None)
+        self._serving.append(replica)
+        log.info("ejected replica passed its probe: serving again", extra={"pool": self.name, "address": replica.address})
+        self._update_ejected()
+
+    def request(self) -> None:
+        """A call begins (what the retry budget's share is of)."""
+        self.budget.request()
+
+    def try_retry(self) -> bool:
+        """May a failed call be sent to another replica? Counted (retries or refusals)."""
+        if self.budget.try_retry():
+            POOL_RETRIES.labels(self.name).inc()
+            return True
+        POOL_BUDGET_REFUSALS.labels(self.name).inc()
+        return False
 
     def pick(self) -> Replica:
         """The less busy of two random serving replicas."""
@@ -162,12 +246,20 @@ class ReplicaPool:
             replica.inflight -= 1
 
     async def close(self) -> None:
-        for task in self._pending.values():
+        for task in [*self._pending.values(), *self._ejected.values()]:
             task.cancel()
         self._pending.clear()
+        self._ejected.clear()
+        POOL_EJECTED.labels(self.name).set(0)
         replicas, self._known, self._serving = list(self._known.values()), {}, []
         POOL_REPLICAS.labels(self.name).set(0)
         await asyncio.gather(*(r.channel.close() for r in replicas), *self._closing, return_exceptions=True)
+
+
+async def _connects(address: str, channel: grpc.aio.Channel) -> bool:
+    """The default probe: the channel connects (the pool bounds it by probe_timeout_seconds)."""
+    await channel.channel_ready()
+    return True
 
 
 def triton_admission(required: Callable[[], Iterable[tuple[str, str]]], timeout: float = 5.0) -> Admit:

@@ -64,10 +64,15 @@ class ServiceServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING first (load balancers stop sending), then finish in-flight RPCs."""
+        """Health NOT_SERVING first; calls still taken for the drain delay (part of the grace, at most
+        half) while clients watching health move to other replicas; then no new calls, in-flight ones
+        finish. Without the delay, a call racing the stop (sent before the client saw it) is CANCELLED."""
+        grace = self.settings.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await asyncio.gather(self.grpc_server.stop(self.settings.grace_seconds if grace is None else grace),
-                             _run_callbacks(self.on_drain))
+        delay = min(self.settings.drain_delay_seconds, grace / 2)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await asyncio.gather(self.grpc_server.stop(grace - delay), _run_callbacks(self.on_drain))
         await _run_callbacks(self.on_stop)
 
     async def wait(self) -> None:

@@ -366,3 +366,40 @@ async def test_a_shadow_report_with_a_non_finite_number_is_invalid_argument(regi
     with pytest.raises(InvalidArgument, match=field):
         registry.report_shadow_results([ShadowResult("tiny", 1, 1, 1, 1, **numbers)])
     registry.report_shadow_results([ShadowResult("tiny", 1, 1, 1, 1, 1.0, 2.0, 3.0)])  # still accepted
+
+
+async def test_a_restarted_replica_gets_its_models_back_concurrently_smallest_first(tmp_path):
+    """reload_concurrency models load at once (not one after another), the smallest artefacts first."""
+    fleet = FakeFleet()
+    reg = Registry(Store(tmp_path / "db.sqlite3"), ModelRepository(tmp_path / "repo"), fleet, executor=None,
+                   max_artifact_bytes=10_000_000, default_max_batch_size=8, load_timeout=10, reload_concurrency=2)
+    await reg.start()
+    try:
+        import onnx
+        for name, padding in (("big", 4000), ("small", 0), ("middle", 1000)):
+            model = onnx.load_from_string(tiny_onnx())
+            model.doc_string = "x" * padding  # artefact size: what the order goes by
+            await register(reg, name, model.SerializeToString())
+        fleet.live.clear()  # what a Triton restart looks like
+        started: list[str] = []
+        release = asyncio.Event()
+        apply = fleet.apply
+
+        async def gated(model, config, live, addresses=None):
+            started.append(model)
+            await release.wait()
+            await apply(model, config, live, addresses)
+        fleet.apply = gated
+        repairing = asyncio.create_task(reg.deployment.reconcile_replicas())
+        while len(started) < 2:
+            await asyncio.sleep(0)
+        for _ in range(20):  # the third would have started by now if it were not held back
+            await asyncio.sleep(0)
+        assert started == ["small", "middle"]
+        release.set()
+        assert sorted(await repairing) == [("fake:1", "big"), ("fake:1", "middle"), ("fake:1", "small")]
+        assert started == ["small", "middle", "big"]
+        assert fleet.live == {"big": [1], "middle": [1], "small": [1]}
+    finally:
+        await reg.stop()
+        reg.store.close()

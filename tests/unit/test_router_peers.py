@@ -8,21 +8,26 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from services.router.config import load_config
 from services.router.peers import TritonPeer, raw_model_infer
 from services.router.routing import ModelRoutes, RoutingTable, VersionInfo, VersionState
-from services.shared.config import ConfigError
+from services.shared.config import ConfigError, OutlierSettings, RetryBudgetSettings
 from services.shared.errors import Unavailable
 from services.shared.replica_pool import ReplicaPool
+from tests.fixtures.replicas import eventually
 
 
 class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Answers ModelInfer with its own name; or aborts with Triton's own UNAVAILABLE when told to."""
+    """Answers ModelInfer with its own name; or aborts with Triton's own UNAVAILABLE when told to, or
+    with Triton's NOT_FOUND for a model it does not serve (restarted empty)."""
 
-    def __init__(self, name: str, unavailable: bool = False):
-        self.name, self.unavailable, self.calls = name, unavailable, 0
+    def __init__(self, name: str, unavailable: bool = False, empty: bool = False):
+        self.name, self.unavailable, self.empty, self.calls = name, unavailable, empty, 0
 
     async def ModelInfer(self, request, context):
         self.calls += 1
         if self.unavailable:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is being unloaded")
+        if self.empty:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{request.model_name}' "
+                                                           f"is not found")
         return service_pb2.ModelInferResponse(model_name=request.model_name, id=self.name)
 
 
@@ -57,8 +62,8 @@ async def dead_address() -> str:
     return f"127.0.0.1:{port}"
 
 
-async def peer_over(addresses: list[str]) -> TritonPeer:
-    pool = ReplicaPool("test-triton")
+async def peer_over(addresses: list[str], **pool_settings) -> TritonPeer:
+    pool = ReplicaPool("test-triton", **pool_settings)
     await pool.set_replicas(addresses)
     return TritonPeer(pool)
 
@@ -162,3 +167,100 @@ def test_static_and_discovered_triton_replicas_config(monkeypatch):
     monkeypatch.delenv("MAAS_TRITON_SERVICE")
     with pytest.raises(ConfigError, match="MAAS_TRITON_SERVICE"):
         load_config([])
+
+
+def sample(name: str) -> float:
+    from prometheus_client import REGISTRY
+    return REGISTRY.get_sample_value(name, {"pool": "test-triton"}) or 0.0
+
+
+async def test_a_replica_failing_calls_in_a_row_is_ejected_then_probed_back(tritons):
+    refusing, live = FakeTriton("refusing", unavailable=True), FakeTriton("live")
+    addresses = await tritons(refusing, live)
+    peer = await peer_over(addresses, outlier=OutlierSettings(consecutive_failures=3, base_ejection_seconds=0.2))
+    ejections = sample("maas_replica_pool_ejections_total")
+    try:
+        failed = 0
+        while not peer.pool.ejected():  # its own UNAVAILABLE: not retried, the caller sees it
+            try:
+                await peer.call("ModelInfer", infer_request(), 5)
+            except Unavailable:
+                failed += 1
+        assert peer.pool.ejected() == {addresses[0]} and failed == 3 == refusing.calls
+        assert sample("maas_replica_pool_ejections_total") == ejections + 1
+        assert sample("maas_replica_pool_ejected_replicas") == 1
+        answers = [(await peer.call("ModelInfer", infer_request(), 5)).id for _ in range(20)]
+        assert answers == ["live"] * 20 and refusing.calls == 3
+
+        refusing.unavailable = False  # healthy again: the probe after the ejection lets it back in
+        await eventually(lambda: not peer.pool.ejected(), what="probed back")
+        assert peer.pool.addresses == set(addresses)
+        await eventually(lambda: _answered_by(peer, "refusing"), what="calls on it again")
+    finally:
+        await peer.pool.close()
+
+
+async def _answered_by(peer: TritonPeer, name: str) -> bool:
+    return (await peer.call("ModelInfer", infer_request(), 5)).id == name
+
+
+async def test_the_last_replica_serving_is_never_ejected(tritons):
+    refusing = FakeTriton("refusing", unavailable=True)
+    peer = await peer_over(await tritons(refusing), outlier=OutlierSettings(consecutive_failures=2))
+    try:
+        for _ in range(10):
+            with pytest.raises(Unavailable):
+                await peer.call("ModelInfer", infer_request(), 5)
+        assert not peer.pool.ejected() and refusing.calls == 10
+    finally:
+        await peer.pool.close()
+
+
+async def test_a_replica_that_does_not_serve_the_version_is_retried_elsewhere(tritons):
+    """Triton refused it before running it (NOT_FOUND, restarted empty): another replica may take it."""
+    empty, live = FakeTriton("empty", empty=True), FakeTriton("live")
+    addresses = await tritons(empty, live)
+    peer = await peer_over(addresses, outlier=OutlierSettings(consecutive_failures=0))
+    try:
+        for replica in peer.pool.replicas():  # always pick the empty one first
+            replica.inflight = 0 if replica.address == addresses[0] else 1000
+        assert [(await peer.call("ModelInfer", infer_request(), 5)).id for _ in range(5)] == ["live"] * 5
+        assert empty.calls == 5
+        await peer.pool.set_replicas([addresses[0]])
+        with pytest.raises(Unavailable, match=r"^Request for unknown model: 'm' version 1 is not at ready state "
+                                              r"\(READY in the registry, \(re\)loading"):
+            await peer.call("ModelInfer", infer_request(), 5)
+    finally:
+        await peer.pool.close()
+
+
+async def test_retries_stop_when_the_budget_is_spent(tritons):
+    """Every replica refusing (restarted empty): only min_retries calls are retried (ratio 0), the rest
+    fail at once, saying why. A call that never left (connect failure) costs no Triton and is not counted."""
+    fakes = [FakeTriton("a", empty=True), FakeTriton("b", empty=True)]
+    peer = await peer_over(await tritons(*fakes), outlier=OutlierSettings(consecutive_failures=0),
+                           retry_budget=RetryBudgetSettings(ratio=0.0, min_retries=3, window_seconds=600))
+    refusals, retries = sample("maas_replica_pool_retry_budget_refusals_total"), sample("maas_replica_pool_retries_total")
+    try:
+        messages = []
+        for _ in range(10):
+            with pytest.raises(Unavailable) as failed:
+                await peer.call("ModelInfer", infer_request(), 5)
+            messages.append(failed.value.message)
+    finally:
+        await peer.pool.close()
+    assert sample("maas_replica_pool_retries_total") - retries == 3
+    assert sample("maas_replica_pool_retry_budget_refusals_total") - refusals == 7
+    assert all(m.endswith("the retry budget is spent") for m in messages[3:]), messages
+    assert not any("budget" in m for m in messages[:3]), messages
+
+
+async def test_a_call_that_never_left_is_retried_whatever_the_budget(tritons):
+    live = FakeTriton("live")
+    peer = await peer_over([*(await tritons(live)), await dead_address()],
+                           outlier=OutlierSettings(consecutive_failures=0),
+                           retry_budget=RetryBudgetSettings(ratio=0.0, min_retries=0, window_seconds=600))
+    try:
+        assert [(await peer.call("ModelInfer", infer_request(), 5)).id for _ in range(20)] == ["live"] * 20
+    finally:
+        await peer.pool.close()

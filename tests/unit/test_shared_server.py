@@ -201,3 +201,15 @@ async def test_request_bytes_that_do_not_parse_are_invalid_argument():
 
 async def _drain(call) -> list:
     return [message async for message in call]
+
+
+def test_a_peer_address_list_is_a_balanced_health_checked_target():
+    from services.shared.channels import channel_target
+    from services.shared.config import ConfigError
+
+    assert channel_target("tokenizer:50053") == ("tokenizer:50053", False)
+    assert channel_target("127.0.0.1:1, 127.0.0.1:2") == ("ipv4:127.0.0.1:1,127.0.0.1:2", True)
+    assert channel_target("[::1]:1,[::1]:2") == ("ipv6:[::1]:1,[::1]:2", True)
+    assert channel_target("dns:///tokenizer-headless:50053") == ("dns:///tokenizer-headless:50053", True)
+    with pytest.raises(ConfigError, match="not an IP host:port"):
+        channel_target("a:1,b:2")

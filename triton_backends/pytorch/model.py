@@ -12,6 +12,7 @@ INTER_OP_THREAD_COUNT, DISABLE_OPTIMIZED_EXECUTION and INFERENCE_MODE (default t
 import importlib.util
 import re
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -66,24 +67,37 @@ class TritonPythonModel:
         self.module = torch.jit.load(str(path), map_location="cpu").eval()
         self.input_order = sorted(self.model.inputs, key=lambda s: index_of(s.name))
         self.output_index = [index_of(s.name) for s in self.model.outputs]  # config order -> result index
+        self._stopping, self._warming = threading.Event(), None
         self._warm_up()
 
     def _warm_up(self):
-        """Run batch sizes 1, the largest and one between twice each on zeros before serving: TorchScript's
-        profiling executor specialises the first two shapes it sees and then compiles one dynamic-shape
-        plan (~0.5 s at batch 16), which would otherwise land on the first requests. Skipped for
-        variable dims."""
+        """Run batch sizes 1, the largest and one between twice each on zeros: TorchScript's profiling
+        executor specialises the first two shapes it sees and then compiles one dynamic-shape plan
+        (~0.5 s at batch 16), which would otherwise land on the first requests. Skipped for variable dims.
+
+        Batch 1 runs before the model is READY; the larger sizes on a thread after it. They were most
+        of the load: under CPU load 26 s of a 30 s efficientnet_lite0 load (batch 16 ~7 s a call),
+        and after a Triton restart Classify waited for all of it."""
         if any(d < 0 for s in self.input_order for d in s.dims):
             return
         largest = self.model.max_batch_size
         sizes = list(dict.fromkeys([1, largest, max(1, largest // 2)])) if largest > 0 else [None]
+        self._warm(sizes[:1])
+        if len(sizes) > 1:
+            self._warming = threading.Thread(target=self._warm, args=(sizes[1:],), name="warm-up", daemon=True)
+            self._warming.start()
+
+    def _warm(self, sizes):
         try:
             for size in sizes:
                 feeds = {s.name: np.zeros(((size,) if size else ()) + s.dims, s.dtype) for s in self.input_order}
                 for _ in range(2):
+                    if self._stopping.is_set():
+                        return
                     self._infer(feeds)
         except Exception as exc:  # a model that cannot take zeros still serves; it only starts cold
-            pb_utils.Logger.log_warn(f"warm-up skipped: {type(exc).__name__}: {exc}")
+            if not self._stopping.is_set():
+                pb_utils.Logger.log_warn(f"warm-up skipped: {type(exc).__name__}: {exc}")
 
     def _infer(self, feeds):
         with self.grad_mode():
@@ -99,4 +113,7 @@ class TritonPythonModel:
         return self.model.execute(requests, self._infer)
 
     def finalize(self):
+        self._stopping.set()
+        if self._warming is not None:
+            self._warming.join()  # at most one warm-up call still running
         self.module = None

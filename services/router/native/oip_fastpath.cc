@@ -22,17 +22,21 @@
 //   the last report) of the calls it sent to Triton (the Python router times the ones it answers).
 // stdin closing (the router exited) or SIGTERM/SIGINT: stop accepting, let calls finish, exit.
 // Triton's errors are answered as the main port answers them (services/router/triton_errors.py, which
-// passes its rules as flags): INTERNAL naming an --input-error-marker becomes INVALID_ARGUMENT, and
+// passes its rules as flags): INTERNAL naming an --input-error-marker becomes INVALID_ARGUMENT,
+// NOT_FOUND/UNAVAILABLE starting with --not-serving-marker (Triton does not serve a version the
+// router has as READY: it is (re)loading) becomes UNAVAILABLE worded by --not-serving-message, and
 // every error message is cut to --max-status-message-bytes like services.shared.errors.bounded.
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
+#include <deque>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -174,8 +178,51 @@ struct Options {
   double default_timeout = 30.0, stats_interval = 1.0, grace = 5.0;
   std::vector<double> duration_buckets;  // upper bounds, ascending (the router's latency histogram's)
   std::vector<std::string> input_error_markers;
+  std::string not_serving_marker, not_serving_message;  // {model} {version} {detail} in the message
   size_t max_status_message_bytes = 1024;
+  // The Python router's retry budget (services/shared/outlier.py): retries <= ratio x requests +
+  // min_retries over the last window seconds; ratio < 0 = no budget.
+  double budget_ratio = -1, budget_min_retries = 0, budget_window = 10;
 };
+
+// services.shared.outlier.RetryBudget: requests and retries counted in one-second buckets.
+class RetryBudget {
+ public:
+  explicit RetryBudget(const Options& options) : options_(options) {}
+  void Request() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++Current()[1];
+  }
+  bool TryRetry() {
+    if (options_.budget_ratio < 0) return true;
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::array<long, 3>& current = Current();
+    long requests = 0, retries = 0;
+    for (const auto& bucket : buckets_) { requests += bucket[1]; retries += bucket[2]; }
+    if (retries + 1 > options_.budget_ratio * requests + options_.budget_min_retries) return false;
+    ++current[2];
+    return true;
+  }
+
+ private:
+  std::array<long, 3>& Current() {  // [second, requests, retries]
+    long now = std::chrono::duration_cast<std::chrono::seconds>(
+        std::chrono::steady_clock::now().time_since_epoch()).count();
+    while (!buckets_.empty() && buckets_.front()[0] <= now - options_.budget_window) buckets_.pop_front();
+    if (buckets_.empty() || buckets_.back()[0] != now) buckets_.push_back({now, 0, 0});
+    return buckets_.back();
+  }
+  const Options& options_;
+  std::mutex mutex_;
+  std::deque<std::array<long, 3>> buckets_;
+};
+
+std::string ReplaceAll(std::string text, const std::string& from, const std::string& to) {
+  for (size_t at = text.find(from); at != std::string::npos; at = text.find(from, at + to.size())) {
+    text.replace(at, from.size(), to);
+  }
+  return text;
+}
 
 // services.shared.errors.bounded, byte for byte: the two ports give the same message.
 std::string Bounded(const std::string& message, size_t limit) {
@@ -189,7 +236,8 @@ std::string Bounded(const std::string& message, size_t limit) {
 class Forwarder {
  public:
   explicit Forwarder(const Options& options)
-      : options_(options), table_(std::make_shared<Table>()), durations_(options.duration_buckets.size() + 1, 0) {
+      : budget(options), options_(options), table_(std::make_shared<Table>()),
+        durations_(options.duration_buckets.size() + 1, 0) {
     fallback_ = std::make_unique<grpc::GenericStub>(Connect(options.fallback));
     sequence_rng_.seed(std::random_device{}());
   }
@@ -275,6 +323,8 @@ class Forwarder {
     }
     std::ostringstream out;
     out << "stats\t" << inflight.load() << "\n";
+    long refused = budget_refusals.exchange(0);
+    if (refused) out << "budget_refusals\t" << refused << "\n";
     for (const auto& [key, count] : counts) out << "requests\t" << key << "\t" << count << "\n";
     if (!counts.empty()) {
       out << "durations\t";
@@ -285,6 +335,8 @@ class Forwarder {
   }
 
   std::atomic<long> inflight{0};
+  std::atomic<long> budget_refusals{0};  // reported on the stats line
+  RetryBudget budget;
 
  private:
   std::shared_ptr<grpc::Channel> Connect(const std::string& address) {
@@ -368,6 +420,7 @@ class Call : public grpc::ServerGenericBidiReactor {
         std::string target = forwarder_->Route(model_, version, &route_);
         if (!target.empty() && (replica_ = forwarder_->ReplicaRef())) {
           ++forwarder_->inflight;  // only here: a call handed to the Python router is counted there
+          forwarder_->budget.Request();
           version_ = target;
           if (target != version) {
             slices.emplace_back(VersionField(target));
@@ -403,25 +456,44 @@ class Call : public grpc::ServerGenericBidiReactor {
     if (status.ok()) return status;
     const Options& options = forwarder_->options();
     grpc::StatusCode code = status.error_code();
+    std::string message = status.error_message();
     if (code == grpc::StatusCode::INTERNAL) {
       for (const std::string& marker : options.input_error_markers) {
-        if (status.error_message().find(marker) != std::string::npos) code = grpc::StatusCode::INVALID_ARGUMENT;
+        if (message.find(marker) != std::string::npos) code = grpc::StatusCode::INVALID_ARGUMENT;
       }
     }
-    return grpc::Status(code, Bounded(status.error_message(), options.max_status_message_bytes),
-                        status.error_details());
+    // Only Triton's answers (replica_ set): the Python router's NOT_FOUND is about the registry.
+    if (replica_ && !options.not_serving_marker.empty() &&
+        (code == grpc::StatusCode::NOT_FOUND || code == grpc::StatusCode::UNAVAILABLE) &&
+        message.rfind(options.not_serving_marker, 0) == 0) {
+      code = grpc::StatusCode::UNAVAILABLE;
+      message = ReplaceAll(ReplaceAll(ReplaceAll(options.not_serving_message, "{model}", model_), "{version}", version_),
+                           "{detail}", message);
+    }
+    return grpc::Status(code, Bounded(message, options.max_status_message_bytes), status.error_details());
   }
 
-  // The Python router's retry rule: only a call that never left (its replica could not be connected
-  // to) goes to another replica, once per replica; anything else may have reached the model.
+  // The Python router's retry rule (services/router/peers.py retry_elsewhere): only a call that
+  // provably never ran - it never left (its replica could not be connected to), or Triton refused it
+  // for a version that replica does not serve - goes to another replica, once per replica, while the
+  // retry budget lasts; anything else may have reached the model.
   bool RetryElsewhere(const grpc::Status& status) {
-    if (!replica_ || status.error_code() != grpc::StatusCode::UNAVAILABLE ||
-        status.error_message().rfind("failed to connect to all addresses", 0) != 0) {
-      return false;
-    }
+    if (!replica_) return false;
+    const Options& options = forwarder_->options();
+    const std::string& message = status.error_message();
+    grpc::StatusCode code = status.error_code();
+    bool never_sent = code == grpc::StatusCode::UNAVAILABLE && message.rfind("failed to connect to all addresses", 0) == 0;
+    bool not_serving = (code == grpc::StatusCode::NOT_FOUND || code == grpc::StatusCode::UNAVAILABLE) &&
+                       !options.not_serving_marker.empty() && message.rfind(options.not_serving_marker, 0) == 0;
+    if (!never_sent && !not_serving) return false;
     tried_.push_back(replica_);
     std::shared_ptr<grpc::GenericStub> next = forwarder_->ReplicaRef(tried_);
     if (!next) return false;
+    if (!never_sent && !forwarder_->budget.TryRetry()) {  // a call that never left costs no Triton anything
+      ++forwarder_->budget_refusals;
+      budget_spent_ = true;
+      return false;
+    }
     replica_ = next;
     Send(replica_.get());
     return true;
@@ -430,6 +502,11 @@ class Call : public grpc::ServerGenericBidiReactor {
   void Done(const grpc::Status& received) {
     if (RetryElsewhere(received)) return;
     grpc::Status status = AsTheMainPort(received);
+    if (budget_spent_) {  // the main port's words (services/router/peers.py)
+      status = grpc::Status(status.error_code(),
+                            Bounded(status.error_message() + "; not retried on another replica: the retry budget is spent",
+                                    forwarder_->options().max_status_message_bytes), status.error_details());
+    }
     if (replica_) {
       std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - started_;
       forwarder_->Count(model_, version_, route_, status.error_code(), elapsed.count());
@@ -445,6 +522,7 @@ class Call : public grpc::ServerGenericBidiReactor {
   const grpc::ByteBuffer* outgoing_ = nullptr;
   std::shared_ptr<grpc::GenericStub> replica_;
   std::vector<std::shared_ptr<grpc::GenericStub>> tried_;
+  bool budget_spent_ = false;
   std::chrono::steady_clock::time_point started_;
   std::string model_, version_;
   const char* route_ = "";
@@ -528,6 +606,15 @@ bool ParseArgs(int argc, char** argv, Options* options) {
     else if (flag == "--stats-interval") options->stats_interval = std::atof(value.c_str());
     else if (flag == "--grace") options->grace = std::atof(value.c_str());
     else if (flag == "--input-error-marker") options->input_error_markers.push_back(value);
+    else if (flag == "--not-serving-marker") options->not_serving_marker = value;
+    else if (flag == "--not-serving-message") options->not_serving_message = value;
+    else if (flag == "--retry-budget") {  // ratio,min_retries,window_seconds
+      std::vector<std::string> parts = Split(value, ',');
+      if (parts.size() != 3) return false;
+      options->budget_ratio = std::atof(parts[0].c_str());
+      options->budget_min_retries = std::atof(parts[1].c_str());
+      options->budget_window = std::atof(parts[2].c_str());
+    }
     else if (flag == "--max-status-message-bytes") options->max_status_message_bytes = std::atol(value.c_str());
     else if (flag == "--duration-buckets") {
       for (const std::string& bound : Split(value, ',')) options->duration_buckets.push_back(std::atof(bound.c_str()));
@@ -545,7 +632,8 @@ int main(int argc, char** argv) {
   if (!ParseArgs(argc, argv, &options)) {
     std::cerr << "usage: maas-oip-fastpath --listen HOST:PORT --fallback HOST:PORT [--max-message-bytes N]"
                  " [--default-timeout S] [--stats-interval S] [--grace S] [--duration-buckets S,S,...]"
-                 " [--input-error-marker TEXT]... [--max-status-message-bytes N]"
+                 " [--input-error-marker TEXT]... [--not-serving-marker TEXT --not-serving-message TEMPLATE]"
+                 " [--max-status-message-bytes N]"
                  "  (routing snapshots on stdin)" << std::endl;
     return 2;
   }
