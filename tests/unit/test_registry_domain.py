@@ -317,6 +317,17 @@ async def test_folders_the_registry_does_not_own_are_left_alone(registry):
     assert registry.store.model_names() == []
 
 
+async def test_a_folder_holding_only_preprocessing_files_is_claimed_and_keeps_them(registry):
+    """The chart's volume gets <model>/tokenizer.json before the model's first version (the tokenizer
+    reads it there): that folder is registered into, not refused."""
+    prepared = registry.repository.root / "tiny"
+    prepared.mkdir()
+    (prepared / "tokenizer.json").write_text("{}")
+    version = await register(registry, "tiny")
+    assert version.version == 1 and (prepared / "1").is_dir() and (prepared / "config.pbtxt").is_file()
+    assert (prepared / "tokenizer.json").read_text() == "{}"
+
+
 def disk_policy(reg, model: str) -> list[int]:
     from services.shared.model_repository import read_model_config
 
