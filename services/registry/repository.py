@@ -121,6 +121,8 @@ class ModelRepository:
         model_dir = self.model_dir(model)
         model_dir.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=model_dir)
+        # mkstemp's 0600 would hide it from Triton, another user in the chart (uid 1000 vs 10001).
+        os.fchmod(fd, 0o644)
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(content)

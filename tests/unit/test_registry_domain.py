@@ -328,6 +328,14 @@ async def test_a_folder_holding_only_preprocessing_files_is_claimed_and_keeps_th
     assert (prepared / "tokenizer.json").read_text() == "{}"
 
 
+async def test_files_the_registry_writes_are_readable_by_other_users(registry):
+    """Triton reads config.pbtxt and labels as another uid in the chart (1000; the registry is 10001)."""
+    await register(registry, "tiny")
+    for path in registry.repository.model_dir("tiny").rglob("*"):
+        if path.name != ".staging" and ".staging" not in path.parts:
+            assert path.stat().st_mode & 0o005 if path.is_dir() else path.stat().st_mode & 0o004, path
+
+
 def disk_policy(reg, model: str) -> list[int]:
     from services.shared.model_repository import read_model_config
 
