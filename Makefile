@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/maas/v1/*.proto)
 
-.PHONY: install protos models fastpath k8s-tools browser images run test test-unit test-integration chart-test bench soak clean
+.PHONY: install protos models fastpath k8s-tools browser images run test test-unit test-integration chart-test cluster-test bench soak clean
 
 install: $(STAMP) maas/v1/__init__.py
 
@@ -62,6 +62,11 @@ test-integration: install models fastpath browser
 
 chart-test: install k8s-tools
 	$(PY) -m pytest tests/unit/test_helm_chart.py -q
+
+# The chart's own pods (ci/podman-values.yaml) under `podman kube play`, from the images above:
+# tests/cluster (docs/containers.md). Removes every pod, volume and network it made, also on failure.
+cluster-test: install models k8s-tools images
+	$(PY) -m pytest tests/cluster -m cluster -q
 
 run: install models fastpath
 	$(VENV)/bin/maas up --demo

@@ -168,6 +168,54 @@ def _config_signature(model_dir: Path) -> tuple[list, list, int]:
     return specs(config.input), specs(config.output), int(config.max_batch_size)
 
 
+def register_source_models(registry: RegistryClient, source: Path, models: Sequence[SourceModel], timeout: float,
+                           log: Callable[[str], None] = lambda message: None,
+                           registry_log: Callable[[], str] = lambda: "(not available)") -> list[tuple[str, int]]:
+    """Register each of `models` from the source repository that the registry does not know yet, wait
+    until READY and point `production` at its last version (`maas up` on first start; the container
+    test against the chart's registry). Returns the (model, version)s registered."""
+    source = source.resolve()
+    registered = []
+    known = {m.name: m for m in registry.list_models()}
+    for model in models:
+        existing = known.get(model.name)
+        if existing is not None and existing.versions:
+            continue
+        folder = source / model.name
+        artifacts = [folder / a for a in (model.artifact, *model.more_artifacts)]
+        for artifact in artifacts:
+            if not (artifact.is_dir() if model.format == "genai" else artifact.is_file()):
+                raise MeshError(f"{artifact} is missing: build the models first (make models)")
+        inputs, outputs, max_batch = _config_signature(folder)
+        if model.format == "genai":  # the registry owns the generation contract's config
+            inputs, outputs, max_batch = [], [], 0
+        labels = (folder / model.labels_file).read_text().splitlines() if model.labels_file else []
+        for i, artifact in enumerate(artifacts):
+            log(f"registering {model.name} from {artifact.relative_to(source.parent)}")
+            description = model.descriptions[i] if i < len(model.descriptions) else \
+                f"{model.name} from the source model repository (first start of the local mesh)"
+            try:
+                version = registry.register(
+                    artifact, model.name, format=model.format,
+                    inputs=inputs if model.signature_from_config else (),
+                    outputs=outputs if model.signature_from_config else (),
+                    preprocessing=model.preprocessing, postprocessing=model.postprocessing,
+                    top_k=model.top_k, labels=labels, max_batch_size=max_batch,
+                    tags={"source": "model_repository", "source_path": f"{model.name}/{artifact.name}",
+                          **dict(model.tags)},
+                    description=description,
+                )
+                registry.wait_ready(model.name, version.version, timeout=timeout)
+            except RegistryError as exc:
+                raise MeshError(f"registering {model.name} failed: {exc}\nregistry log:\n{registry_log()}") from None
+            registered.append((model.name, version.version))
+        try:
+            registry.set_alias(model.name, "production", version.version, reason="first start of the local mesh")
+        except RegistryError as exc:
+            raise MeshError(f"pointing production of {model.name} at v{version.version} failed: {exc}") from None
+    return registered
+
+
 class LocalMesh:
     def __init__(self, config: MeshConfig | None = None, log: Callable[[str], None] | None = None):
         self.config = config or MeshConfig()
@@ -343,48 +391,10 @@ class LocalMesh:
 
     def register_models(self) -> None:
         """Register each source model the registry does not know yet and point `production` at it."""
-        source = Path(self.config.source_repository).resolve()
         with RegistryClient(self.registry_address, timeout=30) as registry:
-            known = {m.name: m for m in registry.list_models()}
-            for model in self.config.models:
-                existing = known.get(model.name)
-                if existing is not None and existing.versions:
-                    continue
-                folder = source / model.name
-                artifacts = [folder / a for a in (model.artifact, *model.more_artifacts)]
-                for artifact in artifacts:
-                    if not (artifact.is_dir() if model.format == "genai" else artifact.is_file()):
-                        raise MeshError(f"{artifact} is missing: build the models first (make models)")
-                inputs, outputs, max_batch = _config_signature(folder)
-                if model.format == "genai":  # the registry owns the generation contract's config
-                    inputs, outputs, max_batch = [], [], 0
-                labels = (folder / model.labels_file).read_text().splitlines() if model.labels_file else []
-                for i, artifact in enumerate(artifacts):
-                    self.log(f"registering {model.name} from {artifact.relative_to(source.parent)}")
-                    description = model.descriptions[i] if i < len(model.descriptions) else \
-                        f"{model.name} from the source model repository (first start of the local mesh)"
-                    try:
-                        version = registry.register(
-                            artifact, model.name, format=model.format,
-                            inputs=inputs if model.signature_from_config else (),
-                            outputs=outputs if model.signature_from_config else (),
-                            preprocessing=model.preprocessing, postprocessing=model.postprocessing,
-                            top_k=model.top_k, labels=labels, max_batch_size=max_batch,
-                            tags={"source": "model_repository", "source_path": f"{model.name}/{artifact.name}",
-                                  **dict(model.tags)},
-                            description=description,
-                        )
-                        registry.wait_ready(model.name, version.version, timeout=self.config.register_timeout)
-                    except RegistryError as exc:
-                        raise MeshError(f"registering {model.name} failed: {exc}\nregistry log:\n"
-                                        f"{self.log_tail('registry')}") from None
-                    self.registered.append((model.name, version.version))
-                try:
-                    registry.set_alias(model.name, "production", version.version,
-                                       reason="first start of the local mesh")
-                except RegistryError as exc:
-                    raise MeshError(f"pointing production of {model.name} at v{version.version} failed: "
-                                    f"{exc}") from None
+            self.registered += register_source_models(
+                registry, Path(self.config.source_repository), self.config.models, self.config.register_timeout,
+                self.log, registry_log=lambda: self.log_tail("registry"))
 
     def _wait_routable(self, models: Sequence[str]) -> None:
         """Until the router has the registry's state and Triton has each model ready (OIP ModelReady)."""

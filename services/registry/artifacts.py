@@ -200,12 +200,33 @@ def check_onnx(path: Path) -> tuple[Signature, bool]:
 
 
 def check_torchscript(path: Path) -> None:
+    """torch.jit.load where torch is installed (the dev venv). The services image has no torch (~800 MB
+    for this one check), so there the archive's layout is checked and Triton's load, which a version
+    passes before it is READY, is the full check."""
     try:
         import torch
-
+    except ImportError:
+        check_torchscript_archive(path)
+        return
+    try:
         torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
         raise InvalidArgument(f"not a loadable TorchScript file: {str(exc).strip().splitlines()[0][:500]}") from None
+
+
+def check_torchscript_archive(path: Path) -> None:
+    """A TorchScript file is a zip of one folder holding data.pkl, constants.pkl and code/."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InvalidArgument(f"not a loadable TorchScript file: not a TorchScript archive ({exc})") from None
+    roots = {n.split("/", 1)[0] for n in names}
+    if len(roots) != 1 or not {f"{next(iter(roots))}/{f}" for f in ("data.pkl", "constants.pkl")} <= set(names) \
+            or not any(n.startswith(f"{next(iter(roots))}/code/") for n in names):
+        raise InvalidArgument("not a loadable TorchScript file: the archive lacks data.pkl, constants.pkl or code/")
 
 
 # -- Triton folder ----------------------------------------------------------------------------------

@@ -46,6 +46,13 @@ def fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def _prepared_for_registration(model_dir: Path) -> bool:
+    """An empty folder, or one holding only what services read beside a model (tokenizer.json,
+    preprocess.json, labels): how a shared volume (the chart's) gets them before the first version.
+    A config.pbtxt or a version folder is a model someone else made."""
+    return not any(c.name == "config.pbtxt" or (c.is_dir() and c.name.isdigit()) for c in model_dir.iterdir())
+
+
 class ModelRepository:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
@@ -89,7 +96,7 @@ class ModelRepository:
         model_dir = self.model_dir(model)
         if (model_dir / MARKER).exists():
             return
-        if not registered and model_dir.exists() and any(model_dir.iterdir()):
+        if not registered and model_dir.exists() and not _prepared_for_registration(model_dir):
             raise FailedPrecondition(f"the model repository already has a folder {model!r} that the registry does not "
                                      f"manage; register under another name or move that folder away")
         model_dir.mkdir(exist_ok=True)
@@ -114,6 +121,8 @@ class ModelRepository:
         model_dir = self.model_dir(model)
         model_dir.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=model_dir)
+        # mkstemp's 0600 would hide it from Triton, another user in the chart (uid 1000 vs 10001).
+        os.fchmod(fd, 0o644)
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(content)

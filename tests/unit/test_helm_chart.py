@@ -262,7 +262,8 @@ def test_chart_sets_only_env_the_services_read():
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_TRACES_EXPORTER", "OTEL_SERVICE_NAME"}
     for scenario in SCENARIOS:
         docs = cr.render(scenario)
-        for svc in SERVICES + (cr.GATEWAY,):
+        gateway = (cr.GATEWAY,) if name(cr.GATEWAY) in cr.by_name(docs, "Deployment") else ()  # openai.enabled
+        for svc in SERVICES + gateway:
             names = set(cr.env(cr.container(docs, svc)))
             maas = {n for n in names if n.startswith("MAAS_")}
             assert maas <= known, (svc, maas - known)
@@ -322,6 +323,25 @@ def test_rbac_is_endpointslice_read_only_for_router_and_registry():
         assert sa["automountServiceAccountToken"] is False
     for workload, spec in cr.pods(docs):
         assert spec["automountServiceAccountToken"] is (workload in (name("router"), name("registry"))), workload
+
+
+def test_static_triton_discovery_needs_no_kubernetes_api():
+    """triton.discovery.mode=static (the podman profile): the Triton list in MAAS_TRITON_ADDRESS, no
+    EndpointSlice watch, no token, no Role; endpointslices stays the default (above)."""
+    for docs, triton in ((cr.render("podman-values.yaml"), f"{name('triton')}:8001"),
+                         (cr.render(None, "triton.discovery.mode=static", "triton.discovery.addresses={t0:8001,t1:8001}"),
+                          "t0:8001,t1:8001")):
+        for svc in ("router", "registry"):
+            e = cr.env(cr.container(docs, svc))
+            assert e["MAAS_TRITON_DISCOVERY"]["value"] == "static" and "MAAS_TRITON_SERVICE" not in e
+            assert e["MAAS_TRITON_ADDRESS"]["value"] == triton
+        assert not cr.kind(docs, "Role") and not cr.kind(docs, "RoleBinding")
+        assert not any(spec["automountServiceAccountToken"] for _, spec in cr.pods(docs))
+
+
+def test_static_discovery_through_the_service_with_several_replicas_fails():
+    proc = cr.template(None, "triton.discovery.mode=static")  # default: Triton autoscaled
+    assert proc.returncode != 0 and "triton.discovery.addresses" in proc.stderr
 
 
 # --- network policies ----------------------------------------------------------------------------
@@ -519,6 +539,8 @@ def test_grafana_dashboard_configmap():
     (("openai.defaultChatModel=",), "/openai/defaultChatModel"),
     (("openai.port=80",), "port"),
     (("triton.generation.enabled=yes",), "/triton/generation/enabled"),
+    (("triton.discovery.mode=dns",), "/triton/discovery/mode"),
+    (("triton.discovery.addresses={triton}",), "/triton/discovery/addresses"),
 ])
 def test_invalid_values_fail_naming_the_field(sets, field):
     proc = cr.template(None, *sets)

@@ -317,6 +317,25 @@ async def test_folders_the_registry_does_not_own_are_left_alone(registry):
     assert registry.store.model_names() == []
 
 
+async def test_a_folder_holding_only_preprocessing_files_is_claimed_and_keeps_them(registry):
+    """The chart's volume gets <model>/tokenizer.json before the model's first version (the tokenizer
+    reads it there): that folder is registered into, not refused."""
+    prepared = registry.repository.root / "tiny"
+    prepared.mkdir()
+    (prepared / "tokenizer.json").write_text("{}")
+    version = await register(registry, "tiny")
+    assert version.version == 1 and (prepared / "1").is_dir() and (prepared / "config.pbtxt").is_file()
+    assert (prepared / "tokenizer.json").read_text() == "{}"
+
+
+async def test_files_the_registry_writes_are_readable_by_other_users(registry):
+    """Triton reads config.pbtxt and labels as another uid in the chart (1000; the registry is 10001)."""
+    await register(registry, "tiny")
+    for path in registry.repository.model_dir("tiny").rglob("*"):
+        if path.name != ".staging" and ".staging" not in path.parts:
+            assert path.stat().st_mode & 0o005 if path.is_dir() else path.stat().st_mode & 0o004, path
+
+
 def disk_policy(reg, model: str) -> list[int]:
     from services.shared.model_repository import read_model_config
 

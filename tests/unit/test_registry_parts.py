@@ -6,6 +6,8 @@ import io
 import json
 import tarfile
 
+import zipfile
+
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
@@ -59,6 +61,21 @@ def test_torchscript_is_loaded_and_needs_a_positional_signature(tmp_path):
     named = Signature((TensorSpec("image", "FP32", (4,)),), (TensorSpec("OUTPUT__0", "FP32", (4,)),))
     with pytest.raises(InvalidArgument, match="INPUT__0"):
         artifacts.check_request(RegistrationRequest(**{**req.__dict__, "signature": named}), 100)
+
+
+def test_torchscript_without_torch_checks_the_archive_layout(tmp_path):
+    """The services image has no torch: a real TorchScript file passes, a zip that is not one does not."""
+    good = tmp_path / "model.pt"
+    good.write_bytes(tiny_torchscript())
+    artifacts.check_torchscript_archive(good)
+    bad = tmp_path / "bad.pt"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("model/data.pkl", b"")
+    with pytest.raises(InvalidArgument, match="lacks data.pkl, constants.pkl or code/"):
+        artifacts.check_torchscript_archive(bad)
+    bad.write_bytes(b"PK\x03\x04 not torchscript")
+    with pytest.raises(InvalidArgument, match="not a TorchScript archive"):
+        artifacts.check_torchscript_archive(bad)
 
 
 def test_triton_folder_keeps_its_config(tmp_path):

@@ -103,7 +103,8 @@ Pass "uid" (10001 for our image, 1000 for Triton's triton-server user) and
 {{- define "maas-mesh.podSpecCommon" -}}
 {{- $c := index .root.Values .name -}}
 serviceAccountName: {{ include "maas-mesh.serviceAccountName" . }}
-automountServiceAccountToken: {{ .apiAccess | default false }}
+{{- /* The API token only where discovery watches EndpointSlices. */}}
+automountServiceAccountToken: {{ and (.apiAccess | default false) (not (include "maas-mesh.tritonDiscoveryStatic" .root)) }}
 terminationGracePeriodSeconds: {{ include "maas-mesh.terminationGracePeriodSeconds" . }}
 {{ include "maas-mesh.podSecurityContext" .uid }}
 {{- with .root.Values.imagePullSecrets }}
@@ -215,7 +216,34 @@ livenessProbe:
 {{- end }}
 {{- range .peers }}
 - name: MAAS_{{ upper . }}_ADDRESS
+  {{- if and (eq . "triton") (eq $.root.Values.triton.discovery.mode "static") $.root.Values.triton.discovery.addresses }}
+  value: {{ join "," $.root.Values.triton.discovery.addresses | quote }}
+  {{- else }}
   value: {{ include "maas-mesh.address" (dict "root" $.root "name" .) | quote }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+How router and registry find every Triton replica (triton.discovery). endpointslices: they watch the
+headless Service through the Kubernetes API. static: MAAS_TRITON_ADDRESS (triton.discovery.addresses,
+default the Triton Service) is the replica list, no API access (no token is mounted).
+*/}}
+{{- define "maas-mesh.tritonDiscoveryStatic" -}}
+{{- if eq .Values.triton.discovery.mode "static" -}}
+{{- if and (not .Values.triton.discovery.addresses) (or .Values.triton.autoscaling.enabled (gt (int .Values.triton.replicas) 1)) -}}
+{{- fail "triton.discovery.mode=static without triton.discovery.addresses reaches one Triton replica (through its Service), but the registry must load models on every replica: list each replica's host:port in triton.discovery.addresses, or run one replica (triton.replicas=1, triton.autoscaling.enabled=false)" -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "maas-mesh.tritonDiscoveryEnv" -}}
+- name: MAAS_TRITON_DISCOVERY
+  value: {{ .Values.triton.discovery.mode }}
+{{- if ne .Values.triton.discovery.mode "static" }}
+- name: MAAS_TRITON_SERVICE
+  value: {{ include "maas-mesh.componentName" (dict "root" . "name" "triton-headless") }}
 {{- end }}
 {{- end -}}
 
@@ -269,10 +297,7 @@ spec:
             - name: MAAS_MODEL_REPOSITORY
               value: {{ include "maas-mesh.modelRepositoryLocation" .root | quote }}
             {{- if .apiAccess }}
-            - name: MAAS_TRITON_DISCOVERY
-              value: endpointslices
-            - name: MAAS_TRITON_SERVICE
-              value: {{ include "maas-mesh.componentName" (dict "root" .root "name" "triton-headless") }}
+            {{- include "maas-mesh.tritonDiscoveryEnv" .root | nindent 12 }}
             {{- end }}
             {{- with .extraEnv }}
             {{- . | nindent 12 }}
