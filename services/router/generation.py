@@ -12,6 +12,7 @@ No gRPC server types here: the servicer hands in plain values and gets Pieces ba
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import math
@@ -32,6 +33,7 @@ from services.shared import generation as contract
 from services.shared.errors import FailedPrecondition, InvalidArgument, Unavailable, limit_error
 from services.shared.tensors import from_proto
 from services.shared.telemetry import annotate
+from services.tokenizer.client import ended
 
 ROLES = ("system", "user", "assistant")
 
@@ -311,8 +313,11 @@ class Generation:
         async with self.triton.stream(deadline.remaining()) as call:
             detokenizer = self.tokenizer.detokenize_session(info.pre_name, deadline.remaining())
             try:
-                await call.write(triton_request(info, ids, max_tokens, sampling))
-                await call.done_writing()
+                try:
+                    await call.write(triton_request(info, ids, max_tokens, sampling))
+                    await call.done_writing()
+                except asyncio.InvalidStateError:  # the stream ended before it started (Triton died)
+                    raise await ended(call, f"Triton's stream of model {info.model!r} v{info.version}") from None
                 async for response in call:
                     if response.error_message:
                         raise _triton_failure(info, response.error_message)

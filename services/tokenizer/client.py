@@ -8,12 +8,23 @@ per generated sequence over the caller's own channel, pure Python on the generat
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import grpc
 
 from maas.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.shared.errors import Unavailable, error_for_code
+
+
+async def ended(call, what: str) -> Unavailable:
+    """The UNAVAILABLE for a stream that finished before we were done with it (its peer died or cut it:
+    grpc.aio's write() then raises asyncio.InvalidStateError, which would otherwise be an INTERNAL)."""
+    try:
+        code, details = await call.code(), await call.details()
+    except Exception:  # noqa: BLE001 - the status is only for the message
+        code, details = None, ""
+    return Unavailable(f"{what} ended early ({code.name if code else 'no status'}: {details})")
 
 
 class DetokenizeSession:
@@ -27,7 +38,10 @@ class DetokenizeSession:
         Detokenize would give); the sequence is as before it and the session can go on."""
         # The tokenizer goes along until a request succeeds: the service opens the sequence on the
         # first request it can serve, so after a refused first request the next must name it again.
-        await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(ids=ids, flush=flush, **self._first))
+        try:
+            await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(ids=ids, flush=flush, **self._first))
+        except asyncio.InvalidStateError:  # the stream already ended (the service died): grpc says so, not with a status
+            raise await ended(self._call, "the tokenizer service's DetokenizeStream") from None
         answer = await self._call.read()
         if answer is grpc.aio.EOF:
             raise Unavailable("the tokenizer service ended the DetokenizeStream")

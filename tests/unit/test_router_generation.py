@@ -312,3 +312,32 @@ async def test_undecodable_requests_are_invalid_argument_not_unknown(mesh):
             await (result if not hasattr(result, "__aiter__") else result.read())
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "GenerateRequest" in failed.value.details()
     assert not mesh.triton.stream_requests
+
+
+async def test_a_detokenize_stream_that_already_ended_is_unavailable_not_internal():
+    """grpc.aio's write() on a finished stream raises asyncio.InvalidStateError (the tokenizer died
+    mid-generation in the soak): the caller gets UNAVAILABLE naming the stream, not an INTERNAL."""
+    import asyncio
+
+    import grpc
+
+    from services.shared.errors import Unavailable
+    from services.tokenizer.client import DetokenizeSession
+
+    class Finished:
+        async def write(self, request):
+            raise asyncio.InvalidStateError("RPC already finished.")
+
+        async def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        async def details(self):
+            return "Socket closed"
+
+    class Stub:
+        def DetokenizeStream(self, **kwargs):
+            return Finished()
+
+    session = DetokenizeSession(Stub(), "smollm2")
+    with pytest.raises(Unavailable, match=r"DetokenizeStream ended early \(UNAVAILABLE: Socket closed\)"):
+        await session.send([1, 2])
