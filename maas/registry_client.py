@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from maas.tls import ClientTls, open_channel
 from maas.v1 import registry_pb2 as pb
 from maas.v1 import registry_pb2_grpc
 
@@ -133,16 +134,17 @@ def target_name(t: pb.TrafficTarget) -> str:
 
 class RegistryClient:
     def __init__(self, address: str | None = None, token: str | None = None, timeout: float = 60.0,
-                 actor: str | None = None, channel: grpc.Channel | None = None):
+                 actor: str | None = None, channel: grpc.Channel | None = None, tls: ClientTls | bool | None = None):
+        """tls: ClientTls, None = from MAAS_TLS_* in the environment (maas/tls.py), False = plaintext."""
         self.address = address or default_address()
         self.timeout = timeout
         self.actor = actor or default_actor()
         token = token if token is not None else os.environ.get("MAAS_ADMIN_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = channel or grpc.insecure_channel(self.address, options=[
+        self._channel = channel or open_channel(self.address, [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ])
+        ], tls)
         self.stub = registry_pb2_grpc.RegistryStub(self._channel)
 
     def close(self) -> None:

@@ -79,8 +79,8 @@ def routed_fields(decision: tensor_pb2.RoutingDecision) -> dict:
 class Mesh:
     def __init__(self, config: ConsoleConfig):
         self.config = config
-        self.router_channel = open_channel(config.router, config.server.max_message_bytes)
-        self.registry_channel = open_channel(config.registry, config.server.max_message_bytes)
+        self.router_channel = open_channel(config.router, config.server.max_message_bytes, config.server.tls)
+        self.registry_channel = open_channel(config.registry, config.server.max_message_bytes, config.server.tls)
         self.router = router_pb2_grpc.RouterStub(self.router_channel)
         self.registry = registry_pb2_grpc.RegistryStub(self.registry_channel)
         self.health = health_pb2_grpc.HealthStub(self.router_channel)

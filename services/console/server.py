@@ -11,12 +11,14 @@ from services.console.app import create_app
 from services.console.config import ConsoleConfig
 from services.shared.structured_logging import configure_logging
 from services.shared.telemetry import setup_tracing, shutdown_tracing, start_metrics_server
+from services.shared.tls import HttpsReloader, uvicorn_ssl
 
 
 def uvicorn_config(config: ConsoleConfig) -> uvicorn.Config:
     return uvicorn.Config(
         create_app(config), host=config.host, port=config.port, lifespan="on", log_config=None, access_log=False,
         timeout_graceful_shutdown=max(1, int(config.server.grace_seconds)), server_header=False,
+        **uvicorn_ssl(config.server.tls),  # HTTPS with MAAS_TLS_*
     )
 
 
@@ -24,7 +26,14 @@ def run(config: ConsoleConfig) -> None:
     configure_logging(config.server.service_name, config.server.log_level, config.server.log_format)
     setup_tracing("maas-console")
     start_metrics_server(config.server.metrics_port)
+    server_config = uvicorn_config(config)
+    server_config.load()
+    reloader = None
+    if config.server.tls is not None:  # a renewed certificate is served to new connections
+        reloader = HttpsReloader(server_config.ssl, config.server.tls, config.server.service_name).start()
     try:
-        uvicorn.Server(uvicorn_config(config)).run()
+        uvicorn.Server(server_config).run()
     finally:
+        if reloader is not None:
+            reloader.stop()
         shutdown_tracing()

@@ -26,7 +26,7 @@ def create_registry(cfg: RegistryConfig) -> Registry:
     # Static replicas are in the fleet from the start; discovered ones join as the watcher reports them.
     return Registry(
         Store(cfg.database), ModelRepository(cfg.model_repository),
-        TritonFleet(discovery.static_addresses, timeout=cfg.load_timeout_seconds), executor=executor,
+        TritonFleet(discovery.static_addresses, timeout=cfg.load_timeout_seconds, tls=cfg.server.tls), executor=executor,
         max_artifact_bytes=cfg.max_artifact_bytes, default_max_batch_size=cfg.default_max_batch_size,
         load_timeout=cfg.load_timeout_seconds, watch_queue_size=cfg.watch_queue_size,
         reconcile_interval=cfg.reconcile_interval_seconds, reload_concurrency=cfg.reload_concurrency,

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None) -> tuple[ServiceServer, int]:
     """triton_source: where Triton replicas come from (default: from cfg; tests pass their own)."""
-    limit = cfg.server.max_message_bytes
-    channels = {name: open_channel(getattr(cfg, name), limit) for name in ("registry", "tokenizer", "vision")}
+    limit, tls = cfg.server.max_message_bytes, cfg.server.tls
+    channels = {name: open_channel(getattr(cfg, name), limit, tls) for name in ("registry", "tokenizer", "vision")}
     table = RoutingTable()
     watcher = RegistryWatcher(channels["registry"], table)
     shadow = ShadowRunner(channels["registry"], max_inflight=cfg.shadow_max_inflight, timeout=cfg.shadow_timeout,
@@ -43,7 +43,7 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
     serving = admit_when_serving(table)
     admit = None if isinstance(source, StaticReplicas) else serving
     # An ejected replica (outlier detection) comes back once it serves the READY versions again.
-    pool = ReplicaPool("triton", connect=lambda address: open_channel(address, limit), admit=admit,
+    pool = ReplicaPool("triton", connect=lambda address: open_channel(address, limit, tls), admit=admit,
                        outlier=cfg.outlier, retry_budget=cfg.retry_budget, probe=serving)
     triton = TritonPeer(pool)
     plane = Dataplane(table, triton, TokenizerPeer(channels["tokenizer"], cfg.tokenizer),
@@ -90,6 +90,6 @@ def add_fast_path(service: ServiceServer, port: int, cfg: RouterConfig, table: R
     fast_path = FastPath(FastPathSettings(
         binary=cfg.oip_fast_binary, listen=cfg.oip_fast_listen, fallback=f"{local}:{port}",
         max_message_bytes=cfg.server.max_message_bytes, default_timeout=cfg.default_timeout,
-        grace=cfg.server.grace_seconds), table, pool)
+        grace=cfg.server.grace_seconds, tls=cfg.server.tls), table, pool)
     service.on_start.append(fast_path.start)
     service.on_drain.append(fast_path.stop)
