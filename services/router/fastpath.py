@@ -140,7 +140,8 @@ class FastPath:
         except (asyncio.TimeoutError, RuntimeError) as exc:
             await self.stop()
             raise RuntimeError(f"{BINARY_NAME} did not start on {self.settings.listen}: {exc}") from None
-        log.info("oip fast path serving", extra={"listen": self.settings.listen, "port": self.port})
+        log.info("oip fast path serving", extra={"listen": self.settings.listen, "port": self.port,
+                                                 "tls": self.settings.tls is not None})
 
     def push(self) -> None:
         """Send the current routing state (called on every change; writes do not block)."""
