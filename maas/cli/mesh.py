@@ -336,8 +336,9 @@ def up(state_dir: Path = typer.Option(Path(".maas"), "--state-dir", envvar="MAAS
                             demo_chat(client, mesh.openai_url, {})
                     except StepFailed as exc:
                         _fail(str(exc))
-            console.print(f"[green]serving[/] — try: maas embed 'hello world' --router {mesh.router_address}; "
-                          f"maas chat 'hello' --router {mesh.router_address}; OpenAI clients at base_url "
+            maas = f"maas --tls --tls-state-dir {state_dir}" if tls else "maas"
+            console.print(f"[green]serving[/] — try: {maas} embed 'hello world' --router {mesh.router_address}; "
+                          f"{maas} chat 'hello' --router {mesh.router_address}; OpenAI clients at base_url "
                           f"{mesh.openai_url}; the web console at {mesh.console_url}; tritonclient at {mesh.addresses['router_oip']} (the router's OIP fast "
                           f"path)   (Ctrl-C stops everything)")
             supervisor = Supervisor(mesh, log=lambda message: console.print(f"[yellow]{message}[/]"))
