@@ -177,7 +177,7 @@ def test_shadow_copy_is_a_linked_span_in_its_own_trace(traced_mesh, router, otlp
         s.trace_id == shadow.trace_id and s.service == "maas-triton" for s in all_spans), timeout=SPAN_WAIT)
     assert any(s.trace_id == shadow.trace_id and s.service == "maas-triton" for s in shadow_calls), (
         [(s.service, s.name) for s in shadow_calls if s.trace_id == shadow.trace_id],
-        traced_mesh.log_tail("triton", 20))
+        otlp_receiver.errors, traced_mesh.log_tail("triton", 20))
 
 
 def test_openai_http_request_is_one_trace_gateway_router_triton(traced_mesh, otlp_receiver):
