@@ -79,7 +79,7 @@ class ShadowRunner:
     async def _run(self, primary, shadow, primary_output, shadow_output, primary_ms, link) -> None:
         with self._tracer.start_as_current_span("router.shadow", links=[link], attributes={
                 "maas.model": primary.model, "maas.version": shadow.version,
-                "maas.primary_version": primary.version}):
+                "maas.primary_version": primary.version}) as span:
             start = time.perf_counter()
             try:
                 b = await asyncio.wait_for(shadow_output(), self.timeout)
@@ -87,6 +87,7 @@ class ShadowRunner:
                 a = await primary_output()
             except Exception as exc:  # noqa: BLE001 - a failing candidate must never surface to callers
                 SHADOW_REQUESTS.labels(primary.model, "failed").inc()
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:300]))  # the trace says why
                 log.warning("shadow call failed", extra={"model": primary.model, "version": shadow.version,
                                                          "error": str(exc)[:300]})
                 return
