@@ -669,7 +669,7 @@ def test_tls_is_on_in_production_with_a_cert_manager_certificate():
     assert cert["spec"]["secretName"] == name("tls")
     assert {"server auth", "client auth"} <= set(cert["spec"]["usages"])
     dns = set(cert["spec"]["dnsNames"])
-    for component in ("router", "registry", "tokenizer", "vision", "openai", "triton", "triton-headless"):
+    for component in ("router", "registry", "tokenizer", "vision", "openai", "console", "triton", "triton-headless"):
         assert {name(component), f"{name(component)}.{cr.NAMESPACE}.svc.cluster.local"} <= dns, component
     assert cr.FULLNAME in dns  # what MAAS_TLS_SERVER_NAME checks for peers reached by pod IP
     assert "127.0.0.1" in cert["spec"]["ipAddresses"]  # the fast path's fallback to its own router
@@ -682,7 +682,7 @@ def test_tls_reaches_every_pod_and_probes_still_work(scenario):
     secret = "my-certs" if scenario[0] is None else name("tls")
     if scenario[0] is None:
         assert not cr.kind(docs, "Certificate")  # an existing Secret: nothing issued
-    for component in (*SERVICES, "openai", "triton"):
+    for component in (*SERVICES, "openai", "console", "triton"):
         spec, c = _pod(docs, component)
         mount, volume = _tls_mount_and_volume(spec, c)
         assert mount["mountPath"] == TLS_DIR and mount["readOnly"]
@@ -698,10 +698,12 @@ def test_tls_reaches_every_pod_and_probes_still_work(scenario):
         assert {"name": "health", "containerPort": TLS_HEALTH_PORT, "protocol": "TCP"} in c["ports"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"] == {"port": TLS_HEALTH_PORT}, (svc, probe)
-    _, gateway = _pod(docs, "openai")
-    assert cr.env(gateway)["MAAS_TLS_CLIENT_AUTH"]["value"] == "optional"  # HTTPS callers without certificates
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert gateway[probe]["httpGet"]["scheme"] == "HTTPS"
+    for http_service in ("openai", "console"):
+        _, c = _pod(docs, http_service)
+        assert cr.env(c)["MAAS_TLS_CLIENT_AUTH"]["value"] == "optional"  # HTTPS callers without certificates
+        assert "MAAS_HEALTH_LISTEN" not in cr.env(c)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"]["scheme"] == "HTTPS", (http_service, probe)
     _, triton = _pod(docs, "triton")
     args = triton["args"]
     assert {"--grpc-use-ssl=true", "--grpc-use-ssl-mutual=true", f"--grpc-server-cert={TLS_DIR}/tls.crt",

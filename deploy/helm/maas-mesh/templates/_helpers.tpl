@@ -593,14 +593,15 @@ the files when kubelet updates the Secret (rotation without restart; Triton read
 {{- define "maas-mesh.tls.dnsNames" -}}
 {{- $ns := .Release.Namespace -}}
 {{- $names := list (include "maas-mesh.fullname" .) "localhost" -}}
-{{- range list "router" "registry" "tokenizer" "vision" "openai" "triton" "triton-headless" -}}
+{{- range list "router" "registry" "tokenizer" "vision" "openai" "console" "triton" "triton-headless" -}}
 {{- $svc := include "maas-mesh.componentName" (dict "root" $ "name" .) -}}
 {{- $names = concat $names (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns)) -}}
 {{- end -}}
 {{- toYaml $names -}}
 {{- end -}}
 
-{{/* MAAS_TLS_* of one component (pass root/name); the router's callers per tls.clientAuth. */}}
+{{/* MAAS_TLS_* of one component (pass root/name); the router's callers per tls.clientAuth; the HTTPS
+services (openai, console) ask no client certificate. */}}
 {{- define "maas-mesh.tlsEnv" -}}
 {{- if .root.Values.tls.enabled }}
 {{- $dir := include "maas-mesh.tls.dir" .root }}
@@ -611,11 +612,11 @@ the files when kubelet updates the Secret (rotation without restart; Triton read
 - name: MAAS_TLS_CA
   value: {{ $dir }}/ca.crt
 - name: MAAS_TLS_CLIENT_AUTH
-  value: {{ if eq .name "router" }}{{ .root.Values.tls.clientAuth }}{{ else if eq .name "openai" }}optional{{ else }}required{{ end }}
+  value: {{ if eq .name "router" }}{{ .root.Values.tls.clientAuth }}{{ else if has .name (list "openai" "console") }}optional{{ else }}required{{ end }}
 {{- /* Peers reached by pod IP (Triton replicas, address lists) are checked against the release's name. */}}
 - name: MAAS_TLS_SERVER_NAME
   value: {{ include "maas-mesh.fullname" .root | quote }}
-{{- if ne .name "openai" }}
+{{- if not (has .name (list "openai" "console")) }}
 {{- /* kubelet's gRPC probes speak no TLS: grpc.health.v1 alone, plaintext, on its own port. */}}
 - name: MAAS_HEALTH_LISTEN
   value: "0.0.0.0:{{ .root.Values.tls.healthPort }}"
