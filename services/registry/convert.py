@@ -133,4 +133,40 @@ def watch_event_out(e: d.WatchEvent) -> pb.WatchEvent:
     if e.snapshot is not None:
         return pb.WatchEvent(revision=e.revision,
                              snapshot=pb.RoutingState(models=[routing_out(m) for m in e.snapshot]))
+    if e.rollout is not None:
+        return pb.WatchEvent(revision=e.revision, rollout_changed=rollout_out(e.rollout))
     return pb.WatchEvent(revision=e.revision, model_changed=routing_out(e.changed))
+
+
+# -- progressive delivery (rollout.py) -------------------------------------------------------------
+
+_POLICY_FIELDS = ("step_weight", "interval_seconds", "max_weight", "max_error_rate", "max_p99_ratio",
+                  "min_shadow_agreement", "min_requests", "failure_limit")
+
+
+def rollout_policy_in(p: pb.RolloutPolicy):
+    from services.registry.rollout import policy_with_defaults
+    return policy_with_defaults(**{name: getattr(p, name) for name in _POLICY_FIELDS if p.HasField(name)})
+
+
+def rollout_policy_out(p) -> pb.RolloutPolicy:
+    return pb.RolloutPolicy(**{name: getattr(p, name) for name in _POLICY_FIELDS})
+
+
+def rollout_out(r) -> pb.Rollout:
+    return pb.Rollout(
+        model=r.model, canary_version=r.canary_version, production_version=r.production_version,
+        state=pb.RolloutState.Value(f"ROLLOUT_STATE_{r.state.name}"), policy=rollout_policy_out(r.policy),
+        weight=r.weight, consecutive_failures=r.consecutive_failures, reason=r.reason, started_by=r.started_by,
+        started_at=timestamp(r.started_at), updated_at=timestamp(r.updated_at),
+        analyses=[pb.RolloutAnalysis(
+            at=timestamp(a.at), weight=a.weight, canary_requests=a.canary_requests,
+            production_requests=a.production_requests, canary_error_rate=a.canary_error_rate,
+            canary_p99_ms=a.canary_p99_ms, production_p99_ms=a.production_p99_ms, shadow_agreement=a.shadow_agreement,
+            outcome=a.outcome, detail=a.detail) for a in r.analyses],
+        planned_weights=r.planned_weights,
+    )
+
+
+def version_stats_in(s: pb.VersionStats) -> tuple:
+    return (s.model, s.version, s.requests, dict(s.errors), tuple(s.latency_bounds_ms), list(s.latency_counts))

@@ -226,3 +226,4 @@ class WatchEvent:
     revision: int
     snapshot: list[ModelRouting] | None = None
     changed: ModelRouting | None = None
+    rollout: object | None = None  # a rollout.Rollout (rollout_changed)

@@ -47,6 +47,8 @@ class Registry:
         self.default_max_batch_size = default_max_batch_size
         self.deployment = Deployment(store, repository, fleet, self._set_state, load_timeout=load_timeout,
                                      reconcile_interval=reconcile_interval, reload_concurrency=reload_concurrency)
+        from services.registry.rollout import RolloutController
+        self.rollouts = RolloutController(self)  # progressive delivery (rollout.py)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -54,8 +56,10 @@ class Registry:
         self.repository.remove_orphans(self.store.version_dirs_known())
         await self.deployment.start()
         metrics.record_versions(self.store.all_versions())
+        await self.rollouts.start()  # resume (or finish) what a restart interrupted
 
     async def stop(self) -> None:
+        await self.rollouts.stop()  # running rollouts stay running in the store: the next start resumes them
         await self.deployment.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
