@@ -1,0 +1,136 @@
+"""`maas models rollout MODEL --to VERSION | status [MODEL] | abort MODEL` — automatic rollouts (docs/rollouts.md)."""
+from __future__ import annotations
+
+import time
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from maas.v1 import registry_pb2 as pb
+
+ACTIONS = ("status", "abort")
+ENDED = (pb.ROLLOUT_STATE_PROMOTED, pb.ROLLOUT_STATE_ROLLED_BACK, pb.ROLLOUT_STATE_ABORTED)
+STATE_STYLES = {"running": "yellow", "promoted": "green", "rolled_back": "red", "aborted": "red", "planned": "cyan"}
+
+
+def state_name(state: int) -> str:
+    return pb.RolloutState.Name(state).removeprefix("ROLLOUT_STATE_").lower()
+
+
+def _policy_text(p: pb.RolloutPolicy) -> str:
+    gates = [f"error rate ≤ {p.max_error_rate:g}"]
+    if p.max_p99_ratio:
+        gates.append(f"p99 ≤ {p.max_p99_ratio:g}× production")
+    if p.min_shadow_agreement:
+        gates.append(f"agreement ≥ {p.min_shadow_agreement:g}")
+    return (f"+{p.step_weight}% every {p.interval_seconds:g}s up to {p.max_weight}%, ≥ {p.min_requests} requests "
+            f"a step, rollback after {p.failure_limit} failure(s); gates: {', '.join(gates)}")
+
+
+def rollout_view(r: pb.Rollout) -> Group:
+    """What `rollout status` shows of one rollout: a head line, the policy, a weight bar, the analyses."""
+    state = state_name(r.state)
+    head = Text.assemble((f"{r.model}", "bold"), f": v{r.canary_version} against production v{r.production_version} ",
+                         (state, STATE_STYLES.get(state, "")), f" at {r.weight}%")
+    width = 40
+    filled = round(width * r.weight / 100)
+    bar = Text.assemble(("█" * filled, "yellow"), ("░" * (width - filled), "dim"), f" {r.weight}% canary")
+    parts = [head, Text(_policy_text(r.policy), style="dim"), bar]
+    if r.planned_weights:
+        parts.append(Text("steps: " + " → ".join(f"{w}%" for w in r.planned_weights) + " → promote"))
+    if r.reason:
+        parts.append(Text(f"reason: {r.reason}"))
+    if r.analyses:
+        table = Table("time", "weight", "canary req", "prod req", "error rate", "p99 canary", "p99 prod", "agreement",
+                      "outcome", "detail", box=None, pad_edge=False)
+        for a in list(r.analyses)[-10:]:
+            style = {"passed": "green", "failed": "red", "waiting": "yellow"}.get(a.outcome, "")
+            table.add_row(a.at.ToDatetime().strftime("%H:%M:%S"), f"{a.weight}%", str(a.canary_requests),
+                          str(a.production_requests), f"{a.canary_error_rate:.3f}", f"{a.canary_p99_ms:.1f} ms",
+                          f"{a.production_p99_ms:.1f} ms", f"{a.shadow_agreement:.4f}" if a.shadow_agreement else "",
+                          Text(a.outcome, style=style), a.detail)
+        parts.append(table)
+    return Group(*parts)
+
+
+def register(app: typer.Typer) -> None:
+    from maas.cli.models import JsonOpt, ReasonOpt, RegistryOpt, TokenOpt, _client, _emit_json, handle_errors, out
+
+    @app.command()
+    @handle_errors
+    def rollout(
+        model: Annotated[str, typer.Argument(
+            help="model name; or `status [MODEL]` (live view) or `abort MODEL`", metavar="MODEL|status|abort")],
+        name: Annotated[Optional[str], typer.Argument(help="model name after `status` / `abort`",
+                                                      show_default=False)] = None,
+        to: Annotated[Optional[int], typer.Option("--to", help="READY version to roll out")] = None,
+        step_weight: Annotated[Optional[int], typer.Option(help="canary weight added per step, 1..100 [10]")] = None,
+        interval: Annotated[Optional[float], typer.Option(help="seconds between analyses, > 0 [30]")] = None,
+        max_weight: Annotated[Optional[int], typer.Option(help="weight reached before promotion, 1..100 [50]")] = None,
+        max_error_rate: Annotated[Optional[float], typer.Option(help="gate: canary error share, 0..1 [0.01]")] = None,
+        max_p99_ratio: Annotated[Optional[float], typer.Option(
+            help="gate: canary p99 / production p99, >= 1; 0 = off [1.5]")] = None,
+        min_shadow_agreement: Annotated[Optional[float], typer.Option(
+            help="gate: shadow agreement with production, 0..1; 0 = off (on: production traffic is mirrored) [0]")] = None,
+        min_requests: Annotated[Optional[int], typer.Option(help="canary requests an analysis needs [20]")] = None,
+        failure_limit: Annotated[Optional[int], typer.Option(help="failed analyses in a row that roll back [2]")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="say what it would do; change nothing")] = False,
+        follow: Annotated[bool, typer.Option("--watch/--once", help="status: follow live until it ends")] = True,
+        reason: ReasonOpt = "", registry: RegistryOpt = "", token: TokenOpt = None, as_json: JsonOpt = False,
+    ) -> None:
+        """Automatic rollout: raise a canary's weight step by step while its gates hold, promote it at the end,
+        roll back at once when a gate fails failure-limit times in a row. Defaults in [brackets] are the
+        registry's (docs/rollouts.md)."""
+        with _client(registry, token) as client:
+            if model == "status":
+                return _status(client, name, follow and not as_json, as_json, out, _emit_json)
+            if model == "abort":
+                if not name:
+                    raise ValueError("abort needs the model name: maas models rollout abort MODEL")
+                r = client.abort_rollout(name, reason)
+            else:
+                if name:
+                    raise ValueError(f"unexpected argument {name!r}: maas models rollout MODEL --to VERSION")
+                if to is None:
+                    raise ValueError("--to VERSION is required")
+                given = dict(step_weight=step_weight, interval_seconds=interval, max_weight=max_weight,
+                             max_error_rate=max_error_rate, max_p99_ratio=max_p99_ratio,
+                             min_shadow_agreement=min_shadow_agreement, min_requests=min_requests,
+                             failure_limit=failure_limit)
+                for field, value in given.items():
+                    if value is not None and value < 0:  # the proto's unsigned fields cannot carry it
+                        raise ValueError(f"--{field.replace('_seconds', '').replace('_', '-')} {value} is negative")
+                r = client.start_rollout(model, to, pb.RolloutPolicy(**{k: v for k, v in given.items() if v is not None}),
+                                         dry_run, reason)
+        if as_json:
+            _emit_json(r)
+        else:
+            out.print(rollout_view(r))
+
+
+def _status(client, model: str | None, follow: bool, as_json: bool, out, emit) -> None:
+    def fetch() -> list[pb.Rollout]:
+        return [client.get_rollout(model)] if model else client.list_rollouts()
+
+    rollouts = fetch()
+    if as_json:
+        emit(rollouts if not model else rollouts[0])
+        return
+    if not rollouts:
+        out.print("no rollouts")
+        return
+    if not follow or all(r.state in ENDED for r in rollouts):
+        out.print(Group(*(rollout_view(r) for r in rollouts)))
+        return
+    try:
+        with Live(Group(*(rollout_view(r) for r in rollouts)), console=out, refresh_per_second=4) as live:
+            while any(r.state == pb.ROLLOUT_STATE_RUNNING for r in rollouts):
+                time.sleep(0.5)
+                rollouts = fetch()
+                live.update(Group(*(rollout_view(r) for r in rollouts)))
+    except KeyboardInterrupt:
+        pass
