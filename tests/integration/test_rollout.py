@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from maas.client import AsyncMeshClient, MeshClient
+from maas.client import AsyncMeshClient, MeshClient, MeshError
 from maas.registry_client import RegistryClient, RegistryError
 from maas.v1 import registry_pb2 as pb
 from tests.fixtures.mesh import register_tiny
@@ -68,8 +68,8 @@ class Traffic:
                     try:
                         result = await client.infer(self.model, {"x": x}, timeout=10)
                         self.answered[result.routed.version] += 1
-                    except grpc.aio.AioRpcError as exc:
-                        self.failed[exc.code().name] += 1
+                    except MeshError as exc:
+                        self.failed[exc.code.name] += 1
                     await asyncio.sleep(0.005)
             await asyncio.gather(*(worker(w) for w in range(4)))
 
