@@ -282,3 +282,7 @@ class RegistryClient:
     def report_version_stats(self, stats: Iterable[pb.VersionStats]) -> None:
         _call(self.stub.ReportVersionStats, pb.ReportVersionStatsRequest(stats=list(stats)),
               metadata=self._metadata, timeout=self.timeout)
+
+    def compare(self, model: str, a: int, b: int) -> pb.ShadowReport:
+        """Shadow agreement report of version b (shadow) against version a (primary)."""
+        return _call(self.stub.CompareVersions, pb.CompareVersionsRequest(model=model, a=a, b=b), timeout=self.timeout)

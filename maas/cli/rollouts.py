@@ -10,7 +10,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from maas.cli.models import JsonOpt, ReasonOpt, RegistryOpt, TokenOpt, _client, _emit_json, handle_errors, out
 from maas.v1 import registry_pb2 as pb
+from services.registry.rollout import RolloutPolicy
+
+D = RolloutPolicy()  # the registry's defaults, shown in the help (one place: services/registry/rollout.py)
+
+# maas.cli.models imports this module at its end (the names above are defined by then) and calls register().
 
 ACTIONS = ("status", "abort")
 ENDED = (pb.ROLLOUT_STATE_PROMOTED, pb.ROLLOUT_STATE_ROLLED_BACK, pb.ROLLOUT_STATE_ABORTED)
@@ -58,8 +64,6 @@ def rollout_view(r: pb.Rollout) -> Group:
 
 
 def register(app: typer.Typer) -> None:
-    from maas.cli.models import JsonOpt, ReasonOpt, RegistryOpt, TokenOpt, _client, _emit_json, handle_errors, out
-
     @app.command()
     @handle_errors
     def rollout(
@@ -68,23 +72,23 @@ def register(app: typer.Typer) -> None:
         name: Annotated[Optional[str], typer.Argument(help="model name after `status` / `abort`",
                                                       show_default=False)] = None,
         to: Annotated[Optional[int], typer.Option("--to", help="READY version to roll out")] = None,
-        step_weight: Annotated[Optional[int], typer.Option(help="canary weight added per step, 1..100 [10]")] = None,
-        interval: Annotated[Optional[float], typer.Option(help="seconds between analyses, > 0 [30]")] = None,
-        max_weight: Annotated[Optional[int], typer.Option(help="weight reached before promotion, 1..100 [50]")] = None,
-        max_error_rate: Annotated[Optional[float], typer.Option(help="gate: canary error share, 0..1 [0.01]")] = None,
+        step_weight: Annotated[Optional[int], typer.Option(help=f"canary weight added per step, 1..100 [{D.step_weight}]")] = None,
+        interval: Annotated[Optional[float], typer.Option(help=f"seconds between analyses, > 0 [{D.interval_seconds:g}]")] = None,
+        max_weight: Annotated[Optional[int], typer.Option(help=f"weight reached before promotion, 1..100 [{D.max_weight}]")] = None,
+        max_error_rate: Annotated[Optional[float], typer.Option(help=f"gate: canary error share, 0..1 [{D.max_error_rate:g}]")] = None,
         max_p99_ratio: Annotated[Optional[float], typer.Option(
-            help="gate: canary p99 / production p99, >= 1; 0 = off [1.5]")] = None,
+            help=f"gate: canary p99 / production p99, >= 1; 0 = off [{D.max_p99_ratio:g}]")] = None,
         min_shadow_agreement: Annotated[Optional[float], typer.Option(
-            help="gate: shadow agreement with production, 0..1; 0 = off (on: production traffic is mirrored) [0]")] = None,
-        min_requests: Annotated[Optional[int], typer.Option(help="canary requests an analysis needs [20]")] = None,
-        failure_limit: Annotated[Optional[int], typer.Option(help="failed analyses in a row that roll back [2]")] = None,
+            help=f"gate: shadow agreement with production, 0..1; 0 = off (on: production traffic is mirrored) [{D.min_shadow_agreement:g}]")] = None,
+        min_requests: Annotated[Optional[int], typer.Option(help=f"canary requests an analysis needs [{D.min_requests}]")] = None,
+        failure_limit: Annotated[Optional[int], typer.Option(help=f"failed analyses in a row that roll back [{D.failure_limit}]")] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="say what it would do; change nothing")] = False,
         follow: Annotated[bool, typer.Option("--watch/--once", help="status: follow live until it ends")] = True,
         reason: ReasonOpt = "", registry: RegistryOpt = "", token: TokenOpt = None, as_json: JsonOpt = False,
     ) -> None:
         """Automatic rollout: raise a canary's weight step by step while its gates hold, promote it at the end,
-        roll back at once when a gate fails failure-limit times in a row. Defaults in [brackets] are the
-        registry's (docs/rollouts.md)."""
+        roll back at once when a gate fails failure-limit times in a row. Unset options take the registry's
+        defaults (shown after each option; docs/rollouts.md)."""
         with _client(registry, token) as client:
             if model == "status":
                 return _status(client, name, follow and not as_json, as_json, out, _emit_json)
@@ -134,3 +138,45 @@ def _status(client, model: str | None, follow: bool, as_json: bool, out, emit) -
                 live.update(Group(*(rollout_view(r) for r in rollouts)))
     except KeyboardInterrupt:
         pass
+
+
+def report_view(r: pb.ShadowReport) -> Group:
+    """What `maas models compare` prints: the per-kind figures, the cosine histogram, the worst requests."""
+    head = Text.assemble((r.model, "bold"), f": v{r.shadow_version} (shadow) against v{r.primary_version} (primary), "
+                         f"{r.kind}: agreement ", (f"{r.agreement:.4f}", "bold"),
+                         f" over {r.samples} requests / {r.items} items")
+    figures = Table("figure", "value", box=None, pad_edge=False)
+    if r.kind == "classifier":
+        figures.add_row("top-1 agreement", f"{r.top1_agreement:.4f}")
+        figures.add_row("top-5 overlap", f"{r.top5_agreement:.4f}")
+    figures.add_row("mean cosine", f"{r.mean_cosine:.6f}")
+    figures.add_row("latency primary / shadow", f"{r.primary_latency_ms:.1f} / {r.shadow_latency_ms:.1f} ms")
+    histogram = Table("cosine", "items", "", box=None, pad_edge=False)
+    top = max(r.cosine_counts, default=0) or 1
+    low = "-1"
+    for bound, count in zip(r.cosine_bounds, r.cosine_counts):
+        histogram.add_row(f"({low}, {bound:g}]", str(count), Text("█" * round(30 * count / top), style="cyan"))
+        low = f"{bound:g}"
+    worst = Table("worst requests (request id)", "score", "items", box=None, pad_edge=False)
+    for w in r.worst:
+        worst.add_row(w.request_id, f"{w.score:.4f}", str(w.items))
+    return Group(head, figures, Text(""), histogram, Text(""), worst)
+
+
+def register_compare(app: typer.Typer) -> None:
+    @app.command()
+    @handle_errors
+    def compare(
+        model: Annotated[str, typer.Argument(help="model name")],
+        a: Annotated[int, typer.Argument(help="primary version (what callers got)")],
+        b: Annotated[int, typer.Argument(help="shadow version")],
+        registry: RegistryOpt = "", as_json: JsonOpt = False,
+    ) -> None:
+        """Shadow agreement report of B against A: top-1/top-5 (classifiers), cosine distribution (embeddings),
+        the worst requests by id. Needs shadow traffic (maas models traffic MODEL --shadow B ...)."""
+        with _client(registry) as client:
+            report = client.compare(model, a, b)
+        if as_json:
+            _emit_json(report)
+        else:
+            out.print(report_view(report))

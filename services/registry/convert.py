@@ -68,7 +68,8 @@ def target_in(t: pb.TrafficTarget) -> d.Target:
 
 def shadow_result_in(r: pb.ShadowResult) -> d.ShadowResult:
     return d.ShadowResult(r.model, r.primary_version, r.shadow_version, r.items, r.top1_agreed, r.cosine_sum,
-                          r.primary_latency_ms, r.shadow_latency_ms)
+                          r.primary_latency_ms, r.shadow_latency_ms, r.top5_overlap_sum, tuple(r.cosines),
+                          r.request_id)
 
 
 # -- out --------------------------------------------------------------------------------------------
@@ -166,6 +167,15 @@ def rollout_out(r) -> pb.Rollout:
             outcome=a.outcome, detail=a.detail) for a in r.analyses],
         planned_weights=r.planned_weights,
     )
+
+
+def shadow_report_out(r) -> pb.ShadowReport:
+    return pb.ShadowReport(
+        model=r.model, primary_version=r.primary_version, shadow_version=r.shadow_version, kind=r.kind,
+        agreement=r.agreement, samples=r.samples, items=r.items, top1_agreement=r.top1_agreement,
+        top5_agreement=r.top5_agreement, mean_cosine=r.mean_cosine, cosine_bounds=r.cosine_bounds,
+        cosine_counts=r.cosine_counts, worst=[pb.ShadowExample(score=s, request_id=i, items=n) for s, i, n in r.worst],
+        primary_latency_ms=r.primary_latency_ms, shadow_latency_ms=r.shadow_latency_ms)
 
 
 def version_stats_in(s: pb.VersionStats) -> tuple:

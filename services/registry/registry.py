@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 
-from services.registry import artifacts, metrics
+from services.registry import artifacts, metrics, shadow_report
 from services.registry.artifacts import Upload
 from services.registry.deployment import Deployment
 from services.registry.domain import (
@@ -49,6 +49,8 @@ class Registry:
                                      reconcile_interval=reconcile_interval, reload_concurrency=reload_concurrency)
         from services.registry.rollout import RolloutController
         self.rollouts = RolloutController(self)  # progressive delivery (rollout.py)
+        from services.registry.shadow_report import ShadowReports
+        self.shadow_reports = ShadowReports(store._db)  # per-kind agreement reports (shadow_report.py)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -326,11 +328,17 @@ class Registry:
             check_name(r.model)
             if r.items and r.top1_agreed > r.items:
                 raise InvalidArgument(f"{r.model}: top1_agreed {r.top1_agreed} > items {r.items}")
-            for name in ("cosine_sum", "primary_latency_ms", "shadow_latency_ms"):
+            for name in ("cosine_sum", "primary_latency_ms", "shadow_latency_ms", "top5_overlap_sum"):
                 if not math.isfinite(getattr(r, name)):  # NaN would reach SQLite as NULL
                     raise InvalidArgument(f"{r.model}: {name} is {getattr(r, name)}, not a finite number")
+            shadow_report.check_result(r)
+        kinds = {}
+        for key in {(r.model, r.primary_version) for r in results}:
+            primary = self.store.version(*key)
+            kinds[key] = shadow_report.KINDS.get(primary.postprocessing.kind, "tensor") if primary else "tensor"
         with self.store.transaction() as tx:
             self.store.add_shadow_results(tx, results)
+            self.shadow_reports.add(tx, results, kinds)
         agreement = {}
         for model in {r.model for r in results}:
             versions = {v.version: v for v in self.store.versions(model)}

@@ -115,3 +115,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self._admin(context)
         annotate(model=request.model)
         return convert.rollout_out(await self.registry.rollouts.abort(request.model, request.actor, request.reason))
+
+    async def CompareVersions(self, request: pb.CompareVersionsRequest, context):
+        annotate(model=request.model)
+        return convert.shadow_report_out(self.registry.shadow_reports.compare(
+            self.registry.store, request.model, request.a, request.b))

@@ -172,9 +172,11 @@ def test_slow_canary_is_rolled_back_on_latency(mesh, mesh_registry, tmp_path):
         r = ended(mesh_registry, "ro_slow")
     assert r.state == pb.ROLLOUT_STATE_ROLLED_BACK, (r.reason, outcomes(r))
     assert "p99" in r.reason, r.reason
-    judged = [a for a in r.analyses if a.outcome != "waiting"]
-    assert all(a.canary_p99_ms > 3 * a.production_p99_ms for a in judged), [(a.canary_p99_ms, a.production_p99_ms)
-                                                                             for a in judged]
+    # The failed analyses (failure_limit in a row) are the ones whose canary p99 was over 3x production's
+    # (an earlier one may pass: the slow canary's CPU use slows production too on a small machine).
+    last = [a for a in r.analyses if a.outcome != "waiting"][-2:]
+    assert all(a.outcome == "failed" and a.canary_p99_ms > 3 * a.production_p99_ms for a in last), \
+        [(a.outcome, a.canary_p99_ms, a.production_p99_ms) for a in r.analyses]
     assert production(mesh_registry, "ro_slow") == v1
 
 
