@@ -286,3 +286,10 @@ class RegistryClient:
     def compare(self, model: str, a: int, b: int) -> pb.ShadowReport:
         """Shadow agreement report of version b (shadow) against version a (primary)."""
         return _call(self.stub.CompareVersions, pb.CompareVersionsRequest(model=model, a=a, b=b), timeout=self.timeout)
+
+    def optimize(self, model: str, from_version: int, int8: bool = True, policy: pb.RolloutPolicy | None = None,
+                 reason: str = "") -> pb.OptimizeVersionResponse:
+        """A new int8 version of an ONNX version, registered, READY and rolled out behind gates."""
+        return _call(self.stub.OptimizeVersion, pb.OptimizeVersionRequest(
+            model=model, from_version=from_version, int8=int8, policy=policy or pb.RolloutPolicy(), reason=reason,
+            actor=self.actor), metadata=self._metadata, timeout=max(self.timeout, 900.0))

@@ -1,4 +1,4 @@
-"""`maas models register|list|show|alias|traffic|rollback|archive|watch|rollout|compare` — the registry from the command line.
+"""`maas models register|list|show|alias|traffic|rollback|archive|watch|rollout|compare|optimize` — the registry from the command line.
 
 Human-readable tables by default, `--json` for scripts. Errors print the server's message (no traceback)
 and exit 1; bad arguments exit 2.
@@ -341,3 +341,4 @@ from maas.cli import rollouts as _rollouts  # noqa: E402 - registers `maas model
 
 _rollouts.register(app)
 _rollouts.register_compare(app)
+_rollouts.register_optimize(app)

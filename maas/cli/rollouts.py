@@ -12,6 +12,7 @@ from rich.text import Text
 
 from maas.cli.models import JsonOpt, ReasonOpt, RegistryOpt, TokenOpt, _client, _emit_json, handle_errors, out
 from maas.v1 import registry_pb2 as pb
+from services.registry.optimize import OPTIMIZE_MIN_AGREEMENT
 from services.registry.rollout import RolloutPolicy
 
 D = RolloutPolicy()  # the registry's defaults, shown in the help (one place: services/registry/rollout.py)
@@ -180,3 +181,42 @@ def register_compare(app: typer.Typer) -> None:
             _emit_json(report)
         else:
             out.print(report_view(report))
+
+
+def register_optimize(app: typer.Typer) -> None:
+    @app.command()
+    @handle_errors
+    def optimize(
+        model: Annotated[str, typer.Argument(help="model name")],
+        from_version: Annotated[int, typer.Option("--from", help="READY ONNX version to optimize")],
+        int8: Annotated[bool, typer.Option("--int8", help="ONNX Runtime dynamic int8 quantization")] = False,
+        interval: Annotated[Optional[float], typer.Option(help=f"rollout: seconds between analyses [{D.interval_seconds:g}]")] = None,
+        step_weight: Annotated[Optional[int], typer.Option(help=f"rollout: weight per step [{D.step_weight}]")] = None,
+        max_weight: Annotated[Optional[int], typer.Option(help=f"rollout: weight before promotion [{D.max_weight}]")] = None,
+        min_shadow_agreement: Annotated[Optional[float], typer.Option(
+            help=f"rollout gate: mean cosine / top-1 agreement with production [{OPTIMIZE_MIN_AGREEMENT:g}]")] = None,
+        max_p99_ratio: Annotated[Optional[float], typer.Option(
+            help=f"rollout gate: p99 / production's, 0 = off [{D.max_p99_ratio:g}]")] = None,
+        min_requests: Annotated[Optional[int], typer.Option(help=f"rollout: requests per analysis [{D.min_requests}]")] = None,
+        follow: Annotated[bool, typer.Option("--watch/--no-watch", help="follow the rollout live")] = False,
+        reason: ReasonOpt = "", registry: RegistryOpt = "", token: TokenOpt = None, as_json: JsonOpt = False,
+    ) -> None:
+        """Optimize a version (--int8), register the result, shadow it and roll it out: promoted only if the
+        agreement and latency gates hold (docs/rollouts.md)."""
+        given = dict(interval_seconds=interval, step_weight=step_weight, max_weight=max_weight,
+                     min_shadow_agreement=min_shadow_agreement, max_p99_ratio=max_p99_ratio, min_requests=min_requests)
+        for field, value in given.items():
+            if value is not None and value < 0:
+                raise ValueError(f"--{field.replace('_seconds', '').replace('_', '-')} {value} is negative")
+        with _client(registry, token) as client:
+            done = client.optimize(model, from_version, int8,
+                                   pb.RolloutPolicy(**{k: v for k, v in given.items() if v is not None}), reason)
+            if as_json:
+                _emit_json(done)
+                return
+            out.print(f"{model}: v{done.version.version} = int8 of v{from_version}: "
+                      f"{done.size_before_bytes / 1e6:.1f} MB → {done.size_after_bytes / 1e6:.1f} MB "
+                      f"({done.size_after_bytes / max(done.size_before_bytes, 1):.2f}×)")
+            out.print(rollout_view(done.rollout))
+            if follow:
+                _status(client, model, True, False, out, _emit_json)

@@ -120,3 +120,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         annotate(model=request.model)
         return convert.shadow_report_out(self.registry.shadow_reports.compare(
             self.registry.store, request.model, request.a, request.b))
+
+    async def OptimizeVersion(self, request: pb.OptimizeVersionRequest, context):
+        from services.registry.optimize import optimize
+        self._admin(context)
+        annotate(model=request.model, version=request.from_version)
+        given = {name for name in convert._POLICY_FIELDS if request.policy.HasField(name)}
+        done = await optimize(self.registry, request.model, request.from_version, request.int8,
+                              convert.rollout_policy_in(request.policy), given, request.actor, request.reason)
+        return pb.OptimizeVersionResponse(version=convert.version_out(done.version), size_before_bytes=done.size_before,
+                                          size_after_bytes=done.size_after, rollout=convert.rollout_out(done.rollout))
