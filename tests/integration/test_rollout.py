@@ -16,7 +16,7 @@ import pytest
 from maas.client import AsyncMeshClient, MeshClient, MeshError
 from maas.registry_client import RegistryClient, RegistryError
 from maas.v1 import registry_pb2 as pb
-from tests.fixtures.mesh import register_tiny
+from tests.fixtures.mesh import REPO, register_tiny
 from tests.fixtures.rollout_models import FAIL_MARKER, faulty_onnx, slow_onnx
 
 X = np.ones((1, 4), np.float32)
@@ -50,8 +50,9 @@ class Traffic:
     """Requests to `model` from a background thread (concurrency 4, every `mark_every`-th one carrying the
     fault marker) until stopped or `limit` seconds passed; counts answers by version and failures."""
 
-    def __init__(self, address: str, model: str, mark_every: int = 0, limit: float = 120.0):
+    def __init__(self, address: str, model: str, mark_every: int = 0, limit: float = 120.0, texts: bool = False):
         self.address, self.model, self.mark_every, self.limit = address, model, mark_every, limit
+        self.texts = texts  # Embed calls (sentences) instead of Infer
         self.answered: Counter[int] = Counter()
         self.failed: Counter[str] = Counter()
         self._stop = threading.Event()
@@ -66,7 +67,10 @@ class Traffic:
                     x = MARKED if self.mark_every and i % self.mark_every == 0 else X
                     i += 4
                     try:
-                        result = await client.infer(self.model, {"x": x}, timeout=10)
+                        if self.texts:
+                            result = await client.embed([f"sentence {i} about rollouts"], self.model, timeout=30)
+                        else:
+                            result = await client.infer(self.model, {"x": x}, timeout=10)
                         self.answered[result.routed.version] += 1
                     except MeshError as exc:
                         self.failed[exc.code.name] += 1
@@ -239,3 +243,27 @@ def test_bad_rollouts_change_nothing(mesh, mesh_registry, tmp_path):
     assert aborted.state == pb.ROLLOUT_STATE_ABORTED and running.canary_version == v2
     assert not mesh_registry.get_model("ro_bad").policy.split
     assert production(mesh_registry, "ro_bad") == v1
+
+
+def test_optimize_int8_minilm_is_shadowed_then_promoted(mesh, mesh_registry):
+    source = REPO / "model_repository" / "minilm" / "1" / "model.onnx"
+    v1 = mesh_registry.register(source, "ro_minilm", format="onnx", preprocessing=("tokenizer", "minilm"),
+                                postprocessing=("embedding", "sentence_embedding")).version
+    mesh_registry.wait_ready("ro_minilm", v1, timeout=300)
+    mesh_registry.set_alias("ro_minilm", "production", v1)
+    with pytest.raises(RegistryError) as caught:
+        mesh_registry.optimize("ro_minilm", v1, int8=False)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "int8" in caught.value.message
+    with Traffic(mesh.router_address, "ro_minilm", texts=True, limit=600) as traffic:
+        done = mesh_registry.optimize("ro_minilm", v1, policy=pb.RolloutPolicy(
+            step_weight=50, max_weight=50, interval_seconds=INTERVAL, min_requests=3, max_p99_ratio=0.0))
+        assert done.version.tags["optimization"] == "int8" and done.version.tags["optimized_from"] == str(v1)
+        assert done.size_after_bytes < 0.5 * done.size_before_bytes
+        assert done.rollout.policy.min_shadow_agreement == 0.99  # the optimize default gate
+        r = ended(mesh_registry, "ro_minilm", timeout=300)
+    v2 = done.version.version
+    assert r.state == pb.ROLLOUT_STATE_PROMOTED, (r.reason, outcomes(r))
+    assert production(mesh_registry, "ro_minilm") == v2 and not traffic.failed
+    report = mesh_registry.compare("ro_minilm", v1, v2)
+    assert report.kind == "embedding" and report.agreement >= 0.99 and report.agreement == report.mean_cosine
+    assert r.analyses[-1].shadow_agreement >= 0.99
