@@ -130,7 +130,8 @@ def test_healthy_canary_is_promoted_after_its_steps(mesh, mesh_registry, tmp_pat
     v2 = register_tiny(mesh_registry, "ro_healthy", tmp_path, scale=2.0)
     mesh_registry.set_alias("ro_healthy", "production", v1)
     with Events(mesh.registry_address) as events, Traffic(mesh.router_address, "ro_healthy") as traffic:
-        started = mesh_registry.start_rollout("ro_healthy", v2, fast_policy(max_p99_ratio=10.0))
+        # A generous p99 gate and 3 failures to roll back: a loaded machine's outliers must not roll it back.
+        started = mesh_registry.start_rollout("ro_healthy", v2, fast_policy(max_p99_ratio=10.0, failure_limit=3))
         assert started.state == pb.ROLLOUT_STATE_RUNNING and started.weight == 25
         r = ended(mesh_registry, "ro_healthy")
         wait_for(lambda: events.rollouts and events.rollouts[-1].state == pb.ROLLOUT_STATE_PROMOTED,
@@ -151,7 +152,10 @@ def test_canary_failing_a_fifth_of_requests_is_rolled_back(mesh, mesh_registry, 
     v2 = register_file(mesh_registry, "ro_faulty", tmp_path / "faulty.onnx", faulty_onnx(2.0), "fails on the marker")
     mesh_registry.set_alias("ro_faulty", "production", v1)
     with Traffic(mesh.router_address, "ro_faulty", mark_every=5) as traffic:
-        mesh_registry.start_rollout("ro_faulty", v2, fast_policy(step_weight=20, max_weight=60))
+        # At least 40 canary requests an analysis, and any error among them over 2 %: an interval of the
+        # 20 %-failing canary passes with probability 0.8^40 (~1e-4), so it rolls back at its first weight.
+        mesh_registry.start_rollout("ro_faulty", v2, fast_policy(step_weight=20, max_weight=60, min_requests=40,
+                                                                 max_error_rate=0.02))
         r = ended(mesh_registry, "ro_faulty")
     assert r.state == pb.ROLLOUT_STATE_ROLLED_BACK, (r.reason, outcomes(r))
     assert "error rate" in r.reason and "INVALID_ARGUMENT" in r.reason, r.reason
@@ -172,7 +176,8 @@ def test_slow_canary_is_rolled_back_on_latency(mesh, mesh_registry, tmp_path):
                        "a Loop of 20000 steps per request")
     mesh_registry.set_alias("ro_slow", "production", v1)
     with Traffic(mesh.router_address, "ro_slow"):
-        mesh_registry.start_rollout("ro_slow", v2, fast_policy(max_p99_ratio=3.0, max_error_rate=0.5))
+        # Five steps to promotion, two failures in a row to roll back.
+        mesh_registry.start_rollout("ro_slow", v2, fast_policy(step_weight=10, max_p99_ratio=3.0, max_error_rate=0.5))
         r = ended(mesh_registry, "ro_slow")
     assert r.state == pb.ROLLOUT_STATE_ROLLED_BACK, (r.reason, outcomes(r))
     assert "p99" in r.reason, r.reason

@@ -11,7 +11,7 @@ from services.registry.domain import ShadowResult
 from services.registry.registry import Registry
 from services.registry.repository import ModelRepository
 from services.registry.rollout import (
-    Figures, RolloutPolicy, RolloutState, check_report, policy_with_defaults,
+    Analysis, Figures, Rollout, RolloutPolicy, RolloutState, check_report, policy_with_defaults,
 )
 from services.registry.store import Store
 from services.router.version_stats import LATENCY_BOUNDS_MS, VersionStatsReporter, counted, note_routed
@@ -242,3 +242,30 @@ async def test_restart_resumes_a_running_rollout_and_settles_a_half_done_rollbac
         await reg.stop()
         reg.store.close()
     await asyncio.sleep(0)
+
+
+def test_status_view_renders_progress_and_analyses():
+    from rich.console import Console
+
+    from maas.cli.rollouts import report_view, rollout_view
+    from maas.v1 import registry_pb2 as pb
+    from services.registry import convert
+
+    reg_rollout = convert.rollout_out(Rollout(
+        model="m", canary_version=2, production_version=1, state=RolloutState.ROLLED_BACK, policy=POLICY, weight=25,
+        reason="at 25%: error rate 0.200 > max_error_rate 0.05", started_at=1.0, updated_at=2.0,
+        analyses=[Analysis(
+            at=2.0, weight=25, canary_requests=40, production_requests=120, canary_error_rate=0.2, canary_p99_ms=3.0,
+            production_p99_ms=2.5, shadow_agreement=0.0, outcome="failed", detail="error rate 0.200 > 0.05")]))
+    console = Console(record=True, width=160)
+    console.print(rollout_view(reg_rollout))
+    text = console.export_text()
+    assert "m: v2 against production v1 rolled_back at 25%" in text and "25% canary" in text
+    assert "failed" in text and "error rate 0.200 > 0.05" in text and "+25% every 3600s up to 50%" in text
+    report = pb.ShadowReport(model="m", primary_version=1, shadow_version=2, kind="embedding", agreement=0.99,
+                             samples=3, items=3, mean_cosine=0.99, cosine_bounds=[0.5, 1.0], cosine_counts=[1, 2],
+                             worst=[pb.ShadowExample(request_id="abc", score=0.4, items=1)])
+    console = Console(record=True, width=160)
+    console.print(report_view(report))
+    text = console.export_text()
+    assert "(-1, 0.5]" in text and "(0.5, 1]" in text and "█" * 30 in text and "abc" in text
