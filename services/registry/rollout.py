@@ -262,11 +262,14 @@ class RolloutController:
 
     async def _settle(self, rollout: Rollout) -> None:
         """An ended rollout whose traffic change did not happen (crash in between): make it happen."""
+        # Only what has not changed since the rollout ended (its end is committed first): a policy or alias
+        # someone set afterwards stays as they set it.
         policy = self.registry.store.policy(rollout.model)
-        if policy.updated_by == ROLLOUT_ACTOR and (policy.split or policy.shadow):
+        if policy.updated_by == ROLLOUT_ACTOR and policy.updated_at < rollout.updated_at and \
+                (policy.split or policy.shadow):
             await self._default_policy(rollout.model, f"rollout {rollout.state.value} (completed after a restart)")
         alias = self.registry.store.alias(rollout.model, PRODUCTION_ALIAS)
-        if rollout.state == RolloutState.PROMOTED and alias is not None and alias.version != rollout.canary_version \
+        if rollout.state == RolloutState.PROMOTED and alias is not None and alias.updated_at < rollout.updated_at \
                 and alias.version == rollout.production_version:
             self._move_production(rollout, rollout.canary_version, "rollout promoted (completed after a restart)")
 

@@ -3,15 +3,16 @@ router's per-version figures (services/router/version_stats.py). Analyses are dr
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
-from services.registry.domain import ShadowResult
+from services.registry.domain import ShadowResult, Target
 from services.registry.registry import Registry
 from services.registry.repository import ModelRepository
 from services.registry.rollout import (
-    Analysis, Figures, Rollout, RolloutPolicy, RolloutState, check_report, policy_with_defaults,
+    ROLLOUT_ACTOR, Analysis, Figures, Rollout, RolloutPolicy, RolloutState, check_report, policy_with_defaults,
 )
 from services.registry.store import Store
 from services.router.version_stats import LATENCY_BOUNDS_MS, VersionStatsReporter, counted, note_routed
@@ -233,11 +234,15 @@ async def test_restart_resumes_a_running_rollout_and_settles_a_half_done_rollbac
         assert [(t.version, t.weight) for t in reg.store.policy("m").split] == [(v1, 50), (v2, 50)]
         assert "m" in reg.rollouts._tasks
         # A rollback whose traffic change a crash cut off is completed on start.
-        r.state = RolloutState.ROLLED_BACK
+        r.state, r.updated_at = RolloutState.ROLLED_BACK, time.time()  # as _finish commits it
         reg.rollouts._save(r)
         await reg.rollouts.stop()
         await reg.rollouts.start()
         assert not reg.store.policy("m").split and not reg.rollouts._tasks
+        # A policy someone set after the rollout ended is theirs: a restart leaves it.
+        await reg.set_traffic_policy("m", [Target(version=v2, weight=1)], None, 0.0, ROLLOUT_ACTOR, "later")
+        await reg.rollouts.start()
+        assert [(t.version, t.weight) for t in reg.store.policy("m").split] == [(v2, 1)]
     finally:
         await reg.stop()
         reg.store.close()
