@@ -1,4 +1,4 @@
-"""`maas models register|list|show|alias|traffic|rollback|archive|watch` — the registry from the command line.
+"""`maas models register|list|show|alias|traffic|rollback|archive|watch|rollout|compare|optimize` — the registry from the command line.
 
 Human-readable tables by default, `--json` for scripts. Errors print the server's message (no traceback)
 and exit 1; bad arguments exit 2.
@@ -320,6 +320,11 @@ def watch(registry: RegistryOpt = "", as_json: JsonOpt = False) -> None:
                     out.print(f"[{event.revision}] snapshot: {len(event.snapshot.models)} model(s)")
                     for m in event.snapshot.models:
                         out.print(f"  {_routing_line(m)}")
+                elif event.WhichOneof("event") == "rollout_changed":
+                    r = event.rollout_changed
+                    out.print(f"[{event.revision}] rollout {r.model} v{r.canary_version}: "
+                              f"{pb.RolloutState.Name(r.state).removeprefix('ROLLOUT_STATE_').lower()} at {r.weight}%"
+                              + (f" ({r.reason})" if r.reason else ""))
                 else:
                     out.print(f"[{event.revision}] {_routing_line(event.model_changed)}")
         except KeyboardInterrupt:
@@ -330,3 +335,10 @@ def _routing_line(m: pb.ModelRouting) -> str:
     versions = " ".join(f"v{v.version}:{STATE_NAMES[v.state]}" for v in m.versions)
     aliases = " ".join(f"{k}→v{v}" for k, v in sorted(m.aliases.items()))
     return f"{m.model}: {versions} | {aliases or 'no aliases'} | {_policy_text(m.policy)}"
+
+
+from maas.cli import rollouts as _rollouts  # noqa: E402 - registers `maas models rollout` on app
+
+_rollouts.register(app)
+_rollouts.register_compare(app)
+_rollouts.register_optimize(app)

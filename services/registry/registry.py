@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 
-from services.registry import artifacts, metrics
+from services.registry import artifacts, metrics, shadow_report
 from services.registry.artifacts import Upload
 from services.registry.deployment import Deployment
 from services.registry.domain import (
@@ -47,6 +47,10 @@ class Registry:
         self.default_max_batch_size = default_max_batch_size
         self.deployment = Deployment(store, repository, fleet, self._set_state, load_timeout=load_timeout,
                                      reconcile_interval=reconcile_interval, reload_concurrency=reload_concurrency)
+        from services.registry.rollout import RolloutController
+        self.rollouts = RolloutController(self)  # progressive delivery (rollout.py)
+        from services.registry.shadow_report import ShadowReports
+        self.shadow_reports = ShadowReports(store._db)  # per-kind agreement reports (shadow_report.py)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -54,8 +58,10 @@ class Registry:
         self.repository.remove_orphans(self.store.version_dirs_known())
         await self.deployment.start()
         metrics.record_versions(self.store.all_versions())
+        await self.rollouts.start()  # resume (or finish) what a restart interrupted
 
     async def stop(self) -> None:
+        await self.rollouts.stop()  # running rollouts stay running in the store: the next start resumes them
         await self.deployment.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -322,11 +328,17 @@ class Registry:
             check_name(r.model)
             if r.items and r.top1_agreed > r.items:
                 raise InvalidArgument(f"{r.model}: top1_agreed {r.top1_agreed} > items {r.items}")
-            for name in ("cosine_sum", "primary_latency_ms", "shadow_latency_ms"):
+            for name in ("cosine_sum", "primary_latency_ms", "shadow_latency_ms", "top5_overlap_sum"):
                 if not math.isfinite(getattr(r, name)):  # NaN would reach SQLite as NULL
                     raise InvalidArgument(f"{r.model}: {name} is {getattr(r, name)}, not a finite number")
+            shadow_report.check_result(r)
+        kinds = {}
+        for key in {(r.model, r.primary_version) for r in results}:
+            primary = self.store.version(*key)
+            kinds[key] = shadow_report.KINDS.get(primary.postprocessing.kind, "tensor") if primary else "tensor"
         with self.store.transaction() as tx:
             self.store.add_shadow_results(tx, results)
+            self.shadow_reports.add(tx, results, kinds)
         agreement = {}
         for model in {r.model for r in results}:
             versions = {v.version: v for v in self.store.versions(model)}

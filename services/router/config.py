@@ -42,6 +42,8 @@ class RouterConfig:
     shadow_max_inflight: int = 64
     shadow_timeout: float = 10.0
     shadow_report_interval: float = 1.0
+    # Seconds between per-version stats reports to the registry (its rollout analysis reads them).
+    stats_report_interval: float = 0.5
     # Sent with ReportShadowResults when the registry requires its admin token (MAAS_ADMIN_TOKEN).
     admin_token: str | None = None
     # Where the Triton replicas come from; None = static: the --triton address(es).
@@ -89,6 +91,10 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
                    help="deadline of one shadow copy (MAAS_SHADOW_TIMEOUT_SECONDS)")
     g.add_argument("--shadow-report-interval", type=float, default=env_float("MAAS_SHADOW_REPORT_INTERVAL_SECONDS", 1.0),
                    help="seconds between shadow result reports to the registry (MAAS_SHADOW_REPORT_INTERVAL_SECONDS)")
+    g.add_argument("--stats-report-interval", type=float,
+                   default=env_float("MAAS_ROUTER_STATS_REPORT_INTERVAL_SECONDS", 0.5),
+                   help="seconds between per-version request/error/latency reports to the registry, which "
+                        "rollouts analyse (MAAS_ROUTER_STATS_REPORT_INTERVAL_SECONDS)")
     g.add_argument("--oip-fast-listen", default=env("MAAS_ROUTER_OIP_FAST_LISTEN", DEFAULT_OIP_FAST_LISTEN),
                    help="address of the compiled Open Inference Protocol data path; \"off\" = none "
                         "(MAAS_ROUTER_OIP_FAST_LISTEN)")
@@ -114,7 +120,7 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     discovery = discovery_config(args)
     if discovery.mode == "static":
         discovery = discovery_config(args, static_addresses(args.triton or ""))
-    for flag in ("default_timeout", "shadow_timeout", "shadow_report_interval"):
+    for flag in ("default_timeout", "shadow_timeout", "shadow_report_interval", "stats_report_interval"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
     for flag in ("max_batch_items", "shadow_max_inflight"):
@@ -133,6 +139,7 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         shadow_max_inflight=args.shadow_max_inflight,
         shadow_timeout=args.shadow_timeout,
         shadow_report_interval=args.shadow_report_interval,
+        stats_report_interval=args.stats_report_interval,
         admin_token=env("MAAS_ADMIN_TOKEN"),
         discovery=discovery,
         oip_fast_listen=fast_listen,

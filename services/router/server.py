@@ -22,6 +22,7 @@ from services.router.peers import TokenizerPeer, TritonPeer, VisionPeer
 from services.router.routing import RoutingTable
 from services.router.servicer import InferenceServicer, RouterServicer, add_inference_service
 from services.router.shadow import ShadowRunner
+from services.router.version_stats import VersionStatsReporter
 from services.router.watcher import RegistryWatcher
 from services.shared.channels import open_channel
 from services.shared.discovery import ReplicaSource, StaticReplicas, create_replica_source
@@ -39,6 +40,8 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
     watcher = RegistryWatcher(channels["registry"], table)
     shadow = ShadowRunner(channels["registry"], max_inflight=cfg.shadow_max_inflight, timeout=cfg.shadow_timeout,
                           report_interval=cfg.shadow_report_interval, admin_token=cfg.admin_token)
+    version_stats = VersionStatsReporter(channels["registry"], report_interval=cfg.stats_report_interval,
+                                         admin_token=cfg.admin_token)
     source = triton_source or create_replica_source(cfg.triton_discovery())
     serving = admit_when_serving(table)
     admit = None if isinstance(source, StaticReplicas) else serving
@@ -48,7 +51,8 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
     triton = TritonPeer(pool)
     plane = Dataplane(table, triton, TokenizerPeer(channels["tokenizer"], cfg.tokenizer),
                       VisionPeer(channels["vision"], cfg.vision), shadow,
-                      default_timeout=cfg.default_timeout, max_batch_items=cfg.max_batch_items)
+                      default_timeout=cfg.default_timeout, max_batch_items=cfg.max_batch_items,
+                      version_stats=version_stats)
 
     def register(server):
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(plane, Generation(plane, cfg.generation)), server)
@@ -63,7 +67,7 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
     # Triton calls get UNAVAILABLE "no triton replica is ready").
     service.on_start.append(lambda: source.start(pool.set_replicas))
     # After the gRPC server drained: stop following the registry, report the last shadow results, close.
-    service.on_stop.extend([watcher.stop, shadow.stop, source.stop, pool.close,
+    service.on_stop.extend([watcher.stop, shadow.stop, version_stats.stop, source.stop, pool.close,
                             *(channel.close for channel in channels.values())])
     return service, port
 
