@@ -2,6 +2,7 @@
 gRPC APIs only, never the database), the registry's Watch feed and the router's metrics history."""
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from services.openai.errors import from_grpc
 from services.shared.channels import open_channel
 from services.shared.telemetry import tracing_configured
 
+log = logging.getLogger(__name__)
 _HEALTH_TIMEOUT = 2.0
 
 
@@ -124,6 +126,17 @@ class Mesh:
             return await self.registry.GetModel(pb.GetModelRequest(model=name), timeout=self.config.default_timeout)
         except grpc.aio.AioRpcError as exc:
             raise Refused.from_rpc(exc) from None
+
+    async def shadow_report(self, name: str, primary: int, shadow: int) -> pb.ShadowReport | None:
+        """The registry's agreement report of one shadowed pair (None when it has none to give: the card
+        then shows the aggregate row alone)."""
+        try:
+            return await self.registry.CompareVersions(pb.CompareVersionsRequest(model=name, a=primary, b=shadow),
+                                                       timeout=self.config.default_timeout)
+        except grpc.aio.AioRpcError as exc:
+            log.info("no shadow report", extra={"model": name, "primary": primary, "shadow": shadow,
+                                                "code": exc.code().name})
+            return None
 
     async def ready(self) -> bool:
         try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from maas.v1 import registry_pb2, registry_pb2_grpc
+from services.router.metrics import VERSION_DURATION
 from services.router.routing import VersionInfo
 from services.shared.errors import ServiceError
 
@@ -71,6 +72,7 @@ class VersionStatsReporter:
             figures.errors[error] = figures.errors.get(error, 0) + 1
         else:
             figures.counts[bisect.bisect_left(LATENCY_BOUNDS_MS, seconds * 1000.0)] += 1
+            VERSION_DURATION.labels(model, str(version)).observe(seconds)  # the console's per-version p50/p99
         if self._reporter is None and self._registry is not None:
             self._reporter = asyncio.get_running_loop().create_task(self._report_loop(), context=contextvars.Context())
 

@@ -21,10 +21,11 @@ RPC_REQUESTS = Counter(
     "maas_rpc_server_requests", "gRPC requests handled, by outcome",
     ["service", "method", "model", "version", "code"],
 )
+# Request latency buckets (seconds): the RPC histogram's and the router's per-version one.
+RPC_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 RPC_DURATION = Histogram(
     "maas_rpc_server_duration_seconds", "gRPC request latency as the server sees it",
-    ["service", "method"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    ["service", "method"], buckets=RPC_DURATION_BUCKETS,
 )
 RPC_INFLIGHT = Gauge("maas_rpc_server_inflight_requests", "gRPC requests being handled", ["service"])
 BATCH_ITEMS = Histogram(
