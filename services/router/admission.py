@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 
 from services.router.tenants import TenantCache, TenantEntry
-from services.shared.errors import PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
+from services.shared.errors import (
+    RETRY_AFTER_METADATA, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable,
+)
 
 AUTHORIZATION = "authorization"
 PRIORITY_METADATA = "x-maas-priority"
-RETRY_AFTER_METADATA = "retry-after-ms"
 _RANK = {"critical": 0, "standard": 1, "sheddable": 2}
 
 TENANT_REQUESTS = Counter("maas_tenant_requests", "Inference calls admitted, by tenant and method",
