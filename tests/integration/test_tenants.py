@@ -233,3 +233,59 @@ async def test_a_tenant_at_50_per_second_sending_200_gets_50_served_across_two_r
     finally:
         for channel, _ in stubs:
             await channel.close()
+
+
+async def test_the_openai_gateway_answers_401_403_and_429_with_retry_after(start_registry, auth_routers):
+    import http.client
+    import json
+
+    import uvicorn
+
+    from maas.local.processes import free_ports
+    from services.openai.config import GatewayConfig
+    from services.openai.server import uvicorn_config
+    from services.shared.config import ServerSettings
+
+    env = await start_registry(token=ADMIN)
+    await register_tiny(env)
+    key = await create_tenant(env, "acme", allowed_models=["minilm"],
+                              quota=pb.Quota(requests_per_second=0.5, request_burst=1))
+    [(_, address)] = await auth_routers(env)
+    port = free_ports(1)[0]
+    config = GatewayConfig(server=ServerSettings(service_name="openai", listen=f"127.0.0.1:{port}", grace_seconds=1),
+                           router=address, registry=env.address, default_timeout=10)
+    server = uvicorn.Server(uvicorn_config(config))
+    serving = asyncio.create_task(server.serve())
+
+    def post(body: dict, key: str | None = None) -> tuple[int, dict, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+            conn.request("POST", "/v1/embeddings", json.dumps(body), headers)
+            answer = conn.getresponse()
+            return answer.status, json.loads(answer.read()), {k.lower(): v for k, v in answer.getheaders()}
+        finally:
+            conn.close()
+
+    async def call(body: dict, key: str | None = None):
+        return await asyncio.to_thread(post, body, key)  # the gateway and the router run on this loop
+
+    try:
+        await until(lambda: server.started, what="the gateway listening")
+        body = {"model": "minilm", "input": ["hi"]}
+        status, answer, _ = await call(body)
+        assert status == 401 and "needs an API key" in answer["error"]["message"], answer
+        status, answer, _ = await call(body, "maas_nope")
+        assert status == 401 and answer["error"]["type"] == "authentication_error", answer
+        status, answer, _ = await call({**body, "model": "tiny"}, key)
+        assert status == 403 and "may not call model 'tiny'" in answer["error"]["message"], answer
+        # Admitted (minilm is not registered here: 404, after admission), then over the quota of 0.5/s
+        # with a burst of 1: 429.
+        status, answer, _ = await call(body, key)
+        assert status == 404 and "'minilm' is not registered" in answer["error"]["message"], answer
+        status, answer, headers = await call(body, key)
+        assert status == 429 and "over its request quota" in answer["error"]["message"], answer
+        assert int(headers["retry-after"]) >= 1 and int(headers["retry-after-ms"]) >= 1, headers
+    finally:
+        server.should_exit = True
+        await serving
