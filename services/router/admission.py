@@ -162,7 +162,13 @@ class Admission:
         """The ticket of an admitted call (use it as a context manager), or the refusal raised."""
         if not self.active:
             return UNCHECKED
-        tenant = self.authenticate(metadata) if self.settings.auth else None
+        header = asked = None
+        for key, value in metadata or ():  # one pass: the key and the asked-for class
+            if key == AUTHORIZATION:
+                header = value
+            elif key == PRIORITY_METADATA:
+                asked = value
+        tenant = self._authenticate(header) if self.settings.auth else None
         if tenant is not None and not tenant.allows(model, version, alias):
             _child(tenant, "refused", "permission_denied").inc()
             asked = f"{model}:{alias}" if alias else f"{model}:{version}" if version else model
@@ -170,9 +176,8 @@ class Admission:
                                    f"{', '.join(sorted(tenant.allowed))}); ask an admin: maas tenants set-quota "
                                    f"{tenant.name} --allow …")
         priority = tenant.priority if tenant is not None else "standard"
-        asked = _metadata(metadata, PRIORITY_METADATA)
         if asked is not None:
-            asked = asked.strip().lower()
+            asked = (asked if isinstance(asked, str) else asked.decode("latin-1")).strip().lower()
             if asked in _RANK and _RANK[asked] > _RANK[priority]:
                 priority = asked
         threshold = self._shed.get(priority, 0)
@@ -190,11 +195,16 @@ class Admission:
         return Ticket(self, tenant, method)
 
     def authenticate(self, metadata) -> TenantEntry:
-        header = _metadata(metadata, AUTHORIZATION)
+        """The tenant of the key in `metadata`, or UNAUTHENTICATED saying what is wrong with it."""
+        return self._authenticate(_metadata(metadata, AUTHORIZATION))
+
+    def _authenticate(self, header) -> TenantEntry:
         if header is None:
             TENANT_REFUSALS.labels("", "unauthenticated").inc()
             raise Unauthenticated("this router needs an API key: send metadata 'authorization: Bearer <key>' "
                                   "(HTTP header Authorization); an admin creates one with `maas tenants create`")
+        if not isinstance(header, str):
+            header = header.decode("latin-1")
         scheme, _, key = header.partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:

@@ -123,6 +123,22 @@ def test_admission_says_which_key_problem_it_is():
     assert admission.inflight == 0
 
 
+def test_a_key_remembered_by_the_cache_is_refused_once_the_new_list_revokes_or_rotates_it():
+    admission = _admission(_event(("acme", "k1", {})))
+    admission.admit(bearer("k1"), "Embed", "m")
+    admission.admit(bearer("k1"), "Embed", "m")  # the second lookup is the remembered key
+    admission.cache.apply(_event(("acme", "k1", {"revoked": True}), revision=2))
+    with pytest.raises(Unauthenticated, match="revoked"):
+        admission.admit(bearer("k1"), "Embed", "m")
+    admission.cache.apply(_event(("acme", "k2", {}), revision=3))  # rotated
+    with pytest.raises(Unauthenticated, match="not valid"):
+        admission.admit(bearer("k1"), "Embed", "m")
+    admission.admit(bearer("k2"), "Embed", "m")
+    with pytest.raises(Unauthenticated):
+        admission.admit(bearer("random"), "Embed", "m")
+    assert set(admission.cache._known) == {"k2"}  # only valid keys are remembered
+
+
 def test_allowed_models_by_name_alias_or_version():
     admission = _admission(_event(("acme", "k", {"allowed_models": ["minilm", "smollm2:production", "tiny:3"]})))
     for model, version, alias in (("minilm", 0, ""), ("minilm", 2, ""), ("minilm", 0, "canary"),
