@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, replace
 
+from services.registry import metrics
 from services.registry.domain import check_name
 from services.shared.errors import AlreadyExists, InvalidArgument, NotFound
 
@@ -152,6 +153,7 @@ class Tenants:
     def __init__(self, store):
         self.store = store
         self.hub = TenantHub()
+        self.record(store.tenants())
 
     # -- reads -------------------------------------------------------------------------------------
     def list(self, include_revoked: bool = True) -> list[Tenant]:
@@ -173,12 +175,14 @@ class Tenants:
     async def watch(self) -> AsyncIterator[TenantsSnapshot]:
         """The whole list now, then again after every change and every change in the number of routers."""
         queue = self.hub.subscribe()
+        metrics.TENANT_WATCHERS.set(self.hub.count)
         try:
             self.hub.publish(self.snapshot())  # every router (this one too) learns the new count
             while True:
                 yield await queue.get()
         finally:
             self.hub.unsubscribe(queue)
+            metrics.TENANT_WATCHERS.set(self.hub.count)
             self.hub.publish(self.snapshot())
 
     # -- mutations ---------------------------------------------------------------------------------
@@ -191,7 +195,15 @@ class Tenants:
             self.store.bump_tenant_revision(tx)
             self.store.add_audit(tx, actor, action, f"tenant/{tenant.name}", reason, _detail(**detail))
         log.info("tenant changed", extra={"tenant": tenant.name, "action": action, "actor": actor, "reason": reason})
-        self.hub.publish(self.snapshot())
+        snapshot = self.snapshot()
+        self.record(snapshot.tenants)
+        self.hub.publish(snapshot)
+
+    @staticmethod
+    def record(tenants: list[Tenant]) -> None:
+        revoked = sum(t.revoked for t in tenants)
+        metrics.TENANTS.labels("active").set(len(tenants) - revoked)
+        metrics.TENANTS.labels("revoked").set(revoked)
 
     def create(self, name: str, allowed: list[str], quota: Quota, priority: Priority, description: str,
                actor: str, reason: str) -> tuple[Tenant, str]:
