@@ -117,6 +117,14 @@ async def test_every_inference_api_says_which_key_or_model_problem_it_is(start_r
         assert response.routed.model == "tiny"
         status, y = await _oip(address, {"authorization": f"Bearer {good}"})
         assert status == "OK" and np.array_equal(y, X * 2)
+        # The client library sends the key it is given (or $MAAS_API_KEY).
+        from maas.client import AsyncMeshClient, MeshError
+        async with AsyncMeshClient(address, api_key=good) as mesh:
+            assert np.array_equal((await mesh.infer("tiny", {"x": X})).outputs["y"], X * 2)
+        async with AsyncMeshClient(address, api_key="") as mesh:
+            with pytest.raises(MeshError) as refused:
+                await mesh.infer("tiny", {"x": X})
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
         # Embed/Classify/Generate were admitted (their preprocessing service is absent here: UNAVAILABLE).
         for method in ("Embed", "Classify"):
             got = await _code(_all_calls(stub, bearer(good))[method]())
