@@ -1,14 +1,14 @@
 """Tenant figures, each against a baseline measured in this run on the same machine (loaded: shared cores):
 
 - auth_added_p50_ms_c1: one caller, tiny model, Router.Infer through a router with auth on (key checked,
-  request bucket, cost charged) against an identical router with auth off, both in this process (one
+  request bucket, cost charged) against an identical router with auth off, two of each, all in this process (one
   event loop, one CPU share: a separate process per router differs by its scheduling alone by more than
   the figure), calls interleaved one by one so drift of the machine's load hits both alike. Both get the
   same request, key included (as the openai client always sends one): the figure is what checking it
   adds. What sending the header costs at all (Python gRPC client, HPACK, metadata to Python) is printed
   beside it, against calls without it. The admission step alone, timed in-process, is printed too.
 - critical_p99_ratio_under_overload: a critical tenant's p99 while a sheddable tenant floods the router
-  from another process (16 clients honouring the retry hint) against its p99 unloaded, with
+  from another process (16 clients honouring the retry hint, 0.25 s) against its p99 unloaded, with
   --shed-sheddable-inflight 1, measured in alternating rounds (flood paused with SIGSTOP / resumed); the same flood against a router that does not shed is printed for contrast.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tests.fixtures.registry import header, registry_config, tiny_onnx, upload_m
 from tests.fixtures.tenants import infer_request
 
 ADMIN = "bench-admin-token"
-BLOCKS, PER_BLOCK = 30, 100
+BLOCKS, PER_BLOCK = 20, 100
 SAMPLES = 1000
 ROUNDS = 5
 
@@ -107,7 +107,7 @@ async def run(work: Path) -> None:
                 from services.shared.config import ServerSettings
 
                 servers = []
-                for on in (True, False):
+                for on in (True, False, True, False):  # two of each: no single router's luck decides
                     rcfg = RouterConfig(
                         server=ServerSettings(service_name="router", listen="127.0.0.1:0", grace_seconds=0.5,
                                               workers=1),
@@ -116,24 +116,24 @@ async def run(work: Path) -> None:
                     server, rport = create_router(rcfg)
                     await server.start()
                     servers.append((server, f"127.0.0.1:{rport}"))
+                channels = [grpc.aio.insecure_channel(a) for _, a in servers]
                 try:
-                    async with grpc.aio.insecure_channel(servers[0][1]) as a, \
-                            grpc.aio.insecure_channel(servers[1][1]) as b:
-                        stub_on, stub_off = router_pb2_grpc.RouterStub(a), router_pb2_grpc.RouterStub(b)
-                        request = infer_request("tiny")
-                        await _serving(stub_on, request, bearer(key))
-                        await _serving(stub_off, request, ())
-                        await _latencies(stub_on, request, bearer(key), 200)
-                        await _latencies(stub_off, request, (), 200)
-                        series = {"on": (stub_on, bearer(key), []), "off": (stub_off, bearer(key), []),
-                                  "bare": (stub_off, (), [])}
-                        order = list(series)
-                        for i in range(BLOCKS * PER_BLOCK):  # interleaved call by call, the order rotating
-                            for name in order[i % 3:] + order[:i % 3]:
-                                stub, metadata, out = series[name]
-                                out += await _latencies(stub, request, metadata, 1)
-                        with_auth, without, bare = (series[name][2] for name in order)
+                    stubs = [router_pb2_grpc.RouterStub(c) for c in channels]
+                    request = infer_request("tiny")
+                    for stub in stubs:
+                        await _serving(stub, request, bearer(key))
+                        await _latencies(stub, request, bearer(key), 200)
+                    # (stub, metadata, series): auth on ×2, auth off ×2 (same request, key sent), off without it.
+                    calls = [(stubs[0], bearer(key), "on"), (stubs[1], bearer(key), "off"), (stubs[2], bearer(key), "on"),
+                             (stubs[3], bearer(key), "off"), (stubs[1], (), "bare")]
+                    series = {"on": [], "off": [], "bare": []}
+                    for i in range(BLOCKS * PER_BLOCK):  # interleaved call by call, the order rotating
+                        for stub, metadata, name in calls[i % 5:] + calls[:i % 5]:
+                            series[name] += await _latencies(stub, request, metadata, 1)
+                    with_auth, without, bare = series["on"], series["off"], series["bare"]
                 finally:
+                    for channel in channels:
+                        await channel.close()
                     for server, _ in servers:
                         await server.stop(0)
                 # The same request (key included: the openai client always sends one) to a router that

@@ -58,8 +58,9 @@ class AdmissionSettings:
     # Admitted calls in flight at which sheddable (then standard) calls are refused; 0 = never.
     shed_sheddable_inflight: int = 0
     shed_standard_inflight: int = 0
-    # Retry hint sent with a shed call.
-    shed_retry_after: float = 0.05
+    # Retry hint sent with a shed call (seconds): an overload lasts longer than a quota's next token, and
+    # clients retrying sooner would only add refusals for the router to answer.
+    shed_retry_after: float = 0.25
 
 
 class Ticket:

@@ -108,6 +108,9 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     adm.add_argument("--shed-standard-inflight", type=int, default=env_int("MAAS_ROUTER_SHED_STANDARD_INFLIGHT", 0),
                      help="calls in flight from which standard calls are refused too, 0 = never; critical calls "
                           "never are (MAAS_ROUTER_SHED_STANDARD_INFLIGHT)")
+    adm.add_argument("--shed-retry-after", type=float, default=env_float("MAAS_ROUTER_SHED_RETRY_AFTER_SECONDS", 0.25),
+                     help="retry hint (retry-after-ms) sent with a shed call, seconds "
+                          "(MAAS_ROUTER_SHED_RETRY_AFTER_SECONDS)")
     gen = parser.add_argument_group("generation")
     for flag, env_name, default, what in (
             ("--generate-max-tokens", "MAAS_GENERATE_MAX_TOKENS", 1024, "largest sampling.max_tokens"),
@@ -133,6 +136,8 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     for flag in ("max_batch_items", "shadow_max_inflight"):
         if getattr(args, flag) < (1 if flag == "max_batch_items" else 0):
             raise ConfigError(f"--{flag.replace('_', '-')} is out of range")
+    if args.shed_retry_after <= 0:
+        raise ConfigError("--shed-retry-after must be positive")
     for flag in ("shed_sheddable_inflight", "shed_standard_inflight"):
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be 0 (never) or positive")
@@ -158,7 +163,8 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         outlier=outlier,
         retry_budget=retry_budget,
         admission=AdmissionSettings(auth=args.auth == "on", shed_sheddable_inflight=args.shed_sheddable_inflight,
-                                    shed_standard_inflight=args.shed_standard_inflight),
+                                    shed_standard_inflight=args.shed_standard_inflight,
+                                    shed_retry_after=args.shed_retry_after),
         generation=GenerationLimits(
             max_tokens=args.generate_max_tokens, max_messages=args.generate_max_messages,
             max_prompt_chars=args.generate_max_prompt_chars, max_stop=args.generate_max_stop,

@@ -49,8 +49,9 @@ async def test_under_overload_sheddable_calls_are_refused_and_critical_ones_keep
         ratio = p99(loaded) / p99(unloaded)
         print(f"critical p50/p99 unloaded {p50(unloaded):.2f}/{p99(unloaded):.2f} ms, under overload "
               f"{p50(loaded):.2f}/{p99(loaded):.2f} ms: p99 ratio {ratio:.2f}; sheddable outcomes {flooded}")
-        # Overloaded indeed: the sheddable tenant was refused (and was served in between).
-        assert flooded.get("UNAVAILABLE", 0) > flooded.get("OK", 0) > 0, flooded
+        # Overloaded indeed: the sheddable tenant was refused (while every critical call was served), and
+        # served in between.
+        assert flooded.get("UNAVAILABLE", 0) >= 50 and flooded.get("OK", 0) > 0, flooded
         assert set(flooded) <= {"OK", "UNAVAILABLE"}, flooded
         assert ratio <= 2.0, (p99(unloaded), p99(loaded))
     finally:
