@@ -34,7 +34,7 @@ from tests.fixtures.tenants import infer_request
 ADMIN = "bench-admin-token"
 BLOCKS, PER_BLOCK = 20, 100
 SAMPLES = 1000
-ROUNDS = 5
+ROUNDS = 10
 
 
 async def _register(stub, model: str, data: bytes, auth) -> None:
