@@ -28,7 +28,7 @@ import rich.markup
 import typer
 from typer.core import TyperGroup
 
-from maas.cli import models
+from maas.cli import models, tenants
 from maas.local.processes import spawn
 
 REGISTRY_PORT = 50052
@@ -163,9 +163,11 @@ class _PluginGroup(TyperGroup):
 app = typer.Typer(
     cls=_PluginGroup, name="kubectl maas", no_args_is_help=True, add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
-    help="MaaS Mesh in a Kubernetes cluster: the `maas models` commands against a release's registry.",
+    help="MaaS Mesh in a Kubernetes cluster: the `maas models`, `maas tenants` and `maas audit` commands against "
+         "a release's registry.",
 )
 app.add_typer(models.app, name="models", help="Register, list and route model versions (the registry).")
+tenants.register(app)  # `kubectl maas tenants …`, `kubectl maas audit`
 
 
 def needs_registry(root: click.Group, ctx: click.Context, rest: Sequence[str]) -> bool:

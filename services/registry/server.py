@@ -11,6 +11,7 @@ from services.registry.registry import Registry
 from services.registry.repository import ModelRepository
 from services.registry.servicer import RegistryServicer
 from services.registry.store import Store
+from services.registry.tenants import Tenants
 from services.registry.triton_fleet import TritonFleet
 from services.shared.discovery import ReplicaSource, create_replica_source
 from services.shared.server import ServiceServer, build_server
@@ -41,6 +42,7 @@ def create_server(cfg: RegistryConfig, replica_source: ReplicaSource | None = No
     """(server, bound port); `server.registry` is the domain object (tests and the bench use it).
     `replica_source` overrides the one built from cfg (tests pass a watcher on a fake Kubernetes API)."""
     registry = create_registry(cfg)
+    tenants = Tenants(registry.store)
     replicas = replica_source or create_replica_source(cfg.replica_discovery)
 
     async def follow_replicas() -> None:
@@ -52,7 +54,7 @@ def create_server(cfg: RegistryConfig, replica_source: ReplicaSource | None = No
             log.warning("no Triton replica list yet; serving anyway (versions wait for a replica)")
 
     def register(server):
-        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(registry, AdminAuth(cfg.admin_token)), server)
+        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(registry, AdminAuth(cfg.admin_token), tenants), server)
         return [SERVICE_NAME]
 
     server, port = build_server(cfg.server, register)
@@ -60,4 +62,5 @@ def create_server(cfg: RegistryConfig, replica_source: ReplicaSource | None = No
     server.on_start.extend([follow_replicas, registry.start])
     server.on_stop.extend([replicas.stop, registry.stop, registry.store.close])
     server.registry = registry
+    server.tenants = tenants
     return server, port

@@ -5,6 +5,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.router.admission import AdmissionSettings
 from services.router.fastpath import BINARY_NAME, find_binary
 from services.shared.config import (
     ConfigError, OutlierSettings, RetryBudgetSettings, ServerSettings, add_peer_argument, add_pool_arguments,
@@ -56,6 +57,8 @@ class RouterConfig:
     # The Triton replica pool: outlier ejection and the retry budget (services/shared/outlier.py).
     outlier: OutlierSettings = field(default_factory=OutlierSettings)
     retry_budget: RetryBudgetSettings = field(default_factory=RetryBudgetSettings)
+    # API keys, quotas and priority shedding (services/router/admission.py, docs/security.md).
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
 
     def triton_discovery(self) -> DiscoveryConfig:
         return self.discovery or DiscoveryConfig(mode="static", static_addresses=static_addresses(self.triton))
@@ -101,6 +104,19 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     g.add_argument("--oip-fast-binary", default=env("MAAS_ROUTER_OIP_FAST_BINARY", ""),
                    help=f"the {BINARY_NAME} executable (default: on PATH, else build/bin of a source checkout; "
                         "`make fastpath` builds it) (MAAS_ROUTER_OIP_FAST_BINARY)")
+    adm = parser.add_argument_group("tenants (docs/security.md)")
+    adm.add_argument("--auth", choices=("on", "off"), default=(env("MAAS_ROUTER_AUTH", "off") or "off").lower(),
+                     help="on: every inference call needs 'authorization: Bearer <tenant key>', checked against the "
+                          "registry's tenant list; the compiled OIP data path is then not started (MAAS_ROUTER_AUTH)")
+    adm.add_argument("--shed-sheddable-inflight", type=int, default=env_int("MAAS_ROUTER_SHED_SHEDDABLE_INFLIGHT", 0),
+                     help="calls in flight on this router from which sheddable calls are refused, 0 = never "
+                          "(MAAS_ROUTER_SHED_SHEDDABLE_INFLIGHT)")
+    adm.add_argument("--shed-standard-inflight", type=int, default=env_int("MAAS_ROUTER_SHED_STANDARD_INFLIGHT", 0),
+                     help="calls in flight from which standard calls are refused too, 0 = never; critical calls "
+                          "never are (MAAS_ROUTER_SHED_STANDARD_INFLIGHT)")
+    adm.add_argument("--shed-retry-after", type=float, default=env_float("MAAS_ROUTER_SHED_RETRY_AFTER_SECONDS", 0.25),
+                     help="retry hint (retry-after-ms) sent with a shed call, seconds "
+                          "(MAAS_ROUTER_SHED_RETRY_AFTER_SECONDS)")
     gen = parser.add_argument_group("generation")
     for flag, env_name, default, what in (
             ("--generate-max-tokens", "MAAS_GENERATE_MAX_TOKENS", 1024, "largest sampling.max_tokens"),
@@ -126,6 +142,13 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     for flag in ("max_batch_items", "shadow_max_inflight"):
         if getattr(args, flag) < (1 if flag == "max_batch_items" else 0):
             raise ConfigError(f"--{flag.replace('_', '-')} is out of range")
+    if args.shed_retry_after <= 0:
+        raise ConfigError("--shed-retry-after must be positive")
+    for flag in ("shed_sheddable_inflight", "shed_standard_inflight"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be 0 (never) or positive")
+    if args.auth not in ("on", "off"):
+        raise ConfigError(f"--auth / MAAS_ROUTER_AUTH must be on or off, got {args.auth!r}")
     fast_listen, fast_binary = oip_fast_path(args.oip_fast_listen, args.oip_fast_binary)
     outlier, retry_budget = pool_settings(args)
     return RouterConfig(
@@ -146,6 +169,9 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         oip_fast_binary=fast_binary,
         outlier=outlier,
         retry_budget=retry_budget,
+        admission=AdmissionSettings(auth=args.auth == "on", shed_sheddable_inflight=args.shed_sheddable_inflight,
+                                    shed_standard_inflight=args.shed_standard_inflight,
+                                    shed_retry_after=args.shed_retry_after),
         generation=GenerationLimits(
             max_tokens=args.generate_max_tokens, max_messages=args.generate_max_messages,
             max_prompt_chars=args.generate_max_prompt_chars, max_stop=args.generate_max_stop,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from maas.v1 import router_pb2, router_pb2_grpc
+from services.router.admission import Admission
 from services.router.config import RouterConfig
 from services.router.dataplane import Dataplane
 from services.router.fastpath import BINARY_NAME, FastPath, FastPathSettings
@@ -22,6 +23,7 @@ from services.router.peers import TokenizerPeer, TritonPeer, VisionPeer
 from services.router.routing import RoutingTable
 from services.router.servicer import InferenceServicer, RouterServicer, add_inference_service
 from services.router.shadow import ShadowRunner
+from services.router.tenants import TenantCache, TenantWatcher
 from services.router.version_stats import VersionStatsReporter
 from services.router.watcher import RegistryWatcher
 from services.shared.channels import open_channel
@@ -54,20 +56,33 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
                       default_timeout=cfg.default_timeout, max_batch_items=cfg.max_batch_items,
                       version_stats=version_stats)
 
+    admission = Admission(cfg.admission, TenantCache())
+    tenants = TenantWatcher(channels["registry"], admission.cache, cfg.admin_token) if cfg.admission.auth else None
+
     def register(server):
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(plane, Generation(plane, cfg.generation)), server)
+        router_pb2_grpc.add_RouterServicer_to_server(
+            RouterServicer(plane, Generation(plane, cfg.generation), admission), server)
         return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
-                add_inference_service(InferenceServicer(plane, table, triton), server)]
+                add_inference_service(InferenceServicer(plane, table, triton, admission=admission), server)]
 
     service, port = build_server(cfg.server, register)
-    if cfg.oip_fast_listen:
+    service.admission = admission
+    if cfg.oip_fast_listen and cfg.admission.auth:
+        # The compiled data path cannot check API keys: with auth on it is not started, so no call gets past
+        # the keys; OIP clients use the main port (the same protocol).
+        log.warning("auth is on: the compiled OIP data path (%s) is not started; OIP is served on the main port",
+                    cfg.oip_fast_listen)
+    elif cfg.oip_fast_listen:
         add_fast_path(service, port, cfg, table, pool)
     watcher.start()
+    if tenants is not None:
+        tenants.start()
     # Static replicas are known at once; a watcher reports its first set shortly after (until then
     # Triton calls get UNAVAILABLE "no triton replica is ready").
     service.on_start.append(lambda: source.start(pool.set_replicas))
     # After the gRPC server drained: stop following the registry, report the last shadow results, close.
-    service.on_stop.extend([watcher.stop, shadow.stop, version_stats.stop, source.stop, pool.close,
+    service.on_stop.extend([watcher.stop, *([tenants.stop] if tenants else []), shadow.stop, version_stats.stop,
+                            source.stop, pool.close,
                             *(channel.close for channel in channels.values())])
     return service, port
 
