@@ -322,6 +322,8 @@ class RolloutController:
         self._save(rollout, new=True)
         audit.info("rollout started", extra={"model": model, "canary": version, "production": alias.version,
                                              "actor": actor, "reason": reason, "weights": weights})
+        self._audit_row(rollout, "rollout.started", actor, reason,
+                        f"canary v{version} against production v{alias.version}, weights {weights}")
         metrics.ROLLOUTS.labels(model, "started").inc()
         await self._apply_weight(rollout)
         self._run(model)
@@ -500,7 +502,14 @@ class RolloutController:
         line(f"rollout {outcome}", extra={"model": rollout.model, "canary": rollout.canary_version,
                                           "production": rollout.production_version, "weight": rollout.weight,
                                           "reason": reason})
+        self._audit_row(rollout, f"rollout.{outcome}", ROLLOUT_ACTOR, reason,
+                        f"canary v{rollout.canary_version} at {rollout.weight}%, production v{rollout.production_version}")
         return rollout
+
+    def _audit_row(self, rollout: Rollout, action: str, actor: str, reason: str, detail: str) -> None:
+        """`maas audit` lists rollouts beside the traffic changes they make (store.py's audit table)."""
+        with self.registry.store.transaction() as tx:
+            self.registry.store.add_audit(tx, actor, action, f"model/{rollout.model}", reason, detail)
 
 
 def policy_with_defaults(**given) -> RolloutPolicy:
