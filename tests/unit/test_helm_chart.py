@@ -10,6 +10,7 @@ import re
 import pytest
 import yaml
 
+from services.shared.server import READINESS
 from tests.unit import chart_render as cr
 from tests.unit.chart_render import COMPONENTS, SCENARIOS, SERVICES, STATELESS, name
 
@@ -202,8 +203,11 @@ def test_probes_on_every_container(scenario):
             assert "livenessProbe" in c and "readinessProbe" in c, (workload, c["name"])
     for svc in SERVICES:
         c = cr.container(docs, svc)
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        # Startup and liveness ask "" (the process serves: a wrong Triton address must not restart it),
+        # readiness asks the name that follows the readiness checks (Triton reachable).
+        for probe in ("startupProbe", "livenessProbe"):
             assert c[probe]["grpc"] == {"port": PORTS[svc]}, (svc, probe)
+        assert c["readinessProbe"]["grpc"] == {"port": PORTS[svc], "service": READINESS}, svc
         assert {"name": "grpc", "containerPort": PORTS[svc], "protocol": "TCP"} in c["ports"]
     triton = cr.container(docs, "triton")
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -384,7 +388,7 @@ def test_router_oip_fast_path_ports_and_env():
     assert {"name": "oip-fast", "containerPort": OIP_FAST_PORT, "protocol": "TCP"} in router["ports"]
     assert cr.env(router)["MAAS_ROUTER_OIP_FAST_LISTEN"]["value"] == f"0.0.0.0:{OIP_FAST_PORT}"
     # Probes stay on the main port, which serves health and the same protocol.
-    assert router["readinessProbe"]["grpc"] == {"port": PORTS["router"]}
+    assert router["readinessProbe"]["grpc"] == {"port": PORTS["router"], "service": READINESS}
     ports = {p["name"]: p for p in cr.by_name(docs, "Service")[name("router")]["spec"]["ports"]}
     assert ports["oip-fast"] == {"name": "oip-fast", "port": OIP_FAST_PORT, "targetPort": "oip-fast",
                                  "protocol": "TCP", "appProtocol": "grpc"}

@@ -163,7 +163,10 @@ annotations:
 {{- end }}
 {{- end -}}
 
-{{/* Native gRPC health probes (grpc.health.v1) for our services. */}}
+{{/* Native gRPC health probes (grpc.health.v1) for our services. Startup and liveness ask "" (the
+process serves); readiness asks "readiness": SERVING only while the service reaches what it needs (the
+router and the registry: a Triton replica). A wrong Triton address thus keeps the pod unready, with
+"not ready: Triton at ... unreachable: ..." in its log, instead of restarting it. */}}
 {{- define "maas-mesh.grpcProbes" -}}
 startupProbe:
   grpc:
@@ -173,6 +176,7 @@ startupProbe:
 readinessProbe:
   grpc:
     port: {{ include "maas-mesh.port" . }}
+    service: readiness
   periodSeconds: 5
   failureThreshold: 2
 livenessProbe:
