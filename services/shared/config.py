@@ -66,6 +66,8 @@ class ServerSettings:
     log_level: str = "INFO"
     log_format: str = "json"
     workers: int = os.cpu_count() or 1
+    # glibc mmap threshold (services.shared.memory): 0 = glibc's default (dynamic, up to 32 MiB).
+    malloc_mmap_threshold_bytes: int = 0
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -> None:
@@ -86,6 +88,11 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -
                    help="Prometheus metrics port, 0 = off (MAAS_METRICS_PORT)")
     g.add_argument("--log-level", default=env("MAAS_LOG_LEVEL", "INFO"), help="MAAS_LOG_LEVEL")
     g.add_argument("--log-format", choices=["json", "text"], default=env("MAAS_LOG_FORMAT", "json"), help="MAAS_LOG_FORMAT")
+    g.add_argument("--malloc-mmap-threshold", type=int,
+                   default=env_int("MAAS_MALLOC_MMAP_THRESHOLD_BYTES", 0),
+                   help="allocations from this size get their own mapping, returned to the OS when freed, so a "
+                        "burst of large requests does not leave RSS at its peak; 0 = glibc's default "
+                        "(MAAS_MALLOC_MMAP_THRESHOLD_BYTES)")
     g.add_argument("--workers", type=int, default=env_int("MAAS_WORKERS", os.cpu_count() or 1),
                    help="threads for CPU-heavy work (MAAS_WORKERS)")
 
@@ -97,6 +104,8 @@ def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettin
         raise ConfigError("--workers must be positive")
     if args.drain_delay < 0:
         raise ConfigError("--drain-delay must be >= 0")
+    if args.malloc_mmap_threshold < 0:
+        raise ConfigError("--malloc-mmap-threshold must be >= 0")
     if args.readiness_interval <= 0:
         raise ConfigError("--readiness-interval must be positive")
     return ServerSettings(
@@ -110,6 +119,7 @@ def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettin
         log_level=args.log_level.upper(),
         log_format=args.log_format,
         workers=args.workers,
+        malloc_mmap_threshold_bytes=args.malloc_mmap_threshold,
     )
 
 

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.shared.config import ServerSettings
 from services.shared.interceptors import ServiceInterceptor
+from services.shared.memory import set_mmap_threshold
 from services.shared.structured_logging import configure_logging
 from services.shared.telemetry import (
     setup_tracing, shutdown_tracing, start_metrics_server, tracing_server_interceptors,
@@ -163,6 +164,7 @@ def build_server(
 def run(settings: ServerSettings, create: Callable[[], tuple[ServiceServer, int]]) -> None:
     """Entry point body shared by every service's __main__."""
     configure_logging(settings.service_name, settings.log_level, settings.log_format)
+    set_mmap_threshold(settings.malloc_mmap_threshold_bytes)
     setup_tracing(f"maas-{settings.service_name}")
     start_metrics_server(settings.metrics_port)
 
