@@ -5,7 +5,9 @@ RSS at the burst's peak: glibc serves those slices from its heap (its dynamic mm
 to 32 MiB after the first large free), and the heap, fragmented by smaller long-lived allocations,
 cannot give them back - malloc_trim did not help. Measured with a bare grpc.aio server and with the
 vision service: +115-205 MiB kept after 24 requests of 2 x 19 MiB; with the threshold fixed at 64 KiB
-such buffers are their own mappings, returned on free: +0 MiB. Setting it also turns the dynamic
+such buffers are their own mappings, returned on free: +0 MiB. The router under repeated Triton kills
+(bursts of failed calls and reconnects) stepped 97 -> 101 -> 106 -> 118 MiB by default, 90 -> 95 -> 90
+-> 98 MiB with it (Python heap flat in both). Setting it also turns the dynamic
 adjustment off. Allocations under the threshold are unaffected; those over it pay a fresh mapping
 (page faults) each time: small-image Preprocess throughput was ~0.8x (4 x 640x480 per call, three
 interleaved rounds on a loaded 2-core machine). Hence opt-in: MAAS_MALLOC_MMAP_THRESHOLD_BYTES=65536
