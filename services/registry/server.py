@@ -14,6 +14,7 @@ from services.registry.store import Store
 from services.registry.tenants import Tenants
 from services.registry.triton_fleet import TritonFleet
 from services.shared.discovery import ReplicaSource, create_replica_source
+from services.shared.readiness import triton_reachable, where_from
 from services.shared.server import ServiceServer, build_server
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,14 @@ def create_registry(cfg: RegistryConfig) -> Registry:
         load_timeout=cfg.load_timeout_seconds, watch_queue_size=cfg.watch_queue_size,
         reconcile_interval=cfg.reconcile_interval_seconds, reload_concurrency=cfg.reload_concurrency,
     )
+
+
+def fleet_reachable(registry: Registry, where: str, timeout: float):
+    """The registry's readiness check: one of its Triton replicas answers (it loads versions there)."""
+    async def check() -> str | None:
+        return await triton_reachable(registry.fleet.members, registry.fleet.live,
+                                      timeout, where)
+    return check
 
 
 # How long start-up waits for the first replica list before serving anyway (the watcher keeps trying).
@@ -60,6 +69,8 @@ def create_server(cfg: RegistryConfig, replica_source: ReplicaSource | None = No
     server, port = build_server(cfg.server, register)
     # Crash clean-up and reconciling Triton finish before the first RPC is accepted.
     server.on_start.extend([follow_replicas, registry.start])
+    server.readiness_checks.append(fleet_reachable(registry, where_from(cfg.replica_discovery),
+                                                   cfg.server.readiness_interval_seconds))
     server.on_stop.extend([replicas.stop, registry.stop, registry.store.close])
     server.registry = registry
     server.tenants = tenants

@@ -1,7 +1,8 @@
 """create_server(cfg): the router's gRPC server, its long-lived peer channels and background tasks.
 
 Call it inside a running event loop (services.shared.server.run does): it starts the registry watch.
-Health is SERVING once started; until the first routing snapshot arrives requests get UNAVAILABLE
+Health "" is SERVING once started; "readiness" only while a Triton replica answers ServerLive
+(services.shared.readiness; a wrong --triton keeps the pod unready with the reason logged). Until the first routing snapshot arrives requests get UNAVAILABLE
 ("routing state not received from the registry yet") and OIP ServerReady answers false.
 
 Triton calls are spread over every replica the discovery source reports (static --triton list, or the
@@ -28,7 +29,8 @@ from services.router.version_stats import VersionStatsReporter
 from services.router.watcher import RegistryWatcher
 from services.shared.channels import open_channel
 from services.shared.discovery import ReplicaSource, StaticReplicas, create_replica_source
-from services.shared.replica_pool import ReplicaPool, triton_admission
+from services.shared.readiness import triton_reachable, where_from
+from services.shared.replica_pool import ReplicaPool, triton_admission, triton_live
 from services.shared.server import ServiceServer, build_server
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,8 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
                     cfg.oip_fast_listen)
     elif cfg.oip_fast_listen:
         add_fast_path(service, port, cfg, table, pool)
+    service.readiness_checks.append(pool_reachable(pool, where_from(cfg.triton_discovery()),
+                                                   cfg.server.readiness_interval_seconds))
     watcher.start()
     if tenants is not None:
         tenants.start()
@@ -85,6 +89,14 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
                             source.stop, pool.close,
                             *(channel.close for channel in channels.values())])
     return service, port
+
+
+def pool_reachable(pool: ReplicaPool, where: str, timeout: float):
+    """The router's readiness check: one of the Triton replicas discovery reports answers."""
+    async def check() -> str | None:
+        known = pool.known()
+        return await triton_reachable(known, lambda address, t: triton_live(known[address], t), timeout, where)
+    return check
 
 
 def admit_when_serving(table: RoutingTable):
