@@ -701,8 +701,9 @@ def test_tls_reaches_every_pod_and_probes_still_work(scenario):
         assert e["MAAS_TLS_SERVER_NAME"]["value"] == cr.FULLNAME
         assert e["MAAS_HEALTH_LISTEN"]["value"] == f"0.0.0.0:{TLS_HEALTH_PORT}"
         assert {"name": "health", "containerPort": TLS_HEALTH_PORT, "protocol": "TCP"} in c["ports"]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe in ("startupProbe", "livenessProbe"):
             assert c[probe]["grpc"] == {"port": TLS_HEALTH_PORT}, (svc, probe)
+        assert c["readinessProbe"]["grpc"] == {"port": TLS_HEALTH_PORT, "service": READINESS}, svc
     for http_service in ("openai", "console"):
         _, c = _pod(docs, http_service)
         assert cr.env(c)["MAAS_TLS_CLIENT_AUTH"]["value"] == "optional"  # HTTPS callers without certificates
