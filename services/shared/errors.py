@@ -12,6 +12,8 @@ class ServiceError(Exception):
     """An error a caller can act on; its message says what was wrong and where."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # Sent with the status (e.g. a quota refusal's retry-after hint); empty for most errors.
+    trailing_metadata: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, message: str):
         super().__init__(message)

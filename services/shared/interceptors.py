@@ -10,7 +10,7 @@ import uuid
 import grpc
 
 from services.shared.decoding import decoded, decoded_stream, tolerant
-from services.shared.errors import InvalidArgument, bounded, status_for
+from services.shared.errors import InvalidArgument, ServiceError, bounded, status_for
 from services.shared.telemetry import RPC_DURATION, RPC_INFLIGHT, RPC_REQUESTS, _request_labels
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,9 @@ class _Outcome:
             log.exception("unhandled error", extra={"method": self.metrics.method, "incident": incident})
             mapped = (grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
         self.finish(mapped[0])
-        # An error may carry trailing metadata, e.g. the retry-after hint of a quota refusal.
-        trailing = getattr(exc, "trailing_metadata", None)
+        # Our errors may carry trailing metadata, e.g. the retry-after hint of a quota refusal. Only ours:
+        # a peer's grpc.aio.AioRpcError has a trailing_metadata() *method* (abort refused it: UNKNOWN).
+        trailing = exc.trailing_metadata if isinstance(exc, ServiceError) else ()
         if trailing:
             await context.abort(mapped[0], bounded(mapped[1]), trailing_metadata=trailing)
         await context.abort(mapped[0], bounded(mapped[1]))

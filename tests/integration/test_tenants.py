@@ -238,6 +238,12 @@ async def test_a_tenant_at_50_per_second_sending_200_gets_50_served_across_two_r
         assert n / sent_for > 100, "the client could not send fast enough to test the quota"
         assert 45 <= served_rate <= 55, served_rate
         assert hints and all(int(h) >= 1 for h in hints)
+        # The per-tenant metrics the dashboard charts (these routers run in this process: its registry).
+        from prometheus_client import REGISTRY
+
+        assert REGISTRY.get_sample_value("maas_tenant_requests_total", {"tenant": "acme", "method": "Infer"}) >= served
+        assert REGISTRY.get_sample_value("maas_tenant_refusals_total", {"tenant": "acme", "reason": "rate_limited"}) \
+            >= refused
     finally:
         for channel, _ in stubs:
             await channel.close()

@@ -16,6 +16,7 @@ from services.shared.telemetry import RPC_INFLIGHT, RPC_REQUESTS
 SLOW = "/test.Probe/Slow"
 FAIL = "/test.Probe/Fail"
 BUG = "/test.Probe/Bug"
+PEER = "/test.Probe/Peer"
 
 
 def _register_probe(server: grpc.aio.Server) -> list[str]:
@@ -29,9 +30,13 @@ def _register_probe(server: grpc.aio.Server) -> list[str]:
     async def bug(request: bytes, context) -> bytes:
         raise ZeroDivisionError("oops")
 
+    async def peer(request: bytes, context) -> bytes:  # a peer's refusal passed on (the router's vision call)
+        raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(),
+                                   grpc.aio.Metadata(("x-peer", "1")), details="image too large")
+
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(fn)
-        for name, fn in {"Slow": slow, "Fail": fail, "Bug": bug}.items()
+        for name, fn in {"Slow": slow, "Fail": fail, "Bug": bug, "Peer": peer}.items()
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Probe", handlers)])
     return ["test.Probe"]
@@ -281,3 +286,40 @@ async def test_drain_turns_readiness_not_serving_too():
     assert server.health._server_status[READINESS] == health_pb2.HealthCheckResponse.SERVING
     await server.stop(0)
     assert server.health._server_status[READINESS] == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_a_peers_refusal_passes_through_with_its_code(probe_server):
+    """A grpc.aio.AioRpcError (whose trailing_metadata is a method) keeps its code; it was UNKNOWN when the
+    interceptor handed that method to abort() as trailing metadata."""
+    _, channel = probe_server
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(PEER)(b"")
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "image too large" in caught.value.details()
+
+
+async def test_our_error_sends_its_trailing_metadata():
+    class Hinted(errors.ResourceExhausted):
+        trailing_metadata = (("retry-after-ms", "250"),)
+
+    async def hinted(request: bytes, context) -> bytes:
+        raise Hinted("over quota")
+
+    settings = ServerSettings(service_name="hinted", listen="127.0.0.1:0", grace_seconds=5.0)
+
+    def register(s):
+        s.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "test.Hinted", {"Call": grpc.unary_unary_rpc_method_handler(hinted)})])
+        return ["test.Hinted"]
+
+    other, port = build_server(settings, register)
+    await other.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/test.Hinted/Call")(b"")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ("retry-after-ms", "250") in tuple(caught.value.trailing_metadata())
+    finally:
+        await other.stop(0)
