@@ -20,6 +20,7 @@ from opentelemetry import trace
 from maas.v1 import registry_pb2, registry_pb2_grpc
 from services.router.metrics import SHADOW_REQUESTS
 from services.router.postprocess import cosine_sum, cosines, top1_agreed, top5_overlap_sum
+from services.router.reporting import PeriodicReport
 from services.router.routing import VersionInfo
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def compare(model: str, primary: VersionInfo, shadow: VersionInfo, a: np.ndarray
     )
 
 
-class ShadowRunner:
+class ShadowRunner(PeriodicReport):
     def __init__(self, registry_channel: grpc.aio.Channel | None, max_inflight: int = 64,
                  timeout: float = 10.0, report_interval: float = 1.0, max_pending: int = 10_000,
                  admin_token: str | None = None, tracer: trace.Tracer | None = None):
@@ -54,7 +55,6 @@ class ShadowRunner:
         self.report_interval, self.max_pending = report_interval, max_pending
         self._tasks: set[asyncio.Task] = set()
         self._pending: list[registry_pb2.ShadowResult] = []
-        self._reporter: asyncio.Task | None = None
         self.reported = 0  # results accepted by the registry (for tests and logs)
 
     @property
@@ -77,8 +77,8 @@ class ShadowRunner:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        if self._reporter is None and self._registry is not None:
-            self._reporter = asyncio.get_running_loop().create_task(self._report_loop(), context=contextvars.Context())
+        if self._registry is not None:
+            self._start_reporting()
         return True
 
     async def _run(self, primary, shadow, primary_output, shadow_output, primary_ms, link, request_id="") -> None:
@@ -102,11 +102,6 @@ class ShadowRunner:
             if len(self._pending) < self.max_pending:
                 self._pending.append(compare(primary.model, primary, shadow, a, b, primary_ms, shadow_ms, request_id))
 
-    async def _report_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.report_interval)
-            await self.flush()
-
     async def flush(self) -> None:
         if not self._pending or self._registry is None:
             return
@@ -123,11 +118,4 @@ class ShadowRunner:
         """Let in-flight copies finish (briefly), report what is left, stop the reporter."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.timeout)
-        if self._reporter is not None:
-            self._reporter.cancel()
-            try:
-                await self._reporter
-            except asyncio.CancelledError:
-                pass
-            self._reporter = None
-        await self.flush()
+        await self._stop_reporting()

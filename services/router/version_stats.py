@@ -19,6 +19,7 @@ import grpc
 
 from maas.v1 import registry_pb2, registry_pb2_grpc
 from services.router.metrics import VERSION_DURATION
+from services.router.reporting import PeriodicReport
 from services.router.routing import VersionInfo
 from services.shared.errors import ServiceError
 
@@ -53,14 +54,13 @@ def code_name(exc: BaseException) -> str:
     return grpc.StatusCode.INTERNAL.name
 
 
-class VersionStatsReporter:
+class VersionStatsReporter(PeriodicReport):
     def __init__(self, registry_channel: grpc.aio.Channel | None, report_interval: float = 0.5,
                  admin_token: str | None = None):
         self._registry = registry_pb2_grpc.RegistryStub(registry_channel) if registry_channel else None
         self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
         self.report_interval = report_interval
         self._pending: dict[tuple[str, int], _Figures] = {}
-        self._reporter: asyncio.Task | None = None
         self.reported = 0  # reports the registry accepted (tests)
 
     def record(self, model: str, version: int, error: str | None, seconds: float) -> None:
@@ -73,13 +73,8 @@ class VersionStatsReporter:
         else:
             figures.counts[bisect.bisect_left(LATENCY_BOUNDS_MS, seconds * 1000.0)] += 1
             VERSION_DURATION.labels(model, str(version)).observe(seconds)  # the console's per-version p50/p99
-        if self._reporter is None and self._registry is not None:
-            self._reporter = asyncio.get_running_loop().create_task(self._report_loop(), context=contextvars.Context())
-
-    async def _report_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.report_interval)
-            await self.flush()
+        if self._registry is not None:
+            self._start_reporting()
 
     async def flush(self) -> None:
         if not self._pending or self._registry is None:
@@ -100,14 +95,7 @@ class VersionStatsReporter:
                         extra={"versions": len(batch), "code": exc.code().name})
 
     async def stop(self) -> None:
-        if self._reporter is not None:
-            self._reporter.cancel()
-            try:
-                await self._reporter
-            except asyncio.CancelledError:
-                pass
-            self._reporter = None
-        await self.flush()
+        await self._stop_reporting()
 
 
 # The version a data-plane request was routed to, set by Dataplane.route() for the request's `counted` wrapper.
