@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/maas/v1/*.proto)
 
-.PHONY: install protos models fastpath k8s-tools browser images run test test-unit test-integration chart-test cluster-test bench soak clean
+.PHONY: lint install protos models fastpath k8s-tools browser images run test test-unit test-integration chart-test cluster-test bench soak clean
 
 install: $(STAMP) maas/v1/__init__.py
 
@@ -51,7 +51,13 @@ browser:
 images: install
 	bash tools/build_images.sh
 
-test: install models fastpath k8s-tools browser
+# Lint, format check and types: seconds, so `make test` runs it first (mypy's cache is build/mypy).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint install models fastpath k8s-tools browser
 	$(PY) -m pytest tests -q
 
 test-unit: install

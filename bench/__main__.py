@@ -3,6 +3,7 @@
 Each figure is a ratio or difference against a baseline measured in the same run, printed as
 `BENCH <name> <value> <op> <target>`; a summary at the end says which targets were met.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,15 +36,18 @@ class _Tee(io.TextIOBase):
 
 
 def main(argv: list[str]) -> int:
-    names = argv or sorted(name for m in pkgutil.iter_modules(bench.__path__) if m.name.startswith("bench_")
-                           and (name := m.name[len("bench_"):]) not in ON_REQUEST)
+    names = argv or sorted(
+        name
+        for m in pkgutil.iter_modules(bench.__path__)
+        if m.name.startswith("bench_") and (name := m.name[len("bench_") :]) not in ON_REQUEST
+    )
     tee, failed = _Tee(sys.stdout), []
     for name in names:
         print(f"== bench {name}", flush=True)
         try:
             with contextlib.redirect_stdout(tee):
                 importlib.import_module(f"bench.bench_{name}").main()
-        except Exception:  # one broken benchmark must not hide the others' figures
+        except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others' figures
             traceback.print_exc()
             failed.append(name)
     missed = []

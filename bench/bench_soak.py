@@ -8,6 +8,7 @@ kind has succeeded again, plus a short grace. Anything else is `soak_unexpected_
 
     make soak            # or: python -m bench soak
 """
+
 from __future__ import annotations
 
 import os
@@ -69,13 +70,22 @@ class Load(threading.Thread):
         stub = router_pb2_grpc.RouterStub(channel)
         image = cat_photo()
         calls = {
-            "embed": lambda: stub.Embed(router_pb2.EmbedRequest(model=tensor_pb2.ModelRef(name="minilm"),
-                                                                texts=["soak test sentence"]), timeout=CALL_TIMEOUT),
-            "classify": lambda: stub.Classify(router_pb2.ClassifyRequest(
-                model=tensor_pb2.ModelRef(name="efficientnet_lite0"), images=[image]), timeout=CALL_TIMEOUT),
-            "generate": lambda: stub.GenerateUnary(router_pb2.GenerateRequest(
-                model=tensor_pb2.ModelRef(name=generation_model() or ""), prompt="Hello, my name is",
-                sampling=router_pb2.SamplingParams(max_tokens=8)), timeout=CALL_TIMEOUT),
+            "embed": lambda: stub.Embed(
+                router_pb2.EmbedRequest(model=tensor_pb2.ModelRef(name="minilm"), texts=["soak test sentence"]),
+                timeout=CALL_TIMEOUT,
+            ),
+            "classify": lambda: stub.Classify(
+                router_pb2.ClassifyRequest(model=tensor_pb2.ModelRef(name="efficientnet_lite0"), images=[image]),
+                timeout=CALL_TIMEOUT,
+            ),
+            "generate": lambda: stub.GenerateUnary(
+                router_pb2.GenerateRequest(
+                    model=tensor_pb2.ModelRef(name=generation_model() or ""),
+                    prompt="Hello, my name is",
+                    sampling=router_pb2.SamplingParams(max_tokens=8),
+                ),
+                timeout=CALL_TIMEOUT,
+            ),
         }
         call = calls[self.kind]
         while not self.stopping.is_set():
@@ -177,16 +187,20 @@ def report(records: list[Record], faults: list[Fault], kinds: list[str], sampler
     errors = [r for r in records if r.code != "OK"]
     # A call counts as the fault's when it overlaps the window (one in flight at the injection, too).
     unexpected = [r for r in errors if not any(r.at <= b and r.at + r.ms / 1000 >= a for a, b in windows)]
-    print(f"soak: {len(records)} calls over {SECONDS:.0f}s, {len(faults)} faults; errors by code "
-          f"{dict(Counter((r.kind, r.code) for r in errors))}; outside fault windows "
-          f"{dict(Counter((r.kind, r.code, round(r.at - t0)) for r in unexpected))}")
+    print(
+        f"soak: {len(records)} calls over {SECONDS:.0f}s, {len(faults)} faults; errors by code "
+        f"{dict(Counter((r.kind, r.code) for r in errors))}; outside fault windows "
+        f"{dict(Counter((r.kind, r.code, round(r.at - t0)) for r in unexpected))}"
+    )
     for kind in kinds:
         ok = [r.ms for r in records if r.kind == kind and r.code == "OK"]
         if ok:
             print(f"soak {kind}: {len(ok)} ok, p50 {statistics.median(ok):.1f} ms, p99 {np.percentile(ok, 99):.1f} ms")
     for fault in faults:
-        print(f"soak fault {fault.what} {fault.component} at {fault.at - t0:.0f}s: recovered "
-              + ", ".join(f"{k} {v:.1f}s" for k, v in fault.recovered.items()))
+        print(
+            f"soak fault {fault.what} {fault.component} at {fault.at - t0:.0f}s: recovered "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in fault.recovered.items())
+        )
     growth = sampler.growth()
     for name, pct in sorted(growth.items(), key=lambda kv: -kv[1]):
         print(f"soak rss {pct:+.1f}% {name}")

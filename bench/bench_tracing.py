@@ -5,6 +5,7 @@ router processes sharing one mesh's peers, differing only in their OTEL_* enviro
   disabled  an OTLP endpoint set but OTEL_SDK_DISABLED=true (what the chart does with tracing off)
   on        OTLP/HTTP export of every request (100% sampling) to a local receiver
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,7 +26,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from bench.bench_router import MODEL, load, tiny_mesh
 from maas.local.mesh import LocalMesh
 from maas.local.triton import REPO, free_ports
-from tests.fixtures.otlp import OtlpReceiver, _http_handler
+from tests.fixtures.otlp import OtlpReceiver, http_handler
 
 CONCURRENCY = (1, 8)
 SECONDS = 3.0
@@ -39,18 +40,40 @@ def start_router(mesh: LocalMesh, env: dict[str, str], log: Path) -> tuple[subpr
     clean["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), clean.get("PYTHONPATH", "")) if p)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.router", "--listen", address, "--registry", a["registry"],
-             "--tokenizer", a["tokenizer"], "--vision", a["vision"], "--triton", a["triton"],
-             "--oip-fast-listen", "off"],  # tracing is the main port's: the compiled data path makes no spans
-            env={**clean, **env}, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "services.router",
+                "--listen",
+                address,
+                "--registry",
+                a["registry"],
+                "--tokenizer",
+                a["tokenizer"],
+                "--vision",
+                a["vision"],
+                "--triton",
+                a["triton"],
+                "--oip-fast-listen",
+                "off",
+            ],  # tracing is the main port's: the compiled data path makes no spans
+            env={**clean, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 60
     with grpc.insecure_channel(address) as channel:
         health, oip = health_pb2_grpc.HealthStub(channel), service_pb2_grpc.GRPCInferenceServiceStub(channel)
         while True:
             try:
-                if (health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING
-                        and oip.ModelReady(service_pb2.ModelReadyRequest(name=MODEL), timeout=2).ready):
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                    and oip.ModelReady(service_pb2.ModelReadyRequest(name=MODEL), timeout=2).ready
+                ):
                     return proc, address
             except grpc.RpcError:
                 pass
@@ -62,19 +85,24 @@ def start_router(mesh: LocalMesh, env: dict[str, str], log: Path) -> tuple[subpr
 
 def main() -> None:
     receiver = OtlpReceiver()
-    http = ThreadingHTTPServer(("127.0.0.1", 0), _http_handler(receiver))
+    http = ThreadingHTTPServer(("127.0.0.1", 0), http_handler(receiver))
     threading.Thread(target=http.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{http.server_address[1]}"
     variants = {
         "off": {},
         "disabled": {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_SDK_DISABLED": "true"},
-        "on": {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-               "OTEL_TRACES_SAMPLER": "always_on"},
+        "on": {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_TRACES_SAMPLER": "always_on",
+        },
     }
     routers: list[subprocess.Popen] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="maas-bench-tracing-") as tmp, \
-                tiny_mesh("maas-bench-tracing-mesh-") as (mesh, version):
+        with (
+            tempfile.TemporaryDirectory(prefix="maas-bench-tracing-") as tmp,
+            tiny_mesh("maas-bench-tracing-mesh-") as (mesh, version),
+        ):
             targets = {"direct": (mesh.addresses["triton"], version)}
             for name, env in variants.items():
                 proc, address = start_router(mesh, env, Path(tmp) / f"router-{name}.log")
@@ -92,8 +120,11 @@ def main() -> None:
                         if n not in best or qps > best[n][1]:
                             best[n] = (lat, qps)
                 results[c] = best
-                print(f"{c:>11} " + " ".join(f"{np.percentile(lat, 50):>14.3f} {qps:>14.0f}"
-                                             for lat, qps in results[c].values()), flush=True)
+                print(
+                    f"{c:>11} "
+                    + " ".join(f"{np.percentile(lat, 50):>14.3f} {qps:>14.0f}" for lat, qps in results[c].values()),
+                    flush=True,
+                )
     finally:
         for proc in routers:
             proc.terminate()

@@ -1,4 +1,5 @@
 """The `maas` command: `maas models ...` (registry), `maas up|demo|embed|classify|generate|chat` (mesh)."""
+
 from __future__ import annotations
 
 import typer

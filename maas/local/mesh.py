@@ -16,6 +16,7 @@ tracing set, every component gets those settings and its own OTEL_SERVICE_NAME, 
 OpenTelemetry trace mode towards the OTLP/HTTP endpoint (see `triton_tracing_args`), so one request is
 one trace from the router through the preprocessing service to Triton.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -43,10 +44,19 @@ from services.shared.telemetry import tracing_configured
 SERVICES = ("registry", "tokenizer", "vision", "router", "openai", "console")
 HTTP_SERVICES = ("openai", "console")  # health is GET /healthz, not gRPC health
 # Each service's Prometheus endpoint (<name>_metrics) takes any free port unless one is given.
-DEFAULT_PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054, "router_oip": 50055,
-                 "openai": 8090, "console": CONSOLE_PORT,
-                 "triton_grpc": 8001, "triton_http": 8000, "triton_metrics": 8002,
-                 **{f"{name}_metrics": 0 for name in SERVICES}}
+DEFAULT_PORTS = {
+    "router": 50051,
+    "registry": 50052,
+    "tokenizer": 50053,
+    "vision": 50054,
+    "router_oip": 50055,
+    "openai": 8090,
+    "console": CONSOLE_PORT,
+    "triton_grpc": 8001,
+    "triton_http": 8000,
+    "triton_metrics": 8002,
+    **{f"{name}_metrics": 0 for name in SERVICES},
+}
 FREE_PORTS = {name: 0 for name in DEFAULT_PORTS}
 
 
@@ -74,14 +84,37 @@ class SourceModel:
 
 
 SOURCE_MODELS = (
-    SourceModel("minilm", "1/model.onnx", "onnx", ("tokenizer", "minilm"), ("embedding", "sentence_embedding"),
-                tags=(("max_sequence_length", "512"),)),  # BERT's position embeddings
-    SourceModel("efficientnet_lite0", "1/model.pt", "torchscript", ("vision", "efficientnet_lite0"),
-                ("softmax_top_k", "OUTPUT__0"), top_k=5, labels_file="labels.txt", signature_from_config=True),
+    SourceModel(
+        "minilm",
+        "1/model.onnx",
+        "onnx",
+        ("tokenizer", "minilm"),
+        ("embedding", "sentence_embedding"),
+        tags=(("max_sequence_length", "512"),),
+    ),  # BERT's position embeddings
+    SourceModel(
+        "efficientnet_lite0",
+        "1/model.pt",
+        "torchscript",
+        ("vision", "efficientnet_lite0"),
+        ("softmax_top_k", "OUTPUT__0"),
+        top_k=5,
+        labels_file="labels.txt",
+        signature_from_config=True,
+    ),
     # ONNX Runtime GenAI folders (docs/generation.md): v1 fp32 (the reference), v2 int4 (production).
-    SourceModel("smollm2", "1", "genai", ("tokenizer", "smollm2"), ("generation", ""), more_artifacts=("2",),
-                descriptions=("SmolLM2-135M-Instruct, fp32 (the reference export)",
-                              "SmolLM2-135M-Instruct, int4 (MatMulNBits)")),
+    SourceModel(
+        "smollm2",
+        "1",
+        "genai",
+        ("tokenizer", "smollm2"),
+        ("generation", ""),
+        more_artifacts=("2",),
+        descriptions=(
+            "SmolLM2-135M-Instruct, fp32 (the reference export)",
+            "SmolLM2-135M-Instruct, int4 (MatMulNBits)",
+        ),
+    ),
 )
 
 
@@ -95,7 +128,7 @@ def triton_otlp_http_endpoint(env: Mapping[str, str]) -> str | None:
     override = env.get("MAAS_TRITON_OTLP_HTTP_ENDPOINT", "").strip()
     if override:
         return override if override.rstrip("/").endswith("/v1/traces") else override.rstrip("/") + "/v1/traces"
-    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
     if not protocol.lower().startswith("http"):
         return None
     if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
@@ -127,10 +160,17 @@ def triton_tracing_args(env: Mapping[str, str]) -> list[str]:
     rate = triton_sample_rate(env)
     if url is None or rate == 0:
         return []
-    return [arg for setting in ("mode=opentelemetry", f"opentelemetry,url={url}",
-                                f"opentelemetry,resource=service.name={TRITON_SERVICE_NAME}",
-                                f"rate={rate}", "level=TIMESTAMPS")
-            for arg in ("--trace-config", setting)]
+    return [
+        arg
+        for setting in (
+            "mode=opentelemetry",
+            f"opentelemetry,url={url}",
+            f"opentelemetry,resource=service.name={TRITON_SERVICE_NAME}",
+            f"rate={rate}",
+            "level=TIMESTAMPS",
+        )
+        for arg in ("--trace-config", setting)
+    ]
 
 
 @dataclass
@@ -158,19 +198,31 @@ def _config_signature(model_dir: Path) -> tuple[list, list, int]:
 
     from maas.v1 import registry_pb2
 
-    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig(),
-                               allow_unknown_field=True)
+    config = text_format.Parse(
+        (model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig(), allow_unknown_field=True
+    )
 
     def specs(tensors):
-        return [registry_pb2.TensorSpec(name=t.name, shape=list(t.dims),
-                                        datatype=model_config_pb2.DataType.Name(t.data_type).removeprefix("TYPE_"))
-                for t in tensors]
+        return [
+            registry_pb2.TensorSpec(
+                name=t.name,
+                shape=list(t.dims),
+                datatype=model_config_pb2.DataType.Name(t.data_type).removeprefix("TYPE_"),
+            )
+            for t in tensors
+        ]
+
     return specs(config.input), specs(config.output), int(config.max_batch_size)
 
 
-def register_source_models(registry: RegistryClient, source: Path, models: Sequence[SourceModel], timeout: float,
-                           log: Callable[[str], None] = lambda message: None,
-                           registry_log: Callable[[], str] = lambda: "(not available)") -> list[tuple[str, int]]:
+def register_source_models(
+    registry: RegistryClient,
+    source: Path,
+    models: Sequence[SourceModel],
+    timeout: float,
+    log: Callable[[str], None] = lambda message: None,
+    registry_log: Callable[[], str] = lambda: "(not available)",
+) -> list[tuple[str, int]]:
     """Register each of `models` from the source repository that the registry does not know yet, wait
     until READY and point `production` at its last version (`maas up` on first start; the container
     test against the chart's registry). Returns the (model, version)s registered."""
@@ -192,17 +244,28 @@ def register_source_models(registry: RegistryClient, source: Path, models: Seque
         labels = (folder / model.labels_file).read_text().splitlines() if model.labels_file else []
         for i, artifact in enumerate(artifacts):
             log(f"registering {model.name} from {artifact.relative_to(source.parent)}")
-            description = model.descriptions[i] if i < len(model.descriptions) else \
-                f"{model.name} from the source model repository (first start of the local mesh)"
+            description = (
+                model.descriptions[i]
+                if i < len(model.descriptions)
+                else f"{model.name} from the source model repository (first start of the local mesh)"
+            )
             try:
                 version = registry.register(
-                    artifact, model.name, format=model.format,
+                    artifact,
+                    model.name,
+                    format=model.format,
                     inputs=inputs if model.signature_from_config else (),
                     outputs=outputs if model.signature_from_config else (),
-                    preprocessing=model.preprocessing, postprocessing=model.postprocessing,
-                    top_k=model.top_k, labels=labels, max_batch_size=max_batch,
-                    tags={"source": "model_repository", "source_path": f"{model.name}/{artifact.name}",
-                          **dict(model.tags)},
+                    preprocessing=model.preprocessing,
+                    postprocessing=model.postprocessing,
+                    top_k=model.top_k,
+                    labels=labels,
+                    max_batch_size=max_batch,
+                    tags={
+                        "source": "model_repository",
+                        "source_path": f"{model.name}/{artifact.name}",
+                        **dict(model.tags),
+                    },
                     description=description,
                 )
                 registry.wait_ready(model.name, version.version, timeout=timeout)
@@ -266,8 +329,10 @@ class LocalMesh:
         fixed = [p for p in wanted.values() if p]
         busy = [p for p in fixed if not _port_free(self.config.host, p)]
         if busy:
-            raise MeshError(f"port(s) {', '.join(map(str, busy))} on {self.config.host} already in use — is another "
-                            f"mesh (or Triton) running? Stop it or choose other ports.")
+            raise MeshError(
+                f"port(s) {', '.join(map(str, busy))} on {self.config.host} already in use — is another "
+                f"mesh (or Triton) running? Stop it or choose other ports."
+            )
         free = iter(free_ports(sum(1 for p in wanted.values() if not p), self.config.host))
         return {name: port or next(free) for name, port in wanted.items()}
 
@@ -281,21 +346,53 @@ class LocalMesh:
     def _service_command(self, name: str) -> list[str]:
         a, cfg = self.addresses, self.config
         flags = {
-            "registry": ["--database", str(self.state_dir / "registry.sqlite3"),
-                         "--model-repository", str(self.state_dir / "repository"), "--triton", a["triton"],
-                         "--reconcile-interval", str(cfg.reconcile_interval)],
+            "registry": [
+                "--database",
+                str(self.state_dir / "registry.sqlite3"),
+                "--model-repository",
+                str(self.state_dir / "repository"),
+                "--triton",
+                a["triton"],
+                "--reconcile-interval",
+                str(cfg.reconcile_interval),
+            ],
             "tokenizer": ["--model-repository", str(Path(cfg.source_repository).resolve())],
             "vision": ["--model-repository", str(Path(cfg.source_repository).resolve())],
-            "router": ["--registry", a["registry"], "--tokenizer", a["tokenizer"], "--vision", a["vision"],
-                       "--triton", a["triton"], "--oip-fast-listen", a["router_oip"]],
+            "router": [
+                "--registry",
+                a["registry"],
+                "--tokenizer",
+                a["tokenizer"],
+                "--vision",
+                a["vision"],
+                "--triton",
+                a["triton"],
+                "--oip-fast-listen",
+                a["router_oip"],
+            ],
             "openai": ["--router", a["router"], "--registry", a["registry"]],
             # The console reads the router's Prometheus endpoint for its charts.
-            "console": ["--router", a["router"], "--registry", a["registry"],
-                        "--router-metrics", f"http://{a['router_metrics']}/metrics"],
+            "console": [
+                "--router",
+                a["router"],
+                "--registry",
+                a["registry"],
+                "--router-metrics",
+                f"http://{a['router_metrics']}/metrics",
+            ],
         }[name]
         metrics_port = a[f"{name}_metrics"].rsplit(":", 1)[1]
-        return [sys.executable, "-m", f"services.{name}", "--listen", a[name], "--metrics-port", metrics_port, *flags,
-                *cfg.service_args.get(name, ())]
+        return [
+            sys.executable,
+            "-m",
+            f"services.{name}",
+            "--listen",
+            a[name],
+            "--metrics-port",
+            metrics_port,
+            *flags,
+            *cfg.service_args.get(name, ()),
+        ]
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> "LocalMesh":
@@ -309,8 +406,10 @@ class LocalMesh:
     def _start(self) -> None:
         cfg = self.config
         if not Path(cfg.source_repository).is_dir():
-            raise MeshError(f"model repository {cfg.source_repository} not found (run from the repository root, "
-                            f"or pass --model-repository)")
+            raise MeshError(
+                f"model repository {cfg.source_repository} not found (run from the repository root, "
+                f"or pass --model-repository)"
+            )
         ports = self._pick_ports()
         host = cfg.host
         self.addresses = {name: f"{host}:{ports[name]}" for name in SERVICES}
@@ -325,14 +424,24 @@ class LocalMesh:
         env = self._env()
         tracing = triton_tracing_args(env)
         if tracing_configured(env) and not tracing:
-            self.log("Triton is not traced: it exports OTLP over HTTP only; set MAAS_TRITON_OTLP_HTTP_ENDPOINT "
-                     "(or OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)")
-        self.triton = LocalTriton(TritonConfig(
-            model_repository=self.state_dir / "repository", models=(), host=host,
-            grpc_port=ports["triton_grpc"], http_port=ports["triton_http"], metrics_port=ports["triton_metrics"],
-            work_dir=self.state_dir / "triton", extra_args=[*tracing, *cfg.triton_extra_args],
-            env={k: v for k, v in env.items() if k.startswith("OTEL_")}, startup_timeout=cfg.startup_timeout,
-        ))
+            self.log(
+                "Triton is not traced: it exports OTLP over HTTP only; set MAAS_TRITON_OTLP_HTTP_ENDPOINT "
+                "(or OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)"
+            )
+        self.triton = LocalTriton(
+            TritonConfig(
+                model_repository=self.state_dir / "repository",
+                models=(),
+                host=host,
+                grpc_port=ports["triton_grpc"],
+                http_port=ports["triton_http"],
+                metrics_port=ports["triton_metrics"],
+                work_dir=self.state_dir / "triton",
+                extra_args=[*tracing, *cfg.triton_extra_args],
+                env={k: v for k, v in env.items() if k.startswith("OTEL_")},
+                startup_timeout=cfg.startup_timeout,
+            )
+        )
         self.triton.start()
         for name in SERVICES:
             self.log(f"starting {name} on {self.addresses[name]}")
@@ -347,8 +456,12 @@ class LocalMesh:
         env = {**env, "OTEL_SERVICE_NAME": f"maas-{name}"} if tracing_configured(env) else env
         with open(self.log_dir / f"{name}.log", "ab") as log:
             self.processes[name] = spawn(
-                self._service_command(name), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, cwd=REPO,
+                self._service_command(name),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
             )
 
     def log_tail(self, name: str, lines: int = 30) -> str:
@@ -362,8 +475,10 @@ class LocalMesh:
     def _check_alive(self, name: str) -> None:
         proc = self.processes.get(name)
         if proc is not None and proc.poll() is not None:
-            raise MeshError(f"{name} exited with code {proc.returncode}; log {self.log_dir / (name + '.log')}:\n"
-                            f"{self.log_tail(name)}")
+            raise MeshError(
+                f"{name} exited with code {proc.returncode}; log {self.log_dir / (name + '.log')}:\n"
+                f"{self.log_tail(name)}"
+            )
 
     def _poll(self, name: str, ready, what: str) -> None:
         """Until ready() is true (a gRPC error counts as not yet), failing fast if `name` exits."""
@@ -376,8 +491,7 @@ class LocalMesh:
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
-                raise MeshError(f"{what} after {self.config.startup_timeout:.0f}s; {name} log:\n"
-                                f"{self.log_tail(name)}")
+                raise MeshError(f"{what} after {self.config.startup_timeout:.0f}s; {name} log:\n{self.log_tail(name)}")
             time.sleep(0.1)
 
     def _wait_serving(self, name: str) -> None:
@@ -386,23 +500,37 @@ class LocalMesh:
             return
         with grpc.insecure_channel(self.addresses[name]) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            self._poll(name, lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                       == health_pb2.HealthCheckResponse.SERVING, f"{name} not SERVING")
+            self._poll(
+                name,
+                lambda: (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ),
+                f"{name} not SERVING",
+            )
 
     def register_models(self) -> None:
         """Register each source model the registry does not know yet and point `production` at it."""
         with RegistryClient(self.registry_address, timeout=30) as registry:
             self.registered += register_source_models(
-                registry, Path(self.config.source_repository), self.config.models, self.config.register_timeout,
-                self.log, registry_log=lambda: self.log_tail("registry"))
+                registry,
+                Path(self.config.source_repository),
+                self.config.models,
+                self.config.register_timeout,
+                self.log,
+                registry_log=lambda: self.log_tail("registry"),
+            )
 
     def _wait_routable(self, models: Sequence[str]) -> None:
         """Until the router has the registry's state and Triton has each model ready (OIP ModelReady)."""
         with grpc.insecure_channel(self.router_address) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             for model in models:
-                self._poll("router", lambda: stub.ModelReady(service_pb2.ModelReadyRequest(name=model), timeout=2)
-                           .ready, f"router cannot route {model}")
+                self._poll(
+                    "router",
+                    lambda model=model: stub.ModelReady(service_pb2.ModelReadyRequest(name=model), timeout=2).ready,
+                    f"router cannot route {model}",
+                )
 
     def stop(self) -> None:
         """Services in reverse start order (SIGTERM, then SIGKILL after the grace), Triton last."""
@@ -465,23 +593,29 @@ class LocalMesh:
 
     def alive(self) -> dict[str, bool]:
         status = {name: proc.poll() is None for name, proc in self.processes.items()}
-        status["triton"] = self.triton is not None and self.triton.process is not None and self.triton.process.poll() is None
+        status["triton"] = (
+            self.triton is not None and self.triton.process is not None and self.triton.process.poll() is None
+        )
         return status
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(component, address, log file under log_dir) for the table `maas up` prints."""
-        rows = [("router — maas.v1.Router + Open Inference Protocol", self.addresses["router"], "router.log"),
-                ("router — Open Inference Protocol, compiled data path", self.addresses["router_oip"], "router.log"),
-                ("registry", self.addresses["registry"], "registry.log"),
-                ("tokenizer", self.addresses["tokenizer"], "tokenizer.log"),
-                ("vision", self.addresses["vision"], "vision.log"),
-                ("openai — OpenAI-compatible HTTP API (base_url)", self.openai_url, "openai.log"),
-                ("console — web console (browser)", self.console_url, "console.log")]
+        rows = [
+            ("router — maas.v1.Router + Open Inference Protocol", self.addresses["router"], "router.log"),
+            ("router — Open Inference Protocol, compiled data path", self.addresses["router_oip"], "router.log"),
+            ("registry", self.addresses["registry"], "registry.log"),
+            ("tokenizer", self.addresses["tokenizer"], "tokenizer.log"),
+            ("vision", self.addresses["vision"], "vision.log"),
+            ("openai — OpenAI-compatible HTTP API (base_url)", self.openai_url, "openai.log"),
+            ("console — web console (browser)", self.console_url, "console.log"),
+        ]
         rows += [(f"{name} metrics", self.addresses[f"{name}_metrics"], "") for name in SERVICES]
         if self.triton is not None:
-            rows += [("triton gRPC", self.triton.grpc_address, "../triton/tritonserver.log"),
-                     ("triton HTTP", self.triton.http_address, ""),
-                     ("triton metrics", self.triton.metrics_address, "")]
+            rows += [
+                ("triton gRPC", self.triton.grpc_address, "../triton/tritonserver.log"),
+                ("triton HTTP", self.triton.http_address, ""),
+                ("triton metrics", self.triton.metrics_address, ""),
+            ]
         return rows
 
     def __enter__(self) -> "LocalMesh":

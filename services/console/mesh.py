@@ -1,5 +1,6 @@
 """What the console holds of the mesh: one channel to the router and one to the registry (their public
 gRPC APIs only, never the database), the registry's Watch feed and the router's metrics history."""
+
 from __future__ import annotations
 
 import time
@@ -72,8 +73,13 @@ class Answered:
 
 def routed_fields(decision: tensor_pb2.RoutingDecision) -> dict:
     kind = tensor_pb2.RouteKind.Name(decision.kind).removeprefix("ROUTE_KIND_").lower() if decision.kind else ""
-    return {"model": decision.model, "version": decision.version, "kind": kind, "target": decision.target,
-            "shadowed": decision.shadowed}
+    return {
+        "model": decision.model,
+        "version": decision.version,
+        "kind": kind,
+        "target": decision.target,
+        "shadowed": decision.shadowed,
+    }
 
 
 class Mesh:
@@ -108,8 +114,9 @@ class Mesh:
             yield format(span.get_span_context().trace_id, "032x")
 
     def answered(self, decision: tensor_pb2.RoutingDecision, started: float, trace_id: str) -> Answered:
-        return Answered(**routed_fields(decision), latency_ms=round((time.perf_counter() - started) * 1000, 1),
-                        trace_id=trace_id)
+        return Answered(
+            **routed_fields(decision), latency_ms=round((time.perf_counter() - started) * 1000, 1), trace_id=trace_id
+        )
 
     # -- registry reads ------------------------------------------------------------------------------
     async def models(self) -> list[pb.Model]:

@@ -6,6 +6,7 @@ that went down means the router restarted: its new value is the delta). Quantile
 the histogram buckets' deltas, as PromQL's histogram_quantile does. The router's duration histogram
 is labelled by method, not version, so latency is per method (docs/console.md).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -122,14 +123,16 @@ class History:
                     value = quantile(q, window)
                     if value is not None:
                         lines.setdefault(method, []).append((x, value * 1000))
-        return [Series("Requests per second, per version", "req/s", rate),
-                Series("Errors per second (status other than OK), per version", "err/s", errors),
-                Series("p50 latency, per router method", "ms", p50),
-                Series("p99 latency, per router method", "ms", p99)]
+        return [
+            Series("Requests per second, per version", "req/s", rate),
+            Series("Errors per second (status other than OK), per version", "err/s", errors),
+            Series("p50 latency, per router method", "ms", p50),
+            Series("p99 latency, per router method", "ms", p99),
+        ]
 
 
 def fetch(url: str, timeout: float = 2.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - a configured http(s) URL
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # a configured http(s) URL
         return response.read().decode("utf-8", "replace")
 
 

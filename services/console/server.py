@@ -3,6 +3,7 @@
 On SIGTERM uvicorn stops accepting connections and gives open ones (event streams, a chat) the drain
 grace, then the app's lifespan closes the channels (which cancels their calls).
 """
+
 from __future__ import annotations
 
 import uvicorn
@@ -15,8 +16,14 @@ from services.shared.telemetry import setup_tracing, shutdown_tracing, start_met
 
 def uvicorn_config(config: ConsoleConfig) -> uvicorn.Config:
     return uvicorn.Config(
-        create_app(config), host=config.host, port=config.port, lifespan="on", log_config=None, access_log=False,
-        timeout_graceful_shutdown=max(1, int(config.server.grace_seconds)), server_header=False,
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(config.server.grace_seconds)),
+        server_header=False,
     )
 
 

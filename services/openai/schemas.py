@@ -4,6 +4,7 @@ Types and ranges that cannot reach the router as they are (negative integers int
 fields, max_tokens 0 which would mean "the server's default") are checked here; everything else
 (temperature, top_p, the max_tokens cap, stop lengths) by the router, which names the field.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal

@@ -1,4 +1,5 @@
 """protobuf ⇄ domain conversions for the registry servicer."""
+
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -40,8 +41,9 @@ def timestamp(seconds: float) -> Timestamp:
 
 # -- in ---------------------------------------------------------------------------------------------
 
+
 def signature_in(sig: pb.Signature) -> d.Signature:
-    spec = lambda t: d.TensorSpec(t.name, t.datatype, tuple(t.shape))  # noqa: E731
+    spec = lambda t: d.TensorSpec(t.name, t.datatype, tuple(t.shape))
     return d.Signature(tuple(map(spec, sig.inputs)), tuple(map(spec, sig.outputs)))
 
 
@@ -51,48 +53,83 @@ def registration_in(h: pb.RegistrationHeader) -> d.RegistrationRequest:
     if h.preprocessing.kind not in _PRE or h.postprocessing.kind not in _POST:
         raise InvalidArgument("header: unknown preprocessing or postprocessing kind")
     return d.RegistrationRequest(
-        model=h.model, format=_FORMATS[h.format], sha256=h.sha256.lower(), size_bytes=h.size_bytes,
+        model=h.model,
+        format=_FORMATS[h.format],
+        sha256=h.sha256.lower(),
+        size_bytes=h.size_bytes,
         signature=signature_in(h.signature),
         preprocessing=d.Preprocessing(_PRE[h.preprocessing.kind], h.preprocessing.name),
         postprocessing=d.Postprocessing(_POST[h.postprocessing.kind], h.postprocessing.output, h.postprocessing.top_k),
-        labels=tuple(h.labels), tags=dict(h.tags), max_batch_size=h.max_batch_size, actor=h.actor,
+        labels=tuple(h.labels),
+        tags=dict(h.tags),
+        max_batch_size=h.max_batch_size,
+        actor=h.actor,
         description=h.description,
     )
 
 
 def target_in(t: pb.TrafficTarget) -> d.Target:
     which = t.WhichOneof("target")
-    return d.Target(version=t.version if which == "version" else 0, alias=t.alias if which == "alias" else "",
-                    weight=t.weight)
+    return d.Target(
+        version=t.version if which == "version" else 0, alias=t.alias if which == "alias" else "", weight=t.weight
+    )
 
 
 def shadow_result_in(r: pb.ShadowResult) -> d.ShadowResult:
-    return d.ShadowResult(r.model, r.primary_version, r.shadow_version, r.items, r.top1_agreed, r.cosine_sum,
-                          r.primary_latency_ms, r.shadow_latency_ms)
+    return d.ShadowResult(
+        r.model,
+        r.primary_version,
+        r.shadow_version,
+        r.items,
+        r.top1_agreed,
+        r.cosine_sum,
+        r.primary_latency_ms,
+        r.shadow_latency_ms,
+    )
 
 
 # -- out --------------------------------------------------------------------------------------------
 
+
 def signature_out(sig: d.Signature) -> pb.Signature:
-    spec = lambda t: pb.TensorSpec(name=t.name, datatype=t.datatype, shape=list(t.shape))  # noqa: E731
+    spec = lambda t: pb.TensorSpec(name=t.name, datatype=t.datatype, shape=list(t.shape))
     return pb.Signature(inputs=list(map(spec, sig.inputs)), outputs=list(map(spec, sig.outputs)))
 
 
 def version_out(v: d.Version) -> pb.ModelVersion:
     return pb.ModelVersion(
-        model=v.model, version=v.version, state=_STATES_PB[v.state], state_reason=v.state_reason,
-        format=_FORMATS_PB[v.format], sha256=v.sha256, size_bytes=v.size_bytes, signature=signature_out(v.signature),
+        model=v.model,
+        version=v.version,
+        state=_STATES_PB[v.state],  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class, ints accepted
+        state_reason=v.state_reason,
+        format=_FORMATS_PB[v.format],
+        sha256=v.sha256,
+        size_bytes=v.size_bytes,
+        signature=signature_out(v.signature),
         preprocessing=pb.Preprocessing(kind=_PRE_PB[v.preprocessing.kind], name=v.preprocessing.name),
-        postprocessing=pb.Postprocessing(kind=_POST_PB[v.postprocessing.kind], output=v.postprocessing.output,
-                                         top_k=v.postprocessing.top_k),
-        labels=list(v.labels), tags=v.tags, created_at=timestamp(v.created_at), created_by=v.created_by,
-        aliases=list(v.aliases), description=v.description, load_ms=v.load_ms,
+        postprocessing=pb.Postprocessing(
+            kind=_POST_PB[v.postprocessing.kind], output=v.postprocessing.output, top_k=v.postprocessing.top_k
+        ),
+        labels=list(v.labels),
+        tags=v.tags,
+        created_at=timestamp(v.created_at),
+        created_by=v.created_by,
+        aliases=list(v.aliases),
+        description=v.description,
+        load_ms=v.load_ms,
     )
 
 
 def alias_out(a: d.Alias) -> pb.Alias:
-    return pb.Alias(model=a.model, name=a.name, version=a.version, previous_version=a.previous_version,
-                    updated_by=a.updated_by, updated_at=timestamp(a.updated_at), reason=a.reason)
+    return pb.Alias(
+        model=a.model,
+        name=a.name,
+        version=a.version,
+        previous_version=a.previous_version,
+        updated_by=a.updated_by,
+        updated_at=timestamp(a.updated_at),
+        reason=a.reason,
+    )
 
 
 def target_out(t: d.Target) -> pb.TrafficTarget:
@@ -102,8 +139,9 @@ def target_out(t: d.Target) -> pb.TrafficTarget:
 
 
 def policy_out(p: d.TrafficPolicy) -> pb.TrafficPolicy:
-    out = pb.TrafficPolicy(model=p.model, split=[target_out(t) for t in p.split], updated_by=p.updated_by,
-                           reason=p.reason)
+    out = pb.TrafficPolicy(
+        model=p.model, split=[target_out(t) for t in p.split], updated_by=p.updated_by, reason=p.reason
+    )
     if p.updated_at:
         out.updated_at.CopyFrom(timestamp(p.updated_at))
     if p.shadow is not None:
@@ -112,25 +150,35 @@ def policy_out(p: d.TrafficPolicy) -> pb.TrafficPolicy:
 
 
 def shadow_stats_out(s: d.ShadowStats) -> pb.ShadowStats:
-    return pb.ShadowStats(primary_version=s.primary_version, shadow_version=s.shadow_version, samples=s.samples,
-                          top1_agreement=s.top1_agreement, mean_cosine=s.mean_cosine,
-                          primary_latency_ms=s.primary_latency_ms, shadow_latency_ms=s.shadow_latency_ms)
+    return pb.ShadowStats(
+        primary_version=s.primary_version,
+        shadow_version=s.shadow_version,
+        samples=s.samples,
+        top1_agreement=s.top1_agreement,
+        mean_cosine=s.mean_cosine,
+        primary_latency_ms=s.primary_latency_ms,
+        shadow_latency_ms=s.shadow_latency_ms,
+    )
 
 
 def model_out(m: d.Model) -> pb.Model:
-    return pb.Model(name=m.name, versions=[version_out(v) for v in m.versions],
-                    aliases=[alias_out(a) for a in m.aliases], policy=policy_out(m.policy),
-                    shadow_stats=[shadow_stats_out(s) for s in m.shadow_stats],
-                    alias_history=[alias_out(a) for a in m.alias_history])
+    return pb.Model(
+        name=m.name,
+        versions=[version_out(v) for v in m.versions],
+        aliases=[alias_out(a) for a in m.aliases],
+        policy=policy_out(m.policy),
+        shadow_stats=[shadow_stats_out(s) for s in m.shadow_stats],
+        alias_history=[alias_out(a) for a in m.alias_history],
+    )
 
 
 def routing_out(r: d.ModelRouting) -> pb.ModelRouting:
-    return pb.ModelRouting(model=r.model, versions=[version_out(v) for v in r.versions], aliases=r.aliases,
-                           policy=policy_out(r.policy))
+    return pb.ModelRouting(
+        model=r.model, versions=[version_out(v) for v in r.versions], aliases=r.aliases, policy=policy_out(r.policy)
+    )
 
 
 def watch_event_out(e: d.WatchEvent) -> pb.WatchEvent:
     if e.snapshot is not None:
-        return pb.WatchEvent(revision=e.revision,
-                             snapshot=pb.RoutingState(models=[routing_out(m) for m in e.snapshot]))
+        return pb.WatchEvent(revision=e.revision, snapshot=pb.RoutingState(models=[routing_out(m) for m in e.snapshot]))
     return pb.WatchEvent(revision=e.revision, model_changed=routing_out(e.changed))

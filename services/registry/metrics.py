@@ -1,4 +1,5 @@
 """Prometheus metrics of the registry (names referenced by the chart and the dashboard)."""
+
 from __future__ import annotations
 
 from collections import Counter as Tally
@@ -13,8 +14,9 @@ SHADOW_AGREEMENT = Gauge(
     "Shadow vs primary agreement: top-1 agreement for classifiers, mean cosine for embeddings",
     ["model", "primary", "shadow"],
 )
-SHADOW_SAMPLES = Counter("maas_registry_shadow_samples", "Shadow comparisons reported by the router",
-                         ["model", "primary", "shadow"])
+SHADOW_SAMPLES = Counter(
+    "maas_registry_shadow_samples", "Shadow comparisons reported by the router", ["model", "primary", "shadow"]
+)
 WATCHERS = Gauge("maas_registry_watchers", "Open Watch streams")
 
 

@@ -10,6 +10,7 @@ skips non-numeric folders inside a model, whereas every folder at the root is a 
 that fails to load stops a replica started with `--load-model=*`). A new model's folder therefore
 exists from its first upload on; if that upload fails, the folder is removed again (release).
 """
+
 from __future__ import annotations
 
 import logging
@@ -97,8 +98,10 @@ class ModelRepository:
         if (model_dir / MARKER).exists():
             return
         if not registered and model_dir.exists() and not _prepared_for_registration(model_dir):
-            raise FailedPrecondition(f"the model repository already has a folder {model!r} that the registry does not "
-                                     f"manage; register under another name or move that folder away")
+            raise FailedPrecondition(
+                f"the model repository already has a folder {model!r} that the registry does not "
+                f"manage; register under another name or move that folder away"
+            )
         model_dir.mkdir(exist_ok=True)
         (model_dir / MARKER).write_text("managed by the MaaS Mesh registry\n")
         _fsync_dir(model_dir)
@@ -168,6 +171,8 @@ class ModelRepository:
             if model_dir.name not in known_models and self.release(model_dir.name):
                 removed.append(model_dir)  # a first upload that never committed
         if removed:
-            log.warning("removed partial artefacts left by an interrupted registration",
-                        extra={"paths": [str(p) for p in removed]})
+            log.warning(
+                "removed partial artefacts left by an interrupted registration",
+                extra={"paths": [str(p) for p in removed]},
+            )
         return removed

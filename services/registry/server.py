@@ -1,8 +1,10 @@
 """Builds the registry's gRPC server: store, repository, Triton fleet, domain and servicer wired together."""
+
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 
 from maas.v1 import registry_pb2, registry_pb2_grpc
 from services.registry.auth import AdminAuth
@@ -25,11 +27,16 @@ def create_registry(cfg: RegistryConfig) -> Registry:
     discovery = cfg.replica_discovery
     # Static replicas are in the fleet from the start; discovered ones join as the watcher reports them.
     return Registry(
-        Store(cfg.database), ModelRepository(cfg.model_repository),
-        TritonFleet(discovery.static_addresses, timeout=cfg.load_timeout_seconds), executor=executor,
-        max_artifact_bytes=cfg.max_artifact_bytes, default_max_batch_size=cfg.default_max_batch_size,
-        load_timeout=cfg.load_timeout_seconds, watch_queue_size=cfg.watch_queue_size,
-        reconcile_interval=cfg.reconcile_interval_seconds, reload_concurrency=cfg.reload_concurrency,
+        Store(cfg.database),
+        ModelRepository(cfg.model_repository),
+        TritonFleet(discovery.static_addresses, timeout=cfg.load_timeout_seconds),
+        executor=executor,
+        max_artifact_bytes=cfg.max_artifact_bytes,
+        default_max_batch_size=cfg.default_max_batch_size,
+        load_timeout=cfg.load_timeout_seconds,
+        watch_queue_size=cfg.watch_queue_size,
+        reconcile_interval=cfg.reconcile_interval_seconds,
+        reload_concurrency=cfg.reload_concurrency,
     )
 
 
@@ -37,7 +44,14 @@ def create_registry(cfg: RegistryConfig) -> Registry:
 DISCOVERY_SYNC_SECONDS = 60.0
 
 
-def create_server(cfg: RegistryConfig, replica_source: ReplicaSource | None = None) -> tuple[ServiceServer, int]:
+@dataclass
+class RegistryServer(ServiceServer):
+    """The registry's server with its domain object (tests and benchmarks drive it directly)."""
+
+    registry: Registry | None = None
+
+
+def create_server(cfg: RegistryConfig, replica_source: ReplicaSource | None = None) -> tuple[RegistryServer, int]:
     """(server, bound port); `server.registry` is the domain object (tests and the bench use it).
     `replica_source` overrides the one built from cfg (tests pass a watcher on a fake Kubernetes API)."""
     registry = create_registry(cfg)
@@ -55,9 +69,9 @@ def create_server(cfg: RegistryConfig, replica_source: ReplicaSource | None = No
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(registry, AdminAuth(cfg.admin_token)), server)
         return [SERVICE_NAME]
 
-    server, port = build_server(cfg.server, register)
+    built, port = build_server(cfg.server, register)
+    server = RegistryServer(**{f.name: getattr(built, f.name) for f in fields(built)}, registry=registry)
     # Crash clean-up and reconciling Triton finish before the first RPC is accepted.
     server.on_start.extend([follow_replicas, registry.start])
     server.on_stop.extend([replicas.stop, registry.stop, registry.store.close])
-    server.registry = registry
     return server, port

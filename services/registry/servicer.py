@@ -1,4 +1,5 @@
 """gRPC Registry servicer: converts protobuf ⇄ domain types, checks the admin token, calls the Registry."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -55,31 +56,42 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def SetAlias(self, request: pb.SetAliasRequest, context):
         self._admin(context)
         annotate(model=request.model, version=request.version)
-        alias = await self.registry.set_alias(request.model, request.alias, request.version, request.actor,
-                                              request.reason)
+        alias = await self.registry.set_alias(
+            request.model, request.alias, request.version, request.actor, request.reason
+        )
         return convert.alias_out(alias)
 
     async def SetTrafficPolicy(self, request: pb.SetTrafficPolicyRequest, context):
         self._admin(context)
         annotate(model=request.model)
-        shadow = convert.target_in(request.shadow.target) if request.HasField("shadow") and \
-            request.shadow.HasField("target") else None
+        shadow = (
+            convert.target_in(request.shadow.target)
+            if request.HasField("shadow") and request.shadow.HasField("target")
+            else None
+        )
         policy = await self.registry.set_traffic_policy(
-            request.model, [convert.target_in(t) for t in request.split], shadow, request.shadow.fraction,
-            request.actor, request.reason)
+            request.model,
+            [convert.target_in(t) for t in request.split],
+            shadow,
+            request.shadow.fraction,
+            request.actor,
+            request.reason,
+        )
         return convert.policy_out(policy)
 
     async def Rollback(self, request: pb.RollbackRequest, context):
         self._admin(context)
         annotate(model=request.model)
-        return convert.alias_out(await self.registry.rollback(request.model, request.alias, request.actor,
-                                                              request.reason))
+        return convert.alias_out(
+            await self.registry.rollback(request.model, request.alias, request.actor, request.reason)
+        )
 
     async def ArchiveVersion(self, request: pb.ArchiveVersionRequest, context):
         self._admin(context)
         annotate(model=request.model, version=request.version)
-        return convert.version_out(await self.registry.archive(request.model, request.version, request.actor,
-                                                               request.reason))
+        return convert.version_out(
+            await self.registry.archive(request.model, request.version, request.actor, request.reason)
+        )
 
     async def ReportShadowResults(self, request: pb.ReportShadowResultsRequest, context):
         self._admin(context)

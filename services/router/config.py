@@ -1,4 +1,5 @@
 """Router settings: flags, then MAAS_* environment, then loopback defaults."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,19 @@ from pathlib import Path
 
 from services.router.fastpath import BINARY_NAME, find_binary
 from services.shared.config import (
-    ConfigError, OutlierSettings, RetryBudgetSettings, ServerSettings, add_peer_argument, add_pool_arguments,
-    add_server_arguments, env, env_float, env_int, pool_settings, require_peer, server_settings,
+    ConfigError,
+    OutlierSettings,
+    RetryBudgetSettings,
+    ServerSettings,
+    add_peer_argument,
+    add_pool_arguments,
+    add_server_arguments,
+    env,
+    env_float,
+    env_int,
+    pool_settings,
+    require_peer,
+    server_settings,
 )
 from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
@@ -68,47 +80,94 @@ def static_addresses(value: str) -> tuple[str, ...]:
 
 
 def load_config(argv: list[str] | None = None) -> RouterConfig:
-    parser = argparse.ArgumentParser(prog="maas-router", description="MaaS Mesh router (maas.v1.Router + Open Inference Protocol)")
+    parser = argparse.ArgumentParser(
+        prog="maas-router", description="MaaS Mesh router (maas.v1.Router + Open Inference Protocol)"
+    )
     add_server_arguments(parser, DEFAULT_LISTEN)
     peers = parser.add_argument_group("peers")
     add_peer_argument(peers, "--registry", "MAAS_REGISTRY_ADDRESS", "127.0.0.1:50052", "registry")
     add_peer_argument(peers, "--tokenizer", "MAAS_TOKENIZER_ADDRESS", "127.0.0.1:50053", "tokenizer")
     add_peer_argument(peers, "--vision", "MAAS_VISION_ADDRESS", "127.0.0.1:50054", "vision")
-    add_peer_argument(peers, "--triton", "MAAS_TRITON_ADDRESS", "127.0.0.1:8001",
-                      "Triton gRPC (comma-separated for several static replicas)")
+    add_peer_argument(
+        peers,
+        "--triton",
+        "MAAS_TRITON_ADDRESS",
+        "127.0.0.1:8001",
+        "Triton gRPC (comma-separated for several static replicas)",
+    )
     add_discovery_arguments(parser)
     add_pool_arguments(parser)
     g = parser.add_argument_group("router")
-    g.add_argument("--default-timeout", type=float, default=env_float("MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS", 30.0),
-                   help="deadline for peer calls when the caller sets none (MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS)")
-    g.add_argument("--max-batch-items", type=int, default=env_int("MAAS_MAX_BATCH_ITEMS", 256),
-                   help="most texts or images in one request (MAAS_MAX_BATCH_ITEMS)")
-    g.add_argument("--shadow-max-inflight", type=int, default=env_int("MAAS_SHADOW_MAX_INFLIGHT", 64),
-                   help="shadow copies in flight before new ones are dropped (MAAS_SHADOW_MAX_INFLIGHT)")
-    g.add_argument("--shadow-timeout", type=float, default=env_float("MAAS_SHADOW_TIMEOUT_SECONDS", 10.0),
-                   help="deadline of one shadow copy (MAAS_SHADOW_TIMEOUT_SECONDS)")
-    g.add_argument("--shadow-report-interval", type=float, default=env_float("MAAS_SHADOW_REPORT_INTERVAL_SECONDS", 1.0),
-                   help="seconds between shadow result reports to the registry (MAAS_SHADOW_REPORT_INTERVAL_SECONDS)")
-    g.add_argument("--oip-fast-listen", default=env("MAAS_ROUTER_OIP_FAST_LISTEN", DEFAULT_OIP_FAST_LISTEN),
-                   help="address of the compiled Open Inference Protocol data path; \"off\" = none "
-                        "(MAAS_ROUTER_OIP_FAST_LISTEN)")
-    g.add_argument("--oip-fast-binary", default=env("MAAS_ROUTER_OIP_FAST_BINARY", ""),
-                   help=f"the {BINARY_NAME} executable (default: on PATH, else build/bin of a source checkout; "
-                        "`make fastpath` builds it) (MAAS_ROUTER_OIP_FAST_BINARY)")
+    g.add_argument(
+        "--default-timeout",
+        type=float,
+        default=env_float("MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS", 30.0),
+        help="deadline for peer calls when the caller sets none (MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS)",
+    )
+    g.add_argument(
+        "--max-batch-items",
+        type=int,
+        default=env_int("MAAS_MAX_BATCH_ITEMS", 256),
+        help="most texts or images in one request (MAAS_MAX_BATCH_ITEMS)",
+    )
+    g.add_argument(
+        "--shadow-max-inflight",
+        type=int,
+        default=env_int("MAAS_SHADOW_MAX_INFLIGHT", 64),
+        help="shadow copies in flight before new ones are dropped (MAAS_SHADOW_MAX_INFLIGHT)",
+    )
+    g.add_argument(
+        "--shadow-timeout",
+        type=float,
+        default=env_float("MAAS_SHADOW_TIMEOUT_SECONDS", 10.0),
+        help="deadline of one shadow copy (MAAS_SHADOW_TIMEOUT_SECONDS)",
+    )
+    g.add_argument(
+        "--shadow-report-interval",
+        type=float,
+        default=env_float("MAAS_SHADOW_REPORT_INTERVAL_SECONDS", 1.0),
+        help="seconds between shadow result reports to the registry (MAAS_SHADOW_REPORT_INTERVAL_SECONDS)",
+    )
+    g.add_argument(
+        "--oip-fast-listen",
+        default=env("MAAS_ROUTER_OIP_FAST_LISTEN", DEFAULT_OIP_FAST_LISTEN),
+        help='address of the compiled Open Inference Protocol data path; "off" = none (MAAS_ROUTER_OIP_FAST_LISTEN)',
+    )
+    g.add_argument(
+        "--oip-fast-binary",
+        default=env("MAAS_ROUTER_OIP_FAST_BINARY", ""),
+        help=f"the {BINARY_NAME} executable (default: on PATH, else build/bin of a source checkout; "
+        "`make fastpath` builds it) (MAAS_ROUTER_OIP_FAST_BINARY)",
+    )
     gen = parser.add_argument_group("generation")
     for flag, env_name, default, what in (
-            ("--generate-max-tokens", "MAAS_GENERATE_MAX_TOKENS", 1024, "largest sampling.max_tokens"),
-            ("--generate-max-messages", "MAAS_GENERATE_MAX_MESSAGES", 256, "most chat messages in one request"),
-            ("--generate-max-prompt-chars", "MAAS_GENERATE_MAX_PROMPT_CHARS", 1_000_000,
-             "most characters of a prompt (or of all message contents)"),
-            ("--generate-max-stop", "MAAS_GENERATE_MAX_STOP", 16, "most stop sequences in one request"),
-            ("--generate-max-stop-chars", "MAAS_GENERATE_MAX_STOP_CHARS", 256, "longest stop sequence")):
+        ("--generate-max-tokens", "MAAS_GENERATE_MAX_TOKENS", 1024, "largest sampling.max_tokens"),
+        ("--generate-max-messages", "MAAS_GENERATE_MAX_MESSAGES", 256, "most chat messages in one request"),
+        (
+            "--generate-max-prompt-chars",
+            "MAAS_GENERATE_MAX_PROMPT_CHARS",
+            1_000_000,
+            "most characters of a prompt (or of all message contents)",
+        ),
+        ("--generate-max-stop", "MAAS_GENERATE_MAX_STOP", 16, "most stop sequences in one request"),
+        ("--generate-max-stop-chars", "MAAS_GENERATE_MAX_STOP_CHARS", 256, "longest stop sequence"),
+    ):
         gen.add_argument(flag, type=int, default=env_int(env_name, default), help=f"{what} ({env_name})")
-    gen.add_argument("--generate-timeout", type=float, default=env_float("MAAS_GENERATE_TIMEOUT_SECONDS", 300.0),
-                     help="deadline of a generation when the caller sets none (MAAS_GENERATE_TIMEOUT_SECONDS)")
+    gen.add_argument(
+        "--generate-timeout",
+        type=float,
+        default=env_float("MAAS_GENERATE_TIMEOUT_SECONDS", 300.0),
+        help="deadline of a generation when the caller sets none (MAAS_GENERATE_TIMEOUT_SECONDS)",
+    )
     args = parser.parse_args(argv)
-    for flag in ("generate_max_tokens", "generate_max_messages", "generate_max_prompt_chars", "generate_max_stop",
-                 "generate_max_stop_chars", "generate_timeout"):
+    for flag in (
+        "generate_max_tokens",
+        "generate_max_messages",
+        "generate_max_prompt_chars",
+        "generate_max_stop",
+        "generate_max_stop_chars",
+        "generate_timeout",
+    ):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
     discovery = discovery_config(args)
@@ -140,9 +199,13 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         outlier=outlier,
         retry_budget=retry_budget,
         generation=GenerationLimits(
-            max_tokens=args.generate_max_tokens, max_messages=args.generate_max_messages,
-            max_prompt_chars=args.generate_max_prompt_chars, max_stop=args.generate_max_stop,
-            max_stop_chars=args.generate_max_stop_chars, default_timeout=args.generate_timeout),
+            max_tokens=args.generate_max_tokens,
+            max_messages=args.generate_max_messages,
+            max_prompt_chars=args.generate_max_prompt_chars,
+            max_stop=args.generate_max_stop,
+            max_stop_chars=args.generate_max_stop_chars,
+            default_timeout=args.generate_timeout,
+        ),
     )
 
 

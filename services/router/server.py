@@ -9,6 +9,7 @@ ready endpoints of the headless Service). With discovery, a new replica gets cal
 every READY version of the routing table (the registry loads them there); static replicas are trusted
 as given, so one static address costs what a single channel did.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,23 +38,42 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
     channels = {name: open_channel(getattr(cfg, name), limit) for name in ("registry", "tokenizer", "vision")}
     table = RoutingTable()
     watcher = RegistryWatcher(channels["registry"], table)
-    shadow = ShadowRunner(channels["registry"], max_inflight=cfg.shadow_max_inflight, timeout=cfg.shadow_timeout,
-                          report_interval=cfg.shadow_report_interval, admin_token=cfg.admin_token)
+    shadow = ShadowRunner(
+        channels["registry"],
+        max_inflight=cfg.shadow_max_inflight,
+        timeout=cfg.shadow_timeout,
+        report_interval=cfg.shadow_report_interval,
+        admin_token=cfg.admin_token,
+    )
     source = triton_source or create_replica_source(cfg.triton_discovery())
     serving = admit_when_serving(table)
     admit = None if isinstance(source, StaticReplicas) else serving
     # An ejected replica (outlier detection) comes back once it serves the READY versions again.
-    pool = ReplicaPool("triton", connect=lambda address: open_channel(address, limit), admit=admit,
-                       outlier=cfg.outlier, retry_budget=cfg.retry_budget, probe=serving)
+    pool = ReplicaPool(
+        "triton",
+        connect=lambda address: open_channel(address, limit),
+        admit=admit,
+        outlier=cfg.outlier,
+        retry_budget=cfg.retry_budget,
+        probe=serving,
+    )
     triton = TritonPeer(pool)
-    plane = Dataplane(table, triton, TokenizerPeer(channels["tokenizer"], cfg.tokenizer),
-                      VisionPeer(channels["vision"], cfg.vision), shadow,
-                      default_timeout=cfg.default_timeout, max_batch_items=cfg.max_batch_items)
+    plane = Dataplane(
+        table,
+        triton,
+        TokenizerPeer(channels["tokenizer"], cfg.tokenizer),
+        VisionPeer(channels["vision"], cfg.vision),
+        shadow,
+        default_timeout=cfg.default_timeout,
+        max_batch_items=cfg.max_batch_items,
+    )
 
     def register(server):
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(plane, Generation(plane, cfg.generation)), server)
-        return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
-                add_inference_service(InferenceServicer(plane, table, triton), server)]
+        return [
+            router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
+            add_inference_service(InferenceServicer(plane, table, triton), server),
+        ]
 
     service, port = build_server(cfg.server, register)
     if cfg.oip_fast_listen:
@@ -63,8 +83,9 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
     # Triton calls get UNAVAILABLE "no triton replica is ready").
     service.on_start.append(lambda: source.start(pool.set_replicas))
     # After the gRPC server drained: stop following the registry, report the last shadow results, close.
-    service.on_stop.extend([watcher.stop, shadow.stop, source.stop, pool.close,
-                            *(channel.close for channel in channels.values())])
+    service.on_stop.extend(
+        [watcher.stop, shadow.stop, source.stop, pool.close, *(channel.close for channel in channels.values())]
+    )
     return service, port
 
 
@@ -75,21 +96,33 @@ def admit_when_serving(table: RoutingTable):
 
     async def admit(address, channel) -> bool:
         return table.has_state and await serves_ready_versions(address, channel)
+
     return admit
 
 
 def add_fast_path(service: ServiceServer, port: int, cfg: RouterConfig, table: RoutingTable, pool: ReplicaPool) -> None:
     """Run the compiled OIP data path beside this server; what it cannot settle comes to `port`."""
     if not cfg.oip_fast_binary:
-        log.warning("%s not found: the compiled OIP data path is off (build it with `make fastpath`); "
-                    "the main port still serves the Open Inference Protocol", BINARY_NAME,
-                    extra={"oip_fast_listen": cfg.oip_fast_listen})
+        log.warning(
+            "%s not found: the compiled OIP data path is off (build it with `make fastpath`); "
+            "the main port still serves the Open Inference Protocol",
+            BINARY_NAME,
+            extra={"oip_fast_listen": cfg.oip_fast_listen},
+        )
         return
     host = cfg.server.listen.rsplit(":", 1)[0]
     local = "127.0.0.1" if host in ("", "0.0.0.0", "[::]", "::") else host
-    fast_path = FastPath(FastPathSettings(
-        binary=cfg.oip_fast_binary, listen=cfg.oip_fast_listen, fallback=f"{local}:{port}",
-        max_message_bytes=cfg.server.max_message_bytes, default_timeout=cfg.default_timeout,
-        grace=cfg.server.grace_seconds), table, pool)
+    fast_path = FastPath(
+        FastPathSettings(
+            binary=cfg.oip_fast_binary,
+            listen=cfg.oip_fast_listen,
+            fallback=f"{local}:{port}",
+            max_message_bytes=cfg.server.max_message_bytes,
+            default_timeout=cfg.default_timeout,
+            grace=cfg.server.grace_seconds,
+        ),
+        table,
+        pool,
+    )
     service.on_start.append(fast_path.start)
     service.on_drain.append(fast_path.stop)

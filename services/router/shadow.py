@@ -4,6 +4,7 @@ The copy runs in its own task with a fresh context (a new root span linked to th
 it never lengthens the caller's trace), a bounded number in flight (dropped when saturated) and its
 own timeout. Comparisons are batched to the registry's ReportShadowResults off the request path.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,22 +29,41 @@ _tracer = trace.get_tracer("maas.router.shadow")
 OutputFn = Callable[[], Awaitable[np.ndarray | None]]
 
 
-def compare(model: str, primary: VersionInfo, shadow: VersionInfo, a: np.ndarray, b: np.ndarray,
-            primary_ms: float, shadow_ms: float) -> registry_pb2.ShadowResult:
+def compare(
+    model: str,
+    primary: VersionInfo,
+    shadow: VersionInfo,
+    a: np.ndarray,
+    b: np.ndarray,
+    primary_ms: float,
+    shadow_ms: float,
+) -> registry_pb2.ShadowResult:
     """Top-1 agreement (classifiers) and cosine (embeddings), both cheap; the registry keeps the one
     that fits the model."""
     items = int(a.shape[0]) if a.ndim == 2 and a.shape == b.shape else 0
     return registry_pb2.ShadowResult(
-        model=model, primary_version=primary.version, shadow_version=shadow.version, items=items,
-        top1_agreed=top1_agreed(a, b) if items else 0, cosine_sum=cosine_sum(a, b) if items else 0.0,
-        primary_latency_ms=primary_ms, shadow_latency_ms=shadow_ms,
+        model=model,
+        primary_version=primary.version,
+        shadow_version=shadow.version,
+        items=items,
+        top1_agreed=top1_agreed(a, b) if items else 0,
+        cosine_sum=cosine_sum(a, b) if items else 0.0,
+        primary_latency_ms=primary_ms,
+        shadow_latency_ms=shadow_ms,
     )
 
 
 class ShadowRunner:
-    def __init__(self, registry_channel: grpc.aio.Channel | None, max_inflight: int = 64,
-                 timeout: float = 10.0, report_interval: float = 1.0, max_pending: int = 10_000,
-                 admin_token: str | None = None, tracer: trace.Tracer | None = None):
+    def __init__(
+        self,
+        registry_channel: grpc.aio.Channel | None,
+        max_inflight: int = 64,
+        timeout: float = 10.0,
+        report_interval: float = 1.0,
+        max_pending: int = 10_000,
+        admin_token: str | None = None,
+        tracer: trace.Tracer | None = None,
+    ):
         self._tracer = tracer or _tracer
         self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
         self._registry = registry_pb2_grpc.RegistryStub(registry_channel) if registry_channel else None
@@ -58,8 +78,14 @@ class ShadowRunner:
     def inflight(self) -> int:
         return len(self._tasks)
 
-    def submit(self, primary: VersionInfo, shadow: VersionInfo, primary_output: OutputFn,
-               shadow_output: OutputFn, primary_ms: float) -> bool:
+    def submit(
+        self,
+        primary: VersionInfo,
+        shadow: VersionInfo,
+        primary_output: OutputFn,
+        shadow_output: OutputFn,
+        primary_ms: float,
+    ) -> bool:
         """Schedule one shadow comparison; False when dropped because too many are in flight."""
         if len(self._tasks) >= self.max_inflight:
             SHADOW_REQUESTS.labels(primary.model, "dropped").inc()
@@ -77,9 +103,15 @@ class ShadowRunner:
         return True
 
     async def _run(self, primary, shadow, primary_output, shadow_output, primary_ms, link) -> None:
-        with self._tracer.start_as_current_span("router.shadow", links=[link], attributes={
-                "maas.model": primary.model, "maas.version": shadow.version,
-                "maas.primary_version": primary.version}):
+        with self._tracer.start_as_current_span(
+            "router.shadow",
+            links=[link],
+            attributes={
+                "maas.model": primary.model,
+                "maas.version": shadow.version,
+                "maas.primary_version": primary.version,
+            },
+        ):
             start = time.perf_counter()
             try:
                 b = await asyncio.wait_for(shadow_output(), self.timeout)
@@ -87,8 +119,10 @@ class ShadowRunner:
                 a = await primary_output()
             except Exception as exc:  # noqa: BLE001 - a failing candidate must never surface to callers
                 SHADOW_REQUESTS.labels(primary.model, "failed").inc()
-                log.warning("shadow call failed", extra={"model": primary.model, "version": shadow.version,
-                                                         "error": str(exc)[:300]})
+                log.warning(
+                    "shadow call failed",
+                    extra={"model": primary.model, "version": shadow.version, "error": str(exc)[:300]},
+                )
                 return
             SHADOW_REQUESTS.labels(primary.model, "sent").inc()
             if a is None or b is None:
@@ -107,8 +141,11 @@ class ShadowRunner:
         batch, self._pending = self._pending, []
         try:
             await self._registry.ReportShadowResults(
-                registry_pb2.ReportShadowResultsRequest(results=batch), timeout=5.0, wait_for_ready=False,
-                metadata=self._metadata)
+                registry_pb2.ReportShadowResultsRequest(results=batch),
+                timeout=5.0,
+                wait_for_ready=False,
+                metadata=self._metadata,
+            )
             self.reported += len(batch)
         except grpc.aio.AioRpcError as exc:
             log.warning("shadow results not reported; dropped", extra={"results": len(batch), "code": exc.code().name})

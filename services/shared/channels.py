@@ -7,6 +7,7 @@ finish, and none is lost. One address (a ClusterIP Service) keeps gRPC's default
 re-made when the server closes it. A `dns:///name:port` target (a headless Service) is balanced and
 health-checked the same way over every address the name resolves to.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -19,8 +20,9 @@ from services.shared.server import channel_options
 from services.shared.telemetry import tracing_client_interceptors
 
 # Round robin over the ready replicas, each health-checked (the whole server's status, service "").
-BALANCED_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
-                                      "healthCheckConfig": {"serviceName": ""}})
+BALANCED_SERVICE_CONFIG = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)
 
 
 def channel_target(address: str) -> tuple[str, bool]:
@@ -37,8 +39,10 @@ def channel_target(address: str) -> tuple[str, bool]:
         try:
             families.add(ipaddress.ip_address(host).version)
         except ValueError:
-            raise ConfigError(f"peer address list {address!r}: {part!r} is not an IP host:port (a list takes IP "
-                              f"addresses; for a name use dns:///name:port)") from None
+            raise ConfigError(
+                f"peer address list {address!r}: {part!r} is not an IP host:port (a list takes IP "
+                f"addresses; for a name use dns:///name:port)"
+            ) from None
     if len(families) != 1:
         raise ConfigError(f"peer address list {address!r} mixes IPv4 and IPv6")
     return f"ipv{families.pop()}:{','.join(parts)}", True

@@ -3,11 +3,13 @@
 Each service's own config.py adds its flags to the same parser and builds a frozen dataclass in
 main(), never at import time.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Models the registry reloads at once on a Triton replica that lost them (restart): MAAS_RELOAD_CONCURRENCY.
@@ -70,19 +72,41 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -
     """Flags every server has; defaults come from MAAS_* environment variables."""
     g = parser.add_argument_group("server")
     g.add_argument("--listen", default=env("MAAS_LISTEN", default_listen), help="host:port to listen on (MAAS_LISTEN)")
-    g.add_argument("--grace", type=float, default=env_float("MAAS_DRAIN_GRACE_SECONDS", 10.0),
-                   help="seconds in-flight RPCs get to finish on SIGTERM (MAAS_DRAIN_GRACE_SECONDS)")
-    g.add_argument("--drain-delay", type=float, default=env_float("MAAS_DRAIN_DELAY_SECONDS", 1.0),
-                   help="seconds of the grace a draining server still takes calls after health turns NOT_SERVING "
-                        "(MAAS_DRAIN_DELAY_SECONDS)")
-    g.add_argument("--max-message-bytes", type=int, default=env_int("MAAS_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
-                   help="largest gRPC message sent or received (MAAS_MAX_MESSAGE_BYTES)")
-    g.add_argument("--metrics-port", type=int, default=env_int("MAAS_METRICS_PORT", 0),
-                   help="Prometheus metrics port, 0 = off (MAAS_METRICS_PORT)")
+    g.add_argument(
+        "--grace",
+        type=float,
+        default=env_float("MAAS_DRAIN_GRACE_SECONDS", 10.0),
+        help="seconds in-flight RPCs get to finish on SIGTERM (MAAS_DRAIN_GRACE_SECONDS)",
+    )
+    g.add_argument(
+        "--drain-delay",
+        type=float,
+        default=env_float("MAAS_DRAIN_DELAY_SECONDS", 1.0),
+        help="seconds of the grace a draining server still takes calls after health turns NOT_SERVING "
+        "(MAAS_DRAIN_DELAY_SECONDS)",
+    )
+    g.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=env_int("MAAS_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
+        help="largest gRPC message sent or received (MAAS_MAX_MESSAGE_BYTES)",
+    )
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env_int("MAAS_METRICS_PORT", 0),
+        help="Prometheus metrics port, 0 = off (MAAS_METRICS_PORT)",
+    )
     g.add_argument("--log-level", default=env("MAAS_LOG_LEVEL", "INFO"), help="MAAS_LOG_LEVEL")
-    g.add_argument("--log-format", choices=["json", "text"], default=env("MAAS_LOG_FORMAT", "json"), help="MAAS_LOG_FORMAT")
-    g.add_argument("--workers", type=int, default=env_int("MAAS_WORKERS", os.cpu_count() or 1),
-                   help="threads for CPU-heavy work (MAAS_WORKERS)")
+    g.add_argument(
+        "--log-format", choices=["json", "text"], default=env("MAAS_LOG_FORMAT", "json"), help="MAAS_LOG_FORMAT"
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=env_int("MAAS_WORKERS", os.cpu_count() or 1),
+        help="threads for CPU-heavy work (MAAS_WORKERS)",
+    )
 
 
 def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettings:
@@ -105,7 +129,7 @@ def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettin
     )
 
 
-def add_peer_argument(parser: argparse.ArgumentParser, flag: str, env_name: str, default: str | None, what: str) -> None:
+def add_peer_argument(parser: Any, flag: str, env_name: str, default: str | None, what: str) -> None:
     parser.add_argument(flag, default=env(env_name, default), help=f"{what} address host:port ({env_name})")
 
 
@@ -122,8 +146,12 @@ def add_limit_arguments(parser: argparse.ArgumentParser, env_prefix: str, defaul
     group = parser.add_argument_group("limits")
     for name, text in helps.items():
         env_name = f"{env_prefix}_{name.upper()}"
-        group.add_argument(f"--{name.replace('_', '-')}", type=int, default=env_int(env_name, getattr(defaults, name)),
-                           help=f"{text} ({env_name})")
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=env_int(env_name, getattr(defaults, name)),
+            help=f"{text} ({env_name})",
+        )
 
 
 def limits_from_args(limits_type, args: argparse.Namespace, helps: dict[str, str], **fixed):
@@ -136,6 +164,7 @@ def limits_from_args(limits_type, args: argparse.Namespace, helps: dict[str, str
 
 
 # -- replica pools: outlier ejection and retry budget (services/shared/outlier.py) -------------------
+
 
 @dataclass(frozen=True)
 class OutlierSettings:
@@ -158,23 +187,58 @@ class RetryBudgetSettings:
 
 
 _OUTLIER_FLAGS = (  # (field, flag, env, type, help)
-    ("consecutive_failures", "--outlier-consecutive-failures", "MAAS_OUTLIER_CONSECUTIVE_FAILURES", int,
-     "retryable failures in a row that eject a replica, 0 = off"),
-    ("base_ejection_seconds", "--outlier-base-ejection", "MAAS_OUTLIER_BASE_EJECTION_SECONDS", float,
-     "seconds an ejection lasts, times the replica's number of ejections"),
-    ("max_ejection_seconds", "--outlier-max-ejection", "MAAS_OUTLIER_MAX_EJECTION_SECONDS", float,
-     "longest ejection (s)"),
-    ("max_ejection_percent", "--outlier-max-ejection-percent", "MAAS_OUTLIER_MAX_EJECTION_PERCENT", float,
-     "most replicas ejected at once, in % (never the last one)"),
-    ("probe_timeout_seconds", "--outlier-probe-timeout", "MAAS_OUTLIER_PROBE_TIMEOUT_SECONDS", float,
-     "deadline of the probe before an ejected replica returns (s)"),
+    (
+        "consecutive_failures",
+        "--outlier-consecutive-failures",
+        "MAAS_OUTLIER_CONSECUTIVE_FAILURES",
+        int,
+        "retryable failures in a row that eject a replica, 0 = off",
+    ),
+    (
+        "base_ejection_seconds",
+        "--outlier-base-ejection",
+        "MAAS_OUTLIER_BASE_EJECTION_SECONDS",
+        float,
+        "seconds an ejection lasts, times the replica's number of ejections",
+    ),
+    (
+        "max_ejection_seconds",
+        "--outlier-max-ejection",
+        "MAAS_OUTLIER_MAX_EJECTION_SECONDS",
+        float,
+        "longest ejection (s)",
+    ),
+    (
+        "max_ejection_percent",
+        "--outlier-max-ejection-percent",
+        "MAAS_OUTLIER_MAX_EJECTION_PERCENT",
+        float,
+        "most replicas ejected at once, in % (never the last one)",
+    ),
+    (
+        "probe_timeout_seconds",
+        "--outlier-probe-timeout",
+        "MAAS_OUTLIER_PROBE_TIMEOUT_SECONDS",
+        float,
+        "deadline of the probe before an ejected replica returns (s)",
+    ),
 )
 _BUDGET_FLAGS = (
     ("ratio", "--retry-budget-ratio", "MAAS_RETRY_BUDGET_RATIO", float, "retries allowed per request"),
-    ("min_retries", "--retry-budget-min-retries", "MAAS_RETRY_BUDGET_MIN_RETRIES", int,
-     "retries allowed per window on top of the ratio"),
-    ("window_seconds", "--retry-budget-window", "MAAS_RETRY_BUDGET_WINDOW_SECONDS", float,
-     "seconds the budget counts requests and retries over"),
+    (
+        "min_retries",
+        "--retry-budget-min-retries",
+        "MAAS_RETRY_BUDGET_MIN_RETRIES",
+        int,
+        "retries allowed per window on top of the ratio",
+    ),
+    (
+        "window_seconds",
+        "--retry-budget-window",
+        "MAAS_RETRY_BUDGET_WINDOW_SECONDS",
+        float,
+        "seconds the budget counts requests and retries over",
+    ),
 )
 
 
@@ -189,13 +253,15 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pool_settings(args: argparse.Namespace) -> tuple[OutlierSettings, RetryBudgetSettings]:
-    built = []
+    built: list[Any] = []
     for kind, flags in ((OutlierSettings, _OUTLIER_FLAGS), (RetryBudgetSettings, _BUDGET_FLAGS)):
         values = {name: getattr(args, f"pool_{name}") for name, *_ in flags}
         for name, flag, *_ in flags:
             if values[name] < 0 or (name in ("window_seconds", "probe_timeout_seconds") and values[name] <= 0):
                 raise ConfigError(f"{flag} must be {'positive' if 'seconds' in name else '>= 0'}, got {values[name]}")
         if values.get("max_ejection_percent", 0) > 100:
-            raise ConfigError(f"--outlier-max-ejection-percent must be at most 100, got {values['max_ejection_percent']}")
+            raise ConfigError(
+                f"--outlier-max-ejection-percent must be at most 100, got {values['max_ejection_percent']}"
+            )
         built.append(kind(**values))
     return built[0], built[1]

@@ -5,6 +5,7 @@ their own, explicit message size limits, the error/metrics interceptor and (when
 tracing. run() serves until SIGTERM/SIGINT, then flips health to NOT_SERVING and lets in-flight RPCs
 finish within the grace period.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,10 @@ from services.shared.config import ServerSettings
 from services.shared.interceptors import ServiceInterceptor
 from services.shared.structured_logging import configure_logging
 from services.shared.telemetry import (
-    setup_tracing, shutdown_tracing, start_metrics_server, tracing_server_interceptors,
+    setup_tracing,
+    shutdown_tracing,
+    start_metrics_server,
+    tracing_server_interceptors,
 )
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,6 @@
 """What the router tells its compiled OIP data path: each model's routable versions, in lines the
 forwarder reads, computed with the routing table's own rules."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,9 @@ def fields(routes: ModelRoutes) -> list[str]:
 
 
 def test_a_model_line_carries_default_ready_versions_usable_split_and_ready_aliases():
-    routes = minilm(split=(Target(alias="production", weight=90), Target(version=2, weight=10),
-                           Target(version=3, weight=50)))  # v3 is LOADING: no traffic
+    routes = minilm(
+        split=(Target(alias="production", weight=90), Target(version=2, weight=10), Target(version=3, weight=50))
+    )  # v3 is LOADING: no traffic
     # model, default (production → v1), READY versions, usable targets, aliases to READY versions, shadow
     assert fields(routes) == ["model", "minilm", "1", "1,2", "1:90,2:10", "canary=2,production=1", "0"]
 
@@ -75,4 +77,5 @@ def test_durations_counted_by_the_forwarder_export_like_observed_ones():
     def series(path: str) -> list[str]:  # without the creation timestamps, which differ
         label = f'path="{path}"'
         return sorted(line.replace(label, "") for line in exported if label in line and "_created" not in line)
+
     assert series("observed") == series("added") and any("d_bucket{" in line for line in series("added"))

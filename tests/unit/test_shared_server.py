@@ -1,4 +1,5 @@
 """The shared bootstrap: health and reflection on their own, error mapping, graceful drain."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,7 @@ def _register_probe(server: grpc.aio.Server) -> list[str]:
         raise ZeroDivisionError("oops")
 
     handlers = {
-        name: grpc.unary_unary_rpc_method_handler(fn)
-        for name, fn in {"Slow": slow, "Fail": fail, "Bug": bug}.items()
+        name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in {"Slow": slow, "Fail": fail, "Bug": bug}.items()
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Probe", handlers)])
     return ["test.Probe"]
@@ -102,7 +102,7 @@ async def test_drain_flips_health_and_finishes_inflight(probe_server):
 
 
 def _inflight() -> float:
-    return RPC_INFLIGHT.labels("probe")._value.get()  # noqa: SLF001 - the gauge's current value
+    return RPC_INFLIGHT.labels("probe")._value.get()  # the gauge's current value
 
 
 async def _until(predicate, what: str, timeout: float = 10.0) -> None:
@@ -113,7 +113,7 @@ async def _until(predicate, what: str, timeout: float = 10.0) -> None:
 
 
 def _requests(code: str) -> float:
-    return RPC_REQUESTS.labels("probe", "Slow", "", "", code)._value.get()  # noqa: SLF001
+    return RPC_REQUESTS.labels("probe", "Slow", "", "", code)._value.get()
 
 
 async def test_cancelled_and_timed_out_calls_leave_the_inflight_gauge(probe_server):
@@ -130,8 +130,10 @@ async def test_cancelled_and_timed_out_calls_leave_the_inflight_gauge(probe_serv
     call.cancel()
     await _until(lambda: _inflight() == before, "in-flight gauge back to its value before the calls")
     # Both counted once, as CANCELLED or DEADLINE_EXCEEDED (which one grpc's timing decides).
-    await _until(lambda: _requests("CANCELLED") + _requests("DEADLINE_EXCEEDED") == cancelled_before + timed_out_before + 2,
-                 "the abandoned calls counted")
+    await _until(
+        lambda: _requests("CANCELLED") + _requests("DEADLINE_EXCEEDED") == cancelled_before + timed_out_before + 2,
+        "the abandoned calls counted",
+    )
 
 
 async def test_request_bytes_that_do_not_parse_are_invalid_argument():
@@ -185,8 +187,11 @@ async def test_request_bytes_that_do_not_parse_are_invalid_argument():
                     "ClientStream": lambda: channel.stream_unary("/test.Decode/ClientStream")(iter([good, bad])),
                     "ServerStream": lambda: _drain(channel.unary_stream("/test.Decode/ServerStream")(bad)),
                     "Health": lambda: channel.unary_unary("/grpc.health.v1.Health/Check")(bad),
-                    "Reflection": lambda: _drain(channel.stream_stream(
-                        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")(iter([bad]))),
+                    "Reflection": lambda: _drain(
+                        channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")(
+                            iter([bad])
+                        )
+                    ),
                 }
                 for name, call in calls.items():
                     with pytest.raises(grpc.aio.AioRpcError) as caught:
