@@ -26,9 +26,10 @@ import grpc
 import numpy as np
 
 from maas.v1 import router_pb2, router_pb2_grpc, tensor_pb2
-from services.shared.tensors import from_proto, to_proto as to_tensor
+from maas import ports
+from maas.tensors import from_proto, to_proto as to_tensor
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_ADDRESS = ports.loopback(ports.ROUTER)
 DEFAULT_TIMEOUT = 30.0
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _CHANNEL_OPTIONS = [

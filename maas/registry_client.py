@@ -22,10 +22,11 @@ from pathlib import Path
 
 import grpc
 
+from maas import ports
 from maas.v1 import registry_pb2 as pb
 from maas.v1 import registry_pb2_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:50052"
+DEFAULT_ADDRESS = ports.loopback(ports.REGISTRY)
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 

@@ -29,10 +29,11 @@ import rich.markup
 import typer
 from typer.core import TyperGroup
 
+from maas import ports
 from maas.cli import models
 from maas.local.processes import spawn
 
-REGISTRY_PORT = 50052
+REGISTRY_PORT = ports.REGISTRY
 ADDRESS_ENV = "MAAS_REGISTRY_ADDRESS"
 REGISTRY_SELECTOR = "app.kubernetes.io/part-of=maas-mesh,app.kubernetes.io/component=registry"
 _FORWARDING = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+) ->")

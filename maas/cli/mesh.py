@@ -20,8 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from maas import ports
 from maas.client import DEFAULT_ADDRESS, MeshClient, MeshError, Routed
-from services.console.config import DEFAULT_PORT as CONSOLE_PORT
 
 console = Console()
 err_console = Console(stderr=True)
@@ -349,18 +349,18 @@ def up(
         envvar="MAAS_MODEL_REPOSITORY",
         help="source models registered on first start",
     ),
-    router_port: int = typer.Option(50051, envvar="MAAS_ROUTER_PORT"),
+    router_port: int = typer.Option(ports.ROUTER, envvar="MAAS_ROUTER_PORT"),
     router_oip_port: int = typer.Option(
-        50055, envvar="MAAS_ROUTER_OIP_PORT", help="the router's compiled Open Inference Protocol data path"
+        ports.ROUTER_OIP, envvar="MAAS_ROUTER_OIP_PORT", help="the router's compiled Open Inference Protocol data path"
     ),
-    registry_port: int = typer.Option(50052, envvar="MAAS_REGISTRY_PORT"),
-    tokenizer_port: int = typer.Option(50053, envvar="MAAS_TOKENIZER_PORT"),
-    vision_port: int = typer.Option(50054, envvar="MAAS_VISION_PORT"),
-    openai_port: int = typer.Option(8090, envvar="MAAS_OPENAI_PORT", help="the OpenAI-compatible HTTP gateway"),
-    console_port: int = typer.Option(CONSOLE_PORT, envvar="MAAS_CONSOLE_PORT", help="the web console"),
-    triton_grpc_port: int = typer.Option(8001, envvar="MAAS_TRITON_GRPC_PORT"),
-    triton_http_port: int = typer.Option(8000, envvar="MAAS_TRITON_HTTP_PORT"),
-    triton_metrics_port: int = typer.Option(8002, envvar="MAAS_TRITON_METRICS_PORT"),
+    registry_port: int = typer.Option(ports.REGISTRY, envvar="MAAS_REGISTRY_PORT"),
+    tokenizer_port: int = typer.Option(ports.TOKENIZER, envvar="MAAS_TOKENIZER_PORT"),
+    vision_port: int = typer.Option(ports.VISION, envvar="MAAS_VISION_PORT"),
+    openai_port: int = typer.Option(ports.OPENAI, envvar="MAAS_OPENAI_PORT", help="the OpenAI-compatible HTTP gateway"),
+    console_port: int = typer.Option(ports.CONSOLE, envvar="MAAS_CONSOLE_PORT", help="the web console"),
+    triton_grpc_port: int = typer.Option(ports.TRITON_GRPC, envvar="MAAS_TRITON_GRPC_PORT"),
+    triton_http_port: int = typer.Option(ports.TRITON_HTTP, envvar="MAAS_TRITON_HTTP_PORT"),
+    triton_metrics_port: int = typer.Option(ports.TRITON_METRICS, envvar="MAAS_TRITON_METRICS_PORT"),
     free_ports: bool = typer.Option(False, "--free-ports", help="use any free ports instead"),
     demo: bool = typer.Option(False, "--demo", help="run the demo requests once the mesh is up"),
 ) -> None:

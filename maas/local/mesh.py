@@ -34,10 +34,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from maas import ports
 from maas.local.processes import free_ports, spawn
 from maas.local.triton import REPO, LocalTriton, TritonConfig
 from maas.registry_client import RegistryClient, RegistryError
-from services.console.config import DEFAULT_PORT as CONSOLE_PORT
 from services.shared.telemetry import tracing_configured
 
 # start order; stopped in reverse, Triton last
@@ -45,16 +45,16 @@ SERVICES = ("registry", "tokenizer", "vision", "router", "openai", "console")
 HTTP_SERVICES = ("openai", "console")  # health is GET /healthz, not gRPC health
 # Each service's Prometheus endpoint (<name>_metrics) takes any free port unless one is given.
 DEFAULT_PORTS = {
-    "router": 50051,
-    "registry": 50052,
-    "tokenizer": 50053,
-    "vision": 50054,
-    "router_oip": 50055,
-    "openai": 8090,
-    "console": CONSOLE_PORT,
-    "triton_grpc": 8001,
-    "triton_http": 8000,
-    "triton_metrics": 8002,
+    "router": ports.ROUTER,
+    "registry": ports.REGISTRY,
+    "tokenizer": ports.TOKENIZER,
+    "vision": ports.VISION,
+    "router_oip": ports.ROUTER_OIP,
+    "openai": ports.OPENAI,
+    "console": ports.CONSOLE,
+    "triton_grpc": ports.TRITON_GRPC,
+    "triton_http": ports.TRITON_HTTP,
+    "triton_metrics": ports.TRITON_METRICS,
     **{f"{name}_metrics": 0 for name in SERVICES},
 }
 FREE_PORTS = {name: 0 for name in DEFAULT_PORTS}

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from maas import ports
 from maas.local.processes import free_ports, spawn  # free_ports is part of this API
 from maas.local.triton_backends import BackendsError, assemble_backends, wheel_paths
 
@@ -252,9 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--model-repository", type=Path, default=Path(os.environ.get("MAAS_MODEL_REPOSITORY", "model_repository"))
     )
     ap.add_argument("--model", action="append", default=[], help="model to load (repeatable)")
-    ap.add_argument("--grpc-port", type=int, default=8001)
-    ap.add_argument("--http-port", type=int, default=8000)
-    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--grpc-port", type=int, default=ports.TRITON_GRPC)
+    ap.add_argument("--http-port", type=int, default=ports.TRITON_HTTP)
+    ap.add_argument("--metrics-port", type=int, default=ports.TRITON_METRICS)
     ap.add_argument("--work-dir", type=Path, default=Path(".maas/triton"))
     ap.add_argument("--timeout", type=float, default=180.0)
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra tritonserver arguments")

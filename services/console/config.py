@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from maas import ports
 from services.shared.config import (
     ConfigError,
     ServerSettings,
@@ -19,8 +20,7 @@ from services.shared.config import (
 )
 
 # The console's HTTP port: next to the OpenAI gateway's 8090; `maas up` and its --console-port take it from here.
-DEFAULT_PORT = 8091
-DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_LISTEN = ports.loopback(ports.CONSOLE)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from maas import ports
 from services.shared.config import (
     ConfigError,
     ServerSettings,
@@ -18,7 +19,7 @@ from services.shared.config import (
 )
 
 # Not a port of the mesh's gRPC services (50051-50055) nor of Triton (8000-8002).
-DEFAULT_LISTEN = "127.0.0.1:8090"
+DEFAULT_LISTEN = ports.loopback(ports.OPENAI)
 
 
 @dataclass(frozen=True)

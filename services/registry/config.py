@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from maas import ports
 from services.shared.config import (
     DEFAULT_RELOAD_CONCURRENCY,
     ConfigError,
@@ -20,7 +21,7 @@ from services.shared.config import (
 )
 from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
-DEFAULT_LISTEN = "127.0.0.1:50052"
+DEFAULT_LISTEN = ports.loopback(ports.REGISTRY)
 DEFAULT_MAX_ARTIFACT_BYTES = 2 * 1024 * 1024 * 1024  # 2 GiB
 DEFAULT_MAX_BATCH_SIZE = 32
 
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--triton",
-        default=env("MAAS_TRITON_ADDRESS", "127.0.0.1:8001"),
+        default=env("MAAS_TRITON_ADDRESS", ports.loopback(ports.TRITON_GRPC)),
         help="Triton gRPC address(es) host:port, comma-separated for replicas (MAAS_TRITON_ADDRESS)",
     )
     g.add_argument(

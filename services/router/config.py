@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maas import ports
 from services.router.fastpath import BINARY_NAME, find_binary
 from services.shared.config import (
     ConfigError,
@@ -24,8 +25,8 @@ from services.shared.config import (
 )
 from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
-DEFAULT_OIP_FAST_LISTEN = "127.0.0.1:50055"
+DEFAULT_LISTEN = ports.loopback(ports.ROUTER)
+DEFAULT_OIP_FAST_LISTEN = ports.loopback(ports.ROUTER_OIP)
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,14 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     )
     add_server_arguments(parser, DEFAULT_LISTEN)
     peers = parser.add_argument_group("peers")
-    add_peer_argument(peers, "--registry", "MAAS_REGISTRY_ADDRESS", "127.0.0.1:50052", "registry")
-    add_peer_argument(peers, "--tokenizer", "MAAS_TOKENIZER_ADDRESS", "127.0.0.1:50053", "tokenizer")
-    add_peer_argument(peers, "--vision", "MAAS_VISION_ADDRESS", "127.0.0.1:50054", "vision")
+    add_peer_argument(peers, "--registry", "MAAS_REGISTRY_ADDRESS", ports.loopback(ports.REGISTRY), "registry")
+    add_peer_argument(peers, "--tokenizer", "MAAS_TOKENIZER_ADDRESS", ports.loopback(ports.TOKENIZER), "tokenizer")
+    add_peer_argument(peers, "--vision", "MAAS_VISION_ADDRESS", ports.loopback(ports.VISION), "vision")
     add_peer_argument(
         peers,
         "--triton",
         "MAAS_TRITON_ADDRESS",
-        "127.0.0.1:8001",
+        ports.loopback(ports.TRITON_GRPC),
         "Triton gRPC (comma-separated for several static replicas)",
     )
     add_discovery_arguments(parser)

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from maas import ports
 from services.shared.config import (
     ServerSettings,
     add_limit_arguments,
@@ -17,7 +18,7 @@ from services.shared.config import (
 from services.shared.model_repository import add_model_repository_argument
 from services.vision.pipeline import VisionLimits
 
-DEFAULT_LISTEN = "127.0.0.1:50054"
+DEFAULT_LISTEN = ports.loopback(ports.VISION)
 DEFAULT_SPEC = "efficientnet_lite0"
 LIMIT_HELP = {
     "max_batch": "images per request",

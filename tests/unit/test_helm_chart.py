@@ -13,6 +13,7 @@ import yaml
 
 from tests.unit import chart_render as cr
 from tests.unit.chart_render import COMPONENTS, SCENARIOS, SERVICES, STATELESS, name
+from maas import ports
 
 pytestmark = pytest.mark.skipif(
     not cr.HELM.exists(), reason=f"{cr.HELM} missing: run `make k8s-tools` (tools/install_k8s_tools.sh)"
@@ -22,9 +23,9 @@ pytestmark = pytest.mark.skipif(
 K8S_VERSION = "1.30.0"
 CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 GPU_SCENARIOS = [None, "gpu-production-values.yaml"]
-PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054}
-OIP_FAST_PORT = 50055  # router.oipFastPath.port default
-OPENAI_PORT = 8090  # the OpenAI gateway's HTTP port
+PORTS = {"router": ports.ROUTER, "registry": ports.REGISTRY, "tokenizer": ports.TOKENIZER, "vision": ports.VISION}
+OIP_FAST_PORT = ports.ROUTER_OIP  # router.oipFastPath.port default
+OPENAI_PORT = ports.OPENAI  # the OpenAI gateway's HTTP port
 ids = [s or "defaults" for s in SCENARIOS]
 
 
