@@ -23,7 +23,7 @@ from services.shared.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
-STAGING = ".staging"  # inside each model folder (it was <root>/.staging before; removed at start-up)
+STAGING = ".staging"  # inside each model folder
 # Marks a model folder the registry created: it never writes into (or cleans) folders it does not own.
 MARKER = ".maas-registry"
 
@@ -137,16 +137,9 @@ class ModelRepository:
             raise
         _fsync_dir(model_dir)
 
-    def remove_file(self, model: str, name: str) -> None:
-        (self.model_dir(model) / name).unlink(missing_ok=True)
-
     def remove_orphans(self, known: set[tuple[str, int]]) -> list[Path]:
         """Delete staging leftovers and version folders without a database row; returns what was removed."""
         removed = []
-        legacy_staging = self.root / STAGING  # where older registries staged: a "model" to Triton
-        if legacy_staging.is_dir():
-            shutil.rmtree(legacy_staging, ignore_errors=True)
-            removed.append(legacy_staging)
         known_models = {m for m, _ in known}
         for model_dir in self.root.iterdir():
             if not model_dir.is_dir():

@@ -6,6 +6,8 @@ bytes (no deserialiser), so tensors are forwarded to Triton without being parsed
 
 from __future__ import annotations
 
+from importlib.metadata import version as package_version
+
 import grpc
 from tritonclient.grpc import service_pb2
 
@@ -145,10 +147,10 @@ class InferenceServicer:
         table: RoutingTable,
         triton: TritonPeer,
         server_name: str = "maas-router",
-        server_version: str = "0.1.0",
+        server_version: str = "",
     ):
         self.plane, self.table, self.triton = plane, table, triton
-        self.server_name, self.server_version = server_name, server_version
+        self.server_name, self.server_version = server_name, server_version or package_version("maas-mesh")
 
     async def ModelInfer(self, request: bytes, context) -> bytes:
         return await self.plane.infer_raw(request, _routing_key(context), context.time_remaining())

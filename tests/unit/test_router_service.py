@@ -523,3 +523,12 @@ async def test_hostile_but_parseable_requests_are_invalid_argument(mesh):
     # Counted in Python ints (an int64 product would wrap to 0 and match the empty bytes).
     assert "input byte size mismatch for input 'x'" in caught.value.details()
     assert f"Expected {2**64 * 4}, got 0" in caught.value.details()
+
+
+def test_the_router_reports_the_package_version_as_its_server_version():
+    from importlib.metadata import version
+
+    from services.router.servicer import InferenceServicer
+
+    servicer = InferenceServicer(None, None, None)  # type: ignore[arg-type]
+    assert servicer.server_version == version("maas-mesh") == "0.1.0"
