@@ -16,6 +16,7 @@ from services.shared.config import (
     env_float,
     limits_from_args,
     require_peer,
+    require_positive,
     server_settings,
 )
 
@@ -95,9 +96,7 @@ def load_config(argv: list[str] | None = None) -> ConsoleConfig:
     )
     add_limit_arguments(parser, "MAAS_CONSOLE", ConsoleLimits(), LIMIT_HELP)
     args = parser.parse_args(argv)
-    for flag in ("scrape_interval", "history", "default_timeout"):
-        if getattr(args, flag) <= 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    require_positive(args, "scrape_interval", "history", "default_timeout")
     if args.router_metrics and not args.router_metrics.startswith(("http://", "https://")):
         raise ConfigError(f"--router-metrics must be an http(s) URL, got {args.router_metrics!r}")
     settings = server_settings("console", args)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from maas import ports
 from services.shared.config import (
-    ConfigError,
     ServerSettings,
     add_peer_argument,
     add_server_arguments,
@@ -15,6 +14,7 @@ from services.shared.config import (
     env_float,
     env_int,
     require_peer,
+    require_positive,
     server_settings,
 )
 
@@ -86,11 +86,7 @@ def load_config(argv: list[str] | None = None) -> GatewayConfig:
         help="requests served at once, streams included; more → 429 (MAAS_OPENAI_MAX_INFLIGHT)",
     )
     args = parser.parse_args(argv)
-    if args.default_timeout <= 0:
-        raise ConfigError("--default-timeout must be positive")
-    for flag in ("max_request_bytes", "max_inflight"):
-        if getattr(args, flag) <= 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    require_positive(args, "default_timeout", "max_request_bytes", "max_inflight")
     settings = server_settings("openai", args)
     require_peer(settings.listen, "--listen", "MAAS_LISTEN")
     return GatewayConfig(

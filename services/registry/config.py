@@ -10,14 +10,16 @@ from typing import Sequence
 from maas import ports
 from services.shared.config import (
     DEFAULT_RELOAD_CONCURRENCY,
-    ConfigError,
     ServerSettings,
     add_server_arguments,
+    add_triton_argument,
     env,
     env_float,
     env_int,
-    require_peer,
+    require_non_negative,
+    require_positive,
     server_settings,
+    triton_addresses,
 )
 from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
@@ -65,11 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("MAAS_MODEL_REPOSITORY", "model_repository"),
         help="Triton model repository the registry writes versions into (MAAS_MODEL_REPOSITORY)",
     )
-    g.add_argument(
-        "--triton",
-        default=env("MAAS_TRITON_ADDRESS", ports.loopback(ports.TRITON_GRPC)),
-        help="Triton gRPC address(es) host:port, comma-separated for replicas (MAAS_TRITON_ADDRESS)",
-    )
+    add_triton_argument(g)
     g.add_argument(
         "--max-artifact-bytes",
         type=int,
@@ -116,23 +114,12 @@ def load_config(argv: Sequence[str] | None = None) -> RegistryConfig:
     discovery = discovery_config(args)
     addresses: tuple[str, ...] = ()
     if discovery.mode == "static":
-        addresses = tuple(a.strip() for a in (args.triton or "").split(",") if a.strip())
-        if not addresses:
-            raise ConfigError("--triton / MAAS_TRITON_ADDRESS must name at least one Triton gRPC address")
-        for address in addresses:
-            require_peer(address, "--triton", "MAAS_TRITON_ADDRESS")
+        addresses = triton_addresses(args.triton)
         discovery = discovery_config(args, addresses)
-    for flag, value in (
-        ("--max-artifact-bytes", args.max_artifact_bytes),
-        ("--default-max-batch-size", args.default_max_batch_size),
-        ("--load-timeout", args.load_timeout),
-        ("--watch-queue-size", args.watch_queue_size),
-        ("--reload-concurrency", args.reload_concurrency),
-    ):
-        if value <= 0:
-            raise ConfigError(f"{flag} must be positive, got {value}")
-    if args.reconcile_interval < 0:
-        raise ConfigError(f"--reconcile-interval must be 0 (off) or positive, got {args.reconcile_interval}")
+    require_positive(
+        args, "max_artifact_bytes", "default_max_batch_size", "load_timeout", "watch_queue_size", "reload_concurrency"
+    )
+    require_non_negative(args, "reconcile_interval")  # 0 = off
     return RegistryConfig(
         server=server_settings("registry", args),
         database=Path(args.database),

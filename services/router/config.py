@@ -16,12 +16,16 @@ from services.shared.config import (
     add_peer_argument,
     add_pool_arguments,
     add_server_arguments,
+    add_triton_argument,
     env,
     env_float,
     env_int,
     pool_settings,
+    require_non_negative,
     require_peer,
+    require_positive,
     server_settings,
+    triton_addresses,
 )
 from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
@@ -69,15 +73,7 @@ class RouterConfig:
     retry_budget: RetryBudgetSettings = field(default_factory=RetryBudgetSettings)
 
     def triton_discovery(self) -> DiscoveryConfig:
-        return self.discovery or DiscoveryConfig(mode="static", static_addresses=static_addresses(self.triton))
-
-
-def static_addresses(value: str) -> tuple[str, ...]:
-    """`a:8001` or `a:8001,b:8001`, each checked to be host:port."""
-    addresses = tuple(a.strip() for a in value.split(",") if a.strip())
-    for address in addresses or (value,):
-        require_peer(address, "--triton", "MAAS_TRITON_ADDRESS")
-    return addresses
+        return self.discovery or DiscoveryConfig(mode="static", static_addresses=triton_addresses(self.triton))
 
 
 def load_config(argv: list[str] | None = None) -> RouterConfig:
@@ -89,13 +85,7 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     add_peer_argument(peers, "--registry", "MAAS_REGISTRY_ADDRESS", ports.loopback(ports.REGISTRY), "registry")
     add_peer_argument(peers, "--tokenizer", "MAAS_TOKENIZER_ADDRESS", ports.loopback(ports.TOKENIZER), "tokenizer")
     add_peer_argument(peers, "--vision", "MAAS_VISION_ADDRESS", ports.loopback(ports.VISION), "vision")
-    add_peer_argument(
-        peers,
-        "--triton",
-        "MAAS_TRITON_ADDRESS",
-        ports.loopback(ports.TRITON_GRPC),
-        "Triton gRPC (comma-separated for several static replicas)",
-    )
+    add_triton_argument(peers)
     add_discovery_arguments(parser)
     add_pool_arguments(parser)
     g = parser.add_argument_group("router")
@@ -161,25 +151,20 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         help="deadline of a generation when the caller sets none (MAAS_GENERATE_TIMEOUT_SECONDS)",
     )
     args = parser.parse_args(argv)
-    for flag in (
+    require_positive(
+        args,
         "generate_max_tokens",
         "generate_max_messages",
         "generate_max_prompt_chars",
         "generate_max_stop",
         "generate_max_stop_chars",
         "generate_timeout",
-    ):
-        if getattr(args, flag) <= 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
+    )
     discovery = discovery_config(args)
     if discovery.mode == "static":
-        discovery = discovery_config(args, static_addresses(args.triton or ""))
-    for flag in ("default_timeout", "shadow_timeout", "shadow_report_interval"):
-        if getattr(args, flag) <= 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
-    for flag in ("max_batch_items", "shadow_max_inflight"):
-        if getattr(args, flag) < (1 if flag == "max_batch_items" else 0):
-            raise ConfigError(f"--{flag.replace('_', '-')} is out of range")
+        discovery = discovery_config(args, triton_addresses(args.triton))
+    require_positive(args, "default_timeout", "shadow_timeout", "shadow_report_interval", "max_batch_items")
+    require_non_negative(args, "shadow_max_inflight")
     fast_listen, fast_binary = oip_fast_path(args.oip_fast_listen, args.oip_fast_binary)
     outlier, retry_budget = pool_settings(args)
     return RouterConfig(

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from maas import ports
+
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Models the registry reloads at once on a Triton replica that lost them (restart): MAAS_RELOAD_CONCURRENCY.
 # 1 here: loads are CPU-bound on a CPU Triton, and on 2 cores 2 or 4 at once made the first Classify
@@ -110,12 +112,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -
 
 
 def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettings:
-    if args.max_message_bytes <= 0:
-        raise ConfigError("--max-message-bytes must be positive")
-    if args.workers <= 0:
-        raise ConfigError("--workers must be positive")
-    if args.drain_delay < 0:
-        raise ConfigError("--drain-delay must be >= 0")
+    require_positive(args, "max_message_bytes", "workers")
+    require_non_negative(args, "drain_delay")
     return ServerSettings(
         service_name=service_name,
         listen=args.listen,
@@ -154,13 +152,47 @@ def add_limit_arguments(parser: argparse.ArgumentParser, env_prefix: str, defaul
         )
 
 
+def require_positive(args: argparse.Namespace, *dests: str) -> None:
+    """Each flag (by its argparse dest, e.g. "load_timeout" for --load-timeout) must be > 0."""
+    for dest in dests:
+        value = getattr(args, dest)
+        if value <= 0:
+            raise ConfigError(f"--{dest.replace('_', '-')} must be positive, got {value}")
+
+
+def require_non_negative(args: argparse.Namespace, *dests: str) -> None:
+    """Each flag must be >= 0 (0 meaning off or none, as its help says)."""
+    for dest in dests:
+        value = getattr(args, dest)
+        if value < 0:
+            raise ConfigError(f"--{dest.replace('_', '-')} must be >= 0, got {value}")
+
+
+def add_triton_argument(parser: Any) -> None:
+    """--triton / MAAS_TRITON_ADDRESS: the static list of Triton replicas (registry and router)."""
+    add_peer_argument(
+        parser,
+        "--triton",
+        "MAAS_TRITON_ADDRESS",
+        ports.loopback(ports.TRITON_GRPC),
+        "Triton gRPC (comma-separated for several static replicas)",
+    )
+
+
+def triton_addresses(value: str | None) -> tuple[str, ...]:
+    """`a:8001` or `a:8001,b:8001` → the addresses, each checked to be host:port; at least one."""
+    addresses = tuple(a.strip() for a in (value or "").split(",") if a.strip())
+    if not addresses:
+        raise ConfigError("--triton / MAAS_TRITON_ADDRESS must name at least one Triton gRPC address")
+    for address in addresses:
+        require_peer(address, "--triton", "MAAS_TRITON_ADDRESS")
+    return addresses
+
+
 def limits_from_args(limits_type, args: argparse.Namespace, helps: dict[str, str], **fixed):
     """The limits dataclass from the parsed flags (plus `fixed` values); every limit must be positive."""
-    limits = limits_type(**{name: getattr(args, name) for name in helps}, **fixed)
-    for name in helps:
-        if getattr(limits, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(limits, name)}")
-    return limits
+    require_positive(args, *helps)
+    return limits_type(**{name: getattr(args, name) for name in helps}, **fixed)
 
 
 # -- replica pools: outlier ejection and retry budget (services/shared/outlier.py) -------------------
