@@ -220,21 +220,19 @@ class TritonPeer:
         stream's requests may have reached the model."""
         self.pool.request()
         replica = self.pool.pick()
-        replica.inflight += 1
-        replica.calls += 1
-        call = replica.stub(raw_model_stream_infer if raw else model_stream_infer)(
-            timeout=timeout, wait_for_ready=False, metadata=metadata or None
-        )
-        try:
-            yield call
-        except grpc.aio.AioRpcError as exc:
-            self.pool.report(replica, ok=not retryable(exc))
-            raise
-        else:
-            self.pool.report(replica, ok=True)
-        finally:
-            replica.inflight -= 1
-            call.cancel()
+        with replica.counted():
+            call = replica.stub(raw_model_stream_infer if raw else model_stream_infer)(
+                timeout=timeout, wait_for_ready=False, metadata=metadata or None
+            )
+            try:
+                yield call
+            except grpc.aio.AioRpcError as exc:
+                self.pool.report(replica, ok=not retryable(exc))
+                raise
+            else:
+                self.pool.report(replica, ok=True)
+            finally:
+                call.cancel()
 
     async def call(self, method: str, request, timeout: float | None):
         """Any other unary method of Triton's API by name, e.g. call("ModelMetadata", req, 5)."""
@@ -319,13 +317,9 @@ def _model_of(request) -> tuple[str, str]:
 
 async def _attempt(replica: Replica, factory, method: str | None, request, timeout: float | None):
     """One call on one replica, counted in its in-flight and call totals (what pick() balances on)."""
-    replica.inflight += 1
-    replica.calls += 1
-    try:
+    with replica.counted():
         rpc = replica.stub(factory)
         return await (getattr(rpc, method) if method else rpc)(request, timeout=timeout, wait_for_ready=False)
-    finally:
-        replica.inflight -= 1
 
 
 def _inflight(replica: Replica) -> int:

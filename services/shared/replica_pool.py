@@ -62,6 +62,17 @@ class Replica:
         self.calls = 0
         self._stubs: dict[Any, Any] = {}
 
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        """One call on this replica: in its in-flight count (what pick() balances on) until the block
+        ends, and in its call total."""
+        self.inflight += 1
+        self.calls += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
     def stub(self, factory: Callable[[grpc.aio.Channel], S]) -> S:
         """factory(channel), cached by factory: pass a stub class or module-level function, not a new lambda."""
         if factory not in self._stubs:
@@ -252,12 +263,8 @@ class ReplicaPool:
     def lease(self) -> Iterator[Replica]:
         """A replica for one call, counted as in flight until the block ends."""
         replica = self.pick()
-        replica.inflight += 1
-        replica.calls += 1
-        try:
+        with replica.counted():
             yield replica
-        finally:
-            replica.inflight -= 1
 
     async def close(self) -> None:
         for task in [*self._pending.values(), *self._ejected.values()]:

@@ -105,11 +105,17 @@ def build_server(
     return ServiceServer(server, health_servicer, names, settings), port
 
 
-def run(settings: ServerSettings, create: Callable[[], tuple[ServiceServer, int]]) -> None:
-    """Entry point body shared by every service's __main__."""
+def start_observability(settings: ServerSettings) -> None:
+    """Every service process's preamble (gRPC and HTTP alike): structured logs, tracing when the OTEL_*
+    settings ask for it, the Prometheus endpoint when --metrics-port is set."""
     configure_logging(settings.service_name, settings.log_level, settings.log_format)
     setup_tracing(f"maas-{settings.service_name}")
     start_metrics_server(settings.metrics_port)
+
+
+def run(settings: ServerSettings, create: Callable[[], tuple[ServiceServer, int]]) -> None:
+    """Entry point body shared by every service's __main__."""
+    start_observability(settings)
 
     async def serve() -> None:
         server, port = create()

@@ -20,7 +20,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from services.shared.config import ConfigError
-from services.shared.errors import NotFound
+from services.shared.catalog import Catalog
 from services.shared.model_repository import model_config, models_with
 from services.tokenizer.chat_template import ChatTemplate, read_tokenizer_config, template_source, token_text
 
@@ -158,23 +158,13 @@ def _single_sequence_type_ids_are_zero(processor: dict | None) -> bool:
     return False
 
 
-class TokenizerCatalog:
+class TokenizerCatalog(Catalog[LoadedTokenizer]):
     """Tokenizers by name, with the one used when a request names none."""
 
     def __init__(self, tokenizers: dict[str, LoadedTokenizer], default: str):
-        if default not in tokenizers:
-            raise ConfigError(
-                f"default tokenizer {default!r} not found; found {sorted(tokenizers) or 'none'} "
-                "(<model>/tokenizer.json under --model-repository or --tokenizer-dir)"
-            )
-        self.tokenizers = dict(sorted(tokenizers.items()))
-        self.default = default
-
-    def get(self, name: str) -> LoadedTokenizer:
-        try:
-            return self.tokenizers[name or self.default]
-        except KeyError:
-            raise NotFound(f"tokenizer {name!r} not found; known: {', '.join(self.tokenizers)}") from None
+        super().__init__(
+            tokenizers, default, "tokenizer", "<model>/tokenizer.json under --model-repository or --tokenizer-dir"
+        )
 
     @classmethod
     def discover(

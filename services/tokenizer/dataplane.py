@@ -122,4 +122,4 @@ class TokenizerDataplane:
             raise
 
     def tokenizers(self) -> list[LoadedTokenizer]:
-        return list(self.catalog.tokenizers.values())
+        return list(self.catalog.items.values())

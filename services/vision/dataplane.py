@@ -31,11 +31,11 @@ class VisionDataplane:
         self.limits = limits
         self.pool = pool
         self._preprocessors = {
-            name: Preprocessor(spec, limits.max_image_pixels, limits=limits) for name, spec in catalog.specs.items()
+            name: Preprocessor(spec, limits.max_image_pixels, limits=limits) for name, spec in catalog.items.items()
         }
 
     def specs(self) -> list[VisionSpec]:
-        return list(self.catalog.specs.values())
+        return list(self.catalog.items.values())
 
     async def preprocess(
         self, spec_name: str, images: list[bytes], output_name: str, request_bytes: int

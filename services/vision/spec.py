@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.shared.config import ConfigError
-from services.shared.errors import NotFound
+from services.shared.catalog import Catalog
 from services.shared.model_repository import model_input_names, models_with
 
 log = logging.getLogger(__name__)
@@ -99,23 +99,13 @@ class VisionSpec:
             raise ConfigError(f"vision spec {name!r} ({path}): {exc}") from None
 
 
-class SpecCatalog:
+class SpecCatalog(Catalog[VisionSpec]):
     """Specs by name, with the one used when a request names none."""
 
     def __init__(self, specs: dict[str, VisionSpec], default: str):
-        if default not in specs:
-            raise ConfigError(
-                f"default vision spec {default!r} not found; found {sorted(specs) or 'none'} "
-                "(<model>/preprocess.json under --model-repository or --spec-dir)"
-            )
-        self.specs = dict(sorted(specs.items()))
-        self.default = default
-
-    def get(self, name: str) -> VisionSpec:
-        try:
-            return self.specs[name or self.default]
-        except KeyError:
-            raise NotFound(f"vision spec {name!r} not found; known: {', '.join(self.specs)}") from None
+        super().__init__(
+            specs, default, "vision spec", "<model>/preprocess.json under --model-repository or --spec-dir"
+        )
 
     @classmethod
     def discover(cls, model_repository: Path, extra_dir: Path | None, default: str) -> SpecCatalog:

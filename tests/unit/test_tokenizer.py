@@ -154,7 +154,7 @@ def test_outputs_follow_model_config(tmp_path, tokenizer_repository):
     (tmp_path / "bare").mkdir()  # no config.pbtxt: all three
     shutil.copyfile(minilm_tokenizer_json(), tmp_path / "bare" / "tokenizer.json")
     catalog = TokenizerCatalog.discover(tokenizer_repository, tmp_path, "minilm", 512)
-    assert sorted(catalog.tokenizers) == ["bare", "minilm", "no_types"]
+    assert sorted(catalog.items) == ["bare", "minilm", "no_types"]
     assert catalog.get("no_types").outputs == ("input_ids", "attention_mask")
     assert set(run(catalog.get("no_types"), ["x"]).tensors) == {"input_ids", "attention_mask"}
     assert catalog.get("bare").outputs == ("input_ids", "attention_mask", "token_type_ids")

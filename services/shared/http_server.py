@@ -1,0 +1,34 @@
+"""Serving an HTTP service (the OpenAI gateway, the console) with uvicorn, set up as every service is.
+
+On SIGTERM uvicorn stops accepting connections and gives open ones (event streams, a chat) the drain
+grace, then the app's lifespan closes its channels (which cancels their calls).
+"""
+
+from __future__ import annotations
+
+import uvicorn
+
+from services.shared.config import ServerSettings
+from services.shared.server import start_observability
+from services.shared.telemetry import shutdown_tracing
+
+
+def uvicorn_config(app, host: str, port: int, settings: ServerSettings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(settings.grace_seconds)),
+        server_header=False,
+    )
+
+
+def run_http(config: uvicorn.Config, settings: ServerSettings) -> None:
+    start_observability(settings)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        shutdown_tracing()
