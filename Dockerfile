@@ -20,7 +20,7 @@ COPY . .
 # them into the wheel, with the build venv's grpcio-tools.
 RUN /opt/build/bin/pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /out .
 
-# The router's compiled Open Inference Protocol data path (maas-oip-fastpath, C++). The router
+# The router's OIP fast path (compiled) (maas-oip-fastpath, C++). The router
 # starts it as a child process when it is on PATH; without it the router serves OIP only on its
 # main port. Built in its own stage so g++ and the -dev headers stay out of the runtime image;
 # only the router's sources and the build script are copied, so Python-only changes reuse it.

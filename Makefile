@@ -32,7 +32,7 @@ maas/v1/__init__.py: $(PROTOS) tools/gen_stubs.py | $(STAMP)
 models: install
 	HF_HUB_OFFLINE=1 $(PY) tools/build_models.py
 
-# The router's compiled Open Inference Protocol data path (C++, gRPC C++ from Debian's packages).
+# The router's OIP fast path (compiled) (C++, gRPC C++ from Debian's packages).
 FASTPATH := build/bin/maas-oip-fastpath
 fastpath: $(FASTPATH)
 $(FASTPATH): services/router/native/oip_fastpath.cc tools/build_fastpath.sh

@@ -3,7 +3,7 @@
 A tiny model (y = 2x on FP32 [1, 4]) keeps Triton's own time small, so the difference is the hop:
 added p50/p99 latency and the QPS ratio at concurrency 1, 8 and 64, all measured in this run.
 
-The router answers the Open Inference Protocol on two ports: its compiled data path
+The router answers the Open Inference Protocol on two ports: its fast path
 (maas-oip-fastpath, "router-fast", the figures the targets are about) and its main Python port
 ("router-main", the same protocol with every feature). A bare grpc.aio bytes-forwarding proxy with
 no routing at all measures what any Python gRPC hop costs on this machine, so the main port's own
@@ -152,7 +152,7 @@ def main() -> None:
                     "direct": (mesh.addresses["triton"], version),
                     "bare-proxy": (proxy_address, ""),
                     "router-main": (mesh.router_address, ""),
-                    "router-fast": (mesh.addresses["router_oip"], ""),
+                    "router-fast": (mesh.addresses["router_oip_fast"], ""),
                 }
             )
         finally:

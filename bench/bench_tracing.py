@@ -56,7 +56,7 @@ def start_router(mesh: LocalMesh, env: dict[str, str], log: Path) -> tuple[subpr
                 a["triton"],
                 "--oip-fast-listen",
                 "off",
-            ],  # tracing is the main port's: the compiled data path makes no spans
+            ],  # tracing is the main port's: the fast path makes no spans
             env={**clean, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -145,7 +145,7 @@ def main() -> None:
 
     print(f"spans received while tracing on: {len(receiver.spans)}")
     # The main port is a Python gRPC hop (~0.7 ms here, see bench_router's bare proxy); the router's
-    # 0.5 ms target is met by its compiled data path, which has no tracing to switch.
+    # 0.5 ms target is met by its fast path, which has no tracing to switch.
     print(f"BENCH tracing_off_added_p50_ms_c1 {p50(1, 'off') - p50(1, 'direct'):.3f} <= 1.0")
     print(f"BENCH tracing_off_vs_sdk_disabled_qps_ratio_c8 {qps(8, 'off') / qps(8, 'disabled'):.3f} >= 0.95")
     print(f"BENCH tracing_on_added_p50_ms_c1 {p50(1, 'on') - p50(1, 'off'):.3f} <= 1.0")

@@ -319,7 +319,7 @@ def _running_mesh(config):
         try:
             with console.status("starting the mesh (Triton + registry + tokenizer + vision + router)…"):
                 mesh.start()
-        except Exception as exc:  # noqa: BLE001 - MeshError, TritonError, RegistryError: all end here
+        except Exception as exc:  # noqa: BLE001 - MeshStartError, TritonError, RegistryError: all end here
             fail(f"the mesh did not start: {exc}")
         yield mesh
     finally:
@@ -350,8 +350,12 @@ def up(
         help="source models registered on first start",
     ),
     router_port: int = typer.Option(ports.ROUTER, envvar="MAAS_ROUTER_PORT"),
-    router_oip_port: int = typer.Option(
-        ports.ROUTER_OIP, envvar="MAAS_ROUTER_OIP_PORT", help="the router's compiled Open Inference Protocol data path"
+    router_oip_fast_port: int = typer.Option(
+        ports.ROUTER_OIP_FAST,
+        "--router-oip-fast-port",
+        "--router-oip-port",  # its former name
+        envvar=["MAAS_ROUTER_OIP_FAST_PORT", "MAAS_ROUTER_OIP_PORT"],
+        help="the router's OIP fast path",
     ),
     registry_port: int = typer.Option(ports.REGISTRY, envvar="MAAS_REGISTRY_PORT"),
     tokenizer_port: int = typer.Option(ports.TOKENIZER, envvar="MAAS_TOKENIZER_PORT"),
@@ -374,7 +378,7 @@ def up(
         ports=_ports(
             free_ports,
             router=router_port,
-            router_oip=router_oip_port,
+            router_oip_fast=router_oip_fast_port,
             registry=registry_port,
             tokenizer=tokenizer_port,
             vision=vision_port,
@@ -400,7 +404,7 @@ def up(
                 f"[green]serving[/] — try: maas embed 'hello world' --router {mesh.router_address}; "
                 f"maas chat 'hello' --router {mesh.router_address}; OpenAI clients at base_url "
                 f"{mesh.openai_url}; the web console at {mesh.console_url}; tritonclient at "
-                f"{mesh.addresses['router_oip']} (the router's OIP fast path)   (Ctrl-C stops everything)"
+                f"{mesh.addresses['router_oip_fast']} (the router's OIP fast path)   (Ctrl-C stops everything)"
             )
             supervisor = Supervisor(mesh, log=lambda message: console.print(f"[yellow]{message}[/]"))
             supervisor.start()

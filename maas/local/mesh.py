@@ -49,7 +49,7 @@ DEFAULT_PORTS = {
     "registry": ports.REGISTRY,
     "tokenizer": ports.TOKENIZER,
     "vision": ports.VISION,
-    "router_oip": ports.ROUTER_OIP,
+    "router_oip_fast": ports.ROUTER_OIP_FAST,
     "openai": ports.OPENAI,
     "console": ports.CONSOLE,
     "triton_grpc": ports.TRITON_GRPC,
@@ -60,7 +60,7 @@ DEFAULT_PORTS = {
 FREE_PORTS = {name: 0 for name in DEFAULT_PORTS}
 
 
-class MeshError(RuntimeError):
+class MeshStartError(RuntimeError):
     """A component failed to start or a start-up step failed; the message says which and why."""
 
 
@@ -237,7 +237,7 @@ def register_source_models(
         artifacts = [folder / a for a in (model.artifact, *model.more_artifacts)]
         for artifact in artifacts:
             if not (artifact.is_dir() if model.format == "genai" else artifact.is_file()):
-                raise MeshError(f"{artifact} is missing: build the models first (make models)")
+                raise MeshStartError(f"{artifact} is missing: build the models first (make models)")
         inputs, outputs, max_batch = _config_signature(folder)
         if model.format == "genai":  # the registry owns the generation contract's config
             inputs, outputs, max_batch = [], [], 0
@@ -270,12 +270,14 @@ def register_source_models(
                 )
                 registry.wait_ready(model.name, version.version, timeout=timeout)
             except RegistryError as exc:
-                raise MeshError(f"registering {model.name} failed: {exc}\nregistry log:\n{registry_log()}") from None
+                raise MeshStartError(
+                    f"registering {model.name} failed: {exc}\nregistry log:\n{registry_log()}"
+                ) from None
             registered.append((model.name, version.version))
         try:
             registry.set_alias(model.name, "production", version.version, reason="first start of the local mesh")
         except RegistryError as exc:
-            raise MeshError(f"pointing production of {model.name} at v{version.version} failed: {exc}") from None
+            raise MeshStartError(f"pointing production of {model.name} at v{version.version} failed: {exc}") from None
     return registered
 
 
@@ -329,7 +331,7 @@ class LocalMesh:
         fixed = [p for p in wanted.values() if p]
         busy = [p for p in fixed if not _port_free(self.config.host, p)]
         if busy:
-            raise MeshError(
+            raise MeshStartError(
                 f"port(s) {', '.join(map(str, busy))} on {self.config.host} already in use — is another "
                 f"mesh (or Triton) running? Stop it or choose other ports."
             )
@@ -368,7 +370,7 @@ class LocalMesh:
                 "--triton",
                 a["triton"],
                 "--oip-fast-listen",
-                a["router_oip"],
+                a["router_oip_fast"],
             ],
             "openai": ["--router", a["router"], "--registry", a["registry"]],
             # The console reads the router's Prometheus endpoint for its charts.
@@ -406,7 +408,7 @@ class LocalMesh:
     def _start(self) -> None:
         cfg = self.config
         if not Path(cfg.source_repository).is_dir():
-            raise MeshError(
+            raise MeshStartError(
                 f"model repository {cfg.source_repository} not found (run from the repository root, "
                 f"or pass --model-repository)"
             )
@@ -414,7 +416,7 @@ class LocalMesh:
         host = cfg.host
         self.addresses = {name: f"{host}:{ports[name]}" for name in SERVICES}
         self.addresses["triton"] = f"{host}:{ports['triton_grpc']}"
-        self.addresses["router_oip"] = f"{host}:{ports['router_oip']}"  # the router's compiled OIP data path
+        self.addresses["router_oip_fast"] = f"{host}:{ports['router_oip_fast']}"  # the router's OIP fast path
         self.addresses.update({f"{name}_metrics": f"{host}:{ports[f'{name}_metrics']}" for name in SERVICES})
         (self.state_dir / "repository").mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -475,7 +477,7 @@ class LocalMesh:
     def _check_alive(self, name: str) -> None:
         proc = self.processes.get(name)
         if proc is not None and proc.poll() is not None:
-            raise MeshError(
+            raise MeshStartError(
                 f"{name} exited with code {proc.returncode}; log {self.log_dir / (name + '.log')}:\n"
                 f"{self.log_tail(name)}"
             )
@@ -491,7 +493,9 @@ class LocalMesh:
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
-                raise MeshError(f"{what} after {self.config.startup_timeout:.0f}s; {name} log:\n{self.log_tail(name)}")
+                raise MeshStartError(
+                    f"{what} after {self.config.startup_timeout:.0f}s; {name} log:\n{self.log_tail(name)}"
+                )
             time.sleep(0.1)
 
     def _wait_serving(self, name: str) -> None:
@@ -602,7 +606,7 @@ class LocalMesh:
         """(component, address, log file under log_dir) for the table `maas up` prints."""
         rows = [
             ("router — maas.v1.Router + Open Inference Protocol", self.addresses["router"], "router.log"),
-            ("router — Open Inference Protocol, compiled data path", self.addresses["router_oip"], "router.log"),
+            ("router — Open Inference Protocol, fast path", self.addresses["router_oip_fast"], "router.log"),
             ("registry", self.addresses["registry"], "registry.log"),
             ("tokenizer", self.addresses["tokenizer"], "tokenizer.log"),
             ("vision", self.addresses["vision"], "vision.log"),

@@ -30,7 +30,7 @@ from services.shared.config import (
 from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
 DEFAULT_LISTEN = ports.loopback(ports.ROUTER)
-DEFAULT_OIP_FAST_LISTEN = ports.loopback(ports.ROUTER_OIP)
+DEFAULT_OIP_FAST_LISTEN = ports.loopback(ports.ROUTER_OIP_FAST)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class RouterConfig:
     discovery: DiscoveryConfig | None = None
     # Text generation (services/router/generation.py): limits checked before any work.
     generation: GenerationLimits = field(default_factory=GenerationLimits)
-    # The compiled OIP data path (services/router/fastpath.py): its address, "" = not started.
+    # The OIP fast path (services/router/fastpath.py): its address, "" = not started.
     oip_fast_listen: str = ""
     oip_fast_binary: str = ""
     # The Triton replica pool: outlier ejection and the retry budget (services/shared/outlier.py).
@@ -122,7 +122,7 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     g.add_argument(
         "--oip-fast-listen",
         default=env("MAAS_ROUTER_OIP_FAST_LISTEN", DEFAULT_OIP_FAST_LISTEN),
-        help='address of the compiled Open Inference Protocol data path; "off" = none (MAAS_ROUTER_OIP_FAST_LISTEN)',
+        help='address of the OIP fast path; "off" = none (MAAS_ROUTER_OIP_FAST_LISTEN)',
     )
     g.add_argument(
         "--oip-fast-binary",
@@ -196,7 +196,7 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
 
 
 def oip_fast_path(listen: str, binary: str) -> tuple[str, str]:
-    """(listen, binary) of the compiled OIP data path, ("", "") when it is off. A binary named but
+    """(listen, binary) of the OIP fast path, ("", "") when it is off. A binary named but
     missing is an error; one not found by itself only turns the fast path off (the main port still
     serves the protocol), with a warning when the server starts."""
     listen = (listen or "").strip()

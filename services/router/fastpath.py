@@ -1,4 +1,4 @@
-"""The router's compiled OIP data path: maas-oip-fastpath, started, fed and watched from here.
+"""The router's OIP fast path: maas-oip-fastpath, started, fed and watched from here.
 
 A Python grpc.aio hop costs ~0.7 ms per call here, more than the router may add to a Triton call;
 the compiled forwarder (services/router/native/oip_fastpath.cc) costs ~0.25 ms. It serves

@@ -18,8 +18,8 @@ from services.shared.errors import FailedPrecondition, NotFound, Unavailable
 DEFAULT_ALIAS = "production"
 
 
-class VersionState(enum.IntEnum):
-    """Mirrors maas.v1.VersionState."""
+class ServingState(enum.IntEnum):
+    """A version's state as the router serves it (mirrors maas.v1.VersionState, the registry's)."""
 
     UNSPECIFIED = 0
     REGISTERED = 1
@@ -59,7 +59,7 @@ class RouteKind(enum.IntEnum):
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class TensorInfo:
     name: str
     datatype: str
     shape: tuple[int, ...] = ()
@@ -71,10 +71,10 @@ class VersionInfo:
 
     model: str
     version: int
-    state: VersionState = VersionState.READY
+    state: ServingState = ServingState.READY
     state_reason: str = ""
-    inputs: tuple[TensorSpec, ...] = ()
-    outputs: tuple[TensorSpec, ...] = ()
+    inputs: tuple[TensorInfo, ...] = ()
+    outputs: tuple[TensorInfo, ...] = ()
     pre_kind: PreKind = PreKind.NONE
     pre_name: str = ""
     post_kind: PostKind = PostKind.NONE
@@ -87,7 +87,7 @@ class VersionInfo:
 
     @property
     def ready(self) -> bool:
-        return self.state == VersionState.READY
+        return self.state == ServingState.READY
 
     @property
     def triton_model(self) -> str:

@@ -101,10 +101,10 @@ def admit_when_serving(table: RoutingTable):
 
 
 def add_fast_path(service: ServiceServer, port: int, cfg: RouterConfig, table: RoutingTable, pool: ReplicaPool) -> None:
-    """Run the compiled OIP data path beside this server; what it cannot settle comes to `port`."""
+    """Run the OIP fast path beside this server; what it cannot settle comes to `port`."""
     if not cfg.oip_fast_binary:
         log.warning(
-            "%s not found: the compiled OIP data path is off (build it with `make fastpath`); "
+            "%s not found: the OIP fast path is off (build it with `make fastpath`); "
             "the main port still serves the Open Inference Protocol",
             BINARY_NAME,
             extra={"oip_fast_listen": cfg.oip_fast_listen},

@@ -1,5 +1,5 @@
-"""What Triton's errors mean to the router's callers, in one place for both router ports (the compiled
-data path gets the markers as flags: services/router/fastpath.py).
+"""What Triton's errors mean to the router's callers, in one place for both router ports (the OIP
+fast path gets the markers as flags: services/router/fastpath.py).
 
 - A backend that fails to execute a request (ONNX Runtime or PyTorch refusing its tensors: a sequence
   longer than the model takes, token ids outside the vocabulary, a zero dimension) makes Triton answer

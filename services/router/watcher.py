@@ -19,24 +19,24 @@ from services.router.routing import (
     RoutingTable,
     Shadow,
     Target,
-    TensorSpec,
+    TensorInfo,
     VersionInfo,
-    VersionState,
+    ServingState,
 )
 from services.router.signature import MAX_SEQUENCE_LENGTH_TAG, VOCAB_SIZE_TAG, declared_limit
 
 log = logging.getLogger(__name__)
 
 
-def _specs(specs) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(s.name, s.datatype, tuple(s.shape)) for s in specs)
+def _specs(specs) -> tuple[TensorInfo, ...]:
+    return tuple(TensorInfo(s.name, s.datatype, tuple(s.shape)) for s in specs)
 
 
 def version_from_proto(v: registry_pb2.ModelVersion) -> VersionInfo:
     return VersionInfo(
         model=v.model,
         version=v.version,
-        state=VersionState(v.state),
+        state=ServingState(v.state),
         state_reason=v.state_reason,
         inputs=_specs(v.signature.inputs),
         outputs=_specs(v.signature.outputs),

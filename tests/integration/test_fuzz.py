@@ -43,7 +43,7 @@ MAX_STATUS_MESSAGE = 8 * 1024
 SERVICES = [
     ("router", router_pb2.DESCRIPTOR.services_by_name["Router"]),
     ("router", oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]),
-    ("router_oip", oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]),
+    ("router_oip_fast", oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]),
     ("registry", registry_pb2.DESCRIPTOR.services_by_name["Registry"]),
     ("tokenizer", tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]),
     ("vision", vision_pb2.DESCRIPTOR.services_by_name["Vision"]),

@@ -91,7 +91,7 @@ def test_stopping_triton_gives_unavailable_within_the_deadline(mesh, client):
             client.embed(["x"], "minilm", timeout=5)
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - started < 5
-        for port in ("router", "router_oip"):  # the main port and the compiled data path
+        for port in ("router", "router_oip_fast"):  # the main port and the fast path
             with grpcclient.InferenceServerClient(mesh.addresses[port]) as oip:
                 inp = grpcclient.InferInput("INPUT__0", [1, 3, 224, 224], "FP32")
                 inp.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))

@@ -1,4 +1,4 @@
-"""The router's compiled OIP data path (maas-oip-fastpath) in the real mesh: an unmodified
+"""The router's OIP fast path (maas-oip-fastpath) in the real mesh: an unmodified
 tritonclient on the router's fast port gets Triton's answers, the traffic policy holds, and what
 the forwarder cannot settle is answered by the Python router exactly as on the main port."""
 
@@ -27,7 +27,7 @@ X = np.ones((1, 4), np.float32)
 
 @pytest.fixture(scope="module")
 def fast(mesh):
-    with grpcclient.InferenceServerClient(mesh.addresses["router_oip"]) as client:
+    with grpcclient.InferenceServerClient(mesh.addresses["router_oip_fast"]) as client:
         yield client
 
 
@@ -91,7 +91,7 @@ def test_what_the_forwarder_cannot_settle_is_answered_like_the_main_port(mesh, m
         assert not fast.is_model_ready("fast_errors", "77")
         assert fast.get_model_metadata("fast_errors", as_json=True)["inputs"][0]["name"] == "x"
     # Streaming inference is the main port's: the fast path refuses it, pointing there.
-    with grpc.insecure_channel(mesh.addresses["router_oip"]) as channel:
+    with grpc.insecure_channel(mesh.addresses["router_oip_fast"]) as channel:
         stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(iter([b""]), timeout=5)
         with pytest.raises(grpc.RpcError) as refused:
             list(stream)
@@ -151,7 +151,7 @@ def test_the_forwarder_exits_when_its_router_goes_away(tmp_path):
 
 async def test_deadline_and_cancellation_reach_triton_through_the_forwarder():
     """The in-process router of tests/unit/test_router_service.py (fake Triton whose "slow" model
-    notices cancellation), with its compiled data path started."""
+    notices cancellation), with its fast path started."""
     import asyncio
 
     import tritonclient.grpc.aio as triton_aio

@@ -108,7 +108,7 @@ def test_the_fast_path_answers_as_the_main_port(mesh, direct, case):
     router checks; ONNX Runtime takes a negative id as counted from the end) go to the main port."""
     inputs, words = HOSTILE[case]
     before = settled_counts(direct, "minilm")
-    with grpcclient.InferenceServerClient(mesh.addresses["router_oip"]) as fast:
+    with grpcclient.InferenceServerClient(mesh.addresses["router_oip_fast"]) as fast:
         with pytest.raises(InferenceServerException) as caught:
             fast.infer("minilm", inputs(), client_timeout=TIMEOUT)
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", caught.value
@@ -120,7 +120,7 @@ def test_on_the_fast_path_triton_checks_with_the_words_the_router_uses(mesh, dir
     """efficientnet stays on the compiled path (Triton checks all its limits): same code, and the words
     the router's own check uses are Triton's."""
     image = np.zeros((17, 3, 224, 224), np.float32)
-    for port in ("router", "router_oip"):
+    for port in ("router", "router_oip_fast"):
         with grpcclient.InferenceServerClient(mesh.addresses[port]) as client:
             inp = grpcclient.InferInput("INPUT__0", list(image.shape), "FP32")
             inp.set_data_from_numpy(image)

@@ -18,9 +18,9 @@ REPO_MODELS = __import__("pathlib").Path(__file__).resolve().parents[2] / "model
 TIMEOUT = 30
 
 
-@pytest.fixture(scope="module", params=["router", "router_oip"])
+@pytest.fixture(scope="module", params=["router", "router_oip_fast"])
 def clients(mesh, request):
-    """(client of the router: its main port, then its compiled OIP data path; client of Triton)."""
+    """(client of the router: its main port, then its OIP fast path; client of Triton)."""
     with (
         grpcclient.InferenceServerClient(mesh.addresses[request.param]) as routed,
         grpcclient.InferenceServerClient(mesh.addresses["triton"]) as direct,
@@ -136,7 +136,7 @@ def test_one_error_contract_on_both_router_ports(mesh):
     }
     huge_name = "m" * 100_000
     answers = {}
-    for port in ("router", "router_oip"):
+    for port in ("router", "router_oip_fast"):
         with grpcclient.InferenceServerClient(mesh.addresses[port]) as client:
             for what, (model, inputs, words) in model_side.items():
                 code, message = answers[port, what] = refusal(client, model, inputs)
@@ -151,7 +151,7 @@ def test_one_error_contract_on_both_router_ports(mesh):
             assert code == "StatusCode.NOT_FOUND" and len(message.encode()) <= 1024, (code, len(message))
             assert message.startswith("Request for unknown model: 'mmm") and message.endswith("more bytes cut)")
     for what in (*model_side, "unknown model", "unknown version", "huge name"):
-        assert answers["router", what] == answers["router_oip", what], what
+        assert answers["router", what] == answers["router_oip_fast", what], what
 
 
 def test_request_bytes_that_do_not_parse_are_invalid_argument_on_every_service(mesh):

@@ -1,5 +1,5 @@
 """The router spreads requests over every ready Triton replica the EndpointSlices announce, on its
-main port and on its compiled OIP data path alike.
+main port and on its OIP fast path alike.
 
 Two real Tritons on one model repository (like pods on a shared volume), the registry loading the
 tiny model on both, the fake Kubernetes API announcing them, and a real router in between. Which
@@ -81,7 +81,7 @@ async def send(client: triton_aio.InferenceServerClient, n: int = BATCH) -> None
 @pytest.fixture(params=["main port", "fast path"])
 async def router(fake_kube, start_registry, request):
     """start(registry_env) -> OIP address of a router whose Triton replicas come from the fake API's
-    slices: its main port, or its compiled data path (maas-oip-fastpath)."""
+    slices: its main port, or its fast path (maas-oip-fastpath)."""
     started = []
     fast_address = f"127.0.0.1:{free_ports(1)[0]}" if request.param == "fast path" else ""
 

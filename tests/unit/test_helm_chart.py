@@ -24,7 +24,7 @@ K8S_VERSION = "1.30.0"
 CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 GPU_SCENARIOS = [None, "gpu-production-values.yaml"]
 PORTS = {"router": ports.ROUTER, "registry": ports.REGISTRY, "tokenizer": ports.TOKENIZER, "vision": ports.VISION}
-OIP_FAST_PORT = ports.ROUTER_OIP  # router.oipFastPath.port default
+OIP_FAST_PORT = ports.ROUTER_OIP_FAST  # router.oipFastPath.port default
 OPENAI_PORT = ports.OPENAI  # the OpenAI gateway's HTTP port
 ids = [s or "defaults" for s in SCENARIOS]
 

@@ -1,4 +1,4 @@
-"""What the router tells its compiled OIP data path: each model's routable versions, in lines the
+"""What the router tells its OIP fast path: each model's routable versions, in lines the
 forwarder reads, computed with the routing table's own rules."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 from services.router.config import load_config
 from services.router.fastpath import model_line, snapshot
-from services.router.routing import ModelRoutes, RoutingTable, Shadow, Target, VersionState
+from services.router.routing import ModelRoutes, RoutingTable, Shadow, Target, ServingState
 from services.shared.config import ConfigError
 from tests.unit.test_router_routing import minilm, version
 
@@ -27,7 +27,7 @@ def test_a_model_line_carries_default_ready_versions_usable_split_and_ready_alia
 
 
 def test_the_python_router_keeps_what_it_must_answer_itself():
-    no_ready = minilm(versions={3: version(3, VersionState.LOADING)}, aliases={})
+    no_ready = minilm(versions={3: version(3, ServingState.LOADING)}, aliases={})
     assert fields(no_ready)[2:5] == ["0", "-", "-"]  # no default: version-less calls go to the Python router
     unusable = minilm(split=(Target(version=3, weight=100),))
     assert fields(unusable)[4] == "!"  # FAILED_PRECONDITION comes from the Python router

@@ -8,7 +8,7 @@ import pytest
 from maas.v1 import registry_pb2 as R
 from services.router.config import load_config
 from services.router.postprocess import as_matrix, cosine_sum, l2_normalise, softmax, top1_agreed, top_k
-from services.router.routing import PostKind, PreKind, VersionInfo, VersionState
+from services.router.routing import PostKind, PreKind, VersionInfo, ServingState
 from services.router.shadow import compare
 from services.router.watcher import routes_from_proto
 from services.shared.config import ConfigError
@@ -65,7 +65,7 @@ def test_routing_view_from_the_registry_messages():
     routes = routes_from_proto(R.ModelRouting(model="m", versions=[version], aliases={"production": 1}, policy=policy))
     info = routes.versions[2]
     assert (info.state, info.pre_kind, info.post_kind, info.output_name, info.top_k) == (
-        VersionState.LOADING,
+        ServingState.LOADING,
         PreKind.VISION,
         PostKind.SOFTMAX_TOP_K,
         "y",

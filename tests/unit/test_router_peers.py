@@ -8,7 +8,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.router.config import load_config
 from services.router.peers import TritonPeer, raw_model_infer
-from services.router.routing import ModelRoutes, RoutingTable, VersionInfo, VersionState
+from services.router.routing import ModelRoutes, RoutingTable, VersionInfo, ServingState
 from services.shared.config import ConfigError, OutlierSettings, RetryBudgetSettings
 from services.shared.errors import Unavailable
 from services.shared.replica_pool import ReplicaPool
@@ -152,7 +152,7 @@ def test_ready_versions_are_what_a_new_replica_must_serve():
     table = RoutingTable()
     table.replace_all(
         [
-            ModelRoutes("m", {1: VersionInfo("m", 1), 2: VersionInfo("m", 2, VersionState.LOADING)}),
+            ModelRoutes("m", {1: VersionInfo("m", 1), 2: VersionInfo("m", 2, ServingState.LOADING)}),
             ModelRoutes("n", {3: VersionInfo("n", 3)}),
         ],
         revision=1,

@@ -17,13 +17,13 @@ from services.router.routing import (
     Shadow,
     Target,
     VersionInfo,
-    VersionState,
+    ServingState,
     unit_interval,
 )
 from services.shared.errors import FailedPrecondition, NotFound, Unavailable
 
 
-def version(n: int, state: VersionState = VersionState.READY) -> VersionInfo:
+def version(n: int, state: ServingState = ServingState.READY) -> VersionInfo:
     return VersionInfo(
         model="minilm",
         version=n,
@@ -43,7 +43,7 @@ def table_with(routes: ModelRoutes, seed: int = 7) -> RoutingTable:
 def minilm(**kw) -> ModelRoutes:
     defaults = dict(
         name="minilm",
-        versions={1: version(1), 2: version(2), 3: version(3, VersionState.LOADING)},
+        versions={1: version(1), 2: version(2), 3: version(3, ServingState.LOADING)},
         aliases={"production": 1, "canary": 2, "next": 3},
     )
     return ModelRoutes(**{**defaults, **kw})
@@ -87,7 +87,7 @@ def test_not_ready_and_missing_versions():
     with pytest.raises(NotFound, match="no alias 'blue'"):
         table.resolve("minilm", alias="blue")
     with pytest.raises(FailedPrecondition, match="no READY version"):
-        table_with(ModelRoutes("minilm", {1: version(1, VersionState.FAILED)})).resolve("minilm")
+        table_with(ModelRoutes("minilm", {1: version(1, ServingState.FAILED)})).resolve("minilm")
 
 
 def test_canary_split_share_and_alias_targets():

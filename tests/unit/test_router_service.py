@@ -211,7 +211,7 @@ class Mesh:
     """Fake peers + the real router, all in this event loop."""
 
     async def start(self, registry_address: str | None = None, oip_fast_listen: str = "", oip_fast_binary: str = ""):
-        """oip_fast_listen/binary: also run the router's compiled OIP data path (a process: integration tests)."""
+        """oip_fast_listen/binary: also run the router's OIP fast path (a process: integration tests)."""
         self.registry, self.tokenizer, self.vision, self.triton = (
             FakeRegistry(),
             FakeTokenizer(),

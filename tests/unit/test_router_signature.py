@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.router.routing import TensorSpec, VersionInfo
+from services.router.routing import TensorInfo, VersionInfo
 from services.router.signature import Given, Limits, check, declared_limit
 from services.shared.errors import InvalidArgument
 
 MINILM = VersionInfo(
-    "minilm", 1, inputs=(TensorSpec("input_ids", "INT64", (-1,)), TensorSpec("attention_mask", "INT64", (-1,)))
+    "minilm", 1, inputs=(TensorInfo("input_ids", "INT64", (-1,)), TensorInfo("attention_mask", "INT64", (-1,)))
 )
 LIMITS = Limits(max_batch_size=32, has_batch_dim=True, max_sequence_length=512, vocab_size=30522)
 
