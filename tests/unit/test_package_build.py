@@ -5,8 +5,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
+
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,3 +36,10 @@ def test_a_wheel_built_from_the_sources_alone_ships_maas_v1(tmp_path):
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
             assert f"maas/v1/{proto.stem}{suffix}" in names, sorted(n for n in names if n.startswith("maas/"))
     assert "maas/v1/__init__.py" in names
+
+
+def test_the_build_generates_with_the_locked_grpcio_tools():
+    build = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    (tools,) = [Requirement(r) for r in build if Requirement(r).name == "grpcio-tools"]
+    locked = [line for line in (REPO / "constraints.txt").read_text().splitlines() if line.startswith("grpcio-tools==")]
+    assert [f"grpcio-tools{tools.specifier}"] == locked
