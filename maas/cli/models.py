@@ -129,15 +129,15 @@ def register(
     inputs: Annotated[
         list[str],
         typer.Option("--input", help="NAME:DTYPE:DIMS, e.g. INPUT__0:FP32:3,224,224 (TorchScript; repeatable)"),
-    ] = [],  # noqa: B006
-    outputs: Annotated[list[str], typer.Option("--output", help="NAME:DTYPE:DIMS (repeatable)")] = [],  # noqa: B006
+    ] = [],
+    outputs: Annotated[list[str], typer.Option("--output", help="NAME:DTYPE:DIMS (repeatable)")] = [],
     tokenizer: Annotated[Optional[str], typer.Option(help="preprocess texts with this tokenizer")] = None,
     vision: Annotated[Optional[str], typer.Option(help="preprocess images with this vision spec")] = None,
     embedding: Annotated[bool, typer.Option("--embedding", help="output is an embedding (L2-normalised)")] = False,
     top_k: Annotated[int, typer.Option("--top-k", help="softmax then top-k with labels (0 = off)")] = 0,
     post_output: Annotated[str, typer.Option("--postprocess-output", help="output tensor to post-process")] = "",
     labels: Annotated[Optional[Path], typer.Option(help="labels file, one class per line", exists=True)] = None,
-    tags: Annotated[list[str], typer.Option("--tag", help="KEY=VALUE (repeatable)")] = [],  # noqa: B006
+    tags: Annotated[list[str], typer.Option("--tag", help="KEY=VALUE (repeatable)")] = [],
     max_batch_size: Annotated[int, typer.Option(help="0 = registry default")] = 0,
     description: Annotated[str, typer.Option(help="free text")] = "",
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait until the version is ready")] = True,
