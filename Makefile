@@ -55,6 +55,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(PY) tools/check_private_imports.py
 
 test: lint install models fastpath k8s-tools browser
 	$(PY) -m pytest tests -q

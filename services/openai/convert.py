@@ -16,7 +16,7 @@ import numpy as np
 
 from maas.v1 import router_pb2, tensor_pb2
 from services.openai.errors import invalid
-from services.openai.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _Sampling
+from services.openai.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingBody
 
 FINISH_REASONS: dict[int, str] = {
     router_pb2.FINISH_REASON_STOP: "stop",
@@ -79,7 +79,7 @@ def refuse_unsupported(body) -> None:
         raise invalid("response_format", f'type {fmt.get("type")!r} is not supported (only "text")')
 
 
-def sampling(body: _Sampling) -> router_pb2.SamplingParams:
+def sampling(body: SamplingBody) -> router_pb2.SamplingParams:
     params = router_pb2.SamplingParams(
         max_tokens=getattr(body, "max_completion_tokens", None) or body.max_tokens or 0, top_k=body.top_k or 0
     )

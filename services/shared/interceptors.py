@@ -12,7 +12,7 @@ import grpc
 
 from services.shared.decoding import decoded, decoded_stream, tolerant
 from services.shared.errors import InvalidArgument, bounded, status_for
-from services.shared.telemetry import RPC_DURATION, RPC_INFLIGHT, RPC_REQUESTS, _request_labels
+from services.shared.telemetry import RPC_DURATION, RPC_INFLIGHT, RPC_REQUESTS, REQUEST_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class _Outcome:
         self.metrics = metrics
         self.labels: dict = {}
         self.start = time.perf_counter()
-        self.token = _request_labels.set(self.labels)
+        self.token = REQUEST_LABELS.set(self.labels)
         metrics.inflight.inc()
 
     async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
@@ -62,7 +62,7 @@ class _Outcome:
         metrics.inflight.dec()
         metrics.duration.observe(time.perf_counter() - self.start)
         metrics.requests(self.labels.get("model", ""), self.labels.get("version", ""), code).inc()
-        _request_labels.reset(self.token)
+        REQUEST_LABELS.reset(self.token)
         self.token = None
 
     def finish_from_context(self, context: grpc.aio.ServicerContext) -> None:

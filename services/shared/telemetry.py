@@ -47,7 +47,7 @@ PREPROCESS_SECONDS = Histogram(
 )
 
 # Labels a handler learns while it runs (model, version...), read by the metrics interceptor at the end.
-_request_labels: contextvars.ContextVar[dict | None] = contextvars.ContextVar("maas_request_labels", default=None)
+REQUEST_LABELS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("maas_request_labels", default=None)
 
 
 def annotate(**attributes) -> None:
@@ -57,7 +57,7 @@ def annotate(**attributes) -> None:
         for key, value in attributes.items():
             if value is not None:
                 span.set_attribute(f"maas.{key}", value)
-    labels = _request_labels.get()
+    labels = REQUEST_LABELS.get()
     if labels is not None:
         labels.update({k: str(v) for k, v in attributes.items() if k in ("model", "version")})
 

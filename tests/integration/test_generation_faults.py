@@ -15,7 +15,7 @@ from maas.local.processes import free_ports
 from maas.v1 import tokenizer_pb2_grpc
 from services.shared.errors import Unavailable, status_for
 from services.tokenizer.client import DetokenizeSession
-from tests.fixtures.drain import MODELS, REPO, _serving
+from tests.fixtures.drain import MODELS, REPO, wait_serving
 
 
 async def test_a_detokenize_stream_whose_tokenizer_died_is_unavailable():
@@ -29,7 +29,7 @@ async def test_a_detokenize_stream_whose_tokenizer_died_is_unavailable():
         stderr=subprocess.STDOUT,
     )
     try:
-        await _serving(f"127.0.0.1:{port}")
+        await wait_serving(f"127.0.0.1:{port}")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             session = DetokenizeSession(tokenizer_pb2_grpc.TokenizerStub(channel), "smollm2", timeout=10)
             await session.send([1, 2, 3])
