@@ -111,7 +111,7 @@ class ShadowRunner:
                 "maas.version": shadow.version,
                 "maas.primary_version": primary.version,
             },
-        ):
+        ) as span:
             start = time.perf_counter()
             try:
                 b = await asyncio.wait_for(shadow_output(), self.timeout)
@@ -119,6 +119,7 @@ class ShadowRunner:
                 a = await primary_output()
             except Exception as exc:  # noqa: BLE001 - a failing candidate must never surface to callers
                 SHADOW_REQUESTS.labels(primary.model, "failed").inc()
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:300]))  # the trace says why
                 log.warning(
                     "shadow call failed",
                     extra={"model": primary.model, "version": shadow.version, "error": str(exc)[:300]},

@@ -215,6 +215,7 @@ def test_shadow_copy_is_a_linked_span_in_its_own_trace(traced_mesh, router, otlp
     )
     shadow = next(s for s in spans if caller.span_id in s.links)
     assert shadow.name == "router.shadow" and shadow.service == "maas-router"
+    assert not shadow.status, f"the shadow call failed: {shadow.status}"
     assert shadow.trace_id != trace_id and not shadow.parent_span_id  # a new root, not the caller's child
     assert (
         shadow.attributes["maas.model"],
@@ -227,7 +228,11 @@ def test_shadow_copy_is_a_linked_span_in_its_own_trace(traced_mesh, router, otlp
         lambda all_spans: any(s.trace_id == shadow.trace_id and s.service == "maas-triton" for s in all_spans),
         timeout=SPAN_WAIT,
     )
-    assert any(s.trace_id == shadow.trace_id and s.service == "maas-triton" for s in shadow_calls)
+    assert any(s.trace_id == shadow.trace_id and s.service == "maas-triton" for s in shadow_calls), (
+        [(s.service, s.name) for s in shadow_calls if s.trace_id == shadow.trace_id],
+        otlp_receiver.errors,
+        traced_mesh.log_tail("triton", 20),
+    )
 
 
 def test_openai_http_request_is_one_trace_gateway_router_triton(traced_mesh, otlp_receiver):

@@ -19,7 +19,8 @@ FULLNAME = f"{RELEASE}-maas-mesh"
 # Our four gRPC services, the OpenAI HTTP gateway and Triton; the registry is the only stateful one.
 SERVICES = ("router", "registry", "tokenizer", "vision")
 GATEWAY = "openai"
-COMPONENTS = SERVICES + (GATEWAY, "triton")
+CONSOLE = "console"
+COMPONENTS = SERVICES + (GATEWAY, CONSOLE, "triton")
 STATELESS = ("router", "tokenizer", "vision", GATEWAY, "triton")
 SCENARIOS = [None] + sorted(p.name for p in (CHART / "ci").glob("*.yaml"))
 

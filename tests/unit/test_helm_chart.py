@@ -11,9 +11,10 @@ import re
 import pytest
 import yaml
 
+from maas import ports
+from services.console.config import ConsoleLimits
 from tests.unit import chart_render as cr
 from tests.unit.chart_render import COMPONENTS, SCENARIOS, SERVICES, STATELESS, name
-from maas import ports
 
 pytestmark = pytest.mark.skipif(
     not cr.HELM.exists(), reason=f"{cr.HELM} missing: run `make k8s-tools` (tools/install_k8s_tools.sh)"
@@ -26,6 +27,7 @@ GPU_SCENARIOS = [None, "gpu-production-values.yaml"]
 PORTS = {"router": ports.ROUTER, "registry": ports.REGISTRY, "tokenizer": ports.TOKENIZER, "vision": ports.VISION}
 OIP_FAST_PORT = ports.ROUTER_OIP_FAST  # router.oipFastPath.port default
 OPENAI_PORT = ports.OPENAI  # the OpenAI gateway's HTTP port
+CONSOLE_PORT = ports.CONSOLE  # the web console's HTTP port, the chart's must be the service's
 ids = [s or "defaults" for s in SCENARIOS]
 
 
@@ -286,8 +288,9 @@ def test_chart_sets_only_env_the_services_read():
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_TRACES_EXPORTER", "OTEL_SERVICE_NAME"}
     for scenario in SCENARIOS:
         docs = cr.render(scenario)
-        gateway = (cr.GATEWAY,) if name(cr.GATEWAY) in cr.by_name(docs, "Deployment") else ()  # openai.enabled
-        for svc in SERVICES + gateway:
+        deployed = cr.by_name(docs, "Deployment")
+        gateways = tuple(g for g in (cr.GATEWAY, cr.CONSOLE) if name(g) in deployed)  # openai / console.enabled
+        for svc in SERVICES + gateways:
             names = set(cr.env(cr.container(docs, svc)))
             maas = {n for n in names if n.startswith("MAAS_")}
             assert maas <= known, (svc, maas - known)
@@ -409,8 +412,9 @@ def test_network_policies():
     for c, p in policies.items():
         assert p["spec"]["policyTypes"] == ["Ingress"]
         metrics = _rule_for(p, 8002 if c == "triton" else 9090)
-        (peer,) = metrics["from"]
+        peer, *console = metrics["from"]  # the monitoring namespace; the router's also admits the console
         assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        assert _components({"from": console}) == ({"console"} if c == "router" else set())
 
 
 def test_router_oip_fast_path_ports_and_env():
@@ -452,17 +456,22 @@ def test_router_oip_fast_path_port_follows_values_and_router_ingress():
     ports = {p["name"]: p["port"] for p in cr.by_name(docs, "Service")[name("router")]["spec"]["ports"]}
     assert ports["oip-fast"] == 8443
     policy = _policies(docs)["router"]
-    gateway = {
-        "podSelector": {
-            "matchLabels": {
-                "app.kubernetes.io/name": "maas-mesh",
-                "app.kubernetes.io/instance": cr.RELEASE,
-                "app.kubernetes.io/component": "openai",
+    gateways = [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "maas-mesh",
+                    "app.kubernetes.io/instance": cr.RELEASE,
+                    "app.kubernetes.io/component": c,
+                }
             }
         }
-    }
+        for c in ("openai", "console")
+    ]
     for port in (PORTS["router"], 8443):
-        assert _rule_for(policy, port)["from"] == [peer, gateway], port  # the OpenAI gateway stays admitted
+        assert _rule_for(policy, port)["from"] == [peer, *gateways], (
+            port
+        )  # the OpenAI gateway and console stay admitted
     assert not [r for r in policy["spec"]["ingress"] if {"port": OIP_FAST_PORT, "protocol": "TCP"} in r["ports"]]
 
 
@@ -544,7 +553,7 @@ def test_service_monitor_and_tracing_in_production():
         cr.component_of(s) for s in cr.kind(docs, "Service") if selector.items() <= s["metadata"]["labels"].items()
     }
     assert scraped == set(COMPONENTS)  # once each: not the headless Service
-    assert sum(selector.items() <= s["metadata"]["labels"].items() for s in cr.kind(docs, "Service")) == 6
+    assert sum(selector.items() <= s["metadata"]["labels"].items() for s in cr.kind(docs, "Service")) == len(COMPONENTS)
 
     collector = name("otel-collector")
     ports = {p["port"] for p in cr.by_name(docs, "Service")[collector]["spec"]["ports"]}
@@ -652,11 +661,54 @@ def test_openai_gateway_can_be_disabled():
     docs = cr.render(None, "openai.enabled=false")
     assert not [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "openai"]
     restricted = cr.render(
-        None, "openai.enabled=false", "networkPolicy.routerIngressFrom[0].podSelector.matchLabels.a=b"
+        None,
+        "openai.enabled=false",
+        "console.enabled=false",
+        "networkPolicy.routerIngressFrom[0].podSelector.matchLabels.a=b",
     )
     assert _rule_for(_policies(restricted)["router"], PORTS["router"])["from"] == [
         {"podSelector": {"matchLabels": {"a": "b"}}}
     ]
+
+
+# --- web console -----------------------------------------------------------------------------------
+
+
+def test_console_deployment_service_and_probes():
+    docs = cr.render()
+    c = cr.container(docs, "console")
+    assert c["command"] == ["maas-console"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": CONSOLE_PORT, "metrics": 9090}
+    assert c["startupProbe"]["httpGet"] == c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}  # router and registry answer
+    e = cr.env(c)
+    assert e["MAAS_LISTEN"]["value"] == f"0.0.0.0:{CONSOLE_PORT}"
+    assert e["MAAS_ROUTER_ADDRESS"]["value"] == f"{name('router')}:{PORTS['router']}"
+    assert e["MAAS_REGISTRY_ADDRESS"]["value"] == f"{name('registry')}:{PORTS['registry']}"
+    assert e["MAAS_CONSOLE_ROUTER_METRICS"]["value"] == f"http://{name('router')}:9090/metrics"  # its charts
+    assert int(e["MAAS_CONSOLE_MAX_UPLOAD_BYTES"]["value"]) == ConsoleLimits().max_upload_bytes
+    spec = cr.pod_spec(docs, "console")
+    assert {v["name"] for v in spec["volumes"]} == {"tmp"}  # no model repository, no token Secret
+    assert not [x for x in c["env"] if "valueFrom" in x and "secretKeyRef" in x["valueFrom"]]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and spec["securityContext"]["runAsNonRoot"] is True
+    service = cr.by_name(docs, "Service")[name("console")]
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": CONSOLE_PORT, "metrics": 9090}
+    policies = _policies(docs)
+    assert _rule_for(policies["console"], CONSOLE_PORT).get("from") is None  # anyone, unless restricted
+    assert "console" in _components(
+        {"from": [p for p in _rule_for(policies["router"], 9090)["from"] if "podSelector" in p]}
+    )  # it reads the router's /metrics
+    assert not [p for p in _rule_for(policies["tokenizer"], 9090)["from"] if "podSelector" in p]
+    assert name("console") in cr.by_name(docs, "ServiceAccount")
+
+
+def test_console_ingress_can_be_restricted_and_console_disabled():
+    docs = cr.render(None, "networkPolicy.consoleIngressFrom[0].podSelector.matchLabels.team=platform")
+    assert _rule_for(_policies(docs)["console"], CONSOLE_PORT)["from"] == [
+        {"podSelector": {"matchLabels": {"team": "platform"}}}
+    ]
+    off = cr.render(None, "console.enabled=false")
+    assert not [d for d in off if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "console"]
 
 
 def test_generation_needs_a_triton_image_with_onnxruntime_genai():

@@ -54,7 +54,7 @@ matchLabels:
 
 {{/* Listen port of each MaaS service (docs/development.md defaults; openai is HTTP, the others gRPC). */}}
 {{- define "maas-mesh.port" -}}
-{{- get (dict "router" 50051 "registry" 50052 "tokenizer" 50053 "vision" 50054 "triton" 8001 "openai" 8090) .name -}}
+{{- get (dict "router" 50051 "registry" 50052 "tokenizer" 50053 "vision" 50054 "triton" 8001 "openai" 8090 "console" 8091) .name -}}
 {{- end -}}
 
 {{/* host:port of a peer's Service. */}}
@@ -523,6 +523,9 @@ envFrom:
 - from:
     - namespaceSelector:
         {{- toYaml .root.Values.networkPolicy.monitoringNamespaceSelector | nindent 8 }}
+    {{- with .extraFrom }}
+    {{- . | nindent 4 }}
+    {{- end }}
   ports:
     - {port: {{ .metricsPort }}, protocol: TCP}
 {{- end -}}
