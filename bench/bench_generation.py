@@ -81,7 +81,8 @@ def agreement(a: list[int], b: list[int]) -> tuple[float, int]:
 
 def bench_versions() -> None:
     fp32, int4 = Engine("1"), Engine("2")
-    prefixes, exact, speeds = [], [], {"1": [], "2": []}
+    speeds: dict[str, list[float]] = {"1": [], "2": []}
+    prefixes, exact = [], []
     for prompt in PROMPTS:
         ids = chat_ids(prompt)
         runs = {}
@@ -113,7 +114,8 @@ class TritonStreams:
 
         import tritonclient.grpc as tg
 
-        self.tg, self.address, self.local, self.clients = tg, address, threading.local(), []
+        self.clients: list = []
+        self.tg, self.address, self.local = tg, address, threading.local()
 
     def _stream(self):
         if not hasattr(self.local, "client"):

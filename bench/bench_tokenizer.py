@@ -126,7 +126,7 @@ def stream_caller(stub: tokenizer_pb2_grpc.TokenizerStub):
     """A call(batch) that sends the batch on one long-lived TokenizeStream and waits for its answer.
     The sync client reads requests from an iterator on its own thread, so a queue feeds it; the other
     client shapes measured (queue.Queue, a grpc.aio stream driven per call) were no faster."""
-    requests = queue.SimpleQueue()
+    requests: queue.SimpleQueue = queue.SimpleQueue()
     # A deadline for the whole run: a stuck service fails the benchmark instead of hanging it.
     answers = stub.TokenizeStream(iter(requests.get, None), timeout=STREAM_DEADLINE_SECONDS)
 
@@ -234,7 +234,7 @@ def detokenize_stream_bench(texts: list[str]) -> None:
             service_process("tokenizer", "--model-repository", str(repository)) as address,
             grpc.insecure_channel(address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel,
         ):
-            requests = queue.SimpleQueue()
+            requests: queue.SimpleQueue = queue.SimpleQueue()
             answers = tokenizer_pb2_grpc.TokenizerStub(channel).DetokenizeStream(
                 iter(requests.get, None), timeout=STREAM_DEADLINE_SECONDS
             )

@@ -15,6 +15,7 @@ Each step is skipped when its outputs are newer than its inputs (weights and thi
 
 from __future__ import annotations
 
+from typing import Any
 import argparse
 import inspect
 import json
@@ -35,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 # with MEAN_RGB=127, STDDEV_RGB=128 (on 0..255) and evaluates with a centre crop of image_size from a
 # resize to image_size + 32. Checked: with it chelsea -> tiger cat/Egyptian cat (281-285) and coffee ->
 # espresso 0.96, versus 0.84 with torchvision's ImageNet mean/std.
-EFFICIENTNET_PREPROCESS = {
+EFFICIENTNET_PREPROCESS: dict[str, Any] = {
     "resize_shorter": 256,
     "crop": [224, 224],
     "mean": [round(127 / 255, 6)] * 3,

@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime_genai as og
@@ -56,8 +57,8 @@ class Limits:
 
 @dataclass
 class Sequence:
-    request: object
-    sender: object
+    request: Any  # Triton's pb_utils.InferenceRequest (no stubs)
+    sender: Any  # its response sender
     prompt: np.ndarray
     max_tokens: int
     search: dict
