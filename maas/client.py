@@ -25,6 +25,7 @@ from typing import Literal, overload
 import grpc
 import numpy as np
 
+from maas.tls import ClientTls, open_channel
 from maas.v1 import router_pb2, router_pb2_grpc, tensor_pb2
 from maas import ports
 from maas.tensors import from_proto, to_proto as to_tensor
@@ -320,11 +321,14 @@ def generation_result(response: router_pb2.GenerateResponse) -> Generation:
 
 # -- clients -----------------------------------------------------------------------------------------
 class MeshClient:
-    """Blocking client over one long-lived channel; thread-safe."""
+    """Blocking client over one long-lived channel; thread-safe. `tls`: ClientTls (root cert, client
+    cert/key), None = from MAAS_TLS_* in the environment (maas/tls.py), False = plaintext."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(
+        self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT, tls: ClientTls | bool | None = None
+    ):
         self.address, self.timeout = address, timeout
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._channel = open_channel(address, _CHANNEL_OPTIONS, tls)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     def _call(self, method, request, timeout):
@@ -435,9 +439,11 @@ class MeshClient:
 class AsyncMeshClient:
     """The same API for asyncio code (grpc.aio); create it inside the running event loop."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(
+        self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT, tls: ClientTls | bool | None = None
+    ):
         self.address, self.timeout = address, timeout
-        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._channel = open_channel(address, _CHANNEL_OPTIONS, tls, aio=True)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     async def _call(self, method, request, timeout):

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 
 from maas import ports
+from maas.tls import ClientTls, open_channel
 from maas.v1 import registry_pb2 as pb
 from maas.v1 import registry_pb2_grpc
 
@@ -151,18 +152,21 @@ class RegistryClient:
         timeout: float = 60.0,
         actor: str | None = None,
         channel: grpc.Channel | None = None,
+        tls: ClientTls | bool | None = None,
     ):
+        """tls: ClientTls, None = from MAAS_TLS_* in the environment (maas/tls.py), False = plaintext."""
         self.address = address or default_address()
         self.timeout = timeout
         self.actor = actor or default_actor()
         token = token if token is not None else os.environ.get("MAAS_ADMIN_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = channel or grpc.insecure_channel(
+        self._channel = channel or open_channel(
             self.address,
-            options=[
+            [
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ],
+            tls,
         )
         self.stub = registry_pb2_grpc.RegistryStub(self._channel)
 
@@ -331,4 +335,66 @@ class RegistryClient:
             pb.ReportShadowResultsRequest(results=list(results)),
             metadata=self._metadata,
             timeout=self.timeout,
+        )
+
+    # -- progressive delivery (docs/rollouts.md) ---------------------------------------------------
+    def start_rollout(
+        self, model: str, version: int, policy: pb.RolloutPolicy | None = None, dry_run: bool = False, reason: str = ""
+    ) -> pb.Rollout:
+        return _call(
+            self.stub.StartRollout,
+            pb.StartRolloutRequest(
+                model=model,
+                version=version,
+                policy=policy or pb.RolloutPolicy(),
+                dry_run=dry_run,
+                reason=reason,
+                actor=self.actor,
+            ),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
+
+    def get_rollout(self, model: str) -> pb.Rollout:
+        return _call(self.stub.GetRollout, pb.GetRolloutRequest(model=model), timeout=self.timeout)
+
+    def list_rollouts(self) -> list[pb.Rollout]:
+        return list(_call(self.stub.ListRollouts, pb.ListRolloutsRequest(), timeout=self.timeout).rollouts)
+
+    def abort_rollout(self, model: str, reason: str = "") -> pb.Rollout:
+        return _call(
+            self.stub.AbortRollout,
+            pb.AbortRolloutRequest(model=model, reason=reason, actor=self.actor),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
+
+    def report_version_stats(self, stats: Iterable[pb.VersionStats]) -> None:
+        _call(
+            self.stub.ReportVersionStats,
+            pb.ReportVersionStatsRequest(stats=list(stats)),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
+
+    def compare(self, model: str, a: int, b: int) -> pb.ShadowReport:
+        """Shadow agreement report of version b (shadow) against version a (primary)."""
+        return _call(self.stub.CompareVersions, pb.CompareVersionsRequest(model=model, a=a, b=b), timeout=self.timeout)
+
+    def optimize(
+        self, model: str, from_version: int, int8: bool = True, policy: pb.RolloutPolicy | None = None, reason: str = ""
+    ) -> pb.OptimizeVersionResponse:
+        """A new int8 version of an ONNX version, registered, READY and rolled out behind gates."""
+        return _call(
+            self.stub.OptimizeVersion,
+            pb.OptimizeVersionRequest(
+                model=model,
+                from_version=from_version,
+                int8=int8,
+                policy=policy or pb.RolloutPolicy(),
+                reason=reason,
+                actor=self.actor,
+            ),
+            metadata=self._metadata,
+            timeout=max(self.timeout, 900.0),
         )

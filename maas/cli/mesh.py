@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import signal
 import sys
@@ -183,13 +184,17 @@ def demo_requests(client: MeshClient, summary: dict) -> None:
 
 
 def openai_chat(base_url: str, body: dict, timeout: float = 120.0) -> dict:
-    """POST /v1/chat/completions with the standard library (what any OpenAI client sends)."""
+    """POST /v1/chat/completions with the standard library (what any OpenAI client sends). HTTPS
+    trusts MAAS_TLS_ROOT_CERT when set (the CA of `maas up --tls`)."""
+    import ssl
     import urllib.request
 
     request = urllib.request.Request(
         f"{base_url}/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    cafile = os.environ.get("MAAS_TLS_ROOT_CERT")
+    context = ssl.create_default_context(cafile=cafile) if base_url.startswith("https") and cafile else None
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         return json.load(response)
 
 
@@ -305,6 +310,16 @@ def _print_addresses(mesh) -> None:
     console.print(f"logs in {mesh.log_dir}")
 
 
+def _print_tls(mesh) -> None:
+    tls = mesh.client_tls
+    console.print(
+        f"TLS on every hop; callers: [bold]maas --tls[/] (or --tls-root-cert {tls.root_cert} --tls-client-cert "
+        f"{tls.client_cert} --tls-client-key {tls.client_key}); env MAAS_TLS_ROOT_CERT, MAAS_TLS_CLIENT_CERT, "
+        f"MAAS_TLS_CLIENT_KEY; tritonclient: ssl=True, root_certificates={tls.root_cert} "
+        f"(+ private_key/certificate_chain when the router requires client certificates)"
+    )
+
+
 @contextmanager
 def _running_mesh(config):
     from maas.local.mesh import LocalMesh
@@ -367,6 +382,17 @@ def up(
     triton_metrics_port: int = typer.Option(ports.TRITON_METRICS, envvar="MAAS_TRITON_METRICS_PORT"),
     free_ports: bool = typer.Option(False, "--free-ports", help="use any free ports instead"),
     demo: bool = typer.Option(False, "--demo", help="run the demo requests once the mesh is up"),
+    tls: bool = typer.Option(
+        False,
+        "--tls",
+        help="mTLS on every hop, HTTPS for the gateway and the console: "
+        "a local CA and certificates under <state-dir>/tls",
+    ),
+    tls_client_auth: str = typer.Option(
+        "required",
+        "--tls-client-auth",
+        help="with --tls: whether callers of the router must present a client certificate (required|optional)",
+    ),
 ) -> None:
     """Run the whole mesh locally (Triton + registry + tokenizer + vision + router) until Ctrl-C."""
     from maas.local.mesh import MeshConfig
@@ -388,21 +414,29 @@ def up(
             triton_http=triton_http_port,
             triton_metrics=triton_metrics_port,
         ),
+        tls=tls,
+        tls_client_auth=tls_client_auth,
     )
+    if tls_client_auth not in ("required", "optional"):
+        fail(f"--tls-client-auth must be required or optional, got {tls_client_auth!r}")
     try:
         with _running_mesh(config) as mesh:
             _print_addresses(mesh)
+            if tls:
+                _print_tls(mesh)
+                os.environ["MAAS_TLS_ROOT_CERT"] = str(mesh.client_tls.root_cert)  # the demo's HTTPS call
             if demo:
-                with MeshClient(mesh.router_address) as client:
+                with MeshClient(mesh.router_address, tls=mesh.client_tls) as client:
                     try:
                         demo_requests(client, {})
                         if _serves_chat(config):
                             demo_chat(client, mesh.openai_url, {})
                     except StepFailed as exc:
                         fail(str(exc))
+            maas = f"maas --tls --tls-state-dir {state_dir}" if tls else "maas"
             console.print(
-                f"[green]serving[/] — try: maas embed 'hello world' --router {mesh.router_address}; "
-                f"maas chat 'hello' --router {mesh.router_address}; OpenAI clients at base_url "
+                f"[green]serving[/] — try: {maas} embed 'hello world' --router {mesh.router_address}; "
+                f"{maas} chat 'hello' --router {mesh.router_address}; OpenAI clients at base_url "
                 f"{mesh.openai_url}; the web console at {mesh.console_url}; tritonclient at "
                 f"{mesh.addresses['router_oip_fast']} (the router's OIP fast path)   (Ctrl-C stops everything)"
             )

@@ -1,4 +1,5 @@
-"""`maas models register|list|show|alias|traffic|rollback|archive|watch` — the registry from the command line.
+"""`maas models register|list|show|alias|traffic|rollback|archive|watch|rollout|compare|optimize`:
+the registry from the command line.
 
 Human-readable tables by default, `--json` for scripts. Errors print the server's message (no traceback)
 and exit 1; bad arguments exit 2.
@@ -46,7 +47,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON out
 ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="why (recorded with the change)")]
 
 
-def _client(registry: str | None, token: str | None = None) -> RegistryClient:
+def registry_client(registry: str | None, token: str | None = None) -> RegistryClient:
     return RegistryClient(registry or default_address(), token=token or "")
 
 
@@ -67,7 +68,7 @@ def handle_errors(fn):
     return wrapper
 
 
-def _emit_json(message_or_list) -> None:
+def emit_json(message_or_list) -> None:
     data: list[dict] | dict
     if isinstance(message_or_list, list):
         data = [MessageToDict(m, preserving_proto_field_name=True) for m in message_or_list]
@@ -160,7 +161,7 @@ def register(
         tag_map[key] = value
     label_list = [line.strip() for line in labels.read_text().splitlines() if line.strip()] if labels else []
     with (
-        _client(registry, token) as client,
+        registry_client(registry, token) as client,
         Progress(
             TextColumn("uploading {task.description}"),
             BarColumn(),
@@ -196,7 +197,7 @@ def register(
                 err.print("loading into Triton and warming up…")
             version = client.wait_ready(name, version.version)
     if as_json:
-        _emit_json(version)
+        emit_json(version)
     else:
         out.print(
             f"{name} v{version.version} is {STATE_NAMES[version.state]}"
@@ -212,10 +213,10 @@ def list_models(
     as_json: JsonOpt = False,
 ) -> None:
     """Models with their versions, aliases and traffic policy."""
-    with _client(registry) as client:
+    with registry_client(registry) as client:
         models = client.list_models(include_archived=all_versions)
     if as_json:
-        _emit_json(models)
+        emit_json(models)
         return
     table = Table()
     for col in ("model", "versions", "ready", "aliases", "traffic"):
@@ -241,11 +242,11 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """One model (versions, aliases, traffic, shadow statistics, alias history) or one version."""
-    with _client(registry) as client:
+    with registry_client(registry) as client:
         if version is not None:
             v = client.get_version(model, version)
             if as_json:
-                _emit_json(v)
+                emit_json(v)
                 return
             table = Table(show_header=False, title=f"{model} v{version}", title_justify="left")
             rows = [
@@ -273,7 +274,7 @@ def show(
             return
         m = client.get_model(model)
     if as_json:
-        _emit_json(m)
+        emit_json(m)
         return
     out.print(_versions_table(m))
     out.print(f"traffic: {_policy_text(m.policy)}")
@@ -306,10 +307,10 @@ def alias(
     as_json: JsonOpt = False,
 ) -> None:
     """Point an alias at a version (atomically; recorded with who, when and why)."""
-    with _client(registry, token) as client:
+    with registry_client(registry, token) as client:
         a = client.set_alias(model, name, version, reason)
     if as_json:
-        _emit_json(a)
+        emit_json(a)
     else:
         was = f" (was v{a.previous_version})" if a.previous_version else ""
         out.print(f"{model}: {a.name} → v{a.version}{was}")
@@ -340,7 +341,7 @@ def traffic(
         if not sep or not target or not weight.isdigit():
             raise ValueError(f"{item!r} must be TARGET=WEIGHT with a whole-number weight, e.g. canary=10")
         targets.append(parse_target(target, int(weight)))
-    with _client(registry, token) as client:
+    with registry_client(registry, token) as client:
         if not targets and shadow is None and not clear:
             policy = client.get_model(model).policy
         else:
@@ -350,7 +351,7 @@ def traffic(
                 model, targets, parse_target(shadow) if shadow else None, shadow_fraction, reason
             )
     if as_json:
-        _emit_json(policy)
+        emit_json(policy)
     else:
         out.print(f"{model}: {_policy_text(policy)}")
 
@@ -366,10 +367,10 @@ def rollback(
     as_json: JsonOpt = False,
 ) -> None:
     """Move an alias (default production) back to the version it pointed at before."""
-    with _client(registry, token) as client:
+    with registry_client(registry, token) as client:
         a = client.rollback(model, name, reason)
     if as_json:
-        _emit_json(a)
+        emit_json(a)
     else:
         out.print(f"{model}: {a.name} rolled back to v{a.version} (was v{a.previous_version})")
 
@@ -385,10 +386,10 @@ def archive(
     as_json: JsonOpt = False,
 ) -> None:
     """Retire a version: unloaded from Triton, no longer routable (kept on disk)."""
-    with _client(registry, token) as client:
+    with registry_client(registry, token) as client:
         v = client.archive(model, version, reason)
     if as_json:
-        _emit_json(v)
+        emit_json(v)
     else:
         out.print(f"{model} v{v.version} is {STATE_NAMES[v.state]}")
 
@@ -397,7 +398,7 @@ def archive(
 @handle_errors
 def watch(registry: RegistryOpt = "", as_json: JsonOpt = False) -> None:
     """Follow the routing state: the snapshot, then every change (Ctrl-C to stop)."""
-    with _client(registry) as client:
+    with registry_client(registry) as client:
         try:
             for event in client.watch():
                 if as_json:
@@ -407,6 +408,13 @@ def watch(registry: RegistryOpt = "", as_json: JsonOpt = False) -> None:
                     out.print(f"[{event.revision}] snapshot: {len(event.snapshot.models)} model(s)")
                     for m in event.snapshot.models:
                         out.print(f"  {_routing_line(m)}")
+                elif event.WhichOneof("event") == "rollout_changed":
+                    r = event.rollout_changed
+                    out.print(
+                        f"[{event.revision}] rollout {r.model} v{r.canary_version}: "
+                        f"{pb.RolloutState.Name(r.state).removeprefix('ROLLOUT_STATE_').lower()} at {r.weight}%"
+                        + (f" ({r.reason})" if r.reason else "")
+                    )
                 else:
                     out.print(f"[{event.revision}] {_routing_line(event.model_changed)}")
         except KeyboardInterrupt:
@@ -417,3 +425,10 @@ def _routing_line(m: pb.ModelRouting) -> str:
     versions = " ".join(f"v{v.version}:{STATE_NAMES[v.state]}" for v in m.versions)
     aliases = " ".join(f"{k}→v{v}" for k, v in sorted(m.aliases.items()))
     return f"{m.model}: {versions} | {aliases or 'no aliases'} | {_policy_text(m.policy)}"
+
+
+from maas.cli import rollouts as _rollouts  # noqa: E402 - registers `maas models rollout` on app
+
+_rollouts.register(app)
+_rollouts.register_compare(app)
+_rollouts.register_optimize(app)

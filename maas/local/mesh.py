@@ -15,6 +15,10 @@ Observability: each service serves Prometheus metrics on its own port (`metrics_
 tracing set, every component gets those settings and its own OTEL_SERVICE_NAME, and Triton runs its
 OpenTelemetry trace mode towards the OTLP/HTTP endpoint (see `triton_tracing_args`), so one request is
 one trace from the router through the preprocessing service to Triton.
+
+TLS (`MeshConfig(tls=True)`, `maas up --tls`): a local CA and a certificate per component under
+<state_dir>/tls (maas/local/certs.py); every gRPC hop is mTLS (Triton with --grpc-use-ssl-mutual),
+the OpenAI gateway and the console serve HTTPS, and callers use `client_tls` (ca.pem + client.pem).
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas import ports
+from maas.local.certs import LocalPki
 from maas.local.processes import free_ports, spawn
 from maas.local.triton import REPO, LocalTriton, TritonConfig
 from maas.registry_client import RegistryClient, RegistryError
+from maas.tls import ClientTls
 from services.shared.telemetry import tracing_configured
 
 # start order; stopped in reverse, Triton last
@@ -189,6 +195,10 @@ class MeshConfig:
     # How often the registry checks that Triton still serves every live version (a restarted Triton
     # comes back empty): short here, so a supervised restart is healed within seconds.
     reconcile_interval: float = 2.0
+    # mTLS on every hop, HTTPS for the gateway and the console (certificates under <state_dir>/tls).
+    tls: bool = False
+    # Whether callers of the router must present a client certificate (internal hops always must).
+    tls_client_auth: str = "required"
 
 
 def _config_signature(model_dir: Path) -> tuple[list, list, int]:
@@ -289,6 +299,7 @@ class LocalMesh:
         self.processes: dict[str, subprocess.Popen] = {}
         self.addresses: dict[str, str] = {}
         self.registered: list[tuple[str, int]] = []  # (model, version) registered by this start
+        self.pki: LocalPki | None = None
         self._lock = threading.Lock()
 
     # -- paths and addresses -------------------------------------------------------------------------
@@ -309,14 +320,64 @@ class LocalMesh:
         return self.addresses["registry"]
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.config.tls else "http"
+
+    @property
     def openai_url(self) -> str:
         """Base URL for OpenAI clients: OpenAI(base_url=mesh.openai_url, api_key="unused")."""
-        return f"http://{self.addresses['openai']}/v1"
+        return f"{self.scheme}://{self.addresses['openai']}/v1"
 
     @property
     def console_url(self) -> str:
         """The web console (docs/console.md)."""
-        return f"http://{self.addresses['console']}"
+        return f"{self.scheme}://{self.addresses['console']}"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.state_dir / "tls"
+
+    @property
+    def client_tls(self) -> ClientTls | bool:
+        """What callers pass as MeshClient(tls=...): the CA and the client certificate; False = plaintext."""
+        if not self.config.tls:
+            return False
+        pki = LocalPki(self.tls_dir)
+        return ClientTls(root_cert=str(pki.ca), client_cert=str(pki.cert("client")), client_key=str(pki.key("client")))
+
+    def _grpc_channel(self, address: str) -> grpc.Channel:
+        tls = self.client_tls
+        if not isinstance(tls, ClientTls):
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, tls.credentials())
+
+    def _tls_env(self, name: str) -> dict[str, str]:
+        """MAAS_TLS_* of one component: its own certificate, the CA, whether callers need certificates."""
+        if not self.config.tls:
+            return {}
+        pki = LocalPki(self.tls_dir)
+        auth = {"router": self.config.tls_client_auth, "openai": "optional", "console": "optional"}.get(
+            name, "required"
+        )
+        return {
+            "MAAS_TLS_CERT": str(pki.cert(name)),
+            "MAAS_TLS_KEY": str(pki.key(name)),
+            "MAAS_TLS_CA": str(pki.ca),
+            "MAAS_TLS_CLIENT_AUTH": auth,
+        }
+
+    def triton_tls_args(self) -> list[str]:
+        """Triton's own mutual TLS on its gRPC port (its HTTP port, used for readiness, stays plain)."""
+        if not self.config.tls:
+            return []
+        pki = LocalPki(self.tls_dir)
+        return [
+            "--grpc-use-ssl=true",
+            "--grpc-use-ssl-mutual=true",
+            f"--grpc-server-cert={pki.cert('triton')}",
+            f"--grpc-server-key={pki.key('triton')}",
+            f"--grpc-root-cert={pki.ca}",
+        ]
 
     @property
     def metrics_addresses(self) -> dict[str, str]:
@@ -420,6 +481,9 @@ class LocalMesh:
         self.addresses.update({f"{name}_metrics": f"{host}:{ports[f'{name}_metrics']}" for name in SERVICES})
         (self.state_dir / "repository").mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.tls:
+            self.pki = LocalPki(self.tls_dir).ensure([*SERVICES, "triton"])
+            self.log(f"TLS: CA and certificates in {self.tls_dir}")
         atexit.register(self.stop)
 
         self.log(f"starting Triton on {self.addresses['triton']}")
@@ -439,7 +503,7 @@ class LocalMesh:
                 http_port=ports["triton_http"],
                 metrics_port=ports["triton_metrics"],
                 work_dir=self.state_dir / "triton",
-                extra_args=[*tracing, *cfg.triton_extra_args],
+                extra_args=[*tracing, *self.triton_tls_args(), *cfg.triton_extra_args],
                 env={k: v for k, v in env.items() if k.startswith("OTEL_")},
                 startup_timeout=cfg.startup_timeout,
             )
@@ -456,6 +520,7 @@ class LocalMesh:
     def _spawn(self, name: str, env: dict[str, str]) -> None:
         # Each component names itself in traces (the spec's variable, so it wins everywhere).
         env = {**env, "OTEL_SERVICE_NAME": f"maas-{name}"} if tracing_configured(env) else env
+        env = {**env, **self._tls_env(name)}
         with open(self.log_dir / f"{name}.log", "ab") as log:
             self.processes[name] = spawn(
                 self._service_command(name),
@@ -500,9 +565,12 @@ class LocalMesh:
 
     def _wait_serving(self, name: str) -> None:
         if name in HTTP_SERVICES:
-            self._poll(name, lambda: _http_ok(f"http://{self.addresses[name]}/healthz"), f"{name} not serving")
+            ca = LocalPki(self.tls_dir).ca if self.config.tls else None
+            self._poll(
+                name, lambda: _http_ok(f"{self.scheme}://{self.addresses[name]}/healthz", ca), f"{name} not serving"
+            )
             return
-        with grpc.insecure_channel(self.addresses[name]) as channel:
+        with self._grpc_channel(self.addresses[name]) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             self._poll(
                 name,
@@ -515,7 +583,7 @@ class LocalMesh:
 
     def register_models(self) -> None:
         """Register each source model the registry does not know yet and point `production` at it."""
-        with RegistryClient(self.registry_address, timeout=30) as registry:
+        with RegistryClient(self.registry_address, timeout=30, tls=self.client_tls) as registry:
             self.registered += register_source_models(
                 registry,
                 Path(self.config.source_repository),
@@ -527,7 +595,7 @@ class LocalMesh:
 
     def _wait_routable(self, models: Sequence[str]) -> None:
         """Until the router has the registry's state and Triton has each model ready (OIP ModelReady)."""
-        with grpc.insecure_channel(self.router_address) as channel:
+        with self._grpc_channel(self.router_address) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             for model in models:
                 self._poll(
@@ -629,12 +697,14 @@ class LocalMesh:
         self.stop()
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, ca: Path | None = None) -> bool:
+    import ssl
     import urllib.error
     import urllib.request
 
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:
+        with urllib.request.urlopen(url, timeout=1, context=context) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False

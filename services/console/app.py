@@ -164,10 +164,27 @@ def create_app(config: ConsoleConfig):
     async def index():
         return RedirectResponse("/models", status_code=303)
 
+    async def model_card(name: str) -> dict:
+        """A model's card: the registry's model, and for each shadowed pair its agreement histogram."""
+        view = model_view(await mesh().model(name))
+        for pair in view["shadow_stats"]:
+            report = await mesh().shadow_report(name, pair["primary"], pair["shadow"])
+            if report is not None and any(report.cosine_counts):
+                pair["histogram"] = charts.agreement_histogram(
+                    list(report.cosine_bounds),
+                    list(report.cosine_counts),
+                    name,
+                    f"v{pair['primary']} vs v{pair['shadow']}",
+                )
+            if report is not None:
+                pair["top5"] = round(report.top5_agreement * 100, 1) if report.kind == "classifier" else None
+                pair["worst"] = [w.request_id for w in report.worst[:3]]
+        return view
+
     @app.get("/models", response_class=HTMLResponse)
     async def models_page(request: Request):
         try:
-            views = [model_view(await mesh().model(m.name)) for m in await mesh().models()]
+            views = [await model_card(m.name) for m in await mesh().models()]
         except Refused as exc:
             return page(request, "models", exc.status, models=[], error=exc)
         return page(request, "models", models=views)
@@ -193,9 +210,7 @@ def create_app(config: ConsoleConfig):
                         names.add(queue.get_nowait())
                     for changed in sorted(names):
                         try:
-                            card = env.get_template("_model_card.html").render(
-                                m=model_view(await mesh().model(changed))
-                            )
+                            card = env.get_template("_model_card.html").render(m=await model_card(changed))
                         except Refused as exc:
                             card = f'<p class="error" role="alert">{exc.code}: {exc.message}</p>'
                         yield f"event: model\ndata: {json.dumps({'name': changed, 'html': card})}\n\n".encode()

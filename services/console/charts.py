@@ -103,3 +103,30 @@ def split_bar(segments: list[dict], model: str) -> str:
         x += s["percent"]
     parts.append("</svg>")
     return "".join(parts)
+
+
+def agreement_histogram(bounds: list[float], counts: list[int], model: str, pair: str) -> str:
+    """The shadow report's cosine distribution as bars, one per bucket (its upper bound under it)."""
+    width, height, left, bottom = 320, 90, 4, 16
+    total = sum(counts) or 1
+    top = max(counts, default=0) or 1
+    bar = (width - 2 * left) / max(len(counts), 1)
+    summary = ", ".join(f"<= {b:g}: {c}" for b, c in zip(bounds, counts) if c) or "none"
+    label = escape(f"cosine agreement of {model} {pair}, items per bucket: {summary}")
+    parts = [f'<svg class="histogram" viewBox="0 0 {width} {height}" role="img" aria-label="{label}">']
+    for i, (upper, count) in enumerate(zip(bounds, counts)):
+        h = (height - bottom - 4) * count / top
+        x = left + i * bar
+        parts.append(
+            f'<rect x="{x + 1:.1f}" y="{height - bottom - h:.1f}" width="{max(bar - 2, 1):.1f}" '
+            f'height="{h:.1f}" fill="{PALETTE[0]}"><title>cosine &lt;= {upper:g}: {count} items '
+            f"({100 * count / total:.0f}%)</title></rect>"
+        )
+    for i in (0, len(bounds) // 2, len(bounds) - 1):
+        if 0 <= i < len(bounds):
+            parts.append(
+                f'<text x="{left + (i + 0.5) * bar:.1f}" y="{height - 4}" class="tick" '
+                f'text-anchor="middle">{bounds[i]:g}</text>'
+            )
+    parts.append("</svg>")
+    return "".join(parts)

@@ -3,6 +3,7 @@ gRPC APIs only, never the database), the registry's Watch feed and the router's 
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from services.openai.errors import from_grpc
 from services.shared.channels import open_channel
 from services.shared.telemetry import tracing_configured
 
+log = logging.getLogger(__name__)
 _HEALTH_TIMEOUT = 2.0
 
 
@@ -85,8 +87,8 @@ def routed_fields(decision: tensor_pb2.RoutingDecision) -> dict:
 class Mesh:
     def __init__(self, config: ConsoleConfig):
         self.config = config
-        self.router_channel = open_channel(config.router, config.server.max_message_bytes)
-        self.registry_channel = open_channel(config.registry, config.server.max_message_bytes)
+        self.router_channel = open_channel(config.router, config.server.max_message_bytes, config.server.tls)
+        self.registry_channel = open_channel(config.registry, config.server.max_message_bytes, config.server.tls)
         self.router = router_pb2_grpc.RouterStub(self.router_channel)
         self.registry = registry_pb2_grpc.RegistryStub(self.registry_channel)
         self.health = health_pb2_grpc.HealthStub(self.router_channel)
@@ -131,6 +133,19 @@ class Mesh:
             return await self.registry.GetModel(pb.GetModelRequest(model=name), timeout=self.config.default_timeout)
         except grpc.aio.AioRpcError as exc:
             raise Refused.from_rpc(exc) from None
+
+    async def shadow_report(self, name: str, primary: int, shadow: int) -> pb.ShadowReport | None:
+        """The registry's agreement report of one shadowed pair (None when it has none to give: the card
+        then shows the aggregate row alone)."""
+        try:
+            return await self.registry.CompareVersions(
+                pb.CompareVersionsRequest(model=name, a=primary, b=shadow), timeout=self.config.default_timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.info(
+                "no shadow report", extra={"model": name, "primary": primary, "shadow": shadow, "code": exc.code().name}
+            )
+            return None
 
     async def ready(self) -> bool:
         try:

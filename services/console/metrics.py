@@ -3,8 +3,9 @@ minutes, turned into per-version request and error rates and per-method p50/p99.
 
 Parsed with prometheus_client's own text parser. Rates are counter deltas between two reads (a counter
 that went down means the router restarted: its new value is the delta). Quantiles are interpolated in
-the histogram buckets' deltas, as PromQL's histogram_quantile does. The router's duration histogram
-is labelled by method, not version, so latency is per method (docs/console.md).
+the histogram buckets' deltas, as PromQL's histogram_quantile does. Latency is per version from the
+router's maas_router_version_duration_seconds; per router method (maas_rpc_server_duration_seconds) only
+when no version histogram has been seen yet, e.g. a router older than it (docs/console.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 REQUESTS = "maas_rpc_server_requests"  # counter: service, method, model, version, code
 DURATION = "maas_rpc_server_duration_seconds"  # histogram: service, method
+VERSION_DURATION = "maas_router_version_duration_seconds"  # histogram: model, version
 SERVICE = "router"
 OK = "OK"
 
@@ -34,6 +36,7 @@ class Sample:
     requests: dict[tuple[str, str], float] = field(default_factory=dict)  # (model, version) -> count
     errors: dict[tuple[str, str], float] = field(default_factory=dict)  # the same, codes other than OK
     buckets: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # method -> [(le, count)]
+    version_buckets: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # "model vN" -> rows
 
 
 def parse(text: str, at: float) -> Sample:
@@ -51,7 +54,12 @@ def parse(text: str, at: float) -> Sample:
             for s in family.samples:
                 if s.name.endswith("_bucket") and s.labels.get("service") == SERVICE:
                     sample.buckets.setdefault(s.labels["method"], []).append((float(s.labels["le"]), s.value))
-    for rows in sample.buckets.values():
+        elif family.name == VERSION_DURATION:
+            for s in family.samples:
+                if s.name.endswith("_bucket"):
+                    line = f"{s.labels['model']} v{s.labels['version']}"
+                    sample.version_buckets.setdefault(line, []).append((float(s.labels["le"]), s.value))
+    for rows in (*sample.buckets.values(), *sample.version_buckets.values()):
         rows.sort()
     return sample
 
@@ -106,6 +114,7 @@ class History:
         p50: dict[str, list] = {}
         p99: dict[str, list] = {}
         pairs = list(zip(self.samples, list(self.samples)[1:]))
+        by_version = any(sample.version_buckets for sample in self.samples)
         for before, after in pairs:
             dt = after.at - before.at
             if dt <= 0:
@@ -115,19 +124,23 @@ class History:
                 name = f"{key[0]} v{key[1]}"
                 rate.setdefault(name, []).append((x, _delta(count, before.requests.get(key)) / dt))
                 errors.setdefault(name, []).append((x, _delta(after.errors.get(key, 0.0), before.errors.get(key)) / dt))
-            for method, rows in after.buckets.items():
-                old = dict(before.buckets.get(method, []))
+            latency_after, latency_before = (
+                (after.version_buckets, before.version_buckets) if by_version else (after.buckets, before.buckets)
+            )
+            for line, rows in latency_after.items():
+                old = dict(latency_before.get(line, []))
                 restarted = any(count < old.get(le, 0.0) for le, count in rows)
                 window = [(le, count - (0.0 if restarted else old.get(le, 0.0))) for le, count in rows]
                 for q, lines in ((0.5, p50), (0.99, p99)):
                     value = quantile(q, window)
                     if value is not None:
-                        lines.setdefault(method, []).append((x, value * 1000))
+                        lines.setdefault(line, []).append((x, value * 1000))
+        per = "per version" if by_version else "per router method"
         return [
             Series("Requests per second, per version", "req/s", rate),
             Series("Errors per second (status other than OK), per version", "err/s", errors),
-            Series("p50 latency, per router method", "ms", p50),
-            Series("p99 latency, per router method", "ms", p99),
+            Series(f"p50 latency, {per}", "ms", p50),
+            Series(f"p99 latency, {per}", "ms", p99),
         ]
 
 

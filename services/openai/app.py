@@ -80,8 +80,8 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig):
         self.config = config
-        self.router_channel = open_channel(config.router, config.server.max_message_bytes)
-        self.registry_channel = open_channel(config.registry, config.server.max_message_bytes)
+        self.router_channel = open_channel(config.router, config.server.max_message_bytes, config.server.tls)
+        self.registry_channel = open_channel(config.registry, config.server.max_message_bytes, config.server.tls)
         self.router = router_pb2_grpc.RouterStub(self.router_channel)
         self.health = health_pb2_grpc.HealthStub(self.router_channel)
         self.catalog = ModelCatalog(self.registry_channel)

@@ -85,6 +85,9 @@ def shadow_result_in(r: pb.ShadowResult) -> d.ShadowResult:
         r.cosine_sum,
         r.primary_latency_ms,
         r.shadow_latency_ms,
+        r.top5_overlap_sum,
+        tuple(r.cosines),
+        r.request_id,
     )
 
 
@@ -181,4 +184,86 @@ def routing_out(r: d.ModelRouting) -> pb.ModelRouting:
 def watch_event_out(e: d.WatchEvent) -> pb.WatchEvent:
     if e.snapshot is not None:
         return pb.WatchEvent(revision=e.revision, snapshot=pb.RoutingState(models=[routing_out(m) for m in e.snapshot]))
+    if e.rollout is not None:
+        return pb.WatchEvent(revision=e.revision, rollout_changed=rollout_out(e.rollout))
     return pb.WatchEvent(revision=e.revision, model_changed=routing_out(e.changed))
+
+
+# -- progressive delivery (rollout.py) -------------------------------------------------------------
+
+POLICY_FIELDS = (
+    "step_weight",
+    "interval_seconds",
+    "max_weight",
+    "max_error_rate",
+    "max_p99_ratio",
+    "min_shadow_agreement",
+    "min_requests",
+    "failure_limit",
+)
+
+
+def rollout_policy_in(p: pb.RolloutPolicy):
+    from services.registry.rollout import policy_with_defaults
+
+    return policy_with_defaults(**{name: getattr(p, name) for name in POLICY_FIELDS if p.HasField(name)})
+
+
+def rollout_policy_out(p) -> pb.RolloutPolicy:
+    return pb.RolloutPolicy(**{name: getattr(p, name) for name in POLICY_FIELDS})
+
+
+def rollout_out(r) -> pb.Rollout:
+    return pb.Rollout(
+        model=r.model,
+        canary_version=r.canary_version,
+        production_version=r.production_version,
+        state=pb.RolloutState.Value(f"ROLLOUT_STATE_{r.state.name}"),  # type: ignore[arg-type]  # protoc .pyi enums
+        policy=rollout_policy_out(r.policy),
+        weight=r.weight,
+        consecutive_failures=r.consecutive_failures,
+        reason=r.reason,
+        started_by=r.started_by,
+        started_at=timestamp(r.started_at),
+        updated_at=timestamp(r.updated_at),
+        analyses=[
+            pb.RolloutAnalysis(
+                at=timestamp(a.at),
+                weight=a.weight,
+                canary_requests=a.canary_requests,
+                production_requests=a.production_requests,
+                canary_error_rate=a.canary_error_rate,
+                canary_p99_ms=a.canary_p99_ms,
+                production_p99_ms=a.production_p99_ms,
+                shadow_agreement=a.shadow_agreement,
+                outcome=a.outcome,
+                detail=a.detail,
+            )
+            for a in r.analyses
+        ],
+        planned_weights=r.planned_weights,
+    )
+
+
+def shadow_report_out(r) -> pb.ShadowReport:
+    return pb.ShadowReport(
+        model=r.model,
+        primary_version=r.primary_version,
+        shadow_version=r.shadow_version,
+        kind=r.kind,
+        agreement=r.agreement,
+        samples=r.samples,
+        items=r.items,
+        top1_agreement=r.top1_agreement,
+        top5_agreement=r.top5_agreement,
+        mean_cosine=r.mean_cosine,
+        cosine_bounds=r.cosine_bounds,
+        cosine_counts=r.cosine_counts,
+        worst=[pb.ShadowExample(score=s, request_id=i, items=n) for s, i, n in r.worst],
+        primary_latency_ms=r.primary_latency_ms,
+        shadow_latency_ms=r.shadow_latency_ms,
+    )
+
+
+def version_stats_in(s: pb.VersionStats) -> tuple:
+    return (s.model, s.version, s.requests, dict(s.errors), tuple(s.latency_bounds_ms), list(s.latency_counts))

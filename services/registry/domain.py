@@ -201,6 +201,10 @@ class ShadowResult:
     cosine_sum: float
     primary_latency_ms: float
     shadow_latency_ms: float
+    # For the shadow report (shadow_report.py): top-5 overlap, per-item cosines, the caller's request id.
+    top5_overlap_sum: float = 0.0
+    cosines: tuple[float, ...] = ()
+    request_id: str = ""
 
 
 @dataclass
@@ -228,3 +232,4 @@ class WatchEvent:
     revision: int
     snapshot: list[ModelRouting] | None = None
     changed: ModelRouting | None = None
+    rollout: object | None = None  # a rollout.Rollout (rollout_changed)

@@ -37,3 +37,17 @@ def record_shadow(results: list[ShadowResult], agreement: dict[tuple[str, int, i
 
 def agreement_value(kind: PostprocessingKind, top1: float, cosine: float) -> float:
     return cosine if kind == PostprocessingKind.EMBEDDING else top1
+
+
+# -- rollouts (rollout.py) --
+ROLLOUTS = Counter(
+    "maas_registry_rollouts",
+    "Rollouts started and how they ended (promoted, rolled_back, aborted)",
+    ["model", "outcome"],
+)
+ROLLOUT_ANALYSES = Counter(
+    "maas_registry_rollout_analyses", "Rollout analyses by outcome (passed, failed, waiting)", ["model", "outcome"]
+)
+ROLLOUT_WEIGHT = Gauge(
+    "maas_registry_rollout_weight", "Canary weight of the model's running rollout (0: none)", ["model"]
+)

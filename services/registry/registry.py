@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 
-from services.registry import artifacts, metrics
+from services.registry import artifacts, metrics, shadow_report
 from services.registry.artifacts import Upload
 from services.registry.deployment import Deployment
 from services.registry.domain import (
@@ -78,6 +78,12 @@ class Registry:
             reconcile_interval=reconcile_interval,
             reload_concurrency=reload_concurrency,
         )
+        from services.registry.rollout import RolloutController
+
+        self.rollouts = RolloutController(self)  # progressive delivery (rollout.py)
+        from services.registry.shadow_report import ShadowReports
+
+        self.shadow_reports = ShadowReports(store.db)  # per-kind agreement reports (shadow_report.py)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -85,8 +91,10 @@ class Registry:
         self.repository.remove_orphans(self.store.version_dirs_known())
         await self.deployment.start()
         metrics.record_versions(self.store.all_versions())
+        await self.rollouts.start()  # resume (or finish) what a restart interrupted
 
     async def stop(self) -> None:
+        await self.rollouts.stop()  # running rollouts stay running in the store: the next start resumes them
         await self.deployment.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -269,7 +277,7 @@ class Registry:
         self._changed(model, revision)
 
     # -- aliases -----------------------------------------------------------------------------------
-    def _require_ready(self, model: str, number: int, what: str) -> Version:
+    def require_ready(self, model: str, number: int, what: str) -> Version:
         version = self.store.version(model, number)
         if version is None:
             raise NotFound(f"{what}: model {model!r} has no version {number}")
@@ -280,7 +288,7 @@ class Registry:
             )
         return version
 
-    def _move_alias(self, model: str, name: str, number: int, actor: str, reason: str, previous: int) -> Alias:
+    def move_alias(self, model: str, name: str, number: int, actor: str, reason: str, previous: int) -> Alias:
         alias = Alias(model, name, number, previous, actor, time.time(), reason)
         with self.store.transaction() as tx:
             self.store.put_alias(tx, alias)
@@ -302,11 +310,11 @@ class Registry:
     async def set_alias(self, model: str, name: str, number: int, actor: str, reason: str) -> Alias:
         check_name(model)
         check_name(name, "alias name")
-        self._require_ready(model, number, f"alias {name!r}")
+        self.require_ready(model, number, f"alias {name!r}")
         current = self.store.alias(model, name)
         if current is not None and current.version == number:
             return current
-        return self._move_alias(model, name, number, actor, reason, current.version if current else 0)
+        return self.move_alias(model, name, number, actor, reason, current.version if current else 0)
 
     async def rollback(self, model: str, name: str, actor: str, reason: str) -> Alias:
         check_name(model)
@@ -317,8 +325,8 @@ class Registry:
             raise NotFound(f"model {model!r} has no alias {name!r}")
         if current.previous_version == 0:
             raise FailedPrecondition(f"alias {name!r} of {model!r} has never pointed at another version")
-        self._require_ready(model, current.previous_version, f"rollback of {name!r}")
-        return self._move_alias(model, name, current.previous_version, actor, reason or "rollback", current.version)
+        self.require_ready(model, current.previous_version, f"rollback of {name!r}")
+        return self.move_alias(model, name, current.previous_version, actor, reason or "rollback", current.version)
 
     # -- traffic policy ----------------------------------------------------------------------------
     def _check_target(self, model: str, target: Target, what: str) -> None:
@@ -329,9 +337,9 @@ class Registry:
             alias = self.store.alias(model, target.alias)
             if alias is None:
                 raise FailedPrecondition(f"{what}: model {model!r} has no alias {target.alias!r}")
-            self._require_ready(model, alias.version, what)
+            self.require_ready(model, alias.version, what)
         else:
-            self._require_ready(model, target.version, what)
+            self.require_ready(model, target.version, what)
 
     async def set_traffic_policy(
         self, model: str, split: list[Target], shadow: Target | None, shadow_fraction: float, actor: str, reason: str
@@ -402,11 +410,17 @@ class Registry:
             check_name(r.model)
             if r.items and r.top1_agreed > r.items:
                 raise InvalidArgument(f"{r.model}: top1_agreed {r.top1_agreed} > items {r.items}")
-            for name in ("cosine_sum", "primary_latency_ms", "shadow_latency_ms"):
+            for name in ("cosine_sum", "primary_latency_ms", "shadow_latency_ms", "top5_overlap_sum"):
                 if not math.isfinite(getattr(r, name)):  # NaN would reach SQLite as NULL
                     raise InvalidArgument(f"{r.model}: {name} is {getattr(r, name)}, not a finite number")
+            shadow_report.check_result(r)
+        kinds = {}
+        for key in {(r.model, r.primary_version) for r in results}:
+            primary = self.store.version(*key)
+            kinds[key] = shadow_report.KINDS.get(primary.postprocessing.kind, "tensor") if primary else "tensor"
         with self.store.transaction() as tx:
             self.store.add_shadow_results(tx, results)
+            self.shadow_reports.add(tx, results, kinds)
         agreement = {}
         for model in {r.model for r in results}:
             versions = {v.version: v for v in self.store.versions(model)}

@@ -29,7 +29,7 @@ def create_registry(cfg: RegistryConfig) -> Registry:
     return Registry(
         Store(cfg.database),
         ModelRepository(cfg.model_repository),
-        TritonFleet(discovery.static_addresses, timeout=cfg.load_timeout_seconds),
+        TritonFleet(discovery.static_addresses, timeout=cfg.load_timeout_seconds, tls=cfg.server.tls),
         executor=executor,
         max_artifact_bytes=cfg.max_artifact_bytes,
         default_max_batch_size=cfg.default_max_batch_size,

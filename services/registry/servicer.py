@@ -101,3 +101,63 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def Watch(self, request: pb.WatchRequest, context):
         async for event in self.registry.watch():
             yield convert.watch_event_out(event)
+
+    # -- progressive delivery (rollout.py) --------------------------------------------------------
+    async def ReportVersionStats(self, request: pb.ReportVersionStatsRequest, context):
+        self._admin(context)
+        self.registry.rollouts.report([convert.version_stats_in(s) for s in request.stats])
+        return pb.ReportVersionStatsResponse()
+
+    async def StartRollout(self, request: pb.StartRolloutRequest, context):
+        self._admin(context)
+        annotate(model=request.model, version=request.version)
+        rollout = await self.registry.rollouts.start_rollout(
+            request.model,
+            request.version,
+            convert.rollout_policy_in(request.policy),
+            request.dry_run,
+            request.actor,
+            request.reason,
+        )
+        return convert.rollout_out(rollout)
+
+    async def GetRollout(self, request: pb.GetRolloutRequest, context):
+        annotate(model=request.model)
+        return convert.rollout_out(self.registry.rollouts.get(request.model))
+
+    async def ListRollouts(self, request: pb.ListRolloutsRequest, context):
+        return pb.ListRolloutsResponse(rollouts=[convert.rollout_out(r) for r in self.registry.rollouts.list()])
+
+    async def AbortRollout(self, request: pb.AbortRolloutRequest, context):
+        self._admin(context)
+        annotate(model=request.model)
+        return convert.rollout_out(await self.registry.rollouts.abort(request.model, request.actor, request.reason))
+
+    async def CompareVersions(self, request: pb.CompareVersionsRequest, context):
+        annotate(model=request.model)
+        return convert.shadow_report_out(
+            self.registry.shadow_reports.compare(self.registry.store, request.model, request.a, request.b)
+        )
+
+    async def OptimizeVersion(self, request: pb.OptimizeVersionRequest, context):
+        from services.registry.optimize import optimize
+
+        self._admin(context)
+        annotate(model=request.model, version=request.from_version)
+        given = {name for name in convert.POLICY_FIELDS if request.policy.HasField(name)}
+        done = await optimize(
+            self.registry,
+            request.model,
+            request.from_version,
+            request.int8,
+            convert.rollout_policy_in(request.policy),
+            given,
+            request.actor,
+            request.reason,
+        )
+        return pb.OptimizeVersionResponse(
+            version=convert.version_out(done.version),
+            size_before_bytes=done.size_before,
+            size_after_bytes=done.size_after,
+            rollout=convert.rollout_out(done.rollout),
+        )

@@ -170,6 +170,11 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, shared by the registry's other tables (rollouts, shadow reports)."""
+        return self._db
+
     def close(self) -> None:
         self._db.close()
 

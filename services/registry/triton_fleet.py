@@ -21,6 +21,8 @@ from tritonclient.utils import InferenceServerException
 from services.registry.domain import Signature
 from services.registry.tritonconfig import to_json
 from services.shared.errors import Unavailable
+from services.shared.tls import TlsSettings, channel_credentials
+from services.shared.tls import channel_options as tls_channel_options
 from services.shared.tensors import numpy_dtype
 
 log = logging.getLogger(__name__)
@@ -83,13 +85,30 @@ async def _generate_once(client, model: str, version: str, inputs: list[InferInp
 
 
 class TritonFleet:
-    def __init__(self, addresses: Iterable[str] = (), timeout: float = 300.0):
+    def __init__(self, addresses: Iterable[str] = (), timeout: float = 300.0, tls: TlsSettings | None = None):
         self.timeout = timeout
+        self.tls = tls  # mTLS towards Triton (its --grpc-use-ssl-mutual), None = plaintext
         self._clients: dict[str, triton_aio.InferenceServerClient] = {}
         # replica -> models whose live versions it has not been given yet (it joined after they loaded)
         self._behind: dict[str, set[str]] = {}
         for address in addresses:
-            self._clients[address] = triton_aio.InferenceServerClient(address)
+            self._clients[address] = self._client(address)
+
+    def _client(self, address: str) -> triton_aio.InferenceServerClient:
+        if self.tls is None:
+            return triton_aio.InferenceServerClient(address)
+        extra = tls_channel_options(self.tls)
+        return triton_aio.InferenceServerClient(
+            address,
+            creds=channel_credentials(self.tls),
+            channel_args=[
+                ("grpc.max_send_message_length", 2**31 - 1),
+                ("grpc.max_receive_message_length", 2**31 - 1),
+                *extra,
+            ]
+            if extra
+            else None,
+        )
 
     @property
     def addresses(self) -> list[str]:
@@ -109,7 +128,7 @@ class TritonFleet:
         """Add the replicas not yet in the fleet, behind on every one of `models`; returns those added."""
         added = sorted(set(addresses) - set(self._clients))
         for address in added:
-            self._clients[address] = triton_aio.InferenceServerClient(address)
+            self._clients[address] = self._client(address)
             self._behind[address] = set(models)
         return added
 

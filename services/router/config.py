@@ -59,6 +59,8 @@ class RouterConfig:
     shadow_max_inflight: int = 64
     shadow_timeout: float = 10.0
     shadow_report_interval: float = 1.0
+    # Seconds between per-version stats reports to the registry (its rollout analysis reads them).
+    stats_report_interval: float = 0.5
     # Sent with ReportShadowResults when the registry requires its admin token (MAAS_ADMIN_TOKEN).
     admin_token: str | None = None
     # Where the Triton replicas come from; None = static: the --triton address(es).
@@ -120,6 +122,13 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         help="seconds between shadow result reports to the registry (MAAS_SHADOW_REPORT_INTERVAL_SECONDS)",
     )
     g.add_argument(
+        "--stats-report-interval",
+        type=float,
+        default=env_float("MAAS_ROUTER_STATS_REPORT_INTERVAL_SECONDS", 0.5),
+        help="seconds between per-version request/error/latency reports to the registry, which "
+        "rollouts analyse (MAAS_ROUTER_STATS_REPORT_INTERVAL_SECONDS)",
+    )
+    g.add_argument(
         "--oip-fast-listen",
         default=env("MAAS_ROUTER_OIP_FAST_LISTEN", DEFAULT_OIP_FAST_LISTEN),
         help='address of the OIP fast path; "off" = none (MAAS_ROUTER_OIP_FAST_LISTEN)',
@@ -163,7 +172,9 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     discovery = discovery_config(args)
     if discovery.mode == "static":
         discovery = discovery_config(args, triton_addresses(args.triton))
-    require_positive(args, "default_timeout", "shadow_timeout", "shadow_report_interval", "max_batch_items")
+    require_positive(
+        args, "default_timeout", "shadow_timeout", "shadow_report_interval", "stats_report_interval", "max_batch_items"
+    )
     require_non_negative(args, "shadow_max_inflight")
     fast_listen, fast_binary = oip_fast_path(args.oip_fast_listen, args.oip_fast_binary)
     outlier, retry_budget = pool_settings(args)
@@ -178,6 +189,7 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         shadow_max_inflight=args.shadow_max_inflight,
         shadow_timeout=args.shadow_timeout,
         shadow_report_interval=args.shadow_report_interval,
+        stats_report_interval=args.stats_report_interval,
         admin_token=env("MAAS_ADMIN_TOKEN"),
         discovery=discovery,
         oip_fast_listen=fast_listen,

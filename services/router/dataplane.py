@@ -25,6 +25,7 @@ from services.router.peers import TokenizerPeer, TritonPeer, VisionPeer, output_
 from services.router.postprocess import ClassScore, as_matrix, l2_normalise, softmax, top_k
 from services.router.routing import PostKind, PreKind, Route, RoutingTable, VersionInfo
 from services.router.shadow import ShadowRunner
+from services.router.version_stats import VersionStatsReporter, counted, note_routed
 from services.shared.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, limit_error
 from services.shared.telemetry import annotate
 from services.shared.tensors import from_proto, to_proto
@@ -114,12 +115,15 @@ class Dataplane:
         shadow: ShadowRunner,
         default_timeout: float = 30.0,
         max_batch_items: int = 256,
+        version_stats: VersionStatsReporter | None = None,
     ):
         self.table, self.triton, self.tokenizer, self.vision = table, triton, tokenizer, vision
+        self.version_stats = version_stats  # per-version figures for the registry's rollouts
         self.shadow, self.default_timeout, self.max_batch_items = shadow, default_timeout, max_batch_items
 
     # -- maas.v1.Router ----------------------------------------------------------------------------
     @_inflight
+    @counted
     async def embed(self, ref: ModelRef, texts: list[str], timeout: float | None) -> EmbedResult:
         route, prepared, vectors = await self._matrix(ref, Payload(texts=texts), PreKind.TOKENIZER, timeout)
         if route.info.post_kind == PostKind.EMBEDDING:
@@ -127,6 +131,7 @@ class Dataplane:
         return EmbedResult(vectors, prepared.truncated, route)
 
     @_inflight
+    @counted
     async def classify(self, ref: ModelRef, images: list[bytes], k: int, timeout: float | None) -> ClassifyResult:
         route, _, logits = await self._matrix(ref, Payload(images=images), PreKind.VISION, timeout)
         info = route.info
@@ -162,6 +167,7 @@ class Dataplane:
         return route, prepared, matrix
 
     @_inflight
+    @counted
     async def infer(self, ref: ModelRef, payload: Payload, outputs: list[str], timeout: float | None) -> InferResult:
         given = [
             kind
@@ -192,6 +198,7 @@ class Dataplane:
 
     # -- Open Inference Protocol passthrough ---------------------------------------------------------
     @_inflight
+    @counted
     async def infer_raw(self, request: bytes, routing_key: str, timeout: float | None) -> bytes:
         """A serialised inference.ModelInferRequest in, Triton's serialised response out, tensors untouched.
         An empty model_version follows the traffic policy; a non-numeric one is taken as an alias."""
@@ -230,6 +237,7 @@ class Dataplane:
             raise InvalidArgument("model.name is required")
         route = self.table.resolve(ref.name, ref.version, ref.alias, ref.routing_key)
         info = route.info
+        note_routed(info)
         ROUTER_REQUESTS.labels(info.model, str(info.version), route.kind.name.lower()).inc()
         annotate(
             model=info.model,

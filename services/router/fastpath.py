@@ -28,6 +28,7 @@ from services.router.triton_errors import MODEL_INPUT_ERROR_MARKERS, NOT_SERVING
 from services.shared.errors import MAX_STATUS_MESSAGE_BYTES, FailedPrecondition
 from services.shared.replica_pool import POOL_BUDGET_REFUSALS, ReplicaPool
 from services.shared.telemetry import RPC_DURATION, RPC_DURATION_BUCKETS, RPC_REQUESTS
+from services.shared.tls import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,24 @@ class FastPathSettings:
     default_timeout: float
     grace: float
     stats_interval: float = 1.0
+    # The router's TLS settings: the forwarder serves them and uses them towards Triton and the fallback.
+    tls: TlsSettings | None = None
+
+
+def tls_flags(tls: TlsSettings | None) -> list[str]:
+    if tls is None:
+        return []
+    return [
+        "--tls-cert",
+        str(tls.cert),
+        "--tls-key",
+        str(tls.key),
+        "--tls-ca",
+        str(tls.ca),
+        "--tls-client-auth",
+        tls.client_auth,
+        *(["--tls-server-name", tls.server_name] if tls.server_name else []),
+    ]
 
 
 class FastPath:
@@ -131,7 +150,10 @@ class FastPath:
         except (asyncio.TimeoutError, RuntimeError) as exc:
             await self.stop()
             raise RuntimeError(f"{BINARY_NAME} did not start on {self.settings.listen}: {exc}") from None
-        log.info("oip fast path serving", extra={"listen": self.settings.listen, "port": self.port})
+        log.info(
+            "oip fast path serving",
+            extra={"listen": self.settings.listen, "port": self.port, "tls": self.settings.tls is not None},
+        )
 
     def push(self) -> None:
         """Send the current routing state (called on every change; writes do not block)."""
@@ -189,6 +211,7 @@ class FastPath:
             "--retry-budget",
             ",".join(map(str, (budget.ratio, budget.min_retries, budget.window_seconds))),
             *(arg for marker in MODEL_INPUT_ERROR_MARKERS for arg in ("--input-error-marker", marker)),
+            *tls_flags(s.tls),
         ]
 
     async def _supervise(self) -> None:

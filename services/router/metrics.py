@@ -5,10 +5,19 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.shared.telemetry import RPC_DURATION_BUCKETS
+
 ROUTER_REQUESTS = Counter(
     "maas_router_requests",
     "Data-plane requests routed, by model, version and how the version was chosen",
     ["model", "version", "route"],
+)
+VERSION_DURATION = Histogram(
+    "maas_router_version_duration_seconds",
+    "Latency of answered data-plane requests by the version that served them (the per-version figures "
+    "rollouts analyse; requests the compiled OIP path answers on its own are not in it)",
+    ["model", "version"],
+    buckets=RPC_DURATION_BUCKETS,
 )
 ROUTER_INFLIGHT = Gauge("maas_router_inflight_requests", "Data-plane requests being handled by this router")
 SHADOW_REQUESTS = Counter(

@@ -52,6 +52,21 @@ def cosine_sum(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum(l2_normalise(a) * l2_normalise(b)))
 
 
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-item cosine similarity between matching rows (empty when the shapes differ)."""
+    if a.shape != b.shape:
+        return np.zeros(0, np.float32)
+    return np.sum(l2_normalise(a) * l2_normalise(b), axis=1)
+
+
+def top5_overlap_sum(a: np.ndarray, b: np.ndarray) -> float:
+    """Sum over items of |top-5(a) ∩ top-5(b)| / 5 (0 when the rows are narrower than 5 or shapes differ)."""
+    if a.shape != b.shape or a.ndim != 2 or a.shape[1] < 5:
+        return 0.0
+    ta, tb = np.argpartition(-a, 4, axis=1)[:, :5], np.argpartition(-b, 4, axis=1)[:, :5]
+    return float(sum(len(set(x) & set(y)) for x, y in zip(ta.tolist(), tb.tolist())) / 5)
+
+
 def top1_agreed(a: np.ndarray, b: np.ndarray) -> int:
     if a.shape != b.shape:
         return 0

@@ -23,6 +23,7 @@ from services.router.peers import TokenizerPeer, TritonPeer, VisionPeer
 from services.router.routing import RoutingTable
 from services.router.servicer import InferenceServicer, RouterServicer, add_inference_service
 from services.router.shadow import ShadowRunner
+from services.router.version_stats import VersionStatsReporter
 from services.router.watcher import RegistryWatcher
 from services.shared.channels import open_channel
 from services.shared.discovery import ReplicaSource, StaticReplicas, create_replica_source
@@ -34,8 +35,8 @@ log = logging.getLogger(__name__)
 
 def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None) -> tuple[ServiceServer, int]:
     """triton_source: where Triton replicas come from (default: from cfg; tests pass their own)."""
-    limit = cfg.server.max_message_bytes
-    channels = {name: open_channel(getattr(cfg, name), limit) for name in ("registry", "tokenizer", "vision")}
+    limit, tls = cfg.server.max_message_bytes, cfg.server.tls
+    channels = {name: open_channel(getattr(cfg, name), limit, tls) for name in ("registry", "tokenizer", "vision")}
     table = RoutingTable()
     watcher = RegistryWatcher(channels["registry"], table)
     shadow = ShadowRunner(
@@ -45,13 +46,16 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
         report_interval=cfg.shadow_report_interval,
         admin_token=cfg.admin_token,
     )
+    version_stats = VersionStatsReporter(
+        channels["registry"], report_interval=cfg.stats_report_interval, admin_token=cfg.admin_token
+    )
     source = triton_source or create_replica_source(cfg.triton_discovery())
     serving = admit_when_serving(table)
     admit = None if isinstance(source, StaticReplicas) else serving
     # An ejected replica (outlier detection) comes back once it serves the READY versions again.
     pool = ReplicaPool(
         "triton",
-        connect=lambda address: open_channel(address, limit),
+        connect=lambda address: open_channel(address, limit, tls),
         admit=admit,
         outlier=cfg.outlier,
         retry_budget=cfg.retry_budget,
@@ -66,6 +70,7 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
         shadow,
         default_timeout=cfg.default_timeout,
         max_batch_items=cfg.max_batch_items,
+        version_stats=version_stats,
     )
 
     def register(server):
@@ -84,7 +89,14 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
     service.on_start.append(lambda: source.start(pool.set_replicas))
     # After the gRPC server drained: stop following the registry, report the last shadow results, close.
     service.on_stop.extend(
-        [watcher.stop, shadow.stop, source.stop, pool.close, *(channel.close for channel in channels.values())]
+        [
+            watcher.stop,
+            shadow.stop,
+            version_stats.stop,
+            source.stop,
+            pool.close,
+            *(channel.close for channel in channels.values()),
+        ]
     )
     return service, port
 
@@ -120,6 +132,7 @@ def add_fast_path(service: ServiceServer, port: int, cfg: RouterConfig, table: R
             max_message_bytes=cfg.server.max_message_bytes,
             default_timeout=cfg.default_timeout,
             grace=cfg.server.grace_seconds,
+            tls=cfg.server.tls,
         ),
         table,
         pool,

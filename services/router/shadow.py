@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -19,7 +20,7 @@ from opentelemetry import trace
 
 from maas.v1 import registry_pb2, registry_pb2_grpc
 from services.router.metrics import SHADOW_REQUESTS
-from services.router.postprocess import cosine_sum, top1_agreed
+from services.router.postprocess import cosine_sum, cosines, top1_agreed, top5_overlap_sum
 from services.router.routing import VersionInfo
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ def compare(
     b: np.ndarray,
     primary_ms: float,
     shadow_ms: float,
+    request_id: str = "",
 ) -> registry_pb2.ShadowResult:
-    """Top-1 agreement (classifiers) and cosine (embeddings), both cheap; the registry keeps the one
-    that fits the model."""
+    """Top-1 / top-5 agreement (classifiers) and per-item cosine (embeddings), all cheap; the registry
+    keeps the figures that fit the model (its shadow report, `maas models compare`)."""
     items = int(a.shape[0]) if a.ndim == 2 and a.shape == b.shape else 0
     return registry_pb2.ShadowResult(
         model=model,
@@ -50,6 +52,9 @@ def compare(
         cosine_sum=cosine_sum(a, b) if items else 0.0,
         primary_latency_ms=primary_ms,
         shadow_latency_ms=shadow_ms,
+        top5_overlap_sum=top5_overlap_sum(a, b) if items else 0.0,
+        cosines=cosines(a, b).tolist() if items else [],
+        request_id=request_id or uuid.uuid4().hex,
     )
 
 
@@ -90,10 +95,12 @@ class ShadowRunner:
         if len(self._tasks) >= self.max_inflight:
             SHADOW_REQUESTS.labels(primary.model, "dropped").inc()
             return False
-        link = trace.Link(trace.get_current_span().get_span_context())
+        caller = trace.get_current_span().get_span_context()
+        link = trace.Link(caller)
+        request_id = format(caller.trace_id, "032x") if caller.is_valid else ""  # names it in the report
         # An empty contextvars.Context: no caller span, no caller metric labels leak into the copy.
         task = asyncio.get_running_loop().create_task(
-            self._run(primary, shadow, primary_output, shadow_output, primary_ms, link),
+            self._run(primary, shadow, primary_output, shadow_output, primary_ms, link, request_id),
             context=contextvars.Context(),
         )
         self._tasks.add(task)
@@ -102,7 +109,7 @@ class ShadowRunner:
             self._reporter = asyncio.get_running_loop().create_task(self._report_loop(), context=contextvars.Context())
         return True
 
-    async def _run(self, primary, shadow, primary_output, shadow_output, primary_ms, link) -> None:
+    async def _run(self, primary, shadow, primary_output, shadow_output, primary_ms, link, request_id="") -> None:
         with self._tracer.start_as_current_span(
             "router.shadow",
             links=[link],
@@ -129,7 +136,7 @@ class ShadowRunner:
             if a is None or b is None:
                 return
             if len(self._pending) < self.max_pending:
-                self._pending.append(compare(primary.model, primary, shadow, a, b, primary_ms, shadow_ms))
+                self._pending.append(compare(primary.model, primary, shadow, a, b, primary_ms, shadow_ms, request_id))
 
     async def _report_loop(self) -> None:
         while True:

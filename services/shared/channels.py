@@ -6,6 +6,9 @@ draining (health NOT_SERVING, services/shared/server.py) gets no new calls while
 finish, and none is lost. One address (a ClusterIP Service) keeps gRPC's default: one connection,
 re-made when the server closes it. A `dns:///name:port` target (a headless Service) is balanced and
 health-checked the same way over every address the name resolves to.
+
+With TLS settings (services/shared/tls.py) a channel is mTLS: it trusts the CA and presents the
+service's own certificate; otherwise plaintext.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import grpc
 from services.shared.config import DEFAULT_MAX_MESSAGE_BYTES, ConfigError
 from services.shared.server import channel_options
 from services.shared.telemetry import tracing_client_interceptors
+from services.shared.tls import TlsSettings, channel_credentials
+from services.shared.tls import channel_options as tls_channel_options
 
 # Round robin over the ready replicas, each health-checked (the whole server's status, service "").
 BALANCED_SERVICE_CONFIG = json.dumps(
@@ -48,8 +53,10 @@ def channel_target(address: str) -> tuple[str, bool]:
     return f"ipv{families.pop()}:{','.join(parts)}", True
 
 
-def open_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
-    """An aio channel with explicit size limits, keepalive, and tracing when OTEL_* is set."""
+def open_channel(
+    address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: TlsSettings | None = None
+) -> grpc.aio.Channel:
+    """An aio channel with explicit size limits, keepalive, tracing when OTEL_* is set, mTLS with `tls`."""
     target, balanced = channel_target(address)
     options = [
         *channel_options(max_message_bytes),
@@ -59,5 +66,9 @@ def open_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTE
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2_000),
         *([("grpc.service_config", BALANCED_SERVICE_CONFIG)] if balanced else []),
+        *tls_channel_options(tls),
     ]
-    return grpc.aio.insecure_channel(target, options=options, interceptors=tracing_client_interceptors() or None)
+    interceptors = tracing_client_interceptors() or None
+    if tls is not None:
+        return grpc.aio.secure_channel(target, channel_credentials(tls), options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from maas import ports
+from services.shared.tls import CLIENT_AUTH_MODES, TlsSettings
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Models the registry reloads at once on a Triton replica that lost them (restart): MAAS_RELOAD_CONCURRENCY.
@@ -68,6 +70,10 @@ class ServerSettings:
     log_level: str = "INFO"
     log_format: str = "json"
     workers: int = os.cpu_count() or 1
+    # TLS of the served port and of the outgoing channels (services/shared/tls.py); None = plaintext.
+    tls: TlsSettings | None = None
+    # A plaintext port serving grpc.health.v1 alone (probes that speak no TLS); "" = none.
+    health_listen: str = ""
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -> None:
@@ -109,6 +115,70 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -
         default=env_int("MAAS_WORKERS", os.cpu_count() or 1),
         help="threads for CPU-heavy work (MAAS_WORKERS)",
     )
+    g.add_argument(
+        "--health-listen",
+        default=env("MAAS_HEALTH_LISTEN", ""),
+        help="host:port of a plaintext port serving grpc.health.v1 alone, for probes that speak no TLS; "
+        "empty = none (MAAS_HEALTH_LISTEN)",
+    )
+    add_tls_arguments(parser)
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """TLS of the served port and of every outgoing channel: all of cert, key and CA, or none."""
+    g = parser.add_argument_group("TLS (all of --tls-cert, --tls-key, --tls-ca, or none = plaintext)")
+    g.add_argument(
+        "--tls-cert",
+        default=env("MAAS_TLS_CERT"),
+        help="PEM certificate (chain) served and presented to peers; re-read when it changes (MAAS_TLS_CERT)",
+    )
+    g.add_argument("--tls-key", default=env("MAAS_TLS_KEY"), help="its PEM private key (MAAS_TLS_KEY)")
+    g.add_argument(
+        "--tls-ca",
+        default=env("MAAS_TLS_CA"),
+        help="PEM CA that peers' and clients' certificates must chain to (MAAS_TLS_CA)",
+    )
+    g.add_argument(
+        "--tls-client-auth",
+        choices=CLIENT_AUTH_MODES,
+        default=env("MAAS_TLS_CLIENT_AUTH", "required"),
+        help="required: callers must present a certificate signed by the CA; optional: TLS without "
+        "client certificates (MAAS_TLS_CLIENT_AUTH)",
+    )
+    g.add_argument(
+        "--tls-server-name",
+        default=env("MAAS_TLS_SERVER_NAME"),
+        help="name checked in peers' certificates instead of the address's host, for peers reached by "
+        "IP (MAAS_TLS_SERVER_NAME)",
+    )
+
+
+def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
+    given = {
+        "--tls-cert / MAAS_TLS_CERT": args.tls_cert,
+        "--tls-key / MAAS_TLS_KEY": args.tls_key,
+        "--tls-ca / MAAS_TLS_CA": args.tls_ca,
+    }
+    if not any(given.values()):
+        return None
+    missing = [name for name, value in given.items() if not value]
+    if missing:
+        raise ConfigError(f"TLS needs a certificate, its key and a CA: {', '.join(missing)} not set")
+    for name, value in given.items():
+        if not Path(value).is_file():
+            raise ConfigError(f"{name}: {value} is not a readable file")
+    if args.tls_client_auth not in CLIENT_AUTH_MODES:
+        raise ConfigError(
+            f"--tls-client-auth / MAAS_TLS_CLIENT_AUTH must be one of {', '.join(CLIENT_AUTH_MODES)}, "
+            f"got {args.tls_client_auth!r}"
+        )
+    return TlsSettings(
+        cert=Path(args.tls_cert),
+        key=Path(args.tls_key),
+        ca=Path(args.tls_ca),
+        client_auth=args.tls_client_auth,
+        server_name=args.tls_server_name or None,
+    )
 
 
 def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettings:
@@ -124,6 +194,8 @@ def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettin
         log_level=args.log_level.upper(),
         log_format=args.log_format,
         workers=args.workers,
+        tls=tls_settings(args),
+        health_listen=args.health_listen or "",
     )
 
 

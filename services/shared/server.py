@@ -2,8 +2,9 @@
 
 build_server() gives a grpc.aio server with the standard health service and reflection registered on
 their own, explicit message size limits, the error/metrics interceptor and (when OTEL_* is set)
-tracing. run() serves until SIGTERM/SIGINT, then flips health to NOT_SERVING and lets in-flight RPCs
-finish within the grace period.
+tracing, and TLS when configured (services/shared/tls.py: dynamic credentials that follow their files),
+plus a plaintext health-only port for probes that cannot speak TLS (--health-listen). run() serves
+until SIGTERM/SIGINT, then flips health to NOT_SERVING and lets in-flight RPCs finish within the grace period.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from services.shared.config import ServerSettings
 from services.shared.interceptors import ServiceInterceptor
 from services.shared.structured_logging import configure_logging
+from services.shared.tls import CertificateFiles, server_credentials
 from services.shared.telemetry import (
     setup_tracing,
     shutdown_tracing,
@@ -60,10 +62,16 @@ class ServiceServer:
     on_stop: list[Callable[[], object]] = field(default_factory=list)
     # Run while in-flight RPCs finish (e.g. stopping a companion process that serves another port).
     on_drain: list[Callable[[], object]] = field(default_factory=list)
+    # With TLS: the served files, re-read when they change; a plaintext server of health alone.
+    certificates: CertificateFiles | None = None
+    health_server: grpc.aio.Server | None = None
+    health_port: int = 0
 
     async def start(self) -> None:
         await _run_callbacks(self.on_start)
         await self.grpc_server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -76,7 +84,11 @@ class ServiceServer:
         delay = min(self.settings.drain_delay_seconds, grace / 2)
         if delay > 0:
             await asyncio.sleep(delay)
-        await asyncio.gather(self.grpc_server.stop(grace - delay), _run_callbacks(self.on_drain))
+        await asyncio.gather(
+            self.grpc_server.stop(grace - delay),
+            _run_callbacks(self.on_drain),
+            *([self.health_server.stop(0)] if self.health_server is not None else []),
+        )
         await _run_callbacks(self.on_stop)
 
     async def wait(self) -> None:
@@ -99,10 +111,29 @@ def build_server(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(settings.listen)
+    certificates = None
+    if settings.tls is not None:
+        credentials, certificates = server_credentials(settings.tls, settings.service_name)
+        port = server.add_secure_port(settings.listen, credentials)
+    else:
+        port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"could not bind {settings.listen}")
-    return ServiceServer(server, health_servicer, names, settings), port
+    service = ServiceServer(server, health_servicer, names, settings, certificates=certificates)
+    if settings.health_listen:
+        service.health_server, service.health_port = build_health_server(settings.health_listen, health_servicer)
+    return service, port
+
+
+def build_health_server(listen: str, servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
+    """grpc.health.v1 alone, plaintext: kubelet's gRPC probes speak no TLS. It shares the main server's
+    health servicer, so draining shows here too."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"could not bind the health port {listen}")
+    return server, port
 
 
 def start_observability(settings: ServerSettings) -> None:
@@ -120,7 +151,16 @@ def run(settings: ServerSettings, create: Callable[[], tuple[ServiceServer, int]
     async def serve() -> None:
         server, port = create()
         await server.start()
-        log.info("serving", extra={"listen": settings.listen, "port": port, "services": server.service_names})
+        log.info(
+            "serving",
+            extra={
+                "listen": settings.listen,
+                "port": port,
+                "services": server.service_names,
+                "tls": settings.tls is not None,
+                "health_port": server.health_port or None,
+            },
+        )
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

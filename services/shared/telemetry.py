@@ -23,7 +23,7 @@ RPC_REQUESTS = Counter(
     "gRPC requests handled, by outcome",
     ["service", "method", "model", "version", "code"],
 )
-# The RPC duration histogram's buckets (seconds): the fast path reports into the same ones.
+# Request latency buckets (seconds): the RPC histogram's, the router's per-version one and the fast path's.
 RPC_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 RPC_DURATION = Histogram(
     "maas_rpc_server_duration_seconds",

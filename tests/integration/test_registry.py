@@ -253,6 +253,10 @@ async def test_admin_token(start_registry):
         (env.stub.SetTrafficPolicy, pb.SetTrafficPolicyRequest(model="tiny")),
         (env.stub.ArchiveVersion, pb.ArchiveVersionRequest(model="tiny", version=1)),
         (env.stub.ReportShadowResults, pb.ReportShadowResultsRequest()),
+        (env.stub.ReportVersionStats, pb.ReportVersionStatsRequest()),
+        (env.stub.StartRollout, pb.StartRolloutRequest(model="tiny", version=1)),
+        (env.stub.AbortRollout, pb.AbortRolloutRequest(model="tiny")),
+        (env.stub.OptimizeVersion, pb.OptimizeVersionRequest(model="tiny", from_version=1, int8=True)),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call(req)

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from maas.v1 import registry_pb2 as pb
-from services.console.charts import line_chart, split_bar
+from services.console.charts import agreement_histogram, line_chart, split_bar
 from services.console.config import load_config
 from services.console.metrics import History, parse, quantile
 from services.console.models import model_view, split_segments
@@ -49,6 +49,30 @@ def test_rates_errors_and_quantiles_from_two_reads():
     assert set(rate.lines) == {"minilm v1", "minilm v2"}
     assert p50.lines["Embed"][0][1] == pytest.approx(0.01 * 50 / 90 * 1000)  # inside the first bucket
     assert 100 < p99.lines["Embed"][0][1] <= 1000  # in the (0.1, 1] bucket
+
+
+def test_latency_is_per_version_once_the_router_exports_it():
+    registry, requests, duration = _exposition()
+    by_version = Histogram(
+        "maas_router_version_duration_seconds", "v", ["model", "version"], buckets=(0.01, 0.1, 1.0), registry=registry
+    )
+    first = parse(generate_latest(registry).decode(), at=0.0)
+    for _ in range(10):
+        by_version.labels("minilm", "1").observe(0.005)  # the fast version
+        by_version.labels("minilm", "2").observe(0.5)  # the slow canary
+        duration.labels("router", "Embed").observe(0.005)
+    history = History(keep=600)
+    history.add(first)
+    history.add(parse(generate_latest(registry).decode(), at=1.0))
+    _, _, p50, p99 = history.charts(now=1.0)
+    assert p50.title == "p50 latency, per version" and set(p99.lines) == {"minilm v1", "minilm v2"}
+    assert p99.lines["minilm v1"][0][1] <= 10 < 100 < p99.lines["minilm v2"][0][1] <= 1000
+
+
+def test_agreement_histogram_is_labelled_svg_with_a_bar_per_bucket():
+    svg = agreement_histogram([0.5, 0.9, 0.99, 1.0], [1, 0, 3, 16], "minilm", "v1 vs v2")
+    assert svg.startswith("<svg") and svg.count("<rect") == 4 and 'role="img"' in svg
+    assert "cosine agreement of minilm v1 vs v2" in svg and "&lt;= 1: 16 items (80%)" in svg
 
 
 def test_a_counter_that_went_down_is_a_restart():

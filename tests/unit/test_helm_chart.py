@@ -22,10 +22,11 @@ pytestmark = pytest.mark.skipif(
 
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion); strict = unknown fields fail.
 K8S_VERSION = "1.30.0"
-CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/", "cert-manager.io/")
 GPU_SCENARIOS = [None, "gpu-production-values.yaml"]
 PORTS = {"router": ports.ROUTER, "registry": ports.REGISTRY, "tokenizer": ports.TOKENIZER, "vision": ports.VISION}
 OIP_FAST_PORT = ports.ROUTER_OIP_FAST  # router.oipFastPath.port default
+TLS_HEALTH_PORT = 8086  # tls.healthPort default
 OPENAI_PORT = ports.OPENAI  # the OpenAI gateway's HTTP port
 CONSOLE_PORT = ports.CONSOLE  # the web console's HTTP port, the chart's must be the service's
 ids = [s or "defaults" for s in SCENARIOS]
@@ -227,8 +228,9 @@ def test_probes_on_every_container(scenario):
             assert "livenessProbe" in c and "readinessProbe" in c, (workload, c["name"])
     for svc in SERVICES:
         c = cr.container(docs, svc)
+        tls = "MAAS_TLS_CERT" in cr.env(c)  # then kubelet probes the plaintext health-only port
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"] == {"port": PORTS[svc]}, (svc, probe)
+            assert c[probe]["grpc"] == {"port": TLS_HEALTH_PORT if tls else PORTS[svc]}, (svc, probe)
         assert {"name": "grpc", "containerPort": PORTS[svc], "protocol": "TCP"} in c["ports"]
     triton = cr.container(docs, "triton")
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -720,3 +722,100 @@ def test_generation_needs_a_triton_image_with_onnxruntime_genai():
     assert cr.container(docs, "triton")["image"].startswith("registry.example/maas-triton-genai:")
     dockerfile = (cr.ROOT / "deploy" / "triton" / "Dockerfile.genai").read_text()
     assert "onnxruntime-genai" in dockerfile and "triton_backends/onnxruntime_genai" in dockerfile
+
+
+# --- TLS (values tls) -----------------------------------------------------------------------------
+
+TLS_DIR = "/etc/maas/tls"
+
+
+def _tls_mount_and_volume(spec: dict, c: dict) -> tuple[dict, dict]:
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "tls"]
+    return mount, volume
+
+
+def _pod(docs, component: str) -> tuple[dict, dict]:
+    for workload, spec in cr.pods(docs):
+        if workload == name(component):
+            (c,) = spec["containers"]
+            return spec, c
+    raise AssertionError(f"no pod for {component}")
+
+
+def test_tls_is_on_in_production_with_a_cert_manager_certificate():
+    docs = cr.render("gpu-production-values.yaml")
+    (cert,) = cr.kind(docs, "Certificate")
+    assert cert["apiVersion"] == "cert-manager.io/v1"
+    assert cert["spec"]["issuerRef"] == {"name": "maas-mesh-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    assert cert["spec"]["secretName"] == name("tls")
+    assert {"server auth", "client auth"} <= set(cert["spec"]["usages"])
+    dns = set(cert["spec"]["dnsNames"])
+    for component in ("router", "registry", "tokenizer", "vision", "openai", "console", "triton", "triton-headless"):
+        assert {name(component), f"{name(component)}.{cr.NAMESPACE}.svc.cluster.local"} <= dns, component
+    assert cr.FULLNAME in dns  # what MAAS_TLS_SERVER_NAME checks for peers reached by pod IP
+    assert "127.0.0.1" in cert["spec"]["ipAddresses"]  # the fast path's fallback to its own router
+
+
+@pytest.mark.parametrize(
+    "scenario", [("gpu-production-values.yaml",), (None, "tls.enabled=true", "tls.existingSecret=my-certs")]
+)
+def test_tls_reaches_every_pod_and_probes_still_work(scenario):
+    docs = cr.render(*scenario)
+    secret = "my-certs" if scenario[0] is None else name("tls")
+    if scenario[0] is None:
+        assert not cr.kind(docs, "Certificate")  # an existing Secret: nothing issued
+    for component in (*SERVICES, "openai", "console", "triton"):
+        spec, c = _pod(docs, component)
+        mount, volume = _tls_mount_and_volume(spec, c)
+        assert mount["mountPath"] == TLS_DIR and mount["readOnly"]
+        assert volume["secret"]["secretName"] == secret
+    for svc in SERVICES:
+        _, c = _pod(docs, svc)
+        e = cr.env(c)
+        assert {k: e[k]["value"] for k in ("MAAS_TLS_CERT", "MAAS_TLS_KEY", "MAAS_TLS_CA")} == {
+            "MAAS_TLS_CERT": f"{TLS_DIR}/tls.crt",
+            "MAAS_TLS_KEY": f"{TLS_DIR}/tls.key",
+            "MAAS_TLS_CA": f"{TLS_DIR}/ca.crt",
+        }
+        assert e["MAAS_TLS_CLIENT_AUTH"]["value"] == "required"
+        assert e["MAAS_TLS_SERVER_NAME"]["value"] == cr.FULLNAME
+        assert e["MAAS_HEALTH_LISTEN"]["value"] == f"0.0.0.0:{TLS_HEALTH_PORT}"
+        assert {"name": "health", "containerPort": TLS_HEALTH_PORT, "protocol": "TCP"} in c["ports"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"] == {"port": TLS_HEALTH_PORT}, (svc, probe)
+    for http_service in ("openai", "console"):
+        _, c = _pod(docs, http_service)
+        assert cr.env(c)["MAAS_TLS_CLIENT_AUTH"]["value"] == "optional"  # HTTPS callers without certificates
+        assert "MAAS_HEALTH_LISTEN" not in cr.env(c)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"]["scheme"] == "HTTPS", (http_service, probe)
+    _, triton = _pod(docs, "triton")
+    args = triton["args"]
+    assert {
+        "--grpc-use-ssl=true",
+        "--grpc-use-ssl-mutual=true",
+        f"--grpc-server-cert={TLS_DIR}/tls.crt",
+        f"--grpc-server-key={TLS_DIR}/tls.key",
+        f"--grpc-root-cert={TLS_DIR}/ca.crt",
+    } <= set(args)
+    assert triton["readinessProbe"]["httpGet"]["port"] == "http"  # Triton's HTTP port stays plain for probes
+
+
+def test_router_callers_client_certificates_can_be_optional():
+    docs = cr.render("gpu-production-values.yaml", "tls.clientAuth=optional")
+    _, router = _pod(docs, "router")
+    assert cr.env(router)["MAAS_TLS_CLIENT_AUTH"]["value"] == "optional"
+    _, tokenizer = _pod(docs, "tokenizer")
+    assert cr.env(tokenizer)["MAAS_TLS_CLIENT_AUTH"]["value"] == "required"
+
+
+def test_tls_off_by_default_and_needs_a_certificate_source():
+    docs = cr.render(None)
+    assert not cr.kind(docs, "Certificate")
+    _, router = _pod(docs, "router")
+    assert "MAAS_TLS_CERT" not in cr.env(router) and not [m for m in router["volumeMounts"] if m["name"] == "tls"]
+    proc = cr.template(None, "tls.enabled=true")
+    assert (
+        proc.returncode != 0 and "tls.certManager.issuerRef.name" in proc.stderr and "tls.existingSecret" in proc.stderr
+    )

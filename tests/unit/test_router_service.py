@@ -94,6 +94,7 @@ class FakeRegistry(registry_pb2_grpc.RegistryServicer):
         self.models = routing_state()
         self.events: asyncio.Queue = asyncio.Queue()
         self.reports: list[R.ShadowResult] = []
+        self.version_stats: list[R.VersionStats] = []
         self.revision = 1
 
     async def Watch(self, request, context):
@@ -109,6 +110,10 @@ class FakeRegistry(registry_pb2_grpc.RegistryServicer):
     async def ReportShadowResults(self, request, context):
         self.reports.extend(request.results)
         return R.ReportShadowResultsResponse()
+
+    async def ReportVersionStats(self, request, context):
+        self.version_stats.extend(request.stats)
+        return R.ReportVersionStatsResponse()
 
 
 class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
@@ -234,6 +239,7 @@ class Mesh:
             triton=self.servers["triton"][1],
             default_timeout=5.0,
             shadow_report_interval=0.05,
+            stats_report_interval=0.05,
             oip_fast_listen=oip_fast_listen,
             oip_fast_binary=oip_fast_binary,
         )
@@ -475,6 +481,37 @@ async def test_shadow_never_changes_the_answer_and_is_reported(mesh):
     assert (report.model, report.primary_version, report.shadow_version, report.items) == ("tiny", 1, 2, 2)
     assert report.top1_agreed == 2 and 0 < report.cosine_sum <= 2.0001
     assert ("tiny", "2", ["x"]) in mesh.triton.calls
+
+
+async def test_requests_are_reported_per_version_with_errors_and_latency(mesh):
+    """What rollouts analyse (docs/rollouts.md): each routed request counts against its version."""
+    for _ in range(3):
+        await mesh.stub.Infer(router_pb2.InferRequest(model=ref("tiny", version=2), inputs=[x_tensor()]))
+    with pytest.raises(grpc.aio.AioRpcError):  # a wrong input name: refused for v2, counted as its error
+        await mesh.stub.Infer(
+            router_pb2.InferRequest(
+                model=ref("tiny", version=2), inputs=[to_proto("nope", np.zeros((1, 3), np.float32))]
+            )
+        )
+    with pytest.raises(grpc.aio.AioRpcError):  # no version chosen: counted nowhere
+        await mesh.stub.Infer(router_pb2.InferRequest(model=ref("nope"), inputs=[x_tensor()]))
+
+    def totals():
+        mine = [s for s in mesh.registry.version_stats if (s.model, s.version) == ("tiny", 2)]
+        errors = {}
+        for s in mine:
+            for code, n in s.errors.items():
+                errors[code] = errors.get(code, 0) + n
+        return sum(s.requests for s in mine), errors, sum(sum(s.latency_counts) for s in mine)
+
+    for _ in range(200):
+        if totals()[0] >= 4:
+            break
+        await asyncio.sleep(0.02)
+    assert totals() == (4, {"INVALID_ARGUMENT": 1}, 3)
+    assert not any(s.model == "nope" for s in mesh.registry.version_stats)
+    stats = mesh.registry.version_stats[0]
+    assert len(stats.latency_counts) == len(stats.latency_bounds_ms) + 1
 
 
 async def test_requests_before_the_first_snapshot_are_unavailable():

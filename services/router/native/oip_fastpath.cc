@@ -29,6 +29,10 @@
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_certificate_verifier.h>
+#include <grpcpp/security/tls_credentials_options.h>
 
 #include <algorithm>
 #include <array>
@@ -183,7 +187,39 @@ struct Options {
   // The Python router's retry budget (services/shared/outlier.py): retries <= ratio x requests +
   // min_retries over the last window seconds; ratio < 0 = no budget.
   double budget_ratio = -1, budget_min_retries = 0, budget_window = 10;
+  // TLS (services/shared/tls.py's settings): served on --listen and used towards Triton and the
+  // fallback; the files are watched (re-read every --tls-refresh seconds), so rotation needs no restart.
+  std::string tls_cert, tls_key, tls_ca, tls_client_auth = "required", tls_server_name;
+  unsigned int tls_refresh = 1;
+  bool tls() const { return !tls_cert.empty(); }
 };
+
+std::shared_ptr<grpc::experimental::FileWatcherCertificateProvider> CertificateFiles(const Options& options) {
+  return std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      options.tls_key, options.tls_cert, options.tls_ca, options.tls_refresh);
+}
+
+std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const Options& options) {
+  if (!options.tls()) return grpc::InsecureServerCredentials();
+  grpc::experimental::TlsServerCredentialsOptions tls(CertificateFiles(options));
+  tls.watch_root_certs();
+  tls.watch_identity_key_cert_pairs();
+  tls.set_cert_request_type(options.tls_client_auth == "required"
+                                ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  return grpc::experimental::TlsServerCredentials(tls);
+}
+
+std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials(const Options& options) {
+  if (!options.tls()) return grpc::InsecureChannelCredentials();
+  grpc::experimental::TlsChannelCredentialsOptions tls;
+  tls.set_certificate_provider(CertificateFiles(options));
+  tls.watch_root_certs();
+  tls.watch_identity_key_cert_pairs();
+  tls.set_verify_server_certs(true);
+  tls.set_certificate_verifier(std::make_shared<grpc::experimental::HostNameCertificateVerifier>());
+  return grpc::experimental::TlsCredentials(tls);
+}
 
 // services.shared.outlier.RetryBudget: requests and retries counted in one-second buckets.
 class RetryBudget {
@@ -236,7 +272,8 @@ std::string Bounded(const std::string& message, size_t limit) {
 class Forwarder {
  public:
   explicit Forwarder(const Options& options)
-      : budget(options), options_(options), table_(std::make_shared<Table>()),
+      : budget(options), options_(options), credentials_(ChannelCredentials(options)),
+        table_(std::make_shared<Table>()),
         durations_(options.duration_buckets.size() + 1, 0) {
     fallback_ = std::make_unique<grpc::GenericStub>(Connect(options.fallback));
     sequence_rng_.seed(std::random_device{}());
@@ -343,7 +380,8 @@ class Forwarder {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(options_.max_message_bytes);
     args.SetMaxSendMessageSize(options_.max_message_bytes);
-    return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+    if (!options_.tls_server_name.empty()) args.SetSslTargetNameOverride(options_.tls_server_name);
+    return grpc::CreateCustomChannel(address, credentials_, args);
   }
 
   std::shared_ptr<Table> CurrentTable() {
@@ -363,6 +401,7 @@ class Forwarder {
   }
 
   Options options_;
+  std::shared_ptr<grpc::ChannelCredentials> credentials_;  // one per process: the watched files are shared
   std::mutex mutex_, stats_mutex_;
   std::shared_ptr<Table> table_;
   std::vector<std::shared_ptr<grpc::GenericStub>> replica_stubs_;
@@ -616,13 +655,24 @@ bool ParseArgs(int argc, char** argv, Options* options) {
       options->budget_window = std::atof(parts[2].c_str());
     }
     else if (flag == "--max-status-message-bytes") options->max_status_message_bytes = std::atol(value.c_str());
+    else if (flag == "--tls-cert") options->tls_cert = value;
+    else if (flag == "--tls-key") options->tls_key = value;
+    else if (flag == "--tls-ca") options->tls_ca = value;
+    else if (flag == "--tls-client-auth") {
+      if (value != "required" && value != "optional") return false;
+      options->tls_client_auth = value;
+    }
+    else if (flag == "--tls-server-name") options->tls_server_name = value;
+    else if (flag == "--tls-refresh") options->tls_refresh = std::max(1, std::atoi(value.c_str()));
     else if (flag == "--duration-buckets") {
       for (const std::string& bound : Split(value, ',')) options->duration_buckets.push_back(std::atof(bound.c_str()));
       if (!std::is_sorted(options->duration_buckets.begin(), options->duration_buckets.end())) return false;
     }
     else return false;
   }
-  return argc % 2 == 1 && !options->listen.empty() && !options->fallback.empty();
+  bool tls_complete = options->tls_cert.empty() == options->tls_key.empty() &&
+                      options->tls_cert.empty() == options->tls_ca.empty();
+  return argc % 2 == 1 && !options->listen.empty() && !options->fallback.empty() && tls_complete;
 }
 
 }  // namespace
@@ -634,6 +684,8 @@ int main(int argc, char** argv) {
                  " [--default-timeout S] [--stats-interval S] [--grace S] [--duration-buckets S,S,...]"
                  " [--input-error-marker TEXT]... [--not-serving-marker TEXT --not-serving-message TEMPLATE]"
                  " [--max-status-message-bytes N]"
+                 " [--tls-cert PEM --tls-key PEM --tls-ca PEM [--tls-client-auth required|optional]"
+                 " [--tls-server-name NAME] [--tls-refresh S]]"
                  "  (routing snapshots on stdin)" << std::endl;
     return 2;
   }
@@ -641,7 +693,7 @@ int main(int argc, char** argv) {
   Service service(&forwarder);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(options.listen, ServerCredentials(options), &port);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   // gRPC lets several processes share a port by default; a second router must fail, not split traffic.

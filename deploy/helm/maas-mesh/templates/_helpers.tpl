@@ -163,21 +163,21 @@ annotations:
 {{- end }}
 {{- end -}}
 
-{{/* Native gRPC health probes (grpc.health.v1) for our services. */}}
+{{/* Native gRPC health probes (grpc.health.v1) for our services; with TLS on the plaintext health port. */}}
 {{- define "maas-mesh.grpcProbes" -}}
 startupProbe:
   grpc:
-    port: {{ include "maas-mesh.port" . }}
+    port: {{ include "maas-mesh.probePort" . }}
   periodSeconds: 2
   failureThreshold: 30
 readinessProbe:
   grpc:
-    port: {{ include "maas-mesh.port" . }}
+    port: {{ include "maas-mesh.probePort" . }}
   periodSeconds: 5
   failureThreshold: 2
 livenessProbe:
   grpc:
-    port: {{ include "maas-mesh.port" . }}
+    port: {{ include "maas-mesh.probePort" . }}
   periodSeconds: 10
   failureThreshold: 3
 {{- end -}}
@@ -214,6 +214,7 @@ livenessProbe:
 - name: OTEL_SERVICE_NAME
   value: "maas-{{ .name }}"
 {{- end }}
+{{- include "maas-mesh.tlsEnv" . }}
 {{- range .peers }}
 - name: MAAS_{{ upper . }}_ADDRESS
   {{- if and (eq . "triton") (eq $.root.Values.triton.discovery.mode "static") $.root.Values.triton.discovery.addresses }}
@@ -289,6 +290,9 @@ spec:
           ports:
             - {name: grpc, containerPort: {{ include "maas-mesh.port" . }}, protocol: TCP}
             - {name: metrics, containerPort: 9090, protocol: TCP}
+            {{- if .root.Values.tls.enabled }}
+            - {name: health, containerPort: {{ .root.Values.tls.healthPort }}, protocol: TCP}
+            {{- end }}
             {{- with .extraPorts }}
             {{- . | nindent 12 }}
             {{- end }}
@@ -318,12 +322,14 @@ spec:
             {{- /* readOnlyRootFilesystem: /tmp is the only scratch space. */}}
             - {name: tmp, mountPath: /tmp}
             {{- include "maas-mesh.modelRepositoryMounts" (dict "root" .root "readOnly" (not .writable)) | nindent 12 }}
+            {{- include "maas-mesh.tlsMounts" .root | nindent 12 }}
             {{- with .extraMounts }}
             {{- . | nindent 12 }}
             {{- end }}
       volumes:
         - {name: tmp, emptyDir: {}}
         {{- include "maas-mesh.modelRepositoryVolumes" (dict "root" .root "readOnly" (not .writable)) | nindent 8 }}
+        {{- include "maas-mesh.tlsVolumes" .root | nindent 8 }}
         {{- with .extraVolumes }}
         {{- . | nindent 8 }}
         {{- end }}
@@ -565,5 +571,79 @@ Takes the root context.
 {{- define "maas-mesh.router.oipFastServicePort" -}}
 {{- if .Values.router.oipFastPath.enabled -}}
 - {name: oip-fast, port: {{ include "maas-mesh.router.oipFastPort" . }}, targetPort: oip-fast, protocol: TCP, appProtocol: grpc}
+{{- end -}}
+{{- end -}}
+
+{{/*
+TLS (values tls): one certificate for the release, naming every component's Service, mounted at
+/etc/maas/tls in every pod (tls.crt, tls.key, ca.crt: cert-manager's Secret layout). Services re-read
+the files when kubelet updates the Secret (rotation without restart; Triton reads them at start).
+*/}}
+{{- define "maas-mesh.tls.secretName" -}}
+{{- if .Values.tls.existingSecret -}}
+{{- .Values.tls.existingSecret -}}
+{{- else -}}
+{{- include "maas-mesh.componentName" (dict "root" . "name" "tls") -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "maas-mesh.tls.dir" -}}/etc/maas/tls{{- end -}}
+
+{{/* Names every component's certificate check accepts (its Service, headless Triton, loopback). */}}
+{{- define "maas-mesh.tls.dnsNames" -}}
+{{- $ns := .Release.Namespace -}}
+{{- $names := list (include "maas-mesh.fullname" .) "localhost" -}}
+{{- range list "router" "registry" "tokenizer" "vision" "openai" "console" "triton" "triton-headless" -}}
+{{- $svc := include "maas-mesh.componentName" (dict "root" $ "name" .) -}}
+{{- $names = concat $names (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns)) -}}
+{{- end -}}
+{{- toYaml $names -}}
+{{- end -}}
+
+{{/* MAAS_TLS_* of one component (pass root/name); the router's callers per tls.clientAuth; the HTTPS
+services (openai, console) ask no client certificate. */}}
+{{- define "maas-mesh.tlsEnv" -}}
+{{- if .root.Values.tls.enabled }}
+{{- $dir := include "maas-mesh.tls.dir" .root }}
+- name: MAAS_TLS_CERT
+  value: {{ $dir }}/tls.crt
+- name: MAAS_TLS_KEY
+  value: {{ $dir }}/tls.key
+- name: MAAS_TLS_CA
+  value: {{ $dir }}/ca.crt
+- name: MAAS_TLS_CLIENT_AUTH
+  value: {{ if eq .name "router" }}{{ .root.Values.tls.clientAuth }}{{ else if has .name (list "openai" "console") }}optional{{ else }}required{{ end }}
+{{- /* Peers reached by pod IP (Triton replicas, address lists) are checked against the release's name. */}}
+- name: MAAS_TLS_SERVER_NAME
+  value: {{ include "maas-mesh.fullname" .root | quote }}
+{{- if not (has .name (list "openai" "console")) }}
+{{- /* kubelet's gRPC probes speak no TLS: grpc.health.v1 alone, plaintext, on its own port. */}}
+- name: MAAS_HEALTH_LISTEN
+  value: "0.0.0.0:{{ .root.Values.tls.healthPort }}"
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "maas-mesh.tlsMounts" -}}
+{{- if .Values.tls.enabled }}
+- {name: tls, mountPath: {{ include "maas-mesh.tls.dir" . }}, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{- define "maas-mesh.tlsVolumes" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "maas-mesh.tls.secretName" . }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{/* The port kubelet probes: the plaintext health-only port with TLS, else the service's own. */}}
+{{- define "maas-mesh.probePort" -}}
+{{- if .root.Values.tls.enabled -}}
+{{- .root.Values.tls.healthPort -}}
+{{- else -}}
+{{- include "maas-mesh.port" . -}}
 {{- end -}}
 {{- end -}}

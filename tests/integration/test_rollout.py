@@ -1,0 +1,306 @@
+"""Automatic rollouts through the real mesh (Triton, registry, router as processes; docs/rollouts.md):
+a healthy canary is promoted after its steps, a canary failing 20 % of requests and a slow one are rolled
+back, a registry restarted mid-rollout resumes, and bad input changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from maas.client import AsyncMeshClient, MeshClient, MeshError
+from maas.registry_client import RegistryClient, RegistryError
+from maas.v1 import registry_pb2 as pb
+from tests.fixtures.mesh import REPO, register_tiny
+from tests.fixtures.rollout_models import FAIL_MARKER, faulty_onnx, slow_onnx
+
+X = np.ones((1, 4), np.float32)
+MARKED = np.full((1, 4), FAIL_MARKER, np.float32)
+INTERVAL = 1.0
+
+
+def fast_policy(**overrides) -> pb.RolloutPolicy:
+    fields = dict(
+        step_weight=25,
+        interval_seconds=INTERVAL,
+        max_weight=50,
+        max_error_rate=0.05,
+        max_p99_ratio=0.0,
+        min_requests=5,
+        failure_limit=2,
+    )
+    fields.update(overrides)
+    return pb.RolloutPolicy(**fields)
+
+
+def register_file(registry: RegistryClient, model: str, path: Path, data: bytes, description: str) -> int:
+    path.write_bytes(data)
+    version = registry.register(path, model, format="onnx", description=description)
+    registry.wait_ready(model, version.version, timeout=300)
+    return version.version
+
+
+def wait_for(check, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return found
+
+
+class Traffic:
+    """Requests to `model` from a background thread (concurrency 4, every `mark_every`-th one carrying the
+    fault marker) until stopped or `limit` seconds passed; counts answers by version and failures."""
+
+    def __init__(self, address: str, model: str, mark_every: int = 0, limit: float = 120.0, texts: bool = False):
+        self.address, self.model, self.mark_every, self.limit = address, model, mark_every, limit
+        self.texts = texts  # Embed calls (sentences) instead of Infer
+        self.answered: Counter[int] = Counter()
+        self.failed: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        async with AsyncMeshClient(self.address) as client:
+
+            async def worker(w: int) -> None:
+                i = w
+                while not self._stop.is_set() and time.monotonic() < deadline:
+                    x = MARKED if self.mark_every and i % self.mark_every == 0 else X
+                    i += 4
+                    try:
+                        if self.texts:
+                            result = await client.embed([f"sentence {i} about rollouts"], self.model, timeout=30)
+                        else:
+                            result = await client.infer(self.model, {"x": x}, timeout=10)
+                        self.answered[result.routed.version] += 1
+                    except MeshError as exc:
+                        self.failed[exc.code.name] += 1
+                    await asyncio.sleep(0.005)
+
+            await asyncio.gather(*(worker(w) for w in range(4)))
+
+    def __enter__(self) -> "Traffic":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def ended(registry: RegistryClient, model: str, timeout: float = 90.0) -> pb.Rollout:
+    return wait_for(
+        lambda: (r := registry.get_rollout(model)).state != pb.ROLLOUT_STATE_RUNNING and r,
+        f"the rollout of {model} to end",
+        timeout,
+    )
+
+
+def production(registry: RegistryClient, model: str) -> int:
+    return next(a.version for a in registry.get_model(model).aliases if a.name == "production")
+
+
+def outcomes(r: pb.Rollout) -> list[tuple[int, str]]:
+    return [(a.weight, a.outcome) for a in r.analyses]
+
+
+class Events:
+    """Watch events of one model's rollouts, collected from a background thread."""
+
+    def __init__(self, address: str):
+        self.client = RegistryClient(address, timeout=30)
+        self.rollouts: list[pb.Rollout] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._stream = None
+
+    def _run(self) -> None:
+        try:
+            for event in self.client.watch():
+                if event.WhichOneof("event") == "rollout_changed":
+                    self.rollouts.append(event.rollout_changed)
+        except RegistryError:
+            pass
+
+    def __enter__(self) -> "Events":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()  # ends the stream
+        self._thread.join(10)
+
+
+def test_healthy_canary_is_promoted_after_its_steps(mesh, mesh_registry, tmp_path):
+    v1 = register_tiny(mesh_registry, "ro_healthy", tmp_path, scale=1.0)
+    v2 = register_tiny(mesh_registry, "ro_healthy", tmp_path, scale=2.0)
+    mesh_registry.set_alias("ro_healthy", "production", v1)
+    with Events(mesh.registry_address) as events, Traffic(mesh.router_address, "ro_healthy") as traffic:
+        # A generous p99 gate and 3 failures to roll back: a loaded machine's outliers must not roll it back.
+        started = mesh_registry.start_rollout("ro_healthy", v2, fast_policy(max_p99_ratio=10.0, failure_limit=3))
+        assert started.state == pb.ROLLOUT_STATE_RUNNING and started.weight == 25
+        r = ended(mesh_registry, "ro_healthy")
+        wait_for(
+            lambda: events.rollouts and events.rollouts[-1].state == pb.ROLLOUT_STATE_PROMOTED,
+            "the promotion's Watch event",
+        )
+    assert r.state == pb.ROLLOUT_STATE_PROMOTED, (r.reason, outcomes(r))
+    assert [w for w, outcome in outcomes(r) if outcome == "passed"] == [25, 50]
+    assert production(mesh_registry, "ro_healthy") == v2
+    model = mesh_registry.get_model("ro_healthy")
+    assert not model.policy.split and model.policy.updated_by == "rollout"
+    assert not traffic.failed and set(traffic.answered) == {v1, v2}
+    assert [e.weight for e in events.rollouts if e.state == pb.ROLLOUT_STATE_RUNNING][-1] == 50
+    with MeshClient(mesh.router_address) as client:
+        wait_for(lambda: client.infer("ro_healthy", {"x": X}).routed.version == v2, "production on v2")
+
+
+def test_canary_failing_a_fifth_of_requests_is_rolled_back(mesh, mesh_registry, tmp_path):
+    v1 = register_tiny(mesh_registry, "ro_faulty", tmp_path, scale=1.0)
+    v2 = register_file(mesh_registry, "ro_faulty", tmp_path / "faulty.onnx", faulty_onnx(2.0), "fails on the marker")
+    mesh_registry.set_alias("ro_faulty", "production", v1)
+    with Traffic(mesh.router_address, "ro_faulty", mark_every=5) as traffic:
+        # At least 40 canary requests an analysis, and any error among them over 2 %: an interval of the
+        # 20 %-failing canary passes with probability 0.8^40 (~1e-4), so it rolls back at its first weight.
+        mesh_registry.start_rollout(
+            "ro_faulty", v2, fast_policy(step_weight=20, max_weight=60, min_requests=40, max_error_rate=0.02)
+        )
+        r = ended(mesh_registry, "ro_faulty")
+    assert r.state == pb.ROLLOUT_STATE_ROLLED_BACK, (r.reason, outcomes(r))
+    assert "error rate" in r.reason and "INVALID_ARGUMENT" in r.reason, r.reason
+    # Rolled back at its first weight, within failure_limit judged intervals (waiting ones judge nothing).
+    assert [o for o in outcomes(r) if o[1] != "waiting"] == [(20, "failed"), (20, "failed")]
+    assert production(mesh_registry, "ro_faulty") == v1
+    assert not mesh_registry.get_model("ro_faulty").policy.split
+    # Only the canary's share saw errors: 20 % of the canary's 20 % (far below the marked 20 %).
+    total = sum(traffic.answered.values()) + sum(traffic.failed.values())
+    assert set(traffic.failed) <= {"INVALID_ARGUMENT"} and sum(traffic.failed.values()) < 0.1 * total, traffic.failed
+    with MeshClient(mesh.router_address) as client:  # the marker is fine for production
+        wait_for(lambda: client.infer("ro_faulty", {"x": MARKED}).routed.version == v1, "traffic back on v1")
+
+
+def test_slow_canary_is_rolled_back_on_latency(mesh, mesh_registry, tmp_path):
+    v1 = register_tiny(mesh_registry, "ro_slow", tmp_path, scale=1.0)
+    v2 = register_file(
+        mesh_registry,
+        "ro_slow",
+        tmp_path / "slow.onnx",
+        slow_onnx(2.0, iterations=20000),
+        "a Loop of 20000 steps per request",
+    )
+    mesh_registry.set_alias("ro_slow", "production", v1)
+    with Traffic(mesh.router_address, "ro_slow"):
+        # Five steps to promotion, two failures in a row to roll back.
+        mesh_registry.start_rollout("ro_slow", v2, fast_policy(step_weight=10, max_p99_ratio=3.0, max_error_rate=0.5))
+        r = ended(mesh_registry, "ro_slow")
+    assert r.state == pb.ROLLOUT_STATE_ROLLED_BACK, (r.reason, outcomes(r))
+    assert "p99" in r.reason, r.reason
+    # The failed analyses (failure_limit in a row) are the ones whose canary p99 was over 3x production's
+    # (an earlier one may pass: the slow canary's CPU use slows production too on a small machine).
+    last = [a for a in r.analyses if a.outcome != "waiting"][-2:]
+    assert all(a.outcome == "failed" and a.canary_p99_ms > 3 * a.production_p99_ms for a in last), [
+        (a.outcome, a.canary_p99_ms, a.production_p99_ms) for a in r.analyses
+    ]
+    assert production(mesh_registry, "ro_slow") == v1
+
+
+def test_registry_restart_mid_rollout_resumes(mesh, mesh_registry, tmp_path):
+    v1 = register_tiny(mesh_registry, "ro_restart", tmp_path, scale=1.0)
+    v2 = register_tiny(mesh_registry, "ro_restart", tmp_path, scale=2.0)
+    mesh_registry.set_alias("ro_restart", "production", v1)
+    with Traffic(mesh.router_address, "ro_restart"):
+        mesh_registry.start_rollout("ro_restart", v2, fast_policy(step_weight=20, max_weight=80))
+        wait_for(lambda: mesh_registry.get_rollout("ro_restart").weight >= 40, "the second step")
+        mesh.stop_component("registry")
+        mesh.restart_component("registry")
+        with RegistryClient(mesh.registry_address, timeout=30) as registry:
+            after = registry.get_rollout("ro_restart")
+            assert after.state in (pb.ROLLOUT_STATE_RUNNING, pb.ROLLOUT_STATE_PROMOTED)
+            assert after.weight >= 40
+            r = ended(registry, "ro_restart")
+            assert r.state == pb.ROLLOUT_STATE_PROMOTED, (r.reason, outcomes(r))
+            assert [w for w, o in outcomes(r) if o == "passed"] == [20, 40, 60, 80]
+            assert production(registry, "ro_restart") == v2
+
+
+def test_bad_rollouts_change_nothing(mesh, mesh_registry, tmp_path):
+    v1 = register_tiny(mesh_registry, "ro_bad", tmp_path, scale=1.0)
+    v2 = register_tiny(mesh_registry, "ro_bad", tmp_path, scale=2.0)
+    v3 = register_tiny(mesh_registry, "ro_bad", tmp_path, scale=3.0)
+    mesh_registry.archive("ro_bad", v3)
+
+    def refused(code, words, version, **policy):
+        before = mesh_registry.get_model("ro_bad").policy
+        with pytest.raises(RegistryError) as caught:
+            mesh_registry.start_rollout("ro_bad", version, fast_policy(**policy))
+        assert caught.value.code == code and all(w in caught.value.message for w in words), caught.value
+        assert mesh_registry.get_model("ro_bad").policy == before
+
+    refused(grpc.StatusCode.FAILED_PRECONDITION, ["production"], v2)  # no production alias yet
+    mesh_registry.set_alias("ro_bad", "production", v1)
+    refused(grpc.StatusCode.FAILED_PRECONDITION, ["archived", "not ready"], v3)
+    refused(grpc.StatusCode.NOT_FOUND, ["no version 9"], 9)
+    refused(grpc.StatusCode.FAILED_PRECONDITION, ["already", "production"], v1)
+    refused(grpc.StatusCode.INVALID_ARGUMENT, ["step_weight"], v2, step_weight=150, max_weight=100)
+    refused(grpc.StatusCode.INVALID_ARGUMENT, ["max_weight"], v2, max_weight=101)
+    refused(grpc.StatusCode.INVALID_ARGUMENT, ["interval_seconds"], v2, interval_seconds=-1.0)
+    refused(grpc.StatusCode.INVALID_ARGUMENT, ["failure_limit"], v2, failure_limit=0)
+    refused(grpc.StatusCode.INVALID_ARGUMENT, ["max_error_rate"], v2, max_error_rate=1.5)
+
+    before = mesh_registry.get_model("ro_bad").policy
+    plan = mesh_registry.start_rollout("ro_bad", v2, fast_policy(step_weight=30, max_weight=100), dry_run=True)
+    assert plan.state == pb.ROLLOUT_STATE_PLANNED and list(plan.planned_weights) == [30, 60, 90, 100]
+    assert mesh_registry.get_model("ro_bad").policy == before
+    with pytest.raises(RegistryError) as caught:
+        mesh_registry.get_rollout("ro_bad")  # a dry run leaves no rollout behind
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+
+    running = mesh_registry.start_rollout("ro_bad", v2, fast_policy(interval_seconds=60.0))
+    policy = mesh_registry.get_model("ro_bad").policy
+    assert [(t.version, t.weight) for t in policy.split] == [(v1, 75), (v2, 25)]
+    refused(grpc.StatusCode.FAILED_PRECONDITION, ["already has a rollout running"], v2)
+    aborted = mesh_registry.abort_rollout("ro_bad", "test")
+    assert aborted.state == pb.ROLLOUT_STATE_ABORTED and running.canary_version == v2
+    assert not mesh_registry.get_model("ro_bad").policy.split
+    assert production(mesh_registry, "ro_bad") == v1
+
+
+def test_optimize_int8_minilm_is_shadowed_then_promoted(mesh, mesh_registry):
+    source = REPO / "model_repository" / "minilm" / "1" / "model.onnx"
+    v1 = mesh_registry.register(
+        source,
+        "ro_minilm",
+        format="onnx",
+        preprocessing=("tokenizer", "minilm"),
+        postprocessing=("embedding", "sentence_embedding"),
+    ).version
+    mesh_registry.wait_ready("ro_minilm", v1, timeout=300)
+    mesh_registry.set_alias("ro_minilm", "production", v1)
+    with pytest.raises(RegistryError) as caught:
+        mesh_registry.optimize("ro_minilm", v1, int8=False)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "int8" in caught.value.message
+    with Traffic(mesh.router_address, "ro_minilm", texts=True, limit=600) as traffic:
+        done = mesh_registry.optimize(
+            "ro_minilm",
+            v1,
+            policy=pb.RolloutPolicy(
+                step_weight=50, max_weight=50, interval_seconds=INTERVAL, min_requests=3, max_p99_ratio=0.0
+            ),
+        )
+        assert done.version.tags["optimization"] == "int8" and done.version.tags["optimized_from"] == str(v1)
+        assert done.size_after_bytes < 0.5 * done.size_before_bytes
+        assert done.rollout.policy.min_shadow_agreement == 0.99  # the optimize default gate
+        r = ended(mesh_registry, "ro_minilm", timeout=300)
+    v2 = done.version.version
+    assert r.state == pb.ROLLOUT_STATE_PROMOTED, (r.reason, outcomes(r))
+    assert production(mesh_registry, "ro_minilm") == v2 and not traffic.failed
+    report = mesh_registry.compare("ro_minilm", v1, v2)
+    assert report.kind == "embedding" and report.agreement >= 0.99 and report.agreement == report.mean_cosine
+    assert r.analyses[-1].shadow_agreement >= 0.99
