@@ -320,20 +320,35 @@ def generation_result(response: router_pb2.GenerateResponse) -> Generation:
 
 
 # -- clients -----------------------------------------------------------------------------------------
+API_KEY_ENV = "MAAS_API_KEY"
+
+
+def _key_metadata(api_key: str | None) -> tuple:
+    """`authorization: Bearer <key>` for a router with auth on (docs/security.md); default $MAAS_API_KEY."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
 class MeshClient:
     """Blocking client over one long-lived channel; thread-safe. `tls`: ClientTls (root cert, client
-    cert/key), None = from MAAS_TLS_* in the environment (maas/tls.py), False = plaintext."""
+    cert/key), None = from MAAS_TLS_* in the environment (maas/tls.py), False = plaintext. `api_key`
+    (default $MAAS_API_KEY): the tenant's key, sent with every call."""
 
     def __init__(
-        self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT, tls: ClientTls | bool | None = None
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float = DEFAULT_TIMEOUT,
+        tls: ClientTls | bool | None = None,
+        api_key: str | None = None,
     ):
         self.address, self.timeout = address, timeout
         self._channel = open_channel(address, _CHANNEL_OPTIONS, tls)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
+        self._metadata = _key_metadata(api_key)
 
     def _call(self, method, request, timeout):
         try:
-            return method(request, timeout=timeout or self.timeout)
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise MeshError(exc.code(), exc.details()) from None
 
@@ -423,7 +438,9 @@ class MeshClient:
 
     def _generate(self, request, stream: bool, timeout):
         if stream:
-            return GenerationStream(self._stub.Generate(request, timeout=timeout or self.timeout))
+            return GenerationStream(
+                self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            )
         return generation_result(self._call(self._stub.GenerateUnary, request, timeout))
 
     def close(self) -> None:
@@ -440,15 +457,20 @@ class AsyncMeshClient:
     """The same API for asyncio code (grpc.aio); create it inside the running event loop."""
 
     def __init__(
-        self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT, tls: ClientTls | bool | None = None
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float = DEFAULT_TIMEOUT,
+        tls: ClientTls | bool | None = None,
+        api_key: str | None = None,
     ):
         self.address, self.timeout = address, timeout
         self._channel = open_channel(address, _CHANNEL_OPTIONS, tls, aio=True)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
+        self._metadata = _key_metadata(api_key)
 
     async def _call(self, method, request, timeout):
         try:
-            return await method(request, timeout=timeout or self.timeout)
+            return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise MeshError(exc.code(), exc.details()) from None
 
@@ -501,7 +523,9 @@ class AsyncMeshClient:
 
     async def _generate(self, request, stream: bool, timeout):
         if stream:
-            return AsyncGenerationStream(self._stub.Generate(request, timeout=timeout or self.timeout))
+            return AsyncGenerationStream(
+                self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            )
         return generation_result(await self._call(self._stub.GenerateUnary, request, timeout))
 
     async def close(self) -> None:

@@ -398,3 +398,95 @@ class RegistryClient:
             metadata=self._metadata,
             timeout=max(self.timeout, 900.0),
         )
+
+    # -- tenants (admin token) ---------------------------------------------------------------------
+    def create_tenant(
+        self,
+        name: str,
+        allowed_models: Sequence[str] = (),
+        quota: pb.Quota | None = None,
+        priority: str = "standard",
+        description: str = "",
+        reason: str = "",
+    ) -> pb.TenantKey:
+        """The tenant and its API key: the only time the key is sent (the registry keeps its sha256)."""
+        request = pb.CreateTenantRequest(
+            name=name,
+            allowed_models=list(allowed_models),
+            quota=quota or pb.Quota(),
+            priority=priority_value(priority),  # type: ignore[arg-type]  # protoc .pyi enums
+            description=description,
+            reason=reason,
+            actor=self.actor,
+        )
+        return _call(self.stub.CreateTenant, request, metadata=self._metadata, timeout=self.timeout)
+
+    def list_tenants(self, include_revoked: bool = True) -> list[pb.Tenant]:
+        return list(
+            _call(
+                self.stub.ListTenants,
+                pb.ListTenantsRequest(include_revoked=include_revoked),
+                metadata=self._metadata,
+                timeout=self.timeout,
+            ).tenants
+        )
+
+    def rotate_tenant_key(self, name: str, reason: str = "") -> pb.TenantKey:
+        return _call(
+            self.stub.RotateTenantKey,
+            pb.RotateTenantKeyRequest(name=name, reason=reason, actor=self.actor),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
+
+    def revoke_tenant(self, name: str, reason: str = "") -> pb.Tenant:
+        return _call(
+            self.stub.RevokeTenant,
+            pb.RevokeTenantRequest(name=name, reason=reason, actor=self.actor),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
+
+    def set_tenant_quota(
+        self,
+        name: str,
+        quota: pb.Quota,
+        priority: str | None = None,
+        allowed_models: Sequence[str] | None = None,
+        reason: str = "",
+    ) -> pb.Tenant:
+        request = pb.SetTenantQuotaRequest(
+            name=name,
+            quota=quota,
+            reason=reason,
+            actor=self.actor,
+            priority=priority_value(priority) if priority else pb.PRIORITY_UNSPECIFIED,  # type: ignore[arg-type]
+            set_allowed_models=allowed_models is not None,
+            allowed_models=list(allowed_models or ()),
+        )
+        return _call(self.stub.SetTenantQuota, request, metadata=self._metadata, timeout=self.timeout)
+
+    def audit(self, limit: int = 100, target_prefix: str = "") -> list[pb.AuditEntry]:
+        return list(
+            _call(
+                self.stub.ListAudit,
+                pb.ListAuditRequest(limit=limit, target_prefix=target_prefix),
+                metadata=self._metadata,
+                timeout=self.timeout,
+            ).entries
+        )
+
+
+PRIORITY_NAMES = {
+    pb.PRIORITY_CRITICAL: "critical",
+    pb.PRIORITY_STANDARD: "standard",
+    pb.PRIORITY_SHEDDABLE: "sheddable",
+    pb.PRIORITY_UNSPECIFIED: "standard",
+}
+
+
+def priority_value(name: str) -> int:
+    for value, known in PRIORITY_NAMES.items():
+        if known == name.lower() and value != pb.PRIORITY_UNSPECIFIED:
+            return value
+    raise ValueError(f"priority {name!r} is not one of critical, standard, sheddable")

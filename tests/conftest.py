@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.fixtures.fake_kube",
     "tests.fixtures.mesh",
     "tests.fixtures.fake_router",
+    "tests.fixtures.tenants",
 ]
 
 

@@ -115,8 +115,9 @@ class Play:
     def spec(self, deployment: str) -> dict:
         return next(d for d in self.deployments if d["metadata"]["name"] == deployment)["spec"]["template"]["spec"]
 
-    def _bridge(self, dep: dict) -> dict:
-        """The Deployment as played: a copy with the bridges applied (the rendered one stays as is)."""
+    def _bridge(self, dep: dict, generation: int = 0) -> dict:
+        """The Deployment as played: a copy with the bridges applied (the rendered one stays as is).
+        `generation` > 0: a replayed pod, whose emptyDirs are fresh directories of their own."""
         dep = copy.deepcopy(dep)
         for c in dep["spec"]["template"]["spec"]["containers"]:
             c["ports"] = [p for p in c.get("ports", []) if "hostPort" in p]
@@ -124,7 +125,7 @@ class Play:
                 c.pop(probe, None)  # run by probe() instead
         for vol in dep["spec"]["template"]["spec"].get("volumes", []):
             if "emptyDir" in vol:
-                d = self.work / dep["metadata"]["name"] / vol["name"]
+                d = self.work / (dep["metadata"]["name"] + (f"-{generation}" if generation else "")) / vol["name"]
                 d.mkdir(parents=True)
                 d.chmod(0o1777)
                 vol.pop("emptyDir")
@@ -217,6 +218,19 @@ class Play:
             aliases = ",".join(f"alias={a}" for a in service_aliases(self.docs, dep))
             podman("kube", "play", "--network", f"{NETWORK}:{aliases}" if aliases else NETWORK, str(manifest))
         return self
+
+    def replay(self, dep: dict) -> None:
+        """Play a changed rendering of one of the played Deployments in place of its pod (kube play
+        --replace), as `helm upgrade` with a new value replaces a Deployment's pods."""
+        name = dep["metadata"]["name"]
+        index = next(i for i, d in enumerate(self.deployments) if d["metadata"]["name"] == name)
+        self.deployments[index] = dep
+        self._generation = getattr(self, "_generation", 0) + 1
+        configmaps = [d for d in self.docs if d["kind"] == "ConfigMap"]
+        manifest = self.work / f"play-{name}.yaml"
+        manifest.write_text(yaml.safe_dump_all(configmaps + [self._bridge(dep, self._generation)]))
+        aliases = ",".join(f"alias={a}" for a in service_aliases(self.docs, dep))
+        podman("kube", "play", "--replace", "--network", f"{NETWORK}:{aliases}" if aliases else NETWORK, str(manifest))
 
     # -- the pods ------------------------------------------------------------------------------------
     def pod(self, deployment: str) -> str:

@@ -1,4 +1,5 @@
-"""The `maas` command: `maas models ...` (registry), `maas up|demo|embed|classify|generate|chat` (mesh)."""
+"""The `maas` command: `maas models ...` / `maas tenants ...` / `maas audit` (registry),
+`maas up|demo|embed|classify|generate|chat` (mesh)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from maas.cli import generate, mesh, models
+from maas.cli import generate, mesh, models, tenants
 
 app = typer.Typer(help="MaaS Mesh: model-as-a-service on Triton.", no_args_is_help=True, add_completion=False)
 
@@ -62,6 +63,7 @@ def tls_options(
 app.add_typer(models.app, name="models", help="Register, list and route model versions (the registry).")
 mesh.register(app)
 generate.register(app)
+tenants.register(app)
 
 
 def main() -> None:

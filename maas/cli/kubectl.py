@@ -30,7 +30,7 @@ import typer
 from typer.core import TyperGroup
 
 from maas import ports
-from maas.cli import models
+from maas.cli import models, tenants
 from maas.local.processes import spawn
 
 REGISTRY_PORT = ports.REGISTRY
@@ -177,9 +177,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
-    help="MaaS Mesh in a Kubernetes cluster: the `maas models` commands against a release's registry.",
+    help="MaaS Mesh in a Kubernetes cluster: the `maas models`, `maas tenants` and `maas audit` commands against "
+    "a release's registry.",
 )
 app.add_typer(models.app, name="models", help="Register, list and route model versions (the registry).")
+tenants.register(app)  # `kubectl maas tenants …`, `kubectl maas audit`
 
 
 def needs_registry(root: click.Group, ctx: click.Context, rest: Sequence[str]) -> bool:

@@ -77,7 +77,7 @@ def emit_json(message_or_list) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _when(ts) -> str:
+def when(ts) -> str:
     return ts.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if ts.seconds else ""
 
 
@@ -106,7 +106,7 @@ def _versions_table(model: pb.Model) -> Table:
             ", ".join(v.aliases),
             FORMAT_NAMES.get(v.format, "?"),
             f"{v.size_bytes / 1e6:.1f} MB",
-            _when(v.created_at),
+            when(v.created_at),
             v.created_by,
             f"{v.load_ms:.0f}" if v.load_ms else "",
             v.state_reason or v.description,
@@ -264,7 +264,7 @@ def show(
                 ("labels", f"{len(v.labels)}"),
                 ("tags", ", ".join(f"{k}={t}" for k, t in sorted(v.tags.items()))),
                 ("aliases", ", ".join(v.aliases)),
-                ("created", f"{_when(v.created_at)} by {v.created_by}"),
+                ("created", f"{when(v.created_at)} by {v.created_by}"),
                 ("load", f"{v.load_ms:.0f} ms" if v.load_ms else ""),
                 ("description", v.description),
             ]
@@ -290,7 +290,7 @@ def show(
             table.add_column(col)
         for a in m.alias_history[:20]:
             table.add_row(
-                a.name, str(a.version), str(a.previous_version or ""), _when(a.updated_at), a.updated_by, a.reason
+                a.name, str(a.version), str(a.previous_version or ""), when(a.updated_at), a.updated_by, a.reason
             )
         out.print(table)
 

@@ -28,7 +28,7 @@ from maas.v1 import registry_pb2 as pb
 from services.console import charts
 from services.console.config import ConsoleConfig
 from services.console.mesh import Mesh, Refused
-from services.console.models import kind_of, model_view
+from services.console.models import audit_view, kind_of, model_view, rollout_view
 from services.console.operations import TOKEN_COOKIE, Operations
 from services.console.playground import Playground
 
@@ -309,9 +309,21 @@ def create_app(config: ConsoleConfig):
     async def operations_context(request: Request) -> dict:
         try:
             models = [model_view(await mesh().model(m.name)) for m in await mesh().models()]
+            rollouts = [rollout_view(r) for r in await mesh().rollouts()]
         except Refused as exc:
             return {"models": [], "error": exc, "has_token": False}
-        return {"models": models, "has_token": bool(request.cookies.get(TOKEN_COOKIE))}
+        token_value = request.cookies.get(TOKEN_COOKIE, "")
+        try:  # the audit log needs the admin token: without it the page says what the registry answered
+            audit, audit_error = [audit_view(e) for e in await mesh().audit(token_value)], None
+        except Refused as exc:
+            audit, audit_error = [], exc
+        return {
+            "models": models,
+            "has_token": bool(token_value),
+            "rollouts": rollouts,
+            "audit": audit,
+            "audit_error": audit_error,
+        }
 
     @app.get("/operations", response_class=HTMLResponse)
     async def operations_page(request: Request):

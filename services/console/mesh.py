@@ -134,6 +134,25 @@ class Mesh:
         except grpc.aio.AioRpcError as exc:
             raise Refused.from_rpc(exc) from None
 
+    async def rollouts(self) -> list[pb.Rollout]:
+        """Every model's running or last rollout (an open read)."""
+        try:
+            found = await self.registry.ListRollouts(pb.ListRolloutsRequest(), timeout=self.config.default_timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise Refused.from_rpc(exc) from None
+        return sorted(found.rollouts, key=lambda r: (r.state != pb.ROLLOUT_STATE_RUNNING, r.model))
+
+    async def audit(self, token: str, limit: int = 20) -> list[pb.AuditEntry]:
+        """The registry's audit log, newest first; it needs the admin token when one is configured."""
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        try:
+            found = await self.registry.ListAudit(
+                pb.ListAuditRequest(limit=limit), metadata=metadata, timeout=self.config.default_timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise Refused.from_rpc(exc) from None
+        return list(found.entries)
+
     async def shadow_report(self, name: str, primary: int, shadow: int) -> pb.ShadowReport | None:
         """The registry's agreement report of one shadowed pair (None when it has none to give: the card
         then shows the aggregate row alone)."""

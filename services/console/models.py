@@ -166,3 +166,54 @@ class ModelFeed(RegistryWatcher):
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         self._subscribers.discard(queue)
+
+
+ROLLOUT_STATES = {
+    pb.ROLLOUT_STATE_PLANNED: "planned",
+    pb.ROLLOUT_STATE_RUNNING: "running",
+    pb.ROLLOUT_STATE_PROMOTED: "promoted",
+    pb.ROLLOUT_STATE_ROLLED_BACK: "rolled back",
+    pb.ROLLOUT_STATE_ABORTED: "aborted",
+}
+
+
+def rollout_view(r: pb.Rollout) -> dict:
+    """A rollout as the Operations page shows it: progress towards its max weight, the last analyses."""
+    return {
+        "model": r.model,
+        "canary": r.canary_version,
+        "production": r.production_version,
+        "state": ROLLOUT_STATES.get(r.state, str(r.state)),
+        "weight": r.weight,
+        "max_weight": r.policy.max_weight,
+        "failures": r.consecutive_failures,
+        "failure_limit": r.policy.failure_limit,
+        "reason": r.reason,
+        "started_by": r.started_by,
+        "started": when(r.started_at),
+        "updated": when(r.updated_at),
+        "analyses": [
+            {
+                "at": when(a.at),
+                "weight": a.weight,
+                "outcome": a.outcome,
+                "detail": a.detail,
+                "canary_requests": a.canary_requests,
+                "error_rate": round(a.canary_error_rate * 100, 2),
+                "canary_p99": round(a.canary_p99_ms, 1),
+                "production_p99": round(a.production_p99_ms, 1),
+            }
+            for a in list(r.analyses)[-5:]
+        ],
+    }
+
+
+def audit_view(e: pb.AuditEntry) -> dict:
+    return {
+        "at": when(e.at),
+        "actor": e.actor,
+        "action": e.action,
+        "target": e.target,
+        "reason": e.reason,
+        "detail": e.detail[:200],
+    }

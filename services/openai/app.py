@@ -38,7 +38,15 @@ _HEALTH_TIMEOUT = 2.0
 
 
 def _json(error: OpenAIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers or None)
+
+
+# Request headers handed on to the router as gRPC metadata: the tenant's key and its priority class.
+FORWARDED_HEADERS = ("authorization", "x-maas-priority")
+
+
+def forwarded_metadata(http: Request) -> tuple[tuple[str, str], ...]:
+    return tuple((name, http.headers[name]) for name in FORWARDED_HEADERS if name in http.headers)
 
 
 def _sse(payload: dict) -> bytes:
@@ -66,7 +74,7 @@ def errors_to_openai(handler):
         except OpenAIError as exc:
             return _json(exc)
         except grpc.aio.AioRpcError as exc:
-            return _json(from_grpc(exc.code(), exc.details()))
+            return _json(from_grpc(exc.code(), exc.details(), exc.trailing_metadata()))
         except Exception:  # the caller gets an incident id, the log the traceback
             incident = uuid.uuid4().hex[:12]
             log.exception("unhandled error", extra={"incident": incident})
@@ -93,7 +101,9 @@ class Gateway:
 
     async def unary(self, request: router_pb2.GenerateRequest, http: Request) -> router_pb2.GenerateResponse:
         """GenerateUnary, cancelled when the HTTP client goes away first (its sequence slot is freed)."""
-        call = self.router.GenerateUnary(request, timeout=self.config.default_timeout)
+        call = self.router.GenerateUnary(
+            request, timeout=self.config.default_timeout, metadata=forwarded_metadata(http)
+        )
         answer, gone = asyncio.ensure_future(_result(call)), asyncio.ensure_future(_disconnected(http))
         try:
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -107,8 +117,10 @@ class Gateway:
         _count_tokens(response.routed.model, response.usage)
         return response
 
-    async def stream(self, request: router_pb2.GenerateRequest, kind: str, include_usage: bool) -> StreamingResponse:
-        call = self.router.Generate(request, timeout=self.config.default_timeout)
+    async def stream(
+        self, request: router_pb2.GenerateRequest, kind: str, include_usage: bool, metadata: tuple = ()
+    ) -> StreamingResponse:
+        call = self.router.Generate(request, timeout=self.config.default_timeout, metadata=metadata)
         messages = call.__aiter__()
         try:
             first = await anext(messages, None)
@@ -212,7 +224,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
         gateway = state["gateway"]
         if body.stream:
             return await gateway.stream(
-                request, "chat", bool(body.stream_options and body.stream_options.include_usage)
+                request,
+                "chat",
+                bool(body.stream_options and body.stream_options.include_usage),
+                forwarded_metadata(http),
             )
         return JSONResponse(convert.chat_response(await gateway.unary(request, http)))
 
@@ -223,15 +238,20 @@ def create_app(config: GatewayConfig) -> FastAPI:
         gateway = state["gateway"]
         if body.stream:
             return await gateway.stream(
-                request, "text", bool(body.stream_options and body.stream_options.include_usage)
+                request,
+                "text",
+                bool(body.stream_options and body.stream_options.include_usage),
+                forwarded_metadata(http),
             )
         return JSONResponse(convert.completion_response(await gateway.unary(request, http)))
 
     @app.post("/v1/embeddings")
     @errors_to_openai
-    async def embeddings(body: EmbeddingRequest):
+    async def embeddings(body: EmbeddingRequest, http: Request):
         request = convert.embed_request(body, config.default_embedding_model)
-        response = await state["gateway"].router.Embed(request, timeout=config.default_timeout)
+        response = await state["gateway"].router.Embed(
+            request, timeout=config.default_timeout, metadata=forwarded_metadata(http)
+        )
         return JSONResponse(convert.embeddings_response(response, body))
 
     def _catalog() -> ModelCatalog:

@@ -7,7 +7,13 @@ retry may succeed: FAILED_PRECONDITION (e.g. a version that is not READY) is 400
 
 from __future__ import annotations
 
+import math
+
 import grpc
+
+# The router's retry hint (trailing metadata, milliseconds) → HTTP Retry-After (whole seconds, rounded up)
+# and retry-after-ms, which the official client prefers.
+from services.shared.errors import RETRY_AFTER_METADATA
 
 # gRPC status → (HTTP status, OpenAI error type)
 _BY_GRPC: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -38,9 +44,11 @@ class OpenAIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -51,8 +59,17 @@ def invalid(param: str | None, message: str) -> OpenAIError:
     return OpenAIError(400, f"{param}: {message}" if param else message, param=param)
 
 
-def from_grpc(code: grpc.StatusCode, details: str) -> OpenAIError:
-    """The router's status as an OpenAI error: same meaning, the router's message, the status name as `code`."""
+def from_grpc(code: grpc.StatusCode, details: str, trailing_metadata=None) -> OpenAIError:
+    """The router's status as an OpenAI error: same meaning, the router's message, the status name as `code`,
+    its retry hint (quota, shedding) as Retry-After / retry-after-ms headers."""
     status, kind = _BY_GRPC.get(code, _SERVER_ERROR)
     param = "model" if code == grpc.StatusCode.NOT_FOUND and "model" in (details or "").lower() else None
-    return OpenAIError(status, details or code.name, type=kind, param=param, code=code.name.lower())
+    headers = {}
+    for key, value in trailing_metadata or ():
+        if key == RETRY_AFTER_METADATA:
+            try:
+                ms = max(1, int(value))
+            except (TypeError, ValueError):
+                continue
+            headers = {"Retry-After": str(math.ceil(ms / 1000)), "retry-after-ms": str(ms)}
+    return OpenAIError(status, details or code.name, type=kind, param=param, code=code.name.lower(), headers=headers)

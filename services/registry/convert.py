@@ -267,3 +267,65 @@ def shadow_report_out(r) -> pb.ShadowReport:
 
 def version_stats_in(s: pb.VersionStats) -> tuple:
     return (s.model, s.version, s.requests, dict(s.errors), tuple(s.latency_bounds_ms), list(s.latency_counts))
+
+
+# -- tenants ----------------------------------------------------------------------------------------
+from services.registry import tenants as t  # noqa: E402
+
+_PRIORITY = {
+    pb.PRIORITY_CRITICAL: t.Priority.CRITICAL,
+    pb.PRIORITY_STANDARD: t.Priority.STANDARD,
+    pb.PRIORITY_SHEDDABLE: t.Priority.SHEDDABLE,
+}
+_PRIORITY_PB = {v: k for k, v in _PRIORITY.items()}
+
+
+def priority_in(value: int, default: t.Priority | None = t.Priority.STANDARD) -> t.Priority | None:
+    if value == pb.PRIORITY_UNSPECIFIED:
+        return default
+    if value not in _PRIORITY:
+        raise InvalidArgument(f"priority {value} is not one of CRITICAL, STANDARD, SHEDDABLE")
+    return _PRIORITY[value]  # type: ignore[index]  # protoc .pyi enums
+
+
+def quota_in(q: pb.Quota) -> t.Quota:
+    return t.Quota(q.requests_per_second, q.request_burst, q.cost_per_second, q.cost_burst)
+
+
+def quota_out(q: t.Quota) -> pb.Quota:
+    return pb.Quota(
+        requests_per_second=q.requests_per_second,
+        request_burst=q.request_burst,
+        cost_per_second=q.cost_per_second,
+        cost_burst=q.cost_burst,
+    )
+
+
+def tenant_out(x: t.Tenant) -> pb.Tenant:
+    return pb.Tenant(
+        name=x.name,
+        key_prefix=x.key_prefix,
+        allowed_models=list(x.allowed_models),
+        quota=quota_out(x.quota),
+        priority=_PRIORITY_PB[x.priority],
+        revoked=x.revoked,
+        created_at=timestamp(x.created_at),
+        created_by=x.created_by,
+        updated_at=timestamp(x.updated_at),
+        updated_by=x.updated_by,
+        description=x.description,
+    )
+
+
+def tenants_event_out(s: t.TenantsSnapshot) -> pb.TenantsEvent:
+    return pb.TenantsEvent(
+        revision=s.revision,
+        routers=s.routers,
+        tenants=[pb.TenantAuth(tenant=tenant_out(x), key_sha256=x.key_sha256) for x in s.tenants],
+    )
+
+
+def audit_out(e: t.AuditEntry) -> pb.AuditEntry:
+    return pb.AuditEntry(
+        id=e.id, at=timestamp(e.at), actor=e.actor, action=e.action, target=e.target, reason=e.reason, detail=e.detail
+    )

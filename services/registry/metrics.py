@@ -18,6 +18,10 @@ SHADOW_SAMPLES = Counter(
     "maas_registry_shadow_samples", "Shadow comparisons reported by the router", ["model", "primary", "shadow"]
 )
 WATCHERS = Gauge("maas_registry_watchers", "Open Watch streams")
+TENANT_WATCHERS = Gauge(
+    "maas_registry_tenant_watchers", "Open WatchTenants streams: the routers each quota is divided by"
+)
+TENANTS = Gauge("maas_registry_tenants", "Tenants by state", ["state"])
 
 
 def record_versions(versions: list[Version]) -> None:

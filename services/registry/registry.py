@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import math
 import time
@@ -263,17 +264,36 @@ class Registry:
             )
             self.store.insert_version(tx, version)
             revision = self.store.bump_revision(tx)
+            self.store.add_audit(
+                tx,
+                req.actor,
+                "version.register",
+                f"model/{req.model}",
+                req.description,
+                json.dumps({"version": number, "sha256": req.sha256, "format": req.format.value}),
+            )
             # Rename inside the transaction: a crash before COMMIT leaves a folder start() removes.
             self.repository.promote(art.version_dir, req.model, number)
         self._changed(req.model, revision)
         return version
 
     def _set_state(
-        self, model: str, version: int, state: VersionState, reason: str = "", load_ms: float | None = None
+        self,
+        model: str,
+        version: int,
+        state: VersionState,
+        reason: str = "",
+        load_ms: float | None = None,
+        actor: str | None = None,
     ) -> None:
+        """`actor` set = a caller's mutation (archive), recorded in the audit log; load progress is not."""
         with self.store.transaction() as tx:
             self.store.set_state(tx, model, version, state, reason, load_ms)
             revision = self.store.bump_revision(tx)
+            if actor is not None:
+                self.store.add_audit(
+                    tx, actor, f"version.{state.value}", f"model/{model}", reason, json.dumps({"version": version})
+                )
         self._changed(model, revision)
 
     # -- aliases -----------------------------------------------------------------------------------
@@ -288,11 +308,21 @@ class Registry:
             )
         return version
 
-    def move_alias(self, model: str, name: str, number: int, actor: str, reason: str, previous: int) -> Alias:
+    def move_alias(
+        self, model: str, name: str, number: int, actor: str, reason: str, previous: int, action: str = "alias.set"
+    ) -> Alias:
         alias = Alias(model, name, number, previous, actor, time.time(), reason)
         with self.store.transaction() as tx:
             self.store.put_alias(tx, alias)
             revision = self.store.bump_revision(tx)
+            self.store.add_audit(
+                tx,
+                actor,
+                action,
+                f"model/{model}",
+                reason,
+                json.dumps({"alias": name, "version": number, "previous_version": previous}),
+            )
         self._changed(model, revision)
         log.info(
             "alias moved",
@@ -326,7 +356,9 @@ class Registry:
         if current.previous_version == 0:
             raise FailedPrecondition(f"alias {name!r} of {model!r} has never pointed at another version")
         self.require_ready(model, current.previous_version, f"rollback of {name!r}")
-        return self.move_alias(model, name, current.previous_version, actor, reason or "rollback", current.version)
+        return self.move_alias(
+            model, name, current.previous_version, actor, reason or "rollback", current.version, action="alias.rollback"
+        )
 
     # -- traffic policy ----------------------------------------------------------------------------
     def _check_target(self, model: str, target: Target, what: str) -> None:
@@ -376,6 +408,20 @@ class Registry:
         with self.store.transaction() as tx:
             self.store.put_policy(tx, policy)
             revision = self.store.bump_revision(tx)
+            self.store.add_audit(
+                tx,
+                actor,
+                "traffic.set",
+                f"model/{model}",
+                reason,
+                json.dumps(
+                    {
+                        "split": [t.describe() + f"={t.weight}" for t in split],
+                        "shadow": shadow.describe() if shadow else None,
+                        "shadow_fraction": shadow_fraction,
+                    }
+                ),
+            )
         self._changed(model, revision)
         return policy
 
@@ -398,7 +444,13 @@ class Registry:
             if referenced:
                 raise FailedPrecondition(f"version {number} of {model!r} is in the traffic policy; change it first")
             was_live = version.state == VersionState.READY
-            self._set_state(model, number, VersionState.ARCHIVED, reason or f"archived by {actor or 'unknown'}")
+            self._set_state(
+                model,
+                number,
+                VersionState.ARCHIVED,
+                reason or f"archived by {actor or 'unknown'}",
+                actor=actor or "unknown",
+            )
             if was_live:
                 await self.deployment.apply(model, self.deployment.ready_versions(model))
             log.info("version archived", extra={"model": model, "version": number, "actor": actor})

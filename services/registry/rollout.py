@@ -366,6 +366,13 @@ class RolloutController:
                 "weights": weights,
             },
         )
+        self._audit_row(
+            rollout,
+            "rollout.started",
+            actor,
+            reason,
+            f"canary v{version} against production v{alias.version}, weights {weights}",
+        )
         metrics.ROLLOUTS.labels(model, "started").inc()
         await self._apply_weight(rollout)
         self._run(model)
@@ -582,7 +589,19 @@ class RolloutController:
                 "reason": reason,
             },
         )
+        self._audit_row(
+            rollout,
+            f"rollout.{outcome}",
+            ROLLOUT_ACTOR,
+            reason,
+            f"canary v{rollout.canary_version} at {rollout.weight}%, production v{rollout.production_version}",
+        )
         return rollout
+
+    def _audit_row(self, rollout: Rollout, action: str, actor: str, reason: str, detail: str) -> None:
+        """`maas audit` lists rollouts beside the traffic changes they make (store.py's audit table)."""
+        with self.registry.store.transaction() as tx:
+            self.registry.store.add_audit(tx, actor, action, f"model/{rollout.model}", reason, detail)
 
 
 def policy_with_defaults(**given) -> RolloutPolicy:

@@ -13,8 +13,10 @@ from services.registry.registry import Registry
 from services.registry.repository import ModelRepository
 from services.registry.servicer import RegistryServicer
 from services.registry.store import Store
+from services.registry.tenants import Tenants
 from services.registry.triton_fleet import TritonFleet
 from services.shared.discovery import ReplicaSource, create_replica_source
+from services.shared.readiness import triton_reachable, where_from
 from services.shared.server import ServiceServer, build_server
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,15 @@ def create_registry(cfg: RegistryConfig) -> Registry:
     )
 
 
+def fleet_reachable(registry: Registry, where: str, timeout: float):
+    """The registry's readiness check: one of its Triton replicas answers (it loads versions there)."""
+
+    async def check() -> str | None:
+        return await triton_reachable(registry.fleet.members, registry.fleet.live, timeout, where)
+
+    return check
+
+
 # How long start-up waits for the first replica list before serving anyway (the watcher keeps trying).
 DISCOVERY_SYNC_SECONDS = 60.0
 
@@ -49,12 +60,14 @@ class RegistryServer(ServiceServer):
     """The registry's server with its domain object (tests and benchmarks drive it directly)."""
 
     registry: Registry | None = None
+    tenants: Tenants | None = None
 
 
 def create_server(cfg: RegistryConfig, replica_source: ReplicaSource | None = None) -> tuple[RegistryServer, int]:
     """(server, bound port); `server.registry` is the domain object (tests and the bench use it).
     `replica_source` overrides the one built from cfg (tests pass a watcher on a fake Kubernetes API)."""
     registry = create_registry(cfg)
+    tenants = Tenants(registry.store)
     replicas = replica_source or create_replica_source(cfg.replica_discovery)
 
     async def follow_replicas() -> None:
@@ -66,12 +79,19 @@ def create_server(cfg: RegistryConfig, replica_source: ReplicaSource | None = No
             log.warning("no Triton replica list yet; serving anyway (versions wait for a replica)")
 
     def register(server):
-        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(registry, AdminAuth(cfg.admin_token)), server)
+        registry_pb2_grpc.add_RegistryServicer_to_server(
+            RegistryServicer(registry, AdminAuth(cfg.admin_token), tenants), server
+        )
         return [SERVICE_NAME]
 
     built, port = build_server(cfg.server, register)
-    server = RegistryServer(**{f.name: getattr(built, f.name) for f in fields(built)}, registry=registry)
+    server = RegistryServer(
+        **{f.name: getattr(built, f.name) for f in fields(built)}, registry=registry, tenants=tenants
+    )
     # Crash clean-up and reconciling Triton finish before the first RPC is accepted.
     server.on_start.extend([follow_replicas, registry.start])
+    server.readiness_checks.append(
+        fleet_reachable(registry, where_from(cfg.replica_discovery), cfg.server.readiness_interval_seconds)
+    )
     server.on_stop.extend([replicas.stop, registry.stop, registry.store.close])
     return server, port

@@ -11,14 +11,16 @@ from maas.v1 import registry_pb2_grpc
 from services.registry import convert
 from services.registry.auth import AdminAuth
 from services.registry.registry import Registry
+from services.registry.tenants import Tenants
 from services.shared.errors import InvalidArgument
 from services.shared.telemetry import annotate
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, registry: Registry, auth: AdminAuth):
+    def __init__(self, registry: Registry, auth: AdminAuth, tenants: Tenants | None = None):
         self.registry = registry
         self.auth = auth
+        self.tenants = tenants or Tenants(registry.store)
 
     def _admin(self, context: grpc.aio.ServicerContext) -> None:
         self.auth.check(context.invocation_metadata())
@@ -160,4 +162,62 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             size_before_bytes=done.size_before,
             size_after_bytes=done.size_after,
             rollout=convert.rollout_out(done.rollout),
+        )
+
+    # -- tenants (every call needs the admin token: the feed carries key hashes) ------------------
+    async def CreateTenant(self, request: pb.CreateTenantRequest, context):
+        self._admin(context)
+        annotate(tenant=request.name)
+        tenant, key = self.tenants.create(
+            request.name,
+            list(request.allowed_models),
+            convert.quota_in(request.quota),
+            convert.priority_in(request.priority),
+            request.description,
+            request.actor,
+            request.reason,
+        )
+        return pb.TenantKey(tenant=convert.tenant_out(tenant), api_key=key)
+
+    async def ListTenants(self, request: pb.ListTenantsRequest, context):
+        self._admin(context)
+        return pb.ListTenantsResponse(
+            tenants=[convert.tenant_out(x) for x in self.tenants.list(request.include_revoked)]
+        )
+
+    async def RotateTenantKey(self, request: pb.RotateTenantKeyRequest, context):
+        self._admin(context)
+        annotate(tenant=request.name)
+        tenant, key = self.tenants.rotate_key(request.name, request.actor, request.reason)
+        return pb.TenantKey(tenant=convert.tenant_out(tenant), api_key=key)
+
+    async def RevokeTenant(self, request: pb.RevokeTenantRequest, context):
+        self._admin(context)
+        annotate(tenant=request.name)
+        return convert.tenant_out(self.tenants.revoke(request.name, request.actor, request.reason))
+
+    async def SetTenantQuota(self, request: pb.SetTenantQuotaRequest, context):
+        self._admin(context)
+        annotate(tenant=request.name)
+        allowed = list(request.allowed_models) if request.set_allowed_models else None
+        return convert.tenant_out(
+            self.tenants.set_quota(
+                request.name,
+                convert.quota_in(request.quota),
+                convert.priority_in(request.priority, None),
+                allowed,
+                request.actor,
+                request.reason,
+            )
+        )
+
+    async def WatchTenants(self, request: pb.WatchTenantsRequest, context):
+        self._admin(context)
+        async for snapshot in self.tenants.watch():
+            yield convert.tenants_event_out(snapshot)
+
+    async def ListAudit(self, request: pb.ListAuditRequest, context):
+        self._admin(context)
+        return pb.ListAuditResponse(
+            entries=[convert.audit_out(e) for e in self.tenants.audit(request.limit, request.target_prefix)]
         )

@@ -30,6 +30,7 @@ from services.registry.domain import (
     Version,
     VersionState,
 )
+from services.registry.tenants import AuditEntry, Priority, Quota, Tenant
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -76,7 +77,18 @@ CREATE TABLE IF NOT EXISTS shadow_stats (
   primary_latency_sum REAL NOT NULL, shadow_latency_sum REAL NOT NULL,
   PRIMARY KEY (model, primary_version, shadow_version)
 );
+CREATE TABLE IF NOT EXISTS tenants (
+  name TEXT PRIMARY KEY, key_sha256 TEXT NOT NULL UNIQUE, key_prefix TEXT NOT NULL,
+  allowed_models TEXT NOT NULL, quota TEXT NOT NULL, priority TEXT NOT NULL, revoked INTEGER NOT NULL,
+  created_at REAL NOT NULL, created_by TEXT NOT NULL, updated_at REAL NOT NULL, updated_by TEXT NOT NULL,
+  description TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+  target TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL
+);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('revision', 0);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('tenant_revision', 0);
 """
 
 
@@ -373,3 +385,87 @@ class Store:
                 )
             )
         return out
+
+    # -- tenants -----------------------------------------------------------------------------------
+    def tenant_revision(self) -> int:
+        return self._db.execute("SELECT value FROM meta WHERE key='tenant_revision'").fetchone()[0]
+
+    @staticmethod
+    def bump_tenant_revision(tx: sqlite3.Connection) -> int:
+        tx.execute("UPDATE meta SET value = value + 1 WHERE key='tenant_revision'")
+        return tx.execute("SELECT value FROM meta WHERE key='tenant_revision'").fetchone()[0]
+
+    def tenants(self) -> list[Tenant]:
+        return [_tenant(r) for r in self._db.execute("SELECT * FROM tenants ORDER BY name")]
+
+    def tenant(self, name: str) -> Tenant | None:
+        row = self._db.execute("SELECT * FROM tenants WHERE name=?", (name,)).fetchone()
+        return _tenant(row) if row else None
+
+    @staticmethod
+    def insert_tenant(tx: sqlite3.Connection, t: Tenant) -> None:
+        tx.execute(
+            "INSERT INTO tenants (name, key_sha256, key_prefix, allowed_models, quota, priority, revoked,"
+            " created_at, created_by, updated_at, updated_by, description) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            _tenant_row(t),
+        )
+
+    @staticmethod
+    def update_tenant(tx: sqlite3.Connection, t: Tenant) -> None:
+        row = _tenant_row(t)
+        tx.execute(
+            "UPDATE tenants SET key_sha256=?, key_prefix=?, allowed_models=?, quota=?, priority=?, revoked=?,"
+            " created_at=?, created_by=?, updated_at=?, updated_by=?, description=? WHERE name=?",
+            (*row[1:], row[0]),
+        )
+
+    # -- audit -------------------------------------------------------------------------------------
+    @staticmethod
+    def add_audit(tx: sqlite3.Connection, actor: str, action: str, target: str, reason: str, detail: str) -> None:
+        tx.execute(
+            "INSERT INTO audit (at, actor, action, target, reason, detail) VALUES (?,?,?,?,?,?)",
+            (time.time(), actor or "unknown", action, target, reason or "", detail),
+        )
+
+    def audit_entries(self, limit: int, target_prefix: str = "") -> list[AuditEntry]:
+        rows = self._db.execute(
+            "SELECT * FROM audit WHERE substr(target, 1, ?) = ? ORDER BY id DESC LIMIT ?",
+            (len(target_prefix), target_prefix, limit),
+        )
+        return [
+            AuditEntry(r["id"], r["at"], r["actor"], r["action"], r["target"], r["reason"], r["detail"]) for r in rows
+        ]
+
+
+def _tenant_row(t: Tenant) -> tuple:
+    return (
+        t.name,
+        t.key_sha256,
+        t.key_prefix,
+        json.dumps(list(t.allowed_models)),
+        json.dumps(asdict(t.quota)),
+        t.priority.value,
+        int(t.revoked),
+        t.created_at,
+        t.created_by,
+        t.updated_at,
+        t.updated_by,
+        t.description,
+    )
+
+
+def _tenant(row: sqlite3.Row) -> Tenant:
+    return Tenant(
+        name=row["name"],
+        key_sha256=row["key_sha256"],
+        key_prefix=row["key_prefix"],
+        allowed_models=tuple(json.loads(row["allowed_models"])),
+        quota=Quota(**json.loads(row["quota"])),
+        priority=Priority(row["priority"]),
+        revoked=bool(row["revoked"]),
+        created_at=row["created_at"],
+        created_by=row["created_by"],
+        updated_at=row["updated_at"],
+        updated_by=row["updated_by"],
+        description=row["description"],
+    )

@@ -249,6 +249,10 @@ class TritonFleet:
                     return False
                 await asyncio.sleep(0.5)
 
+    async def live(self, address: str, timeout: float) -> bool:
+        """ServerLive of one member (raises InferenceServerException when it does not answer)."""
+        return await self._clients[address].is_server_live(client_timeout=timeout)
+
     async def check_reachable(self) -> None:
         for address, client in list(self._clients.items()):
             try:

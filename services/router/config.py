@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from maas import ports
+from services.router.admission import AdmissionSettings
 from services.router.fastpath import BINARY_NAME, find_binary
 from services.shared.config import (
     ConfigError,
@@ -73,6 +74,8 @@ class RouterConfig:
     # The Triton replica pool: outlier ejection and the retry budget (services/shared/outlier.py).
     outlier: OutlierSettings = field(default_factory=OutlierSettings)
     retry_budget: RetryBudgetSettings = field(default_factory=RetryBudgetSettings)
+    # API keys, quotas and priority shedding (services/router/admission.py, docs/security.md).
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
 
     def triton_discovery(self) -> DiscoveryConfig:
         return self.discovery or DiscoveryConfig(mode="static", static_addresses=triton_addresses(self.triton))
@@ -139,6 +142,34 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         help=f"the {BINARY_NAME} executable (default: on PATH, else build/bin of a source checkout; "
         "`make fastpath` builds it) (MAAS_ROUTER_OIP_FAST_BINARY)",
     )
+    adm = parser.add_argument_group("tenants (docs/security.md)")
+    adm.add_argument(
+        "--auth",
+        choices=("on", "off"),
+        default=(env("MAAS_ROUTER_AUTH", "off") or "off").lower(),
+        help="on: every inference call needs 'authorization: Bearer <tenant key>', checked against the "
+        "registry's tenant list; the compiled OIP data path is then not started (MAAS_ROUTER_AUTH)",
+    )
+    adm.add_argument(
+        "--shed-sheddable-inflight",
+        type=int,
+        default=env_int("MAAS_ROUTER_SHED_SHEDDABLE_INFLIGHT", 0),
+        help="calls in flight on this router from which sheddable calls are refused, 0 = never "
+        "(MAAS_ROUTER_SHED_SHEDDABLE_INFLIGHT)",
+    )
+    adm.add_argument(
+        "--shed-standard-inflight",
+        type=int,
+        default=env_int("MAAS_ROUTER_SHED_STANDARD_INFLIGHT", 0),
+        help="calls in flight from which standard calls are refused too, 0 = never; critical calls "
+        "never are (MAAS_ROUTER_SHED_STANDARD_INFLIGHT)",
+    )
+    adm.add_argument(
+        "--shed-retry-after",
+        type=float,
+        default=env_float("MAAS_ROUTER_SHED_RETRY_AFTER_SECONDS", 0.25),
+        help="retry hint (retry-after-ms) sent with a shed call, seconds (MAAS_ROUTER_SHED_RETRY_AFTER_SECONDS)",
+    )
     gen = parser.add_argument_group("generation")
     for flag, env_name, default, what in (
         ("--generate-max-tokens", "MAAS_GENERATE_MAX_TOKENS", 1024, "largest sampling.max_tokens"),
@@ -176,6 +207,10 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         args, "default_timeout", "shadow_timeout", "shadow_report_interval", "stats_report_interval", "max_batch_items"
     )
     require_non_negative(args, "shadow_max_inflight")
+    require_positive(args, "shed_retry_after")
+    require_non_negative(args, "shed_sheddable_inflight", "shed_standard_inflight")  # 0 = never
+    if args.auth not in ("on", "off"):
+        raise ConfigError(f"--auth / MAAS_ROUTER_AUTH must be on or off, got {args.auth!r}")
     fast_listen, fast_binary = oip_fast_path(args.oip_fast_listen, args.oip_fast_binary)
     outlier, retry_budget = pool_settings(args)
     return RouterConfig(
@@ -196,6 +231,12 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         oip_fast_binary=fast_binary,
         outlier=outlier,
         retry_budget=retry_budget,
+        admission=AdmissionSettings(
+            auth=args.auth == "on",
+            shed_sheddable_inflight=args.shed_sheddable_inflight,
+            shed_standard_inflight=args.shed_standard_inflight,
+            shed_retry_after=args.shed_retry_after,
+        ),
         generation=GenerationLimits(
             max_tokens=args.generate_max_tokens,
             max_messages=args.generate_max_messages,

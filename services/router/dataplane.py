@@ -20,6 +20,7 @@ from tritonclient.grpc import service_pb2
 from maas.v1 import tensor_pb2
 
 from services.router import signature, wire
+from services.router.admission import charge
 from services.router.metrics import ROUTER_INFLIGHT, ROUTER_REQUESTS
 from services.router.peers import TokenizerPeer, TritonPeer, VisionPeer, output_tensor
 from services.router.postprocess import ClassScore, as_matrix, l2_normalise, softmax, top_k
@@ -207,7 +208,9 @@ class Dataplane:
         info = route.info
         refuse_generation(info, "ModelStreamInfer")
         deadline = self._deadline(timeout)
-        await self._check_inputs(info, _raw_givens(request), deadline, batch_checked=True, caller_ids=True)
+        givens = _raw_givens(request)
+        await self._check_inputs(info, givens, deadline, batch_checked=True, caller_ids=True)
+        charge(_rows(info, givens[0].shape if givens else ()))  # cost units: batch rows
         start = time.perf_counter()
         response = await self.triton.infer_raw(self._retarget(request, name, info), deadline.remaining())
         if route.shadow is not None:
@@ -278,6 +281,7 @@ class Dataplane:
             start = time.perf_counter()
             tokenized = await self.tokenizer.tokenize(info.pre_name, payload.texts, deadline.remaining())
             annotate(preprocess_ms=(time.perf_counter() - start) * 1000, truncated=sum(tokenized.truncated))
+            charge(sum(tokenized.original_lengths) or len(payload.texts))  # cost units: tokens
             wanted = {spec.name for spec in info.inputs}
             tensors = [t for t in tokenized.tensors if not wanted or t.name in wanted]
             return Prepared(tensors, tokenized.truncated)
@@ -297,9 +301,11 @@ class Dataplane:
             start = time.perf_counter()
             tensor = await self.vision.preprocess(info.pre_name, payload.images, input_name, deadline.remaining())
             annotate(preprocess_ms=(time.perf_counter() - start) * 1000)
+            charge(len(payload.images))  # cost units: images
             return Prepared([tensor], [])
         if payload.tensors and payload.tensors[0].shape:
             annotate(batch_size=int(payload.tensors[0].shape[0]))
+        charge(_rows(info, payload.tensors[0].shape if payload.tensors else ()))  # cost units: batch rows
         return Prepared(list(payload.tensors), [])
 
     async def _check_inputs(
@@ -437,6 +443,11 @@ def refuse_generation(info: VersionInfo, use: str) -> None:
         raise InvalidArgument(
             f"model {info.model!r} v{info.version} is a generation model (decoupled: one response per token); use {use}"
         )
+
+
+def _rows(info: VersionInfo, shape) -> int:
+    """Batch rows of a tensor request (1 for a model without a batch dimension or no shape)."""
+    return int(shape[0]) if shape and shape[0] > 0 else 1
 
 
 def _givens(tensors: list[tensor_pb2.Tensor]) -> list[signature.Given]:

@@ -36,8 +36,14 @@ def error_response(request: bytes, message: str) -> bytes:
 
 
 async def relay(
-    plane: Dataplane, requests: AsyncIterator[bytes], routing_key: str, timeout: float | None, metadata: tuple = ()
+    plane: Dataplane,
+    requests: AsyncIterator[bytes],
+    routing_key: str,
+    timeout: float | None,
+    metadata: tuple = (),
+    check=None,
 ) -> AsyncIterator[bytes]:
+    """`check(request)` raises a ServiceError for a request admission refuses (services/router/admission.py)."""
     STREAMS_INFLIGHT.inc()
     try:
         async with plane.triton.stream(timeout, raw=True, metadata=metadata) as call:
@@ -47,6 +53,8 @@ async def relay(
                 try:
                     async for request in requests:
                         try:
+                            if check is not None:
+                                check(request)
                             forwarded = plane.retarget_stream_request(request, routing_key)
                         except ServiceError as exc:
                             out.put_nowait(error_response(request, exc.message))

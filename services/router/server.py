@@ -1,7 +1,9 @@
 """create_server(cfg): the router's gRPC server, its long-lived peer channels and background tasks.
 
 Call it inside a running event loop (services.shared.server.run does): it starts the registry watch.
-Health is SERVING once started; until the first routing snapshot arrives requests get UNAVAILABLE
+Health "" is SERVING once started; "readiness" only while a Triton replica answers ServerLive
+(services.shared.readiness; a wrong --triton keeps the pod unready with the reason logged). Until the
+first routing snapshot arrives requests get UNAVAILABLE
 ("routing state not received from the registry yet") and OIP ServerReady answers false.
 
 Triton calls are spread over every replica the discovery source reports (static --triton list, or the
@@ -12,9 +14,12 @@ as given, so one static address costs what a single channel did.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import logging
 
 from maas.v1 import router_pb2, router_pb2_grpc
+from services.router.admission import Admission
 from services.router.config import RouterConfig
 from services.router.dataplane import Dataplane
 from services.router.fastpath import BINARY_NAME, FastPath, FastPathSettings
@@ -23,17 +28,26 @@ from services.router.peers import TokenizerPeer, TritonPeer, VisionPeer
 from services.router.routing import RoutingTable
 from services.router.servicer import InferenceServicer, RouterServicer, add_inference_service
 from services.router.shadow import ShadowRunner
+from services.router.tenants import TenantCache, TenantWatcher
 from services.router.version_stats import VersionStatsReporter
 from services.router.watcher import RegistryWatcher
 from services.shared.channels import open_channel
 from services.shared.discovery import ReplicaSource, StaticReplicas, create_replica_source
-from services.shared.replica_pool import ReplicaPool, triton_admission
+from services.shared.readiness import triton_reachable, where_from
+from services.shared.replica_pool import ReplicaPool, triton_admission, triton_live
 from services.shared.server import ServiceServer, build_server
 
 log = logging.getLogger(__name__)
 
 
-def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None) -> tuple[ServiceServer, int]:
+@dataclass
+class RouterServer(ServiceServer):
+    """The router's server with its admission (tests read its tenant cache)."""
+
+    admission: Admission | None = None
+
+
+def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None) -> tuple[RouterServer, int]:
     """triton_source: where Triton replicas come from (default: from cfg; tests pass their own)."""
     limit, tls = cfg.server.max_message_bytes, cfg.server.tls
     channels = {name: open_channel(getattr(cfg, name), limit, tls) for name in ("registry", "tokenizer", "vision")}
@@ -73,17 +87,35 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
         version_stats=version_stats,
     )
 
+    admission = Admission(cfg.admission, TenantCache())
+    tenants = TenantWatcher(channels["registry"], admission.cache, cfg.admin_token) if cfg.admission.auth else None
+
     def register(server):
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(plane, Generation(plane, cfg.generation)), server)
+        router_pb2_grpc.add_RouterServicer_to_server(
+            RouterServicer(plane, Generation(plane, cfg.generation), admission), server
+        )
         return [
             router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
-            add_inference_service(InferenceServicer(plane, table, triton), server),
+            add_inference_service(InferenceServicer(plane, table, triton, admission=admission), server),
         ]
 
-    service, port = build_server(cfg.server, register)
-    if cfg.oip_fast_listen:
+    built, port = build_server(cfg.server, register)
+    service = RouterServer(**{f.name: getattr(built, f.name) for f in fields(built)}, admission=admission)
+    if cfg.oip_fast_listen and cfg.admission.auth:
+        # The compiled data path cannot check API keys: with auth on it is not started, so no call gets past
+        # the keys; OIP clients use the main port (the same protocol).
+        log.warning(
+            "auth is on: the compiled OIP data path (%s) is not started; OIP is served on the main port",
+            cfg.oip_fast_listen,
+        )
+    elif cfg.oip_fast_listen:
         add_fast_path(service, port, cfg, table, pool)
+    service.readiness_checks.append(
+        pool_reachable(pool, where_from(cfg.triton_discovery()), cfg.server.readiness_interval_seconds)
+    )
     watcher.start()
+    if tenants is not None:
+        tenants.start()
     # Static replicas are known at once; a watcher reports its first set shortly after (until then
     # Triton calls get UNAVAILABLE "no triton replica is ready").
     service.on_start.append(lambda: source.start(pool.set_replicas))
@@ -91,6 +123,7 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
     service.on_stop.extend(
         [
             watcher.stop,
+            *([tenants.stop] if tenants else []),
             shadow.stop,
             version_stats.stop,
             source.stop,
@@ -99,6 +132,16 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
         ]
     )
     return service, port
+
+
+def pool_reachable(pool: ReplicaPool, where: str, timeout: float):
+    """The router's readiness check: one of the Triton replicas discovery reports answers."""
+
+    async def check() -> str | None:
+        known = pool.known()
+        return await triton_reachable(known, lambda address, t: triton_live(known[address], t), timeout, where)
+
+    return check
 
 
 def admit_when_serving(table: RoutingTable):

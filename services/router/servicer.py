@@ -12,8 +12,9 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from maas.v1 import router_pb2, router_pb2_grpc, tensor_pb2
-from services.router import oip_stream
-from services.router.dataplane import ClassifyResult, Dataplane, ModelRef, Payload
+from services.router import oip_stream, wire
+from services.router.admission import Admission, AdmissionSettings
+from services.router.dataplane import ClassifyResult, Dataplane, ModelRef, Payload, version_selector
 from services.router.generation import Generation, Piece, Prompt, Sampling
 from services.router.peers import TritonPeer
 from services.router.routing import Route, RoutingTable
@@ -98,25 +99,40 @@ def generate_response(piece: Piece) -> router_pb2.GenerateResponse:
     return response
 
 
+def _admit(admission: Admission, context, method: str, ref: ModelRef):
+    return admission.admit(context.invocation_metadata(), method, ref.name, ref.version, ref.alias)
+
+
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, plane: Dataplane, generation: Generation):
+    def __init__(self, plane: Dataplane, generation: Generation, admission: Admission | None = None):
         self.plane, self.generation = plane, generation
+        self.admission = admission or Admission(AdmissionSettings())
 
     async def Generate(self, request, context):
-        async for piece in self.generation.stream(
-            model_ref(request.model), prompt(request), sampling(request.sampling), context.time_remaining()
-        ):
-            yield generate_response(piece)
+        ref = model_ref(request.model)
+        ticket = _admit(self.admission, context, "Generate", ref).open()
+        try:  # generated tokens are the cost units, charged as they stream
+            async for piece in self.generation.stream(
+                ref, prompt(request), sampling(request.sampling), context.time_remaining()
+            ):
+                ticket.charge(len(piece.token_ids))
+                yield generate_response(piece)
+        finally:
+            ticket.close()
 
     async def GenerateUnary(self, request, context):
-        return generate_response(
-            await self.generation.collect(
-                model_ref(request.model), prompt(request), sampling(request.sampling), context.time_remaining()
+        ref = model_ref(request.model)
+        with _admit(self.admission, context, "GenerateUnary", ref) as ticket:
+            whole = await self.generation.collect(
+                ref, prompt(request), sampling(request.sampling), context.time_remaining()
             )
-        )
+            ticket.charge(len(whole.token_ids))
+            return generate_response(whole)
 
     async def Embed(self, request, context):
-        result = await self.plane.embed(model_ref(request.model), list(request.texts), context.time_remaining())
+        ref = model_ref(request.model)
+        with _admit(self.admission, context, "Embed", ref):
+            result = await self.plane.embed(ref, list(request.texts), context.time_remaining())
         return router_pb2.EmbedResponse(
             embeddings=[router_pb2.Embedding(values=row.tolist()) for row in result.vectors],
             dimensions=int(result.vectors.shape[1]),
@@ -125,16 +141,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         )
 
     async def Classify(self, request, context):
-        result = await self.plane.classify(
-            model_ref(request.model), list(request.images), request.top_k, context.time_remaining()
-        )
+        ref = model_ref(request.model)
+        with _admit(self.admission, context, "Classify", ref):
+            result = await self.plane.classify(ref, list(request.images), request.top_k, context.time_remaining())
         return classify_response(result)
 
     async def Infer(self, request, context):
         payload = Payload(tensors=list(request.inputs), texts=list(request.texts), images=list(request.images))
-        result = await self.plane.infer(
-            model_ref(request.model), payload, list(request.outputs), context.time_remaining()
-        )
+        ref = model_ref(request.model)
+        with _admit(self.admission, context, "Infer", ref):
+            result = await self.plane.infer(ref, payload, list(request.outputs), context.time_remaining())
         return router_pb2.InferResponse(outputs=result.outputs, routed=decision(result.route))
 
 
@@ -148,17 +164,38 @@ class InferenceServicer:
         triton: TritonPeer,
         server_name: str = "maas-router",
         server_version: str = "",
+        admission: Admission | None = None,
     ):
         self.plane, self.table, self.triton = plane, table, triton
         self.server_name, self.server_version = server_name, server_version or package_version("maas-mesh")
+        self.admission = admission or Admission(AdmissionSettings())
+
+    def _admit_raw(self, metadata, method: str, request: bytes):
+        name, version = wire.read_model_ref(request)
+        number, alias = version_selector(version)
+        return self.admission.admit(metadata, method, name, number, alias)
 
     async def ModelInfer(self, request: bytes, context) -> bytes:
-        return await self.plane.infer_raw(request, _routing_key(context), context.time_remaining())
+        if not self.admission.active:
+            return await self.plane.infer_raw(request, _routing_key(context), context.time_remaining())
+        with self._admit_raw(context.invocation_metadata(), "ModelInfer", request):
+            return await self.plane.infer_raw(request, _routing_key(context), context.time_remaining())
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Serialised requests in, Triton's serialised stream responses out (oip_stream.py)."""
+        """Serialised requests in, Triton's serialised stream responses out (oip_stream.py). With auth on the
+        key is checked when the stream opens; each request's model and quota as it comes (a refusal is that
+        request's error response, as for any request the router cannot route)."""
+        check = None
+        if self.admission.active:
+            metadata = context.invocation_metadata()
+            if self.admission.settings.auth:
+                self.admission.authenticate(metadata)
+
+            def check(request: bytes) -> None:
+                self._admit_raw(metadata, "ModelStreamInfer", request)
+
         async for response in oip_stream.relay(
-            self.plane, request_iterator, _routing_key(context), context.time_remaining()
+            self.plane, request_iterator, _routing_key(context), context.time_remaining(), check=check
         ):
             yield response
 

@@ -87,7 +87,9 @@ class RegistryWatcher:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="registry-watch")
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"registry-watch-{type(self).__name__}"
+            )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -111,10 +113,13 @@ class RegistryWatcher:
             self.table.update(routes_from_proto(event.model_changed), event.revision)
             log.info("routing change", extra={"revision": event.revision, "model": event.model_changed.model})
 
+    def open_stream(self):
+        return self._stub.Watch(registry_pb2.WatchRequest())
+
     async def _run(self) -> None:
         backoff = self._initial_backoff
         while True:
-            call = self._stub.Watch(registry_pb2.WatchRequest())
+            call = self.open_stream()
             try:
                 async for event in call:
                     if not self.connected:

@@ -65,6 +65,8 @@ class ServerSettings:
     # Of the grace: how long a draining server goes on taking calls after health says NOT_SERVING,
     # so clients watching health (and endpoint lists) stop sending before it stops listening.
     drain_delay_seconds: float = 1.0
+    # How often readiness checks (e.g. "Triton reachable") run; each call in them is bounded by it too.
+    readiness_interval_seconds: float = 2.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     metrics_port: int = 0
     log_level: str = "INFO"
@@ -74,6 +76,8 @@ class ServerSettings:
     tls: TlsSettings | None = None
     # A plaintext port serving grpc.health.v1 alone (probes that speak no TLS); "" = none.
     health_listen: str = ""
+    # glibc mmap threshold (services.shared.memory): 0 = glibc's default (dynamic, up to 32 MiB).
+    malloc_mmap_threshold_bytes: int = 0
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -> None:
@@ -94,6 +98,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -
         "(MAAS_DRAIN_DELAY_SECONDS)",
     )
     g.add_argument(
+        "--readiness-interval",
+        type=float,
+        default=env_float("MAAS_READINESS_INTERVAL_SECONDS", 2.0),
+        help="seconds between readiness checks of required upstreams, also each check's timeout "
+        "(MAAS_READINESS_INTERVAL_SECONDS)",
+    )
+    g.add_argument(
         "--max-message-bytes",
         type=int,
         default=env_int("MAAS_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
@@ -108,6 +119,14 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -
     g.add_argument("--log-level", default=env("MAAS_LOG_LEVEL", "INFO"), help="MAAS_LOG_LEVEL")
     g.add_argument(
         "--log-format", choices=["json", "text"], default=env("MAAS_LOG_FORMAT", "json"), help="MAAS_LOG_FORMAT"
+    )
+    g.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=env_int("MAAS_MALLOC_MMAP_THRESHOLD_BYTES", 0),
+        help="allocations from this size get their own mapping, returned to the OS when freed, so a "
+        "burst of large requests does not leave RSS at its peak; 0 = glibc's default "
+        "(MAAS_MALLOC_MMAP_THRESHOLD_BYTES)",
     )
     g.add_argument(
         "--workers",
@@ -182,13 +201,14 @@ def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
 
 
 def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettings:
-    require_positive(args, "max_message_bytes", "workers")
-    require_non_negative(args, "drain_delay")
+    require_positive(args, "max_message_bytes", "workers", "readiness_interval")
+    require_non_negative(args, "drain_delay", "malloc_mmap_threshold")
     return ServerSettings(
         service_name=service_name,
         listen=args.listen,
         grace_seconds=args.grace,
         drain_delay_seconds=args.drain_delay,
+        readiness_interval_seconds=args.readiness_interval,
         max_message_bytes=args.max_message_bytes,
         metrics_port=args.metrics_port,
         log_level=args.log_level.upper(),
@@ -196,6 +216,7 @@ def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettin
         workers=args.workers,
         tls=tls_settings(args),
         health_listen=args.health_listen or "",
+        malloc_mmap_threshold_bytes=args.malloc_mmap_threshold,
     )
 
 

@@ -57,6 +57,11 @@ class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+# Trailing metadata key of a refusal's retry hint, in milliseconds (quota, load shedding); the OpenAI
+# gateway turns it into HTTP Retry-After / retry-after-ms.
+RETRY_AFTER_METADATA = "retry-after-ms"
+
+
 # Status messages are sent as a header: one that echoes a large input could exceed the caller's metadata
 # limit (gRPC's default is 8 KiB, and the message is percent-encoded: up to 3 bytes per byte), and the
 # caller would see RESOURCE_EXHAUSTED instead of the error. Messages are cut to this many UTF-8 bytes.

@@ -53,6 +53,10 @@ class _Outcome:
             log.exception("unhandled error", extra={"method": self.metrics.method, "incident": incident})
             mapped = (grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
         self.finish(mapped[0])
+        # An error may carry trailing metadata, e.g. the retry-after hint of a quota refusal.
+        trailing = getattr(exc, "trailing_metadata", None)
+        if trailing:
+            await context.abort(mapped[0], bounded(mapped[1]), trailing_metadata=trailing)
         await context.abort(mapped[0], bounded(mapped[1]))
 
     def finish(self, code: grpc.StatusCode) -> None:

@@ -117,6 +117,10 @@ class ReplicaPool:
     def replicas(self) -> list[Replica]:
         return list(self._serving)
 
+    def known(self) -> dict[str, Replica]:
+        """Every replica discovery reports, serving, waiting for admission or ejected."""
+        return dict(self._known)
+
     async def set_replicas(self, addresses: Iterable[str]) -> None:
         """The discovery callback: open channels to new replicas, retire the ones that left."""
         wanted = frozenset(addresses)
@@ -281,6 +285,12 @@ async def _connects(address: str, channel: grpc.aio.Channel) -> bool:
     """The default probe: the channel connects (the pool bounds it by probe_timeout_seconds)."""
     await channel.channel_ready()
     return True
+
+
+async def triton_live(replica: Replica, timeout: float) -> bool:
+    """Triton's ServerLive on the replica's own channel (raises AioRpcError when it does not answer)."""
+    stub = replica.stub(service_pb2_grpc.GRPCInferenceServiceStub)
+    return (await stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=timeout)).live
 
 
 def triton_admission(required: Callable[[], Iterable[tuple[str, str]]], timeout: float = 5.0) -> Admit:

@@ -4,7 +4,15 @@ build_server() gives a grpc.aio server with the standard health service and refl
 their own, explicit message size limits, the error/metrics interceptor and (when OTEL_* is set)
 tracing, and TLS when configured (services/shared/tls.py: dynamic credentials that follow their files),
 plus a plaintext health-only port for probes that cannot speak TLS (--health-listen). run() serves
-until SIGTERM/SIGINT, then flips health to NOT_SERVING and lets in-flight RPCs finish within the grace period.
+until SIGTERM/SIGINT, then flips health to NOT_SERVING and lets in-flight RPCs finish within the grace
+period.
+
+Health names: "" (and each service's full name) is SERVING while the process serves - the liveness
+probe's name, and what `maas up` and health-checked client channels look at. READINESS ("readiness",
+the chart's readinessProbe) is SERVING only while every readiness check passes: the router and the
+registry check that they reach Triton. A failing check is logged as "not ready: <why>" (at once, then
+every READINESS_LOG_SECONDS while it lasts) and the name turns SERVING again when it passes. A wrong
+upstream address thus keeps the pod out of its Service with the reason in its log; it is not restarted.
 """
 
 from __future__ import annotations
@@ -12,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -21,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.shared.config import ServerSettings
 from services.shared.interceptors import ServiceInterceptor
+from services.shared.memory import set_mmap_threshold
 from services.shared.structured_logging import configure_logging
 from services.shared.tls import CertificateFiles, server_credentials
 from services.shared.telemetry import (
@@ -31,6 +41,12 @@ from services.shared.telemetry import (
 )
 
 log = logging.getLogger(__name__)
+
+READINESS = "readiness"  # the health name the readiness probe asks (liveness asks "")
+READINESS_LOG_SECONDS = 10.0  # how often a readiness failure that lasts is logged again
+
+# A readiness check: None when the service can serve, else why not (one line, naming what and where).
+ReadinessCheck = Callable[[], Awaitable[str | None]]
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -66,20 +82,69 @@ class ServiceServer:
     certificates: CertificateFiles | None = None
     health_server: grpc.aio.Server | None = None
     health_port: int = 0
+    # What READINESS needs besides serving (e.g. Triton reachable); none = ready once started.
+    readiness_checks: list[ReadinessCheck] = field(default_factory=list)
+    _readiness_task: asyncio.Task | None = None
+    ready: bool = False
 
     async def start(self) -> None:
         await _run_callbacks(self.on_start)
+        await self.health.set(READINESS, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc_server.start()
         if self.health_server is not None:
             await self.health_server.start()
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.readiness_checks:
+            self._readiness_task = asyncio.get_running_loop().create_task(
+                self._follow_readiness(), name=f"{self.settings.service_name}-readiness"
+            )
+        else:
+            await self._set_ready(True)
+
+    async def _set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        await self.health.set(
+            READINESS, health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    async def check_readiness(self) -> list[str]:
+        """Why the service is not ready (empty: it is). A check that raises counts as failing."""
+
+        async def one(check: ReadinessCheck) -> str | None:
+            try:
+                return await check()
+            except Exception as exc:  # noqa: BLE001 - a broken check must not stop the readiness loop
+                return f"readiness check failed: {type(exc).__name__}: {exc}"
+
+        return [r for r in await asyncio.gather(*(one(c) for c in self.readiness_checks)) if r]
+
+    async def _follow_readiness(self) -> None:
+        """Re-run the checks every readiness interval; log a failure at once and then every
+        READINESS_LOG_SECONDS while it lasts (or sooner when its reason changes), and the recovery."""
+        logged: tuple[str, float] | None = None  # (reasons, when) of the last "not ready" line
+        while True:
+            reasons = await self.check_readiness()
+            if reasons:
+                why = "; ".join(reasons)
+                now = time.monotonic()
+                if logged is None or logged[0] != why or now - logged[1] >= READINESS_LOG_SECONDS:
+                    log.warning("not ready: %s", why, extra={"health": READINESS, "reasons": reasons})
+                    logged = (why, now)
+            elif not self.ready:
+                log.info("ready", extra={"health": READINESS, "was": logged[0] if logged else None})
+                logged = None
+            await self._set_ready(not reasons)
+            await asyncio.sleep(self.settings.readiness_interval_seconds)
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING first; calls still taken for the drain delay (part of the grace, at most
         half) while clients watching health move to other replicas; then no new calls, in-flight ones
         finish. Without the delay, a call racing the stop (sent before the client saw it) is CANCELLED."""
         grace = self.settings.grace_seconds if grace is None else grace
+        if self._readiness_task is not None:
+            self._readiness_task.cancel()
+            await asyncio.gather(self._readiness_task, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         delay = min(self.settings.drain_delay_seconds, grace / 2)
         if delay > 0:
@@ -140,6 +205,7 @@ def start_observability(settings: ServerSettings) -> None:
     """Every service process's preamble (gRPC and HTTP alike): structured logs, tracing when the OTEL_*
     settings ask for it, the Prometheus endpoint when --metrics-port is set."""
     configure_logging(settings.service_name, settings.log_level, settings.log_format)
+    set_mmap_threshold(settings.malloc_mmap_threshold_bytes)
     setup_tracing(f"maas-{settings.service_name}")
     start_metrics_server(settings.metrics_port)
 

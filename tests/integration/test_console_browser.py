@@ -414,3 +414,40 @@ def test_models_page_draws_the_shadow_agreement_histogram(page, console_mesh, re
     assert f"v{v1} → v{v2}" in card.locator("figure.agreement figcaption").inner_text()
     shoot(page, "models-shadow-histogram")
     assert_no_console_errors(page)
+
+
+def test_operations_show_rollout_progress_and_the_audit_log(page, console_mesh, registry, tmp_path):
+    from maas.v1 import registry_pb2 as pb
+
+    v1 = register_tiny(registry, "rolled_tiny", tmp_path, scale=1.0)
+    v2 = register_tiny(registry, "rolled_tiny", tmp_path, scale=2.0)
+    registry.set_alias("rolled_tiny", "production", v1)
+    # A long interval: the rollout stays at its first step while the page is looked at.
+    registry.start_rollout(
+        "rolled_tiny",
+        v2,
+        pb.RolloutPolicy(step_weight=10, interval_seconds=300, max_weight=50),
+        reason="console rollout test",
+    )
+    try:
+        page.goto("/operations")
+        playwright_api.expect(page.locator("#audit [role=alert]")).to_contain_text("UNAUTHENTICATED")  # no token yet
+        row = page.locator("#rollouts tr[data-model=rolled_tiny]")
+        assert row.get_attribute("data-state") == "running"
+        assert (
+            row.locator("progress").get_attribute("value") == "10"
+            and row.locator("progress").get_attribute("max") == "50"
+        )
+        assert f"v{v2} (production v{v1})" in row.inner_text()
+        page.fill("#token", TOKEN)
+        page.click("text=Use token")
+        audit = page.locator("#audit table.audit")
+        playwright_api.expect(audit).to_contain_text("rollout.started")
+        assert "model/rolled_tiny" in audit.inner_text() and "console rollout test" in audit.inner_text()
+        assert labelled(page) == []
+        shoot(page, "operations-rollout")
+    finally:
+        registry.abort_rollout("rolled_tiny", reason="console test done")
+    page.goto("/operations")
+    assert page.locator("#rollouts tr[data-model=rolled_tiny]").get_attribute("data-state") == "aborted"
+    assert_no_console_errors(page)

@@ -182,6 +182,10 @@ def test_canary_failing_a_fifth_of_requests_is_rolled_back(mesh, mesh_registry, 
     # Only the canary's share saw errors: 20 % of the canary's 20 % (far below the marked 20 %).
     total = sum(traffic.answered.values()) + sum(traffic.failed.values())
     assert set(traffic.failed) <= {"INVALID_ARGUMENT"} and sum(traffic.failed.values()) < 0.1 * total, traffic.failed
+    # The audit log (maas audit) holds the rollout beside the traffic changes it made, with the reason.
+    entries = {e.action: e for e in mesh_registry.audit(target_prefix="model/ro_faulty")}
+    assert {"rollout.started", "rollout.rolled_back", "traffic.set"} <= set(entries), sorted(entries)
+    assert entries["rollout.rolled_back"].actor == "rollout" and "error rate" in entries["rollout.rolled_back"].reason
     with MeshClient(mesh.router_address) as client:  # the marker is fine for production
         wait_for(lambda: client.infer("ro_faulty", {"x": MARKED}).routed.version == v1, "traffic back on v1")
 

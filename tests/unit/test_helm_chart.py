@@ -13,6 +13,7 @@ import yaml
 
 from maas import ports
 from services.console.config import ConsoleLimits
+from services.shared.server import READINESS
 from tests.unit import chart_render as cr
 from tests.unit.chart_render import COMPONENTS, SCENARIOS, SERVICES, STATELESS, name
 
@@ -229,8 +230,12 @@ def test_probes_on_every_container(scenario):
     for svc in SERVICES:
         c = cr.container(docs, svc)
         tls = "MAAS_TLS_CERT" in cr.env(c)  # then kubelet probes the plaintext health-only port
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"] == {"port": TLS_HEALTH_PORT if tls else PORTS[svc]}, (svc, probe)
+        port = TLS_HEALTH_PORT if tls else PORTS[svc]
+        # Startup and liveness ask "" (the process serves: a wrong Triton address must not restart it),
+        # readiness asks the name that follows the readiness checks (Triton reachable).
+        for probe in ("startupProbe", "livenessProbe"):
+            assert c[probe]["grpc"] == {"port": port}, (svc, probe)
+        assert c["readinessProbe"]["grpc"] == {"port": port, "service": READINESS}, svc
         assert {"name": "grpc", "containerPort": PORTS[svc], "protocol": "TCP"} in c["ports"]
     triton = cr.container(docs, "triton")
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -425,7 +430,7 @@ def test_router_oip_fast_path_ports_and_env():
     assert {"name": "oip-fast", "containerPort": OIP_FAST_PORT, "protocol": "TCP"} in router["ports"]
     assert cr.env(router)["MAAS_ROUTER_OIP_FAST_LISTEN"]["value"] == f"0.0.0.0:{OIP_FAST_PORT}"
     # Probes stay on the main port, which serves health and the same protocol.
-    assert router["readinessProbe"]["grpc"] == {"port": PORTS["router"]}
+    assert router["readinessProbe"]["grpc"] == {"port": PORTS["router"], "service": READINESS}
     ports = {p["name"]: p for p in cr.by_name(docs, "Service")[name("router")]["spec"]["ports"]}
     assert ports["oip-fast"] == {
         "name": "oip-fast",

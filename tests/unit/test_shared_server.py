@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.shared import errors
 from services.shared.config import ServerSettings
-from services.shared.server import build_server
+from services.shared.server import READINESS, build_server
 from services.shared.telemetry import RPC_INFLIGHT, RPC_REQUESTS
 
 SLOW = "/test.Probe/Slow"
@@ -218,3 +218,75 @@ def test_a_peer_address_list_is_a_balanced_health_checked_target():
     assert channel_target("dns:///tokenizer-headless:50053") == ("dns:///tokenizer-headless:50053", True)
     with pytest.raises(ConfigError, match="not an IP host:port"):
         channel_target("a:1,b:2")
+
+
+# -- readiness: "" is liveness (serving), READINESS follows the readiness checks ----------------------
+
+
+async def _status(channel, name: str) -> int:
+    return (
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name), timeout=2)
+    ).status
+
+
+async def test_without_readiness_checks_readiness_is_serving_once_started(probe_server):
+    _, channel = probe_server
+    assert await _status(channel, READINESS) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_readiness_follows_its_checks_logs_why_and_liveness_stays_serving(caplog):
+    upstream = {"reason": "Triton at 127.0.0.1:1 unreachable: UNAVAILABLE: connection refused"}
+
+    async def check():
+        return upstream["reason"]
+
+    settings = ServerSettings(service_name="probe", listen="127.0.0.1:0", readiness_interval_seconds=0.05)
+    server, port = build_server(settings, _register_probe)
+    server.readiness_checks.append(check)
+    caplog.set_level("INFO", logger="services.shared.server")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+            await _until(
+                lambda: any("not ready: Triton at 127.0.0.1:1 unreachable" in r.getMessage() for r in caplog.records),
+                "the not-ready line logged",
+            )
+            assert await _status(channel, READINESS) == not_serving
+            assert await _status(channel, "") == serving  # liveness: the pod is not restarted for it
+            assert await _status(channel, "test.Probe") == serving
+            line = next(r for r in caplog.records if r.getMessage().startswith("not ready"))
+            assert line.levelname == "WARNING" and line.reasons == [upstream["reason"]]
+            # The same reason is not logged on every check (the interval is 50 ms, the repeat 10 s).
+            await asyncio.sleep(0.3)
+            assert sum(r.getMessage().startswith("not ready") for r in caplog.records) == 1
+
+            upstream["reason"] = None
+            await _until(lambda: server.ready, "ready once the check passes")
+            assert await _status(channel, READINESS) == serving
+            assert any(r.getMessage() == "ready" for r in caplog.records)
+
+            upstream["reason"] = "Triton at 127.0.0.1:1 unreachable: DEADLINE_EXCEEDED"
+            await _until(lambda: not server.ready, "not ready again when the check fails again")
+            assert await _status(channel, READINESS) == not_serving
+    finally:
+        await server.stop(0)
+    assert server.health._server_status[READINESS] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert server._readiness_task.done()
+
+
+async def test_a_readiness_check_that_raises_is_not_ready_with_its_error():
+    async def broken():
+        raise RuntimeError("boom")
+
+    server, _ = build_server(ServerSettings(service_name="probe", listen="127.0.0.1:0"), _register_probe)
+    server.readiness_checks.append(broken)
+    assert await server.check_readiness() == ["readiness check failed: RuntimeError: boom"]
+
+
+async def test_drain_turns_readiness_not_serving_too():
+    server, _ = build_server(ServerSettings(service_name="probe", listen="127.0.0.1:0"), _register_probe)
+    await server.start()
+    assert server.health._server_status[READINESS] == health_pb2.HealthCheckResponse.SERVING
+    await server.stop(0)
+    assert server.health._server_status[READINESS] == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -163,7 +163,11 @@ annotations:
 {{- end }}
 {{- end -}}
 
-{{/* Native gRPC health probes (grpc.health.v1) for our services; with TLS on the plaintext health port. */}}
+{{/* Native gRPC health probes (grpc.health.v1) for our services; with TLS on the plaintext health port.
+Startup and liveness ask "" (the process serves); readiness asks "readiness": SERVING only while the
+service reaches what it needs (the router and the registry: a Triton replica). A wrong Triton address
+thus keeps the pod unready, with "not ready: Triton at ... unreachable: ..." in its log, instead of
+restarting it. */}}
 {{- define "maas-mesh.grpcProbes" -}}
 startupProbe:
   grpc:
@@ -173,6 +177,7 @@ startupProbe:
 readinessProbe:
   grpc:
     port: {{ include "maas-mesh.probePort" . }}
+    service: readiness
   periodSeconds: 5
   failureThreshold: 2
 livenessProbe:

@@ -1,0 +1,323 @@
+"""Tenants end to end on real processes: the registry (in-process) with its admin token, real Triton serving
+the tiny model, routers with auth on following WatchTenants.
+
+No key / bad key / revoked key / disallowed model get their codes on every inference API of the router;
+a revocation reaches both routers within a second (measured); a tenant at 50 req/s sending 200 req/s
+through two routers gets 45-55 req/s served; the retry hint rides in trailing metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+from maas.v1 import registry_pb2 as pb
+from maas.v1 import router_pb2, router_pb2_grpc
+from tests.fixtures.tenants import ADMIN, X, bearer, create_tenant, infer_request, register_tiny, until
+
+
+async def _code(call) -> grpc.StatusCode:
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def _details(call) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+def _stub(address: str) -> tuple[grpc.aio.Channel, router_pb2_grpc.RouterStub]:
+    channel = grpc.aio.insecure_channel(address)
+    return channel, router_pb2_grpc.RouterStub(channel)
+
+
+async def _ready(stub, key: str) -> None:
+    async def ok() -> bool:
+        return await _code(stub.Infer(infer_request(), metadata=bearer(key), timeout=5)) == grpc.StatusCode.OK
+
+    await until(ok, what="the router serving tiny")
+
+
+def _all_calls(stub, metadata, model: str = "tiny"):
+    """One call of every Router inference method (each named)."""
+    ref = {"model": {"name": model}}
+    return {
+        "Infer": lambda: stub.Infer(infer_request(model), metadata=metadata, timeout=5),
+        "Embed": lambda: stub.Embed(router_pb2.EmbedRequest(texts=["hi"], **ref), metadata=metadata, timeout=5),
+        "Classify": lambda: stub.Classify(
+            router_pb2.ClassifyRequest(images=[b"x"], **ref), metadata=metadata, timeout=5
+        ),
+        "GenerateUnary": lambda: stub.GenerateUnary(
+            router_pb2.GenerateRequest(prompt="hi", **ref), metadata=metadata, timeout=5
+        ),
+        "Generate": lambda: _drain(
+            stub.Generate(router_pb2.GenerateRequest(prompt="hi", **ref), metadata=metadata, timeout=5)
+        ),
+    }
+
+
+async def _drain(call) -> None:
+    async for _ in call:
+        pass
+
+
+async def _oip(address: str, headers: dict | None, model: str = "tiny"):
+    client = triton_aio.InferenceServerClient(address)
+    inp = InferInput("x", [1, 4], "FP32")
+    inp.set_data_from_numpy(X)
+    try:
+        result = await client.infer(model, [inp], headers=headers, client_timeout=10)
+        return "OK", result.as_numpy("y")
+    except InferenceServerException as exc:
+        return exc.status(), exc.message()
+    finally:
+        await client.close()
+
+
+async def test_every_inference_api_says_which_key_or_model_problem_it_is(start_registry, auth_routers):
+    env = await start_registry(token=ADMIN)
+    await register_tiny(env)
+    await register_tiny(env, "other")
+    good = await create_tenant(env, "acme", allowed_models=["tiny"])
+    gone = await create_tenant(env, "gone")
+    await env.stub.RevokeTenant(pb.RevokeTenantRequest(name="gone", actor="pytest", reason="test"), metadata=env.auth())
+    [(server, address)] = await auth_routers(env)
+    channel, stub = _stub(address)
+    try:
+        await _ready(stub, good)
+        cases = {
+            "no key": ((), grpc.StatusCode.UNAUTHENTICATED, "needs an API key"),
+            "bad key": (bearer("maas_not-a-key"), grpc.StatusCode.UNAUTHENTICATED, "is not valid"),
+            "not bearer": ((("authorization", f"Basic {good}"),), grpc.StatusCode.UNAUTHENTICATED, "Bearer <key>"),
+            "revoked key": (bearer(gone), grpc.StatusCode.UNAUTHENTICATED, "'gone' is revoked"),
+        }
+        for case, (metadata, code, words) in cases.items():
+            for method, call in _all_calls(stub, metadata).items():
+                got, details = await _details(call())
+                assert (got, words in details) == (code, True), (case, method, got, details)
+            status, message = await _oip(address, dict(metadata) or None)
+            assert status == "StatusCode.UNAUTHENTICATED" and words in message, (case, "ModelInfer", message)
+        # A model the tenant may not call: PERMISSION_DENIED naming it, before any work.
+        for method, call in _all_calls(stub, bearer(good), model="other").items():
+            got, details = await _details(call())
+            assert got == grpc.StatusCode.PERMISSION_DENIED and "may not call model 'other'" in details, (
+                method,
+                details,
+            )
+        status, message = await _oip(address, {"authorization": f"Bearer {good}"}, model="other")
+        assert status == "StatusCode.PERMISSION_DENIED" and "'acme' may not call model 'other'" in message
+        # The good key on an allowed model is served, on the main port's OIP too.
+        response = await stub.Infer(infer_request(), metadata=bearer(good), timeout=5)
+        assert response.routed.model == "tiny"
+        status, y = await _oip(address, {"authorization": f"Bearer {good}"})
+        assert status == "OK" and np.array_equal(y, X * 2)
+        # The client library sends the key it is given (or $MAAS_API_KEY).
+        from maas.client import AsyncMeshClient, MeshError
+
+        async with AsyncMeshClient(address, api_key=good) as mesh:
+            assert np.array_equal((await mesh.infer("tiny", {"x": X})).outputs["y"], X * 2)
+        async with AsyncMeshClient(address, api_key="") as mesh:
+            with pytest.raises(MeshError) as refused:
+                await mesh.infer("tiny", {"x": X})
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        # Embed/Classify/Generate were admitted (their preprocessing service is absent here: UNAVAILABLE).
+        for method in ("Embed", "Classify"):
+            got = await _code(_all_calls(stub, bearer(good))[method]())
+            assert got not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED), (method, got)
+    finally:
+        await channel.close()
+
+
+async def test_the_fast_path_is_not_started_with_auth_on(start_registry, auth_routers):
+    from maas.local.processes import free_ports
+    from services.router.config import RouterConfig
+    from services.router.fastpath import find_binary
+    from services.router.server import create_server
+    from services.shared.config import ServerSettings
+    from services.router.admission import AdmissionSettings
+
+    if not find_binary():
+        pytest.skip("maas-oip-fastpath is not built (make fastpath)")
+    env = await start_registry(token=ADMIN)
+    fast = f"127.0.0.1:{free_ports(1)[0]}"
+    cfg = RouterConfig(
+        server=ServerSettings(service_name="router", listen="127.0.0.1:0", grace_seconds=0.5, workers=1),
+        registry=env.address,
+        tokenizer="127.0.0.1:1",
+        vision="127.0.0.1:1",
+        triton=env.triton.grpc_address,
+        admin_token=ADMIN,
+        oip_fast_listen=fast,
+        oip_fast_binary=find_binary(),
+        admission=AdmissionSettings(auth=True),
+    )
+    server, _ = create_server(cfg)
+    await server.start()
+    try:
+        status, _ = await _oip(fast, None)
+        assert status == "StatusCode.UNAVAILABLE"  # nothing listens there: no call gets past the keys
+    finally:
+        await server.stop(0)
+
+
+async def test_revocation_and_rotation_reach_every_router_within_a_second(start_registry, auth_routers):
+    env = await start_registry(token=ADMIN)
+    await register_tiny(env)
+    key = await create_tenant(env, "acme")
+    routers = await auth_routers(env, n=2)
+    stubs = [_stub(address) for _, address in routers]
+    try:
+        for _, stub in stubs:
+            await _ready(stub, key)
+
+        async def refused_after(stub, key, since: float) -> float:
+            while await _code(stub.Infer(infer_request(), metadata=bearer(key), timeout=5)) == grpc.StatusCode.OK:
+                assert time.monotonic() - since < 10, "the key still works after 10 s"
+            assert (
+                await _code(stub.Infer(infer_request(), metadata=bearer(key), timeout=5))
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
+            return time.monotonic() - since
+
+        # Rotation: the old key stops working everywhere, the new one works.
+        since = time.monotonic()
+        rotated = await env.stub.RotateTenantKey(
+            pb.RotateTenantKeyRequest(name="acme", actor="pytest"), metadata=env.auth()
+        )
+        delays = await asyncio.gather(*(refused_after(stub, key, since) for _, stub in stubs))
+        assert max(delays) < 1.0, delays
+        for _, stub in stubs:
+            await _ready(stub, rotated.api_key)
+        # Revocation: measured from the RevokeTenant call to the first refusal at each router.
+        since = time.monotonic()
+        await env.stub.RevokeTenant(
+            pb.RevokeTenantRequest(name="acme", actor="pytest", reason="test"), metadata=env.auth()
+        )
+        delays = await asyncio.gather(*(refused_after(stub, rotated.api_key, since) for _, stub in stubs))
+        print(f"revocation effective at both routers after {max(delays) * 1000:.1f} ms")
+        assert max(delays) < 1.0, delays
+        audit = await env.stub.ListAudit(pb.ListAuditRequest(target_prefix="tenant/"), metadata=env.auth())
+        assert [e.action for e in audit.entries] == ["tenant.revoke", "tenant.rotate_key", "tenant.create"]
+    finally:
+        for channel, _ in stubs:
+            await channel.close()
+
+
+async def test_a_tenant_at_50_per_second_sending_200_gets_50_served_across_two_routers(start_registry, auth_routers):
+    env = await start_registry(token=ADMIN)
+    await register_tiny(env)
+    key = await create_tenant(env, "acme", quota=pb.Quota(requests_per_second=50, request_burst=10))
+    warm = await create_tenant(env, "warm")
+    routers = await auth_routers(env, n=2)
+    stubs = [_stub(address) for _, address in routers]
+    try:
+        for _, stub in stubs:
+            await _ready(stub, warm)
+        rate, seconds = 200, 4.0
+        outcomes: list[grpc.StatusCode] = []
+        hints: list[str] = []
+
+        async def one(stub) -> None:
+            call = stub.Infer(infer_request(), metadata=bearer(key), timeout=10)
+            try:
+                await call
+                outcomes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as exc:
+                outcomes.append(exc.code())
+                hints.extend(v for k, v in (exc.trailing_metadata() or ()) if k == "retry-after-ms")
+
+        tasks = []
+        start = time.monotonic()
+        n = int(rate * seconds)
+        for i in range(n):  # paced, spread over both routers like a balancer would
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(stubs[i % 2][1])))
+        sent_for = time.monotonic() - start
+        await asyncio.gather(*tasks)
+        served = outcomes.count(grpc.StatusCode.OK)
+        refused = outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert served + refused == n, {c: outcomes.count(c) for c in set(outcomes)}
+        served_rate = served / sent_for
+        print(f"sent {n / sent_for:.0f} req/s for {sent_for:.2f} s: {served_rate:.1f} req/s served, {refused} refused")
+        assert n / sent_for > 100, "the client could not send fast enough to test the quota"
+        assert 45 <= served_rate <= 55, served_rate
+        assert hints and all(int(h) >= 1 for h in hints)
+    finally:
+        for channel, _ in stubs:
+            await channel.close()
+
+
+async def test_the_openai_gateway_answers_401_403_and_429_with_retry_after(start_registry, auth_routers):
+    import http.client
+    import json
+
+    import uvicorn
+
+    from maas.local.processes import free_ports
+    from services.openai.config import GatewayConfig
+    from services.openai.server import uvicorn_config
+    from services.shared.config import ServerSettings
+
+    env = await start_registry(token=ADMIN)
+    await register_tiny(env)
+    key = await create_tenant(
+        env, "acme", allowed_models=["minilm"], quota=pb.Quota(requests_per_second=0.5, request_burst=1)
+    )
+    [(_, address)] = await auth_routers(env)
+    port = free_ports(1)[0]
+    config = GatewayConfig(
+        server=ServerSettings(service_name="openai", listen=f"127.0.0.1:{port}", grace_seconds=1),
+        router=address,
+        registry=env.address,
+        default_timeout=10,
+    )
+    server = uvicorn.Server(uvicorn_config(config))
+    serving = asyncio.create_task(server.serve())
+
+    def post(body: dict, key: str | None = None) -> tuple[int, dict, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+            conn.request("POST", "/v1/embeddings", json.dumps(body), headers)
+            answer = conn.getresponse()
+            return answer.status, json.loads(answer.read()), {k.lower(): v for k, v in answer.getheaders()}
+        finally:
+            conn.close()
+
+    async def call(body: dict, key: str | None = None):
+        return await asyncio.to_thread(post, body, key)  # the gateway and the router run on this loop
+
+    try:
+        await until(lambda: server.started, what="the gateway listening")
+        body = {"model": "minilm", "input": ["hi"]}
+        status, answer, _ = await call(body)
+        assert status == 401 and "needs an API key" in answer["error"]["message"], answer
+        status, answer, _ = await call(body, "maas_nope")
+        assert status == 401 and answer["error"]["type"] == "authentication_error", answer
+        status, answer, _ = await call({**body, "model": "tiny"}, key)
+        assert status == 403 and "may not call model 'tiny'" in answer["error"]["message"], answer
+        # Admitted (minilm is not registered here: 404, after admission), then over the quota of 0.5/s
+        # with a burst of 1: 429.
+        status, answer, _ = await call(body, key)
+        assert status == 404 and "'minilm' is not registered" in answer["error"]["message"], answer
+        status, answer, headers = await call(body, key)
+        assert status == 429 and "over its request quota" in answer["error"]["message"], answer
+        assert int(headers["retry-after"]) >= 1 and int(headers["retry-after-ms"]) >= 1, headers
+    finally:
+        server.should_exit = True
+        await serving
