@@ -11,21 +11,16 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE} AS build
 ARG PIP_NO_INDEX
 ARG PIP_FIND_LINKS
-RUN apt-get update && apt-get install -y --no-install-recommends make \
- && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY constraints.txt ./
 RUN python3 -m venv /opt/build \
  && /opt/build/bin/pip install --no-cache-dir -c constraints.txt grpcio-tools setuptools
 COPY . .
-# The gRPC stubs (maas/v1) are generated, not committed: `make protos`. That target
-# normally sets up the dev venv first; here the build venv is the toolchain, so
-# mark the venv as installed and point the Makefile's PY at it.
-RUN mkdir -p .venv && touch .venv/.installed \
- && make protos PY=/opt/build/bin/python \
- && /opt/build/bin/pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /out .
+# The gRPC stubs (maas/v1) are generated, not committed: the package build (setup.py) generates
+# them into the wheel, with the build venv's grpcio-tools.
+RUN /opt/build/bin/pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /out .
 
-# The router's compiled Open Inference Protocol data path (maas-oip-fastpath, C++). The router
+# The router's OIP fast path (compiled) (maas-oip-fastpath, C++). The router
 # starts it as a child process when it is on PATH; without it the router serves OIP only on its
 # main port. Built in its own stage so g++ and the -dev headers stay out of the runtime image;
 # only the router's sources and the build script are copied, so Python-only changes reuse it.

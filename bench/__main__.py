@@ -1,10 +1,14 @@
-"""Run every benchmark (or those named on the command line): `python -m bench [tokenizer vision ...]`.
+"""Run every benchmark (or those named on the command line): `python -m bench [--strict] [tokenizer vision ...]`.
 
 Each figure is a ratio or difference against a baseline measured in the same run, printed as
-`BENCH <name> <value> <op> <target>`; a summary at the end says which targets were met.
+`BENCH <name> <value> <op> <target>`; a summary at the end says which targets were met, and one line
+(`== missed: ...`) names the misses. The exit status is 1 when a benchmark failed, and with --strict
+also when a target was missed.
 """
+
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import io
@@ -35,15 +39,22 @@ class _Tee(io.TextIOBase):
 
 
 def main(argv: list[str]) -> int:
-    names = argv or sorted(name for m in pkgutil.iter_modules(bench.__path__) if m.name.startswith("bench_")
-                           and (name := m.name[len("bench_"):]) not in ON_REQUEST)
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Run the benchmarks.")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("names", nargs="*", help="benchmarks to run (default: all but soak and recovery)")
+    args = parser.parse_args(argv)
+    names = args.names or sorted(
+        name
+        for m in pkgutil.iter_modules(bench.__path__)
+        if m.name.startswith("bench_") and (name := m.name[len("bench_") :]) not in ON_REQUEST
+    )
     tee, failed = _Tee(sys.stdout), []
     for name in names:
         print(f"== bench {name}", flush=True)
         try:
             with contextlib.redirect_stdout(tee):
                 importlib.import_module(f"bench.bench_{name}").main()
-        except Exception:  # one broken benchmark must not hide the others' figures
+        except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others' figures
             traceback.print_exc()
             failed.append(name)
     missed = []
@@ -54,7 +65,13 @@ def main(argv: list[str]) -> int:
     print(f"== {len(names) - len(failed)} benchmarks ran; failed: {failed or 'none'}; targets missed: {len(missed)}")
     for line in missed:
         print(f"   missed: {line}")
-    return 1 if failed else 0
+    print(f"== missed: {'; '.join(_short(line) for line in missed) or 'none'}")
+    return 1 if failed or (args.strict and missed) else 0
+
+
+def _short(line: str) -> str:
+    """`BENCH name value op target` → `name value op target`."""
+    return line.removeprefix("BENCH ")
 
 
 if __name__ == "__main__":

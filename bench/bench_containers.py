@@ -6,6 +6,7 @@ the same run on the same machine, their rounds interleaved. Also Triton alone (a
 tritonclient straight at each mesh's Triton). Needs `make images` and `make models`; without the
 images it says so and prints no figures.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -47,12 +48,14 @@ def mesh_classify(client: MeshClient, jpeg: bytes):
     def call():
         top = client.classify([jpeg], "efficientnet_lite0", top_k=5).results[0][0]
         assert "cat" in top.label, top
+
     return call
 
 
 def triton_classify(client: grpcclient.InferenceServerClient, cat: np.ndarray):
     def call():
         assert 281 <= int(np.argmax(classify(client, cat)[0])) <= 285
+
     return call
 
 
@@ -63,10 +66,15 @@ def main() -> None:
     print(f"BENCH image_services_mb {pk.image_mb(SERVICES):.0f} <= 1000")
     print(f"BENCH image_triton_cpu_mb {pk.image_mb(TRITON):.0f} <= 2500")
     jpeg, cat = cat_photo(), preprocess(data.chelsea())[None]
-    with PodmanMesh(pk.REPO / "build/cluster-bench") as pods, tempfile.TemporaryDirectory() as state, \
-            LocalMesh(MeshConfig(state_dir=Path(state), ports=FREE_PORTS, models=MODELS)) as local:
-        print(f"(render -> every pod ready {pods.start_to_ready_s:.1f} s; -> models registered and routable "
-              f"{pods.registered_s:.1f} s)")
+    with (
+        PodmanMesh(pk.REPO / "build/cluster-bench") as pods,
+        tempfile.TemporaryDirectory() as state,
+        LocalMesh(MeshConfig(state_dir=Path(state), ports=FREE_PORTS, models=MODELS)) as local,
+    ):
+        print(
+            f"(render -> every pod ready {pods.start_to_ready_s:.1f} s; -> models registered and routable "
+            f"{pods.registered_s:.1f} s)"
+        )
         print(f"BENCH containers_start_to_ready_s {pods.start_to_ready_s:.1f} <= 120")
         with MeshClient(pods.address("router")) as c_pods, MeshClient(local.router_address) as c_local:
             pods_qps, local_qps = interleaved_qps([mesh_classify(c_pods, jpeg), mesh_classify(c_local, jpeg)])

@@ -4,6 +4,7 @@ The EndpointSlice watcher (list once, then watch) against the baseline a watch-l
 would use: re-listing every second. Both run against the fake Kubernetes API on loopback with the
 real `kubernetes` client; the figure is the time from a slice change to on_change being called.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -64,7 +65,9 @@ def _poll_latencies(api: FakeKubeAPI) -> list[float]:
 
     def poll() -> None:
         while not stop.is_set():
-            listing = discovery.list_namespaced_endpoint_slice(NS, label_selector=f"kubernetes.io/service-name={SERVICE}")
+            listing = discovery.list_namespaced_endpoint_slice(
+                NS, label_selector=f"kubernetes.io/service-name={SERVICE}"
+            )
             for a in ready_addresses(listing.items):
                 arrived.setdefault(a, time.perf_counter())
             stop.wait(POLL_INTERVAL)
@@ -92,8 +95,10 @@ def main() -> None:
         poll_ms = _poll_latencies(api)
     w50, w99 = statistics.median(watch_ms), statistics.quantiles(watch_ms, n=100)[98]
     p50 = statistics.median(poll_ms)
-    print(f"watch: p50 {w50:.2f} ms p99 {w99:.2f} ms over {len(watch_ms)} changes; "
-          f"1 s re-list baseline: p50 {p50:.1f} ms over {len(poll_ms)} changes")
+    print(
+        f"watch: p50 {w50:.2f} ms p99 {w99:.2f} ms over {len(watch_ms)} changes; "
+        f"1 s re-list baseline: p50 {p50:.1f} ms over {len(poll_ms)} changes"
+    )
     print(f"BENCH discovery_watch_propagation_p50_ms {w50:.3f} <= 50")
     print(f"BENCH discovery_watch_propagation_p99_ms {w99:.3f} <= 200")
     print(f"BENCH discovery_watch_vs_relist_p50_ratio {w50 / p50:.4f} <= 0.1")

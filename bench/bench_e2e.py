@@ -6,6 +6,7 @@ Triton's dynamic batching is what lets the mesh keep up despite three extra hops
 Mesh and baseline take turns for ROUNDS rounds and each keeps its best, so a burst of load from other
 processes on a shared machine does not decide the ratio.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,11 +28,14 @@ CONCURRENCY = 16
 SECONDS = 6.0
 WARMUP_SECONDS = 2.0
 ROUNDS = 2
-SENTENCES = [f"Sentence number {i}: the quick brown fox jumps over the lazy dog near the river bank." for i in range(64)]
+SENTENCES = [
+    f"Sentence number {i}: the quick brown fox jumps over the lazy dog near the river bank." for i in range(64)
+]
 
 
 def cat_jpeg() -> bytes:
     from maas.cli.mesh import cat_photo
+
     return cat_photo()
 
 
@@ -45,9 +49,13 @@ def embed_baseline() -> Callable[[int], None]:
 
     def run(i: int) -> None:
         e = tokenizer.encode(SENTENCES[i % len(SENTENCES)])
-        feed = {"input_ids": np.array([e.ids], np.int64), "attention_mask": np.array([e.attention_mask], np.int64),
-                "token_type_ids": np.array([e.type_ids], np.int64)}
+        feed = {
+            "input_ids": np.array([e.ids], np.int64),
+            "attention_mask": np.array([e.attention_mask], np.int64),
+            "token_type_ids": np.array([e.type_ids], np.int64),
+        }
         session.run(None, feed)
+
     return run
 
 
@@ -72,6 +80,7 @@ def classify_baseline() -> Callable[[int], None]:
         with torch.inference_mode():
             logits = model(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None])))
         torch.softmax(logits, 1).topk(5)
+
     return run
 
 
@@ -104,6 +113,7 @@ async def mesh_qps(address: str, call: str, concurrency: int, seconds: float) ->
     jpeg = cat_jpeg()
     latencies: list[float] = []
     async with AsyncMeshClient(address) as client:
+
         async def one(i: int) -> None:
             if call == "embed":
                 await client.embed([SENTENCES[i % len(SENTENCES)]], "minilm")
@@ -133,16 +143,21 @@ def main() -> None:
             # machine then cannot land on one side only (the idle mesh costs the baseline nothing).
             for _ in range(ROUNDS):
                 for call, run in baselines.items():
-                    best[call, "in-process"] = max(best[call, "in-process"],
-                                                   (threaded_qps(run, CONCURRENCY, SECONDS), 0.0))
-                    best[call, "mesh"] = max(best[call, "mesh"],
-                                             asyncio.run(mesh_qps(mesh.router_address, call, CONCURRENCY, SECONDS)))
+                    best[call, "in-process"] = max(
+                        best[call, "in-process"], (threaded_qps(run, CONCURRENCY, SECONDS), 0.0)
+                    )
+                    best[call, "mesh"] = max(
+                        best[call, "mesh"], asyncio.run(mesh_qps(mesh.router_address, call, CONCURRENCY, SECONDS))
+                    )
     for call in baselines:
         (qps, p50), (base, _) = best[call, "mesh"], best[call, "in-process"]
-        print(f"{call}: mesh {qps:.1f} req/s (p50 {p50:.1f} ms) vs in-process {base:.1f} req/s "
-              f"at concurrency {CONCURRENCY}, best of {ROUNDS}")
+        print(
+            f"{call}: mesh {qps:.1f} req/s (p50 {p50:.1f} ms) vs in-process {base:.1f} req/s "
+            f"at concurrency {CONCURRENCY}, best of {ROUNDS}"
+        )
     for call in baselines:
-        print(f"BENCH e2e_{call}_qps_ratio_c{CONCURRENCY} {best[call, 'mesh'][0] / best[call, 'in-process'][0]:.3f} >= 0.8")
+        ratio = best[call, "mesh"][0] / best[call, "in-process"][0]
+        print(f"BENCH e2e_{call}_qps_ratio_c{CONCURRENCY} {ratio:.3f} >= 0.8")
 
 
 if __name__ == "__main__":

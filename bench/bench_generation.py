@@ -6,6 +6,7 @@
   mesh's Router.Generate (when the router serves it).
 - Aggregate tokens/s at 8 concurrent streams over 1 stream, and the inter-token p99 at 8.
 """
+
 from __future__ import annotations
 
 import queue
@@ -18,9 +19,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "model_repository" / "smollm2"
 PROMPTS = [
-    "What is the capital of France?", "Write a haiku about autumn leaves.", "Why is the sky blue?",
-    "List three prime numbers.", "Translate 'good morning' into Spanish.", "What does a CPU do?",
-    "Give me a tip for learning to cook.", "Name two planets of the solar system.",
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Why is the sky blue?",
+    "List three prime numbers.",
+    "Translate 'good morning' into Spanish.",
+    "What does a CPU do?",
+    "Give me a tip for learning to cook.",
+    "Name two planets of the solar system.",
 ]
 TOKENS = 64
 
@@ -49,8 +55,9 @@ class Engine:
         og = self.og
         t0 = time.perf_counter()
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False,
-                                  min_length=len(ids) + max_tokens if exactly else 0)
+        params.set_search_options(
+            max_length=len(ids) + max_tokens, do_sample=False, min_length=len(ids) + max_tokens if exactly else 0
+        )
         generator = og.Generator(self.model, params)
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
         while not generator.is_done():
@@ -74,7 +81,8 @@ def agreement(a: list[int], b: list[int]) -> tuple[float, int]:
 
 def bench_versions() -> None:
     fp32, int4 = Engine("1"), Engine("2")
-    prefixes, exact, speeds = [], [], {"1": [], "2": []}
+    speeds: dict[str, list[float]] = {"1": [], "2": []}
+    prefixes, exact = [], []
     for prompt in PROMPTS:
         ids = chat_ids(prompt)
         runs = {}
@@ -85,12 +93,16 @@ def bench_versions() -> None:
         share, prefix = agreement(runs["2"], runs["1"])
         exact.append(share)
         prefixes.append(prefix)
-    print(f"int4 vs fp32 greedy, 32 tokens x {len(PROMPTS)} prompts: common prefix {prefixes}, "
-          f"tok/s fp32 {statistics.median(speeds['1']):.1f} int4 {statistics.median(speeds['2']):.1f}")
+    print(
+        f"int4 vs fp32 greedy, 32 tokens x {len(PROMPTS)} prompts: common prefix {prefixes}, "
+        f"tok/s fp32 {statistics.median(speeds['1']):.1f} int4 {statistics.median(speeds['2']):.1f}"
+    )
     print(f"BENCH generate_int4_vs_fp32_prefix_agreement {statistics.mean(prefixes) / 32:.2f} >= 0")
     print(f"BENCH generate_int4_vs_fp32_token_agreement {statistics.mean(exact):.2f} >= 0")
-    print(f"BENCH generate_int4_over_fp32_tokens_per_s "
-          f"{statistics.median(speeds['2']) / statistics.median(speeds['1']):.2f} >= 1")
+    print(
+        f"BENCH generate_int4_over_fp32_tokens_per_s "
+        f"{statistics.median(speeds['2']) / statistics.median(speeds['1']):.2f} >= 1"
+    )
 
 
 class TritonStreams:
@@ -102,14 +114,16 @@ class TritonStreams:
 
         import tritonclient.grpc as tg
 
-        self.tg, self.address, self.local, self.clients = tg, address, threading.local(), []
+        self.clients: list = []
+        self.tg, self.address, self.local = tg, address, threading.local()
 
     def _stream(self):
         if not hasattr(self.local, "client"):
             self.local.client = self.tg.InferenceServerClient(self.address)
             self.local.responses = queue.Queue()
             self.local.client.start_stream(
-                callback=lambda result, error, q=self.local.responses: q.put((result, error, time.perf_counter())))
+                callback=lambda result, error, q=self.local.responses: q.put((result, error, time.perf_counter()))
+            )
             self.clients.append(self.local.client)
         return self.local.client, self.local.responses
 
@@ -163,9 +177,11 @@ class MeshStreams:
 
         if not hasattr(self.local, "stub"):
             self.local.stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(self.address))
-        request = router_pb2.GenerateRequest(model=tensor_pb2.ModelRef(name="smollm2", version=self.version),
-                                             prompt=self.prompt,
-                                             sampling=router_pb2.SamplingParams(max_tokens=max_tokens))
+        request = router_pb2.GenerateRequest(
+            model=tensor_pb2.ModelRef(name="smollm2", version=self.version),
+            prompt=self.prompt,
+            sampling=router_pb2.SamplingParams(max_tokens=max_tokens),
+        )
         t0, times = time.perf_counter(), []
         for response in self.local.stub.Generate(request, timeout=120):
             at = time.perf_counter() - t0
@@ -187,8 +203,14 @@ def bench_serving() -> None:
     def in_process(ids: list[int], max_tokens: int) -> list[float]:
         return [at for _, at in engine.stream(ids, max_tokens, exactly=False)]
 
-    with tempfile.TemporaryDirectory(prefix="maas-bench-gen-") as state, LocalMesh(MeshConfig(
-            state_dir=Path(state), ports=FREE_PORTS, models=[m for m in SOURCE_MODELS if m.name == "smollm2"])) as mesh:
+    with (
+        tempfile.TemporaryDirectory(prefix="maas-bench-gen-") as state,
+        LocalMesh(
+            MeshConfig(
+                state_dir=Path(state), ports=FREE_PORTS, models=[m for m in SOURCE_MODELS if m.name == "smollm2"]
+            )
+        ) as mesh,
+    ):
         direct, streams = TritonStreams(mesh.triton.grpc_address), MeshStreams(mesh.router_address, prompt)
         paths = {"engine": in_process, "triton": direct.run, "mesh": streams.run}
         for run in paths.values():
@@ -211,10 +233,14 @@ def bench_serving() -> None:
         return statistics.median(r[1] / e[1] for r, e in zip(rounds[name], rounds["engine"]))
 
     for name in paths:
-        print(f"{name}: ttft median {statistics.median(r[0] for r in rounds[name]):.1f} ms, "
-              f"{statistics.median(r[1] for r in rounds[name]):.1f} tok/s")
-    print(f"mesh Router.Generate, production (int4): c1 {c1_total:.1f} tok/s, c8 {c8_total:.1f} tok/s (aggregate); "
-          f"v1 (fp32): c1 {fp32_c1:.1f}, c8 {fp32_c8:.1f}")
+        print(
+            f"{name}: ttft median {statistics.median(r[0] for r in rounds[name]):.1f} ms, "
+            f"{statistics.median(r[1] for r in rounds[name]):.1f} tok/s"
+        )
+    print(
+        f"mesh Router.Generate, production (int4): c1 {c1_total:.1f} tok/s, c8 {c8_total:.1f} tok/s (aggregate); "
+        f"v1 (fp32): c1 {fp32_c1:.1f}, c8 {fp32_c8:.1f}"
+    )
     print(f"BENCH generate_triton_ttft_added_ms_c1 {added_ttft('triton'):.1f} <= 5")
     print(f"BENCH generate_ttft_added_ms_c1 {added_ttft('mesh'):.1f} <= 5")
     # The mesh's own share (router, chat template, detokenizer) over Triton's stream, same Triton.
@@ -236,8 +262,9 @@ def bench_engine_batching() -> None:
 
         def rate(rows: int) -> float:
             params = og.GeneratorParams(model)
-            params.set_search_options(batch_size=rows, max_length=len(ids) + TOKENS,
-                                      min_length=len(ids) + TOKENS, do_sample=False)
+            params.set_search_options(
+                batch_size=rows, max_length=len(ids) + TOKENS, min_length=len(ids) + TOKENS, do_sample=False
+            )
             generator = og.Generator(model, params)
             generator.append_tokens(np.tile(np.asarray(ids, dtype=np.int32), (rows, 1)))
             generator.generate_next_token()

@@ -7,6 +7,7 @@ for /v1/embeddings against Embed (a shorter model time, so less noise) in base64
 client asks for by default; JSON float lists (`encoding_format: float`, 384 numbers printed as text)
 are shown for information, as is the `openai` client's own overhead (spent in the caller, not the mesh).
 """
+
 from __future__ import annotations
 
 import http.client
@@ -45,13 +46,16 @@ def paired(calls: dict, rounds: int) -> dict[str, float]:
 def main() -> None:
     import openai
 
-    chat_body = json.dumps({"model": MODEL, "max_tokens": 1, "temperature": 0,
-                            "messages": [{"role": "user", "content": PROMPT}]})
+    chat_body = json.dumps(
+        {"model": MODEL, "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": PROMPT}]}
+    )
     embed_body = json.dumps({"model": "minilm", "input": ["hello world"], "encoding_format": "base64"})
     float_body = json.dumps({"model": "minilm", "input": ["hello world"], "encoding_format": "float"})
-    with tempfile.TemporaryDirectory() as tmp, \
-            LocalMesh(MeshConfig(state_dir=Path(tmp) / "mesh", ports=FREE_PORTS)) as mesh, \
-            MeshClient(mesh.router_address) as direct:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalMesh(MeshConfig(state_dir=Path(tmp) / "mesh", ports=FREE_PORTS)) as mesh,
+        MeshClient(mesh.router_address) as direct,
+    ):
         url = urlparse(mesh.openai_url)
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
         api = openai.OpenAI(base_url=mesh.openai_url, api_key="unused", max_retries=0)
@@ -66,9 +70,13 @@ def main() -> None:
         chat = {
             "grpc": lambda: direct.chat(PROMPT, MODEL, max_tokens=1, temperature=0.0).text,
             "http": lambda: post("/v1/chat/completions", chat_body)["choices"][0]["message"]["content"],
-            "openai_client": lambda: api.chat.completions.create(
-                model=MODEL, max_tokens=1, temperature=0,
-                messages=[{"role": "user", "content": PROMPT}]).choices[0].message.content,
+            "openai_client": lambda: (
+                api.chat.completions.create(
+                    model=MODEL, max_tokens=1, temperature=0, messages=[{"role": "user", "content": PROMPT}]
+                )
+                .choices[0]
+                .message.content
+            ),
         }
         embed = {
             "grpc": lambda: direct.embed(["hello world"], "minilm"),
@@ -81,8 +89,10 @@ def main() -> None:
         conn.close()
         api.close()
     for kind, r in results.items():
-        print(f"  {kind}: gRPC median {r['grpc']:.2f} ms; added (median of paired differences): "
-              + ", ".join(f"{name} {ms:+.2f} ms" for name, ms in r.items() if name != "grpc"))
+        print(
+            f"  {kind}: gRPC median {r['grpc']:.2f} ms; added (median of paired differences): "
+            + ", ".join(f"{name} {ms:+.2f} ms" for name, ms in r.items() if name != "grpc")
+        )
     print(f"BENCH openai_http_added_ms_c1 {results['chat']['http']:.2f} <= 2")
     print(f"BENCH openai_http_added_ms_embed_c1 {results['embed']['http']:.2f} <= 2")
     print(f"BENCH openai_http_float_added_ms_embed_c1 {results['embed']['http_float']:.2f} >= 0")

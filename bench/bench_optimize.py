@@ -6,6 +6,7 @@ optimize --int8` makes it (services/registry/optimize.quantize_int8), in-process
 - optimize_int8_minilm_mean_cosine: mean cosine between the two versions' embeddings of a fixed corpus
   (CORPUS_SIZE sentences); target >= 0.99. The size ratio is printed too.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,8 +25,16 @@ ROUNDS = 30
 BATCH = 8
 SUBJECTS = ["A man", "The cat", "A young girl", "Two dogs", "The committee", "An old sailor", "My neighbour", "A robot"]
 VERBS = ["is eating", "was reading", "plays with", "looks at", "talks about", "repairs", "paints", "forgets"]
-OBJECTS = ["a piece of bread.", "the morning newspaper.", "a red ball in the park.", "the broken engine.",
-           "an unexpected letter from home.", "the weather forecast for tomorrow.", "a song.", "the keys."]
+OBJECTS = [
+    "a piece of bread.",
+    "the morning newspaper.",
+    "a red ball in the park.",
+    "the broken engine.",
+    "an unexpected letter from home.",
+    "the weather forecast for tomorrow.",
+    "a song.",
+    "the keys.",
+]
 CORPUS = [f"{s} {v} {o}" for s, v, o in itertools.islice(itertools.product(SUBJECTS, VERBS, OBJECTS), 0, None, 7)]
 
 
@@ -57,8 +66,10 @@ def main() -> None:
     def run(session, feed):
         return session.run(None, {k: v for k, v in feed.items() if k in names})[0]
 
-    vectors = [np.concatenate([run(s, encode(tokenizer, CORPUS[i:i + 16])) for i in range(0, len(CORPUS), 16)])
-               for s in (fp32, int8)]
+    vectors = [
+        np.concatenate([run(s, encode(tokenizer, CORPUS[i : i + 16])) for i in range(0, len(CORPUS), 16)])
+        for s in (fp32, int8)
+    ]
     a, b = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in vectors)
     cosines = np.sum(a * b, axis=1)
 
@@ -73,9 +84,11 @@ def main() -> None:
             run(session, feed)
             timings.append(time.perf_counter() - start)
         ratios.append(timings[1] / timings[0])
-    print(f"minilm int8 vs fp32 (dynamic quantization): size {size_ratio:.2f}x, latency of a batch of {BATCH} "
-          f"{statistics.median(ratios):.2f}x (median of {ROUNDS}), cosine over {len(CORPUS)} sentences: mean "
-          f"{cosines.mean():.4f}, min {cosines.min():.4f} (machine shared, loaded)")
+    print(
+        f"minilm int8 vs fp32 (dynamic quantization): size {size_ratio:.2f}x, latency of a batch of {BATCH} "
+        f"{statistics.median(ratios):.2f}x (median of {ROUNDS}), cosine over {len(CORPUS)} sentences: mean "
+        f"{cosines.mean():.4f}, min {cosines.min():.4f} (machine shared, loaded)"
+    )
     print(f"BENCH optimize_int8_minilm_size_ratio {size_ratio:.3f} <= 0.5")
     print(f"BENCH optimize_int8_minilm_latency_ratio {statistics.median(ratios):.3f} <= 0.8")
     print(f"BENCH optimize_int8_minilm_mean_cosine {cosines.mean():.4f} >= 0.99")

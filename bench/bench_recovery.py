@@ -5,6 +5,7 @@ Triton empty; the registry's watchdog loads every live version again (concurrent
 
     python -m bench recovery
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +36,7 @@ def main() -> None:
     stop = threading.Event()
     results: list[dict[str, float]] = []
     keep = os.environ.get("MAAS_RECOVERY_STATE_DIR")  # keep the logs there (else a temporary directory)
-    with (contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="maas-recovery-")) as state:
+    with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="maas-recovery-") as state:
         with LocalMesh(MeshConfig(state_dir=Path(state), ports=FREE_PORTS, models=models)) as mesh:
             supervisor = Supervisor(mesh, RestartPolicy(max_restarts=KILLS + 2))
             supervisor.start()
@@ -58,8 +59,11 @@ def main() -> None:
                             if took is not None:
                                 recovered.setdefault(kind, took)
                     results.append(recovered)
-                    print("recovery after a Triton kill: " + ", ".join(
-                        f"{k} {recovered.get(k, float('inf')):.1f}s" for k in kinds), flush=True)
+                    print(
+                        "recovery after a Triton kill: "
+                        + ", ".join(f"{k} {recovered.get(k, float('inf')):.1f}s" for k in kinds),
+                        flush=True,
+                    )
             finally:
                 stop.set()
                 for load in loads:

@@ -7,6 +7,7 @@
 - Triton's RSS growth (tritonserver + its Python backend stubs) over 20 load/unload cycles of a version,
   through the registry's Triton fleet.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -64,11 +65,17 @@ def group_rss_mb(leader_pid: int) -> float:
 
 
 def messages(model: str, data: bytes, chunk: int = 1024 * 1024):
-    yield pb.RegisterVersionRequest(header=pb.RegistrationHeader(
-        model=model, format=pb.ARTIFACT_FORMAT_ONNX, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
-        actor="bench"))
+    yield pb.RegisterVersionRequest(
+        header=pb.RegistrationHeader(
+            model=model,
+            format=pb.ARTIFACT_FORMAT_ONNX,
+            sha256=hashlib.sha256(data).hexdigest(),
+            size_bytes=len(data),
+            actor="bench",
+        )
+    )
     for i in range(0, len(data), chunk):
-        yield pb.RegisterVersionRequest(chunk=data[i:i + chunk])
+        yield pb.RegisterVersionRequest(chunk=data[i : i + chunk])
 
 
 async def register_to_ready_ms(stub, model: str, data: bytes) -> tuple[float, int]:
@@ -106,10 +113,13 @@ async def run(triton: LocalTriton, workdir: Path) -> None:
     from services.registry.triton_fleet import warmup_inputs
     from services.shared.config import ServerSettings
 
-    cfg = RegistryConfig(server=ServerSettings(service_name="registry", listen="127.0.0.1:0", grace_seconds=1),
-                         database=workdir / "registry.sqlite3", model_repository=Path(triton.config.model_repository),
-                         triton_addresses=(triton.grpc_address,),
-                         reconcile_interval_seconds=0)  # the RSS cycles drive Triton directly: no repairs
+    cfg = RegistryConfig(
+        server=ServerSettings(service_name="registry", listen="127.0.0.1:0", grace_seconds=1),
+        database=workdir / "registry.sqlite3",
+        model_repository=Path(triton.config.model_repository),
+        triton_addresses=(triton.grpc_address,),
+        reconcile_interval_seconds=0,
+    )  # the RSS cycles drive Triton directly: no repairs
     server, port = create_server(cfg)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -120,20 +130,30 @@ async def run(triton: LocalTriton, workdir: Path) -> None:
         for i in range(TINY_REGISTRATIONS):
             ms, _ = await register_to_ready_ms(stub, "tiny", tiny_onnx(float(i + 1)))
             tiny_ms.append(ms)
-        tiny_base_config = {"backend": "onnxruntime", "default_model_filename": "model.onnx", "max_batch_size": 32,
-                            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
-                            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}],
-                            "instance_group": [{"count": 1}]}
+        tiny_base_config = {
+            "backend": "onnxruntime",
+            "default_model_filename": "model.onnx",
+            "max_batch_size": 32,
+            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
+            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}],
+            "instance_group": [{"count": 1}],
+        }
         v_tiny = server.registry.get_version("tiny", 1)
-        tiny_direct = [await direct_load_ms(triton, f"direct_tiny_{i}", tiny_onnx(1.0), tiny_base_config,
-                                            warmup_inputs(v_tiny.signature, 32)) for i in range(TINY_REGISTRATIONS)]
+        tiny_direct = [
+            await direct_load_ms(
+                triton, f"direct_tiny_{i}", tiny_onnx(1.0), tiny_base_config, warmup_inputs(v_tiny.signature, 32)
+            )
+            for i in range(TINY_REGISTRATIONS)
+        ]
         minilm = MINILM.read_bytes()
         minilm_ms, minilm_version = await register_to_ready_ms(stub, "minilm", minilm)
         v_minilm = server.registry.get_version("minilm", minilm_version)
         from services.registry.tritonconfig import model_config, to_json
+
         minilm_config = json.loads(to_json(model_config("direct_minilm", v_minilm, [1], False)))
-        minilm_direct = await direct_load_ms(triton, "direct_minilm", minilm, minilm_config,
-                                             warmup_inputs(v_minilm.signature, v_minilm.max_batch_size))
+        minilm_direct = await direct_load_ms(
+            triton, "direct_minilm", minilm, minilm_config, warmup_inputs(v_minilm.signature, v_minilm.max_batch_size)
+        )
 
         # -- alias change → Watch delivery --------------------------------------------------------
         watch = stub.Watch(pb.WatchRequest())
@@ -174,21 +194,29 @@ async def run(triton: LocalTriton, workdir: Path) -> None:
         await channel.close()
         await server.stop(0)
 
-    p = lambda a, q: float(np.percentile(a, q))  # noqa: E731
-    print(f"alias → watch delivery ms: p50 {p(delivery_ms, 50):.2f} p99 {p(delivery_ms, 99):.2f}; "
-          f"GetModel round trip p50 {p(rpc_ms, 50):.2f}")
-    print(f"register → ready ms: tiny median {statistics.median(tiny_ms):.0f} (direct Triton load "
-          f"{statistics.median(tiny_direct):.0f}); minilm {minilm_ms:.0f} (direct {minilm_direct:.0f}, "
-          f"{len(minilm) / 1e6:.0f} MB)")
-    print(f"Triton RSS (server + stubs): {rss_start:.0f} MB after a warm-up cycle, peak {peak:.0f} MB, "
-          f"{rss_end:.0f} MB after {RSS_CYCLES} minilm load/unload cycles (cycle median "
-          f"{statistics.median(cycle_ms):.0f} ms)")
+    p = lambda a, q: float(np.percentile(a, q))
+    print(
+        f"alias → watch delivery ms: p50 {p(delivery_ms, 50):.2f} p99 {p(delivery_ms, 99):.2f}; "
+        f"GetModel round trip p50 {p(rpc_ms, 50):.2f}"
+    )
+    print(
+        f"register → ready ms: tiny median {statistics.median(tiny_ms):.0f} (direct Triton load "
+        f"{statistics.median(tiny_direct):.0f}); minilm {minilm_ms:.0f} (direct {minilm_direct:.0f}, "
+        f"{len(minilm) / 1e6:.0f} MB)"
+    )
+    print(
+        f"Triton RSS (server + stubs): {rss_start:.0f} MB after a warm-up cycle, peak {peak:.0f} MB, "
+        f"{rss_end:.0f} MB after {RSS_CYCLES} minilm load/unload cycles (cycle median "
+        f"{statistics.median(cycle_ms):.0f} ms)"
+    )
     print(f"BENCH registry_alias_watch_delivery_p50_ms {p(delivery_ms, 50):.3f} <= 20")
     print(f"BENCH registry_alias_watch_delivery_p99_ms {p(delivery_ms, 99):.3f} <= 50")
     print(f"BENCH registry_alias_watch_over_rpc_p50_ms {p(delivery_ms, 50) - p(rpc_ms, 50):.3f} <= 15")
     print(f"BENCH registry_register_to_ready_tiny_ms {statistics.median(tiny_ms):.0f} <= 5000")
-    print(f"BENCH registry_register_overhead_tiny_ms {statistics.median(tiny_ms) - statistics.median(tiny_direct):.0f}"
-          f" <= 1000")
+    print(
+        f"BENCH registry_register_overhead_tiny_ms {statistics.median(tiny_ms) - statistics.median(tiny_direct):.0f}"
+        f" <= 1000"
+    )
     print(f"BENCH registry_register_to_ready_minilm_ms {minilm_ms:.0f} <= 30000")
     print(f"BENCH registry_register_overhead_minilm_ms {minilm_ms - minilm_direct:.0f} <= 5000")
     print(f"BENCH triton_rss_growth_mb_{RSS_CYCLES}_cycles {rss_end - rss_start:.1f} <= 200")

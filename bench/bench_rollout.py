@@ -5,6 +5,7 @@
   INTERVAL and failureLimit 1; target <= 2 x interval (one analysis interval, plus the router's report
   interval and the requests needed). Worst of RUNS rollouts.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,12 +40,20 @@ async def one_run(mesh: LocalMesh, registry: RegistryClient, model: str, tmp: Pa
     v1 = register(registry, model, tmp / f"{model}-1.onnx", tiny_onnx(1.0))
     v2 = register(registry, model, tmp / f"{model}-2.onnx", faulty_onnx(2.0))
     registry.set_alias(model, "production", v1)
-    policy = pb.RolloutPolicy(step_weight=10, max_weight=50, interval_seconds=INTERVAL, max_error_rate=0.05,
-                              max_p99_ratio=0.0, min_requests=5, failure_limit=1)
+    policy = pb.RolloutPolicy(
+        step_weight=10,
+        max_weight=50,
+        interval_seconds=INTERVAL,
+        max_error_rate=0.05,
+        max_p99_ratio=0.0,
+        min_requests=5,
+        failure_limit=1,
+    )
     fault_at = None
     stop = asyncio.Event()
 
     async with AsyncMeshClient(mesh.router_address) as client:
+
         async def worker(w: int) -> None:
             i = w
             deadline = time.monotonic() + 60
@@ -74,12 +83,16 @@ async def one_run(mesh: LocalMesh, registry: RegistryClient, model: str, tmp: Pa
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="maas-bench-rollout-") as tmp, \
-            LocalMesh(MeshConfig(state_dir=Path(tmp) / "mesh", ports=FREE_PORTS, models=())) as mesh, \
-            RegistryClient(mesh.registry_address, timeout=30) as registry:
+    with (
+        tempfile.TemporaryDirectory(prefix="maas-bench-rollout-") as tmp,
+        LocalMesh(MeshConfig(state_dir=Path(tmp) / "mesh", ports=FREE_PORTS, models=())) as mesh,
+        RegistryClient(mesh.registry_address, timeout=30) as registry,
+    ):
         detect = [asyncio.run(one_run(mesh, registry, f"bench_rollout_{i}", Path(tmp))) for i in range(RUNS)]
-    print(f"rollback detection over {RUNS} rollouts (interval {INTERVAL:g} s, failureLimit 1): "
-          f"median {statistics.median(detect):.2f} s, worst {max(detect):.2f} s (machine shared, loaded)")
+    print(
+        f"rollback detection over {RUNS} rollouts (interval {INTERVAL:g} s, failureLimit 1): "
+        f"median {statistics.median(detect):.2f} s, worst {max(detect):.2f} s (machine shared, loaded)"
+    )
     print(f"BENCH rollback_detect_s {max(detect):.3f} <= {2 * INTERVAL:g}")
 
 

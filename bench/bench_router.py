@@ -3,12 +3,13 @@
 A tiny model (y = 2x on FP32 [1, 4]) keeps Triton's own time small, so the difference is the hop:
 added p50/p99 latency and the QPS ratio at concurrency 1, 8 and 64, all measured in this run.
 
-The router answers the Open Inference Protocol on two ports: its compiled data path
+The router answers the Open Inference Protocol on two ports: its fast path
 (maas-oip-fastpath, "router-fast", the figures the targets are about) and its main Python port
 ("router-main", the same protocol with every feature). A bare grpc.aio bytes-forwarding proxy with
 no routing at all measures what any Python gRPC hop costs on this machine, so the main port's own
 share can be told apart from it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -59,6 +60,7 @@ async def load(address: str, version: str, concurrency: int, seconds: float) -> 
     inp.set_data_from_numpy(np.ones((1, 4), np.float32))
     latencies: list[float] = []
     try:
+
         async def caller(until: float, record: bool):
             while (now := time.perf_counter()) < until:
                 await client.infer(MODEL, [inp], model_version=version, client_timeout=30)
@@ -83,21 +85,35 @@ async def bare_proxy(listen: str, triton: str, version: str) -> None:
         return await forward(with_model(request, version=version), timeout=context.time_remaining())
 
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}
+            ),
+        )
+    )
     server.add_insecure_port(listen)
     await server.start()
     await server.wait_for_termination()
 
 
 def measure(targets: dict[str, tuple[str, str]]) -> dict[int, dict[str, tuple[np.ndarray, float]]]:
-    print(f"{'concurrency':>11} " + " ".join(f"{name + ' ' + col:>16}" for name in targets for col in ("p50", "p99", "qps")))
+    print(
+        f"{'concurrency':>11} "
+        + " ".join(f"{name + ' ' + col:>16}" for name in targets for col in ("p50", "p99", "qps"))
+    )
     results = {}
     for c in CONCURRENCY:
-        results[c] = {name: asyncio.run(load(address, version, c, SECONDS)) for name, (address, version) in targets.items()}
+        results[c] = {
+            name: asyncio.run(load(address, version, c, SECONDS)) for name, (address, version) in targets.items()
+        }
         cells = []
         for latencies, qps in results[c].values():
-            cells += [f"{np.percentile(latencies, 50):>16.3f}", f"{np.percentile(latencies, 99):>16.3f}", f"{qps:>16.0f}"]
+            cells += [
+                f"{np.percentile(latencies, 50):>16.3f}",
+                f"{np.percentile(latencies, 99):>16.3f}",
+                f"{qps:>16.0f}",
+            ]
         print(f"{c:>11} " + " ".join(cells), flush=True)
     return results
 
@@ -117,14 +133,28 @@ def tiny_mesh(prefix: str) -> Iterator[tuple[LocalMesh, str]]:
 def main() -> None:
     with tiny_mesh("maas-bench-router-") as (mesh, version):
         proxy_address = f"127.0.0.1:{free_ports(1)[0]}"
-        proxy = subprocess.Popen([sys.executable, "-m", "bench.bench_router", "--bare-proxy", proxy_address,
-                                  mesh.addresses["triton"], version])
+        proxy = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.bench_router",
+                "--bare-proxy",
+                proxy_address,
+                mesh.addresses["triton"],
+                version,
+            ]
+        )
         try:
             time.sleep(1.0)
             # Direct names the version, the router follows the policy: the same version answers all three.
-            results = measure({"direct": (mesh.addresses["triton"], version), "bare-proxy": (proxy_address, ""),
-                               "router-main": (mesh.router_address, ""),
-                               "router-fast": (mesh.addresses["router_oip"], "")})
+            results = measure(
+                {
+                    "direct": (mesh.addresses["triton"], version),
+                    "bare-proxy": (proxy_address, ""),
+                    "router-main": (mesh.router_address, ""),
+                    "router-fast": (mesh.addresses["router_oip_fast"], ""),
+                }
+            )
         finally:
             proxy.kill()
             proxy.wait()
@@ -143,9 +173,11 @@ def main() -> None:
         target = {1: 0.8, 8: 0.8, 64: 0.45}[c]
         print(f"BENCH router_qps_ratio_c{c} {qps(c, 'router-fast') / qps(c, 'direct'):.3f} >= {target}")
     # The main port (Python, every feature): within reach of any Python gRPC hop measured in this run.
-    print(f"BENCH router_main_port_added_p50_ms_c1 {p(1, 'router-main', 50) - p(1, 'direct', 50):.3f} "
-          f"<= {p(1, 'bare-proxy', 50) - p(1, 'direct', 50) + 0.2:.3f}")
-    main_over_bare = qps(8, 'router-main') / qps(8, 'bare-proxy')
+    print(
+        f"BENCH router_main_port_added_p50_ms_c1 {p(1, 'router-main', 50) - p(1, 'direct', 50):.3f} "
+        f"<= {p(1, 'bare-proxy', 50) - p(1, 'direct', 50) + 0.2:.3f}"
+    )
+    main_over_bare = qps(8, "router-main") / qps(8, "bare-proxy")
     print(f"BENCH router_main_port_vs_bare_proxy_qps_ratio_c8 {main_over_bare:.3f} >= 0.9")
 
 

@@ -8,6 +8,7 @@ kind has succeeded again, plus a short grace. Anything else is `soak_unexpected_
 
     make soak            # or: python -m bench soak
 """
+
 from __future__ import annotations
 
 import os
@@ -69,13 +70,22 @@ class Load(threading.Thread):
         stub = router_pb2_grpc.RouterStub(channel)
         image = cat_photo()
         calls = {
-            "embed": lambda: stub.Embed(router_pb2.EmbedRequest(model=tensor_pb2.ModelRef(name="minilm"),
-                                                                texts=["soak test sentence"]), timeout=CALL_TIMEOUT),
-            "classify": lambda: stub.Classify(router_pb2.ClassifyRequest(
-                model=tensor_pb2.ModelRef(name="efficientnet_lite0"), images=[image]), timeout=CALL_TIMEOUT),
-            "generate": lambda: stub.GenerateUnary(router_pb2.GenerateRequest(
-                model=tensor_pb2.ModelRef(name=generation_model() or ""), prompt="Hello, my name is",
-                sampling=router_pb2.SamplingParams(max_tokens=8)), timeout=CALL_TIMEOUT),
+            "embed": lambda: stub.Embed(
+                router_pb2.EmbedRequest(model=tensor_pb2.ModelRef(name="minilm"), texts=["soak test sentence"]),
+                timeout=CALL_TIMEOUT,
+            ),
+            "classify": lambda: stub.Classify(
+                router_pb2.ClassifyRequest(model=tensor_pb2.ModelRef(name="efficientnet_lite0"), images=[image]),
+                timeout=CALL_TIMEOUT,
+            ),
+            "generate": lambda: stub.GenerateUnary(
+                router_pb2.GenerateRequest(
+                    model=tensor_pb2.ModelRef(name=generation_model() or ""),
+                    prompt="Hello, my name is",
+                    sampling=router_pb2.SamplingParams(max_tokens=8),
+                ),
+                timeout=CALL_TIMEOUT,
+            ),
         }
         call = calls[self.kind]
         while not self.stopping.is_set():
@@ -109,8 +119,9 @@ class RssSampler(threading.Thread):
                 except psutil.Error:
                     pass
 
-    def growth(self, settle: float = 60.0, window: float = 20.0,
-               min_span: float = 60.0) -> dict[str, tuple[float, float, float]]:
+    def growth(
+        self, settle: float = 60.0, window: float = 20.0, min_span: float = 60.0
+    ) -> dict[str, tuple[float, float, float]]:
         """Per process: (% growth of its RSS from its baseline to the end of its life, baseline MiB, end MiB).
 
         The baseline is taken `settle` s after the process's first sample, past its warm-up (allocator
@@ -179,9 +190,15 @@ def main() -> None:
     report(records, faults, kinds, sampler, t0)
     if os.environ.get("MAAS_SOAK_RSS_DUMP"):  # every RSS sample, for a closer look (json)
         import json
-        Path(os.environ["MAAS_SOAK_RSS_DUMP"]).write_text(json.dumps(
-            {f"{pid} {name}": [(round(t - t0, 1), rss) for t, rss in samples]
-             for (pid, name), samples in sampler.samples.items()}))
+
+        Path(os.environ["MAAS_SOAK_RSS_DUMP"]).write_text(
+            json.dumps(
+                {
+                    f"{pid} {name}": [(round(t - t0, 1), rss) for t, rss in samples]
+                    for (pid, name), samples in sampler.samples.items()
+                }
+            )
+        )
 
 
 def report(records: list[Record], faults: list[Fault], kinds: list[str], sampler: RssSampler, t0: float) -> None:
@@ -193,21 +210,25 @@ def report(records: list[Record], faults: list[Fault], kinds: list[str], sampler
     errors = [r for r in records if r.code != "OK"]
     # A call counts as the fault's when it overlaps the window (one in flight at the injection, too).
     unexpected = [r for r in errors if not any(r.at <= b and r.at + r.ms / 1000 >= a for a, b in windows)]
-    print(f"soak: {len(records)} calls over {SECONDS:.0f}s, {len(faults)} faults; errors by code "
-          f"{dict(Counter((r.kind, r.code) for r in errors))}; outside fault windows "
-          f"{dict(Counter((r.kind, r.code, round(r.at - t0)) for r in unexpected))}")
+    print(
+        f"soak: {len(records)} calls over {SECONDS:.0f}s, {len(faults)} faults; errors by code "
+        f"{dict(Counter((r.kind, r.code) for r in errors))}; outside fault windows "
+        f"{dict(Counter((r.kind, r.code, round(r.at - t0)) for r in unexpected))}"
+    )
     for kind in kinds:
         ok = [r.ms for r in records if r.kind == kind and r.code == "OK"]
         if ok:
             print(f"soak {kind}: {len(ok)} ok, p50 {statistics.median(ok):.1f} ms, p99 {np.percentile(ok, 99):.1f} ms")
     for fault in faults:
-        print(f"soak fault {fault.what} {fault.component} at {fault.at - t0:.0f}s: recovered "
-              + ", ".join(f"{k} {v:.1f}s" for k, v in fault.recovered.items()))
+        print(
+            f"soak fault {fault.what} {fault.component} at {fault.at - t0:.0f}s: recovered "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in fault.recovered.items())
+        )
     growth = sampler.growth()
     print("soak rss growth, 60 s after each process started (past warm-up) to its end, medians over 20 s:")
     for name, (pct, base, last) in sorted(growth.items(), key=lambda kv: -kv[1][0]):
         print(f"soak rss {pct:+.1f}% {base:.0f} -> {last:.0f} MiB {name}")
-    growth = {name: pct for name, (pct, _, _) in growth.items()}
+    growth_pct = {name: pct for name, (pct, _, _) in growth.items()}
     # Per fault kind (what + component), per call kind: the worst of that fault's injections. A fault
     # is not "recovered" by the slowest call kind of all: killing Triton costs Classify a model reload,
     # Generate the chat model's (far longer); each is its own figure.
@@ -221,7 +242,7 @@ def report(records: list[Record], faults: list[Fault], kinds: list[str], sampler
             print(f"BENCH soak_recovery_s_{what}_{component}_{kind} {seconds:.1f} >= 0")
     # The issue's figure: Triton killed -> the first successful Classify.
     triton = [f.recovered["classify"] for f in faults if f.component == "triton" and "classify" in f.recovered]
-    print(f"BENCH soak_rss_growth_pct_max {max(growth.values(), default=0.0):.1f} <= 5")
+    print(f"BENCH soak_rss_growth_pct_max {max(growth_pct.values(), default=0.0):.1f} <= 5")
     print(f"BENCH soak_unexpected_errors {len(unexpected)} <= 0")
     if triton:
         print(f"BENCH recovery_after_triton_kill_s {max(triton):.1f} <= 15")

@@ -9,8 +9,10 @@
   beside it, against calls without it. The admission step alone, timed in-process, is printed too.
 - critical_p99_ratio_under_overload: a critical tenant's p99 while a sheddable tenant floods the router
   from another process (16 clients honouring the retry hint, 0.25 s) against its p99 unloaded, with
-  --shed-sheddable-inflight 1, measured in alternating rounds (flood paused with SIGSTOP / resumed); the same flood against a router that does not shed is printed for contrast.
+  --shed-sheddable-inflight 1, measured in alternating rounds (flood paused with SIGSTOP / resumed); the same flood
+  against a router that does not shed is printed for contrast.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -65,8 +67,10 @@ def admission_step_us() -> float:
     """admit() + enter/exit + charge for a keyed call with a request quota, in microseconds."""
     cache = TenantCache()
     event = pb.TenantsEvent(revision=1, routers=1)
-    event.tenants.add(tenant=pb.Tenant(name="acme", quota=pb.Quota(requests_per_second=1e9, cost_per_second=1e9)),
-                      key_sha256=key_hash("maas_" + "k" * 43))
+    event.tenants.add(
+        tenant=pb.Tenant(name="acme", quota=pb.Quota(requests_per_second=1e9, cost_per_second=1e9)),
+        key_sha256=key_hash("maas_" + "k" * 43),
+    )
     cache.apply(event)
     admission = Admission(AdmissionSettings(auth=True), cache)
     metadata = (("user-agent", "grpc-python"), ("authorization", "Bearer maas_" + "k" * 43))
@@ -74,6 +78,7 @@ def admission_step_us() -> float:
     def one():
         with admission.admit(metadata, "Infer", "tiny") as ticket:
             ticket.charge(1)
+
     n = 20000
     return min(timeit.repeat(one, number=n, repeat=5)) / n * 1e6
 
@@ -95,8 +100,12 @@ async def run(work: Path) -> None:
                 await _register(reg, "slow", slow_onnx(), auth)
 
                 async def tenant(name: str, **fields) -> str:
-                    return (await reg.CreateTenant(pb.CreateTenantRequest(name=name, actor="bench", **fields),
-                                                   metadata=auth)).api_key
+                    return (
+                        await reg.CreateTenant(
+                            pb.CreateTenantRequest(name=name, actor="bench", **fields), metadata=auth
+                        )
+                    ).api_key
+
                 key = await tenant("bench", quota=pb.Quota(requests_per_second=1e6, cost_per_second=1e9))
                 critical = await tenant("crit", priority=pb.PRIORITY_CRITICAL)
                 sheddable = await tenant("bulk", priority=pb.PRIORITY_SHEDDABLE)
@@ -109,10 +118,16 @@ async def run(work: Path) -> None:
                 servers = []
                 for on in (True, False, True, False):  # two of each: no single router's luck decides
                     rcfg = RouterConfig(
-                        server=ServerSettings(service_name="router", listen="127.0.0.1:0", grace_seconds=0.5,
-                                              workers=1),
-                        registry=address, tokenizer="127.0.0.1:1", vision="127.0.0.1:1", triton=triton.grpc_address,
-                        admin_token=ADMIN, admission=AdmissionSettings(auth=on))
+                        server=ServerSettings(
+                            service_name="router", listen="127.0.0.1:0", grace_seconds=0.5, workers=1
+                        ),
+                        registry=address,
+                        tokenizer="127.0.0.1:1",
+                        vision="127.0.0.1:1",
+                        triton=triton.grpc_address,
+                        admin_token=ADMIN,
+                        admission=AdmissionSettings(auth=on),
+                    )
                     server, rport = create_router(rcfg)
                     await server.start()
                     servers.append((server, f"127.0.0.1:{rport}"))
@@ -124,11 +139,16 @@ async def run(work: Path) -> None:
                         await _serving(stub, request, bearer(key))
                         await _latencies(stub, request, bearer(key), 200)
                     # (stub, metadata, series): auth on ×2, auth off ×2 (same request, key sent), off without it.
-                    calls = [(stubs[0], bearer(key), "on"), (stubs[1], bearer(key), "off"), (stubs[2], bearer(key), "on"),
-                             (stubs[3], bearer(key), "off"), (stubs[1], (), "bare")]
-                    series = {"on": [], "off": [], "bare": []}
+                    calls = [
+                        (stubs[0], bearer(key), "on"),
+                        (stubs[1], bearer(key), "off"),
+                        (stubs[2], bearer(key), "on"),
+                        (stubs[3], bearer(key), "off"),
+                        (stubs[1], (), "bare"),
+                    ]
+                    series: dict[str, list[float]] = {"on": [], "off": [], "bare": []}
                     for i in range(BLOCKS * PER_BLOCK):  # interleaved call by call, the order rotating
-                        for stub, metadata, name in calls[i % 5:] + calls[:i % 5]:
+                        for stub, metadata, name in calls[i % 5 :] + calls[: i % 5]:
                             series[name] += await _latencies(stub, request, metadata, 1)
                     with_auth, without, bare = series["on"], series["off"], series["bare"]
                 finally:
@@ -139,19 +159,31 @@ async def run(work: Path) -> None:
                 # The same request (key included: the openai client always sends one) to a router that
                 # checks it and to one that does not: what the router's check adds.
                 added = p50(with_auth) - p50(without)
-                print(f"router Infer p50: auth on {p50(with_auth):.3f} ms, auth off {p50(without):.3f} ms "
-                      f"(same request, key sent to both), auth off without the header {p50(bare):.3f} ms "
-                      f"({len(with_auth)} calls each, interleaved); admission step in-process "
-                      f"{admission_step_us():.1f} us")
-                print(f"the authorization header itself (client + wire + router's metadata) adds "
-                      f"{p50(without) - p50(bare):.3f} ms at p50")
+                print(
+                    f"router Infer p50: auth on {p50(with_auth):.3f} ms, auth off {p50(without):.3f} ms "
+                    f"(same request, key sent to both), auth off without the header {p50(bare):.3f} ms "
+                    f"({len(with_auth)} calls each, interleaved); admission step in-process "
+                    f"{admission_step_us():.1f} us"
+                )
+                print(
+                    f"the authorization header itself (client + wire + router's metadata) adds "
+                    f"{p50(without) - p50(bare):.3f} ms at p50"
+                )
                 print(f"BENCH auth_added_p50_ms_c1 {max(added, 0.0):.3f} <= 0.05")
 
                 # -- critical p99 under overload --------------------------------------------------------
                 ratios = {}
                 for shed in ("1", "0"):
-                    router = RouterProcess(address, triton.grpc_address, ADMIN, work / f"router-shed{shed}.log",
-                                           "--auth", "on", "--shed-sheddable-inflight", shed)
+                    router = RouterProcess(
+                        address,
+                        triton.grpc_address,
+                        ADMIN,
+                        work / f"router-shed{shed}.log",
+                        "--auth",
+                        "on",
+                        "--shed-sheddable-inflight",
+                        shed,
+                    )
                     routers.append(router)
                     async with grpc.aio.insecure_channel(router.address) as ch:
                         rstub = router_pb2_grpc.RouterStub(ch)
@@ -162,17 +194,20 @@ async def run(work: Path) -> None:
                         try:
                             while not flood.started():
                                 pass
-                            unloaded, loaded, counts = await alternating(rstub, critical, flood, ROUNDS,
-                                                                         SAMPLES // ROUNDS)
+                            unloaded, loaded, counts = await alternating(
+                                rstub, critical, flood, ROUNDS, SAMPLES // ROUNDS
+                            )
                             outcomes = flood.result()
                         finally:
                             flood.stop()
                         assert counts == {"OK": 2 * SAMPLES} or shed == "0", counts
                     router.stop()
                     ratios[shed] = p99(loaded) / p99(unloaded)
-                    print(f"shed-sheddable-inflight={shed}: critical p50/p99 unloaded {p50(unloaded):.2f}/"
-                          f"{p99(unloaded):.2f} ms, flooded {p50(loaded):.2f}/{p99(loaded):.2f} ms; "
-                          f"sheddable outcomes {outcomes}")
+                    print(
+                        f"shed-sheddable-inflight={shed}: critical p50/p99 unloaded {p50(unloaded):.2f}/"
+                        f"{p99(unloaded):.2f} ms, flooded {p50(loaded):.2f}/{p99(loaded):.2f} ms; "
+                        f"sheddable outcomes {outcomes}"
+                    )
                 print(f"without shedding the critical p99 ratio is {ratios['0']:.2f}")
                 print(f"BENCH critical_p99_ratio_under_overload {ratios['1']:.2f} <= 2")
         finally:

@@ -15,6 +15,7 @@ Detokenizing a generated sequence: what DetokenizeStream adds per token over tok
 DecodeStream, when the caller sends each id (smollm2's tokenizer, the same sentences) and waits for
 its text before sending the next, as a router streaming a model's tokens one by one would.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,7 +36,10 @@ from services.shared.config import DEFAULT_MAX_MESSAGE_BYTES
 from services.shared.server import channel_options
 from services.tokenizer.detokenization import IncrementalDecoder
 from tests.fixtures.preprocessing import (
-    make_generation_repository, make_tokenizer_repository, minilm_tokenizer_json, service_process,
+    make_generation_repository,
+    make_tokenizer_repository,
+    minilm_tokenizer_json,
+    service_process,
 )
 
 BATCHES = (1, 32, 256)
@@ -50,8 +54,24 @@ STREAM_DEADLINE_SECONDS = 600
 # Per generated token; a CPU decode step of the model takes tens of ms.
 DETOKENIZE_ADDED_TARGET_MS = 1.0
 DETOKENIZE_TOKENS = 2000
-_CORPUS_MODULES = ("argparse", "asyncio", "collections", "email", "json", "logging", "os", "pathlib", "re",
-                   "subprocess", "textwrap", "threading", "typing", "unittest", "urllib.request", "decimal")
+_CORPUS_MODULES = (
+    "argparse",
+    "asyncio",
+    "collections",
+    "email",
+    "json",
+    "logging",
+    "os",
+    "pathlib",
+    "re",
+    "subprocess",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib.request",
+    "decimal",
+)
 
 
 def corpus() -> list[str]:
@@ -94,7 +114,7 @@ def best_rates(calls: dict, texts: list[str], size: int) -> dict[str, float]:
 def windows(texts: list[str], size: int):
     """Endless distinct batches of `size` consecutive texts, so no call repeats the last one's input."""
     for start in itertools.cycle(range(0, len(texts) - size + 1, max(1, size // 2))):
-        yield texts[start:start + size]
+        yield texts[start : start + size]
 
 
 def tokenize_request(batch: list[str]) -> tokenizer_pb2.TokenizeRequest:
@@ -106,7 +126,7 @@ def stream_caller(stub: tokenizer_pb2_grpc.TokenizerStub):
     """A call(batch) that sends the batch on one long-lived TokenizeStream and waits for its answer.
     The sync client reads requests from an iterator on its own thread, so a queue feeds it; the other
     client shapes measured (queue.Queue, a grpc.aio stream driven per call) were no faster."""
-    requests = queue.SimpleQueue()
+    requests: queue.SimpleQueue = queue.SimpleQueue()
     # A deadline for the whole run: a stuck service fails the benchmark instead of hanging it.
     answers = stub.TokenizeStream(iter(requests.get, None), timeout=STREAM_DEADLINE_SECONDS)
 
@@ -147,9 +167,11 @@ def main() -> None:
     from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
     slow = BertTokenizerLegacy(vocab_file=str(minilm_tokenizer_json().parent / "vocab.txt"), do_lower_case=True)
-    with tempfile.TemporaryDirectory() as tmp, \
-            service_process("tokenizer", "--model-repository", str(make_tokenizer_repository(Path(tmp)))) as address, \
-            grpc.insecure_channel(address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        service_process("tokenizer", "--model-repository", str(make_tokenizer_repository(Path(tmp)))) as address,
+        grpc.insecure_channel(address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel,
+    ):
         stub = tokenizer_pb2_grpc.TokenizerStub(channel)
         with stream_caller(stub) as stream:
             contenders = {
@@ -176,8 +198,10 @@ def drain_bench() -> None:
         for service in SERVICES:
             result = drain_under_load(service, Path(tmp))
             lost += len(result.lost)
-            print(f"drain {service}: {result.before} calls before the SIGTERM, {result.after} after, "
-                  f"{len(result.lost)} lost, drained replica exit code {result.exit_code}")
+            print(
+                f"drain {service}: {result.before} calls before the SIGTERM, {result.after} after, "
+                f"{len(result.lost)} lost, drained replica exit code {result.exit_code}"
+            )
     print(f"BENCH drain_lost_requests {lost} <= 0")
 
 
@@ -206,11 +230,14 @@ def detokenize_stream_bench(texts: list[str]) -> None:
             decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
             return seconds_per_token(lambda token: decoder.step([token]), ids)
 
-        with service_process("tokenizer", "--model-repository", str(repository)) as address, \
-                grpc.insecure_channel(address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel:
-            requests = queue.SimpleQueue()
+        with (
+            service_process("tokenizer", "--model-repository", str(repository)) as address,
+            grpc.insecure_channel(address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel,
+        ):
+            requests: queue.SimpleQueue = queue.SimpleQueue()
             answers = tokenizer_pb2_grpc.TokenizerStub(channel).DetokenizeStream(
-                iter(requests.get, None), timeout=STREAM_DEADLINE_SECONDS)
+                iter(requests.get, None), timeout=STREAM_DEADLINE_SECONDS
+            )
             requests.put(tokenizer_pb2.DetokenizeStreamRequest(tokenizer="smollm2"))
             next(answers)
 
@@ -226,8 +253,10 @@ def detokenize_stream_bench(texts: list[str]) -> None:
                 requests.put(None)
                 answers.cancel()
     added_ms = (remote - local) * 1000
-    print(f"detokenize {len(ids)} tokens one by one: in-process DecodeStream {local * 1e6:.1f} µs/token, "
-          f"the service's IncrementalDecoder {ours * 1e6:.1f} µs/token, DetokenizeStream {remote * 1e6:.0f} µs/token")
+    print(
+        f"detokenize {len(ids)} tokens one by one: in-process DecodeStream {local * 1e6:.1f} µs/token, "
+        f"the service's IncrementalDecoder {ours * 1e6:.1f} µs/token, DetokenizeStream {remote * 1e6:.0f} µs/token"
+    )
     print(f"BENCH detokenize_stream_added_ms_per_token {added_ms:.3f} <= {DETOKENIZE_ADDED_TARGET_MS}")
 
 

@@ -4,6 +4,7 @@ normalise), on the fixed JPEG set of bench/images.py (640x480 to 12 MP), with ef
 spec. The set figure weights every size equally (total time for one image of each size). The service
 runs as its own process with --workers 1 and gets one image per request, one request at a time.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -62,27 +63,37 @@ def main() -> None:
         preprocessor = Preprocessor(spec, VisionLimits().max_image_pixels)
         slot = preprocessor.new_batch(1)[0]
         rates, mad = {}, {}
-        with service_process("vision", "--model-repository", str(repository), "--workers", "1") as address, \
-                grpc.insecure_channel(address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel:
+        with (
+            service_process("vision", "--model-repository", str(repository), "--workers", "1") as address,
+            grpc.insecure_channel(address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel,
+        ):
             stub = vision_pb2_grpc.VisionStub(channel)
             for size, encoded in images.items():
-                rates[size] = best_rates({
-                    "reference": lambda data: reference_preprocess(data, spec),
-                    "in-process": lambda data: preprocessor.into(data, slot, 0),
-                    "gRPC": lambda data: stub.Preprocess(vision_pb2.PreprocessRequest(images=[data]), timeout=30),
-                }, encoded)
-                mad[size] = np.mean([np.abs(reference_preprocess(d, spec) - _fast(preprocessor, d)).mean()
-                                     for d in encoded])
+                rates[size] = best_rates(
+                    {
+                        "reference": lambda data: reference_preprocess(data, spec),
+                        "in-process": lambda data: preprocessor.into(data, slot, 0),
+                        "gRPC": lambda data: stub.Preprocess(vision_pb2.PreprocessRequest(images=[data]), timeout=30),
+                    },
+                    encoded,
+                )
+                mad[size] = np.mean(
+                    [np.abs(reference_preprocess(d, spec) - _fast(preprocessor, d)).mean() for d in encoded]
+                )
     reference = {size: r["reference"] for size, r in rates.items()}
     in_process = {size: r["in-process"] for size, r in rates.items()}
     remote = {size: r["gRPC"] for size, r in rates.items()}
 
     for size in images:
-        print(f"vision {size[0]}x{size[1]}: reference {reference[size]:.0f} img/s, in-process {in_process[size]:.0f} "
-              f"img/s ({in_process[size] / reference[size]:.2f}x), gRPC {remote[size]:.0f} img/s "
-              f"({remote[size] / reference[size]:.2f}x), mean abs diff vs reference {mad[size]:.4f}")
-    print(f"vision set: reference {set_rate(reference):.0f} img/s, in-process {set_rate(in_process):.0f} img/s, "
-          f"gRPC {set_rate(remote):.0f} img/s")
+        print(
+            f"vision {size[0]}x{size[1]}: reference {reference[size]:.0f} img/s, in-process {in_process[size]:.0f} "
+            f"img/s ({in_process[size] / reference[size]:.2f}x), gRPC {remote[size]:.0f} img/s "
+            f"({remote[size] / reference[size]:.2f}x), mean abs diff vs reference {mad[size]:.4f}"
+        )
+    print(
+        f"vision set: reference {set_rate(reference):.0f} img/s, in-process {set_rate(in_process):.0f} img/s, "
+        f"gRPC {set_rate(remote):.0f} img/s"
+    )
     print(f"BENCH vision_inprocess_vs_reference {set_rate(in_process) / set_rate(reference):.2f} >= 2")
     print(f"BENCH vision_grpc_vs_reference {set_rate(remote) / set_rate(reference):.2f} >= 2")
 

@@ -1,6 +1,7 @@
 """A fixed set of JPEGs of realistic sizes for the vision benchmarks, made from the photos that
 scikit-image ships: each photo centre-cropped to the size's aspect ratio, resized with Lanczos and
 saved at quality 90 (4:2:0), so every run decodes the same bytes."""
+
 from __future__ import annotations
 
 import io

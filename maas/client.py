@@ -13,25 +13,31 @@ Every call takes version= (a number) or alias= (e.g. "canary"), and routing_key=
 each result says which version answered (`.routed`). AsyncMeshClient has the same methods, awaitable.
 Failures raise MeshError with the gRPC status code and the server's message.
 """
+
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, overload
 
 import grpc
 import numpy as np
 
 from maas.tls import ClientTls, open_channel
 from maas.v1 import router_pb2, router_pb2_grpc, tensor_pb2
-from services.shared.tensors import from_proto, to_proto as to_tensor
+from maas import ports
+from maas.tensors import from_proto, to_proto as to_tensor
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_ADDRESS = ports.loopback(ports.ROUTER)
 DEFAULT_TIMEOUT = 30.0
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-                    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)]
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+]
+
 
 class MeshError(RuntimeError):
     """A failed call: `code` is the gRPC status (e.g. NOT_FOUND), the message is the server's."""
@@ -202,8 +208,8 @@ def from_tensor(tensor: tensor_pb2.Tensor) -> np.ndarray:
     if tensor.datatype == "BYTES":
         items, raw, pos = [], tensor.raw_contents, 0
         while pos < len(raw):
-            size = int.from_bytes(raw[pos:pos + 4], "little")
-            items.append(raw[pos + 4:pos + 4 + size])
+            size = int.from_bytes(raw[pos : pos + 4], "little")
+            items.append(raw[pos + 4 : pos + 4 + size])
             pos += 4 + size
         return np.array(items, dtype=np.object_).reshape(tuple(tensor.shape))
     return from_proto(tensor)
@@ -228,20 +234,24 @@ def embed_result(response: router_pb2.EmbedResponse) -> Embeddings:
 def classify_request(images, model, top_k, version, alias, routing_key) -> router_pb2.ClassifyRequest:
     if isinstance(images, (bytes, str, os.PathLike)):
         images = [images]
-    return router_pb2.ClassifyRequest(model=model_ref(model, version, alias, routing_key),
-                                      images=[_image_bytes(i) for i in images], top_k=top_k)
+    return router_pb2.ClassifyRequest(
+        model=model_ref(model, version, alias, routing_key), images=[_image_bytes(i) for i in images], top_k=top_k
+    )
 
 
 def classify_result(response: router_pb2.ClassifyResponse) -> Classifications:
-    return Classifications([[ClassScore(c.index, c.label, c.score) for c in r.classes] for r in response.results],
-                           routed(response.routed))
+    return Classifications(
+        [[ClassScore(c.index, c.label, c.score) for c in r.classes] for r in response.results], routed(response.routed)
+    )
 
 
 def infer_request(model, inputs, texts, images, outputs, version, alias, routing_key) -> router_pb2.InferRequest:
     return router_pb2.InferRequest(
         model=model_ref(model, version, alias, routing_key),
         inputs=[to_tensor(name, np.asarray(a)) for name, a in (inputs or {}).items()],
-        texts=list(texts or ()), images=[_image_bytes(i) for i in images or ()], outputs=list(outputs or ()),
+        texts=list(texts or ()),
+        images=[_image_bytes(i) for i in images or ()],
+        outputs=list(outputs or ()),
     )
 
 
@@ -264,15 +274,31 @@ def chat_messages(messages: Messages) -> router_pb2.ChatMessages:
     return router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role=r, content=c) for r, c in turns])
 
 
-def generate_request(model: str, *, prompt: str | None = None, messages: Messages | None = None,
-                     max_tokens: int = 0, temperature: float | None = None, top_p: float | None = None,
-                     top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
-                     repetition_penalty: float | None = None, version=None, alias=None,
-                     routing_key=None) -> router_pb2.GenerateRequest:
-    sampling = router_pb2.SamplingParams(max_tokens=max_tokens, top_k=top_k,
-                                         stop=[stop] if isinstance(stop, str) else list(stop))
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed),
-                        ("repetition_penalty", repetition_penalty)):
+def generate_request(
+    model: str,
+    *,
+    prompt: str | None = None,
+    messages: Messages | None = None,
+    max_tokens: int = 0,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: str | Sequence[str] = (),
+    repetition_penalty: float | None = None,
+    version=None,
+    alias=None,
+    routing_key=None,
+) -> router_pb2.GenerateRequest:
+    sampling = router_pb2.SamplingParams(
+        max_tokens=max_tokens, top_k=top_k, stop=[stop] if isinstance(stop, str) else list(stop)
+    )
+    for name, value in (
+        ("temperature", temperature),
+        ("top_p", top_p),
+        ("seed", seed),
+        ("repetition_penalty", repetition_penalty),
+    ):
         if value is not None:
             setattr(sampling, name, value)
     request = router_pb2.GenerateRequest(model=model_ref(model, version, alias, routing_key), sampling=sampling)
@@ -284,8 +310,13 @@ def generate_request(model: str, *, prompt: str | None = None, messages: Message
 
 
 def generation_result(response: router_pb2.GenerateResponse) -> Generation:
-    return Generation(response.text, list(response.token_ids), finish_reason(response.finish_reason),
-                      Usage(response.usage.prompt_tokens, response.usage.completion_tokens), routed(response.routed))
+    return Generation(
+        response.text,
+        list(response.token_ids),
+        finish_reason(response.finish_reason),
+        Usage(response.usage.prompt_tokens, response.usage.completion_tokens),
+        routed(response.routed),
+    )
 
 
 # -- clients -----------------------------------------------------------------------------------------
@@ -303,8 +334,13 @@ class MeshClient:
     cert/key), None = from MAAS_TLS_* in the environment (maas/tls.py), False = plaintext. `api_key`
     (default $MAAS_API_KEY): the tenant's key, sent with every call."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT,
-                 tls: ClientTls | bool | None = None, api_key: str | None = None):
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float = DEFAULT_TIMEOUT,
+        tls: ClientTls | bool | None = None,
+        api_key: str | None = None,
+    ):
         self.address, self.timeout = address, timeout
         self._channel = open_channel(address, _CHANNEL_OPTIONS, tls)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
@@ -316,39 +352,95 @@ class MeshClient:
         except grpc.RpcError as exc:
             raise MeshError(exc.code(), exc.details()) from None
 
-    def embed(self, texts: str | Sequence[str], model: str = "minilm", *, version: int | None = None,
-              alias: str | None = None, routing_key: str | None = None, timeout: float | None = None) -> Embeddings:
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        model: str = "minilm",
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        routing_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Embeddings:
         request = embed_request(texts, model, version, alias, routing_key)
         return embed_result(self._call(self._stub.Embed, request, timeout))
 
-    def classify(self, images: Iterable[bytes | str | os.PathLike] | bytes, model: str = "efficientnet_lite0",
-                 *, top_k: int = 0, version: int | None = None, alias: str | None = None,
-                 routing_key: str | None = None, timeout: float | None = None) -> Classifications:
+    def classify(
+        self,
+        images: Iterable[bytes | str | os.PathLike] | bytes,
+        model: str = "efficientnet_lite0",
+        *,
+        top_k: int = 0,
+        version: int | None = None,
+        alias: str | None = None,
+        routing_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Classifications:
         request = classify_request(images, model, top_k, version, alias, routing_key)
         return classify_result(self._call(self._stub.Classify, request, timeout))
 
-    def infer(self, model: str, inputs: Mapping[str, np.ndarray] | None = None, *, texts: Sequence[str] = (),
-              images: Sequence[bytes | str | os.PathLike] = (), outputs: Sequence[str] = (),
-              version: int | None = None, alias: str | None = None, routing_key: str | None = None,
-              timeout: float | None = None) -> InferResult:
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray] | None = None,
+        *,
+        texts: Sequence[str] = (),
+        images: Sequence[bytes | str | os.PathLike] = (),
+        outputs: Sequence[str] = (),
+        version: int | None = None,
+        alias: str | None = None,
+        routing_key: str | None = None,
+        timeout: float | None = None,
+    ) -> InferResult:
         request = infer_request(model, inputs, texts, images, outputs, version, alias, routing_key)
         return infer_result(self._call(self._stub.Infer, request, timeout))
 
-    def generate(self, prompt: str, model: str = "smollm2", *, stream: bool = False, timeout: float | None = None,
-                 **sampling) -> Generation | GenerationStream:
+    @overload
+    def generate(
+        self, prompt: str, model: str = ..., *, stream: Literal[False] = ..., timeout: float | None = ..., **sampling
+    ) -> Generation: ...
+    @overload
+    def generate(
+        self, prompt: str, model: str = ..., *, stream: Literal[True], timeout: float | None = ..., **sampling
+    ) -> GenerationStream: ...
+    def generate(
+        self, prompt: str, model: str = "smollm2", *, stream: bool = False, timeout: float | None = None, **sampling
+    ) -> Generation | GenerationStream:
         """Raw prompt (no chat template). Sampling: max_tokens, temperature, top_p, top_k, seed, stop,
         repetition_penalty; routing: version, alias, routing_key. stream=True → a GenerationStream."""
         return self._generate(generate_request(model, prompt=prompt, **sampling), stream, timeout)
 
-    def chat(self, messages: Messages, model: str = "smollm2", *, stream: bool = False, timeout: float | None = None,
-             **sampling) -> Generation | GenerationStream:
+    @overload
+    def chat(
+        self,
+        messages: Messages,
+        model: str = ...,
+        *,
+        stream: Literal[False] = ...,
+        timeout: float | None = ...,
+        **sampling,
+    ) -> Generation: ...
+    @overload
+    def chat(
+        self, messages: Messages, model: str = ..., *, stream: Literal[True], timeout: float | None = ..., **sampling
+    ) -> GenerationStream: ...
+    def chat(
+        self,
+        messages: Messages,
+        model: str = "smollm2",
+        *,
+        stream: bool = False,
+        timeout: float | None = None,
+        **sampling,
+    ) -> Generation | GenerationStream:
         """Chat turns through the model's chat template; the same options as generate()."""
         return self._generate(generate_request(model, messages=messages, **sampling), stream, timeout)
 
     def _generate(self, request, stream: bool, timeout):
         if stream:
-            return GenerationStream(self._stub.Generate(request, timeout=timeout or self.timeout,
-                                                        metadata=self._metadata))
+            return GenerationStream(
+                self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            )
         return generation_result(self._call(self._stub.GenerateUnary, request, timeout))
 
     def close(self) -> None:
@@ -364,8 +456,13 @@ class MeshClient:
 class AsyncMeshClient:
     """The same API for asyncio code (grpc.aio); create it inside the running event loop."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT,
-                 tls: ClientTls | bool | None = None, api_key: str | None = None):
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float = DEFAULT_TIMEOUT,
+        tls: ClientTls | bool | None = None,
+        api_key: str | None = None,
+    ):
         self.address, self.timeout = address, timeout
         self._channel = open_channel(address, _CHANNEL_OPTIONS, tls, aio=True)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
@@ -377,34 +474,58 @@ class AsyncMeshClient:
         except grpc.aio.AioRpcError as exc:
             raise MeshError(exc.code(), exc.details()) from None
 
-    async def embed(self, texts, model: str = "minilm", *, version=None, alias=None, routing_key=None,
-                    timeout=None) -> Embeddings:
+    async def embed(
+        self, texts, model: str = "minilm", *, version=None, alias=None, routing_key=None, timeout=None
+    ) -> Embeddings:
         request = embed_request(texts, model, version, alias, routing_key)
         return embed_result(await self._call(self._stub.Embed, request, timeout))
 
-    async def classify(self, images, model: str = "efficientnet_lite0", *, top_k: int = 0, version=None, alias=None,
-                       routing_key=None, timeout=None) -> Classifications:
+    async def classify(
+        self,
+        images,
+        model: str = "efficientnet_lite0",
+        *,
+        top_k: int = 0,
+        version=None,
+        alias=None,
+        routing_key=None,
+        timeout=None,
+    ) -> Classifications:
         request = classify_request(images, model, top_k, version, alias, routing_key)
         return classify_result(await self._call(self._stub.Classify, request, timeout))
 
-    async def infer(self, model: str, inputs=None, *, texts=(), images=(), outputs=(), version=None, alias=None,
-                    routing_key=None, timeout=None) -> InferResult:
+    async def infer(
+        self,
+        model: str,
+        inputs=None,
+        *,
+        texts=(),
+        images=(),
+        outputs=(),
+        version=None,
+        alias=None,
+        routing_key=None,
+        timeout=None,
+    ) -> InferResult:
         request = infer_request(model, inputs, texts, images, outputs, version, alias, routing_key)
         return infer_result(await self._call(self._stub.Infer, request, timeout))
 
-    async def generate(self, prompt: str, model: str = "smollm2", *, stream: bool = False, timeout=None,
-                       **sampling) -> Generation | AsyncGenerationStream:
+    async def generate(
+        self, prompt: str, model: str = "smollm2", *, stream: bool = False, timeout=None, **sampling
+    ) -> Generation | AsyncGenerationStream:
         """As MeshClient.generate; with stream=True: `async for piece in await mesh.generate(..., stream=True)`."""
         return await self._generate(generate_request(model, prompt=prompt, **sampling), stream, timeout)
 
-    async def chat(self, messages: Messages, model: str = "smollm2", *, stream: bool = False, timeout=None,
-                   **sampling) -> Generation | AsyncGenerationStream:
+    async def chat(
+        self, messages: Messages, model: str = "smollm2", *, stream: bool = False, timeout=None, **sampling
+    ) -> Generation | AsyncGenerationStream:
         return await self._generate(generate_request(model, messages=messages, **sampling), stream, timeout)
 
     async def _generate(self, request, stream: bool, timeout):
         if stream:
-            return AsyncGenerationStream(self._stub.Generate(request, timeout=timeout or self.timeout,
-                                                             metadata=self._metadata))
+            return AsyncGenerationStream(
+                self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            )
         return generation_result(await self._call(self._stub.GenerateUnary, request, timeout))
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@
 
 Returns the API's protobuf messages. Every failure is a RegistryError carrying the server's status and message.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -21,21 +22,32 @@ from pathlib import Path
 
 import grpc
 
+from maas import ports
 from maas.tls import ClientTls, open_channel
 from maas.v1 import registry_pb2 as pb
 from maas.v1 import registry_pb2_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:50052"
+DEFAULT_ADDRESS = ports.loopback(ports.REGISTRY)
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-FORMATS = {"onnx": pb.ARTIFACT_FORMAT_ONNX, "torchscript": pb.ARTIFACT_FORMAT_TORCHSCRIPT,
-           "triton": pb.ARTIFACT_FORMAT_TRITON_FOLDER, "genai": pb.ARTIFACT_FORMAT_ORT_GENAI}
-PREPROCESSING = {"none": pb.Preprocessing.KIND_NONE, "tokenizer": pb.Preprocessing.KIND_TOKENIZER,
-                 "vision": pb.Preprocessing.KIND_VISION}
-POSTPROCESSING = {"none": pb.Postprocessing.KIND_NONE, "embedding": pb.Postprocessing.KIND_EMBEDDING,
-                  "softmax_top_k": pb.Postprocessing.KIND_SOFTMAX_TOP_K,
-                  "generation": pb.Postprocessing.KIND_GENERATION}
+FORMATS = {
+    "onnx": pb.ARTIFACT_FORMAT_ONNX,
+    "torchscript": pb.ARTIFACT_FORMAT_TORCHSCRIPT,
+    "triton": pb.ARTIFACT_FORMAT_TRITON_FOLDER,
+    "genai": pb.ARTIFACT_FORMAT_ORT_GENAI,
+}
+PREPROCESSING = {
+    "none": pb.Preprocessing.KIND_NONE,
+    "tokenizer": pb.Preprocessing.KIND_TOKENIZER,
+    "vision": pb.Preprocessing.KIND_VISION,
+}
+POSTPROCESSING = {
+    "none": pb.Postprocessing.KIND_NONE,
+    "embedding": pb.Postprocessing.KIND_EMBEDDING,
+    "softmax_top_k": pb.Postprocessing.KIND_SOFTMAX_TOP_K,
+    "generation": pb.Postprocessing.KIND_GENERATION,
+}
 STATE_NAMES = {v: pb.VersionState.Name(v).removeprefix("VERSION_STATE_").lower() for v in pb.VersionState.values()}
 FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
 
@@ -133,18 +145,29 @@ def target_name(t: pb.TrafficTarget) -> str:
 
 
 class RegistryClient:
-    def __init__(self, address: str | None = None, token: str | None = None, timeout: float = 60.0,
-                 actor: str | None = None, channel: grpc.Channel | None = None, tls: ClientTls | bool | None = None):
+    def __init__(
+        self,
+        address: str | None = None,
+        token: str | None = None,
+        timeout: float = 60.0,
+        actor: str | None = None,
+        channel: grpc.Channel | None = None,
+        tls: ClientTls | bool | None = None,
+    ):
         """tls: ClientTls, None = from MAAS_TLS_* in the environment (maas/tls.py), False = plaintext."""
         self.address = address or default_address()
         self.timeout = timeout
         self.actor = actor or default_actor()
         token = token if token is not None else os.environ.get("MAAS_ADMIN_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = channel or open_channel(self.address, [
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ], tls)
+        self._channel = channel or open_channel(
+            self.address,
+            [
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+            tls,
+        )
         self.stub = registry_pb2_grpc.RegistryStub(self._channel)
 
     def close(self) -> None:
@@ -157,12 +180,25 @@ class RegistryClient:
         self.close()
 
     # -- registration ------------------------------------------------------------------------------
-    def register(self, path: str | os.PathLike, model: str, *, format: str | None = None,
-                 inputs: Sequence[pb.TensorSpec] = (), outputs: Sequence[pb.TensorSpec] = (),
-                 preprocessing: tuple[str, str] = ("none", ""), postprocessing: tuple[str, str] = ("none", ""),
-                 top_k: int = 0, labels: Sequence[str] = (), tags: dict[str, str] | None = None,
-                 max_batch_size: int = 0, description: str = "", progress: Progress | None = None,
-                 chunk_bytes: int = CHUNK_BYTES, timeout: float | None = None) -> pb.ModelVersion:
+    def register(
+        self,
+        path: str | os.PathLike,
+        model: str,
+        *,
+        format: str | None = None,
+        inputs: Sequence[pb.TensorSpec] = (),
+        outputs: Sequence[pb.TensorSpec] = (),
+        preprocessing: tuple[str, str] = ("none", ""),
+        postprocessing: tuple[str, str] = ("none", ""),
+        top_k: int = 0,
+        labels: Sequence[str] = (),
+        tags: dict[str, str] | None = None,
+        max_batch_size: int = 0,
+        description: str = "",
+        progress: Progress | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+        timeout: float | None = None,
+    ) -> pb.ModelVersion:
         """Upload a version (ONNX / TorchScript file, Triton folder or its .tar.gz) in chunks.
         Returns it as registered; it loads in the background (see wait_ready)."""
         path = Path(path)
@@ -175,12 +211,19 @@ class RegistryClient:
                 path = pack_folder(path, Path(tmp) / ("model.tar" if genai else "model.tar.gz"), genai=genai)
             size = path.stat().st_size
             header = pb.RegistrationHeader(
-                model=model, format=FORMATS[fmt], sha256=sha256_file(path), size_bytes=size,
+                model=model,
+                format=FORMATS[fmt],
+                sha256=sha256_file(path),
+                size_bytes=size,
                 signature=pb.Signature(inputs=list(inputs), outputs=list(outputs)),
                 preprocessing=pb.Preprocessing(kind=PREPROCESSING[preprocessing[0]], name=preprocessing[1]),
-                postprocessing=pb.Postprocessing(kind=POSTPROCESSING[postprocessing[0]], output=postprocessing[1],
-                                                 top_k=top_k),
-                labels=list(labels), tags=tags or {}, max_batch_size=max_batch_size, actor=self.actor,
+                postprocessing=pb.Postprocessing(
+                    kind=POSTPROCESSING[postprocessing[0]], output=postprocessing[1], top_k=top_k
+                ),
+                labels=list(labels),
+                tags=tags or {},
+                max_batch_size=max_batch_size,
+                actor=self.actor,
                 description=description,
             )
 
@@ -196,8 +239,12 @@ class RegistryClient:
                         if progress:
                             progress(sent, size)
 
-            return _call(self.stub.RegisterVersion, messages(), metadata=self._metadata,
-                         timeout=timeout or max(self.timeout, 600.0))
+            return _call(
+                self.stub.RegisterVersion,
+                messages(),
+                metadata=self._metadata,
+                timeout=timeout or max(self.timeout, 600.0),
+            )
 
     def wait_ready(self, model: str, version: int, timeout: float = 600.0, poll: float = 0.2) -> pb.ModelVersion:
         """Poll until the version is READY; RegistryError(FAILED_PRECONDITION) if it failed or was archived."""
@@ -207,18 +254,24 @@ class RegistryClient:
             if v.state == pb.VERSION_STATE_READY:
                 return v
             if v.state in (pb.VERSION_STATE_FAILED, pb.VERSION_STATE_ARCHIVED):
-                raise RegistryError(grpc.StatusCode.FAILED_PRECONDITION,
-                                    f"version {version} of {model} is {STATE_NAMES[v.state]}: {v.state_reason}")
+                raise RegistryError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"version {version} of {model} is {STATE_NAMES[v.state]}: {v.state_reason}",
+                )
             if time.monotonic() > deadline:
-                raise RegistryError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"version {version} of {model} not ready after {timeout:.0f}s "
-                                    f"(state {STATE_NAMES[v.state]})")
+                raise RegistryError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"version {version} of {model} not ready after {timeout:.0f}s (state {STATE_NAMES[v.state]})",
+                )
             time.sleep(poll)
 
     # -- reads -------------------------------------------------------------------------------------
     def list_models(self, include_archived: bool = False) -> list[pb.Model]:
-        return list(_call(self.stub.ListModels, pb.ListModelsRequest(include_archived=include_archived),
-                          timeout=self.timeout).models)
+        return list(
+            _call(
+                self.stub.ListModels, pb.ListModelsRequest(include_archived=include_archived), timeout=self.timeout
+            ).models
+        )
 
     def get_model(self, model: str) -> pb.Model:
         return _call(self.stub.GetModel, pb.GetModelRequest(model=model), timeout=self.timeout)
@@ -240,36 +293,67 @@ class RegistryClient:
 
     # -- mutations ---------------------------------------------------------------------------------
     def set_alias(self, model: str, alias: str, version: int, reason: str = "") -> pb.Alias:
-        return _call(self.stub.SetAlias, pb.SetAliasRequest(model=model, alias=alias, version=version,
-                                                            reason=reason, actor=self.actor),
-                     metadata=self._metadata, timeout=self.timeout)
+        return _call(
+            self.stub.SetAlias,
+            pb.SetAliasRequest(model=model, alias=alias, version=version, reason=reason, actor=self.actor),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
 
-    def set_traffic(self, model: str, split: Iterable[pb.TrafficTarget] = (), shadow: pb.TrafficTarget | None = None,
-                    shadow_fraction: float = 0.0, reason: str = "") -> pb.TrafficPolicy:
+    def set_traffic(
+        self,
+        model: str,
+        split: Iterable[pb.TrafficTarget] = (),
+        shadow: pb.TrafficTarget | None = None,
+        shadow_fraction: float = 0.0,
+        reason: str = "",
+    ) -> pb.TrafficPolicy:
         request = pb.SetTrafficPolicyRequest(model=model, split=list(split), reason=reason, actor=self.actor)
         if shadow is not None:
             request.shadow.CopyFrom(pb.ShadowPolicy(target=shadow, fraction=shadow_fraction))
         return _call(self.stub.SetTrafficPolicy, request, metadata=self._metadata, timeout=self.timeout)
 
     def rollback(self, model: str, alias: str = "production", reason: str = "") -> pb.Alias:
-        return _call(self.stub.Rollback, pb.RollbackRequest(model=model, alias=alias, reason=reason, actor=self.actor),
-                     metadata=self._metadata, timeout=self.timeout)
+        return _call(
+            self.stub.Rollback,
+            pb.RollbackRequest(model=model, alias=alias, reason=reason, actor=self.actor),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
 
     def archive(self, model: str, version: int, reason: str = "") -> pb.ModelVersion:
-        return _call(self.stub.ArchiveVersion, pb.ArchiveVersionRequest(model=model, version=version, reason=reason,
-                                                                        actor=self.actor),
-                     metadata=self._metadata, timeout=max(self.timeout, 300.0))
+        return _call(
+            self.stub.ArchiveVersion,
+            pb.ArchiveVersionRequest(model=model, version=version, reason=reason, actor=self.actor),
+            metadata=self._metadata,
+            timeout=max(self.timeout, 300.0),
+        )
 
     def report_shadow_results(self, results: Iterable[pb.ShadowResult]) -> None:
-        _call(self.stub.ReportShadowResults, pb.ReportShadowResultsRequest(results=list(results)),
-              metadata=self._metadata, timeout=self.timeout)
+        _call(
+            self.stub.ReportShadowResults,
+            pb.ReportShadowResultsRequest(results=list(results)),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
 
     # -- progressive delivery (docs/rollouts.md) ---------------------------------------------------
-    def start_rollout(self, model: str, version: int, policy: pb.RolloutPolicy | None = None, dry_run: bool = False,
-                      reason: str = "") -> pb.Rollout:
-        return _call(self.stub.StartRollout, pb.StartRolloutRequest(
-            model=model, version=version, policy=policy or pb.RolloutPolicy(), dry_run=dry_run, reason=reason,
-            actor=self.actor), metadata=self._metadata, timeout=self.timeout)
+    def start_rollout(
+        self, model: str, version: int, policy: pb.RolloutPolicy | None = None, dry_run: bool = False, reason: str = ""
+    ) -> pb.Rollout:
+        return _call(
+            self.stub.StartRollout,
+            pb.StartRolloutRequest(
+                model=model,
+                version=version,
+                policy=policy or pb.RolloutPolicy(),
+                dry_run=dry_run,
+                reason=reason,
+                actor=self.actor,
+            ),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
 
     def get_rollout(self, model: str) -> pb.Rollout:
         return _call(self.stub.GetRollout, pb.GetRolloutRequest(model=model), timeout=self.timeout)
@@ -278,59 +362,127 @@ class RegistryClient:
         return list(_call(self.stub.ListRollouts, pb.ListRolloutsRequest(), timeout=self.timeout).rollouts)
 
     def abort_rollout(self, model: str, reason: str = "") -> pb.Rollout:
-        return _call(self.stub.AbortRollout, pb.AbortRolloutRequest(model=model, reason=reason, actor=self.actor),
-                     metadata=self._metadata, timeout=self.timeout)
+        return _call(
+            self.stub.AbortRollout,
+            pb.AbortRolloutRequest(model=model, reason=reason, actor=self.actor),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
 
     def report_version_stats(self, stats: Iterable[pb.VersionStats]) -> None:
-        _call(self.stub.ReportVersionStats, pb.ReportVersionStatsRequest(stats=list(stats)),
-              metadata=self._metadata, timeout=self.timeout)
+        _call(
+            self.stub.ReportVersionStats,
+            pb.ReportVersionStatsRequest(stats=list(stats)),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
 
     def compare(self, model: str, a: int, b: int) -> pb.ShadowReport:
         """Shadow agreement report of version b (shadow) against version a (primary)."""
         return _call(self.stub.CompareVersions, pb.CompareVersionsRequest(model=model, a=a, b=b), timeout=self.timeout)
 
-    def optimize(self, model: str, from_version: int, int8: bool = True, policy: pb.RolloutPolicy | None = None,
-                 reason: str = "") -> pb.OptimizeVersionResponse:
+    def optimize(
+        self, model: str, from_version: int, int8: bool = True, policy: pb.RolloutPolicy | None = None, reason: str = ""
+    ) -> pb.OptimizeVersionResponse:
         """A new int8 version of an ONNX version, registered, READY and rolled out behind gates."""
-        return _call(self.stub.OptimizeVersion, pb.OptimizeVersionRequest(
-            model=model, from_version=from_version, int8=int8, policy=policy or pb.RolloutPolicy(), reason=reason,
-            actor=self.actor), metadata=self._metadata, timeout=max(self.timeout, 900.0))
+        return _call(
+            self.stub.OptimizeVersion,
+            pb.OptimizeVersionRequest(
+                model=model,
+                from_version=from_version,
+                int8=int8,
+                policy=policy or pb.RolloutPolicy(),
+                reason=reason,
+                actor=self.actor,
+            ),
+            metadata=self._metadata,
+            timeout=max(self.timeout, 900.0),
+        )
+
     # -- tenants (admin token) ---------------------------------------------------------------------
-    def create_tenant(self, name: str, allowed_models: Sequence[str] = (), quota: pb.Quota | None = None,
-                      priority: str = "standard", description: str = "", reason: str = "") -> pb.TenantKey:
+    def create_tenant(
+        self,
+        name: str,
+        allowed_models: Sequence[str] = (),
+        quota: pb.Quota | None = None,
+        priority: str = "standard",
+        description: str = "",
+        reason: str = "",
+    ) -> pb.TenantKey:
         """The tenant and its API key: the only time the key is sent (the registry keeps its sha256)."""
-        request = pb.CreateTenantRequest(name=name, allowed_models=list(allowed_models), quota=quota or pb.Quota(),
-                                         priority=priority_value(priority), description=description, reason=reason,
-                                         actor=self.actor)
+        request = pb.CreateTenantRequest(
+            name=name,
+            allowed_models=list(allowed_models),
+            quota=quota or pb.Quota(),
+            priority=priority_value(priority),  # type: ignore[arg-type]  # protoc .pyi enums
+            description=description,
+            reason=reason,
+            actor=self.actor,
+        )
         return _call(self.stub.CreateTenant, request, metadata=self._metadata, timeout=self.timeout)
 
     def list_tenants(self, include_revoked: bool = True) -> list[pb.Tenant]:
-        return list(_call(self.stub.ListTenants, pb.ListTenantsRequest(include_revoked=include_revoked),
-                          metadata=self._metadata, timeout=self.timeout).tenants)
+        return list(
+            _call(
+                self.stub.ListTenants,
+                pb.ListTenantsRequest(include_revoked=include_revoked),
+                metadata=self._metadata,
+                timeout=self.timeout,
+            ).tenants
+        )
 
     def rotate_tenant_key(self, name: str, reason: str = "") -> pb.TenantKey:
-        return _call(self.stub.RotateTenantKey, pb.RotateTenantKeyRequest(name=name, reason=reason, actor=self.actor),
-                     metadata=self._metadata, timeout=self.timeout)
+        return _call(
+            self.stub.RotateTenantKey,
+            pb.RotateTenantKeyRequest(name=name, reason=reason, actor=self.actor),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
 
     def revoke_tenant(self, name: str, reason: str = "") -> pb.Tenant:
-        return _call(self.stub.RevokeTenant, pb.RevokeTenantRequest(name=name, reason=reason, actor=self.actor),
-                     metadata=self._metadata, timeout=self.timeout)
+        return _call(
+            self.stub.RevokeTenant,
+            pb.RevokeTenantRequest(name=name, reason=reason, actor=self.actor),
+            metadata=self._metadata,
+            timeout=self.timeout,
+        )
 
-    def set_tenant_quota(self, name: str, quota: pb.Quota, priority: str | None = None,
-                         allowed_models: Sequence[str] | None = None, reason: str = "") -> pb.Tenant:
-        request = pb.SetTenantQuotaRequest(name=name, quota=quota, reason=reason, actor=self.actor,
-                                           priority=priority_value(priority) if priority else pb.PRIORITY_UNSPECIFIED,
-                                           set_allowed_models=allowed_models is not None,
-                                           allowed_models=list(allowed_models or ()))
+    def set_tenant_quota(
+        self,
+        name: str,
+        quota: pb.Quota,
+        priority: str | None = None,
+        allowed_models: Sequence[str] | None = None,
+        reason: str = "",
+    ) -> pb.Tenant:
+        request = pb.SetTenantQuotaRequest(
+            name=name,
+            quota=quota,
+            reason=reason,
+            actor=self.actor,
+            priority=priority_value(priority) if priority else pb.PRIORITY_UNSPECIFIED,  # type: ignore[arg-type]
+            set_allowed_models=allowed_models is not None,
+            allowed_models=list(allowed_models or ()),
+        )
         return _call(self.stub.SetTenantQuota, request, metadata=self._metadata, timeout=self.timeout)
 
     def audit(self, limit: int = 100, target_prefix: str = "") -> list[pb.AuditEntry]:
-        return list(_call(self.stub.ListAudit, pb.ListAuditRequest(limit=limit, target_prefix=target_prefix),
-                          metadata=self._metadata, timeout=self.timeout).entries)
+        return list(
+            _call(
+                self.stub.ListAudit,
+                pb.ListAuditRequest(limit=limit, target_prefix=target_prefix),
+                metadata=self._metadata,
+                timeout=self.timeout,
+            ).entries
+        )
 
 
-PRIORITY_NAMES = {pb.PRIORITY_CRITICAL: "critical", pb.PRIORITY_STANDARD: "standard",
-                  pb.PRIORITY_SHEDDABLE: "sheddable", pb.PRIORITY_UNSPECIFIED: "standard"}
+PRIORITY_NAMES = {
+    pb.PRIORITY_CRITICAL: "critical",
+    pb.PRIORITY_STANDARD: "standard",
+    pb.PRIORITY_SHEDDABLE: "sheddable",
+    pb.PRIORITY_UNSPECIFIED: "standard",
+}
 
 
 def priority_value(name: str) -> int:

@@ -7,6 +7,7 @@ With no `tls` given, the clients read MAAS_TLS_ROOT_CERT, MAAS_TLS_CLIENT_CERT, 
 (and MAAS_TLS_SERVER_NAME) from the environment: none set = plaintext. `maas up --tls` prints them.
 The client certificate is needed when the router requires one (MAAS_TLS_CLIENT_AUTH=required).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,12 @@ from pathlib import Path
 
 import grpc
 
-ENV = {"root_cert": "MAAS_TLS_ROOT_CERT", "client_cert": "MAAS_TLS_CLIENT_CERT",
-       "client_key": "MAAS_TLS_CLIENT_KEY", "server_name": "MAAS_TLS_SERVER_NAME"}
+ENV = {
+    "root_cert": "MAAS_TLS_ROOT_CERT",
+    "client_cert": "MAAS_TLS_CLIENT_CERT",
+    "client_key": "MAAS_TLS_CLIENT_KEY",
+    "server_name": "MAAS_TLS_SERVER_NAME",
+}
 
 
 class TlsConfigError(ValueError):
@@ -48,11 +53,15 @@ class ClientTls:
 
     def credentials(self) -> grpc.ChannelCredentials:
         if bool(self.client_cert) != bool(self.client_key):
-            raise TlsConfigError("a client certificate needs both the certificate and its key "
-                                 "(--tls-client-cert / MAAS_TLS_CLIENT_CERT and --tls-client-key / MAAS_TLS_CLIENT_KEY)")
-        return grpc.ssl_channel_credentials(root_certificates=self._read(self.root_cert, "root certificate"),
-                                            private_key=self._read(self.client_key, "client key"),
-                                            certificate_chain=self._read(self.client_cert, "client certificate"))
+            raise TlsConfigError(
+                "a client certificate needs both the certificate and its key "
+                "(--tls-client-cert / MAAS_TLS_CLIENT_CERT and --tls-client-key / MAAS_TLS_CLIENT_KEY)"
+            )
+        return grpc.ssl_channel_credentials(
+            root_certificates=self._read(self.root_cert, "root certificate"),
+            private_key=self._read(self.client_key, "client key"),
+            certificate_chain=self._read(self.client_cert, "client certificate"),
+        )
 
     def options(self) -> list[tuple[str, str]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the router's compiled OIP data path (services/router/native/oip_fastpath.cc) into
+# Build the router's OIP fast path (services/router/native/oip_fastpath.cc) into
 # build/bin/maas-oip-fastpath (used by `make fastpath`). Needs g++ and gRPC C++ (1.51+): Debian's
 # libgrpc++-dev, installed here with apt-get when missing and this runs as root.
 set -euo pipefail

@@ -15,6 +15,7 @@ Each step is skipped when its outputs are newer than its inputs (weights and thi
 
 from __future__ import annotations
 
+from typing import Any
 import argparse
 import inspect
 import json
@@ -35,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 # with MEAN_RGB=127, STDDEV_RGB=128 (on 0..255) and evaluates with a centre crop of image_size from a
 # resize to image_size + 32. Checked: with it chelsea -> tiger cat/Egyptian cat (281-285) and coffee ->
 # espresso 0.96, versus 0.84 with torchvision's ImageNet mean/std.
-EFFICIENTNET_PREPROCESS = {
+EFFICIENTNET_PREPROCESS: dict[str, Any] = {
     "resize_shorter": 256,
     "crop": [224, 224],
     "mean": [round(127 / 255, 6)] * 3,
@@ -64,8 +65,11 @@ def step(name: str, outputs: list[Path], inputs: list[Path], build, force: bool)
     with warnings.catch_warnings():  # tracer/exporter warnings are expected here; the checks below decide
         warnings.simplefilter("ignore")
         build()
-    print(f"[build_models] {name}: done in {time.monotonic() - t0:.1f}s -> "
-          + ", ".join(str(p.relative_to(REPO) if p.is_relative_to(REPO) else p) for p in outputs), flush=True)
+    print(
+        f"[build_models] {name}: done in {time.monotonic() - t0:.1f}s -> "
+        + ", ".join(str(p.relative_to(REPO) if p.is_relative_to(REPO) else p) for p in outputs),
+        flush=True,
+    )
 
 
 def build_minilm(repo: Path, force: bool) -> None:
@@ -93,8 +97,9 @@ def build_minilm(repo: Path, force: bool) -> None:
                 self.bert = bert
 
             def forward(self, input_ids, attention_mask, token_type_ids):
-                h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
+                h = self.bert(
+                    input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+                ).last_hidden_state
                 w = attention_mask.unsqueeze(-1).to(h.dtype)
                 pooled = (h * w).sum(1) / w.sum(1).clamp(min=1e-9)
                 return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
@@ -107,10 +112,14 @@ def build_minilm(repo: Path, force: bool) -> None:
         # The legacy TorchScript exporter needs no onnxscript; older torch has no `dynamo` switch.
         kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
         torch.onnx.export(
-            model, (ids, mask, torch.zeros_like(ids)), str(onnx_path),
-            input_names=names, output_names=["sentence_embedding"],
+            model,
+            (ids, mask, torch.zeros_like(ids)),
+            str(onnx_path),
+            input_names=names,
+            output_names=["sentence_embedding"],
             dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "sentence_embedding": {0: "batch"}},
-            opset_version=17, **kwargs,
+            opset_version=17,
+            **kwargs,
         )
         proto = onnx.load(str(onnx_path))
         proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 384  # exporter leaves it symbolic
@@ -126,16 +135,23 @@ def build_minilm(repo: Path, force: bool) -> None:
         with torch.no_grad():
             ref = model(ids, mask, torch.zeros_like(ids)).numpy()
         sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        out = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
-                              "token_type_ids": np.zeros_like(ids.numpy())})[0]
+        out = sess.run(
+            None,
+            {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": np.zeros_like(ids.numpy())},
+        )[0]
         diff = float(np.abs(out - ref).max())
         if diff > 1e-4:
             raise SystemExit(f"minilm ONNX differs from torch by {diff}")
         print(f"[build_models] minilm: onnx vs torch max abs diff {diff:.2e}", flush=True)
         shutil.copyfile(src / "tokenizer.json", tok_path)
 
-    step("minilm", [onnx_path, tok_path], [src / "model.safetensors", src / "tokenizer.json", Path(__file__)],
-         build, force)
+    step(
+        "minilm",
+        [onnx_path, tok_path],
+        [src / "model.safetensors", src / "tokenizer.json", Path(__file__)],
+        build,
+        force,
+    )
 
 
 def build_efficientnet(repo: Path, force: bool) -> None:
@@ -212,8 +228,23 @@ def build_smollm2(repo: Path, force: bool) -> None:
             for version, precision in SMOLLM2_VERSIONS.items():
                 staging = folder / f".build-{version}"
                 shutil.rmtree(staging, ignore_errors=True)
-                run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf,
-                                      "-o", str(staging), "-p", precision, "-e", "cpu"], capture_output=True, text=True)
+                run = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "onnxruntime_genai.models.builder",
+                        "-i",
+                        hf,
+                        "-o",
+                        str(staging),
+                        "-p",
+                        precision,
+                        "-e",
+                        "cpu",
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 if run.returncode:  # its progress bars are noise; its error is the end of stderr
                     raise SystemExit(f"ONNX Runtime GenAI builder ({precision}) failed:\n{run.stderr[-3000:]}")
                 shutil.rmtree(folder / version, ignore_errors=True)
@@ -234,7 +265,7 @@ def check_smollm2(version_dir: Path) -> None:
     import onnxruntime_genai as og
     from tokenizers import Tokenizer
 
-    prompt = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     ids = Tokenizer.from_file(str(version_dir / "tokenizer.json")).encode(prompt, add_special_tokens=False).ids
     model = og.Model(str(version_dir))
     params = og.GeneratorParams(model)
@@ -243,7 +274,7 @@ def check_smollm2(version_dir: Path) -> None:
     generator.append_tokens(np.asarray(ids, dtype=np.int32))
     while not generator.is_done():
         generator.generate_next_token()
-    answer = og.Tokenizer(model).decode(generator.get_sequence(0)[len(ids):])
+    answer = og.Tokenizer(model).decode(generator.get_sequence(0)[len(ids) :])
     if "Paris" not in answer:
         raise SystemExit(f"smollm2 check failed: asked for the capital of France, it answered {answer!r}")
     print(f"[build_models] smollm2 check: {answer.strip()!r}", flush=True)

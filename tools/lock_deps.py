@@ -7,6 +7,7 @@ Pins are constraints, not requirements: each consumer installs its own subset (s
 deps; Triton image: the backends' engines) and pip takes the locked version of whatever it needs, so
 the resolver never backtracks (a clean resolve of the OpenTelemetry ranges did, for minutes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,9 @@ def problems(pins: dict[str, Version], reqs: list[Requirement]) -> list[str]:
 
 
 def freeze(python: str) -> str:
-    lines = subprocess.run([python, "-m", "pip", "freeze", "--exclude-editable"],
-                           check=True, capture_output=True, text=True).stdout.splitlines()
+    lines = subprocess.run(
+        [python, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True
+    ).stdout.splitlines()
     pins = []
     for line in lines:
         m = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([^+\s]+)(\+\S+)?", line.strip())

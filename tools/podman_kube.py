@@ -28,6 +28,7 @@ What kube play cannot do is bridged, each bridge here and nowhere else (docs/con
   the rendered spec as the kubelet would (grpc.health.v1 Check, HTTP GET 200-399).
 - HPA, PodDisruptionBudget, NetworkPolicy: not played (the profile renders none of them).
 """
+
 from __future__ import annotations
 
 import base64
@@ -76,8 +77,12 @@ def image_mb(ref: str) -> float:
 
 def render(release: str = "ct", values: Path = VALUES, *sets: str) -> list[dict]:
     extra = [a for s in sets for a in ("--set", s)]
-    out = subprocess.run([str(HELM), "template", release, str(CHART), "-f", str(values), *extra],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [str(HELM), "template", release, str(CHART), "-f", str(values), *extra],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -89,8 +94,11 @@ def named(docs: list[dict], kind: str, suffix: str) -> str:
 def service_aliases(docs: list[dict], deployment: dict) -> list[str]:
     """Names of the Services that select this Deployment's pods (what a cluster's DNS would resolve)."""
     labels = deployment["spec"]["template"]["metadata"].get("labels", {})
-    return sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Service"
-                  and d["spec"].get("selector") and d["spec"]["selector"].items() <= labels.items())
+    return sorted(
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "Service" and d["spec"].get("selector") and d["spec"]["selector"].items() <= labels.items()
+    )
 
 
 class Play:
@@ -142,6 +150,7 @@ class Play:
         podman("volume", "create", claim)
         tar = self.work / f"{claim}.tar"
         with tarfile.open(tar, "w") as t:
+
             def add(path: Path | None, arcname: str) -> None:
                 info = tarfile.TarInfo(arcname) if path is None else t.gettarinfo(str(path), arcname=arcname)
                 if path is None:
@@ -153,18 +162,30 @@ class Play:
                         t.addfile(info, f)
                 else:
                     t.addfile(info)
+
             add(None, ".")
             if model_repository is not None:
                 for path in sorted(model_repository.rglob("*")):
                     rel = path.relative_to(model_repository)
-                    if whole or path.is_dir() and len(rel.parts) == 1 or \
-                            path.is_file() and len(rel.parts) == 2 and rel.name in PREPROCESSING_FILES:
+                    if (
+                        whole
+                        or path.is_dir()
+                        and len(rel.parts) == 1
+                        or path.is_file()
+                        and len(rel.parts) == 2
+                        and rel.name in PREPROCESSING_FILES
+                    ):
                         add(path, f"./{rel}")
         podman("volume", "import", claim, str(tar))
         tar.unlink()
 
-    def start(self, models_claim: str | None = None, model_repository: Path = REPO / "model_repository",
-              whole_repository: bool = True, skip_models: tuple[str, ...] = ()) -> "Play":
+    def start(
+        self,
+        models_claim: str | None = None,
+        model_repository: Path = REPO / "model_repository",
+        whole_repository: bool = True,
+        skip_models: tuple[str, ...] = (),
+    ) -> "Play":
         """Provision the claims, then play each Deployment on the network with its Services' aliases.
         skip_models: model folders left out of a preprocessing-only fill (e.g. the chat model)."""
         self.stop()  # leftovers of an interrupted run
@@ -173,16 +194,19 @@ class Play:
         source = None
         if models_claim:
             source = self.work / "source"
-            shutil.copytree(model_repository, source, symlinks=True,
-                            ignore=shutil.ignore_patterns(".build-*", *skip_models))
+            shutil.copytree(
+                model_repository, source, symlinks=True, ignore=shutil.ignore_patterns(".build-*", *skip_models)
+            )
         for claim in self.claims:
             self._provision(claim, source if claim == models_claim else None, whole_repository)
         if source is not None:
             shutil.rmtree(source)
         for secret in (d for d in self.docs if d["kind"] == "Secret"):
             path = self.work / f"secret-{secret['metadata']['name']}.json"
-            data = {**secret.get("data", {}),
-                    **{k: base64.b64encode(v.encode()).decode() for k, v in secret.get("stringData", {}).items()}}
+            data = {
+                **secret.get("data", {}),
+                **{k: base64.b64encode(v.encode()).decode() for k, v in secret.get("stringData", {}).items()},
+            }
             path.write_text(json.dumps(data))
             podman("secret", "create", secret["metadata"]["name"], str(path))
             path.unlink()
@@ -224,8 +248,9 @@ class Play:
         return next(p["containerPort"] for p in c["ports"] if p["name"] == name)
 
     def logs(self, deployment: str, tail: int = 30) -> str:
-        r = subprocess.run(["podman", "logs", "--tail", str(tail), self.container(deployment)],
-                           capture_output=True, text=True, env=ENV)
+        r = subprocess.run(
+            ["podman", "logs", "--tail", str(tail), self.container(deployment)], capture_output=True, text=True, env=ENV
+        )
         return r.stdout + r.stderr
 
     def restarts(self, deployment: str) -> int:
@@ -248,8 +273,11 @@ class Play:
 
             with grpc.insecure_channel(f"{host}:{p['grpc']['port']}") as channel:
                 try:
-                    status = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(service=p["grpc"].get("service", "")), timeout=timeout).status
+                    status = (
+                        health_pb2_grpc.HealthStub(channel)
+                        .Check(health_pb2.HealthCheckRequest(service=p["grpc"].get("service", "")), timeout=timeout)
+                        .status
+                    )
                 except grpc.RpcError:
                     return False
                 return status == health_pb2.HealthCheckResponse.SERVING
@@ -275,8 +303,9 @@ class Play:
             deadline = time.monotonic() + budget
             while not self.probe(deployment, kind):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{deployment}: {kind} did not pass within {budget:.0f} s; log tail:\n"
-                                       f"{self.logs(deployment)}")
+                    raise TimeoutError(
+                        f"{deployment}: {kind} did not pass within {budget:.0f} s; log tail:\n{self.logs(deployment)}"
+                    )
                 time.sleep(0.25)
         return time.monotonic() - start
 
@@ -285,8 +314,9 @@ class Play:
         start = time.monotonic()
         while not self.probe(deployment, probe):
             if time.monotonic() - start > timeout:
-                raise TimeoutError(f"{deployment}: {probe} not ready after {timeout:.0f} s; log tail:\n"
-                                   f"{self.logs(deployment, 20)}")
+                raise TimeoutError(
+                    f"{deployment}: {probe} not ready after {timeout:.0f} s; log tail:\n{self.logs(deployment, 20)}"
+                )
             time.sleep(0.25)
         return time.monotonic() - start
 

@@ -8,6 +8,7 @@ The models are registered through the registry's API from the host (what `maas u
 start, and a user with `maas models register` after `helm install`). The chat model (smollm2) is
 left out of this profile: docs/containers.md.
 """
+
 from __future__ import annotations
 
 import base64
@@ -26,8 +27,13 @@ IMAGES = ("localhost/maas-mesh:0.1.0", "localhost/maas-triton-cpu:0.1.0")
 
 
 class PodmanMesh:
-    def __init__(self, work: Path, *sets: str, model_repository: Path = pk.REPO / "model_repository",
-                 register_timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        work: Path,
+        *sets: str,
+        model_repository: Path = pk.REPO / "model_repository",
+        register_timeout: float = 600.0,
+    ) -> None:
         self.work, self.sets, self.model_repository = work, sets, model_repository
         self.register_timeout = register_timeout
         self.docs: list[dict] = []
@@ -60,8 +66,12 @@ class PodmanMesh:
         self.names = {c: pk.named(self.docs, "Deployment", f"-{c}") for c in COMPONENTS}
         self.play = pk.Play(self.docs, [self.names[c] for c in COMPONENTS], self.work)
         try:
-            self.play.start(models_claim=pk.named(self.docs, "PersistentVolumeClaim", "-models"),
-                            model_repository=self.model_repository, whole_repository=False, skip_models=LEFT_OUT)
+            self.play.start(
+                models_claim=pk.named(self.docs, "PersistentVolumeClaim", "-models"),
+                model_repository=self.model_repository,
+                whole_repository=False,
+                skip_models=LEFT_OUT,
+            )
             self.wait_ready()
             self.start_to_ready_s = time.monotonic() - started
             if register:
@@ -81,8 +91,13 @@ class PodmanMesh:
         from maas.registry_client import RegistryClient
 
         with RegistryClient(self.address("registry"), token=self.admin_token, timeout=60) as registry:
-            done = register_source_models(registry, self.model_repository, MODELS, self.register_timeout,
-                                          registry_log=lambda: self.play.logs(self.names["registry"]))
+            done = register_source_models(
+                registry,
+                self.model_repository,
+                MODELS,
+                self.register_timeout,
+                registry_log=lambda: self.play.logs(self.names["registry"]),
+            )
         self.wait_routable()
         return done
 
@@ -102,8 +117,10 @@ class PodmanMesh:
                     except grpc.RpcError:
                         pass
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"the router does not route {model} after {timeout:.0f} s; router log:\n"
-                                           f"{self.play.logs(self.names['router'])}")
+                        raise TimeoutError(
+                            f"the router does not route {model} after {timeout:.0f} s; router log:\n"
+                            f"{self.play.logs(self.names['router'])}"
+                        )
                     time.sleep(0.2)
 
     def stop(self) -> None:

@@ -1,4 +1,5 @@
 """`maas generate "prompt"` and `maas chat "message"`: text generation through the router, streamed as it goes."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from maas.cli.mesh import AliasOpt, JsonOpt, KeyOpt, RouterOpt, VersionOpt, _fail, _routed, err_console
+from maas.cli.mesh import AliasOpt, JsonOpt, KeyOpt, RouterOpt, VersionOpt, fail, routed_text, err_console
 from maas.client import MeshClient, MeshError
 
 ModelOpt = typer.Option("smollm2", "--model", "-m", help="a generation model")
@@ -38,43 +39,100 @@ def _run(call, stream: bool, as_json: bool, **kwargs) -> None:
                 print()
                 text, finish, usage, routed = pieces.text, pieces.finish_reason, pieces.usage, pieces.routed
     except (MeshError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except KeyboardInterrupt:  # the `with` cancelled the generation in the mesh
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     if as_json:
-        print(json.dumps({"text": text, "finish_reason": finish, "usage": usage.__dict__ if usage else None,
-                          "routed": routed.__dict__ if routed else None}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "finish_reason": finish,
+                    "usage": usage.__dict__ if usage else None,
+                    "routed": routed.__dict__ if routed else None,
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         tokens = f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens" if usage else ""
-        err_console.print(f"[dim]{finish or '?'} · {tokens} · {_routed(routed) if routed else ''}[/]")
+        err_console.print(f"[dim]{finish or '?'} · {tokens} · {routed_text(routed) if routed else ''}[/]")
 
 
-def generate(prompt: str = typer.Argument(..., help="raw prompt (no chat template)"), model: str = ModelOpt,
-             max_tokens: int = MaxTokensOpt, temperature: Optional[float] = TemperatureOpt,
-             top_p: Optional[float] = TopPOpt, top_k: int = TopKOpt, seed: Optional[int] = SeedOpt,
-             stop: Optional[list[str]] = StopOpt, version: Optional[int] = VersionOpt, alias: Optional[str] = AliasOpt,
-             routing_key: Optional[str] = KeyOpt, router: str = RouterOpt, no_stream: bool = NoStreamOpt,
-             as_json: bool = JsonOpt, timeout: float = TimeoutOpt) -> None:
+def generate(
+    prompt: str = typer.Argument(..., help="raw prompt (no chat template)"),
+    model: str = ModelOpt,
+    max_tokens: int = MaxTokensOpt,
+    temperature: Optional[float] = TemperatureOpt,
+    top_p: Optional[float] = TopPOpt,
+    top_k: int = TopKOpt,
+    seed: Optional[int] = SeedOpt,
+    stop: Optional[list[str]] = StopOpt,
+    version: Optional[int] = VersionOpt,
+    alias: Optional[str] = AliasOpt,
+    routing_key: Optional[str] = KeyOpt,
+    router: str = RouterOpt,
+    no_stream: bool = NoStreamOpt,
+    as_json: bool = JsonOpt,
+    timeout: float = TimeoutOpt,
+) -> None:
     """Continue a raw prompt, streaming the text as it is generated."""
     with MeshClient(router, timeout=timeout) as client:
-        _run(client.generate, not no_stream, as_json, prompt=prompt, model=model, max_tokens=max_tokens,
-             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or (), version=version,
-             alias=alias, routing_key=routing_key)
+        _run(
+            client.generate,
+            not no_stream,
+            as_json,
+            prompt=prompt,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop or (),
+            version=version,
+            alias=alias,
+            routing_key=routing_key,
+        )
 
 
-def chat(message: str = typer.Argument(..., help="your message"),
-         system: Optional[str] = typer.Option(None, "--system", "-s", help="a system message first"),
-         model: str = ModelOpt, max_tokens: int = MaxTokensOpt, temperature: Optional[float] = TemperatureOpt,
-         top_p: Optional[float] = TopPOpt, top_k: int = TopKOpt, seed: Optional[int] = SeedOpt,
-         stop: Optional[list[str]] = StopOpt, version: Optional[int] = VersionOpt, alias: Optional[str] = AliasOpt,
-         routing_key: Optional[str] = KeyOpt, router: str = RouterOpt, no_stream: bool = NoStreamOpt,
-         as_json: bool = JsonOpt, timeout: float = TimeoutOpt) -> None:
+def chat(
+    message: str = typer.Argument(..., help="your message"),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="a system message first"),
+    model: str = ModelOpt,
+    max_tokens: int = MaxTokensOpt,
+    temperature: Optional[float] = TemperatureOpt,
+    top_p: Optional[float] = TopPOpt,
+    top_k: int = TopKOpt,
+    seed: Optional[int] = SeedOpt,
+    stop: Optional[list[str]] = StopOpt,
+    version: Optional[int] = VersionOpt,
+    alias: Optional[str] = AliasOpt,
+    routing_key: Optional[str] = KeyOpt,
+    router: str = RouterOpt,
+    no_stream: bool = NoStreamOpt,
+    as_json: bool = JsonOpt,
+    timeout: float = TimeoutOpt,
+) -> None:
     """Ask the chat model (its own chat template), streaming the answer as it is generated."""
     messages = ([("system", system)] if system else []) + [("user", message)]
     with MeshClient(router, timeout=timeout) as client:
-        _run(client.chat, not no_stream, as_json, messages=messages, model=model, max_tokens=max_tokens,
-             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or (), version=version,
-             alias=alias, routing_key=routing_key)
+        _run(
+            client.chat,
+            not no_stream,
+            as_json,
+            messages=messages,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop or (),
+            version=version,
+            alias=alias,
+            routing_key=routing_key,
+        )
 
 
 def register(app: typer.Typer) -> None:

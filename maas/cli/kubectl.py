@@ -9,6 +9,7 @@ the command and points the command at the local end:
     kubectl maas -n models --release prod models alias embedder production 3
     kubectl maas models list --registry 127.0.0.1:50052
 """
+
 from __future__ import annotations
 
 import os
@@ -28,10 +29,11 @@ import rich.markup
 import typer
 from typer.core import TyperGroup
 
+from maas import ports
 from maas.cli import models, tenants
 from maas.local.processes import spawn
 
-REGISTRY_PORT = 50052
+REGISTRY_PORT = ports.REGISTRY
 ADDRESS_ENV = "MAAS_REGISTRY_ADDRESS"
 REGISTRY_SELECTOR = "app.kubernetes.io/part-of=maas-mesh,app.kubernetes.io/component=registry"
 _FORWARDING = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+) ->")
@@ -53,8 +55,11 @@ class Cluster:
 
     def command(self, *args: str) -> list[str]:
         cmd = [self.kubectl, *args]
-        for flag, value in (("--namespace", self.namespace), ("--context", self.context),
-                            ("--kubeconfig", self.kubeconfig)):
+        for flag, value in (
+            ("--namespace", self.namespace),
+            ("--context", self.context),
+            ("--kubeconfig", self.kubeconfig),
+        ):
             if value:
                 cmd += [flag, value]
         return cmd
@@ -100,8 +105,14 @@ class PortForward:
     def start(self) -> "PortForward":
         try:
             # Dies with this process, even on SIGKILL: no port-forward is left running.
-            self.process = spawn(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, start_new_session=False)
+            self.process = spawn(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=False,
+            )
         except OSError as exc:
             raise PluginError(f"could not run {self.argv[0]!r}: {exc}") from None
         lines: queue.Queue[str | None] = queue.Queue()
@@ -161,10 +172,13 @@ class _PluginGroup(TyperGroup):
 
 
 app = typer.Typer(
-    cls=_PluginGroup, name="kubectl maas", no_args_is_help=True, add_completion=False,
+    cls=_PluginGroup,
+    name="kubectl maas",
+    no_args_is_help=True,
+    add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="MaaS Mesh in a Kubernetes cluster: the `maas models`, `maas tenants` and `maas audit` commands against "
-         "a release's registry.",
+    "a release's registry.",
 )
 app.add_typer(models.app, name="models", help="Register, list and route model versions (the registry).")
 tenants.register(app)  # `kubectl maas tenants …`, `kubectl maas audit`
@@ -189,24 +203,41 @@ def needs_registry(root: click.Group, ctx: click.Context, rest: Sequence[str]) -
 @app.callback()
 def plugin(
     ctx: typer.Context,
-    namespace: Annotated[Optional[str], typer.Option("--namespace", "-n", help="namespace of the release "
-                                                     "(default: the context's)", show_default=False)] = None,
-    release: Annotated[Optional[str], typer.Option(
-        "--release", envvar="MAAS_RELEASE", show_default=False,
-        help="Helm release name: the registry is Service <release>-maas-mesh-registry (default: the only "
-             "MaaS Mesh registry in the namespace)")] = None,
-    service: Annotated[Optional[str], typer.Option("--service", show_default=False,
-                                                   help="registry Service name (with fullnameOverride)")] = None,
-    context: Annotated[Optional[str], typer.Option("--context", help="kubeconfig context",
-                                                   show_default=False)] = None,
-    kubeconfig: Annotated[Optional[str], typer.Option("--kubeconfig", help="kubeconfig file",
-                                                      show_default=False)] = None,
-    registry: Annotated[Optional[str], typer.Option(
-        "--registry", envvar=ADDRESS_ENV, show_default=False,
-        help="registry host:port; skips the port-forward (e.g. a local mesh from `maas up`)")] = None,
+    namespace: Annotated[
+        Optional[str],
+        typer.Option("--namespace", "-n", help="namespace of the release (default: the context's)", show_default=False),
+    ] = None,
+    release: Annotated[
+        Optional[str],
+        typer.Option(
+            "--release",
+            envvar="MAAS_RELEASE",
+            show_default=False,
+            help="Helm release name: the registry is Service <release>-maas-mesh-registry (default: the only "
+            "MaaS Mesh registry in the namespace)",
+        ),
+    ] = None,
+    service: Annotated[
+        Optional[str],
+        typer.Option("--service", show_default=False, help="registry Service name (with fullnameOverride)"),
+    ] = None,
+    context: Annotated[Optional[str], typer.Option("--context", help="kubeconfig context", show_default=False)] = None,
+    kubeconfig: Annotated[
+        Optional[str], typer.Option("--kubeconfig", help="kubeconfig file", show_default=False)
+    ] = None,
+    registry: Annotated[
+        Optional[str],
+        typer.Option(
+            "--registry",
+            envvar=ADDRESS_ENV,
+            show_default=False,
+            help="registry host:port; skips the port-forward (e.g. a local mesh from `maas up`)",
+        ),
+    ] = None,
     port: Annotated[int, typer.Option("--registry-port", help="registry Service port")] = REGISTRY_PORT,
-    timeout: Annotated[float, typer.Option("--port-forward-timeout", help="seconds to wait for the "
-                                           "port-forward")] = 30.0,
+    timeout: Annotated[
+        float, typer.Option("--port-forward-timeout", help="seconds to wait for the port-forward")
+    ] = 30.0,
 ) -> None:
     """Global options go before the command: `kubectl maas -n NS [--release R] models list`."""
     if registry:

@@ -10,6 +10,7 @@ peers (mTLS). `client` is a certificate for callers (the CLI, tests). Files are 
 and re-issued when missing, expiring within a day, or not signed by the CA on disk; `issue()`
 re-issues one at once (tests rotate with it: a new serial in place, the running servers pick it up).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -45,8 +46,9 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
 
 
 def _key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def new_ca(common_name: str = "MaaS Mesh local CA", days: int = CA_DAYS):
@@ -54,34 +56,65 @@ def new_ca(common_name: str = "MaaS Mesh local CA", days: int = CA_DAYS):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _now()
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     return cert, key
 
 
-def new_leaf(ca_cert, ca_key, common_name: str, dns_names: Iterable[str] = (), ips: Iterable[str] = (),
-             days: int = LEAF_DAYS, not_before: dt.datetime | None = None):
+def new_leaf(
+    ca_cert,
+    ca_key,
+    common_name: str,
+    dns_names: Iterable[str] = (),
+    ips: Iterable[str] = (),
+    days: int = LEAF_DAYS,
+    not_before: dt.datetime | None = None,
+):
     """(certificate, key) signed by the CA, for both TLS server and client authentication."""
     key = ec.generate_private_key(ec.SECP256R1())
     start = not_before or (_now() - dt.timedelta(minutes=5))
-    sans = [*(x509.DNSName(n) for n in dict.fromkeys(dns_names)),
-            *(x509.IPAddress(ipaddress.ip_address(i)) for i in dict.fromkeys(ips))]
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-               .issuer_name(ca_cert.subject).public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                              critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
+    sans = [
+        *(x509.DNSName(n) for n in dict.fromkeys(dns_names)),
+        *(x509.IPAddress(ipaddress.ip_address(i)) for i in dict.fromkeys(ips)),
+    ]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(ca_key, hashes.SHA256()), key
@@ -142,9 +175,14 @@ class LocalPki:
         """A new certificate for `name` in place (key first, then certificate: each write is atomic,
         and a server re-reading the pair between the two writes keeps its previous one)."""
         ca_cert, ca_key = self._load_ca()
-        cert, key = new_leaf(ca_cert, ca_key, f"maas-{name}", dns_names=[*LOOPBACK_NAMES, name, f"maas-{name}",
-                                                                           *extra_dns],
-                             ips=LOOPBACK_IPS, days=days)
+        cert, key = new_leaf(
+            ca_cert,
+            ca_key,
+            f"maas-{name}",
+            dns_names=[*LOOPBACK_NAMES, name, f"maas-{name}", *extra_dns],
+            ips=LOOPBACK_IPS,
+            days=days,
+        )
         _write(self.key(name), _key_pem(key), private=True)
         _write(self.cert(name), cert.public_bytes(serialization.Encoding.PEM))
         return cert

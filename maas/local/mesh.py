@@ -20,6 +20,7 @@ TLS (`MeshConfig(tls=True)`, `maas up --tls`): a local CA and a certificate per 
 <state_dir>/tls (maas/local/certs.py); every gRPC hop is mTLS (Triton with --grpc-use-ssl-mutual),
 the OpenAI gateway and the console serve HTTPS, and callers use `client_tls` (ca.pem + client.pem).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -37,26 +38,35 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from maas import ports
 from maas.local.certs import LocalPki
 from maas.local.processes import free_ports, spawn
 from maas.local.triton import REPO, LocalTriton, TritonConfig
 from maas.registry_client import RegistryClient, RegistryError
 from maas.tls import ClientTls
-from services.console.config import DEFAULT_PORT as CONSOLE_PORT
 from services.shared.telemetry import tracing_configured
 
 # start order; stopped in reverse, Triton last
 SERVICES = ("registry", "tokenizer", "vision", "router", "openai", "console")
 HTTP_SERVICES = ("openai", "console")  # health is GET /healthz, not gRPC health
 # Each service's Prometheus endpoint (<name>_metrics) takes any free port unless one is given.
-DEFAULT_PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054, "router_oip": 50055,
-                 "openai": 8090, "console": CONSOLE_PORT,
-                 "triton_grpc": 8001, "triton_http": 8000, "triton_metrics": 8002,
-                 **{f"{name}_metrics": 0 for name in SERVICES}}
+DEFAULT_PORTS = {
+    "router": ports.ROUTER,
+    "registry": ports.REGISTRY,
+    "tokenizer": ports.TOKENIZER,
+    "vision": ports.VISION,
+    "router_oip_fast": ports.ROUTER_OIP_FAST,
+    "openai": ports.OPENAI,
+    "console": ports.CONSOLE,
+    "triton_grpc": ports.TRITON_GRPC,
+    "triton_http": ports.TRITON_HTTP,
+    "triton_metrics": ports.TRITON_METRICS,
+    **{f"{name}_metrics": 0 for name in SERVICES},
+}
 FREE_PORTS = {name: 0 for name in DEFAULT_PORTS}
 
 
-class MeshError(RuntimeError):
+class MeshStartError(RuntimeError):
     """A component failed to start or a start-up step failed; the message says which and why."""
 
 
@@ -80,14 +90,37 @@ class SourceModel:
 
 
 SOURCE_MODELS = (
-    SourceModel("minilm", "1/model.onnx", "onnx", ("tokenizer", "minilm"), ("embedding", "sentence_embedding"),
-                tags=(("max_sequence_length", "512"),)),  # BERT's position embeddings
-    SourceModel("efficientnet_lite0", "1/model.pt", "torchscript", ("vision", "efficientnet_lite0"),
-                ("softmax_top_k", "OUTPUT__0"), top_k=5, labels_file="labels.txt", signature_from_config=True),
+    SourceModel(
+        "minilm",
+        "1/model.onnx",
+        "onnx",
+        ("tokenizer", "minilm"),
+        ("embedding", "sentence_embedding"),
+        tags=(("max_sequence_length", "512"),),
+    ),  # BERT's position embeddings
+    SourceModel(
+        "efficientnet_lite0",
+        "1/model.pt",
+        "torchscript",
+        ("vision", "efficientnet_lite0"),
+        ("softmax_top_k", "OUTPUT__0"),
+        top_k=5,
+        labels_file="labels.txt",
+        signature_from_config=True,
+    ),
     # ONNX Runtime GenAI folders (docs/generation.md): v1 fp32 (the reference), v2 int4 (production).
-    SourceModel("smollm2", "1", "genai", ("tokenizer", "smollm2"), ("generation", ""), more_artifacts=("2",),
-                descriptions=("SmolLM2-135M-Instruct, fp32 (the reference export)",
-                              "SmolLM2-135M-Instruct, int4 (MatMulNBits)")),
+    SourceModel(
+        "smollm2",
+        "1",
+        "genai",
+        ("tokenizer", "smollm2"),
+        ("generation", ""),
+        more_artifacts=("2",),
+        descriptions=(
+            "SmolLM2-135M-Instruct, fp32 (the reference export)",
+            "SmolLM2-135M-Instruct, int4 (MatMulNBits)",
+        ),
+    ),
 )
 
 
@@ -101,7 +134,7 @@ def triton_otlp_http_endpoint(env: Mapping[str, str]) -> str | None:
     override = env.get("MAAS_TRITON_OTLP_HTTP_ENDPOINT", "").strip()
     if override:
         return override if override.rstrip("/").endswith("/v1/traces") else override.rstrip("/") + "/v1/traces"
-    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
     if not protocol.lower().startswith("http"):
         return None
     if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
@@ -133,10 +166,17 @@ def triton_tracing_args(env: Mapping[str, str]) -> list[str]:
     rate = triton_sample_rate(env)
     if url is None or rate == 0:
         return []
-    return [arg for setting in ("mode=opentelemetry", f"opentelemetry,url={url}",
-                                f"opentelemetry,resource=service.name={TRITON_SERVICE_NAME}",
-                                f"rate={rate}", "level=TIMESTAMPS")
-            for arg in ("--trace-config", setting)]
+    return [
+        arg
+        for setting in (
+            "mode=opentelemetry",
+            f"opentelemetry,url={url}",
+            f"opentelemetry,resource=service.name={TRITON_SERVICE_NAME}",
+            f"rate={rate}",
+            "level=TIMESTAMPS",
+        )
+        for arg in ("--trace-config", setting)
+    ]
 
 
 @dataclass
@@ -168,19 +208,31 @@ def _config_signature(model_dir: Path) -> tuple[list, list, int]:
 
     from maas.v1 import registry_pb2
 
-    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig(),
-                               allow_unknown_field=True)
+    config = text_format.Parse(
+        (model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig(), allow_unknown_field=True
+    )
 
     def specs(tensors):
-        return [registry_pb2.TensorSpec(name=t.name, shape=list(t.dims),
-                                        datatype=model_config_pb2.DataType.Name(t.data_type).removeprefix("TYPE_"))
-                for t in tensors]
+        return [
+            registry_pb2.TensorSpec(
+                name=t.name,
+                shape=list(t.dims),
+                datatype=model_config_pb2.DataType.Name(t.data_type).removeprefix("TYPE_"),
+            )
+            for t in tensors
+        ]
+
     return specs(config.input), specs(config.output), int(config.max_batch_size)
 
 
-def register_source_models(registry: RegistryClient, source: Path, models: Sequence[SourceModel], timeout: float,
-                           log: Callable[[str], None] = lambda message: None,
-                           registry_log: Callable[[], str] = lambda: "(not available)") -> list[tuple[str, int]]:
+def register_source_models(
+    registry: RegistryClient,
+    source: Path,
+    models: Sequence[SourceModel],
+    timeout: float,
+    log: Callable[[str], None] = lambda message: None,
+    registry_log: Callable[[], str] = lambda: "(not available)",
+) -> list[tuple[str, int]]:
     """Register each of `models` from the source repository that the registry does not know yet, wait
     until READY and point `production` at its last version (`maas up` on first start; the container
     test against the chart's registry). Returns the (model, version)s registered."""
@@ -195,34 +247,47 @@ def register_source_models(registry: RegistryClient, source: Path, models: Seque
         artifacts = [folder / a for a in (model.artifact, *model.more_artifacts)]
         for artifact in artifacts:
             if not (artifact.is_dir() if model.format == "genai" else artifact.is_file()):
-                raise MeshError(f"{artifact} is missing: build the models first (make models)")
+                raise MeshStartError(f"{artifact} is missing: build the models first (make models)")
         inputs, outputs, max_batch = _config_signature(folder)
         if model.format == "genai":  # the registry owns the generation contract's config
             inputs, outputs, max_batch = [], [], 0
         labels = (folder / model.labels_file).read_text().splitlines() if model.labels_file else []
         for i, artifact in enumerate(artifacts):
             log(f"registering {model.name} from {artifact.relative_to(source.parent)}")
-            description = model.descriptions[i] if i < len(model.descriptions) else \
-                f"{model.name} from the source model repository (first start of the local mesh)"
+            description = (
+                model.descriptions[i]
+                if i < len(model.descriptions)
+                else f"{model.name} from the source model repository (first start of the local mesh)"
+            )
             try:
                 version = registry.register(
-                    artifact, model.name, format=model.format,
+                    artifact,
+                    model.name,
+                    format=model.format,
                     inputs=inputs if model.signature_from_config else (),
                     outputs=outputs if model.signature_from_config else (),
-                    preprocessing=model.preprocessing, postprocessing=model.postprocessing,
-                    top_k=model.top_k, labels=labels, max_batch_size=max_batch,
-                    tags={"source": "model_repository", "source_path": f"{model.name}/{artifact.name}",
-                          **dict(model.tags)},
+                    preprocessing=model.preprocessing,
+                    postprocessing=model.postprocessing,
+                    top_k=model.top_k,
+                    labels=labels,
+                    max_batch_size=max_batch,
+                    tags={
+                        "source": "model_repository",
+                        "source_path": f"{model.name}/{artifact.name}",
+                        **dict(model.tags),
+                    },
                     description=description,
                 )
                 registry.wait_ready(model.name, version.version, timeout=timeout)
             except RegistryError as exc:
-                raise MeshError(f"registering {model.name} failed: {exc}\nregistry log:\n{registry_log()}") from None
+                raise MeshStartError(
+                    f"registering {model.name} failed: {exc}\nregistry log:\n{registry_log()}"
+                ) from None
             registered.append((model.name, version.version))
         try:
             registry.set_alias(model.name, "production", version.version, reason="first start of the local mesh")
         except RegistryError as exc:
-            raise MeshError(f"pointing production of {model.name} at v{version.version} failed: {exc}") from None
+            raise MeshStartError(f"pointing production of {model.name} at v{version.version} failed: {exc}") from None
     return registered
 
 
@@ -282,7 +347,7 @@ class LocalMesh:
 
     def _grpc_channel(self, address: str) -> grpc.Channel:
         tls = self.client_tls
-        if not tls:
+        if not isinstance(tls, ClientTls):
             return grpc.insecure_channel(address)
         return grpc.secure_channel(address, tls.credentials())
 
@@ -291,17 +356,28 @@ class LocalMesh:
         if not self.config.tls:
             return {}
         pki = LocalPki(self.tls_dir)
-        auth = {"router": self.config.tls_client_auth, "openai": "optional", "console": "optional"}.get(name, "required")
-        return {"MAAS_TLS_CERT": str(pki.cert(name)), "MAAS_TLS_KEY": str(pki.key(name)), "MAAS_TLS_CA": str(pki.ca),
-                "MAAS_TLS_CLIENT_AUTH": auth}
+        auth = {"router": self.config.tls_client_auth, "openai": "optional", "console": "optional"}.get(
+            name, "required"
+        )
+        return {
+            "MAAS_TLS_CERT": str(pki.cert(name)),
+            "MAAS_TLS_KEY": str(pki.key(name)),
+            "MAAS_TLS_CA": str(pki.ca),
+            "MAAS_TLS_CLIENT_AUTH": auth,
+        }
 
     def triton_tls_args(self) -> list[str]:
         """Triton's own mutual TLS on its gRPC port (its HTTP port, used for readiness, stays plain)."""
         if not self.config.tls:
             return []
         pki = LocalPki(self.tls_dir)
-        return ["--grpc-use-ssl=true", "--grpc-use-ssl-mutual=true", f"--grpc-server-cert={pki.cert('triton')}",
-                f"--grpc-server-key={pki.key('triton')}", f"--grpc-root-cert={pki.ca}"]
+        return [
+            "--grpc-use-ssl=true",
+            "--grpc-use-ssl-mutual=true",
+            f"--grpc-server-cert={pki.cert('triton')}",
+            f"--grpc-server-key={pki.key('triton')}",
+            f"--grpc-root-cert={pki.ca}",
+        ]
 
     @property
     def metrics_addresses(self) -> dict[str, str]:
@@ -316,8 +392,10 @@ class LocalMesh:
         fixed = [p for p in wanted.values() if p]
         busy = [p for p in fixed if not _port_free(self.config.host, p)]
         if busy:
-            raise MeshError(f"port(s) {', '.join(map(str, busy))} on {self.config.host} already in use — is another "
-                            f"mesh (or Triton) running? Stop it or choose other ports.")
+            raise MeshStartError(
+                f"port(s) {', '.join(map(str, busy))} on {self.config.host} already in use — is another "
+                f"mesh (or Triton) running? Stop it or choose other ports."
+            )
         free = iter(free_ports(sum(1 for p in wanted.values() if not p), self.config.host))
         return {name: port or next(free) for name, port in wanted.items()}
 
@@ -331,21 +409,53 @@ class LocalMesh:
     def _service_command(self, name: str) -> list[str]:
         a, cfg = self.addresses, self.config
         flags = {
-            "registry": ["--database", str(self.state_dir / "registry.sqlite3"),
-                         "--model-repository", str(self.state_dir / "repository"), "--triton", a["triton"],
-                         "--reconcile-interval", str(cfg.reconcile_interval)],
+            "registry": [
+                "--database",
+                str(self.state_dir / "registry.sqlite3"),
+                "--model-repository",
+                str(self.state_dir / "repository"),
+                "--triton",
+                a["triton"],
+                "--reconcile-interval",
+                str(cfg.reconcile_interval),
+            ],
             "tokenizer": ["--model-repository", str(Path(cfg.source_repository).resolve())],
             "vision": ["--model-repository", str(Path(cfg.source_repository).resolve())],
-            "router": ["--registry", a["registry"], "--tokenizer", a["tokenizer"], "--vision", a["vision"],
-                       "--triton", a["triton"], "--oip-fast-listen", a["router_oip"]],
+            "router": [
+                "--registry",
+                a["registry"],
+                "--tokenizer",
+                a["tokenizer"],
+                "--vision",
+                a["vision"],
+                "--triton",
+                a["triton"],
+                "--oip-fast-listen",
+                a["router_oip_fast"],
+            ],
             "openai": ["--router", a["router"], "--registry", a["registry"]],
             # The console reads the router's Prometheus endpoint for its charts.
-            "console": ["--router", a["router"], "--registry", a["registry"],
-                        "--router-metrics", f"http://{a['router_metrics']}/metrics"],
+            "console": [
+                "--router",
+                a["router"],
+                "--registry",
+                a["registry"],
+                "--router-metrics",
+                f"http://{a['router_metrics']}/metrics",
+            ],
         }[name]
         metrics_port = a[f"{name}_metrics"].rsplit(":", 1)[1]
-        return [sys.executable, "-m", f"services.{name}", "--listen", a[name], "--metrics-port", metrics_port, *flags,
-                *cfg.service_args.get(name, ())]
+        return [
+            sys.executable,
+            "-m",
+            f"services.{name}",
+            "--listen",
+            a[name],
+            "--metrics-port",
+            metrics_port,
+            *flags,
+            *cfg.service_args.get(name, ()),
+        ]
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> "LocalMesh":
@@ -359,13 +469,15 @@ class LocalMesh:
     def _start(self) -> None:
         cfg = self.config
         if not Path(cfg.source_repository).is_dir():
-            raise MeshError(f"model repository {cfg.source_repository} not found (run from the repository root, "
-                            f"or pass --model-repository)")
+            raise MeshStartError(
+                f"model repository {cfg.source_repository} not found (run from the repository root, "
+                f"or pass --model-repository)"
+            )
         ports = self._pick_ports()
         host = cfg.host
         self.addresses = {name: f"{host}:{ports[name]}" for name in SERVICES}
         self.addresses["triton"] = f"{host}:{ports['triton_grpc']}"
-        self.addresses["router_oip"] = f"{host}:{ports['router_oip']}"  # the router's compiled OIP data path
+        self.addresses["router_oip_fast"] = f"{host}:{ports['router_oip_fast']}"  # the router's OIP fast path
         self.addresses.update({f"{name}_metrics": f"{host}:{ports[f'{name}_metrics']}" for name in SERVICES})
         (self.state_dir / "repository").mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -378,14 +490,24 @@ class LocalMesh:
         env = self._env()
         tracing = triton_tracing_args(env)
         if tracing_configured(env) and not tracing:
-            self.log("Triton is not traced: it exports OTLP over HTTP only; set MAAS_TRITON_OTLP_HTTP_ENDPOINT "
-                     "(or OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)")
-        self.triton = LocalTriton(TritonConfig(
-            model_repository=self.state_dir / "repository", models=(), host=host,
-            grpc_port=ports["triton_grpc"], http_port=ports["triton_http"], metrics_port=ports["triton_metrics"],
-            work_dir=self.state_dir / "triton", extra_args=[*tracing, *self.triton_tls_args(), *cfg.triton_extra_args],
-            env={k: v for k, v in env.items() if k.startswith("OTEL_")}, startup_timeout=cfg.startup_timeout,
-        ))
+            self.log(
+                "Triton is not traced: it exports OTLP over HTTP only; set MAAS_TRITON_OTLP_HTTP_ENDPOINT "
+                "(or OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)"
+            )
+        self.triton = LocalTriton(
+            TritonConfig(
+                model_repository=self.state_dir / "repository",
+                models=(),
+                host=host,
+                grpc_port=ports["triton_grpc"],
+                http_port=ports["triton_http"],
+                metrics_port=ports["triton_metrics"],
+                work_dir=self.state_dir / "triton",
+                extra_args=[*tracing, *self.triton_tls_args(), *cfg.triton_extra_args],
+                env={k: v for k, v in env.items() if k.startswith("OTEL_")},
+                startup_timeout=cfg.startup_timeout,
+            )
+        )
         self.triton.start()
         for name in SERVICES:
             self.log(f"starting {name} on {self.addresses[name]}")
@@ -401,8 +523,12 @@ class LocalMesh:
         env = {**env, **self._tls_env(name)}
         with open(self.log_dir / f"{name}.log", "ab") as log:
             self.processes[name] = spawn(
-                self._service_command(name), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, cwd=REPO,
+                self._service_command(name),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
             )
 
     def log_tail(self, name: str, lines: int = 30) -> str:
@@ -416,8 +542,10 @@ class LocalMesh:
     def _check_alive(self, name: str) -> None:
         proc = self.processes.get(name)
         if proc is not None and proc.poll() is not None:
-            raise MeshError(f"{name} exited with code {proc.returncode}; log {self.log_dir / (name + '.log')}:\n"
-                            f"{self.log_tail(name)}")
+            raise MeshStartError(
+                f"{name} exited with code {proc.returncode}; log {self.log_dir / (name + '.log')}:\n"
+                f"{self.log_tail(name)}"
+            )
 
     def _poll(self, name: str, ready, what: str) -> None:
         """Until ready() is true (a gRPC error counts as not yet), failing fast if `name` exits."""
@@ -430,35 +558,51 @@ class LocalMesh:
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
-                raise MeshError(f"{what} after {self.config.startup_timeout:.0f}s; {name} log:\n"
-                                f"{self.log_tail(name)}")
+                raise MeshStartError(
+                    f"{what} after {self.config.startup_timeout:.0f}s; {name} log:\n{self.log_tail(name)}"
+                )
             time.sleep(0.1)
 
     def _wait_serving(self, name: str) -> None:
         if name in HTTP_SERVICES:
             ca = LocalPki(self.tls_dir).ca if self.config.tls else None
-            self._poll(name, lambda: _http_ok(f"{self.scheme}://{self.addresses[name]}/healthz", ca),
-                       f"{name} not serving")
+            self._poll(
+                name, lambda: _http_ok(f"{self.scheme}://{self.addresses[name]}/healthz", ca), f"{name} not serving"
+            )
             return
         with self._grpc_channel(self.addresses[name]) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            self._poll(name, lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                       == health_pb2.HealthCheckResponse.SERVING, f"{name} not SERVING")
+            self._poll(
+                name,
+                lambda: (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ),
+                f"{name} not SERVING",
+            )
 
     def register_models(self) -> None:
         """Register each source model the registry does not know yet and point `production` at it."""
         with RegistryClient(self.registry_address, timeout=30, tls=self.client_tls) as registry:
             self.registered += register_source_models(
-                registry, Path(self.config.source_repository), self.config.models, self.config.register_timeout,
-                self.log, registry_log=lambda: self.log_tail("registry"))
+                registry,
+                Path(self.config.source_repository),
+                self.config.models,
+                self.config.register_timeout,
+                self.log,
+                registry_log=lambda: self.log_tail("registry"),
+            )
 
     def _wait_routable(self, models: Sequence[str]) -> None:
         """Until the router has the registry's state and Triton has each model ready (OIP ModelReady)."""
         with self._grpc_channel(self.router_address) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             for model in models:
-                self._poll("router", lambda: stub.ModelReady(service_pb2.ModelReadyRequest(name=model), timeout=2)
-                           .ready, f"router cannot route {model}")
+                self._poll(
+                    "router",
+                    lambda model=model: stub.ModelReady(service_pb2.ModelReadyRequest(name=model), timeout=2).ready,
+                    f"router cannot route {model}",
+                )
 
     def stop(self) -> None:
         """Services in reverse start order (SIGTERM, then SIGKILL after the grace), Triton last."""
@@ -521,23 +665,29 @@ class LocalMesh:
 
     def alive(self) -> dict[str, bool]:
         status = {name: proc.poll() is None for name, proc in self.processes.items()}
-        status["triton"] = self.triton is not None and self.triton.process is not None and self.triton.process.poll() is None
+        status["triton"] = (
+            self.triton is not None and self.triton.process is not None and self.triton.process.poll() is None
+        )
         return status
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(component, address, log file under log_dir) for the table `maas up` prints."""
-        rows = [("router — maas.v1.Router + Open Inference Protocol", self.addresses["router"], "router.log"),
-                ("router — Open Inference Protocol, compiled data path", self.addresses["router_oip"], "router.log"),
-                ("registry", self.addresses["registry"], "registry.log"),
-                ("tokenizer", self.addresses["tokenizer"], "tokenizer.log"),
-                ("vision", self.addresses["vision"], "vision.log"),
-                ("openai — OpenAI-compatible HTTP API (base_url)", self.openai_url, "openai.log"),
-                ("console — web console (browser)", self.console_url, "console.log")]
+        rows = [
+            ("router — maas.v1.Router + Open Inference Protocol", self.addresses["router"], "router.log"),
+            ("router — Open Inference Protocol, fast path", self.addresses["router_oip_fast"], "router.log"),
+            ("registry", self.addresses["registry"], "registry.log"),
+            ("tokenizer", self.addresses["tokenizer"], "tokenizer.log"),
+            ("vision", self.addresses["vision"], "vision.log"),
+            ("openai — OpenAI-compatible HTTP API (base_url)", self.openai_url, "openai.log"),
+            ("console — web console (browser)", self.console_url, "console.log"),
+        ]
         rows += [(f"{name} metrics", self.addresses[f"{name}_metrics"], "") for name in SERVICES]
         if self.triton is not None:
-            rows += [("triton gRPC", self.triton.grpc_address, "../triton/tritonserver.log"),
-                     ("triton HTTP", self.triton.http_address, ""),
-                     ("triton metrics", self.triton.metrics_address, "")]
+            rows += [
+                ("triton gRPC", self.triton.grpc_address, "../triton/tritonserver.log"),
+                ("triton HTTP", self.triton.http_address, ""),
+                ("triton metrics", self.triton.metrics_address, ""),
+            ]
         return rows
 
     def __enter__(self) -> "LocalMesh":

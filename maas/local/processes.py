@@ -3,6 +3,7 @@
 Every local component (Triton, the services, a kubectl port-forward) is started through spawn() so a
 crashed test run or a SIGKILLed `maas up` leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -10,6 +10,7 @@ After a Triton restart the registry's watchdog re-applies every live version (th
 every `MeshConfig.reconcile_interval` seconds), and the router and registry reconnect by themselves.
 The state is written to <state_dir>/status.json after every change, which `maas status` prints.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,15 +82,18 @@ class Supervisor(threading.Thread):
         state.last_exit = self.mesh.exit_reason(name)
         state.crashes = [t for t in state.crashes if now - t < policy.window] + [now]
         if len(state.crashes) > policy.max_restarts:
-            state.gave_up = (f"{name} crashed {len(state.crashes)} times in {policy.window:.0f}s "
-                             f"(last: {state.last_exit}); not restarting it. Last log lines:\n{self.mesh.log_tail(name)}")
+            state.gave_up = (
+                f"{name} crashed {len(state.crashes)} times in {policy.window:.0f}s "
+                f"(last: {state.last_exit}); not restarting it. Last log lines:\n{self.mesh.log_tail(name)}"
+            )
             self.log(state.gave_up)
             self._write()
             self.failed.set()
             return
         state.backoff = min(policy.max_backoff, state.backoff * 2 if state.backoff else policy.initial_backoff)
-        self.log(f"{name} stopped ({state.last_exit}); restarting in {state.backoff:.1f}s "
-                 f"(restart {state.restarts + 1})")
+        self.log(
+            f"{name} stopped ({state.last_exit}); restarting in {state.backoff:.1f}s (restart {state.restarts + 1})"
+        )
         self._write()
         if self._stopping.wait(state.backoff):
             return
@@ -104,9 +108,12 @@ class Supervisor(threading.Thread):
         self._write()
 
     def _write(self) -> None:
-        rows = {name: {k: v for k, v in asdict(s).items() if k in ("alive", "restarts", "last_exit", "last_restart",
-                                                                     "gave_up")}
-                for name, s in self.status.items()}
+        rows = {
+            name: {
+                k: v for k, v in asdict(s).items() if k in ("alive", "restarts", "last_exit", "last_restart", "gave_up")
+            }
+            for name, s in self.status.items()
+        }
         temp = self.status_path.with_suffix(".tmp")
         temp.write_text(json.dumps({"updated": time.time(), "components": rows}, indent=1))
         temp.replace(self.status_path)

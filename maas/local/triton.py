@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from maas.local.processes import free_ports, spawn  # noqa: F401 - free_ports is part of this API
+from maas import ports
+from maas.local.processes import free_ports, spawn  # free_ports is part of this API
 from maas.local.triton_backends import BackendsError, assemble_backends, wheel_paths
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,7 +71,7 @@ class LocalTriton:
         self.work_dir: Path | None = None
         self.log_path: Path | None = None
         self._temp = False
-        self._ports: tuple[int, int, int] | None = None
+        self._ports: tuple[int, ...] | None = None
         self._shm_prefix = ""
         self._lock = threading.RLock()  # start() calls stop() on failure
 
@@ -139,9 +140,12 @@ class LocalTriton:
                     f"--backend-directory={backends}",
                     "--model-control-mode=explicit",
                     *[f"--load-model={m}" for m in cfg.models],
-                    f"--grpc-address={cfg.host}", f"--grpc-port={grpc}",
-                    f"--http-address={cfg.host}", f"--http-port={http}",
-                    f"--metrics-address={cfg.host}", f"--metrics-port={metrics}",
+                    f"--grpc-address={cfg.host}",
+                    f"--grpc-port={grpc}",
+                    f"--http-address={cfg.host}",
+                    f"--http-port={http}",
+                    f"--metrics-address={cfg.host}",
+                    f"--metrics-port={metrics}",
                     "--allow-gpu-metrics=false",
                     # Unique shared-memory names: several Triton instances on one host must not collide.
                     f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
@@ -151,7 +155,11 @@ class LocalTriton:
                 with open(self.log_path, "ab") as log:
                     # Own process group (stop() signals tritonserver and its stubs), dies with us.
                     self.process = spawn(
-                        cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.work_dir,
+                        cmd,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        cwd=self.work_dir,
                         env=self._env(libs_dir),
                     )
                 atexit.register(self.stop)
@@ -176,11 +184,13 @@ class LocalTriton:
         pending = ["/v2/health/ready"] + [f"/v2/models/{m}/ready" for m in models if m != "*"]
         while pending:
             if self.process.poll() is not None:
-                raise TritonError(f"tritonserver exited with code {self.process.returncode} during startup:\n"
-                                  f"{self._failure_report()}")
+                raise TritonError(
+                    f"tritonserver exited with code {self.process.returncode} during startup:\n{self._failure_report()}"
+                )
             if time.monotonic() > deadline:
-                raise TritonError(f"Triton not ready after {timeout:.0f}s (waiting for {pending[0]}):\n"
-                                  f"{self._failure_report()}")
+                raise TritonError(
+                    f"Triton not ready after {timeout:.0f}s (waiting for {pending[0]}):\n{self._failure_report()}"
+                )
             if self._get(pending[0]) == 200:
                 pending.pop(0)
             else:
@@ -238,34 +248,43 @@ class LocalTriton:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m maas.local.triton",
-                                 description="Run Triton locally until Ctrl-C.")
-    ap.add_argument("--model-repository", type=Path,
-                    default=Path(os.environ.get("MAAS_MODEL_REPOSITORY", "model_repository")))
+    ap = argparse.ArgumentParser(prog="python -m maas.local.triton", description="Run Triton locally until Ctrl-C.")
+    ap.add_argument(
+        "--model-repository", type=Path, default=Path(os.environ.get("MAAS_MODEL_REPOSITORY", "model_repository"))
+    )
     ap.add_argument("--model", action="append", default=[], help="model to load (repeatable)")
-    ap.add_argument("--grpc-port", type=int, default=8001)
-    ap.add_argument("--http-port", type=int, default=8000)
-    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--grpc-port", type=int, default=ports.TRITON_GRPC)
+    ap.add_argument("--http-port", type=int, default=ports.TRITON_HTTP)
+    ap.add_argument("--metrics-port", type=int, default=ports.TRITON_METRICS)
     ap.add_argument("--work-dir", type=Path, default=Path(".maas/triton"))
     ap.add_argument("--timeout", type=float, default=180.0)
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra tritonserver arguments")
     args = ap.parse_args(argv)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    config = TritonConfig(model_repository=args.model_repository, models=args.model, grpc_port=args.grpc_port,
-                          http_port=args.http_port, metrics_port=args.metrics_port, work_dir=args.work_dir,
-                          extra_args=extra, startup_timeout=args.timeout)
+    config = TritonConfig(
+        model_repository=args.model_repository,
+        models=args.model,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        work_dir=args.work_dir,
+        extra_args=extra,
+        startup_timeout=args.timeout,
+    )
     # Both end in the context manager's stop(); SIGINT explicitly, as it is ignored when started with `&`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.monotonic()
     try:
         with LocalTriton(config) as triton:
-            print(f"Triton ready in {time.monotonic() - t0:.1f}s: grpc {triton.grpc_address} "
-                  f"http {triton.http_address} metrics {triton.metrics_address} log {triton.log_path}", flush=True)
+            print(
+                f"Triton ready in {time.monotonic() - t0:.1f}s: grpc {triton.grpc_address} "
+                f"http {triton.http_address} metrics {triton.metrics_address} log {triton.log_path}",
+                flush=True,
+            )
             while triton.process.poll() is None:
                 time.sleep(1)
-            print(f"tritonserver exited with code {triton.process.returncode}:\n{triton.log_tail()}",
-                  file=sys.stderr)
+            print(f"tritonserver exited with code {triton.process.returncode}:\n{triton.log_tail()}", file=sys.stderr)
             return 1
     except KeyboardInterrupt:
         return 0

@@ -4,6 +4,7 @@ One place for both users of it: LocalTriton (a work dir per run) and the CPU Tri
 this file as a script at build time (`python maas/local/triton_backends.py DEST`) because its root is
 read-only at run time. Standard library only, so the image needs no part of the maas package.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,5 @@
 """maas-console: serve the web console (python -m services.console --help)."""
+
 from __future__ import annotations
 
 from services.console.config import load_config

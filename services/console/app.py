@@ -6,6 +6,7 @@ result. static/console.js enhances that: forms post in the background and only t
 router's Generate) with a Stop button, the Models page follows the registry's Watch, the charts
 refresh. A refusal keeps the HTTP status of the service's gRPC status and shows its text.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -36,15 +37,20 @@ HERE = Path(__file__).resolve().parent
 FRAGMENT_HEADER = "x-console-fragment"
 _KEEPALIVE = 15.0  # seconds between comments on an idle event stream (finds browsers that went away)
 
-EVENT_STREAMS = Gauge("maas_console_event_streams",
-                      "Server-sent event streams the console holds open (Models page feeds, chats)")
+EVENT_STREAMS = Gauge(
+    "maas_console_event_streams", "Server-sent event streams the console holds open (Models page feeds, chats)"
+)
 
 PAGES = (("models", "Models"), ("playground", "Playground"), ("operations", "Operations"), ("charts", "Charts"))
 
 
 def _environment() -> Environment:
-    env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
-                      trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.globals.update(pages=PAGES, split_bar=charts.split_bar)
     return env
 
@@ -70,6 +76,7 @@ class BodyLimit:
                 if seen[0] > self.limit:
                     raise _TooLarge
             return message
+
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
@@ -81,11 +88,20 @@ class _TooLarge(Exception):
 
 
 async def _too_large(limit: int, scope, send) -> None:
-    text = (f"the upload is over the console's limit of {limit} bytes (--max-upload-bytes / "
-            f"MAAS_CONSOLE_MAX_UPLOAD_BYTES)")
+    text = (
+        f"the upload is over the console's limit of {limit} bytes (--max-upload-bytes / MAAS_CONSOLE_MAX_UPLOAD_BYTES)"
+    )
     body = f'<div class="result error" role="alert"><p><strong>413 request too large</strong>: {text}</p></div>'
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body.encode())).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"text/html; charset=utf-8"),
+                (b"content-length", str(len(body.encode())).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body.encode()})
 
 
@@ -135,7 +151,7 @@ def create_app(config: ConsoleConfig):
             context["result"] = await work()
         except Refused as exc:
             status, context["error"] = exc.status, exc
-        except Exception:  # noqa: BLE001 - the page gets an incident id, the log the traceback
+        except Exception:  # the page gets an incident id, the log the traceback
             incident = uuid.uuid4().hex[:12]
             log.exception("unhandled error", extra={"incident": incident})
             status, context["error"] = 500, Refused(500, "INTERNAL", f"console error (incident {incident})")
@@ -153,9 +169,13 @@ def create_app(config: ConsoleConfig):
         view = model_view(await mesh().model(name))
         for pair in view["shadow_stats"]:
             report = await mesh().shadow_report(name, pair["primary"], pair["shadow"])
-            if report is not None and sum(report.cosine_counts):
-                pair["histogram"] = charts.agreement_histogram(list(report.cosine_bounds), list(report.cosine_counts),
-                                                               name, f"v{pair['primary']} vs v{pair['shadow']}")
+            if report is not None and any(report.cosine_counts):
+                pair["histogram"] = charts.agreement_histogram(
+                    list(report.cosine_bounds),
+                    list(report.cosine_counts),
+                    name,
+                    f"v{pair['primary']} vs v{pair['shadow']}",
+                )
             if report is not None:
                 pair["top5"] = round(report.top5_agreement * 100, 1) if report.kind == "classifier" else None
                 pair["worst"] = [w.request_id for w in report.worst[:3]]
@@ -198,8 +218,9 @@ def create_app(config: ConsoleConfig):
                 EVENT_STREAMS.dec()
                 feed.unsubscribe(queue)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     # -- playground --------------------------------------------------------------------------------
     async def playground_context() -> dict:
@@ -209,8 +230,11 @@ def create_app(config: ConsoleConfig):
             return {"choices": {}, "error": exc}
         choices: dict[str, list[dict]] = {}
         for m in models:
-            targets = sorted({a.name for a in m.aliases}) + [f"v{v.version}" for v in sorted(m.versions, key=lambda v: v.version)
-                                                             if v.state == pb.VERSION_STATE_READY]
+            targets = sorted({a.name for a in m.aliases}) + [
+                f"v{v.version}"
+                for v in sorted(m.versions, key=lambda v: v.version)
+                if v.state == pb.VERSION_STATE_READY
+            ]
             choices.setdefault(kind_of(m), []).append({"name": m.name, "targets": targets})
         return {"choices": choices}
 
@@ -225,25 +249,47 @@ def create_app(config: ConsoleConfig):
         streamed = "text/event-stream" in request.headers.get("accept", "")
         if streamed:
             try:
-                call = play.chat_request(form.get("model", ""), form.get("target", ""), form.get("message", ""),
-                                         form.get("system", ""), form.get("max_tokens", ""), form.get("temperature", ""))
+                call = play.chat_request(
+                    form.get("model", ""),
+                    form.get("target", ""),
+                    form.get("message", ""),
+                    form.get("system", ""),
+                    form.get("max_tokens", ""),
+                    form.get("temperature", ""),
+                )
                 events = await play.chat_stream(call)
             except Refused as exc:
                 return html("_chat.html", exc.status, error=exc)
-            return StreamingResponse(_counted(events), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _counted(events),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
 
         async def work():
-            return await play.chat_unary(play.chat_request(
-                form.get("model", ""), form.get("target", ""), form.get("message", ""), form.get("system", ""),
-                form.get("max_tokens", ""), form.get("temperature", "")))
+            return await play.chat_unary(
+                play.chat_request(
+                    form.get("model", ""),
+                    form.get("target", ""),
+                    form.get("message", ""),
+                    form.get("system", ""),
+                    form.get("max_tokens", ""),
+                    form.get("temperature", ""),
+                )
+            )
+
         return await result(request, "playground", "_chat.html", work, playground_context)
 
     @app.post("/playground/embed")
     async def embed(request: Request):
         form = await request.form()
-        return await result(request, "playground", "_embed.html", lambda: state["playground"].embed(
-            form.get("model", ""), form.get("target", ""), form.get("texts", "")), playground_context)
+        return await result(
+            request,
+            "playground",
+            "_embed.html",
+            lambda: state["playground"].embed(form.get("model", ""), form.get("target", ""), form.get("texts", "")),
+            playground_context,
+        )
 
     @app.post("/playground/classify")
     async def classify(request: Request):
@@ -253,8 +299,10 @@ def create_app(config: ConsoleConfig):
         async def work():
             if not isinstance(upload, UploadFile):
                 raise Refused(400, "INVALID_ARGUMENT", "choose an image file", "image")
-            return await state["playground"].classify(form.get("model", ""), form.get("target", ""),
-                                                      await upload.read(), upload.filename or "")
+            return await state["playground"].classify(
+                form.get("model", ""), form.get("target", ""), await upload.read(), upload.filename or ""
+            )
+
         return await result(request, "playground", "_classify.html", work, playground_context)
 
     # -- operations --------------------------------------------------------------------------------
@@ -269,8 +317,13 @@ def create_app(config: ConsoleConfig):
             audit, audit_error = [audit_view(e) for e in await mesh().audit(token_value)], None
         except Refused as exc:
             audit, audit_error = [], exc
-        return {"models": models, "has_token": bool(token_value), "rollouts": rollouts, "audit": audit,
-                "audit_error": audit_error}
+        return {
+            "models": models,
+            "has_token": bool(token_value),
+            "rollouts": rollouts,
+            "audit": audit,
+            "audit_error": audit_error,
+        }
 
     @app.get("/operations", response_class=HTMLResponse)
     async def operations_page(request: Request):
@@ -283,8 +336,14 @@ def create_app(config: ConsoleConfig):
         if form.get("forget") or not form.get("token", "").strip():
             response.delete_cookie(TOKEN_COOKIE, path="/operations")
         else:  # a session cookie the page's script cannot read; the console keeps no copy
-            response.set_cookie(TOKEN_COOKIE, form.get("token", "").strip(), path="/operations", httponly=True,
-                                samesite="strict", secure=request.url.scheme == "https")
+            response.set_cookie(
+                TOKEN_COOKIE,
+                form.get("token", "").strip(),
+                path="/operations",
+                httponly=True,
+                samesite="strict",
+                secure=request.url.scheme == "https",
+            )
         return response
 
     @app.post("/operations/{action}")
@@ -297,7 +356,9 @@ def create_app(config: ConsoleConfig):
         actions = {
             "alias": lambda: ops.set_alias(token_value, model, f.get("alias", ""), f.get("version", ""), reason, who),
             "split": lambda: ops.set_split(token_value, model, f.get("split", ""), reason, who),
-            "shadow": lambda: ops.set_shadow(token_value, model, f.get("target", ""), f.get("fraction", ""), reason, who),
+            "shadow": lambda: ops.set_shadow(
+                token_value, model, f.get("target", ""), f.get("fraction", ""), reason, who
+            ),
             "shadow-stop": lambda: ops.set_shadow(token_value, model, "", None, reason, who),
             "rollback": lambda: ops.rollback(token_value, model, f.get("alias", ""), reason, who),
         }
@@ -306,6 +367,7 @@ def create_app(config: ConsoleConfig):
 
         async def context():
             return await operations_context(request)
+
         return await result(request, "operations", "_operation.html", actions[action], context)
 
     # -- charts ------------------------------------------------------------------------------------
@@ -315,10 +377,22 @@ def create_app(config: ConsoleConfig):
         # The x axis covers what is kept, at least a minute: a fresh console's points are not squashed at the right.
         age = samples[-1].at - samples[0].at if samples else 0.0
         span = min(config.history_seconds, max(60.0, age))
-        drawn = [{"svg": charts.line_chart(s, span, f"chart{i}"), "title": s.title, "unit": s.unit,
-                  "legend": charts.legend(s)} for i, s in enumerate(scraper.history.charts(time.time()))]
-        return {"charts": drawn, "source": config.router_metrics, "scrape_error": scraper.last_error,
-                "samples": len(scraper.history.samples), "interval": config.scrape_interval}
+        drawn = [
+            {
+                "svg": charts.line_chart(s, span, f"chart{i}"),
+                "title": s.title,
+                "unit": s.unit,
+                "legend": charts.legend(s),
+            }
+            for i, s in enumerate(scraper.history.charts(time.time()))
+        ]
+        return {
+            "charts": drawn,
+            "source": config.router_metrics,
+            "scrape_error": scraper.last_error,
+            "samples": len(scraper.history.samples),
+            "interval": config.scrape_interval,
+        }
 
     @app.get("/charts", response_class=HTMLResponse)
     async def charts_page(request: Request):

@@ -1,17 +1,27 @@
 """Console settings: flags, then MAAS_* environment, then loopback defaults."""
+
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 
+from maas import ports
 from services.shared.config import (
-    ConfigError, ServerSettings, add_limit_arguments, add_peer_argument, add_server_arguments, env, env_float,
-    limits_from_args, require_peer, server_settings,
+    ConfigError,
+    ServerSettings,
+    add_limit_arguments,
+    add_peer_argument,
+    add_server_arguments,
+    env,
+    env_float,
+    limits_from_args,
+    require_peer,
+    require_positive,
+    server_settings,
 )
 
 # The console's HTTP port: next to the OpenAI gateway's 8090; `maas up` and its --console-port take it from here.
-DEFAULT_PORT = 8091
-DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_LISTEN = ports.loopback(ports.CONSOLE)
 
 
 @dataclass(frozen=True)
@@ -60,20 +70,33 @@ def load_config(argv: list[str] | None = None) -> ConsoleConfig:
     add_peer_argument(peers, "--router", "MAAS_ROUTER_ADDRESS", "127.0.0.1:50051", "router")
     add_peer_argument(peers, "--registry", "MAAS_REGISTRY_ADDRESS", "127.0.0.1:50052", "registry")
     g = parser.add_argument_group("console")
-    g.add_argument("--router-metrics", default=env("MAAS_CONSOLE_ROUTER_METRICS", ""),
-                   help="the router's Prometheus URL, e.g. http://127.0.0.1:9090/metrics; empty = no charts "
-                        "(MAAS_CONSOLE_ROUTER_METRICS)")
-    g.add_argument("--scrape-interval", type=float, default=env_float("MAAS_CONSOLE_SCRAPE_INTERVAL_SECONDS", 2.0),
-                   help="seconds between two reads of the router's metrics (MAAS_CONSOLE_SCRAPE_INTERVAL_SECONDS)")
-    g.add_argument("--history", type=float, default=env_float("MAAS_CONSOLE_HISTORY_SECONDS", 600.0),
-                   help="seconds of metrics the charts keep (MAAS_CONSOLE_HISTORY_SECONDS)")
-    g.add_argument("--default-timeout", type=float, default=env_float("MAAS_CONSOLE_DEFAULT_TIMEOUT_SECONDS", 120.0),
-                   help="deadline of a router or registry call (MAAS_CONSOLE_DEFAULT_TIMEOUT_SECONDS)")
+    g.add_argument(
+        "--router-metrics",
+        default=env("MAAS_CONSOLE_ROUTER_METRICS", ""),
+        help="the router's Prometheus URL, e.g. http://127.0.0.1:9090/metrics; empty = no charts "
+        "(MAAS_CONSOLE_ROUTER_METRICS)",
+    )
+    g.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=env_float("MAAS_CONSOLE_SCRAPE_INTERVAL_SECONDS", 2.0),
+        help="seconds between two reads of the router's metrics (MAAS_CONSOLE_SCRAPE_INTERVAL_SECONDS)",
+    )
+    g.add_argument(
+        "--history",
+        type=float,
+        default=env_float("MAAS_CONSOLE_HISTORY_SECONDS", 600.0),
+        help="seconds of metrics the charts keep (MAAS_CONSOLE_HISTORY_SECONDS)",
+    )
+    g.add_argument(
+        "--default-timeout",
+        type=float,
+        default=env_float("MAAS_CONSOLE_DEFAULT_TIMEOUT_SECONDS", 120.0),
+        help="deadline of a router or registry call (MAAS_CONSOLE_DEFAULT_TIMEOUT_SECONDS)",
+    )
     add_limit_arguments(parser, "MAAS_CONSOLE", ConsoleLimits(), LIMIT_HELP)
     args = parser.parse_args(argv)
-    for flag in ("scrape_interval", "history", "default_timeout"):
-        if getattr(args, flag) <= 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    require_positive(args, "scrape_interval", "history", "default_timeout")
     if args.router_metrics and not args.router_metrics.startswith(("http://", "https://")):
         raise ConfigError(f"--router-metrics must be an http(s) URL, got {args.router_metrics!r}")
     settings = server_settings("console", args)
@@ -82,6 +105,9 @@ def load_config(argv: list[str] | None = None) -> ConsoleConfig:
         server=settings,
         router=require_peer(args.router, "--router", "MAAS_ROUTER_ADDRESS"),
         registry=require_peer(args.registry, "--registry", "MAAS_REGISTRY_ADDRESS"),
-        router_metrics=args.router_metrics, scrape_interval=args.scrape_interval, history_seconds=args.history,
-        default_timeout=args.default_timeout, limits=limits_from_args(ConsoleLimits, args, LIMIT_HELP),
+        router_metrics=args.router_metrics,
+        scrape_interval=args.scrape_interval,
+        history_seconds=args.history,
+        default_timeout=args.default_timeout,
+        limits=limits_from_args(ConsoleLimits, args, LIMIT_HELP),
     )

@@ -1,5 +1,6 @@
 """What the console holds of the mesh: one channel to the router and one to the registry (their public
 gRPC APIs only, never the database), the registry's Watch feed and the router's metrics history."""
+
 from __future__ import annotations
 
 import logging
@@ -74,8 +75,13 @@ class Answered:
 
 def routed_fields(decision: tensor_pb2.RoutingDecision) -> dict:
     kind = tensor_pb2.RouteKind.Name(decision.kind).removeprefix("ROUTE_KIND_").lower() if decision.kind else ""
-    return {"model": decision.model, "version": decision.version, "kind": kind, "target": decision.target,
-            "shadowed": decision.shadowed}
+    return {
+        "model": decision.model,
+        "version": decision.version,
+        "kind": kind,
+        "target": decision.target,
+        "shadowed": decision.shadowed,
+    }
 
 
 class Mesh:
@@ -110,8 +116,9 @@ class Mesh:
             yield format(span.get_span_context().trace_id, "032x")
 
     def answered(self, decision: tensor_pb2.RoutingDecision, started: float, trace_id: str) -> Answered:
-        return Answered(**routed_fields(decision), latency_ms=round((time.perf_counter() - started) * 1000, 1),
-                        trace_id=trace_id)
+        return Answered(
+            **routed_fields(decision), latency_ms=round((time.perf_counter() - started) * 1000, 1), trace_id=trace_id
+        )
 
     # -- registry reads ------------------------------------------------------------------------------
     async def models(self) -> list[pb.Model]:
@@ -139,8 +146,9 @@ class Mesh:
         """The registry's audit log, newest first; it needs the admin token when one is configured."""
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
         try:
-            found = await self.registry.ListAudit(pb.ListAuditRequest(limit=limit), metadata=metadata,
-                                                  timeout=self.config.default_timeout)
+            found = await self.registry.ListAudit(
+                pb.ListAuditRequest(limit=limit), metadata=metadata, timeout=self.config.default_timeout
+            )
         except grpc.aio.AioRpcError as exc:
             raise Refused.from_rpc(exc) from None
         return list(found.entries)
@@ -149,11 +157,13 @@ class Mesh:
         """The registry's agreement report of one shadowed pair (None when it has none to give: the card
         then shows the aggregate row alone)."""
         try:
-            return await self.registry.CompareVersions(pb.CompareVersionsRequest(model=name, a=primary, b=shadow),
-                                                       timeout=self.config.default_timeout)
+            return await self.registry.CompareVersions(
+                pb.CompareVersionsRequest(model=name, a=primary, b=shadow), timeout=self.config.default_timeout
+            )
         except grpc.aio.AioRpcError as exc:
-            log.info("no shadow report", extra={"model": name, "primary": primary, "shadow": shadow,
-                                                "code": exc.code().name})
+            log.info(
+                "no shadow report", extra={"model": name, "primary": primary, "shadow": shadow, "code": exc.code().name}
+            )
             return None
 
     async def ready(self) -> bool:

@@ -7,6 +7,7 @@ the histogram buckets' deltas, as PromQL's histogram_quantile does. Latency is p
 router's maas_router_version_duration_seconds; per router method (maas_rpc_server_duration_seconds) only
 when no version histogram has been seen yet, e.g. a router older than it (docs/console.md).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -123,8 +124,9 @@ class History:
                 name = f"{key[0]} v{key[1]}"
                 rate.setdefault(name, []).append((x, _delta(count, before.requests.get(key)) / dt))
                 errors.setdefault(name, []).append((x, _delta(after.errors.get(key, 0.0), before.errors.get(key)) / dt))
-            latency_after, latency_before = ((after.version_buckets, before.version_buckets) if by_version else
-                                             (after.buckets, before.buckets))
+            latency_after, latency_before = (
+                (after.version_buckets, before.version_buckets) if by_version else (after.buckets, before.buckets)
+            )
             for line, rows in latency_after.items():
                 old = dict(latency_before.get(line, []))
                 restarted = any(count < old.get(le, 0.0) for le, count in rows)
@@ -134,14 +136,16 @@ class History:
                     if value is not None:
                         lines.setdefault(line, []).append((x, value * 1000))
         per = "per version" if by_version else "per router method"
-        return [Series("Requests per second, per version", "req/s", rate),
-                Series("Errors per second (status other than OK), per version", "err/s", errors),
-                Series(f"p50 latency, {per}", "ms", p50),
-                Series(f"p99 latency, {per}", "ms", p99)]
+        return [
+            Series("Requests per second, per version", "req/s", rate),
+            Series("Errors per second (status other than OK), per version", "err/s", errors),
+            Series(f"p50 latency, {per}", "ms", p50),
+            Series(f"p99 latency, {per}", "ms", p99),
+        ]
 
 
 def fetch(url: str, timeout: float = 2.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - a configured http(s) URL
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # a configured http(s) URL
         return response.read().decode("utf-8", "replace")
 
 

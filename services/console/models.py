@@ -5,6 +5,7 @@ One Watch per console process (the router's RegistryWatcher: same reconnect loop
 the subscribers with the model's name, and each page then reads that model with GetModel (the Watch
 view lacks alias history and who changed what) and gets the re-rendered card.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,11 @@ from maas.v1 import registry_pb2 as pb
 from services.router.watcher import RegistryWatcher
 
 # What a model answers, in the issue's words (postprocessing kind of its newest version).
-KINDS = {pb.Postprocessing.KIND_EMBEDDING: "embedding", pb.Postprocessing.KIND_SOFTMAX_TOP_K: "classifier",
-         pb.Postprocessing.KIND_GENERATION: "generator"}
+KINDS = {
+    pb.Postprocessing.KIND_EMBEDDING: "embedding",
+    pb.Postprocessing.KIND_SOFTMAX_TOP_K: "classifier",
+    pb.Postprocessing.KIND_GENERATION: "generator",
+}
 HISTORY_ROWS = 8  # alias moves shown per model
 # Colours of the split bar's segments (enough for any real split; they repeat after that).
 PALETTE = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#2c7a7b")
@@ -45,14 +49,22 @@ def split_segments(model: pb.Model) -> list[dict]:
     aliases = {a.name: a.version for a in model.aliases}
     split = list(model.policy.split)
     if not split:
-        version = aliases.get("production") or max((v.version for v in model.versions
-                                                     if v.state == pb.VERSION_STATE_READY), default=None)
+        version = aliases.get("production") or max(
+            (v.version for v in model.versions if v.state == pb.VERSION_STATE_READY), default=None
+        )
         label = "production" if "production" in aliases else "newest ready"
         return [{"label": label, "version": version, "percent": 100.0, "weight": 0, "color": PALETTE[0]}]
     total = sum(t.weight for t in split) or 1
-    return [{"label": target_name(t), "version": _resolve(t, aliases), "weight": t.weight,
-             "percent": round(100.0 * t.weight / total, 1), "color": PALETTE[i % len(PALETTE)]}
-            for i, t in enumerate(split)]
+    return [
+        {
+            "label": target_name(t),
+            "version": _resolve(t, aliases),
+            "weight": t.weight,
+            "percent": round(100.0 * t.weight / total, 1),
+            "color": PALETTE[i % len(PALETTE)],
+        }
+        for i, t in enumerate(split)
+    ]
 
 
 def model_view(model: pb.Model) -> dict:
@@ -60,28 +72,67 @@ def model_view(model: pb.Model) -> dict:
     policy = model.policy
     shadow = None
     if policy.HasField("shadow") and policy.shadow.fraction > 0:
-        shadow = {"target": target_name(policy.shadow.target), "version": _resolve(policy.shadow.target, aliases),
-                  "percent": round(policy.shadow.fraction * 100, 2)}
+        shadow = {
+            "target": target_name(policy.shadow.target),
+            "version": _resolve(policy.shadow.target, aliases),
+            "percent": round(policy.shadow.fraction * 100, 2),
+        }
     return {
         "name": model.name,
         "kind": kind_of(model),
-        "versions": [{
-            "version": v.version, "state": STATE_NAMES.get(v.state, str(v.state)), "state_reason": v.state_reason,
-            "aliases": sorted(v.aliases), "created": when(v.created_at), "created_by": v.created_by,
-            "format": FORMAT_NAMES.get(v.format, ""), "size_mb": round(v.size_bytes / 1e6, 1),
-            "load_s": round(v.load_ms / 1000, 1), "description": v.description,
-        } for v in sorted(model.versions, key=lambda v: v.version)],
-        "aliases": [{"name": a.name, "version": a.version, "updated_by": a.updated_by, "updated": when(a.updated_at),
-                     "reason": a.reason} for a in sorted(model.aliases, key=lambda a: a.name)],
+        "versions": [
+            {
+                "version": v.version,
+                "state": STATE_NAMES.get(v.state, str(v.state)),
+                "state_reason": v.state_reason,
+                "aliases": sorted(v.aliases),
+                "created": when(v.created_at),
+                "created_by": v.created_by,
+                "format": FORMAT_NAMES.get(v.format, ""),
+                "size_mb": round(v.size_bytes / 1e6, 1),
+                "load_s": round(v.load_ms / 1000, 1),
+                "description": v.description,
+            }
+            for v in sorted(model.versions, key=lambda v: v.version)
+        ],
+        "aliases": [
+            {
+                "name": a.name,
+                "version": a.version,
+                "updated_by": a.updated_by,
+                "updated": when(a.updated_at),
+                "reason": a.reason,
+            }
+            for a in sorted(model.aliases, key=lambda a: a.name)
+        ],
         "split": split_segments(model),
         "shadow": shadow,
-        "policy_by": policy.updated_by, "policy_at": when(policy.updated_at), "policy_reason": policy.reason,
-        "shadow_stats": [{"primary": s.primary_version, "shadow": s.shadow_version, "samples": s.samples,
-                          "top1": round(s.top1_agreement * 100, 1), "cosine": round(s.mean_cosine, 4),
-                          "primary_ms": round(s.primary_latency_ms, 1), "shadow_ms": round(s.shadow_latency_ms, 1)}
-                         for s in model.shadow_stats],
-        "history": [{"name": a.name, "version": a.version, "previous": a.previous_version, "by": a.updated_by,
-                     "at": when(a.updated_at), "reason": a.reason} for a in model.alias_history[:HISTORY_ROWS]],
+        "policy_by": policy.updated_by,
+        "policy_at": when(policy.updated_at),
+        "policy_reason": policy.reason,
+        "shadow_stats": [
+            {
+                "primary": s.primary_version,
+                "shadow": s.shadow_version,
+                "samples": s.samples,
+                "top1": round(s.top1_agreement * 100, 1),
+                "cosine": round(s.mean_cosine, 4),
+                "primary_ms": round(s.primary_latency_ms, 1),
+                "shadow_ms": round(s.shadow_latency_ms, 1),
+            }
+            for s in model.shadow_stats
+        ],
+        "history": [
+            {
+                "name": a.name,
+                "version": a.version,
+                "previous": a.previous_version,
+                "by": a.updated_by,
+                "at": when(a.updated_at),
+                "reason": a.reason,
+            }
+            for a in model.alias_history[:HISTORY_ROWS]
+        ],
     }
 
 
@@ -117,25 +168,52 @@ class ModelFeed(RegistryWatcher):
         self._subscribers.discard(queue)
 
 
-ROLLOUT_STATES = {pb.ROLLOUT_STATE_PLANNED: "planned", pb.ROLLOUT_STATE_RUNNING: "running",
-                  pb.ROLLOUT_STATE_PROMOTED: "promoted", pb.ROLLOUT_STATE_ROLLED_BACK: "rolled back",
-                  pb.ROLLOUT_STATE_ABORTED: "aborted"}
+ROLLOUT_STATES = {
+    pb.ROLLOUT_STATE_PLANNED: "planned",
+    pb.ROLLOUT_STATE_RUNNING: "running",
+    pb.ROLLOUT_STATE_PROMOTED: "promoted",
+    pb.ROLLOUT_STATE_ROLLED_BACK: "rolled back",
+    pb.ROLLOUT_STATE_ABORTED: "aborted",
+}
 
 
 def rollout_view(r: pb.Rollout) -> dict:
     """A rollout as the Operations page shows it: progress towards its max weight, the last analyses."""
     return {
-        "model": r.model, "canary": r.canary_version, "production": r.production_version,
-        "state": ROLLOUT_STATES.get(r.state, str(r.state)), "weight": r.weight, "max_weight": r.policy.max_weight,
-        "failures": r.consecutive_failures, "failure_limit": r.policy.failure_limit, "reason": r.reason,
-        "started_by": r.started_by, "started": when(r.started_at), "updated": when(r.updated_at),
-        "analyses": [{"at": when(a.at), "weight": a.weight, "outcome": a.outcome, "detail": a.detail,
-                      "canary_requests": a.canary_requests, "error_rate": round(a.canary_error_rate * 100, 2),
-                      "canary_p99": round(a.canary_p99_ms, 1), "production_p99": round(a.production_p99_ms, 1)}
-                     for a in list(r.analyses)[-5:]],
+        "model": r.model,
+        "canary": r.canary_version,
+        "production": r.production_version,
+        "state": ROLLOUT_STATES.get(r.state, str(r.state)),
+        "weight": r.weight,
+        "max_weight": r.policy.max_weight,
+        "failures": r.consecutive_failures,
+        "failure_limit": r.policy.failure_limit,
+        "reason": r.reason,
+        "started_by": r.started_by,
+        "started": when(r.started_at),
+        "updated": when(r.updated_at),
+        "analyses": [
+            {
+                "at": when(a.at),
+                "weight": a.weight,
+                "outcome": a.outcome,
+                "detail": a.detail,
+                "canary_requests": a.canary_requests,
+                "error_rate": round(a.canary_error_rate * 100, 2),
+                "canary_p99": round(a.canary_p99_ms, 1),
+                "production_p99": round(a.production_p99_ms, 1),
+            }
+            for a in list(r.analyses)[-5:]
+        ],
     }
 
 
 def audit_view(e: pb.AuditEntry) -> dict:
-    return {"at": when(e.at), "actor": e.actor, "action": e.action, "target": e.target, "reason": e.reason,
-            "detail": e.detail[:200]}
+    return {
+        "at": when(e.at),
+        "actor": e.actor,
+        "action": e.action,
+        "target": e.target,
+        "reason": e.reason,
+        "detail": e.detail[:200],
+    }

@@ -7,6 +7,7 @@ SameSite=Strict session cookie of the browser, never on the server, and passes i
 PERMISSION_DENIED with a wrong one, INVALID_ARGUMENT / NOT_FOUND / FAILED_PRECONDITION for a bad
 change — is shown as it said it.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,28 +70,36 @@ class Operations:
     async def set_alias(self, token: str, model: str, alias: str, version: str, reason: str, who: str = "") -> str:
         if not alias:
             raise invalid("alias", "name the alias (e.g. canary)")
-        answer = await self._call(self.mesh.registry.SetAlias, pb.SetAliasRequest(
-            model=model, alias=alias, version=parse_version(version), reason=reason, actor=self._actor(who)), token)
+        answer = await self._call(
+            self.mesh.registry.SetAlias,
+            pb.SetAliasRequest(
+                model=model, alias=alias, version=parse_version(version), reason=reason, actor=self._actor(who)
+            ),
+            token,
+        )
         before = f" (was v{answer.previous_version})" if answer.previous_version else ""
         return f"{model}: {answer.name} → v{answer.version}{before}"
 
     async def set_split(self, token: str, model: str, split: str, reason: str, who: str = "") -> str:
         """A new split; the current shadow stays (SetTrafficPolicy replaces the whole policy)."""
         current = (await self.mesh.model(model)).policy
-        request = pb.SetTrafficPolicyRequest(model=model, split=parse_split(split), reason=reason,
-                                             actor=self._actor(who))
+        request = pb.SetTrafficPolicyRequest(
+            model=model, split=parse_split(split), reason=reason, actor=self._actor(who)
+        )
         if current.HasField("shadow"):
             request.shadow.CopyFrom(current.shadow)
         policy = await self._call(self.mesh.registry.SetTrafficPolicy, request, token)
         shown = " ".join(f"{target_name(t)}={t.weight}" for t in policy.split) or "production (no split)"
         return f"{model}: split {shown}"
 
-    async def set_shadow(self, token: str, model: str, target: str, fraction: str | None, reason: str,
-                         who: str = "") -> str:
+    async def set_shadow(
+        self, token: str, model: str, target: str, fraction: str | None, reason: str, who: str = ""
+    ) -> str:
         """Start (fraction given) or stop (None) mirroring; the current split stays."""
         current = (await self.mesh.model(model)).policy
-        request = pb.SetTrafficPolicyRequest(model=model, split=list(current.split), reason=reason,
-                                             actor=self._actor(who))
+        request = pb.SetTrafficPolicyRequest(
+            model=model, split=list(current.split), reason=reason, actor=self._actor(who)
+        )
         if fraction is not None:
             if not target:
                 raise invalid("target", "name the shadow version or alias")
@@ -101,6 +110,9 @@ class Operations:
         return f"{model}: shadow stopped"
 
     async def rollback(self, token: str, model: str, alias: str, reason: str, who: str = "") -> str:
-        answer = await self._call(self.mesh.registry.Rollback, pb.RollbackRequest(
-            model=model, alias=alias or "production", reason=reason, actor=self._actor(who)), token)
+        answer = await self._call(
+            self.mesh.registry.Rollback,
+            pb.RollbackRequest(model=model, alias=alias or "production", reason=reason, actor=self._actor(who)),
+            token,
+        )
         return f"{model}: {answer.name} rolled back to v{answer.version} (was v{answer.previous_version})"

@@ -6,6 +6,7 @@ The console's own limits (texts, characters, tokens, upload bytes) are checked b
 called; everything else (an image that does not decode, one over the vision service's caps, a bad
 sampling value) is the router's answer, shown as it said it.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,21 +47,25 @@ class Playground:
     def timeout(self) -> float:
         return self.mesh.config.default_timeout
 
-    def chat_request(self, model: str, target: str, message: str, system: str, max_tokens: str,
-                     temperature: str) -> router_pb2.GenerateRequest:
+    def chat_request(
+        self, model: str, target: str, message: str, system: str, max_tokens: str, temperature: str
+    ) -> router_pb2.GenerateRequest:
         limit = self.limits.max_text_chars
         if not message.strip():
             raise invalid("message", "write a message")
         for field, text in (("message", message), ("system", system)):
             if len(text) > limit:
                 raise invalid(field, f"{field} is {len(text)} characters, over the console's limit of {limit}")
-        turns = ([router_pb2.ChatMessage(role="system", content=system)] if system.strip() else []) + \
-            [router_pb2.ChatMessage(role="user", content=message)]
+        turns = ([router_pb2.ChatMessage(role="system", content=system)] if system.strip() else []) + [
+            router_pb2.ChatMessage(role="user", content=message)
+        ]
         sampling = router_pb2.SamplingParams(
             max_tokens=_number(max_tokens or "128", "max_tokens", int, 1, self.limits.max_chat_tokens),
-            temperature=_number(temperature or "0", "temperature", float, 0.0, 2.0))
-        return router_pb2.GenerateRequest(model=model_ref(model, target), messages=router_pb2.ChatMessages(
-            messages=turns), sampling=sampling)
+            temperature=_number(temperature or "0", "temperature", float, 0.0, 2.0),
+        )
+        return router_pb2.GenerateRequest(
+            model=model_ref(model, target), messages=router_pb2.ChatMessages(messages=turns), sampling=sampling
+        )
 
     async def chat_unary(self, request: router_pb2.GenerateRequest) -> dict:
         started = time.perf_counter()
@@ -69,9 +74,12 @@ class Playground:
                 answer = await self.mesh.router.GenerateUnary(request, timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
                 raise Refused.from_rpc(exc) from None
-        return {"text": answer.text, "finish_reason": finish_reason(answer.finish_reason),
-                "completion_tokens": answer.usage.completion_tokens,
-                "answered": self.mesh.answered(answer.routed, started, trace_id).as_dict()}
+        return {
+            "text": answer.text,
+            "finish_reason": finish_reason(answer.finish_reason),
+            "completion_tokens": answer.usage.completion_tokens,
+            "answered": self.mesh.answered(answer.routed, started, trace_id).as_dict(),
+        }
 
     async def chat_stream(self, request: router_pb2.GenerateRequest) -> AsyncIterator[bytes]:
         """Waits for the router's first message (so a refusal is a plain error answer), then yields
@@ -102,10 +110,16 @@ class Playground:
                         first_text_ms = round((time.perf_counter() - started) * 1000, 1)
                     yield _sse({"type": "text", "text": message.text})
                 if message.finish_reason:
-                    yield _sse({"type": "done", "finish_reason": finish_reason(message.finish_reason),
-                                "completion_tokens": message.usage.completion_tokens, "pieces": pieces,
-                                "first_text_ms": first_text_ms,
-                                "latency_ms": round((time.perf_counter() - started) * 1000, 1)})
+                    yield _sse(
+                        {
+                            "type": "done",
+                            "finish_reason": finish_reason(message.finish_reason),
+                            "completion_tokens": message.usage.completion_tokens,
+                            "pieces": pieces,
+                            "first_text_ms": first_text_ms,
+                            "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                        }
+                    )
                     finished = True
                 message = await anext(messages, None)
         except grpc.aio.AioRpcError as exc:
@@ -124,13 +138,17 @@ class Playground:
             raise invalid("texts", f"{len(texts)} sentences, over the console's limit of {self.limits.max_texts}")
         for i, t in enumerate(texts):
             if len(t) > self.limits.max_text_chars:
-                raise invalid("texts", f"sentence {i + 1} is {len(t)} characters, over the console's limit of "
-                                       f"{self.limits.max_text_chars}")
+                raise invalid(
+                    "texts",
+                    f"sentence {i + 1} is {len(t)} characters, over the console's limit of "
+                    f"{self.limits.max_text_chars}",
+                )
         started = time.perf_counter()
         with self.mesh.traced("console.embed") as trace_id:
             try:
-                answer = await self.mesh.router.Embed(router_pb2.EmbedRequest(model=model_ref(model, target),
-                                                                              texts=texts), timeout=self.timeout)
+                answer = await self.mesh.router.Embed(
+                    router_pb2.EmbedRequest(model=model_ref(model, target), texts=texts), timeout=self.timeout
+                )
             except grpc.aio.AioRpcError as exc:
                 raise Refused.from_rpc(exc) from None
         answered = self.mesh.answered(answer.routed, started, trace_id).as_dict()
@@ -138,8 +156,13 @@ class Playground:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         unit = vectors / np.where(norms == 0, 1, norms)
         similarity = (unit @ unit.T).round(3).tolist()
-        return {"texts": texts, "similarity": similarity, "dimensions": answer.dimensions,
-                "truncated": list(answer.truncated), "answered": answered}
+        return {
+            "texts": texts,
+            "similarity": similarity,
+            "dimensions": answer.dimensions,
+            "truncated": list(answer.truncated),
+            "answered": answered,
+        }
 
     async def classify(self, model: str, target: str, image: bytes, filename: str) -> dict:
         if not image:
@@ -147,11 +170,15 @@ class Playground:
         started = time.perf_counter()
         with self.mesh.traced("console.classify") as trace_id:
             try:
-                answer = await self.mesh.router.Classify(router_pb2.ClassifyRequest(
-                    model=model_ref(model, target), images=[image], top_k=5), timeout=self.timeout)
+                answer = await self.mesh.router.Classify(
+                    router_pb2.ClassifyRequest(model=model_ref(model, target), images=[image], top_k=5),
+                    timeout=self.timeout,
+                )
             except grpc.aio.AioRpcError as exc:
                 raise Refused.from_rpc(exc) from None
         answered = self.mesh.answered(answer.routed, started, trace_id).as_dict()
-        classes = [{"label": c.label or f"class {c.index}", "index": c.index, "percent": round(c.score * 100, 2)}
-                   for c in (answer.results[0].classes if answer.results else [])]
+        classes = [
+            {"label": c.label or f"class {c.index}", "index": c.index, "percent": round(c.score * 100, 2)}
+            for c in (answer.results[0].classes if answer.results else [])
+        ]
         return {"filename": filename, "bytes": len(image), "classes": classes, "answered": answered}

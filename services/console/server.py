@@ -1,39 +1,17 @@
-"""Serve the console with uvicorn: structured logs, tracing and metrics set up as in every service.
+"""Serve the console: services/shared/http_server.py (uvicorn, logs, tracing, metrics as in every service)."""
 
-On SIGTERM uvicorn stops accepting connections and gives open ones (event streams, a chat) the drain
-grace, then the app's lifespan closes the channels (which cancels their calls).
-"""
 from __future__ import annotations
 
 import uvicorn
 
 from services.console.app import create_app
 from services.console.config import ConsoleConfig
-from services.shared.structured_logging import configure_logging
-from services.shared.telemetry import setup_tracing, shutdown_tracing, start_metrics_server
-from services.shared.tls import HttpsReloader, uvicorn_ssl
+from services.shared import http_server
 
 
 def uvicorn_config(config: ConsoleConfig) -> uvicorn.Config:
-    return uvicorn.Config(
-        create_app(config), host=config.host, port=config.port, lifespan="on", log_config=None, access_log=False,
-        timeout_graceful_shutdown=max(1, int(config.server.grace_seconds)), server_header=False,
-        **uvicorn_ssl(config.server.tls),  # HTTPS with MAAS_TLS_*
-    )
+    return http_server.uvicorn_config(create_app(config), config.host, config.port, config.server)
 
 
 def run(config: ConsoleConfig) -> None:
-    configure_logging(config.server.service_name, config.server.log_level, config.server.log_format)
-    setup_tracing("maas-console")
-    start_metrics_server(config.server.metrics_port)
-    server_config = uvicorn_config(config)
-    server_config.load()
-    reloader = None
-    if config.server.tls is not None:  # a renewed certificate is served to new connections
-        reloader = HttpsReloader(server_config.ssl, config.server.tls, config.server.service_name).start()
-    try:
-        uvicorn.Server(server_config).run()
-    finally:
-        if reloader is not None:
-            reloader.stop()
-        shutdown_tracing()
+    http_server.run_http(uvicorn_config(config), config.server)

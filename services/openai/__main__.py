@@ -1,4 +1,5 @@
 """maas-openai: serve the OpenAI-compatible HTTP API in front of the router (python -m services.openai --help)."""
+
 from __future__ import annotations
 
 from services.openai.config import load_config

@@ -7,6 +7,7 @@ plain 4xx answer, not a stream; errors after that arrive as one `data: {"error":
 that goes away mid-stream cancels the router call (Starlette cancels the body, `finally` cancels it);
 one that goes away while a unary completion is generated cancels it too (Gateway.unary).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -65,6 +66,7 @@ def _param(loc: tuple) -> str | None:
 
 def errors_to_openai(handler):
     """Every endpoint: router statuses and our own errors as OpenAI bodies; a bug is a 500 with an incident id."""
+
     @functools.wraps(handler)
     async def guarded(*args, **kwargs):
         try:
@@ -73,10 +75,11 @@ def errors_to_openai(handler):
             return _json(exc)
         except grpc.aio.AioRpcError as exc:
             return _json(from_grpc(exc.code(), exc.details(), exc.trailing_metadata()))
-        except Exception:  # noqa: BLE001 - the caller gets an incident id, the log the traceback
+        except Exception:  # the caller gets an incident id, the log the traceback
             incident = uuid.uuid4().hex[:12]
             log.exception("unhandled error", extra={"incident": incident})
             return _json(OpenAIError(500, f"internal error (incident {incident})", type="server_error"))
+
     return guarded
 
 
@@ -98,8 +101,9 @@ class Gateway:
 
     async def unary(self, request: router_pb2.GenerateRequest, http: Request) -> router_pb2.GenerateResponse:
         """GenerateUnary, cancelled when the HTTP client goes away first (its sequence slot is freed)."""
-        call = self.router.GenerateUnary(request, timeout=self.config.default_timeout,
-                                         metadata=forwarded_metadata(http))
+        call = self.router.GenerateUnary(
+            request, timeout=self.config.default_timeout, metadata=forwarded_metadata(http)
+        )
         answer, gone = asyncio.ensure_future(_result(call)), asyncio.ensure_future(_disconnected(http))
         try:
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -113,8 +117,9 @@ class Gateway:
         _count_tokens(response.routed.model, response.usage)
         return response
 
-    async def stream(self, request: router_pb2.GenerateRequest, kind: str, include_usage: bool,
-                     metadata: tuple = ()) -> StreamingResponse:
+    async def stream(
+        self, request: router_pb2.GenerateRequest, kind: str, include_usage: bool, metadata: tuple = ()
+    ) -> StreamingResponse:
         call = self.router.Generate(request, timeout=self.config.default_timeout, metadata=metadata)
         messages = call.__aiter__()
         try:
@@ -125,8 +130,9 @@ class Gateway:
         if first is None:
             raise OpenAIError(502, "the router ended the stream without an answer", type="server_error")
         body = self._events(call, messages, first, convert.StreamChunks(kind, include_usage))
-        return StreamingResponse(body, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     @staticmethod
     async def _events(call, messages, message, chunks: convert.StreamChunks):
@@ -190,8 +196,13 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     # FastAPI's own OpenTelemetry spans/metrics (newer versions) off: Observability does it for every route,
     # the same way across versions, and one server span per request is enough.
-    app = FastAPI(title="MaaS Mesh OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  telemetry={"tracing": False, "metrics": False, "logs": False})
+    app = FastAPI(
+        title="MaaS Mesh OpenAI-compatible API",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, exc: RequestValidationError):
@@ -212,8 +223,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
         request = convert.chat_request(body, config.default_chat_model)
         gateway = state["gateway"]
         if body.stream:
-            return await gateway.stream(request, "chat", bool(body.stream_options and body.stream_options.include_usage),
-                                        forwarded_metadata(http))
+            return await gateway.stream(
+                request,
+                "chat",
+                bool(body.stream_options and body.stream_options.include_usage),
+                forwarded_metadata(http),
+            )
         return JSONResponse(convert.chat_response(await gateway.unary(request, http)))
 
     @app.post("/v1/completions")
@@ -222,23 +237,32 @@ def create_app(config: GatewayConfig) -> FastAPI:
         request = convert.completion_request(body, config.default_chat_model)
         gateway = state["gateway"]
         if body.stream:
-            return await gateway.stream(request, "text", bool(body.stream_options and body.stream_options.include_usage),
-                                        forwarded_metadata(http))
+            return await gateway.stream(
+                request,
+                "text",
+                bool(body.stream_options and body.stream_options.include_usage),
+                forwarded_metadata(http),
+            )
         return JSONResponse(convert.completion_response(await gateway.unary(request, http)))
 
     @app.post("/v1/embeddings")
     @errors_to_openai
     async def embeddings(body: EmbeddingRequest, http: Request):
         request = convert.embed_request(body, config.default_embedding_model)
-        response = await state["gateway"].router.Embed(request, timeout=config.default_timeout,
-                                                       metadata=forwarded_metadata(http))
+        response = await state["gateway"].router.Embed(
+            request, timeout=config.default_timeout, metadata=forwarded_metadata(http)
+        )
         return JSONResponse(convert.embeddings_response(response, body))
 
     def _catalog() -> ModelCatalog:
         catalog = state["gateway"].catalog
         if not catalog.synced.is_set():
-            raise OpenAIError(503, "the model list is not available yet (the registry has not been reached)",
-                              type="service_unavailable_error", code="unavailable")
+            raise OpenAIError(
+                503,
+                "the model list is not available yet (the registry has not been reached)",
+                type="service_unavailable_error",
+                code="unavailable",
+            )
         return catalog
 
     @app.get("/v1/models")
@@ -252,8 +276,13 @@ def create_app(config: GatewayConfig) -> FastAPI:
         for entry in _catalog().entries():
             if entry["id"] == model_id:
                 return JSONResponse(entry)
-        raise OpenAIError(404, f"model {model_id!r} not found (GET /v1/models lists them)", type="not_found_error",
-                          param="model", code="model_not_found")
+        raise OpenAIError(
+            404,
+            f"model {model_id!r} not found (GET /v1/models lists them)",
+            type="not_found_error",
+            param="model",
+            code="model_not_found",
+        )
 
     @app.get("/healthz")
     async def healthz():

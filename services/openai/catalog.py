@@ -5,6 +5,7 @@ last knew. Listed: every model with a READY version, as "name", "name:<alias>" (
 READY version) and "name:<version>" — exactly the `model` strings the gateway accepts; the "name"
 entry also says what the model answers (`kind`: generation, embedding, softmax_top_k, none).
 """
+
 from __future__ import annotations
 
 import grpc

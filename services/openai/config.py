@@ -1,16 +1,25 @@
 """OpenAI gateway settings: flags, then MAAS_* environment, then loopback defaults."""
+
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 
+from maas import ports
 from services.shared.config import (
-    ConfigError, ServerSettings, add_peer_argument, add_server_arguments, env, env_float, env_int, require_peer,
+    ServerSettings,
+    add_peer_argument,
+    add_server_arguments,
+    env,
+    env_float,
+    env_int,
+    require_peer,
+    require_positive,
     server_settings,
 )
 
 # Not a port of the mesh's gRPC services (50051-50055) nor of Triton (8000-8002).
-DEFAULT_LISTEN = "127.0.0.1:8090"
+DEFAULT_LISTEN = ports.loopback(ports.OPENAI)
 
 
 @dataclass(frozen=True)
@@ -48,23 +57,36 @@ def load_config(argv: list[str] | None = None) -> GatewayConfig:
     add_peer_argument(peers, "--router", "MAAS_ROUTER_ADDRESS", "127.0.0.1:50051", "router")
     add_peer_argument(peers, "--registry", "MAAS_REGISTRY_ADDRESS", "127.0.0.1:50052", "registry (for /v1/models)")
     g = parser.add_argument_group("gateway")
-    g.add_argument("--default-chat-model", default=env("MAAS_OPENAI_DEFAULT_CHAT_MODEL", "smollm2"),
-                   help="model of chat/completions requests that name none (MAAS_OPENAI_DEFAULT_CHAT_MODEL)")
-    g.add_argument("--default-embedding-model", default=env("MAAS_OPENAI_DEFAULT_EMBEDDING_MODEL", "minilm"),
-                   help="model of embeddings requests that name none (MAAS_OPENAI_DEFAULT_EMBEDDING_MODEL)")
-    g.add_argument("--default-timeout", type=float, default=env_float("MAAS_OPENAI_DEFAULT_TIMEOUT_SECONDS", 120.0),
-                   help="deadline of a router call (MAAS_OPENAI_DEFAULT_TIMEOUT_SECONDS)")
-    g.add_argument("--max-request-bytes", type=int,
-                   default=env_int("MAAS_OPENAI_MAX_REQUEST_BYTES", GatewayLimits.max_request_bytes),
-                   help="largest request body; larger → 413 (MAAS_OPENAI_MAX_REQUEST_BYTES)")
-    g.add_argument("--max-inflight", type=int, default=env_int("MAAS_OPENAI_MAX_INFLIGHT", GatewayLimits.max_inflight),
-                   help="requests served at once, streams included; more → 429 (MAAS_OPENAI_MAX_INFLIGHT)")
+    g.add_argument(
+        "--default-chat-model",
+        default=env("MAAS_OPENAI_DEFAULT_CHAT_MODEL", "smollm2"),
+        help="model of chat/completions requests that name none (MAAS_OPENAI_DEFAULT_CHAT_MODEL)",
+    )
+    g.add_argument(
+        "--default-embedding-model",
+        default=env("MAAS_OPENAI_DEFAULT_EMBEDDING_MODEL", "minilm"),
+        help="model of embeddings requests that name none (MAAS_OPENAI_DEFAULT_EMBEDDING_MODEL)",
+    )
+    g.add_argument(
+        "--default-timeout",
+        type=float,
+        default=env_float("MAAS_OPENAI_DEFAULT_TIMEOUT_SECONDS", 120.0),
+        help="deadline of a router call (MAAS_OPENAI_DEFAULT_TIMEOUT_SECONDS)",
+    )
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=env_int("MAAS_OPENAI_MAX_REQUEST_BYTES", GatewayLimits.max_request_bytes),
+        help="largest request body; larger → 413 (MAAS_OPENAI_MAX_REQUEST_BYTES)",
+    )
+    g.add_argument(
+        "--max-inflight",
+        type=int,
+        default=env_int("MAAS_OPENAI_MAX_INFLIGHT", GatewayLimits.max_inflight),
+        help="requests served at once, streams included; more → 429 (MAAS_OPENAI_MAX_INFLIGHT)",
+    )
     args = parser.parse_args(argv)
-    if args.default_timeout <= 0:
-        raise ConfigError("--default-timeout must be positive")
-    for flag in ("max_request_bytes", "max_inflight"):
-        if getattr(args, flag) <= 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    require_positive(args, "default_timeout", "max_request_bytes", "max_inflight")
     settings = server_settings("openai", args)
     require_peer(settings.listen, "--listen", "MAAS_LISTEN")
     return GatewayConfig(

@@ -4,6 +4,7 @@ Body: {"error": {"message", "type", "param", "code"}} — what the official clie
 `APIStatusError.body`. Codes the client retries by itself (408, 409, 429, 5xx) are only used where a
 retry may succeed: FAILED_PRECONDITION (e.g. a version that is not READY) is 400, not 409.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,15 @@ _SERVER_ERROR = (500, "server_error")
 class OpenAIError(Exception):
     """An error answered as an OpenAI error body; `param` names the request field when there is one."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}

@@ -5,6 +5,7 @@ in flight) checked before any work.
 The span stays current while the endpoint runs and while a streamed body is produced, so the router
 call's client interceptor (services.shared.telemetry) carries it on to the router and beyond.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,13 @@ from services.shared.telemetry import tracing_configured
 log = logging.getLogger(__name__)
 SERVICE = "openai"
 
-HTTP_REQUESTS = Counter("maas_http_requests", "HTTP requests handled, by route and status",
-                        ["service", "route", "code"])
+HTTP_REQUESTS = Counter(
+    "maas_http_requests", "HTTP requests handled, by route and status", ["service", "route", "code"]
+)
 HTTP_DURATION = Histogram(
-    "maas_http_request_duration_seconds", "HTTP request latency, streamed bodies included", ["service", "route"],
+    "maas_http_request_duration_seconds",
+    "HTTP request latency, streamed bodies included",
+    ["service", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 HTTP_INFLIGHT = Gauge("maas_http_inflight_requests", "HTTP requests being served", ["service"])
@@ -50,8 +54,13 @@ class _BodyTooLarge(Exception):
 
 async def send_error(send, error: OpenAIError) -> None:
     body = json.dumps(error.body()).encode()
-    await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -81,8 +90,11 @@ class Observability:
                     span.set_status(trace.StatusCode.ERROR)
             level = logging.WARNING if code >= 500 else logging.DEBUG
             if log.isEnabledFor(level):
-                log.log(level, "request", extra={"method": scope["method"], "route": route, "status": code,
-                                                 "ms": round(elapsed * 1000, 3)})
+                log.log(
+                    level,
+                    "request",
+                    extra={"method": scope["method"], "route": route, "status": code, "ms": round(elapsed * 1000, 3)},
+                )
 
         async def send_tracked(message):
             if message["type"] == "http.response.start":
@@ -94,10 +106,12 @@ class Observability:
         token, span = None, None
         if self.tracer is not None:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            span = self.tracer.start_span(f"{scope['method']} {route}", context=propagate.extract(headers),
-                                          kind=trace.SpanKind.SERVER,
-                                          attributes={"http.request.method": scope["method"], "http.route": route,
-                                                      "url.path": scope["path"]})
+            span = self.tracer.start_span(
+                f"{scope['method']} {route}",
+                context=propagate.extract(headers),
+                kind=trace.SpanKind.SERVER,
+                attributes={"http.request.method": scope["method"], "http.route": route, "url.path": scope["path"]},
+            )
             token = otel_context.attach(trace.set_span_in_context(span))
         self.inflight += 1
         self._inflight_gauge.inc()
@@ -119,16 +133,23 @@ class Observability:
                 otel_context.detach(token)
 
     def _too_large(self) -> OpenAIError:
-        return OpenAIError(413, f"request body is over the limit of {self.limits.max_request_bytes} bytes "
-                                f"(max_request_bytes limit)", code="request_too_large")
+        return OpenAIError(
+            413,
+            f"request body is over the limit of {self.limits.max_request_bytes} bytes (max_request_bytes limit)",
+            code="request_too_large",
+        )
 
     def _refusal(self, scope, route: str) -> OpenAIError | None:
         if route not in _LIMITED:
             return None
         if self.inflight > self.limits.max_inflight:
-            return OpenAIError(429, f"{self.inflight - 1} requests in flight, at the limit of "
-                                    f"{self.limits.max_inflight} (max_inflight limit); retry later",
-                               type="rate_limit_error", code="too_many_requests")
+            return OpenAIError(
+                429,
+                f"{self.inflight - 1} requests in flight, at the limit of "
+                f"{self.limits.max_inflight} (max_inflight limit); retry later",
+                type="rate_limit_error",
+                code="too_many_requests",
+            )
         for key, value in scope["headers"]:
             if key == b"content-length" and value.isdigit() and int(value) > self.limits.max_request_bytes:
                 return self._too_large()
@@ -144,4 +165,5 @@ class Observability:
                 if seen[0] > limit:  # a chunked body without Content-Length
                     raise _BodyTooLarge
             return message
+
         return limited

@@ -4,6 +4,7 @@ Types and ranges that cannot reach the router as they are (negative integers int
 fields, max_tokens 0 which would mean "the server's default") are checked here; everything else
 (temperature, top_p, the max_tokens cap, stop lengths) by the router, which names the field.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -22,7 +23,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+class SamplingBody(_Body):
     """Fields shared by chat and text completions."""
 
     model: str = ""  # "name", "name:<version>" or "name:<alias>"; empty = the configured default
@@ -55,14 +56,14 @@ class ChatMessageIn(_Body):
     content: str | list[ContentPart] | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingBody):
     messages: list[ChatMessageIn] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=UINT32)  # wins over max_tokens
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingBody):
     prompt: Any = None  # a string (or a one-string list)
     echo: bool | None = None
     suffix: str | None = None

@@ -1,4 +1,5 @@
 """`maas-registry` / `python -m services.registry`."""
+
 from __future__ import annotations
 
 import sys

@@ -1,10 +1,12 @@
 """Receiving and validating uploaded artefacts before they can become visible.
 
 An upload is streamed into a staging folder inside its model's folder in the repository (same
-filesystem, so the final step is one atomic rename; repository.py says why there). The digest and size are checked as bytes arrive; the artefact is then
+filesystem, so the final step is one atomic rename; repository.py says why there). The digest and
+size are checked as bytes arrive; the artefact is then
 validated with the format's own tooling (ONNX checker, torch.jit.load on CPU, Triton config parser)
 in a worker thread, and the signature is read from it where possible.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.registry.domain import (
-    ArtifactFormat, PostprocessingKind, PreprocessingKind, RegistrationRequest, Signature, TensorSpec, check_name,
+    ArtifactFormat,
+    PostprocessingKind,
+    PreprocessingKind,
+    RegistrationRequest,
+    Signature,
+    TensorSpec,
+    check_name,
 )
 from services.registry.tritonconfig import generation_config
 from services.shared import generation
@@ -29,8 +37,22 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")
 # The file each backend loads from a version folder (default_model_filename).
 MODEL_FILES = {ArtifactFormat.ONNX: "model.onnx", ArtifactFormat.TORCHSCRIPT: "model.pt"}
 # Triton datatypes a signature may use.
-DATATYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-             "FP16", "BF16", "FP32", "FP64", "BYTES"}
+DATATYPES = {
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "BF16",
+    "FP32",
+    "FP64",
+    "BYTES",
+}
 # TorchScript tensors are matched to forward() arguments by position, as LibTorch's backend does.
 TORCHSCRIPT_TENSOR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*__\d+")
 TENSOR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,127}")
@@ -51,17 +73,22 @@ def check_request(req: RegistrationRequest, max_bytes: int) -> None:
         raise InvalidArgument("a TorchScript version needs its signature in the header (inputs and outputs)")
     check_signature(req.signature, torchscript=req.format == ArtifactFormat.TORCHSCRIPT)
     if req.preprocessing.kind != PreprocessingKind.NONE and not req.preprocessing.name:
-        raise InvalidArgument(f"preprocessing {req.preprocessing.kind.value} needs the name of the "
-                              f"{req.preprocessing.kind.value} spec")
+        raise InvalidArgument(
+            f"preprocessing {req.preprocessing.kind.value} needs the name of the {req.preprocessing.kind.value} spec"
+        )
     if req.preprocessing.name and not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", req.preprocessing.name):
         raise InvalidArgument(f"preprocessing name {req.preprocessing.name[:80]!r} is invalid")
     if req.format == ArtifactFormat.ORT_GENAI:
         if req.preprocessing.kind != PreprocessingKind.TOKENIZER:
-            raise InvalidArgument("an ORT_GENAI (generation) version needs preprocessing tokenizer with the "
-                                  "tokenizer's name (its prompts are tokenized and its ids detokenized there)")
+            raise InvalidArgument(
+                "an ORT_GENAI (generation) version needs preprocessing tokenizer with the "
+                "tokenizer's name (its prompts are tokenized and its ids detokenized there)"
+            )
         if req.postprocessing.kind not in (PostprocessingKind.NONE, PostprocessingKind.GENERATION):
-            raise InvalidArgument(f"postprocessing {req.postprocessing.kind.value} does not fit an ORT_GENAI "
-                                  f"(generation) version; leave it empty or use generation")
+            raise InvalidArgument(
+                f"postprocessing {req.postprocessing.kind.value} does not fit an ORT_GENAI "
+                f"(generation) version; leave it empty or use generation"
+            )
         if req.signature:
             raise InvalidArgument("an ORT_GENAI version takes no signature: it is the generation contract's")
     elif req.postprocessing.kind == PostprocessingKind.GENERATION:
@@ -91,10 +118,13 @@ def check_signature(sig: Signature, torchscript: bool = False) -> None:
                 raise InvalidArgument(f"{side} {t.name!r}: datatype {t.datatype!r} is not one of {sorted(DATATYPES)}")
             if any(d < -1 or d == 0 for d in t.shape):
                 raise InvalidArgument(
-                    f"{side} {t.name!r}: shape {list(t.shape)} has a dimension below 1 (-1 = dynamic)")
+                    f"{side} {t.name!r}: shape {list(t.shape)} has a dimension below 1 (-1 = dynamic)"
+                )
             if torchscript and not TORCHSCRIPT_TENSOR_RE.fullmatch(t.name):
-                raise InvalidArgument(f"{side} {t.name!r}: TorchScript tensors are matched by position and must be "
-                                      f"named <name>__<index>, e.g. INPUT__0 / OUTPUT__0")
+                raise InvalidArgument(
+                    f"{side} {t.name!r}: TorchScript tensors are matched by position and must be "
+                    f"named <name>__<index>, e.g. INPUT__0 / OUTPUT__0"
+                )
     if sig and (not sig.inputs or not sig.outputs):
         raise InvalidArgument("a signature needs at least one input and one output")
 
@@ -146,15 +176,25 @@ class ValidatedArtifact:
 
 # -- ONNX -------------------------------------------------------------------------------------------
 
+
 def _onnx_datatype(elem_type: int) -> str:
     import onnx
 
     names = {
-        onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.DOUBLE: "FP64",
-        onnx.TensorProto.BFLOAT16: "BF16", onnx.TensorProto.INT8: "INT8", onnx.TensorProto.INT16: "INT16",
-        onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.UINT8: "UINT8",
-        onnx.TensorProto.UINT16: "UINT16", onnx.TensorProto.UINT32: "UINT32", onnx.TensorProto.UINT64: "UINT64",
-        onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.STRING: "BYTES",
+        onnx.TensorProto.FLOAT: "FP32",
+        onnx.TensorProto.FLOAT16: "FP16",
+        onnx.TensorProto.DOUBLE: "FP64",
+        onnx.TensorProto.BFLOAT16: "BF16",
+        onnx.TensorProto.INT8: "INT8",
+        onnx.TensorProto.INT16: "INT16",
+        onnx.TensorProto.INT32: "INT32",
+        onnx.TensorProto.INT64: "INT64",
+        onnx.TensorProto.UINT8: "UINT8",
+        onnx.TensorProto.UINT16: "UINT16",
+        onnx.TensorProto.UINT32: "UINT32",
+        onnx.TensorProto.UINT64: "UINT64",
+        onnx.TensorProto.BOOL: "BOOL",
+        onnx.TensorProto.STRING: "BYTES",
     }
     if elem_type not in names:
         raise InvalidArgument(f"ONNX element type {onnx.TensorProto.DataType.Name(elem_type)} is not supported")
@@ -224,12 +264,16 @@ def check_torchscript_archive(path: Path) -> None:
     except (zipfile.BadZipFile, OSError) as exc:
         raise InvalidArgument(f"not a loadable TorchScript file: not a TorchScript archive ({exc})") from None
     roots = {n.split("/", 1)[0] for n in names}
-    if len(roots) != 1 or not {f"{next(iter(roots))}/{f}" for f in ("data.pkl", "constants.pkl")} <= set(names) \
-            or not any(n.startswith(f"{next(iter(roots))}/code/") for n in names):
+    if (
+        len(roots) != 1
+        or not {f"{next(iter(roots))}/{f}" for f in ("data.pkl", "constants.pkl")} <= set(names)
+        or not any(n.startswith(f"{next(iter(roots))}/code/") for n in names)
+    ):
         raise InvalidArgument("not a loadable TorchScript file: the archive lacks data.pkl, constants.pkl or code/")
 
 
 # -- Triton folder ----------------------------------------------------------------------------------
+
 
 def _triton_datatype(config_type: str) -> str:
     name = config_type.removeprefix("TYPE_")
@@ -279,8 +323,9 @@ def check_triton_folder(archive: Path, work: Path, max_bytes: int) -> ValidatedA
         raise InvalidArgument(f"the folder must hold exactly one numbered version folder, found {len(versions)}")
     backend = config.backend or {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch"}.get(config.platform)
     if backend not in ("onnxruntime", "pytorch"):
-        raise InvalidArgument(f"backend {config.backend or config.platform!r} is not served here; "
-                              f"use onnxruntime or pytorch")
+        raise InvalidArgument(
+            f"backend {config.backend or config.platform!r} is not served here; use onnxruntime or pytorch"
+        )
     fmt = ArtifactFormat.ONNX if backend == "onnxruntime" else ArtifactFormat.TORCHSCRIPT
     model_file = versions[0] / (config.default_model_filename or MODEL_FILES[fmt])
     if not model_file.is_file():
@@ -289,17 +334,20 @@ def check_triton_folder(archive: Path, work: Path, max_bytes: int) -> ValidatedA
         check_onnx(model_file)
     else:
         check_torchscript(model_file)
-    spec = lambda t: TensorSpec(t.name, _triton_datatype(model_config_pb2.DataType.Name(t.data_type)),  # noqa: E731
-                                tuple(int(d) for d in t.dims))
+    spec = lambda t: TensorSpec(
+        t.name, _triton_datatype(model_config_pb2.DataType.Name(t.data_type)), tuple(int(d) for d in t.dims)
+    )
     signature = Signature(tuple(map(spec, config.input)), tuple(map(spec, config.output)))
     check_signature(signature, torchscript=fmt == ArtifactFormat.TORCHSCRIPT)
     config.ClearField("version_policy")
     config.ClearField("name")
-    return ValidatedArtifact(versions[0], signature, int(config.max_batch_size),
-                             json.dumps(json_format.MessageToDict(config)))
+    return ValidatedArtifact(
+        versions[0], signature, int(config.max_batch_size), json.dumps(json_format.MessageToDict(config))
+    )
 
 
 # -- ONNX Runtime GenAI folder -------------------------------------------------------------------
+
 
 def check_genai_dir(folder: Path) -> int:
     """An ONNX Runtime GenAI model folder: genai_config.json names a decoder ONNX file that is there and
@@ -314,8 +362,10 @@ def check_genai_dir(folder: Path) -> int:
         int(model["vocab_size"])
         filename = str(model["decoder"]["filename"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InvalidArgument(f"{generation.GENAI_CONFIG} is unreadable or lacks model.context_length, "
-                              f"model.vocab_size or model.decoder.filename: {exc!r}") from None
+        raise InvalidArgument(
+            f"{generation.GENAI_CONFIG} is unreadable or lacks model.context_length, "
+            f"model.vocab_size or model.decoder.filename: {exc!r}"
+        ) from None
     if context <= 0:
         raise InvalidArgument(f"{generation.GENAI_CONFIG}: model.context_length {context} must be positive")
     decoder = folder / filename
@@ -337,12 +387,15 @@ def check_genai_folder(archive: Path, work: Path, max_bytes: int) -> ValidatedAr
     if len(found) != 1:
         raise InvalidArgument(f"the archive must hold exactly one {generation.GENAI_CONFIG}, found {len(found)}")
     context = check_genai_dir(found[0])
-    signature = Signature(tuple(TensorSpec(n, dt, dims) for n, dt, dims, _ in generation.INPUTS),
-                          tuple(TensorSpec(n, dt, dims) for n, dt, dims in generation.OUTPUTS))
+    signature = Signature(
+        tuple(TensorSpec(n, dt, dims) for n, dt, dims, _ in generation.INPUTS),
+        tuple(TensorSpec(n, dt, dims) for n, dt, dims in generation.OUTPUTS),
+    )
     return ValidatedArtifact(found[0], signature, 0, generation_config(context))
 
 
 # -- entry point ------------------------------------------------------------------------------------
+
 
 def validate(upload: Upload, default_max_batch_size: int, max_bytes: int) -> ValidatedArtifact:
     """Check the received artefact and lay it out as staging/version/<model file>. Runs in a thread."""
@@ -377,8 +430,9 @@ def check_metadata_against(signature: Signature, req: RegistrationRequest) -> No
     outputs = {t.name: t for t in signature.outputs}
     post = req.postprocessing
     if post.output and post.output not in outputs:
-        raise InvalidArgument(f"postprocessing output {post.output!r} is not an output of the model "
-                              f"({sorted(outputs)})")
+        raise InvalidArgument(
+            f"postprocessing output {post.output!r} is not an output of the model ({sorted(outputs)})"
+        )
     if req.labels:
         target = outputs.get(post.output) if post.output else signature.outputs[0]
         classes = target.shape[-1] if target.shape else -1

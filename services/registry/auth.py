@@ -1,4 +1,5 @@
 """Admin bearer token for mutations (reads are open)."""
+
 from __future__ import annotations
 
 import hmac
@@ -22,7 +23,8 @@ class AdminAuth:
         header = next((v for k, v in (metadata or ()) if k.lower() == "authorization"), None)
         if header is None:
             raise Unauthenticated(
-                "this registry needs an admin token for changes: send 'authorization: Bearer <token>'")
+                "this registry needs an admin token for changes: send 'authorization: Bearer <token>'"
+            )
         value = header.decode() if isinstance(header, bytes) else header
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

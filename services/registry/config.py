@@ -1,4 +1,5 @@
 """Registry settings: flags first, then MAAS_* environment, then loopback defaults."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,13 +7,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from maas import ports
 from services.shared.config import (
-    DEFAULT_RELOAD_CONCURRENCY, ConfigError, ServerSettings, add_server_arguments, env, env_float, env_int, require_peer,
+    DEFAULT_RELOAD_CONCURRENCY,
+    ServerSettings,
+    add_server_arguments,
+    add_triton_argument,
+    env,
+    env_float,
+    env_int,
+    require_non_negative,
+    require_positive,
     server_settings,
+    triton_addresses,
 )
 from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
-DEFAULT_LISTEN = "127.0.0.1:50052"
+DEFAULT_LISTEN = ports.loopback(ports.REGISTRY)
 DEFAULT_MAX_ARTIFACT_BYTES = 2 * 1024 * 1024 * 1024  # 2 GiB
 DEFAULT_MAX_BATCH_SIZE = 32
 
@@ -46,28 +57,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maas-registry", description="MaaS Mesh registry: model versioning.")
     add_server_arguments(parser, DEFAULT_LISTEN)
     g = parser.add_argument_group("registry")
-    g.add_argument("--database", default=env("MAAS_REGISTRY_DB", ".maas/registry.sqlite3"),
-                   help="SQLite file holding versions, aliases and policies (MAAS_REGISTRY_DB)")
-    g.add_argument("--model-repository", default=env("MAAS_MODEL_REPOSITORY", "model_repository"),
-                   help="Triton model repository the registry writes versions into (MAAS_MODEL_REPOSITORY)")
-    g.add_argument("--triton", default=env("MAAS_TRITON_ADDRESS", "127.0.0.1:8001"),
-                   help="Triton gRPC address(es) host:port, comma-separated for replicas (MAAS_TRITON_ADDRESS)")
-    g.add_argument("--max-artifact-bytes", type=int,
-                   default=env_int("MAAS_MAX_ARTIFACT_BYTES", DEFAULT_MAX_ARTIFACT_BYTES),
-                   help="largest artefact accepted for upload (MAAS_MAX_ARTIFACT_BYTES)")
-    g.add_argument("--default-max-batch-size", type=int,
-                   default=env_int("MAAS_DEFAULT_MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE),
-                   help="max_batch_size for versions that do not set one (MAAS_DEFAULT_MAX_BATCH_SIZE)")
-    g.add_argument("--load-timeout", type=float, default=env_float("MAAS_LOAD_TIMEOUT_SECONDS", 300.0),
-                   help="seconds a Triton load + warm-up may take before the version fails (MAAS_LOAD_TIMEOUT_SECONDS)")
-    g.add_argument("--watch-queue-size", type=int, default=env_int("MAAS_WATCH_QUEUE_SIZE", 1024),
-                   help="events a slow Watch subscriber may lag before being disconnected (MAAS_WATCH_QUEUE_SIZE)")
-    g.add_argument("--reconcile-interval", type=float, default=env_float("MAAS_RECONCILE_INTERVAL_SECONDS", 10.0),
-                   help="seconds between checks that every Triton replica serves the live versions, 0 = off "
-                        "(MAAS_RECONCILE_INTERVAL_SECONDS)")
-    g.add_argument("--reload-concurrency", type=int, default=env_int("MAAS_RELOAD_CONCURRENCY", DEFAULT_RELOAD_CONCURRENCY),
-                   help="models loaded at once when a Triton replica lost them, e.g. after a restart "
-                        "(MAAS_RELOAD_CONCURRENCY)")
+    g.add_argument(
+        "--database",
+        default=env("MAAS_REGISTRY_DB", ".maas/registry.sqlite3"),
+        help="SQLite file holding versions, aliases and policies (MAAS_REGISTRY_DB)",
+    )
+    g.add_argument(
+        "--model-repository",
+        default=env("MAAS_MODEL_REPOSITORY", "model_repository"),
+        help="Triton model repository the registry writes versions into (MAAS_MODEL_REPOSITORY)",
+    )
+    add_triton_argument(g)
+    g.add_argument(
+        "--max-artifact-bytes",
+        type=int,
+        default=env_int("MAAS_MAX_ARTIFACT_BYTES", DEFAULT_MAX_ARTIFACT_BYTES),
+        help="largest artefact accepted for upload (MAAS_MAX_ARTIFACT_BYTES)",
+    )
+    g.add_argument(
+        "--default-max-batch-size",
+        type=int,
+        default=env_int("MAAS_DEFAULT_MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE),
+        help="max_batch_size for versions that do not set one (MAAS_DEFAULT_MAX_BATCH_SIZE)",
+    )
+    g.add_argument(
+        "--load-timeout",
+        type=float,
+        default=env_float("MAAS_LOAD_TIMEOUT_SECONDS", 300.0),
+        help="seconds a Triton load + warm-up may take before the version fails (MAAS_LOAD_TIMEOUT_SECONDS)",
+    )
+    g.add_argument(
+        "--watch-queue-size",
+        type=int,
+        default=env_int("MAAS_WATCH_QUEUE_SIZE", 1024),
+        help="events a slow Watch subscriber may lag before being disconnected (MAAS_WATCH_QUEUE_SIZE)",
+    )
+    g.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=env_float("MAAS_RECONCILE_INTERVAL_SECONDS", 10.0),
+        help="seconds between checks that every Triton replica serves the live versions, 0 = off "
+        "(MAAS_RECONCILE_INTERVAL_SECONDS)",
+    )
+    g.add_argument(
+        "--reload-concurrency",
+        type=int,
+        default=env_int("MAAS_RELOAD_CONCURRENCY", DEFAULT_RELOAD_CONCURRENCY),
+        help="models loaded at once when a Triton replica lost them, e.g. after a restart (MAAS_RELOAD_CONCURRENCY)",
+    )
     add_discovery_arguments(parser)
     return parser
 
@@ -77,20 +114,12 @@ def load_config(argv: Sequence[str] | None = None) -> RegistryConfig:
     discovery = discovery_config(args)
     addresses: tuple[str, ...] = ()
     if discovery.mode == "static":
-        addresses = tuple(a.strip() for a in (args.triton or "").split(",") if a.strip())
-        if not addresses:
-            raise ConfigError("--triton / MAAS_TRITON_ADDRESS must name at least one Triton gRPC address")
-        for address in addresses:
-            require_peer(address, "--triton", "MAAS_TRITON_ADDRESS")
+        addresses = triton_addresses(args.triton)
         discovery = discovery_config(args, addresses)
-    for flag, value in (("--max-artifact-bytes", args.max_artifact_bytes),
-                        ("--default-max-batch-size", args.default_max_batch_size),
-                        ("--load-timeout", args.load_timeout), ("--watch-queue-size", args.watch_queue_size),
-                        ("--reload-concurrency", args.reload_concurrency)):
-        if value <= 0:
-            raise ConfigError(f"{flag} must be positive, got {value}")
-    if args.reconcile_interval < 0:
-        raise ConfigError(f"--reconcile-interval must be 0 (off) or positive, got {args.reconcile_interval}")
+    require_positive(
+        args, "max_artifact_bytes", "default_max_batch_size", "load_timeout", "watch_queue_size", "reload_concurrency"
+    )
+    require_non_negative(args, "reconcile_interval")  # 0 = off
     return RegistryConfig(
         server=server_settings("registry", args),
         database=Path(args.database),

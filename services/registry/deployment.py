@@ -17,6 +17,7 @@ Triton), smallest artefacts first, so a large one (a chat model) does not hold u
 With no Triton replica at all, a version stays REGISTERED ("waiting for a Triton replica") and loads
 when the first replica joins: the artefact is safely stored, and READY always means "served".
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,9 +39,17 @@ SetState = Callable[..., None]
 
 
 class Deployment:
-    def __init__(self, store: Store, repository: ModelRepository, fleet: TritonFleet, set_state: SetState, *,
-                 load_timeout: float, reconcile_interval: float = 0.0,
-                 reload_concurrency: int = DEFAULT_RELOAD_CONCURRENCY):
+    def __init__(
+        self,
+        store: Store,
+        repository: ModelRepository,
+        fleet: TritonFleet,
+        set_state: SetState,
+        *,
+        load_timeout: float,
+        reconcile_interval: float = 0.0,
+        reload_concurrency: int = DEFAULT_RELOAD_CONCURRENCY,
+    ):
         self.store = store
         self.repository = repository
         self.fleet = fleet
@@ -58,8 +67,11 @@ class Deployment:
     async def start(self) -> None:
         self._started = True
         for name in self.reload_order():
-            pending = [v.version for v in self.store.versions(name)
-                       if v.state in (VersionState.REGISTERED, VersionState.LOADING)]
+            pending = [
+                v.version
+                for v in self.store.versions(name)
+                if v.state in (VersionState.REGISTERED, VersionState.LOADING)
+            ]
             self._spawn(self._reconcile(name, pending))
         if self.reconcile_interval > 0:
             self._watchdog_task = asyncio.get_running_loop().create_task(self._watchdog())
@@ -127,8 +139,15 @@ class Deployment:
             try:
                 await self.apply(model, sorted({*self.ready_versions(model), number}))
                 served = await asyncio.wait_for(
-                    self.fleet.warm_up(model, number, version.signature, version.max_batch_size,
-                                       generation=version.format == ArtifactFormat.ORT_GENAI), self.load_timeout)
+                    self.fleet.warm_up(
+                        model,
+                        number,
+                        version.signature,
+                        version.max_batch_size,
+                        generation=version.format == ArtifactFormat.ORT_GENAI,
+                    ),
+                    self.load_timeout,
+                )
                 if not served:
                     # Every replica left (or only newcomers remain, caught up without this version) mid-load.
                     self._wait_for_replica(version)
@@ -141,7 +160,7 @@ class Deployment:
                 self._set_state(model, number, VersionState.FAILED, reason)
                 try:
                     await self.apply(model, self.ready_versions(model))
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("could not restore the live versions", extra={"model": model})
                 return
             load_ms = (time.time() - version.created_at) * 1000.0
@@ -154,8 +173,10 @@ class Deployment:
         reason = "waiting for a Triton replica to load it on"
         if version.state != VersionState.REGISTERED or version.state_reason != reason:
             self._set_state(version.model, version.version, VersionState.REGISTERED, reason)
-        log.warning("no Triton replica to load on; the version waits for one",
-                    extra={"model": version.model, "version": version.version})
+        log.warning(
+            "no Triton replica to load on; the version waits for one",
+            extra={"model": version.model, "version": version.version},
+        )
 
     def _load_pending(self) -> None:
         """Load every REGISTERED/LOADING version in the background (idempotent: load() re-checks the state)."""
@@ -173,15 +194,17 @@ class Deployment:
             try:
                 async with self._reloads:
                     await self.apply(model, ready)
-            except Exception:  # noqa: BLE001 - keep the registry up; the next mutation retries
+            except Exception:  # keep the registry up; the next mutation retries
                 log.exception("could not load the live versions at start-up", extra={"model": model, "live": ready})
         for number in pending:
             await self.load(model, number)
 
     def reload_order(self) -> list[str]:
         """Model names, the ones quickest to load again (smallest live artefacts) first."""
+
         def size(name: str) -> int:
             return sum(v.size_bytes for v in self.store.versions(name) if v.state == VersionState.READY)
+
         return sorted(self.store.model_names(), key=lambda name: (size(name), name))
 
     async def reconcile_replicas(self) -> list[tuple[str, str]]:
@@ -189,16 +212,22 @@ class Deployment:
         `reload_concurrency` models at once. Returns the (replica, model) pairs repaired; a repair that
         fails is logged and retried on the next round, the others go on."""
         snapshot = await self.fleet.ready_versions()
-        drifted = [(address, name) for name in self.reload_order() for address, models in snapshot.items()
-                   if models.get(name, set()) != set(self.ready_versions(name))]
+        drifted = [
+            (address, name)
+            for name in self.reload_order()
+            for address, models in snapshot.items()
+            if models.get(name, set()) != set(self.ready_versions(name))
+        ]
 
         async def repair(address: str, name: str) -> bool:
             async with self.lock(name):  # re-check under the lock: a load may have been under way
                 ready = self.ready_versions(name)
                 if address not in self.fleet.addresses or await self.fleet.ready_on(address, name) == set(ready):
                     return False
-                log.warning("Triton replica drifted from the live versions; re-applying",
-                            extra={"replica": address, "model": name, "live": ready})
+                log.warning(
+                    "Triton replica drifted from the live versions; re-applying",
+                    extra={"replica": address, "model": name, "live": ready},
+                )
                 async with self._reloads:  # taken under the model's lock: a waiting model holds no slot
                     await self.apply(name, ready, [address])
                 return True
@@ -208,8 +237,10 @@ class Deployment:
             if isinstance(outcome, asyncio.CancelledError):
                 raise outcome
             if isinstance(outcome, BaseException):
-                log.warning("could not re-apply the live versions; next round retries",
-                            extra={"replica": address, "model": name, "reason": str(outcome) or type(outcome).__name__})
+                log.warning(
+                    "could not re-apply the live versions; next round retries",
+                    extra={"replica": address, "model": name, "reason": str(outcome) or type(outcome).__name__},
+                )
         return [pair for pair, outcome in zip(drifted, done) if outcome is True]
 
     async def _watchdog(self) -> None:
@@ -221,7 +252,7 @@ class Deployment:
                 await self.reconcile_replicas()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - an unreachable replica is retried next round
+            except Exception:  # an unreachable replica is retried next round
                 log.warning("reconciling Triton replicas failed", exc_info=True)
 
     async def set_replicas(self, addresses) -> None:
@@ -253,8 +284,10 @@ class Deployment:
         if added and self._started:
             self._load_pending()  # versions that waited for a replica, or lost theirs mid-load
         if failed:
-            raise TritonError("Triton replica(s) could not load the live versions, left out for now: "
-                              + "; ".join(f"{a} ({why})" for a, why in sorted(failed.items())))
+            raise TritonError(
+                "Triton replica(s) could not load the live versions, left out for now: "
+                + "; ".join(f"{a} ({why})" for a, why in sorted(failed.items()))
+            )
 
     async def _catch_up(self, address: str, model: str) -> None:
         """Under the model's lock: make the new replica serve the model's live versions, then mark it so."""

@@ -1,4 +1,5 @@
 """Plain domain types of the registry (no protobuf, no gRPC): what the store keeps and the servicer converts."""
+
 from __future__ import annotations
 
 import enum
@@ -20,7 +21,8 @@ def check_name(value: str, what: str = "model name") -> str:
         raise InvalidArgument(f"{what} {value[:20]!r}... is {len(value)} characters, at most {MAX_NAME_CHARS} allowed")
     if not NAME_RE.fullmatch(value):
         raise InvalidArgument(
-            f"{what} {value!r} is invalid: use lower-case letters, digits, '_' and '-', starting with a letter")
+            f"{what} {value!r} is invalid: use lower-case letters, digits, '_' and '-', starting with a letter"
+        )
     return value
 
 

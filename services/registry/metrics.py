@@ -1,4 +1,5 @@
 """Prometheus metrics of the registry (names referenced by the chart and the dashboard)."""
+
 from __future__ import annotations
 
 from collections import Counter as Tally
@@ -13,11 +14,13 @@ SHADOW_AGREEMENT = Gauge(
     "Shadow vs primary agreement: top-1 agreement for classifiers, mean cosine for embeddings",
     ["model", "primary", "shadow"],
 )
-SHADOW_SAMPLES = Counter("maas_registry_shadow_samples", "Shadow comparisons reported by the router",
-                         ["model", "primary", "shadow"])
+SHADOW_SAMPLES = Counter(
+    "maas_registry_shadow_samples", "Shadow comparisons reported by the router", ["model", "primary", "shadow"]
+)
 WATCHERS = Gauge("maas_registry_watchers", "Open Watch streams")
-TENANT_WATCHERS = Gauge("maas_registry_tenant_watchers",
-                        "Open WatchTenants streams: the routers each quota is divided by")
+TENANT_WATCHERS = Gauge(
+    "maas_registry_tenant_watchers", "Open WatchTenants streams: the routers each quota is divided by"
+)
 TENANTS = Gauge("maas_registry_tenants", "Tenants by state", ["state"])
 
 
@@ -39,10 +42,16 @@ def record_shadow(results: list[ShadowResult], agreement: dict[tuple[str, int, i
 def agreement_value(kind: PostprocessingKind, top1: float, cosine: float) -> float:
     return cosine if kind == PostprocessingKind.EMBEDDING else top1
 
+
 # -- rollouts (rollout.py) --
-ROLLOUTS = Counter("maas_registry_rollouts", "Rollouts started and how they ended (promoted, rolled_back, aborted)",
-                   ["model", "outcome"])
-ROLLOUT_ANALYSES = Counter("maas_registry_rollout_analyses", "Rollout analyses by outcome (passed, failed, waiting)",
-                           ["model", "outcome"])
-ROLLOUT_WEIGHT = Gauge("maas_registry_rollout_weight", "Canary weight of the model's running rollout (0: none)",
-                       ["model"])
+ROLLOUTS = Counter(
+    "maas_registry_rollouts",
+    "Rollouts started and how they ended (promoted, rolled_back, aborted)",
+    ["model", "outcome"],
+)
+ROLLOUT_ANALYSES = Counter(
+    "maas_registry_rollout_analyses", "Rollout analyses by outcome (passed, failed, waiting)", ["model", "outcome"]
+)
+ROLLOUT_WEIGHT = Gauge(
+    "maas_registry_rollout_weight", "Canary weight of the model's running rollout (0: none)", ["model"]
+)

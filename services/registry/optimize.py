@@ -1,12 +1,13 @@
 """Optimize, verify, promote: a new version made from a READY ONNX version, rolled out behind gates.
 
 `int8`: ONNX Runtime's dynamic quantization (weights to int8 with per-channel scales, activations
-quantized at run time: no calibration data needed), the usual choice for transformer encoders such as minilm on CPUs. The new
-version is registered like an upload (same checks, a new number, tags `optimized_from` and
+quantized at run time: no calibration data needed), the usual choice for transformer encoders such as
+minilm on CPUs. The new version is registered like an upload (same checks, a new number, tags `optimized_from` and
 `optimization`), waits until READY, then a rollout against production starts with a shadow of every
 request and a `min_shadow_agreement` gate (default OPTIMIZE_MIN_AGREEMENT): it is promoted only if the
 agreement, error and latency gates hold (rollout.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.registry.domain import ArtifactFormat, PostprocessingKind, RegistrationRequest, VersionState, check_name
+from maas.rollout_defaults import OPTIMIZE_MIN_AGREEMENT
+from services.registry.domain import (
+    ArtifactFormat,
+    PostprocessingKind,
+    RegistrationRequest,
+    Version,
+    VersionState,
+    check_name,
+)
 from services.shared.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
@@ -26,13 +35,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-OPTIMIZE_MIN_AGREEMENT = 0.99
 CHUNK = 1 << 20
 
 
 @dataclass
 class Optimized:
-    version: object  # domain Version
+    version: Version
     size_before: int
     size_after: int
     rollout: "Rollout"
@@ -43,21 +51,32 @@ def quantize_int8(source: Path, dest: Path) -> None:
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:  # the registry image without the local extras
-        raise FailedPrecondition("optimize --int8 needs onnxruntime in the registry (pip install onnxruntime)") \
-            from None
+        raise FailedPrecondition(
+            "optimize --int8 needs onnxruntime in the registry (pip install onnxruntime)"
+        ) from None
     # Per-channel scales: minilm's embeddings keep a mean cosine of ~0.993 with fp32 (per-tensor: ~0.965).
     quantize_dynamic(str(source), str(dest), weight_type=QuantType.QInt8, per_channel=True)
 
 
-async def optimize(registry: "Registry", model: str, from_version: int, int8: bool, policy: "RolloutPolicy",
-                   policy_given: set[str], actor: str, reason: str) -> Optimized:
+async def optimize(
+    registry: "Registry",
+    model: str,
+    from_version: int,
+    int8: bool,
+    policy: "RolloutPolicy",
+    policy_given: set[str],
+    actor: str,
+    reason: str,
+) -> Optimized:
     check_name(model)
     if not int8:
         raise InvalidArgument("int8: choose an optimisation (int8 is the only one so far)")
-    source = registry._require_ready(model, from_version, "from_version")
+    source = registry.require_ready(model, from_version, "from_version")
     if source.format != ArtifactFormat.ONNX:
-        raise FailedPrecondition(f"from_version: version {from_version} of {model!r} is {source.format.value}; "
-                                 f"optimize --int8 takes ONNX versions")
+        raise FailedPrecondition(
+            f"from_version: version {from_version} of {model!r} is {source.format.value}; "
+            f"optimize --int8 takes ONNX versions"
+        )
     if source.postprocessing.kind == PostprocessingKind.GENERATION:
         raise FailedPrecondition(f"from_version: version {from_version} of {model!r} is a generation model")
     if "min_shadow_agreement" not in policy_given:
@@ -78,29 +97,49 @@ async def optimize(registry: "Registry", model: str, from_version: int, int8: bo
         data_size = dest.stat().st_size
         digest = await loop.run_in_executor(registry.executor, lambda: hashlib.sha256(dest.read_bytes()).hexdigest())
         request = RegistrationRequest(
-            model=model, format=ArtifactFormat.ONNX, sha256=digest, size_bytes=data_size,
-            preprocessing=source.preprocessing, postprocessing=source.postprocessing, labels=source.labels,
+            model=model,
+            format=ArtifactFormat.ONNX,
+            sha256=digest,
+            size_bytes=data_size,
+            preprocessing=source.preprocessing,
+            postprocessing=source.postprocessing,
+            labels=source.labels,
             tags={**source.tags, "optimized_from": str(from_version), "optimization": "int8"},
-            max_batch_size=source.max_batch_size, actor=actor or "optimize",
-            description=f"int8 (dynamic quantization) of v{from_version}" + (f": {reason}" if reason else ""))
+            max_batch_size=source.max_batch_size,
+            actor=actor or "optimize",
+            description=f"int8 (dynamic quantization) of v{from_version}" + (f": {reason}" if reason else ""),
+        )
 
         async def chunks():
             with open(dest, "rb") as f:
                 while block := f.read(CHUNK):
                     yield block
+
         version = await registry.register(request, chunks())
-    log.info("optimized version registered", extra={"model": model, "from": from_version, "version": version.version,
-                                                    "size_before": source.size_bytes, "size_after": data_size})
+    log.info(
+        "optimized version registered",
+        extra={
+            "model": model,
+            "from": from_version,
+            "version": version.version,
+            "size_before": source.size_bytes,
+            "size_after": data_size,
+        },
+    )
     deadline = loop.time() + registry.deployment.load_timeout + 30
-    while (state := registry.store.version(model, version.version).state) in (VersionState.REGISTERED,
-                                                                                VersionState.LOADING):
+    while (state := registry.store.version(model, version.version).state) in (
+        VersionState.REGISTERED,
+        VersionState.LOADING,
+    ):
         if loop.time() > deadline:
             raise FailedPrecondition(f"optimized version {version.version} of {model!r} did not become ready")
         await asyncio.sleep(0.2)
     if state != VersionState.READY:
         found = registry.store.version(model, version.version)
-        raise FailedPrecondition(f"optimized version {version.version} of {model!r} is {state.value}: "
-                                 f"{found.state_reason}")
-    rollout = await registry.rollouts.start_rollout(model, version.version, policy, False, actor or "optimize",
-                                                    f"optimize --int8 of v{from_version}")
+        raise FailedPrecondition(
+            f"optimized version {version.version} of {model!r} is {state.value}: {found.state_reason}"
+        )
+    rollout = await registry.rollouts.start_rollout(
+        model, version.version, policy, False, actor or "optimize", f"optimize --int8 of v{from_version}"
+    )
     return Optimized(registry.store.version(model, version.version), source.size_bytes, data_size, rollout)

@@ -4,6 +4,7 @@ Mutations of metadata are synchronous SQLite transactions run on the event loop 
 between check and commit, so they are atomic with respect to each other and Watch events leave in
 revision order. Triton work (load, warm-up, unload) is the Deployment's (deployment.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,8 +20,21 @@ from services.registry import artifacts, metrics, shadow_report
 from services.registry.artifacts import Upload
 from services.registry.deployment import Deployment
 from services.registry.domain import (
-    LIVE_STATES, Alias, ArtifactFormat, Model, ModelRouting, Postprocessing, PostprocessingKind, RegistrationRequest,
-    ShadowResult, Target, TrafficPolicy, Version, VersionState, WatchEvent, check_name,
+    LIVE_STATES,
+    Alias,
+    ArtifactFormat,
+    Model,
+    ModelRouting,
+    Postprocessing,
+    PostprocessingKind,
+    RegistrationRequest,
+    ShadowResult,
+    Target,
+    TrafficPolicy,
+    Version,
+    VersionState,
+    WatchEvent,
+    check_name,
 )
 from services.registry.repository import ModelRepository, fsync_tree
 from services.registry.store import Store
@@ -35,10 +49,20 @@ DEFAULT_ALIAS = "production"
 
 
 class Registry:
-    def __init__(self, store: Store, repository: ModelRepository, fleet: TritonFleet, *, executor: Executor | None,
-                 max_artifact_bytes: int, default_max_batch_size: int, load_timeout: float,
-                 watch_queue_size: int = 1024, reconcile_interval: float = 0.0,
-                 reload_concurrency: int = DEFAULT_RELOAD_CONCURRENCY):
+    def __init__(
+        self,
+        store: Store,
+        repository: ModelRepository,
+        fleet: TritonFleet,
+        *,
+        executor: Executor | None,
+        max_artifact_bytes: int,
+        default_max_batch_size: int,
+        load_timeout: float,
+        watch_queue_size: int = 1024,
+        reconcile_interval: float = 0.0,
+        reload_concurrency: int = DEFAULT_RELOAD_CONCURRENCY,
+    ):
         self.store = store
         self.repository = repository
         self.fleet = fleet
@@ -46,12 +70,21 @@ class Registry:
         self.executor = executor or ThreadPoolExecutor(2, thread_name_prefix="registry-validate")
         self.max_artifact_bytes = max_artifact_bytes
         self.default_max_batch_size = default_max_batch_size
-        self.deployment = Deployment(store, repository, fleet, self._set_state, load_timeout=load_timeout,
-                                     reconcile_interval=reconcile_interval, reload_concurrency=reload_concurrency)
+        self.deployment = Deployment(
+            store,
+            repository,
+            fleet,
+            self._set_state,
+            load_timeout=load_timeout,
+            reconcile_interval=reconcile_interval,
+            reload_concurrency=reload_concurrency,
+        )
         from services.registry.rollout import RolloutController
+
         self.rollouts = RolloutController(self)  # progressive delivery (rollout.py)
         from services.registry.shadow_report import ShadowReports
-        self.shadow_reports = ShadowReports(store._db)  # per-kind agreement reports (shadow_report.py)
+
+        self.shadow_reports = ShadowReports(store.db)  # per-kind agreement reports (shadow_report.py)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -81,8 +114,14 @@ class Registry:
         versions = self.store.versions(name)
         if not include_archived:
             versions = [v for v in versions if v.state != VersionState.ARCHIVED]
-        return Model(name=name, versions=versions, aliases=self.store.aliases(name), policy=self.store.policy(name),
-                     shadow_stats=self.store.shadow_stats(name), alias_history=self.store.alias_history(name))
+        return Model(
+            name=name,
+            versions=versions,
+            aliases=self.store.aliases(name),
+            policy=self.store.policy(name),
+            shadow_stats=self.store.shadow_stats(name),
+            alias_history=self.store.alias_history(name),
+        )
 
     def list_models(self, include_archived: bool = False) -> list[Model]:
         return [self._model(name, include_archived) for name in self.store.model_names()]
@@ -101,9 +140,12 @@ class Registry:
         return found
 
     def routing(self, name: str) -> ModelRouting:
-        return ModelRouting(model=name, versions=self.store.versions(name),
-                            aliases={a.name: a.version for a in self.store.aliases(name)},
-                            policy=self.store.policy(name))
+        return ModelRouting(
+            model=name,
+            versions=self.store.versions(name),
+            aliases={a.name: a.version for a in self.store.aliases(name)},
+            policy=self.store.policy(name),
+        )
 
     def routing_state(self) -> tuple[int, list[ModelRouting]]:
         return self.store.revision(), [self.routing(name) for name in self.store.model_names()]
@@ -178,80 +220,131 @@ class Registry:
             problems.append(f"format {req.format.value} != {newest.format.value}")
         problems += art.signature.differences(newest.signature)
         if (newest.max_batch_size > 0) != (art.max_batch_size > 0):
-            problems.append("batch dimension " + ("present" if art.max_batch_size > 0 else "absent") +
-                            " but the live versions have it " + ("present" if newest.max_batch_size > 0 else "absent"))
+            problems.append(
+                "batch dimension "
+                + ("present" if art.max_batch_size > 0 else "absent")
+                + " but the live versions have it "
+                + ("present" if newest.max_batch_size > 0 else "absent")
+            )
         if problems:
             raise FailedPrecondition(
                 f"version is incompatible with live version {newest.version} of {req.model!r}: "
-                f"{'; '.join(problems)}. Archive the live versions or register it under a new model name")
+                f"{'; '.join(problems)}. Archive the live versions or register it under a new model name"
+            )
 
     def _commit_version(self, req: RegistrationRequest, art: artifacts.ValidatedArtifact) -> Version:
         # No await from here to the commit: the compatibility check and the number are atomic.
         self._check_compatible(req, art)
         self.repository.claim(req.model, self.store.model_exists(req.model))
         # A generation version is always served by Router.Generate, whatever the header said (NONE).
-        post = Postprocessing(PostprocessingKind.GENERATION) if req.format == ArtifactFormat.ORT_GENAI \
+        post = (
+            Postprocessing(PostprocessingKind.GENERATION)
+            if req.format == ArtifactFormat.ORT_GENAI
             else req.postprocessing
+        )
         with self.store.transaction() as tx:
             number = self.store.next_version(tx, req.model)
             version = Version(
-                model=req.model, version=number, state=VersionState.REGISTERED, format=req.format,
-                sha256=req.sha256, size_bytes=req.size_bytes, signature=art.signature,
-                preprocessing=req.preprocessing, postprocessing=post, labels=req.labels,
-                tags=dict(req.tags), created_at=time.time(), created_by=req.actor, description=req.description,
-                max_batch_size=art.max_batch_size, base_config=art.base_config,
+                model=req.model,
+                version=number,
+                state=VersionState.REGISTERED,
+                format=req.format,
+                sha256=req.sha256,
+                size_bytes=req.size_bytes,
+                signature=art.signature,
+                preprocessing=req.preprocessing,
+                postprocessing=post,
+                labels=req.labels,
+                tags=dict(req.tags),
+                created_at=time.time(),
+                created_by=req.actor,
+                description=req.description,
+                max_batch_size=art.max_batch_size,
+                base_config=art.base_config,
             )
             self.store.insert_version(tx, version)
             revision = self.store.bump_revision(tx)
-            self.store.add_audit(tx, req.actor, "version.register", f"model/{req.model}", req.description,
-                                 json.dumps({"version": number, "sha256": req.sha256, "format": req.format.value}))
+            self.store.add_audit(
+                tx,
+                req.actor,
+                "version.register",
+                f"model/{req.model}",
+                req.description,
+                json.dumps({"version": number, "sha256": req.sha256, "format": req.format.value}),
+            )
             # Rename inside the transaction: a crash before COMMIT leaves a folder start() removes.
             self.repository.promote(art.version_dir, req.model, number)
         self._changed(req.model, revision)
         return version
 
-    def _set_state(self, model: str, version: int, state: VersionState, reason: str = "",
-                   load_ms: float | None = None, actor: str | None = None) -> None:
+    def _set_state(
+        self,
+        model: str,
+        version: int,
+        state: VersionState,
+        reason: str = "",
+        load_ms: float | None = None,
+        actor: str | None = None,
+    ) -> None:
         """`actor` set = a caller's mutation (archive), recorded in the audit log; load progress is not."""
         with self.store.transaction() as tx:
             self.store.set_state(tx, model, version, state, reason, load_ms)
             revision = self.store.bump_revision(tx)
             if actor is not None:
-                self.store.add_audit(tx, actor, f"version.{state.value}", f"model/{model}", reason,
-                                     json.dumps({"version": version}))
+                self.store.add_audit(
+                    tx, actor, f"version.{state.value}", f"model/{model}", reason, json.dumps({"version": version})
+                )
         self._changed(model, revision)
 
     # -- aliases -----------------------------------------------------------------------------------
-    def _require_ready(self, model: str, number: int, what: str) -> Version:
+    def require_ready(self, model: str, number: int, what: str) -> Version:
         version = self.store.version(model, number)
         if version is None:
             raise NotFound(f"{what}: model {model!r} has no version {number}")
         if version.state != VersionState.READY:
-            raise FailedPrecondition(f"{what}: version {number} of {model!r} is {version.state.value}, not ready"
-                                     + (f" ({version.state_reason})" if version.state_reason else ""))
+            raise FailedPrecondition(
+                f"{what}: version {number} of {model!r} is {version.state.value}, not ready"
+                + (f" ({version.state_reason})" if version.state_reason else "")
+            )
         return version
 
-    def _move_alias(self, model: str, name: str, number: int, actor: str, reason: str, previous: int,
-                    action: str = "alias.set") -> Alias:
+    def move_alias(
+        self, model: str, name: str, number: int, actor: str, reason: str, previous: int, action: str = "alias.set"
+    ) -> Alias:
         alias = Alias(model, name, number, previous, actor, time.time(), reason)
         with self.store.transaction() as tx:
             self.store.put_alias(tx, alias)
             revision = self.store.bump_revision(tx)
-            self.store.add_audit(tx, actor, action, f"model/{model}", reason,
-                                 json.dumps({"alias": name, "version": number, "previous_version": previous}))
+            self.store.add_audit(
+                tx,
+                actor,
+                action,
+                f"model/{model}",
+                reason,
+                json.dumps({"alias": name, "version": number, "previous_version": previous}),
+            )
         self._changed(model, revision)
-        log.info("alias moved", extra={"model": model, "alias": name, "version": number, "previous": previous,
-                                       "actor": actor, "reason": reason})
+        log.info(
+            "alias moved",
+            extra={
+                "model": model,
+                "alias": name,
+                "version": number,
+                "previous": previous,
+                "actor": actor,
+                "reason": reason,
+            },
+        )
         return alias
 
     async def set_alias(self, model: str, name: str, number: int, actor: str, reason: str) -> Alias:
         check_name(model)
         check_name(name, "alias name")
-        self._require_ready(model, number, f"alias {name!r}")
+        self.require_ready(model, number, f"alias {name!r}")
         current = self.store.alias(model, name)
         if current is not None and current.version == number:
             return current
-        return self._move_alias(model, name, number, actor, reason, current.version if current else 0)
+        return self.move_alias(model, name, number, actor, reason, current.version if current else 0)
 
     async def rollback(self, model: str, name: str, actor: str, reason: str) -> Alias:
         check_name(model)
@@ -262,9 +355,10 @@ class Registry:
             raise NotFound(f"model {model!r} has no alias {name!r}")
         if current.previous_version == 0:
             raise FailedPrecondition(f"alias {name!r} of {model!r} has never pointed at another version")
-        self._require_ready(model, current.previous_version, f"rollback of {name!r}")
-        return self._move_alias(model, name, current.previous_version, actor, reason or "rollback",
-                                current.version, action="alias.rollback")
+        self.require_ready(model, current.previous_version, f"rollback of {name!r}")
+        return self.move_alias(
+            model, name, current.previous_version, actor, reason or "rollback", current.version, action="alias.rollback"
+        )
 
     # -- traffic policy ----------------------------------------------------------------------------
     def _check_target(self, model: str, target: Target, what: str) -> None:
@@ -275,12 +369,13 @@ class Registry:
             alias = self.store.alias(model, target.alias)
             if alias is None:
                 raise FailedPrecondition(f"{what}: model {model!r} has no alias {target.alias!r}")
-            self._require_ready(model, alias.version, what)
+            self.require_ready(model, alias.version, what)
         else:
-            self._require_ready(model, target.version, what)
+            self.require_ready(model, target.version, what)
 
-    async def set_traffic_policy(self, model: str, split: list[Target], shadow: Target | None,
-                                 shadow_fraction: float, actor: str, reason: str) -> TrafficPolicy:
+    async def set_traffic_policy(
+        self, model: str, split: list[Target], shadow: Target | None, shadow_fraction: float, actor: str, reason: str
+    ) -> TrafficPolicy:
         check_name(model)
         if not self.store.model_exists(model):
             raise NotFound(f"model {model!r} is not registered")
@@ -301,14 +396,32 @@ class Registry:
             self._check_target(model, shadow, f"shadow ({shadow.describe()})")
         elif shadow_fraction > 0:
             raise InvalidArgument("shadow fraction is set but no shadow target is")
-        policy = TrafficPolicy(model=model, split=tuple(split), shadow=shadow, shadow_fraction=shadow_fraction,
-                               updated_by=actor, updated_at=time.time(), reason=reason)
+        policy = TrafficPolicy(
+            model=model,
+            split=tuple(split),
+            shadow=shadow,
+            shadow_fraction=shadow_fraction,
+            updated_by=actor,
+            updated_at=time.time(),
+            reason=reason,
+        )
         with self.store.transaction() as tx:
             self.store.put_policy(tx, policy)
             revision = self.store.bump_revision(tx)
-            self.store.add_audit(tx, actor, "traffic.set", f"model/{model}", reason, json.dumps({
-                "split": [t.describe() + f"={t.weight}" for t in split],
-                "shadow": shadow.describe() if shadow else None, "shadow_fraction": shadow_fraction}))
+            self.store.add_audit(
+                tx,
+                actor,
+                "traffic.set",
+                f"model/{model}",
+                reason,
+                json.dumps(
+                    {
+                        "split": [t.describe() + f"={t.weight}" for t in split],
+                        "shadow": shadow.describe() if shadow else None,
+                        "shadow_fraction": shadow_fraction,
+                    }
+                ),
+            )
         self._changed(model, revision)
         return policy
 
@@ -321,16 +434,23 @@ class Registry:
                 return version
             aliases = [a.name for a in self.store.aliases(model) if a.version == number]
             if aliases:
-                raise FailedPrecondition(f"version {number} of {model!r} is pointed at by alias(es) "
-                                         f"{', '.join(aliases)}; move them first")
+                raise FailedPrecondition(
+                    f"version {number} of {model!r} is pointed at by alias(es) {', '.join(aliases)}; move them first"
+                )
             policy = self.store.policy(model)
-            referenced = [t for t in (*policy.split, *([policy.shadow] if policy.shadow else []))
-                          if t.version == number]
+            referenced = [
+                t for t in (*policy.split, *([policy.shadow] if policy.shadow else [])) if t.version == number
+            ]
             if referenced:
                 raise FailedPrecondition(f"version {number} of {model!r} is in the traffic policy; change it first")
             was_live = version.state == VersionState.READY
-            self._set_state(model, number, VersionState.ARCHIVED, reason or f"archived by {actor or 'unknown'}",
-                            actor=actor or "unknown")
+            self._set_state(
+                model,
+                number,
+                VersionState.ARCHIVED,
+                reason or f"archived by {actor or 'unknown'}",
+                actor=actor or "unknown",
+            )
             if was_live:
                 await self.deployment.apply(model, self.deployment.ready_versions(model))
             log.info("version archived", extra={"model": model, "version": number, "actor": actor})
@@ -360,5 +480,6 @@ class Registry:
                 primary = versions.get(s.primary_version)
                 kind = primary.postprocessing.kind if primary else None
                 agreement[(model, s.primary_version, s.shadow_version)] = metrics.agreement_value(
-                    kind, s.top1_agreement, s.mean_cosine)
+                    kind, s.top1_agreement, s.mean_cosine
+                )
         metrics.record_shadow(results, agreement)

@@ -10,6 +10,7 @@ skips non-numeric folders inside a model, whereas every folder at the root is a 
 that fails to load stops a replica started with `--load-model=*`). A new model's folder therefore
 exists from its first upload on; if that upload fails, the folder is removed again (release).
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,7 +23,7 @@ from services.shared.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
-STAGING = ".staging"  # inside each model folder (it was <root>/.staging before; removed at start-up)
+STAGING = ".staging"  # inside each model folder
 # Marks a model folder the registry created: it never writes into (or cleans) folders it does not own.
 MARKER = ".maas-registry"
 
@@ -97,8 +98,10 @@ class ModelRepository:
         if (model_dir / MARKER).exists():
             return
         if not registered and model_dir.exists() and not _prepared_for_registration(model_dir):
-            raise FailedPrecondition(f"the model repository already has a folder {model!r} that the registry does not "
-                                     f"manage; register under another name or move that folder away")
+            raise FailedPrecondition(
+                f"the model repository already has a folder {model!r} that the registry does not "
+                f"manage; register under another name or move that folder away"
+            )
         model_dir.mkdir(exist_ok=True)
         (model_dir / MARKER).write_text("managed by the MaaS Mesh registry\n")
         _fsync_dir(model_dir)
@@ -134,16 +137,9 @@ class ModelRepository:
             raise
         _fsync_dir(model_dir)
 
-    def remove_file(self, model: str, name: str) -> None:
-        (self.model_dir(model) / name).unlink(missing_ok=True)
-
     def remove_orphans(self, known: set[tuple[str, int]]) -> list[Path]:
         """Delete staging leftovers and version folders without a database row; returns what was removed."""
         removed = []
-        legacy_staging = self.root / STAGING  # where older registries staged: a "model" to Triton
-        if legacy_staging.is_dir():
-            shutil.rmtree(legacy_staging, ignore_errors=True)
-            removed.append(legacy_staging)
         known_models = {m for m, _ in known}
         for model_dir in self.root.iterdir():
             if not model_dir.is_dir():
@@ -168,6 +164,8 @@ class ModelRepository:
             if model_dir.name not in known_models and self.release(model_dir.name):
                 removed.append(model_dir)  # a first upload that never committed
         if removed:
-            log.warning("removed partial artefacts left by an interrupted registration",
-                        extra={"paths": [str(p) for p in removed]})
+            log.warning(
+                "removed partial artefacts left by an interrupted registration",
+                extra={"paths": [str(p) for p in removed]},
+            )
         return removed

@@ -13,9 +13,11 @@ takes effect on traffic, so a registry restarted mid-rollout resumes it (re-appl
 or finishes what it was doing (a promotion or a rollback half done): never stuck. While a rollout runs
 it owns the model's traffic policy.
 """
+
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import math
 import time
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from maas.rollout_defaults import RolloutDefaults
 from services.registry import metrics
 from services.registry.domain import Target, VersionState, WatchEvent, check_name
 from services.registry.rollout_store import RolloutStore
@@ -53,22 +56,15 @@ class RolloutState(Enum):
 
 
 @dataclass(frozen=True)
-class RolloutPolicy:
-    """Defaults for every field a caller leaves unset (one place: docs/rollouts.md quotes them)."""
-
-    step_weight: int = 10
-    interval_seconds: float = 30.0
-    max_weight: int = 50
-    max_error_rate: float = 0.01
-    max_p99_ratio: float = 1.5  # 0 = gate off
-    min_shadow_agreement: float = 0.0  # 0 = gate off
-    min_requests: int = 20
-    failure_limit: int = 2
+class RolloutPolicy(RolloutDefaults):
+    """A rollout's policy: the defaults (maas/rollout_defaults.py) for every field a caller leaves unset."""
 
     def check(self) -> None:
         """INVALID_ARGUMENT naming the field for a policy that cannot be run."""
+
         def bad(name, why):
             raise InvalidArgument(f"rollout policy {name}: {getattr(self, name)} {why}")
+
         if not 1 <= self.step_weight <= 100:
             bad("step_weight", "is outside 1..100")
         if not 1 <= self.max_weight <= 100:
@@ -131,6 +127,7 @@ class Rollout:
 
 # -- figures the routers report -------------------------------------------------------------------
 
+
 @dataclass
 class Figures:
     """Cumulative figures of one version since the registry started (summed over routers)."""
@@ -149,9 +146,12 @@ class Figures:
         counts = list(self.counts)
         if before.bounds == self.bounds:
             counts = [a - b for a, b in zip(self.counts, before.counts)]
-        return Figures(self.requests - before.requests,
-                       {c: n - before.errors.get(c, 0) for c, n in self.errors.items() if n - before.errors.get(c, 0)},
-                       self.bounds, counts)
+        return Figures(
+            self.requests - before.requests,
+            {c: n - before.errors.get(c, 0) for c, n in self.errors.items() if n - before.errors.get(c, 0)},
+            self.bounds,
+            counts,
+        )
 
     @property
     def failed(self) -> int:
@@ -186,13 +186,23 @@ class StatsBook:
     def __init__(self):
         self._figures: dict[tuple[str, int], Figures] = {}
 
-    def add(self, model: str, version: int, requests: int, errors: dict[str, int], bounds: tuple[float, ...],
-            counts: list[int]) -> None:
+    def add(
+        self,
+        model: str,
+        version: int,
+        requests: int,
+        errors: dict[str, int],
+        bounds: tuple[float, ...],
+        counts: list[int],
+    ) -> None:
         f = self._figures.get((model, version))
         if f is None or f.bounds != bounds:
-            f = self._figures[(model, version)] = Figures(bounds=bounds, counts=[0] * len(counts),
-                                                          requests=f.requests if f else 0,
-                                                          errors=dict(f.errors) if f else {})
+            f = self._figures[(model, version)] = Figures(
+                bounds=bounds,
+                counts=[0] * len(counts),
+                requests=f.requests if f else 0,
+                errors=dict(f.errors) if f else {},
+            )
         f.requests += requests
         for code, n in errors.items():
             f.errors[code] = f.errors.get(code, 0) + n
@@ -213,11 +223,13 @@ def check_report(model: str, version: int, requests: int, errors: dict[str, int]
     if len(counts) != len(bounds) + 1:
         raise InvalidArgument(f"{where}: {len(counts)} latency_counts for {len(bounds)} bounds (need bounds + 1)")
     if sum(counts) + sum(errors.values()) > requests:
-        raise InvalidArgument(f"{where}: answered + failed ({sum(counts)} + {sum(errors.values())}) "
-                              f"exceeds requests ({requests})")
+        raise InvalidArgument(
+            f"{where}: answered + failed ({sum(counts)} + {sum(errors.values())}) exceeds requests ({requests})"
+        )
 
 
 # -- the controller -------------------------------------------------------------------------------
+
 
 class RolloutController:
     def __init__(self, registry: "Registry", clock=time.time):
@@ -255,8 +267,10 @@ class RolloutController:
         if problem:
             await self._finish(rollout, RolloutState.ROLLED_BACK, f"{problem} (found on registry restart)")
             return
-        log.info("rollout resumed", extra={"model": rollout.model, "canary": rollout.canary_version,
-                                           "weight": rollout.weight})
+        log.info(
+            "rollout resumed",
+            extra={"model": rollout.model, "canary": rollout.canary_version, "weight": rollout.weight},
+        )
         await self._apply_weight(rollout)
         self._run(rollout.model)
 
@@ -265,12 +279,19 @@ class RolloutController:
         # Only what has not changed since the rollout ended (its end is committed first): a policy or alias
         # someone set afterwards stays as they set it.
         policy = self.registry.store.policy(rollout.model)
-        if policy.updated_by == ROLLOUT_ACTOR and policy.updated_at < rollout.updated_at and \
-                (policy.split or policy.shadow):
+        if (
+            policy.updated_by == ROLLOUT_ACTOR
+            and policy.updated_at < rollout.updated_at
+            and (policy.split or policy.shadow)
+        ):
             await self._default_policy(rollout.model, f"rollout {rollout.state.value} (completed after a restart)")
         alias = self.registry.store.alias(rollout.model, PRODUCTION_ALIAS)
-        if rollout.state == RolloutState.PROMOTED and alias is not None and alias.updated_at < rollout.updated_at \
-                and alias.version == rollout.production_version:
+        if (
+            rollout.state == RolloutState.PROMOTED
+            and alias is not None
+            and alias.updated_at < rollout.updated_at
+            and alias.version == rollout.production_version
+        ):
             self._move_production(rollout, rollout.canary_version, "rollout promoted (completed after a restart)")
 
     # -- requests ----------------------------------------------------------------------------------
@@ -290,8 +311,9 @@ class RolloutController:
     def list(self) -> list[Rollout]:
         return self.store.latest_all()
 
-    async def start_rollout(self, model: str, version: int, policy: RolloutPolicy, dry_run: bool, actor: str,
-                            reason: str) -> Rollout:
+    async def start_rollout(
+        self, model: str, version: int, policy: RolloutPolicy, dry_run: bool, actor: str, reason: str
+    ) -> Rollout:
         check_name(model)
         if version <= 0:
             raise InvalidArgument("version: name the READY version to roll out (a positive number)")
@@ -300,30 +322,57 @@ class RolloutController:
         policy.check()
         running = self.store.latest(model)
         if running is not None and running.state == RolloutState.RUNNING:
-            raise FailedPrecondition(f"model {model!r} already has a rollout running (version "
-                                     f"{running.canary_version} at {running.weight}%); abort it first")
+            raise FailedPrecondition(
+                f"model {model!r} already has a rollout running (version "
+                f"{running.canary_version} at {running.weight}%); abort it first"
+            )
         alias = self.registry.store.alias(model, PRODUCTION_ALIAS)
         if alias is None:
-            raise FailedPrecondition(f"version: model {model!r} has no {PRODUCTION_ALIAS!r} alias to roll out "
-                                     f"against; set it first (maas models alias {model} {PRODUCTION_ALIAS} N)")
+            raise FailedPrecondition(
+                f"version: model {model!r} has no {PRODUCTION_ALIAS!r} alias to roll out "
+                f"against; set it first (maas models alias {model} {PRODUCTION_ALIAS} N)"
+            )
         if version == alias.version:
             raise FailedPrecondition(f"version: {version} is already {model!r}'s {PRODUCTION_ALIAS} version")
-        self.registry._require_ready(model, version, "rollout version")
-        self.registry._require_ready(model, alias.version, f"{PRODUCTION_ALIAS} version")
+        self.registry.require_ready(model, version, "rollout version")
+        self.registry.require_ready(model, alias.version, f"{PRODUCTION_ALIAS} version")
         now = self.clock()
         weights = policy.weights()
-        rollout = Rollout(model=model, canary_version=version, production_version=alias.version,
-                          state=RolloutState.PLANNED if dry_run else RolloutState.RUNNING, policy=policy,
-                          weight=weights[0], reason=reason, started_by=actor, started_at=now, updated_at=now,
-                          planned_weights=weights)
+        rollout = Rollout(
+            model=model,
+            canary_version=version,
+            production_version=alias.version,
+            state=RolloutState.PLANNED if dry_run else RolloutState.RUNNING,
+            policy=policy,
+            weight=weights[0],
+            reason=reason,
+            started_by=actor,
+            started_at=now,
+            updated_at=now,
+            planned_weights=weights,
+        )
         if dry_run:
             return rollout
         # Committed before traffic changes: a crash in between resumes and applies the weight.
         self._save(rollout, new=True)
-        audit.info("rollout started", extra={"model": model, "canary": version, "production": alias.version,
-                                             "actor": actor, "reason": reason, "weights": weights})
-        self._audit_row(rollout, "rollout.started", actor, reason,
-                        f"canary v{version} against production v{alias.version}, weights {weights}")
+        audit.info(
+            "rollout started",
+            extra={
+                "model": model,
+                "canary": version,
+                "production": alias.version,
+                "actor": actor,
+                "reason": reason,
+                "weights": weights,
+            },
+        )
+        self._audit_row(
+            rollout,
+            "rollout.started",
+            actor,
+            reason,
+            f"canary v{version} against production v{alias.version}, weights {weights}",
+        )
         metrics.ROLLOUTS.labels(model, "started").inc()
         await self._apply_weight(rollout)
         self._run(model)
@@ -334,8 +383,9 @@ class RolloutController:
         if rollout.state != RolloutState.RUNNING:
             raise FailedPrecondition(f"the last rollout of {model!r} is {rollout.state.value}, not running")
         self._cancel(model)
-        return await self._finish(rollout, RolloutState.ABORTED, f"aborted by {actor or 'unknown'}"
-                            + (f": {reason}" if reason else ""))
+        return await self._finish(
+            rollout, RolloutState.ABORTED, f"aborted by {actor or 'unknown'}" + (f": {reason}" if reason else "")
+        )
 
     # -- the analysis loop -------------------------------------------------------------------------
     def _run(self, model: str) -> None:
@@ -357,7 +407,7 @@ class RolloutController:
             try:
                 if not await self.step(model):
                     return
-            except Exception:  # noqa: BLE001 - a bug here must end in a rollback, never a stuck canary
+            except Exception:
                 log.exception("rollout analysis failed; rolling back", extra={"model": model})
                 rollout = self.store.latest(model)
                 if rollout is not None and rollout.state == RolloutState.RUNNING:
@@ -365,8 +415,10 @@ class RolloutController:
                 return
 
     def _open_window(self, rollout: Rollout) -> None:
-        self._window[rollout.model] = (self.book.get(rollout.model, rollout.canary_version),
-                                       self.book.get(rollout.model, rollout.production_version))
+        self._window[rollout.model] = (
+            self.book.get(rollout.model, rollout.canary_version),
+            self.book.get(rollout.model, rollout.production_version),
+        )
 
     async def step(self, model: str) -> bool:
         """One analysis of the interval just ended; False once the rollout ended."""
@@ -388,9 +440,12 @@ class RolloutController:
         if analysis.outcome == "failed":
             rollout.consecutive_failures += 1
             if rollout.consecutive_failures >= rollout.policy.failure_limit:
-                await self._finish(rollout, RolloutState.ROLLED_BACK,
-                             f"at {rollout.weight}%: {analysis.detail} ({rollout.consecutive_failures} failed "
-                             f"analys{'es' if rollout.consecutive_failures > 1 else 'is'} in a row)")
+                await self._finish(
+                    rollout,
+                    RolloutState.ROLLED_BACK,
+                    f"at {rollout.weight}%: {analysis.detail} ({rollout.consecutive_failures} failed "
+                    f"analys{'es' if rollout.consecutive_failures > 1 else 'is'} in a row)",
+                )
                 return False
             self._save(rollout)
             return True
@@ -417,21 +472,38 @@ class RolloutController:
             if canary.error_rate > p.max_error_rate:
                 codes = ", ".join(f"{c}: {n}" for c, n in sorted(canary.errors.items()) if c not in CALLER_CODES)
                 failed.append(f"error rate {canary.error_rate:.3f} > max_error_rate {p.max_error_rate:g} ({codes})")
-            if p.max_p99_ratio > 0 and canary.answered and production.answered >= max(p.min_requests, 1) \
-                    and production_p99 > 0 and canary_p99 > p.max_p99_ratio * production_p99:
-                failed.append(f"p99 {canary_p99:.1f} ms > max_p99_ratio {p.max_p99_ratio:g} x production's "
-                              f"{production_p99:.1f} ms")
+            if (
+                p.max_p99_ratio > 0
+                and canary.answered
+                and production.answered >= max(p.min_requests, 1)
+                and production_p99 > 0
+                and canary_p99 > p.max_p99_ratio * production_p99
+            ):
+                failed.append(
+                    f"p99 {canary_p99:.1f} ms > max_p99_ratio {p.max_p99_ratio:g} x production's "
+                    f"{production_p99:.1f} ms"
+                )
             if p.min_shadow_agreement > 0:
                 if samples == 0:
                     waiting.append("shadow comparisons")
                 elif agreement < p.min_shadow_agreement:
                     failed.append(f"shadow agreement {agreement:.4f} < min_shadow_agreement {p.min_shadow_agreement:g}")
         outcome = "failed" if failed else "waiting" if waiting else "passed"
-        detail = "; ".join(failed) if failed else ("waiting for " + ", ".join(waiting)) if waiting else "every gate held"
-        return Analysis(at=self.clock(), weight=rollout.weight, canary_requests=canary.requests,
-                        production_requests=production.requests, canary_error_rate=canary.error_rate,
-                        canary_p99_ms=canary_p99, production_p99_ms=production_p99, shadow_agreement=agreement,
-                        outcome=outcome, detail=detail)
+        detail = (
+            "; ".join(failed) if failed else ("waiting for " + ", ".join(waiting)) if waiting else "every gate held"
+        )
+        return Analysis(
+            at=self.clock(),
+            weight=rollout.weight,
+            canary_requests=canary.requests,
+            production_requests=production.requests,
+            canary_error_rate=canary.error_rate,
+            canary_p99_ms=canary_p99,
+            production_p99_ms=production_p99,
+            shadow_agreement=agreement,
+            outcome=outcome,
+            detail=detail,
+        )
 
     def _agreement(self, rollout: Rollout) -> tuple[float, int]:
         for s in self.registry.store.shadow_stats(rollout.model):
@@ -461,24 +533,30 @@ class RolloutController:
         metrics.ROLLOUT_WEIGHT.labels(rollout.model).set(rollout.weight if rollout.state == RolloutState.RUNNING else 0)
 
     async def _apply_weight(self, rollout: Rollout) -> None:
-        split = [Target(version=rollout.production_version, weight=100 - rollout.weight),
-                 Target(version=rollout.canary_version, weight=rollout.weight)]
+        split = [
+            Target(version=rollout.production_version, weight=100 - rollout.weight),
+            Target(version=rollout.canary_version, weight=rollout.weight),
+        ]
         shadow = Target(version=rollout.canary_version) if rollout.policy.min_shadow_agreement > 0 else None
-        await self._set_policy(rollout.model, split, shadow, f"rollout of version {rollout.canary_version}: {rollout.weight}%")
+        await self._set_policy(
+            rollout.model, split, shadow, f"rollout of version {rollout.canary_version}: {rollout.weight}%"
+        )
 
     async def _default_policy(self, model: str, reason: str) -> None:
         await self._set_policy(model, [], None, reason)
 
-    async def _set_policy(self, model: str, split: list[Target], shadow: Target | None, reason: str) -> None:
-        await self.registry.set_traffic_policy(model, split, shadow, SHADOW_FRACTION if shadow else 0.0,
-                                               ROLLOUT_ACTOR, reason)
+    async def _set_policy(self, model: str, split: builtins.list[Target], shadow: Target | None, reason: str) -> None:
+        await self.registry.set_traffic_policy(
+            model, split, shadow, SHADOW_FRACTION if shadow else 0.0, ROLLOUT_ACTOR, reason
+        )
 
     def _move_production(self, rollout: Rollout, number: int, reason: str) -> None:
         alias = self.registry.store.alias(rollout.model, PRODUCTION_ALIAS)
         if alias is not None and alias.version == number:
             return
-        self.registry._move_alias(rollout.model, PRODUCTION_ALIAS, number, ROLLOUT_ACTOR, reason,
-                                  alias.version if alias else 0)
+        self.registry.move_alias(
+            rollout.model, PRODUCTION_ALIAS, number, ROLLOUT_ACTOR, reason, alias.version if alias else 0
+        )
 
     async def _finish(self, rollout: Rollout, state: RolloutState, reason: str) -> Rollout:
         """End a rollout: the state is committed first, then traffic follows (start() completes the rest
@@ -495,15 +573,29 @@ class RolloutController:
                 production = self.registry.store.version(rollout.model, rollout.production_version)
                 if production is not None and production.state == VersionState.READY:
                     self._move_production(rollout, rollout.production_version, f"rollout {state.value}: {reason}")
-        await self._default_policy(rollout.model, f"rollout of version {rollout.canary_version} {state.value}: {reason}")
+        await self._default_policy(
+            rollout.model, f"rollout of version {rollout.canary_version} {state.value}: {reason}"
+        )
         outcome = state.value
         metrics.ROLLOUTS.labels(rollout.model, outcome).inc()
         line = audit.warning if state == RolloutState.ROLLED_BACK else audit.info
-        line(f"rollout {outcome}", extra={"model": rollout.model, "canary": rollout.canary_version,
-                                          "production": rollout.production_version, "weight": rollout.weight,
-                                          "reason": reason})
-        self._audit_row(rollout, f"rollout.{outcome}", ROLLOUT_ACTOR, reason,
-                        f"canary v{rollout.canary_version} at {rollout.weight}%, production v{rollout.production_version}")
+        line(
+            f"rollout {outcome}",
+            extra={
+                "model": rollout.model,
+                "canary": rollout.canary_version,
+                "production": rollout.production_version,
+                "weight": rollout.weight,
+                "reason": reason,
+            },
+        )
+        self._audit_row(
+            rollout,
+            f"rollout.{outcome}",
+            ROLLOUT_ACTOR,
+            reason,
+            f"canary v{rollout.canary_version} at {rollout.weight}%, production v{rollout.production_version}",
+        )
         return rollout
 
     def _audit_row(self, rollout: Rollout, action: str, actor: str, reason: str, detail: str) -> None:
@@ -517,5 +609,13 @@ def policy_with_defaults(**given) -> RolloutPolicy:
     return replace(RolloutPolicy(), **{k: v for k, v in given.items() if v is not None})
 
 
-__all__ = ["Analysis", "Figures", "Rollout", "RolloutController", "RolloutPolicy", "RolloutState", "StatsBook",
-           "policy_with_defaults"]
+__all__ = [
+    "Analysis",
+    "Figures",
+    "Rollout",
+    "RolloutController",
+    "RolloutPolicy",
+    "RolloutState",
+    "StatsBook",
+    "policy_with_defaults",
+]

@@ -3,6 +3,7 @@
 Its own table on the registry Store's connection, written inside the Store's transactions (so a rollout's
 step and the revision of its Watch event commit together).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,7 @@ def _rollout(row: sqlite3.Row) -> "Rollout":
 
 class RolloutStore:
     def __init__(self, store: "Store"):
-        self._db = store._db
+        self._db = store.db
         self._db.executescript(SCHEMA)
 
     @staticmethod
@@ -62,5 +63,6 @@ class RolloutStore:
 
     def latest_all(self) -> list["Rollout"]:
         rows = self._db.execute(
-            "SELECT * FROM rollouts WHERE id IN (SELECT MAX(id) FROM rollouts GROUP BY model) ORDER BY model")
+            "SELECT * FROM rollouts WHERE id IN (SELECT MAX(id) FROM rollouts GROUP BY model) ORDER BY model"
+        )
         return [_rollout(r) for r in rows]

@@ -1,8 +1,10 @@
 """Builds the registry's gRPC server: store, repository, Triton fleet, domain and servicer wired together."""
+
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 
 from maas.v1 import registry_pb2, registry_pb2_grpc
 from services.registry.auth import AdminAuth
@@ -27,19 +29,25 @@ def create_registry(cfg: RegistryConfig) -> Registry:
     discovery = cfg.replica_discovery
     # Static replicas are in the fleet from the start; discovered ones join as the watcher reports them.
     return Registry(
-        Store(cfg.database), ModelRepository(cfg.model_repository),
-        TritonFleet(discovery.static_addresses, timeout=cfg.load_timeout_seconds, tls=cfg.server.tls), executor=executor,
-        max_artifact_bytes=cfg.max_artifact_bytes, default_max_batch_size=cfg.default_max_batch_size,
-        load_timeout=cfg.load_timeout_seconds, watch_queue_size=cfg.watch_queue_size,
-        reconcile_interval=cfg.reconcile_interval_seconds, reload_concurrency=cfg.reload_concurrency,
+        Store(cfg.database),
+        ModelRepository(cfg.model_repository),
+        TritonFleet(discovery.static_addresses, timeout=cfg.load_timeout_seconds, tls=cfg.server.tls),
+        executor=executor,
+        max_artifact_bytes=cfg.max_artifact_bytes,
+        default_max_batch_size=cfg.default_max_batch_size,
+        load_timeout=cfg.load_timeout_seconds,
+        watch_queue_size=cfg.watch_queue_size,
+        reconcile_interval=cfg.reconcile_interval_seconds,
+        reload_concurrency=cfg.reload_concurrency,
     )
 
 
 def fleet_reachable(registry: Registry, where: str, timeout: float):
     """The registry's readiness check: one of its Triton replicas answers (it loads versions there)."""
+
     async def check() -> str | None:
-        return await triton_reachable(registry.fleet.members, registry.fleet.live,
-                                      timeout, where)
+        return await triton_reachable(registry.fleet.members, registry.fleet.live, timeout, where)
+
     return check
 
 
@@ -47,7 +55,15 @@ def fleet_reachable(registry: Registry, where: str, timeout: float):
 DISCOVERY_SYNC_SECONDS = 60.0
 
 
-def create_server(cfg: RegistryConfig, replica_source: ReplicaSource | None = None) -> tuple[ServiceServer, int]:
+@dataclass
+class RegistryServer(ServiceServer):
+    """The registry's server with its domain object (tests and benchmarks drive it directly)."""
+
+    registry: Registry | None = None
+    tenants: Tenants | None = None
+
+
+def create_server(cfg: RegistryConfig, replica_source: ReplicaSource | None = None) -> tuple[RegistryServer, int]:
     """(server, bound port); `server.registry` is the domain object (tests and the bench use it).
     `replica_source` overrides the one built from cfg (tests pass a watcher on a fake Kubernetes API)."""
     registry = create_registry(cfg)
@@ -63,15 +79,19 @@ def create_server(cfg: RegistryConfig, replica_source: ReplicaSource | None = No
             log.warning("no Triton replica list yet; serving anyway (versions wait for a replica)")
 
     def register(server):
-        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(registry, AdminAuth(cfg.admin_token), tenants), server)
+        registry_pb2_grpc.add_RegistryServicer_to_server(
+            RegistryServicer(registry, AdminAuth(cfg.admin_token), tenants), server
+        )
         return [SERVICE_NAME]
 
-    server, port = build_server(cfg.server, register)
+    built, port = build_server(cfg.server, register)
+    server = RegistryServer(
+        **{f.name: getattr(built, f.name) for f in fields(built)}, registry=registry, tenants=tenants
+    )
     # Crash clean-up and reconciling Triton finish before the first RPC is accepted.
     server.on_start.extend([follow_replicas, registry.start])
-    server.readiness_checks.append(fleet_reachable(registry, where_from(cfg.replica_discovery),
-                                                   cfg.server.readiness_interval_seconds))
+    server.readiness_checks.append(
+        fleet_reachable(registry, where_from(cfg.replica_discovery), cfg.server.readiness_interval_seconds)
+    )
     server.on_stop.extend([replicas.stop, registry.stop, registry.store.close])
-    server.registry = registry
-    server.tenants = tenants
     return server, port

@@ -1,4 +1,5 @@
 """gRPC Registry servicer: converts protobuf ⇄ domain types, checks the admin token, calls the Registry."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -57,31 +58,42 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def SetAlias(self, request: pb.SetAliasRequest, context):
         self._admin(context)
         annotate(model=request.model, version=request.version)
-        alias = await self.registry.set_alias(request.model, request.alias, request.version, request.actor,
-                                              request.reason)
+        alias = await self.registry.set_alias(
+            request.model, request.alias, request.version, request.actor, request.reason
+        )
         return convert.alias_out(alias)
 
     async def SetTrafficPolicy(self, request: pb.SetTrafficPolicyRequest, context):
         self._admin(context)
         annotate(model=request.model)
-        shadow = convert.target_in(request.shadow.target) if request.HasField("shadow") and \
-            request.shadow.HasField("target") else None
+        shadow = (
+            convert.target_in(request.shadow.target)
+            if request.HasField("shadow") and request.shadow.HasField("target")
+            else None
+        )
         policy = await self.registry.set_traffic_policy(
-            request.model, [convert.target_in(t) for t in request.split], shadow, request.shadow.fraction,
-            request.actor, request.reason)
+            request.model,
+            [convert.target_in(t) for t in request.split],
+            shadow,
+            request.shadow.fraction,
+            request.actor,
+            request.reason,
+        )
         return convert.policy_out(policy)
 
     async def Rollback(self, request: pb.RollbackRequest, context):
         self._admin(context)
         annotate(model=request.model)
-        return convert.alias_out(await self.registry.rollback(request.model, request.alias, request.actor,
-                                                              request.reason))
+        return convert.alias_out(
+            await self.registry.rollback(request.model, request.alias, request.actor, request.reason)
+        )
 
     async def ArchiveVersion(self, request: pb.ArchiveVersionRequest, context):
         self._admin(context)
         annotate(model=request.model, version=request.version)
-        return convert.version_out(await self.registry.archive(request.model, request.version, request.actor,
-                                                               request.reason))
+        return convert.version_out(
+            await self.registry.archive(request.model, request.version, request.actor, request.reason)
+        )
 
     async def ReportShadowResults(self, request: pb.ReportShadowResultsRequest, context):
         self._admin(context)
@@ -102,8 +114,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self._admin(context)
         annotate(model=request.model, version=request.version)
         rollout = await self.registry.rollouts.start_rollout(
-            request.model, request.version, convert.rollout_policy_in(request.policy), request.dry_run,
-            request.actor, request.reason)
+            request.model,
+            request.version,
+            convert.rollout_policy_in(request.policy),
+            request.dry_run,
+            request.actor,
+            request.reason,
+        )
         return convert.rollout_out(rollout)
 
     async def GetRollout(self, request: pb.GetRolloutRequest, context):
@@ -120,30 +137,53 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def CompareVersions(self, request: pb.CompareVersionsRequest, context):
         annotate(model=request.model)
-        return convert.shadow_report_out(self.registry.shadow_reports.compare(
-            self.registry.store, request.model, request.a, request.b))
+        return convert.shadow_report_out(
+            self.registry.shadow_reports.compare(self.registry.store, request.model, request.a, request.b)
+        )
 
     async def OptimizeVersion(self, request: pb.OptimizeVersionRequest, context):
         from services.registry.optimize import optimize
+
         self._admin(context)
         annotate(model=request.model, version=request.from_version)
-        given = {name for name in convert._POLICY_FIELDS if request.policy.HasField(name)}
-        done = await optimize(self.registry, request.model, request.from_version, request.int8,
-                              convert.rollout_policy_in(request.policy), given, request.actor, request.reason)
-        return pb.OptimizeVersionResponse(version=convert.version_out(done.version), size_before_bytes=done.size_before,
-                                          size_after_bytes=done.size_after, rollout=convert.rollout_out(done.rollout))
+        given = {name for name in convert.POLICY_FIELDS if request.policy.HasField(name)}
+        done = await optimize(
+            self.registry,
+            request.model,
+            request.from_version,
+            request.int8,
+            convert.rollout_policy_in(request.policy),
+            given,
+            request.actor,
+            request.reason,
+        )
+        return pb.OptimizeVersionResponse(
+            version=convert.version_out(done.version),
+            size_before_bytes=done.size_before,
+            size_after_bytes=done.size_after,
+            rollout=convert.rollout_out(done.rollout),
+        )
+
     # -- tenants (every call needs the admin token: the feed carries key hashes) ------------------
     async def CreateTenant(self, request: pb.CreateTenantRequest, context):
         self._admin(context)
         annotate(tenant=request.name)
         tenant, key = self.tenants.create(
-            request.name, list(request.allowed_models), convert.quota_in(request.quota),
-            convert.priority_in(request.priority), request.description, request.actor, request.reason)
+            request.name,
+            list(request.allowed_models),
+            convert.quota_in(request.quota),
+            convert.priority_in(request.priority),
+            request.description,
+            request.actor,
+            request.reason,
+        )
         return pb.TenantKey(tenant=convert.tenant_out(tenant), api_key=key)
 
     async def ListTenants(self, request: pb.ListTenantsRequest, context):
         self._admin(context)
-        return pb.ListTenantsResponse(tenants=[convert.tenant_out(x) for x in self.tenants.list(request.include_revoked)])
+        return pb.ListTenantsResponse(
+            tenants=[convert.tenant_out(x) for x in self.tenants.list(request.include_revoked)]
+        )
 
     async def RotateTenantKey(self, request: pb.RotateTenantKeyRequest, context):
         self._admin(context)
@@ -160,9 +200,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self._admin(context)
         annotate(tenant=request.name)
         allowed = list(request.allowed_models) if request.set_allowed_models else None
-        return convert.tenant_out(self.tenants.set_quota(
-            request.name, convert.quota_in(request.quota), convert.priority_in(request.priority, None), allowed,
-            request.actor, request.reason))
+        return convert.tenant_out(
+            self.tenants.set_quota(
+                request.name,
+                convert.quota_in(request.quota),
+                convert.priority_in(request.priority, None),
+                allowed,
+                request.actor,
+                request.reason,
+            )
+        )
 
     async def WatchTenants(self, request: pb.WatchTenantsRequest, context):
         self._admin(context)
@@ -171,5 +218,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def ListAudit(self, request: pb.ListAuditRequest, context):
         self._admin(context)
-        return pb.ListAuditResponse(entries=[convert.audit_out(e) for e in
-                                             self.tenants.audit(request.limit, request.target_prefix)])
+        return pb.ListAuditResponse(
+            entries=[convert.audit_out(e) for e in self.tenants.audit(request.limit, request.target_prefix)]
+        )

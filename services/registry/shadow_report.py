@@ -5,6 +5,7 @@ in its own table: the top-5 overlap sum (classifiers), the distribution of per-i
 buckets (embeddings), and the few lowest-scoring requests by request id (never payloads). `maas models
 compare MODEL A B` prints it; its `agreement` is the figure rollouts gate on (min_shadow_agreement).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -67,6 +68,7 @@ MAX_REQUEST_ID = 128
 def check_result(r: ShadowResult) -> None:
     """INVALID_ARGUMENT for report fields that cannot be right (the caller is a router, or a bug)."""
     from services.shared.errors import InvalidArgument
+
     if r.top5_overlap_sum > r.items + 1e-6 or r.top5_overlap_sum < 0:
         raise InvalidArgument(f"{r.model}: top5_overlap_sum {r.top5_overlap_sum} is outside 0..items ({r.items})")
     if len(r.cosines) > r.items:
@@ -86,18 +88,21 @@ class ShadowReports:
         """Inside the caller's transaction (the one adding the same results to shadow_stats)."""
         for r in results:
             key = (r.model, r.primary_version, r.shadow_version)
-            row = tx.execute("SELECT * FROM shadow_reports WHERE model=? AND primary_version=? AND shadow_version=?",
-                             key).fetchone()
+            row = tx.execute(
+                "SELECT * FROM shadow_reports WHERE model=? AND primary_version=? AND shadow_version=?", key
+            ).fetchone()
             counts = json.loads(row["cosine_counts"]) if row else [0] * len(COSINE_BOUNDS)
             worst = [tuple(w) for w in json.loads(row["worst"])] if row else []
             for c in r.cosines:
                 counts[bucket(c)] += 1
             if r.items:
-                worst = sorted(worst + [(score(r, kinds.get((r.model, r.primary_version), "tensor")), r.request_id,
-                                         r.items)])[:WORST_KEPT]
-            tx.execute("INSERT OR REPLACE INTO shadow_reports VALUES (?,?,?,?,?,?)",
-                       (*key, (row["top5_sum"] if row else 0.0) + r.top5_overlap_sum, json.dumps(counts),
-                        json.dumps(worst)))
+                worst = sorted(
+                    worst + [(score(r, kinds.get((r.model, r.primary_version), "tensor")), r.request_id, r.items)]
+                )[:WORST_KEPT]
+            tx.execute(
+                "INSERT OR REPLACE INTO shadow_reports VALUES (?,?,?,?,?,?)",
+                (*key, (row["top5_sum"] if row else 0.0) + r.top5_overlap_sum, json.dumps(counts), json.dumps(worst)),
+            )
 
     def compare(self, store, model: str, a: int, b: int) -> ShadowReport:
         """The report of shadow version b against primary version a."""
@@ -109,22 +114,35 @@ class ShadowReports:
                 raise NotFound(f"model {model!r} has no version {number}")
         stats = next((s for s in store.shadow_stats(model) if (s.primary_version, s.shadow_version) == (a, b)), None)
         if stats is None:
-            raise NotFound(f"no shadow comparisons of {model!r} v{b} against v{a} yet; mirror traffic first: "
-                           f"maas models traffic {model} --shadow {b} --shadow-fraction 0.1")
-        items = self._db.execute("SELECT items FROM shadow_stats WHERE model=? AND primary_version=? AND "
-                                 "shadow_version=?", (model, a, b)).fetchone()[0]
+            raise NotFound(
+                f"no shadow comparisons of {model!r} v{b} against v{a} yet; mirror traffic first: "
+                f"maas models traffic {model} --shadow {b} --shadow-fraction 0.1"
+            )
+        items = self._db.execute(
+            "SELECT items FROM shadow_stats WHERE model=? AND primary_version=? AND shadow_version=?", (model, a, b)
+        ).fetchone()[0]
         return self.report(model, stats, store.version(model, a).postprocessing.kind, items)
 
     def report(self, model: str, stats: ShadowStats, kind: PostprocessingKind | None, items: int) -> ShadowReport:
-        row = self._db.execute("SELECT * FROM shadow_reports WHERE model=? AND primary_version=? AND shadow_version=?",
-                               (model, stats.primary_version, stats.shadow_version)).fetchone()
+        row = self._db.execute(
+            "SELECT * FROM shadow_reports WHERE model=? AND primary_version=? AND shadow_version=?",
+            (model, stats.primary_version, stats.shadow_version),
+        ).fetchone()
         counts = json.loads(row["cosine_counts"]) if row else [0] * len(COSINE_BOUNDS)
         return ShadowReport(
-            model=model, primary_version=stats.primary_version, shadow_version=stats.shadow_version,
-            kind=KINDS.get(kind, "tensor"), agreement=metrics.agreement_value(kind, stats.top1_agreement,
-                                                                               stats.mean_cosine),
-            samples=stats.samples, items=items, top1_agreement=stats.top1_agreement,
-            top5_agreement=(row["top5_sum"] / items) if row and items else 0.0, mean_cosine=stats.mean_cosine,
-            cosine_bounds=COSINE_BOUNDS, cosine_counts=counts,
+            model=model,
+            primary_version=stats.primary_version,
+            shadow_version=stats.shadow_version,
+            kind=KINDS.get(kind, "tensor"),
+            agreement=metrics.agreement_value(kind, stats.top1_agreement, stats.mean_cosine),
+            samples=stats.samples,
+            items=items,
+            top1_agreement=stats.top1_agreement,
+            top5_agreement=(row["top5_sum"] / items) if row and items else 0.0,
+            mean_cosine=stats.mean_cosine,
+            cosine_bounds=COSINE_BOUNDS,
+            cosine_counts=counts,
             worst=[tuple(w) for w in json.loads(row["worst"])] if row else [],
-            primary_latency_ms=stats.primary_latency_ms, shadow_latency_ms=stats.shadow_latency_ms)
+            primary_latency_ms=stats.primary_latency_ms,
+            shadow_latency_ms=stats.shadow_latency_ms,
+        )

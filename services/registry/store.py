@@ -3,6 +3,7 @@
 Every mutation that changes the routing state bumps the revision in the same transaction, so a Watch
 event's revision is exactly the state it describes, and revisions keep increasing across restarts.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,20 @@ from pathlib import Path
 from typing import Iterator
 
 from services.registry.domain import (
-    Alias, ArtifactFormat, Postprocessing, PostprocessingKind, Preprocessing, PreprocessingKind, ShadowResult,
-    ShadowStats, Signature, Target, TensorSpec, TrafficPolicy, Version, VersionState,
+    Alias,
+    ArtifactFormat,
+    Postprocessing,
+    PostprocessingKind,
+    Preprocessing,
+    PreprocessingKind,
+    ShadowResult,
+    ShadowStats,
+    Signature,
+    Target,
+    TensorSpec,
+    TrafficPolicy,
+    Version,
+    VersionState,
 )
 from services.registry.tenants import AuditEntry, Priority, Quota, Tenant
 
@@ -85,17 +98,22 @@ def _signature_json(sig: Signature) -> str:
 
 def _signature(raw: str) -> Signature:
     data = json.loads(raw)
-    spec = lambda t: TensorSpec(t["name"], t["datatype"], tuple(t["shape"]))  # noqa: E731
+    spec = lambda t: TensorSpec(t["name"], t["datatype"], tuple(t["shape"]))
     return Signature(tuple(map(spec, data["inputs"])), tuple(map(spec, data["outputs"])))
 
 
 def _policy_json(p: TrafficPolicy) -> str:
-    target = lambda t: {"version": t.version, "alias": t.alias, "weight": t.weight}  # noqa: E731
-    return json.dumps({
-        "split": [target(t) for t in p.split], "shadow": target(p.shadow) if p.shadow else None,
-        "shadow_fraction": p.shadow_fraction, "updated_by": p.updated_by, "updated_at": p.updated_at,
-        "reason": p.reason,
-    })
+    target = lambda t: {"version": t.version, "alias": t.alias, "weight": t.weight}
+    return json.dumps(
+        {
+            "split": [target(t) for t in p.split],
+            "shadow": target(p.shadow) if p.shadow else None,
+            "shadow_fraction": p.shadow_fraction,
+            "updated_by": p.updated_by,
+            "updated_at": p.updated_at,
+            "reason": p.reason,
+        }
+    )
 
 
 def _policy(model: str, raw: str | None) -> TrafficPolicy:
@@ -103,29 +121,50 @@ def _policy(model: str, raw: str | None) -> TrafficPolicy:
         return TrafficPolicy(model=model)
     d = json.loads(raw)
     return TrafficPolicy(
-        model=model, split=tuple(Target(**t) for t in d["split"]),
-        shadow=Target(**d["shadow"]) if d["shadow"] else None, shadow_fraction=d["shadow_fraction"],
-        updated_by=d["updated_by"], updated_at=d["updated_at"], reason=d["reason"],
+        model=model,
+        split=tuple(Target(**t) for t in d["split"]),
+        shadow=Target(**d["shadow"]) if d["shadow"] else None,
+        shadow_fraction=d["shadow_fraction"],
+        updated_by=d["updated_by"],
+        updated_at=d["updated_at"],
+        reason=d["reason"],
     )
 
 
 def _version(row: sqlite3.Row) -> Version:
     pre, post = json.loads(row["preprocessing"]), json.loads(row["postprocessing"])
     return Version(
-        model=row["model"], version=row["version"], state=VersionState(row["state"]),
-        state_reason=row["state_reason"], format=ArtifactFormat(row["format"]), sha256=row["sha256"],
-        size_bytes=row["size_bytes"], signature=_signature(row["signature"]),
+        model=row["model"],
+        version=row["version"],
+        state=VersionState(row["state"]),
+        state_reason=row["state_reason"],
+        format=ArtifactFormat(row["format"]),
+        sha256=row["sha256"],
+        size_bytes=row["size_bytes"],
+        signature=_signature(row["signature"]),
         preprocessing=Preprocessing(PreprocessingKind(pre["kind"]), pre["name"]),
         postprocessing=Postprocessing(PostprocessingKind(post["kind"]), post["output"], post["top_k"]),
-        labels=tuple(json.loads(row["labels"])), tags=json.loads(row["tags"]), created_at=row["created_at"],
-        created_by=row["created_by"], description=row["description"], max_batch_size=row["max_batch_size"],
-        load_ms=row["load_ms"], base_config=row["base_config"],
+        labels=tuple(json.loads(row["labels"])),
+        tags=json.loads(row["tags"]),
+        created_at=row["created_at"],
+        created_by=row["created_by"],
+        description=row["description"],
+        max_batch_size=row["max_batch_size"],
+        load_ms=row["load_ms"],
+        base_config=row["base_config"],
     )
 
 
 def _alias(row: sqlite3.Row) -> Alias:
-    return Alias(row["model"], row["name"], row["version"], row["previous_version"], row["updated_by"],
-                 row["updated_at"], row["reason"])
+    return Alias(
+        row["model"],
+        row["name"],
+        row["version"],
+        row["previous_version"],
+        row["updated_by"],
+        row["updated_at"],
+        row["reason"],
+    )
 
 
 class Store:
@@ -142,6 +181,11 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, shared by the registry's other tables (rollouts, shadow reports)."""
+        return self._db
 
     def close(self) -> None:
         self._db.close()
@@ -176,8 +220,9 @@ class Store:
     @staticmethod
     def next_version(tx: sqlite3.Connection, model: str) -> int:
         """Allocate the model's next version number inside the caller's transaction."""
-        tx.execute("INSERT OR IGNORE INTO models (name, last_version, created_at) VALUES (?, 0, ?)",
-                   (model, time.time()))
+        tx.execute(
+            "INSERT OR IGNORE INTO models (name, last_version, created_at) VALUES (?, 0, ?)", (model, time.time())
+        )
         tx.execute("UPDATE models SET last_version = last_version + 1 WHERE name=?", (model,))
         return tx.execute("SELECT last_version FROM models WHERE name=?", (model,)).fetchone()[0]
 
@@ -187,24 +232,53 @@ class Store:
             "INSERT INTO versions (model, version, state, state_reason, format, sha256, size_bytes, signature,"
             " preprocessing, postprocessing, labels, tags, created_at, created_by, description, max_batch_size,"
             " load_ms, base_config) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (v.model, v.version, v.state.value, v.state_reason, v.format.value, v.sha256, v.size_bytes,
-             _signature_json(v.signature),
-             json.dumps({"kind": v.preprocessing.kind.value, "name": v.preprocessing.name}),
-             json.dumps({"kind": v.postprocessing.kind.value, "output": v.postprocessing.output,
-                         "top_k": v.postprocessing.top_k}),
-             json.dumps(list(v.labels)), json.dumps(v.tags, sort_keys=True), v.created_at, v.created_by,
-             v.description, v.max_batch_size, v.load_ms, v.base_config),
+            (
+                v.model,
+                v.version,
+                v.state.value,
+                v.state_reason,
+                v.format.value,
+                v.sha256,
+                v.size_bytes,
+                _signature_json(v.signature),
+                json.dumps({"kind": v.preprocessing.kind.value, "name": v.preprocessing.name}),
+                json.dumps(
+                    {
+                        "kind": v.postprocessing.kind.value,
+                        "output": v.postprocessing.output,
+                        "top_k": v.postprocessing.top_k,
+                    }
+                ),
+                json.dumps(list(v.labels)),
+                json.dumps(v.tags, sort_keys=True),
+                v.created_at,
+                v.created_by,
+                v.description,
+                v.max_batch_size,
+                v.load_ms,
+                v.base_config,
+            ),
         )
 
     @staticmethod
-    def set_state(tx: sqlite3.Connection, model: str, version: int, state: VersionState, reason: str = "",
-                  load_ms: float | None = None) -> None:
+    def set_state(
+        tx: sqlite3.Connection,
+        model: str,
+        version: int,
+        state: VersionState,
+        reason: str = "",
+        load_ms: float | None = None,
+    ) -> None:
         if load_ms is None:
-            tx.execute("UPDATE versions SET state=?, state_reason=? WHERE model=? AND version=?",
-                       (state.value, reason, model, version))
+            tx.execute(
+                "UPDATE versions SET state=?, state_reason=? WHERE model=? AND version=?",
+                (state.value, reason, model, version),
+            )
         else:
-            tx.execute("UPDATE versions SET state=?, state_reason=?, load_ms=? WHERE model=? AND version=?",
-                       (state.value, reason, load_ms, model, version))
+            tx.execute(
+                "UPDATE versions SET state=?, state_reason=?, load_ms=? WHERE model=? AND version=?",
+                (state.value, reason, load_ms, model, version),
+            )
 
     def versions(self, model: str) -> list[Version]:
         rows = self._db.execute("SELECT * FROM versions WHERE model=? ORDER BY version", (model,)).fetchall()
@@ -238,20 +312,26 @@ class Store:
 
     @staticmethod
     def put_alias(tx: sqlite3.Connection, a: Alias) -> None:
-        tx.execute("INSERT OR REPLACE INTO aliases VALUES (?,?,?,?,?,?,?)",
-                   (a.model, a.name, a.version, a.previous_version, a.updated_by, a.updated_at, a.reason))
-        tx.execute("INSERT INTO alias_history (model, name, version, previous_version, updated_by, updated_at, reason)"
-                   " VALUES (?,?,?,?,?,?,?)",
-                   (a.model, a.name, a.version, a.previous_version, a.updated_by, a.updated_at, a.reason))
+        tx.execute(
+            "INSERT OR REPLACE INTO aliases VALUES (?,?,?,?,?,?,?)",
+            (a.model, a.name, a.version, a.previous_version, a.updated_by, a.updated_at, a.reason),
+        )
+        tx.execute(
+            "INSERT INTO alias_history (model, name, version, previous_version, updated_by, updated_at, reason)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (a.model, a.name, a.version, a.previous_version, a.updated_by, a.updated_at, a.reason),
+        )
 
     def alias_history(self, model: str, name: str | None = None, limit: int = 100) -> list[Alias]:
         """Alias moves, newest first."""
         if name is None:
-            rows = self._db.execute("SELECT * FROM alias_history WHERE model=? ORDER BY id DESC LIMIT ?",
-                                    (model, limit))
+            rows = self._db.execute(
+                "SELECT * FROM alias_history WHERE model=? ORDER BY id DESC LIMIT ?", (model, limit)
+            )
         else:
-            rows = self._db.execute("SELECT * FROM alias_history WHERE model=? AND name=? ORDER BY id DESC LIMIT ?",
-                                    (model, name, limit))
+            rows = self._db.execute(
+                "SELECT * FROM alias_history WHERE model=? AND name=? ORDER BY id DESC LIMIT ?", (model, name, limit)
+            )
         return [_alias(r) for r in rows]
 
     # -- traffic policy ----------------------------------------------------------------------------
@@ -274,22 +354,36 @@ class Store:
                 " top1_agreed=top1_agreed+excluded.top1_agreed, cosine_sum=cosine_sum+excluded.cosine_sum,"
                 " primary_latency_sum=primary_latency_sum+excluded.primary_latency_sum,"
                 " shadow_latency_sum=shadow_latency_sum+excluded.shadow_latency_sum",
-                (r.model, r.primary_version, r.shadow_version, r.items, r.top1_agreed, r.cosine_sum,
-                 r.primary_latency_ms, r.shadow_latency_ms),
+                (
+                    r.model,
+                    r.primary_version,
+                    r.shadow_version,
+                    r.items,
+                    r.top1_agreed,
+                    r.cosine_sum,
+                    r.primary_latency_ms,
+                    r.shadow_latency_ms,
+                ),
             )
 
     def shadow_stats(self, model: str) -> list[ShadowStats]:
-        rows = self._db.execute("SELECT * FROM shadow_stats WHERE model=? ORDER BY primary_version, shadow_version",
-                                (model,))
+        rows = self._db.execute(
+            "SELECT * FROM shadow_stats WHERE model=? ORDER BY primary_version, shadow_version", (model,)
+        )
         out = []
         for r in rows:
             items, requests = max(r["items"], 1), max(r["requests"], 1)
-            out.append(ShadowStats(
-                primary_version=r["primary_version"], shadow_version=r["shadow_version"], samples=r["requests"],
-                top1_agreement=r["top1_agreed"] / items, mean_cosine=r["cosine_sum"] / items,
-                primary_latency_ms=r["primary_latency_sum"] / requests,
-                shadow_latency_ms=r["shadow_latency_sum"] / requests,
-            ))
+            out.append(
+                ShadowStats(
+                    primary_version=r["primary_version"],
+                    shadow_version=r["shadow_version"],
+                    samples=r["requests"],
+                    top1_agreement=r["top1_agreed"] / items,
+                    mean_cosine=r["cosine_sum"] / items,
+                    primary_latency_ms=r["primary_latency_sum"] / requests,
+                    shadow_latency_ms=r["shadow_latency_sum"] / requests,
+                )
+            )
         return out
 
     # -- tenants -----------------------------------------------------------------------------------
@@ -310,41 +404,68 @@ class Store:
 
     @staticmethod
     def insert_tenant(tx: sqlite3.Connection, t: Tenant) -> None:
-        tx.execute("INSERT INTO tenants (name, key_sha256, key_prefix, allowed_models, quota, priority, revoked,"
-                   " created_at, created_by, updated_at, updated_by, description) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                   _tenant_row(t))
+        tx.execute(
+            "INSERT INTO tenants (name, key_sha256, key_prefix, allowed_models, quota, priority, revoked,"
+            " created_at, created_by, updated_at, updated_by, description) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            _tenant_row(t),
+        )
 
     @staticmethod
     def update_tenant(tx: sqlite3.Connection, t: Tenant) -> None:
         row = _tenant_row(t)
-        tx.execute("UPDATE tenants SET key_sha256=?, key_prefix=?, allowed_models=?, quota=?, priority=?, revoked=?,"
-                   " created_at=?, created_by=?, updated_at=?, updated_by=?, description=? WHERE name=?",
-                   (*row[1:], row[0]))
+        tx.execute(
+            "UPDATE tenants SET key_sha256=?, key_prefix=?, allowed_models=?, quota=?, priority=?, revoked=?,"
+            " created_at=?, created_by=?, updated_at=?, updated_by=?, description=? WHERE name=?",
+            (*row[1:], row[0]),
+        )
 
     # -- audit -------------------------------------------------------------------------------------
     @staticmethod
     def add_audit(tx: sqlite3.Connection, actor: str, action: str, target: str, reason: str, detail: str) -> None:
-        tx.execute("INSERT INTO audit (at, actor, action, target, reason, detail) VALUES (?,?,?,?,?,?)",
-                   (time.time(), actor or "unknown", action, target, reason or "", detail))
+        tx.execute(
+            "INSERT INTO audit (at, actor, action, target, reason, detail) VALUES (?,?,?,?,?,?)",
+            (time.time(), actor or "unknown", action, target, reason or "", detail),
+        )
 
     def audit_entries(self, limit: int, target_prefix: str = "") -> list[AuditEntry]:
         rows = self._db.execute(
             "SELECT * FROM audit WHERE substr(target, 1, ?) = ? ORDER BY id DESC LIMIT ?",
-            (len(target_prefix), target_prefix, limit))
-        return [AuditEntry(r["id"], r["at"], r["actor"], r["action"], r["target"], r["reason"], r["detail"])
-                for r in rows]
+            (len(target_prefix), target_prefix, limit),
+        )
+        return [
+            AuditEntry(r["id"], r["at"], r["actor"], r["action"], r["target"], r["reason"], r["detail"]) for r in rows
+        ]
 
 
 def _tenant_row(t: Tenant) -> tuple:
-    return (t.name, t.key_sha256, t.key_prefix, json.dumps(list(t.allowed_models)), json.dumps(asdict(t.quota)),
-            t.priority.value, int(t.revoked), t.created_at, t.created_by, t.updated_at, t.updated_by, t.description)
+    return (
+        t.name,
+        t.key_sha256,
+        t.key_prefix,
+        json.dumps(list(t.allowed_models)),
+        json.dumps(asdict(t.quota)),
+        t.priority.value,
+        int(t.revoked),
+        t.created_at,
+        t.created_by,
+        t.updated_at,
+        t.updated_by,
+        t.description,
+    )
 
 
 def _tenant(row: sqlite3.Row) -> Tenant:
     return Tenant(
-        name=row["name"], key_sha256=row["key_sha256"], key_prefix=row["key_prefix"],
-        allowed_models=tuple(json.loads(row["allowed_models"])), quota=Quota(**json.loads(row["quota"])),
-        priority=Priority(row["priority"]), revoked=bool(row["revoked"]), created_at=row["created_at"],
-        created_by=row["created_by"], updated_at=row["updated_at"], updated_by=row["updated_by"],
+        name=row["name"],
+        key_sha256=row["key_sha256"],
+        key_prefix=row["key_prefix"],
+        allowed_models=tuple(json.loads(row["allowed_models"])),
+        quota=Quota(**json.loads(row["quota"])),
+        priority=Priority(row["priority"]),
+        revoked=bool(row["revoked"]),
+        created_at=row["created_at"],
+        created_by=row["created_by"],
+        updated_at=row["updated_at"],
+        updated_by=row["updated_by"],
         description=row["description"],
     )

@@ -10,7 +10,11 @@ models); each bumps the tenant revision, writes an audit entry in the same trans
 WatchTenants subscriber gets the whole tenant list again. Subscribers are the routers: their number is
 sent along, and each router enforces quota / routers (services/router/tenants.py).
 """
+
 from __future__ import annotations
+
+import builtins
+from typing import Any
 
 import asyncio
 import enum
@@ -88,7 +92,7 @@ class AuditEntry:
 @dataclass(frozen=True)
 class TenantsSnapshot:
     revision: int
-    tenants: list[Tenant]
+    tenants: builtins.list[Tenant]
     routers: int
 
 
@@ -100,11 +104,11 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def check_allowed(entries: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+def check_allowed(entries: builtins.list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """'model', 'model:alias' or 'model:<version>', each checked; duplicates dropped, order kept."""
     if len(entries) > MAX_ALLOWED_MODELS:
         raise InvalidArgument(f"allowed_models has {len(entries)} entries, at most {MAX_ALLOWED_MODELS} allowed")
-    out: list[str] = []
+    out: builtins.list[str] = []
     for i, entry in enumerate(entries):
         model, sep, selector = entry.partition(":")
         check_name(model, f"allowed_models[{i}] model name")
@@ -156,7 +160,7 @@ class Tenants:
         self.record(store.tenants())
 
     # -- reads -------------------------------------------------------------------------------------
-    def list(self, include_revoked: bool = True) -> list[Tenant]:
+    def list(self, include_revoked: bool = True) -> builtins.list[Tenant]:
         return [t for t in self.store.tenants() if include_revoked or not t.revoked]
 
     def get(self, name: str) -> Tenant:
@@ -169,7 +173,7 @@ class Tenants:
     def snapshot(self) -> TenantsSnapshot:
         return TenantsSnapshot(self.store.tenant_revision(), self.store.tenants(), self.hub.count)
 
-    def audit(self, limit: int = 100, target_prefix: str = "") -> list[AuditEntry]:
+    def audit(self, limit: int = 100, target_prefix: str = "") -> builtins.list[AuditEntry]:
         return self.store.audit_entries(min(limit or 100, 10_000), target_prefix)
 
     async def watch(self) -> AsyncIterator[TenantsSnapshot]:
@@ -200,13 +204,21 @@ class Tenants:
         self.hub.publish(snapshot)
 
     @staticmethod
-    def record(tenants: list[Tenant]) -> None:
+    def record(tenants: builtins.list[Tenant]) -> None:
         revoked = sum(t.revoked for t in tenants)
         metrics.TENANTS.labels("active").set(len(tenants) - revoked)
         metrics.TENANTS.labels("revoked").set(revoked)
 
-    def create(self, name: str, allowed: list[str], quota: Quota, priority: Priority, description: str,
-               actor: str, reason: str) -> tuple[Tenant, str]:
+    def create(
+        self,
+        name: str,
+        allowed: builtins.list[str],
+        quota: Quota,
+        priority: Priority,
+        description: str,
+        actor: str,
+        reason: str,
+    ) -> tuple[Tenant, str]:
         check_name(name, "tenant name")
         allowed_models = check_allowed(allowed)
         quota.check()
@@ -215,20 +227,46 @@ class Tenants:
         if self.store.tenant(name) is not None:
             raise AlreadyExists(f"tenant {name!r} exists already (rotate-key gives it a new key)")
         key, now = new_key(), time.time()
-        tenant = Tenant(name=name, key_sha256=key_hash(key), key_prefix=key[:SHOWN_PREFIX_CHARS],
-                        allowed_models=allowed_models, quota=quota, priority=priority, created_at=now,
-                        created_by=actor, updated_at=now, updated_by=actor, description=description)
-        self._commit(tenant, "tenant.create", actor, reason, insert=True, allowed_models=list(allowed_models),
-                     quota=asdict(quota), priority=priority.value, key_prefix=tenant.key_prefix)
+        tenant = Tenant(
+            name=name,
+            key_sha256=key_hash(key),
+            key_prefix=key[:SHOWN_PREFIX_CHARS],
+            allowed_models=allowed_models,
+            quota=quota,
+            priority=priority,
+            created_at=now,
+            created_by=actor,
+            updated_at=now,
+            updated_by=actor,
+            description=description,
+        )
+        self._commit(
+            tenant,
+            "tenant.create",
+            actor,
+            reason,
+            insert=True,
+            allowed_models=list(allowed_models),
+            quota=asdict(quota),
+            priority=priority.value,
+            key_prefix=tenant.key_prefix,
+        )
         return tenant, key
 
     def rotate_key(self, name: str, actor: str, reason: str) -> tuple[Tenant, str]:
         current = self.get(name)
         key = new_key()
-        tenant = replace(current, key_sha256=key_hash(key), key_prefix=key[:SHOWN_PREFIX_CHARS], revoked=False,
-                         updated_at=time.time(), updated_by=actor)
-        self._commit(tenant, "tenant.rotate_key", actor, reason, old_key_prefix=current.key_prefix,
-                     key_prefix=tenant.key_prefix)
+        tenant = replace(
+            current,
+            key_sha256=key_hash(key),
+            key_prefix=key[:SHOWN_PREFIX_CHARS],
+            revoked=False,
+            updated_at=time.time(),
+            updated_by=actor,
+        )
+        self._commit(
+            tenant, "tenant.rotate_key", actor, reason, old_key_prefix=current.key_prefix, key_prefix=tenant.key_prefix
+        )
         return tenant, key
 
     def revoke(self, name: str, actor: str, reason: str) -> Tenant:
@@ -239,17 +277,30 @@ class Tenants:
         self._commit(tenant, "tenant.revoke", actor, reason, key_prefix=current.key_prefix)
         return tenant
 
-    def set_quota(self, name: str, quota: Quota, priority: Priority | None, allowed: list[str] | None,
-                  actor: str, reason: str) -> Tenant:
+    def set_quota(
+        self,
+        name: str,
+        quota: Quota,
+        priority: Priority | None,
+        allowed: builtins.list[str] | None,
+        actor: str,
+        reason: str,
+    ) -> Tenant:
         current = self.get(name)
         quota.check()
-        changes = {"quota": quota}
+        changes: dict[str, Any] = {"quota": quota}
         if priority is not None:
             changes["priority"] = priority
         if allowed is not None:
             changes["allowed_models"] = check_allowed(allowed)
         tenant = replace(current, **changes, updated_at=time.time(), updated_by=actor)
-        self._commit(tenant, "tenant.set_quota", actor, reason, quota=asdict(quota), priority=tenant.priority.value,
-                     allowed_models=list(tenant.allowed_models))
+        self._commit(
+            tenant,
+            "tenant.set_quota",
+            actor,
+            reason,
+            quota=asdict(quota),
+            priority=tenant.priority.value,
+            allowed_models=list(tenant.allowed_models),
+        )
         return tenant
-

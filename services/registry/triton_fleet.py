@@ -5,6 +5,7 @@ so it receives every load and unload from then on, but it is "behind" on each mo
 Deployment has applied that model's live versions to it (caught_up): warm-up inferences skip it for
 those models, since a load that began before it joined never reached it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -65,6 +66,7 @@ def generation_warmup_inputs() -> list[InferInput]:
 
 async def _generate_once(client, model: str, version: str, inputs: list[InferInput], timeout: float) -> None:
     """One decoupled request over ModelStreamInfer, read up to its final response."""
+
     async def requests():
         yield {"model_name": model, "model_version": version, "inputs": inputs}
 
@@ -97,9 +99,16 @@ class TritonFleet:
             return triton_aio.InferenceServerClient(address)
         extra = tls_channel_options(self.tls)
         return triton_aio.InferenceServerClient(
-            address, creds=channel_credentials(self.tls),
-            channel_args=[("grpc.max_send_message_length", 2**31 - 1),
-                          ("grpc.max_receive_message_length", 2**31 - 1), *extra] if extra else None)
+            address,
+            creds=channel_credentials(self.tls),
+            channel_args=[
+                ("grpc.max_send_message_length", 2**31 - 1),
+                ("grpc.max_receive_message_length", 2**31 - 1),
+                *extra,
+            ]
+            if extra
+            else None,
+        )
 
     @property
     def addresses(self) -> list[str]:
@@ -138,8 +147,13 @@ class TritonFleet:
 
     async def apply(self, model: str, config, live: list[int], addresses: list[str] | None = None) -> None:
         """Make every replica (or those in `addresses`) serve exactly `live` versions of `model` (none = unloaded)."""
-        await asyncio.gather(*(self._apply_one(a, c, model, config, live) for a, c in list(self._clients.items())
-                               if addresses is None or a in addresses))
+        await asyncio.gather(
+            *(
+                self._apply_one(a, c, model, config, live)
+                for a, c in list(self._clients.items())
+                if addresses is None or a in addresses
+            )
+        )
 
     async def _apply_one(self, address: str, client, model: str, config, live: list[int]) -> None:
         try:
@@ -161,20 +175,25 @@ class TritonFleet:
             busy = {v for v, (state, _) in states.items() if state in ("LOADING", "UNLOADING")}
             if ready == live and not busy:
                 return
-            failed = {v: reason for v, (state, reason) in states.items()
-                      if v in live and state == "UNAVAILABLE" and reason}
+            failed = {
+                v: reason for v, (state, reason) in states.items() if v in live and state == "UNAVAILABLE" and reason
+            }
             if failed:
                 raise TritonError("; ".join(f"version {v}: {r}" for v, r in sorted(failed.items())))
             if time.monotonic() > deadline:
-                raise TritonError(f"Triton did not settle on versions {sorted(live)} of {model} in "
-                                  f"{self.timeout:.0f}s (now {states})")
+                raise TritonError(
+                    f"Triton did not settle on versions {sorted(live)} of {model} in {self.timeout:.0f}s (now {states})"
+                )
             await asyncio.sleep(SETTLE_POLL_SECONDS)
 
     @staticmethod
     async def version_states(client, model: str) -> dict[int, tuple[str, str]]:
         index = await client.get_model_repository_index(as_json=True)
-        return {int(m["version"]): (m.get("state", ""), m.get("reason", ""))
-                for m in index.get("models", []) if m.get("name") == model and m.get("version", "").isdigit()}
+        return {
+            int(m["version"]): (m.get("state", ""), m.get("reason", ""))
+            for m in index.get("models", [])
+            if m.get("name") == model and m.get("version", "").isdigit()
+        }
 
     async def ready_versions(self) -> dict[str, dict[str, set[int]]]:
         """{replica address: {model: READY versions}}; unreachable replicas are left out."""
@@ -195,8 +214,9 @@ class TritonFleet:
         states = await self.version_states(self._clients[address], model)
         return {v for v, (state, _) in states.items() if state == "READY"}
 
-    async def warm_up(self, model: str, version: int, signature: Signature, max_batch_size: int,
-                      generation: bool = False) -> int:
+    async def warm_up(
+        self, model: str, version: int, signature: Signature, max_batch_size: int, generation: bool = False
+    ) -> int:
         """One inference with a small dummy input on every replica that is not behind on `model`: proves
         the version really serves (a generation version: one token over ModelStreamInfer). Returns how
         many replicas served it (0: none could be asked)."""
@@ -211,8 +231,9 @@ class TritonFleet:
                 else:
                     await client.infer(model, inputs, model_version=str(version), client_timeout=self.timeout)
             except InferenceServerException as exc:
-                raise TritonError(f"warm-up inference on version {version} failed on {address}: "
-                                  f"{exc.message()}") from None
+                raise TritonError(
+                    f"warm-up inference on version {version} failed on {address}: {exc.message()}"
+                ) from None
             served += 1
         return served
 

@@ -4,6 +4,7 @@ Publishing never waits: each subscriber has a bounded queue, and one that falls 
 (its stream ends with an error, the watcher reconnects and gets a fresh snapshot) instead of slowing
 down mutations or the other watchers.
 """
+
 from __future__ import annotations
 
 import asyncio

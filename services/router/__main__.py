@@ -1,4 +1,5 @@
 """`maas-router` / `python -m services.router`."""
+
 from __future__ import annotations
 
 import sys

@@ -12,6 +12,7 @@ Shedding counts this router's admitted calls in flight (all classes): at `shed_s
 calls are refused, at `shed_standard_inflight` standard ones too; critical calls are never shed. The class is
 the tenant's, or lower when the call asks (`x-maas-priority: sheddable`); a call never raises its class.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -22,20 +23,29 @@ from prometheus_client import Counter
 
 from services.router.tenants import TenantCache, TenantEntry
 from services.shared.errors import (
-    RETRY_AFTER_METADATA, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable,
+    RETRY_AFTER_METADATA,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
 )
 
 AUTHORIZATION = "authorization"
 PRIORITY_METADATA = "x-maas-priority"
 _RANK = {"critical": 0, "standard": 1, "sheddable": 2}
 
-TENANT_REQUESTS = Counter("maas_tenant_requests", "Inference calls admitted, by tenant and method",
-                          ["tenant", "method"])
-TENANT_COST = Counter("maas_tenant_cost_units", "Cost units charged (tokens, images, generated tokens, batch rows)",
-                      ["tenant", "method"])
-TENANT_REFUSALS = Counter("maas_tenant_refusals", "Inference calls refused by admission, by tenant and reason "
-                          "(unauthenticated, revoked, permission_denied, shed, rate_limited, cost_limited)",
-                          ["tenant", "reason"])
+TENANT_REQUESTS = Counter(
+    "maas_tenant_requests", "Inference calls admitted, by tenant and method", ["tenant", "method"]
+)
+TENANT_COST = Counter(
+    "maas_tenant_cost_units", "Cost units charged (tokens, images, generated tokens, batch rows)", ["tenant", "method"]
+)
+TENANT_REFUSALS = Counter(
+    "maas_tenant_refusals",
+    "Inference calls refused by admission, by tenant and reason "
+    "(unauthenticated, revoked, permission_denied, shed, rate_limited, cost_limited)",
+    ["tenant", "reason"],
+)
 
 
 class Refused(ResourceExhausted):
@@ -70,7 +80,7 @@ class Ticket:
 
     def __init__(self, admission: "Admission", tenant: TenantEntry | None, method: str):
         self.admission, self.tenant, self.method = admission, tenant, method
-        self.token = None
+        self.token: contextvars.Token | None = None
 
     def charge(self, units: float) -> None:
         tenant = self.tenant
@@ -159,7 +169,7 @@ class Admission:
         s = self.settings
         return s.auth or bool(s.shed_sheddable_inflight or s.shed_standard_inflight)
 
-    def admit(self, metadata, method: str, model: str, version: int = 0, alias: str = "") -> Ticket:
+    def admit(self, metadata, method: str, model: str, version: int = 0, alias: str = "") -> Ticket | _Unchecked:
         """The ticket of an admitted call (use it as a context manager), or the refusal raised."""
         if not self.active:
             return UNCHECKED
@@ -173,9 +183,11 @@ class Admission:
         if tenant is not None and not tenant.allows(model, version, alias):
             _child(tenant, "refused", "permission_denied").inc()
             asked = f"{model}:{alias}" if alias else f"{model}:{version}" if version else model
-            raise PermissionDenied(f"tenant {tenant.name!r} may not call model {asked!r} (allowed: "
-                                   f"{', '.join(sorted(tenant.allowed))}); ask an admin: maas tenants set-quota "
-                                   f"{tenant.name} --allow …")
+            raise PermissionDenied(
+                f"tenant {tenant.name!r} may not call model {asked!r} (allowed: "
+                f"{', '.join(sorted(tenant.allowed))}); ask an admin: maas tenants set-quota "
+                f"{tenant.name} --allow …"
+            )
         priority = tenant.priority if tenant is not None else "standard"
         if asked is not None:
             asked = (asked if isinstance(asked, str) else asked.decode("latin-1")).strip().lower()
@@ -187,9 +199,11 @@ class Admission:
                 _child(tenant, "refused", "shed").inc()
             else:
                 TENANT_REFUSALS.labels("", "shed").inc()
-            raise Shed(f"router overloaded: {self.inflight} calls in flight, {priority} calls are refused from "
-                       f"{threshold} (--shed-{priority}-inflight); retry later or on another router",
-                       self.settings.shed_retry_after)
+            raise Shed(
+                f"router overloaded: {self.inflight} calls in flight, {priority} calls are refused from "
+                f"{threshold} (--shed-{priority}-inflight); retry later or on another router",
+                self.settings.shed_retry_after,
+            )
         if tenant is not None:
             self._quota(tenant)
             _child(tenant, "requests", method).inc()
@@ -202,8 +216,10 @@ class Admission:
     def _authenticate(self, header) -> TenantEntry:
         if header is None:
             TENANT_REFUSALS.labels("", "unauthenticated").inc()
-            raise Unauthenticated("this router needs an API key: send metadata 'authorization: Bearer <key>' "
-                                  "(HTTP header Authorization); an admin creates one with `maas tenants create`")
+            raise Unauthenticated(
+                "this router needs an API key: send metadata 'authorization: Bearer <key>' "
+                "(HTTP header Authorization); an admin creates one with `maas tenants create`"
+            )
         if not isinstance(header, str):
             header = header.decode("latin-1")
         scheme, _, key = header.partition(" ")
@@ -228,15 +244,19 @@ class Admission:
             wait = tenant.requests.take()
             if wait:
                 _child(tenant, "refused", "rate_limited").inc()
-                raise Refused(f"tenant {tenant.name!r} is over its request quota "
-                              f"({tenant.requests.rate:g} requests/s on this router); retry in {wait * 1000:.0f} ms",
-                              wait)
+                raise Refused(
+                    f"tenant {tenant.name!r} is over its request quota "
+                    f"({tenant.requests.rate:g} requests/s on this router); retry in {wait * 1000:.0f} ms",
+                    wait,
+                )
         if tenant.cost is not None:
             wait = tenant.cost.wait()
             if wait:
                 if tenant.requests is not None:
                     tenant.requests.level += 1  # not served: the request is not counted
                 _child(tenant, "refused", "cost_limited").inc()
-                raise Refused(f"tenant {tenant.name!r} is over its cost quota "
-                              f"({tenant.cost.rate:g} cost units/s on this router); retry in {wait * 1000:.0f} ms",
-                              wait)
+                raise Refused(
+                    f"tenant {tenant.name!r} is over its cost quota "
+                    f"({tenant.cost.rate:g} cost units/s on this router); retry in {wait * 1000:.0f} ms",
+                    wait,
+                )

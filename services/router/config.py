@@ -1,20 +1,37 @@
 """Router settings: flags, then MAAS_* environment, then loopback defaults."""
+
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maas import ports
 from services.router.admission import AdmissionSettings
 from services.router.fastpath import BINARY_NAME, find_binary
 from services.shared.config import (
-    ConfigError, OutlierSettings, RetryBudgetSettings, ServerSettings, add_peer_argument, add_pool_arguments,
-    add_server_arguments, env, env_float, env_int, pool_settings, require_peer, server_settings,
+    ConfigError,
+    OutlierSettings,
+    RetryBudgetSettings,
+    ServerSettings,
+    add_peer_argument,
+    add_pool_arguments,
+    add_server_arguments,
+    add_triton_argument,
+    env,
+    env_float,
+    env_int,
+    pool_settings,
+    require_non_negative,
+    require_peer,
+    require_positive,
+    server_settings,
+    triton_addresses,
 )
 from services.shared.discovery import DiscoveryConfig, add_discovery_arguments, discovery_config
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
-DEFAULT_OIP_FAST_LISTEN = "127.0.0.1:50055"
+DEFAULT_LISTEN = ports.loopback(ports.ROUTER)
+DEFAULT_OIP_FAST_LISTEN = ports.loopback(ports.ROUTER_OIP_FAST)
 
 
 @dataclass(frozen=True)
@@ -51,7 +68,7 @@ class RouterConfig:
     discovery: DiscoveryConfig | None = None
     # Text generation (services/router/generation.py): limits checked before any work.
     generation: GenerationLimits = field(default_factory=GenerationLimits)
-    # The compiled OIP data path (services/router/fastpath.py): its address, "" = not started.
+    # The OIP fast path (services/router/fastpath.py): its address, "" = not started.
     oip_fast_listen: str = ""
     oip_fast_binary: str = ""
     # The Triton replica pool: outlier ejection and the retry budget (services/shared/outlier.py).
@@ -61,92 +78,137 @@ class RouterConfig:
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
 
     def triton_discovery(self) -> DiscoveryConfig:
-        return self.discovery or DiscoveryConfig(mode="static", static_addresses=static_addresses(self.triton))
-
-
-def static_addresses(value: str) -> tuple[str, ...]:
-    """`a:8001` or `a:8001,b:8001`, each checked to be host:port."""
-    addresses = tuple(a.strip() for a in value.split(",") if a.strip())
-    for address in addresses or (value,):
-        require_peer(address, "--triton", "MAAS_TRITON_ADDRESS")
-    return addresses
+        return self.discovery or DiscoveryConfig(mode="static", static_addresses=triton_addresses(self.triton))
 
 
 def load_config(argv: list[str] | None = None) -> RouterConfig:
-    parser = argparse.ArgumentParser(prog="maas-router", description="MaaS Mesh router (maas.v1.Router + Open Inference Protocol)")
+    parser = argparse.ArgumentParser(
+        prog="maas-router", description="MaaS Mesh router (maas.v1.Router + Open Inference Protocol)"
+    )
     add_server_arguments(parser, DEFAULT_LISTEN)
     peers = parser.add_argument_group("peers")
-    add_peer_argument(peers, "--registry", "MAAS_REGISTRY_ADDRESS", "127.0.0.1:50052", "registry")
-    add_peer_argument(peers, "--tokenizer", "MAAS_TOKENIZER_ADDRESS", "127.0.0.1:50053", "tokenizer")
-    add_peer_argument(peers, "--vision", "MAAS_VISION_ADDRESS", "127.0.0.1:50054", "vision")
-    add_peer_argument(peers, "--triton", "MAAS_TRITON_ADDRESS", "127.0.0.1:8001",
-                      "Triton gRPC (comma-separated for several static replicas)")
+    add_peer_argument(peers, "--registry", "MAAS_REGISTRY_ADDRESS", ports.loopback(ports.REGISTRY), "registry")
+    add_peer_argument(peers, "--tokenizer", "MAAS_TOKENIZER_ADDRESS", ports.loopback(ports.TOKENIZER), "tokenizer")
+    add_peer_argument(peers, "--vision", "MAAS_VISION_ADDRESS", ports.loopback(ports.VISION), "vision")
+    add_triton_argument(peers)
     add_discovery_arguments(parser)
     add_pool_arguments(parser)
     g = parser.add_argument_group("router")
-    g.add_argument("--default-timeout", type=float, default=env_float("MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS", 30.0),
-                   help="deadline for peer calls when the caller sets none (MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS)")
-    g.add_argument("--max-batch-items", type=int, default=env_int("MAAS_MAX_BATCH_ITEMS", 256),
-                   help="most texts or images in one request (MAAS_MAX_BATCH_ITEMS)")
-    g.add_argument("--shadow-max-inflight", type=int, default=env_int("MAAS_SHADOW_MAX_INFLIGHT", 64),
-                   help="shadow copies in flight before new ones are dropped (MAAS_SHADOW_MAX_INFLIGHT)")
-    g.add_argument("--shadow-timeout", type=float, default=env_float("MAAS_SHADOW_TIMEOUT_SECONDS", 10.0),
-                   help="deadline of one shadow copy (MAAS_SHADOW_TIMEOUT_SECONDS)")
-    g.add_argument("--shadow-report-interval", type=float, default=env_float("MAAS_SHADOW_REPORT_INTERVAL_SECONDS", 1.0),
-                   help="seconds between shadow result reports to the registry (MAAS_SHADOW_REPORT_INTERVAL_SECONDS)")
-    g.add_argument("--stats-report-interval", type=float,
-                   default=env_float("MAAS_ROUTER_STATS_REPORT_INTERVAL_SECONDS", 0.5),
-                   help="seconds between per-version request/error/latency reports to the registry, which "
-                        "rollouts analyse (MAAS_ROUTER_STATS_REPORT_INTERVAL_SECONDS)")
-    g.add_argument("--oip-fast-listen", default=env("MAAS_ROUTER_OIP_FAST_LISTEN", DEFAULT_OIP_FAST_LISTEN),
-                   help="address of the compiled Open Inference Protocol data path; \"off\" = none "
-                        "(MAAS_ROUTER_OIP_FAST_LISTEN)")
-    g.add_argument("--oip-fast-binary", default=env("MAAS_ROUTER_OIP_FAST_BINARY", ""),
-                   help=f"the {BINARY_NAME} executable (default: on PATH, else build/bin of a source checkout; "
-                        "`make fastpath` builds it) (MAAS_ROUTER_OIP_FAST_BINARY)")
+    g.add_argument(
+        "--default-timeout",
+        type=float,
+        default=env_float("MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS", 30.0),
+        help="deadline for peer calls when the caller sets none (MAAS_ROUTER_DEFAULT_TIMEOUT_SECONDS)",
+    )
+    g.add_argument(
+        "--max-batch-items",
+        type=int,
+        default=env_int("MAAS_MAX_BATCH_ITEMS", 256),
+        help="most texts or images in one request (MAAS_MAX_BATCH_ITEMS)",
+    )
+    g.add_argument(
+        "--shadow-max-inflight",
+        type=int,
+        default=env_int("MAAS_SHADOW_MAX_INFLIGHT", 64),
+        help="shadow copies in flight before new ones are dropped (MAAS_SHADOW_MAX_INFLIGHT)",
+    )
+    g.add_argument(
+        "--shadow-timeout",
+        type=float,
+        default=env_float("MAAS_SHADOW_TIMEOUT_SECONDS", 10.0),
+        help="deadline of one shadow copy (MAAS_SHADOW_TIMEOUT_SECONDS)",
+    )
+    g.add_argument(
+        "--shadow-report-interval",
+        type=float,
+        default=env_float("MAAS_SHADOW_REPORT_INTERVAL_SECONDS", 1.0),
+        help="seconds between shadow result reports to the registry (MAAS_SHADOW_REPORT_INTERVAL_SECONDS)",
+    )
+    g.add_argument(
+        "--stats-report-interval",
+        type=float,
+        default=env_float("MAAS_ROUTER_STATS_REPORT_INTERVAL_SECONDS", 0.5),
+        help="seconds between per-version request/error/latency reports to the registry, which "
+        "rollouts analyse (MAAS_ROUTER_STATS_REPORT_INTERVAL_SECONDS)",
+    )
+    g.add_argument(
+        "--oip-fast-listen",
+        default=env("MAAS_ROUTER_OIP_FAST_LISTEN", DEFAULT_OIP_FAST_LISTEN),
+        help='address of the OIP fast path; "off" = none (MAAS_ROUTER_OIP_FAST_LISTEN)',
+    )
+    g.add_argument(
+        "--oip-fast-binary",
+        default=env("MAAS_ROUTER_OIP_FAST_BINARY", ""),
+        help=f"the {BINARY_NAME} executable (default: on PATH, else build/bin of a source checkout; "
+        "`make fastpath` builds it) (MAAS_ROUTER_OIP_FAST_BINARY)",
+    )
     adm = parser.add_argument_group("tenants (docs/security.md)")
-    adm.add_argument("--auth", choices=("on", "off"), default=(env("MAAS_ROUTER_AUTH", "off") or "off").lower(),
-                     help="on: every inference call needs 'authorization: Bearer <tenant key>', checked against the "
-                          "registry's tenant list; the compiled OIP data path is then not started (MAAS_ROUTER_AUTH)")
-    adm.add_argument("--shed-sheddable-inflight", type=int, default=env_int("MAAS_ROUTER_SHED_SHEDDABLE_INFLIGHT", 0),
-                     help="calls in flight on this router from which sheddable calls are refused, 0 = never "
-                          "(MAAS_ROUTER_SHED_SHEDDABLE_INFLIGHT)")
-    adm.add_argument("--shed-standard-inflight", type=int, default=env_int("MAAS_ROUTER_SHED_STANDARD_INFLIGHT", 0),
-                     help="calls in flight from which standard calls are refused too, 0 = never; critical calls "
-                          "never are (MAAS_ROUTER_SHED_STANDARD_INFLIGHT)")
-    adm.add_argument("--shed-retry-after", type=float, default=env_float("MAAS_ROUTER_SHED_RETRY_AFTER_SECONDS", 0.25),
-                     help="retry hint (retry-after-ms) sent with a shed call, seconds "
-                          "(MAAS_ROUTER_SHED_RETRY_AFTER_SECONDS)")
+    adm.add_argument(
+        "--auth",
+        choices=("on", "off"),
+        default=(env("MAAS_ROUTER_AUTH", "off") or "off").lower(),
+        help="on: every inference call needs 'authorization: Bearer <tenant key>', checked against the "
+        "registry's tenant list; the compiled OIP data path is then not started (MAAS_ROUTER_AUTH)",
+    )
+    adm.add_argument(
+        "--shed-sheddable-inflight",
+        type=int,
+        default=env_int("MAAS_ROUTER_SHED_SHEDDABLE_INFLIGHT", 0),
+        help="calls in flight on this router from which sheddable calls are refused, 0 = never "
+        "(MAAS_ROUTER_SHED_SHEDDABLE_INFLIGHT)",
+    )
+    adm.add_argument(
+        "--shed-standard-inflight",
+        type=int,
+        default=env_int("MAAS_ROUTER_SHED_STANDARD_INFLIGHT", 0),
+        help="calls in flight from which standard calls are refused too, 0 = never; critical calls "
+        "never are (MAAS_ROUTER_SHED_STANDARD_INFLIGHT)",
+    )
+    adm.add_argument(
+        "--shed-retry-after",
+        type=float,
+        default=env_float("MAAS_ROUTER_SHED_RETRY_AFTER_SECONDS", 0.25),
+        help="retry hint (retry-after-ms) sent with a shed call, seconds (MAAS_ROUTER_SHED_RETRY_AFTER_SECONDS)",
+    )
     gen = parser.add_argument_group("generation")
     for flag, env_name, default, what in (
-            ("--generate-max-tokens", "MAAS_GENERATE_MAX_TOKENS", 1024, "largest sampling.max_tokens"),
-            ("--generate-max-messages", "MAAS_GENERATE_MAX_MESSAGES", 256, "most chat messages in one request"),
-            ("--generate-max-prompt-chars", "MAAS_GENERATE_MAX_PROMPT_CHARS", 1_000_000,
-             "most characters of a prompt (or of all message contents)"),
-            ("--generate-max-stop", "MAAS_GENERATE_MAX_STOP", 16, "most stop sequences in one request"),
-            ("--generate-max-stop-chars", "MAAS_GENERATE_MAX_STOP_CHARS", 256, "longest stop sequence")):
+        ("--generate-max-tokens", "MAAS_GENERATE_MAX_TOKENS", 1024, "largest sampling.max_tokens"),
+        ("--generate-max-messages", "MAAS_GENERATE_MAX_MESSAGES", 256, "most chat messages in one request"),
+        (
+            "--generate-max-prompt-chars",
+            "MAAS_GENERATE_MAX_PROMPT_CHARS",
+            1_000_000,
+            "most characters of a prompt (or of all message contents)",
+        ),
+        ("--generate-max-stop", "MAAS_GENERATE_MAX_STOP", 16, "most stop sequences in one request"),
+        ("--generate-max-stop-chars", "MAAS_GENERATE_MAX_STOP_CHARS", 256, "longest stop sequence"),
+    ):
         gen.add_argument(flag, type=int, default=env_int(env_name, default), help=f"{what} ({env_name})")
-    gen.add_argument("--generate-timeout", type=float, default=env_float("MAAS_GENERATE_TIMEOUT_SECONDS", 300.0),
-                     help="deadline of a generation when the caller sets none (MAAS_GENERATE_TIMEOUT_SECONDS)")
+    gen.add_argument(
+        "--generate-timeout",
+        type=float,
+        default=env_float("MAAS_GENERATE_TIMEOUT_SECONDS", 300.0),
+        help="deadline of a generation when the caller sets none (MAAS_GENERATE_TIMEOUT_SECONDS)",
+    )
     args = parser.parse_args(argv)
-    for flag in ("generate_max_tokens", "generate_max_messages", "generate_max_prompt_chars", "generate_max_stop",
-                 "generate_max_stop_chars", "generate_timeout"):
-        if getattr(args, flag) <= 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
+    require_positive(
+        args,
+        "generate_max_tokens",
+        "generate_max_messages",
+        "generate_max_prompt_chars",
+        "generate_max_stop",
+        "generate_max_stop_chars",
+        "generate_timeout",
+    )
     discovery = discovery_config(args)
     if discovery.mode == "static":
-        discovery = discovery_config(args, static_addresses(args.triton or ""))
-    for flag in ("default_timeout", "shadow_timeout", "shadow_report_interval", "stats_report_interval"):
-        if getattr(args, flag) <= 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
-    for flag in ("max_batch_items", "shadow_max_inflight"):
-        if getattr(args, flag) < (1 if flag == "max_batch_items" else 0):
-            raise ConfigError(f"--{flag.replace('_', '-')} is out of range")
-    if args.shed_retry_after <= 0:
-        raise ConfigError("--shed-retry-after must be positive")
-    for flag in ("shed_sheddable_inflight", "shed_standard_inflight"):
-        if getattr(args, flag) < 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be 0 (never) or positive")
+        discovery = discovery_config(args, triton_addresses(args.triton))
+    require_positive(
+        args, "default_timeout", "shadow_timeout", "shadow_report_interval", "stats_report_interval", "max_batch_items"
+    )
+    require_non_negative(args, "shadow_max_inflight")
+    require_positive(args, "shed_retry_after")
+    require_non_negative(args, "shed_sheddable_inflight", "shed_standard_inflight")  # 0 = never
     if args.auth not in ("on", "off"):
         raise ConfigError(f"--auth / MAAS_ROUTER_AUTH must be on or off, got {args.auth!r}")
     fast_listen, fast_binary = oip_fast_path(args.oip_fast_listen, args.oip_fast_binary)
@@ -169,18 +231,25 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         oip_fast_binary=fast_binary,
         outlier=outlier,
         retry_budget=retry_budget,
-        admission=AdmissionSettings(auth=args.auth == "on", shed_sheddable_inflight=args.shed_sheddable_inflight,
-                                    shed_standard_inflight=args.shed_standard_inflight,
-                                    shed_retry_after=args.shed_retry_after),
+        admission=AdmissionSettings(
+            auth=args.auth == "on",
+            shed_sheddable_inflight=args.shed_sheddable_inflight,
+            shed_standard_inflight=args.shed_standard_inflight,
+            shed_retry_after=args.shed_retry_after,
+        ),
         generation=GenerationLimits(
-            max_tokens=args.generate_max_tokens, max_messages=args.generate_max_messages,
-            max_prompt_chars=args.generate_max_prompt_chars, max_stop=args.generate_max_stop,
-            max_stop_chars=args.generate_max_stop_chars, default_timeout=args.generate_timeout),
+            max_tokens=args.generate_max_tokens,
+            max_messages=args.generate_max_messages,
+            max_prompt_chars=args.generate_max_prompt_chars,
+            max_stop=args.generate_max_stop,
+            max_stop_chars=args.generate_max_stop_chars,
+            default_timeout=args.generate_timeout,
+        ),
     )
 
 
 def oip_fast_path(listen: str, binary: str) -> tuple[str, str]:
-    """(listen, binary) of the compiled OIP data path, ("", "") when it is off. A binary named but
+    """(listen, binary) of the OIP fast path, ("", "") when it is off. A binary named but
     missing is an error; one not found by itself only turns the fast path off (the main port still
     serves the protocol), with a warning when the server starts."""
     listen = (listen or "").strip()

@@ -4,6 +4,7 @@ The pipeline (which preprocessing service, which postprocessing) is read from th
 metadata, so a newly registered model needs no change here. No gRPC server types in this module:
 the servicer hands in plain values and a timeout, and gets plain values back.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -93,6 +94,7 @@ class Prepared:
 
 def _inflight(method):
     """Counts the request in maas_router_inflight_requests (what the HPA scales on) while it runs."""
+
     @functools.wraps(method)
     async def tracked(*args, **kwargs):
         ROUTER_INFLIGHT.inc()
@@ -100,13 +102,22 @@ def _inflight(method):
             return await method(*args, **kwargs)
         finally:
             ROUTER_INFLIGHT.dec()
+
     return tracked
 
 
 class Dataplane:
-    def __init__(self, table: RoutingTable, triton: TritonPeer, tokenizer: TokenizerPeer, vision: VisionPeer,
-                 shadow: ShadowRunner, default_timeout: float = 30.0, max_batch_items: int = 256,
-                 version_stats: VersionStatsReporter | None = None):
+    def __init__(
+        self,
+        table: RoutingTable,
+        triton: TritonPeer,
+        tokenizer: TokenizerPeer,
+        vision: VisionPeer,
+        shadow: ShadowRunner,
+        default_timeout: float = 30.0,
+        max_batch_items: int = 256,
+        version_stats: VersionStatsReporter | None = None,
+    ):
         self.table, self.triton, self.tokenizer, self.vision = table, triton, tokenizer, vision
         self.version_stats = version_stats  # per-version figures for the registry's rollouts
         self.shadow, self.default_timeout, self.max_batch_items = shadow, default_timeout, max_batch_items
@@ -127,11 +138,13 @@ class Dataplane:
         info = route.info
         return ClassifyResult(top_k(softmax(logits), k or info.top_k or DEFAULT_TOP_K, info.labels), route)
 
-    async def _matrix(self, ref: ModelRef, payload: Payload, needs: PreKind,
-                      timeout: float | None) -> tuple[Route, Prepared, np.ndarray]:
+    async def _matrix(
+        self, ref: ModelRef, payload: Payload, needs: PreKind, timeout: float | None
+    ) -> tuple[Route, Prepared, np.ndarray]:
         """Embed and Classify: texts/images through the version's pipeline to its [batch, n] output."""
-        items, what, other = (payload.texts, "texts", "Classify") if needs == PreKind.TOKENIZER else \
-            (payload.images, "images", "Embed")
+        items, what, other = (
+            (payload.texts, "texts", "Classify") if needs == PreKind.TOKENIZER else (payload.images, "images", "Embed")
+        )
         if not items:
             raise InvalidArgument(f"no {what} given")
         self._check_items(len(items), what)
@@ -139,14 +152,17 @@ class Dataplane:
         info = route.info
         refuse_generation(info, "Generate")
         if info.pre_kind != needs:
-            raise InvalidArgument(f"model {info.model!r} v{info.version} does not take {what} "
-                                  f"(preprocessing {info.pre_kind.name}); use {other} or Infer")
+            raise InvalidArgument(
+                f"model {info.model!r} v{info.version} does not take {what} "
+                f"(preprocessing {info.pre_kind.name}); use {other} or Infer"
+            )
         deadline = self._deadline(timeout)
         prepared = await self._prepare(info, payload, deadline)
         await self._check_inputs(info, _givens(prepared.tensors), deadline, batch_checked=False, caller_ids=False)
         start = time.perf_counter()
-        outputs = await self._call_triton(info, prepared.tensors, [info.output_name] if info.output_name else [],
-                                          deadline)
+        outputs = await self._call_triton(
+            info, prepared.tensors, [info.output_name] if info.output_name else [], deadline
+        )
         matrix = self._post_matrix(info, outputs)
         self._shadow(route, payload, prepared, matrix, start)
         return route, prepared, matrix
@@ -154,8 +170,11 @@ class Dataplane:
     @_inflight
     @counted
     async def infer(self, ref: ModelRef, payload: Payload, outputs: list[str], timeout: float | None) -> InferResult:
-        given = [kind for kind, items in (("inputs", payload.tensors), ("texts", payload.texts),
-                                          ("images", payload.images)) if items]
+        given = [
+            kind
+            for kind, items in (("inputs", payload.tensors), ("texts", payload.texts), ("images", payload.images))
+            if items
+        ]
         if len(given) != 1:
             raise InvalidArgument(f"give exactly one of inputs, texts or images (got {', '.join(given) or 'none'})")
         self._check_items(len(payload.texts) + len(payload.images), given[0])
@@ -165,9 +184,13 @@ class Dataplane:
         deadline = self._deadline(timeout)
         prepared = await self._prepare(info, payload, deadline)
         # Batches over the limit are sliced (_call_triton), except BYTES tensors, which go as they are.
-        await self._check_inputs(info, _givens(prepared.tensors), deadline,
-                                 batch_checked=any(t.datatype == "BYTES" for t in prepared.tensors),
-                                 caller_ids=bool(payload.tensors))
+        await self._check_inputs(
+            info,
+            _givens(prepared.tensors),
+            deadline,
+            batch_checked=any(t.datatype == "BYTES" for t in prepared.tensors),
+            caller_ids=bool(payload.tensors),
+        )
         start = time.perf_counter()
         result = await self._call_triton(info, prepared.tensors, outputs, deadline)
         if route.shadow is not None and info.output_name:
@@ -219,12 +242,25 @@ class Dataplane:
         info = route.info
         note_routed(info)
         ROUTER_REQUESTS.labels(info.model, str(info.version), route.kind.name.lower()).inc()
-        annotate(model=info.model, version=info.version, alias=ref.alias or None, route=route.kind.name.lower(),
-                 route_target=route.target or None, shadow=route.shadow is not None,
-                 shadow_version=route.shadow.version if route.shadow else None)
+        annotate(
+            model=info.model,
+            version=info.version,
+            alias=ref.alias or None,
+            route=route.kind.name.lower(),
+            route_target=route.target or None,
+            shadow=route.shadow is not None,
+            shadow_version=route.shadow.version if route.shadow else None,
+        )
         if log.isEnabledFor(logging.DEBUG):  # carries trace_id/span_id: from a log line to its trace
-            log.debug("routed", extra={"model": info.model, "version": info.version, "route": route.kind.name.lower(),
-                                       "target": route.target})
+            log.debug(
+                "routed",
+                extra={
+                    "model": info.model,
+                    "version": info.version,
+                    "route": route.kind.name.lower(),
+                    "target": route.target,
+                },
+            )
         return route
 
     def _deadline(self, timeout: float | None) -> Deadline:
@@ -237,8 +273,10 @@ class Dataplane:
     async def _prepare(self, info: VersionInfo, payload: Payload, deadline: Deadline) -> Prepared:
         if payload.texts:
             if info.pre_kind != PreKind.TOKENIZER:
-                raise InvalidArgument(f"model {info.model!r} v{info.version} takes no texts "
-                                      f"(preprocessing {info.pre_kind.name}); send inputs")
+                raise InvalidArgument(
+                    f"model {info.model!r} v{info.version} takes no texts "
+                    f"(preprocessing {info.pre_kind.name}); send inputs"
+                )
             annotate(batch_size=len(payload.texts), items=len(payload.texts), preprocessing="tokenizer")
             start = time.perf_counter()
             tokenized = await self.tokenizer.tokenize(info.pre_name, payload.texts, deadline.remaining())
@@ -249,10 +287,16 @@ class Dataplane:
             return Prepared(tensors, tokenized.truncated)
         if payload.images:
             if info.pre_kind != PreKind.VISION:
-                raise InvalidArgument(f"model {info.model!r} v{info.version} takes no images "
-                                      f"(preprocessing {info.pre_kind.name}); send inputs")
-            annotate(batch_size=len(payload.images), items=len(payload.images), preprocessing="vision",
-                     bytes=sum(map(len, payload.images)))
+                raise InvalidArgument(
+                    f"model {info.model!r} v{info.version} takes no images "
+                    f"(preprocessing {info.pre_kind.name}); send inputs"
+                )
+            annotate(
+                batch_size=len(payload.images),
+                items=len(payload.images),
+                preprocessing="vision",
+                bytes=sum(map(len, payload.images)),
+            )
             input_name = info.inputs[0].name if info.inputs else ""
             start = time.perf_counter()
             tensor = await self.vision.preprocess(info.pre_name, payload.images, input_name, deadline.remaining())
@@ -264,22 +308,41 @@ class Dataplane:
         charge(_rows(info, payload.tensors[0].shape if payload.tensors else ()))  # cost units: batch rows
         return Prepared(list(payload.tensors), [])
 
-    async def _check_inputs(self, info: VersionInfo, givens: list[signature.Given], deadline: Deadline,
-                            batch_checked: bool, caller_ids: bool) -> None:
+    async def _check_inputs(
+        self,
+        info: VersionInfo,
+        givens: list[signature.Given],
+        deadline: Deadline,
+        batch_checked: bool,
+        caller_ids: bool,
+    ) -> None:
         """Refuses what the version's signature and limits rule out, before Triton sees it. Ids the
         tokenizer produced are in its vocabulary: only a caller's own ids are checked against it."""
         if not info.inputs:
             return
         max_batch = await self.triton.max_batch_size(info.triton_model, info.triton_version, deadline.remaining())
         vocab = info.vocab_size if caller_ids else 0
-        if caller_ids and not vocab and info.pre_kind == PreKind.TOKENIZER and any(g.name == signature.IDS_INPUT for g in givens):
+        if (
+            caller_ids
+            and not vocab
+            and info.pre_kind == PreKind.TOKENIZER
+            and any(g.name == signature.IDS_INPUT for g in givens)
+        ):
             vocab = await self.tokenizer.vocab_size(info.pre_name, deadline.remaining())
-        signature.check(info, givens, signature.Limits(
-            max_batch_size=max_batch if batch_checked else None, has_batch_dim=max_batch > 0,
-            max_sequence_length=info.max_sequence_length, vocab_size=vocab))
+        signature.check(
+            info,
+            givens,
+            signature.Limits(
+                max_batch_size=max_batch if batch_checked else None,
+                has_batch_dim=max_batch > 0,
+                max_sequence_length=info.max_sequence_length,
+                vocab_size=vocab,
+            ),
+        )
 
-    async def _call_triton(self, info: VersionInfo, tensors: list[tensor_pb2.Tensor], outputs: list[str],
-                           deadline: Deadline) -> list[tensor_pb2.Tensor]:
+    async def _call_triton(
+        self, info: VersionInfo, tensors: list[tensor_pb2.Tensor], outputs: list[str], deadline: Deadline
+    ) -> list[tensor_pb2.Tensor]:
         """One Triton call, or (for a batch over the version's max_batch_size) concurrent slices that
         Triton's dynamic batcher schedules, joined back in order: callers need not know the limit."""
         model, version = info.triton_model, info.triton_version
@@ -292,14 +355,25 @@ class Dataplane:
         arrays = [(t.name, from_proto(t)) for t in tensors]
         try:
             async with asyncio.TaskGroup() as group:  # one slice failing cancels the others
-                parts = [group.create_task(self.triton.infer(
-                    model, version, [to_proto(name, a[start:start + limit]) for name, a in arrays], outputs,
-                    deadline.remaining())) for start in range(0, size, limit)]
+                parts = [
+                    group.create_task(
+                        self.triton.infer(
+                            model,
+                            version,
+                            [to_proto(name, a[start : start + limit]) for name, a in arrays],
+                            outputs,
+                            deadline.remaining(),
+                        )
+                    )
+                    for start in range(0, size, limit)
+                ]
         except BaseExceptionGroup as failed:
             raise failed.exceptions[0] from None
         results = [part.result() for part in parts]
-        return [to_proto(first.name, np.concatenate([from_proto(r[i]) for r in results]))
-                for i, first in enumerate(results[0])]
+        return [
+            to_proto(first.name, np.concatenate([from_proto(r[i]) for r in results]))
+            for i, first in enumerate(results[0])
+        ]
 
     def _post_matrix(self, info: VersionInfo, outputs: list[tensor_pb2.Tensor]) -> np.ndarray:
         tensor = next((t for t in outputs if t.name == info.output_name), outputs[0] if outputs else None)
@@ -317,12 +391,14 @@ class Dataplane:
 
     @staticmethod
     def _retarget(request: bytes, name: str, info: VersionInfo) -> bytes:
-        return wire.with_model(request, name=info.triton_model if info.triton_model != name else None,
-                               version=info.triton_version)
+        return wire.with_model(
+            request, name=info.triton_model if info.triton_model != name else None, version=info.triton_version
+        )
 
     # -- shadow ------------------------------------------------------------------------------------
-    def _shadow(self, route: Route, payload: Payload, prepared: Prepared, primary: np.ndarray | None,
-                start: float) -> None:
+    def _shadow(
+        self, route: Route, payload: Payload, prepared: Prepared, primary: np.ndarray | None, start: float
+    ) -> None:
         shadow = route.shadow
         if shadow is None or primary is None:
             return
@@ -333,7 +409,9 @@ class Dataplane:
         async def shadow_output() -> np.ndarray | None:
             deadline = Deadline(self.shadow.timeout)
             tensors = prepared.tensors if same_inputs else (await self._prepare(shadow, payload, deadline)).tensors
-            outputs = await self._call_triton(shadow, tensors, [shadow.output_name] if shadow.output_name else [], deadline)
+            outputs = await self._call_triton(
+                shadow, tensors, [shadow.output_name] if shadow.output_name else [], deadline
+            )
             return self._comparable(shadow, outputs)
 
         async def primary_output() -> np.ndarray:
@@ -362,8 +440,9 @@ class Dataplane:
 def refuse_generation(info: VersionInfo, use: str) -> None:
     """A generation (decoupled) version answers with a stream: one-shot calls are pointed at `use`."""
     if info.post_kind == PostKind.GENERATION:
-        raise InvalidArgument(f"model {info.model!r} v{info.version} is a generation model (decoupled: one "
-                              f"response per token); use {use}")
+        raise InvalidArgument(
+            f"model {info.model!r} v{info.version} is a generation model (decoupled: one response per token); use {use}"
+        )
 
 
 def _rows(info: VersionInfo, shape) -> int:
@@ -380,13 +459,18 @@ def _raw_givens(request: bytes) -> list[signature.Given]:
     try:
         parsed = service_pb2.ModelInferRequest.FromString(request)
     except DecodeError:
-        raise InvalidArgument("malformed ModelInferRequest: the request is not a valid inference.ModelInferRequest") from None
+        raise InvalidArgument(
+            "malformed ModelInferRequest: the request is not a valid inference.ModelInferRequest"
+        ) from None
     raw = parsed.raw_input_contents
     if raw and len(raw) != len(parsed.inputs):
-        raise InvalidArgument(f"expected {len(parsed.inputs)} raw input contents, got {len(raw)} "
-                              f"(one per input, in order)")
-    return [signature.Given(i.name, i.datatype, tuple(i.shape), raw[n] if raw else None)
-            for n, i in enumerate(parsed.inputs)]
+        raise InvalidArgument(
+            f"expected {len(parsed.inputs)} raw input contents, got {len(raw)} (one per input, in order)"
+        )
+    return [
+        signature.Given(i.name, i.datatype, tuple(i.shape), raw[n] if raw else None)
+        for n, i in enumerate(parsed.inputs)
+    ]
 
 
 def version_selector(version: str) -> tuple[int, str]:

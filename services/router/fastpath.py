@@ -1,4 +1,4 @@
-"""The router's compiled OIP data path: maas-oip-fastpath, started, fed and watched from here.
+"""The router's OIP fast path: maas-oip-fastpath, started, fed and watched from here.
 
 A Python grpc.aio hop costs ~0.7 ms per call here, more than the router may add to a Triton call;
 the compiled forwarder (services/router/native/oip_fastpath.cc) costs ~0.25 ms. It serves
@@ -8,6 +8,7 @@ computed here from the routing table with routing.py's own rules. Every call tho
 settle (unknown model, version not READY, a routing key, a shadow copy to take, metadata and
 readiness calls) it forwards to this router's main port, which answers as it always does.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,7 +27,7 @@ from services.router.signature import beyond_triton
 from services.router.triton_errors import MODEL_INPUT_ERROR_MARKERS, NOT_SERVING_MARKER, NOT_SERVING_MESSAGE
 from services.shared.errors import MAX_STATUS_MESSAGE_BYTES, FailedPrecondition
 from services.shared.replica_pool import POOL_BUDGET_REFUSALS, ReplicaPool
-from services.shared.telemetry import RPC_DURATION, RPC_REQUESTS
+from services.shared.telemetry import RPC_DURATION, RPC_DURATION_BUCKETS, RPC_REQUESTS
 from services.shared.tls import TlsSettings
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,17 @@ class FastPathSettings:
 def tls_flags(tls: TlsSettings | None) -> list[str]:
     if tls is None:
         return []
-    return ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--tls-ca", str(tls.ca),
-            "--tls-client-auth", tls.client_auth, *(["--tls-server-name", tls.server_name] if tls.server_name else [])]
+    return [
+        "--tls-cert",
+        str(tls.cert),
+        "--tls-key",
+        str(tls.key),
+        "--tls-ca",
+        str(tls.ca),
+        "--tls-client-auth",
+        tls.client_auth,
+        *(["--tls-server-name", tls.server_name] if tls.server_name else []),
+    ]
 
 
 class FastPath:
@@ -140,8 +150,10 @@ class FastPath:
         except (asyncio.TimeoutError, RuntimeError) as exc:
             await self.stop()
             raise RuntimeError(f"{BINARY_NAME} did not start on {self.settings.listen}: {exc}") from None
-        log.info("oip fast path serving", extra={"listen": self.settings.listen, "port": self.port,
-                                                 "tls": self.settings.tls is not None})
+        log.info(
+            "oip fast path serving",
+            extra={"listen": self.settings.listen, "port": self.port, "tls": self.settings.tls is not None},
+        )
 
     def push(self) -> None:
         """Send the current routing state (called on every change; writes do not block)."""
@@ -174,21 +186,40 @@ class FastPath:
     def _command(self) -> list[str]:
         s = self.settings
         budget = self.pool.budget.settings  # the forwarder keeps its own count, with the same budget
-        return [s.binary, "--listen", s.listen, "--fallback", s.fallback, "--max-message-bytes",
-                str(s.max_message_bytes), "--default-timeout", str(s.default_timeout), "--grace", str(s.grace),
-                "--stats-interval", str(s.stats_interval),
-                "--duration-buckets", ",".join(map(str, RPC_DURATION._upper_bounds[:-1])),  # +Inf is implied
-                "--max-status-message-bytes", str(MAX_STATUS_MESSAGE_BYTES),
-                "--not-serving-marker", NOT_SERVING_MARKER, "--not-serving-message", NOT_SERVING_MESSAGE,
-                "--retry-budget", ",".join(map(str, (budget.ratio, budget.min_retries, budget.window_seconds))),
-                *(arg for marker in MODEL_INPUT_ERROR_MARKERS for arg in ("--input-error-marker", marker)),
-                *tls_flags(s.tls)]
+        return [
+            s.binary,
+            "--listen",
+            s.listen,
+            "--fallback",
+            s.fallback,
+            "--max-message-bytes",
+            str(s.max_message_bytes),
+            "--default-timeout",
+            str(s.default_timeout),
+            "--grace",
+            str(s.grace),
+            "--stats-interval",
+            str(s.stats_interval),
+            "--duration-buckets",
+            ",".join(map(str, RPC_DURATION_BUCKETS)),  # +Inf is implied
+            "--max-status-message-bytes",
+            str(MAX_STATUS_MESSAGE_BYTES),
+            "--not-serving-marker",
+            NOT_SERVING_MARKER,
+            "--not-serving-message",
+            NOT_SERVING_MESSAGE,
+            "--retry-budget",
+            ",".join(map(str, (budget.ratio, budget.min_retries, budget.window_seconds))),
+            *(arg for marker in MODEL_INPUT_ERROR_MARKERS for arg in ("--input-error-marker", marker)),
+            *tls_flags(s.tls),
+        ]
 
     async def _supervise(self) -> None:
         backoff = 0.5
         while not self._stopping:
             self._process = await asyncio.create_subprocess_exec(
-                *self._command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+                *self._command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+            )
             self.push()
             await self._read_reports(self._process)
             code = await self._process.wait()
@@ -214,12 +245,16 @@ class FastPath:
                 POOL_BUDGET_REFUSALS.labels(self.pool.name).inc(int(fields[1]))
             elif fields[0] == "requests" and len(fields) == 6:
                 model, version, route, code, count = fields[1:]
-                RPC_REQUESTS.labels("router", "ModelInfer", model, version,
-                                    _CODE_NAMES.get(int(code), code)).inc(int(count))
+                RPC_REQUESTS.labels("router", "ModelInfer", model, version, _CODE_NAMES.get(int(code), code)).inc(
+                    int(count)
+                )
                 ROUTER_REQUESTS.labels(model, version, route).inc(int(count))
             elif fields[0] == "durations" and len(fields) == 3:
-                add_to_histogram(RPC_DURATION.labels("router", "ModelInfer"),
-                                 [int(n) for n in fields[1].split(",")], float(fields[2]))
+                add_to_histogram(
+                    RPC_DURATION.labels("router", "ModelInfer"),
+                    [int(n) for n in fields[1].split(",")],
+                    float(fields[2]),
+                )
 
     def _report_inflight(self, inflight: int) -> None:
         """The forwarder's calls join the router's in-flight gauge (what the HPA scales on)."""

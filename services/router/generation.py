@@ -10,6 +10,7 @@ When the request ends early (stop match, caller cancel, deadline) the Triton str
 Triton cancels the request in the model, which frees its sequence slot within one decode step.
 No gRPC server types here: the servicer hands in plain values and gets Pieces back.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -47,8 +48,11 @@ class FinishReason(enum.IntEnum):
     CANCELLED = 3
 
 
-_FINISH = {contract.FINISH_STOP: FinishReason.STOP, contract.FINISH_LENGTH: FinishReason.LENGTH,
-           contract.FINISH_CANCELLED: FinishReason.CANCELLED}
+_FINISH = {
+    contract.FINISH_STOP: FinishReason.STOP,
+    contract.FINISH_LENGTH: FinishReason.LENGTH,
+    contract.FINISH_CANCELLED: FinishReason.CANCELLED,
+}
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class Piece:
 
 # -- checks before any work ------------------------------------------------------------------------
 
+
 def _finite(value: float, name: str) -> float:
     if not math.isfinite(value):
         raise InvalidArgument(f"{name} must be a finite number, got {value}")
@@ -91,8 +96,9 @@ def _finite(value: float, name: str) -> float:
 
 def check_sampling(s: Sampling, limits: GenerationLimits) -> None:
     if s.max_tokens > limits.max_tokens:
-        raise InvalidArgument(f"sampling.max_tokens {s.max_tokens} is over the limit of {limits.max_tokens} "
-                              f"(MAAS_GENERATE_MAX_TOKENS)")
+        raise InvalidArgument(
+            f"sampling.max_tokens {s.max_tokens} is over the limit of {limits.max_tokens} (MAAS_GENERATE_MAX_TOKENS)"
+        )
     if s.temperature is not None and _finite(s.temperature, "sampling.temperature") < 0:
         raise InvalidArgument(f"sampling.temperature {s.temperature} must be >= 0 (0 = greedy)")
     if s.top_p is not None and not 0 < _finite(s.top_p, "sampling.top_p") <= 1:
@@ -102,14 +108,17 @@ def check_sampling(s: Sampling, limits: GenerationLimits) -> None:
     if s.repetition_penalty is not None and _finite(s.repetition_penalty, "sampling.repetition_penalty") <= 0:
         raise InvalidArgument(f"sampling.repetition_penalty {s.repetition_penalty} must be > 0 (1 = off)")
     if len(s.stop) > limits.max_stop:
-        raise InvalidArgument(f"sampling.stop has {len(s.stop)} sequences, at most {limits.max_stop} "
-                              f"(MAAS_GENERATE_MAX_STOP)")
+        raise InvalidArgument(
+            f"sampling.stop has {len(s.stop)} sequences, at most {limits.max_stop} (MAAS_GENERATE_MAX_STOP)"
+        )
     for i, stop in enumerate(s.stop):
         if not stop:
             raise InvalidArgument(f"sampling.stop[{i}] is empty")
         if len(stop) > limits.max_stop_chars:
-            raise InvalidArgument(f"sampling.stop[{i}] is {len(stop)} characters, at most {limits.max_stop_chars} "
-                                  f"(MAAS_GENERATE_MAX_STOP_CHARS)")
+            raise InvalidArgument(
+                f"sampling.stop[{i}] is {len(stop)} characters, at most {limits.max_stop_chars} "
+                f"(MAAS_GENERATE_MAX_STOP_CHARS)"
+            )
 
 
 def check_prompt(p: Prompt, limits: GenerationLimits) -> None:
@@ -137,14 +146,19 @@ def check_prompt(p: Prompt, limits: GenerationLimits) -> None:
 
 def check_generation_model(info: VersionInfo) -> None:
     if info.post_kind != PostKind.GENERATION:
-        raise InvalidArgument(f"model {info.model!r} v{info.version} is not a generation model (postprocessing "
-                              f"{info.post_kind.name}); use Embed, Classify or Infer")
+        raise InvalidArgument(
+            f"model {info.model!r} v{info.version} is not a generation model (postprocessing "
+            f"{info.post_kind.name}); use Embed, Classify or Infer"
+        )
     if info.pre_kind != PreKind.TOKENIZER or not info.pre_name:
-        raise FailedPrecondition(f"model {info.model!r} v{info.version} has no tokenizer to build its prompt with "
-                                 f"(register it with preprocessing tokenizer:<name>)")
+        raise FailedPrecondition(
+            f"model {info.model!r} v{info.version} has no tokenizer to build its prompt with "
+            f"(register it with preprocessing tokenizer:<name>)"
+        )
 
 
 # -- stop sequences --------------------------------------------------------------------------------
+
 
 class StopMatcher:
     """Finds the first stop sequence in the generated text, holding back what could start one.
@@ -185,6 +199,7 @@ class StopMatcher:
 
 # -- Triton messages -------------------------------------------------------------------------------
 
+
 def triton_request(info: VersionInfo, ids: list[int], max_tokens: int, s: Sampling) -> service_pb2.ModelInferRequest:
     request = service_pb2.ModelInferRequest(model_name=info.triton_model, model_version=info.triton_version)
 
@@ -216,7 +231,7 @@ def read_response(response: service_pb2.ModelInferResponse) -> tuple[list[int], 
             ids = np.frombuffer(raw, dtype="<i8").tolist()
         elif out.name == "finish_reason" and len(raw) >= 4:
             size = int.from_bytes(raw[:4], "little")  # BYTES: 4-byte length, then the bytes
-            finish = raw[4:4 + size].decode("utf-8", "replace")
+            finish = raw[4 : 4 + size].decode("utf-8", "replace")
         elif out.name == "usage" and len(raw) >= 8:
             prompt, completion = np.frombuffer(raw[:8], dtype="<i4").tolist()
             usage = (prompt, completion)
@@ -245,8 +260,9 @@ class Generation:
             whole.finish, whole.usage = piece.finish or whole.finish, piece.usage or whole.usage
         return whole
 
-    async def stream(self, ref: ModelRef, prompt: Prompt, sampling: Sampling,
-                     timeout: float | None) -> AsyncIterator[Piece]:
+    async def stream(
+        self, ref: ModelRef, prompt: Prompt, sampling: Sampling, timeout: float | None
+    ) -> AsyncIterator[Piece]:
         started = time.perf_counter()
         check_sampling(sampling, self.limits)
         check_prompt(prompt, self.limits)
@@ -260,8 +276,10 @@ class Generation:
             max_tokens, context = await self._limits(info, sampling, deadline)
             ids = await self._prompt_ids(info, prompt, deadline)
             if context and len(ids) + max_tokens > context:
-                raise InvalidArgument(f"prompt is {len(ids)} tokens; with max_tokens {max_tokens} that is over the "
-                                      f"context of {context} tokens of model {info.model!r} v{info.version}")
+                raise InvalidArgument(
+                    f"prompt is {len(ids)} tokens; with max_tokens {max_tokens} that is over the "
+                    f"context of {context} tokens of model {info.model!r} v{info.version}"
+                )
             annotate(prompt_tokens=len(ids), max_tokens=max_tokens)
             async for piece in self._generate(route, ids, max_tokens, sampling, deadline, started):
                 yield piece
@@ -273,8 +291,10 @@ class Generation:
         params = await self.triton.model_parameters(info.triton_model, info.triton_version, deadline.remaining())
         cap = min(self.limits.max_tokens, _int_parameter(params, contract.PARAM_MAX_TOKENS_CAP, self.limits.max_tokens))
         if sampling.max_tokens > cap:
-            raise InvalidArgument(f"sampling.max_tokens {sampling.max_tokens} is over the limit of {cap} of model "
-                                  f"{info.model!r} v{info.version}")
+            raise InvalidArgument(
+                f"sampling.max_tokens {sampling.max_tokens} is over the limit of {cap} of model "
+                f"{info.model!r} v{info.version}"
+            )
         default = _int_parameter(params, contract.PARAM_DEFAULT_MAX_TOKENS, contract.DEFAULT_DEFAULT_MAX_TOKENS)
         return sampling.max_tokens or min(default, cap), _int_parameter(params, contract.PARAM_CONTEXT_LENGTH, 0)
 
@@ -285,8 +305,9 @@ class Generation:
             tokenized = await self.tokenizer.tokenize(info.pre_name, [prompt.text], deadline.remaining())
             if tokenized.truncated and tokenized.truncated[0]:
                 length = tokenized.original_lengths[0] if tokenized.original_lengths else "more"
-                raise InvalidArgument(f"prompt is {length} tokens, over the longest text tokenizer "
-                                      f"{info.pre_name!r} takes")
+                raise InvalidArgument(
+                    f"prompt is {length} tokens, over the longest text tokenizer {info.pre_name!r} takes"
+                )
             tensor = next((t for t in tokenized.tensors if t.name == "input_ids"), None)
             if tensor is None:
                 raise FailedPrecondition(f"tokenizer {info.pre_name!r} returned no input_ids")
@@ -303,8 +324,9 @@ class Generation:
                 raise Unavailable(f"{self.tokenizer.peer} is unavailable: {exc.details()}") from None
             raise
 
-    async def _generate(self, route: Route, ids: list[int], max_tokens: int, sampling: Sampling,
-                        deadline: Deadline, started: float) -> AsyncIterator[Piece]:
+    async def _generate(
+        self, route: Route, ids: list[int], max_tokens: int, sampling: Sampling, deadline: Deadline, started: float
+    ) -> AsyncIterator[Piece]:
         info = route.info
         stops = StopMatcher(sampling.stop)
         first, sent, matched = True, 0, False
@@ -339,8 +361,9 @@ class Generation:
                         finish = _FINISH.get(reason, FinishReason.UNSPECIFIED)
                         break
                 else:
-                    raise Unavailable(f"Triton ended the stream of model {info.model!r} v{info.version} "
-                                      f"before its final response")
+                    raise Unavailable(
+                        f"Triton ended the stream of model {info.model!r} v{info.version} before its final response"
+                    )
                 text, shown = "", []
                 if not matched:  # what the detokenizer held back (a character cut at the end)
                     text, shown, matched = stops.feed(await self._detokenize(detokenizer, [], flush=True), [])

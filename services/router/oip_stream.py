@@ -7,6 +7,7 @@ answers a bad request, and the stream goes on. The caller's deadline, if any, is
 a stream without one lives as long as the caller keeps it (tritonclient's start_stream sets none).
 Cancelling the caller's stream cancels the Triton stream, and Triton the requests still running.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,8 +35,14 @@ def error_response(request: bytes, message: str) -> bytes:
     return response.SerializeToString()
 
 
-async def relay(plane: Dataplane, requests: AsyncIterator[bytes], routing_key: str,
-                timeout: float | None, metadata: tuple = (), check=None) -> AsyncIterator[bytes]:
+async def relay(
+    plane: Dataplane,
+    requests: AsyncIterator[bytes],
+    routing_key: str,
+    timeout: float | None,
+    metadata: tuple = (),
+    check=None,
+) -> AsyncIterator[bytes]:
     """`check(request)` raises a ServiceError for a request admission refuses (services/router/admission.py)."""
     STREAMS_INFLIGHT.inc()
     try:

@@ -4,6 +4,7 @@ pool of replicas (services.shared.replica_pool: one channel per replica, calls s
 Every call gets the caller's remaining deadline and wait_for_ready=False, so a peer that is down
 fails fast with UNAVAILABLE instead of hanging; cancelling the caller cancels the awaited call.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ import functools
 import logging
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import monotonic
 
 import grpc
@@ -20,7 +21,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from maas.v1 import tensor_pb2, tokenizer_pb2, tokenizer_pb2_grpc, vision_pb2, vision_pb2_grpc
 from services.router import wire
 from services.router.triton_errors import NOT_SERVING_CODES, NOT_SERVING_MARKER, model_input_error, not_serving
-from services.shared.errors import Unavailable, bounded
+from services.shared.errors import ServiceError, Unavailable, bounded
 from services.tokenizer.client import DetokenizeSession
 from services.shared.replica_pool import Replica, ReplicaPool
 
@@ -32,6 +33,7 @@ MODEL_STREAM_INFER_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 def names_peer(method):
     """An unreachable peer becomes UNAVAILABLE saying which peer, so callers and operators know where to look."""
+
     @functools.wraps(method)
     async def call(self, *args, **kwargs):
         try:
@@ -40,6 +42,7 @@ def names_peer(method):
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 raise Unavailable(f"{self.peer} is unavailable: {exc.details()}") from None
             raise
+
     return call
 
 
@@ -47,7 +50,7 @@ def names_peer(method):
 class Tokenized:
     tensors: list[tensor_pb2.Tensor]
     truncated: list[bool]
-    original_lengths: list[int] = ()
+    original_lengths: list[int] = field(default_factory=list)
 
 
 class TokenizerPeer:
@@ -60,8 +63,9 @@ class TokenizerPeer:
     async def vocab_size(self, tokenizer: str, timeout: float | None) -> int:
         """The named tokenizer's vocabulary size (0 when the service does not list it), fetched once."""
         if tokenizer not in self._vocab:
-            listed = await self._stub.ListTokenizers(tokenizer_pb2.ListTokenizersRequest(), timeout=timeout,
-                                                     wait_for_ready=False)
+            listed = await self._stub.ListTokenizers(
+                tokenizer_pb2.ListTokenizersRequest(), timeout=timeout, wait_for_ready=False
+            )
             for info in listed.tokenizers:
                 self._vocab[info.name] = int(info.vocab_size)
             name = tokenizer or listed.default_tokenizer
@@ -70,18 +74,22 @@ class TokenizerPeer:
 
     @names_peer
     async def tokenize(self, tokenizer: str, texts: list[str], timeout: float | None) -> Tokenized:
-        request = tokenizer_pb2.TokenizeRequest(tokenizer=tokenizer, texts=texts,
-                                                padding=tokenizer_pb2.PADDING_LONGEST)
+        request = tokenizer_pb2.TokenizeRequest(tokenizer=tokenizer, texts=texts, padding=tokenizer_pb2.PADDING_LONGEST)
         response = await self._stub.Tokenize(request, timeout=timeout, wait_for_ready=False)
-        return Tokenized(list(response.tensors), [item.truncated for item in response.items],
-                         [item.original_length for item in response.items])
+        return Tokenized(
+            list(response.tensors),
+            [item.truncated for item in response.items],
+            [item.original_length for item in response.items],
+        )
 
     @names_peer
     async def chat_template(self, tokenizer: str, messages: list[tuple[str, str]], timeout: float | None) -> list[int]:
         """The messages rendered with the tokenizer's chat template (assistant turn opened), as ids."""
         request = tokenizer_pb2.ChatTemplateRequest(
-            tokenizer=tokenizer, add_generation_prompt=True,
-            messages=[tokenizer_pb2.TemplateMessage(role=role, content=content) for role, content in messages])
+            tokenizer=tokenizer,
+            add_generation_prompt=True,
+            messages=[tokenizer_pb2.TemplateMessage(role=role, content=content) for role, content in messages],
+        )
         response = await self._stub.ApplyChatTemplate(request, timeout=timeout, wait_for_ready=False)
         return list(response.input_ids)
 
@@ -96,8 +104,9 @@ class VisionPeer:
         self.peer = f"the vision service ({address})"
 
     @names_peer
-    async def preprocess(self, spec: str, images: list[bytes], output_name: str,
-                         timeout: float | None) -> tensor_pb2.Tensor:
+    async def preprocess(
+        self, spec: str, images: list[bytes], output_name: str, timeout: float | None
+    ) -> tensor_pb2.Tensor:
         request = vision_pb2.PreprocessRequest(spec=spec, images=images, output_name=output_name)
         response = await self._stub.Preprocess(request, timeout=timeout, wait_for_ready=False)
         return response.tensor
@@ -118,9 +127,12 @@ def raw_model_stream_infer(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMu
 
 def model_stream_infer(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiCallable:
     """ModelStreamInfer with service_pb2 messages (the router's own generation requests)."""
-    return channel.stream_stream(MODEL_STREAM_INFER_METHOD,
-                                 request_serializer=service_pb2.ModelInferRequest.SerializeToString,
-                                 response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+    return channel.stream_stream(
+        MODEL_STREAM_INFER_METHOD,
+        request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+        response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+    )
+
 
 # gRPC's status text when the call could not be given a connection at all (wait_for_ready=False and the
 # channel cannot connect): the request never left the router, so another replica may take it.
@@ -138,8 +150,9 @@ def retry_elsewhere(exc: grpc.aio.AioRpcError) -> bool:
     Any other failure (reset, GOAWAY mid-call, Triton's own UNAVAILABLE, deadline) may have reached
     the model and is not retried."""
     details = exc.details() or ""
-    return (exc.code() == grpc.StatusCode.UNAVAILABLE and details.startswith(NOT_SENT)) or \
-        (exc.code() in NOT_SERVING_CODES and details.startswith(NOT_SERVING_MARKER))
+    return (exc.code() == grpc.StatusCode.UNAVAILABLE and details.startswith(NOT_SENT)) or (
+        exc.code() in NOT_SERVING_CODES and details.startswith(NOT_SERVING_MARKER)
+    )
 
 
 def retryable(exc: grpc.aio.AioRpcError) -> bool:
@@ -169,8 +182,9 @@ class TritonPeer:
             self._max_batch[key] = int(response.config.max_batch_size)
         return self._max_batch[key]
 
-    async def infer(self, model: str, version: str, inputs: list[tensor_pb2.Tensor], outputs: list[str],
-                    timeout: float | None) -> list[tensor_pb2.Tensor]:
+    async def infer(
+        self, model: str, version: str, inputs: list[tensor_pb2.Tensor], outputs: list[str], timeout: float | None
+    ) -> list[tensor_pb2.Tensor]:
         request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
         for tensor in inputs:
             request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
@@ -197,28 +211,28 @@ class TritonPeer:
         return self._parameters[key]
 
     @contextlib.asynccontextmanager
-    async def stream(self, timeout: float | None, raw: bool = False,
-                     metadata: tuple = ()) -> AsyncIterator[grpc.aio.StreamStreamCall]:
+    async def stream(
+        self, timeout: float | None, raw: bool = False, metadata: tuple = ()
+    ) -> AsyncIterator[grpc.aio.StreamStreamCall]:
         """A ModelStreamInfer call on one replica, counted in its in-flight calls while open, and
         cancelled when the block ends however it ends (Triton then cancels the requests still running
         on it: that is how a caller's cancel or deadline reaches a decoupled model). Not retried: a
         stream's requests may have reached the model."""
         self.pool.request()
         replica = self.pool.pick()
-        replica.inflight += 1
-        replica.calls += 1
-        call = replica.stub(raw_model_stream_infer if raw else model_stream_infer)(
-            timeout=timeout, wait_for_ready=False, metadata=metadata or None)
-        try:
-            yield call
-        except grpc.aio.AioRpcError as exc:
-            self.pool.report(replica, ok=not retryable(exc))
-            raise
-        else:
-            self.pool.report(replica, ok=True)
-        finally:
-            replica.inflight -= 1
-            call.cancel()
+        with replica.counted():
+            call = replica.stub(raw_model_stream_infer if raw else model_stream_infer)(
+                timeout=timeout, wait_for_ready=False, metadata=metadata or None
+            )
+            try:
+                yield call
+            except grpc.aio.AioRpcError as exc:
+                self.pool.report(replica, ok=not retryable(exc))
+                raise
+            else:
+                self.pool.report(replica, ok=True)
+            finally:
+                call.cancel()
 
     async def call(self, method: str, request, timeout: float | None):
         """Any other unary method of Triton's API by name, e.g. call("ModelMetadata", req, 5)."""
@@ -246,8 +260,16 @@ class TritonPeer:
         self.pool.report(replica, ok=True)
         return response
 
-    async def _retry(self, replica: Replica, failure: grpc.aio.AioRpcError, factory, method: str | None, request,
-                     timeout: float | None, started: float):
+    async def _retry(
+        self,
+        replica: Replica,
+        failure: grpc.aio.AioRpcError,
+        factory,
+        method: str | None,
+        request,
+        timeout: float | None,
+        started: float,
+    ):
         tried = {replica}
         refused = ""
         while retry_elsewhere(failure):
@@ -262,8 +284,10 @@ class TritonPeer:
                 break
             replica = min(random.sample(others, min(2, len(others))), key=_inflight)
             tried.add(replica)
-            log.debug("retrying a Triton call on another replica",
-                     extra={"failed": failure.details(), "replica": replica.address})
+            log.debug(
+                "retrying a Triton call on another replica",
+                extra={"failed": failure.details(), "replica": replica.address},
+            )
             try:
                 return await self._attempt(replica, factory, method, request, remaining)
             except grpc.aio.AioRpcError as exc:
@@ -278,7 +302,7 @@ class TritonPeer:
         raise answer from None
 
 
-def _answer(exc: grpc.aio.AioRpcError, request) -> Exception:
+def _answer(exc: grpc.aio.AioRpcError, request) -> ServiceError | grpc.aio.AioRpcError:
     """What a Triton failure means to the caller (triton_errors.py); else Triton's own status."""
     return not_serving(exc.code(), exc.details() or "", *_model_of(request)) or model_input_error(exc) or exc
 
@@ -293,13 +317,9 @@ def _model_of(request) -> tuple[str, str]:
 
 async def _attempt(replica: Replica, factory, method: str | None, request, timeout: float | None):
     """One call on one replica, counted in its in-flight and call totals (what pick() balances on)."""
-    replica.inflight += 1
-    replica.calls += 1
-    try:
+    with replica.counted():
         rpc = replica.stub(factory)
         return await (getattr(rpc, method) if method else rpc)(request, timeout=timeout, wait_for_ready=False)
-    finally:
-        replica.inflight -= 1
 
 
 def _inflight(replica: Replica) -> int:
@@ -310,6 +330,7 @@ def output_tensor(response: service_pb2.ModelInferResponse, name: str) -> tensor
     """One output of a (parsed) ModelInferResponse as a maas Tensor; None when absent."""
     for i, out in enumerate(response.outputs):
         if (not name or out.name == name) and i < len(response.raw_output_contents):
-            return tensor_pb2.Tensor(name=out.name, datatype=out.datatype, shape=out.shape,
-                                     raw_contents=response.raw_output_contents[i])
+            return tensor_pb2.Tensor(
+                name=out.name, datatype=out.datatype, shape=out.shape, raw_contents=response.raw_output_contents[i]
+            )
     return None

@@ -1,4 +1,5 @@
 """Turning a version's output tensor into an answer, and comparing primary and shadow answers."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

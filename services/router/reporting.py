@@ -1,5 +1,6 @@
 """A batch of figures sent to the registry every few seconds, off the request path (shadow results,
 per-version request figures): one task, started on first use, stopped with a last flush."""
+
 from __future__ import annotations
 
 import asyncio

@@ -4,6 +4,7 @@ Plain Python, no gRPC: the watcher fills the table from the registry's Watch str
 asks it which version answers a request. Each model's view is replaced whole on every change, so a
 request always sees one consistent view.
 """
+
 from __future__ import annotations
 
 import enum
@@ -17,8 +18,8 @@ from services.shared.errors import FailedPrecondition, NotFound, Unavailable
 DEFAULT_ALIAS = "production"
 
 
-class VersionState(enum.IntEnum):
-    """Mirrors maas.v1.VersionState."""
+class ServingState(enum.IntEnum):
+    """A version's state as the router serves it (mirrors maas.v1.VersionState, the registry's)."""
 
     UNSPECIFIED = 0
     REGISTERED = 1
@@ -58,7 +59,7 @@ class RouteKind(enum.IntEnum):
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class TensorInfo:
     name: str
     datatype: str
     shape: tuple[int, ...] = ()
@@ -70,10 +71,10 @@ class VersionInfo:
 
     model: str
     version: int
-    state: VersionState = VersionState.READY
+    state: ServingState = ServingState.READY
     state_reason: str = ""
-    inputs: tuple[TensorSpec, ...] = ()
-    outputs: tuple[TensorSpec, ...] = ()
+    inputs: tuple[TensorInfo, ...] = ()
+    outputs: tuple[TensorInfo, ...] = ()
     pre_kind: PreKind = PreKind.NONE
     pre_name: str = ""
     post_kind: PostKind = PostKind.NONE
@@ -86,7 +87,7 @@ class VersionInfo:
 
     @property
     def ready(self) -> bool:
-        return self.state == VersionState.READY
+        return self.state == ServingState.READY
 
     @property
     def triton_model(self) -> str:
@@ -194,8 +195,12 @@ class RoutingTable:
     def ready_versions(self) -> set[tuple[str, str]]:
         """(Triton model, Triton version) of every READY version: what a new Triton replica must serve
         before the router sends it calls (the registry loads them there)."""
-        return {(info.triton_model, info.triton_version)
-                for routes in self._models.values() for info in routes.versions.values() if info.ready}
+        return {
+            (info.triton_model, info.triton_version)
+            for routes in self._models.values()
+            for info in routes.versions.values()
+            if info.ready
+        }
 
     def model(self, name: str) -> ModelRoutes:
         if not self.has_state:
@@ -210,7 +215,11 @@ class RoutingTable:
         """Pick the version for a request: explicit version > alias > traffic policy > default."""
         routes = self.model(name)
         if version:
-            info, kind, target = _must_be_ready(routes, version, f"version {version}"), RouteKind.EXPLICIT_VERSION, f"v{version}"
+            info, kind, target = (
+                _must_be_ready(routes, version, f"version {version}"),
+                RouteKind.EXPLICIT_VERSION,
+                f"v{version}",
+            )
         elif alias:
             info, kind, target = _resolve_alias(routes, alias), RouteKind.ALIAS, alias
         elif routes.split:
@@ -233,7 +242,9 @@ class RoutingTable:
         routes = self.model(name)
         info = routes.versions.get(version)
         if info is None:
-            raise UnknownVersion(name, version, f"model {name!r} has no version {version} (versions: {sorted(routes.versions)})")
+            raise UnknownVersion(
+                name, version, f"model {name!r} has no version {version} (versions: {sorted(routes.versions)})"
+            )
         return info
 
     # -- internals ---------------------------------------------------------------------------------
@@ -324,12 +335,13 @@ def _target_version(routes: ModelRoutes, target: Target) -> VersionInfo | None:
 def _must_be_ready(routes: ModelRoutes, version: int, what: str) -> VersionInfo:
     info = routes.versions.get(version)
     if info is None:
-        raise UnknownVersion(routes.name, version,
-                             f"model {routes.name!r} has no {what} (versions: {sorted(routes.versions)})")
+        raise UnknownVersion(
+            routes.name, version, f"model {routes.name!r} has no {what} (versions: {sorted(routes.versions)})"
+        )
     if not info.ready:
         reason = f": {info.state_reason}" if info.state_reason else ""
-        raise VersionNotReady(routes.name, version,
-            f"model {routes.name!r} {what} is {info.state.name}, not READY{reason}"
+        raise VersionNotReady(
+            routes.name, version, f"model {routes.name!r} {what} is {info.state.name}, not READY{reason}"
         )
     return info
 

@@ -2,7 +2,8 @@
 
 Call it inside a running event loop (services.shared.server.run does): it starts the registry watch.
 Health "" is SERVING once started; "readiness" only while a Triton replica answers ServerLive
-(services.shared.readiness; a wrong --triton keeps the pod unready with the reason logged). Until the first routing snapshot arrives requests get UNAVAILABLE
+(services.shared.readiness; a wrong --triton keeps the pod unready with the reason logged). Until the
+first routing snapshot arrives requests get UNAVAILABLE
 ("routing state not received from the registry yet") and OIP ServerReady answers false.
 
 Triton calls are spread over every replica the discovery source reports (static --triton list, or the
@@ -10,7 +11,10 @@ ready endpoints of the headless Service). With discovery, a new replica gets cal
 every READY version of the routing table (the registry loads them there); static replicas are trusted
 as given, so one static address costs what a single channel did.
 """
+
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import logging
 
@@ -36,48 +40,79 @@ from services.shared.server import ServiceServer, build_server
 log = logging.getLogger(__name__)
 
 
-def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None) -> tuple[ServiceServer, int]:
+@dataclass
+class RouterServer(ServiceServer):
+    """The router's server with its admission (tests read its tenant cache)."""
+
+    admission: Admission | None = None
+
+
+def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None) -> tuple[RouterServer, int]:
     """triton_source: where Triton replicas come from (default: from cfg; tests pass their own)."""
     limit, tls = cfg.server.max_message_bytes, cfg.server.tls
     channels = {name: open_channel(getattr(cfg, name), limit, tls) for name in ("registry", "tokenizer", "vision")}
     table = RoutingTable()
     watcher = RegistryWatcher(channels["registry"], table)
-    shadow = ShadowRunner(channels["registry"], max_inflight=cfg.shadow_max_inflight, timeout=cfg.shadow_timeout,
-                          report_interval=cfg.shadow_report_interval, admin_token=cfg.admin_token)
-    version_stats = VersionStatsReporter(channels["registry"], report_interval=cfg.stats_report_interval,
-                                         admin_token=cfg.admin_token)
+    shadow = ShadowRunner(
+        channels["registry"],
+        max_inflight=cfg.shadow_max_inflight,
+        timeout=cfg.shadow_timeout,
+        report_interval=cfg.shadow_report_interval,
+        admin_token=cfg.admin_token,
+    )
+    version_stats = VersionStatsReporter(
+        channels["registry"], report_interval=cfg.stats_report_interval, admin_token=cfg.admin_token
+    )
     source = triton_source or create_replica_source(cfg.triton_discovery())
     serving = admit_when_serving(table)
     admit = None if isinstance(source, StaticReplicas) else serving
     # An ejected replica (outlier detection) comes back once it serves the READY versions again.
-    pool = ReplicaPool("triton", connect=lambda address: open_channel(address, limit, tls), admit=admit,
-                       outlier=cfg.outlier, retry_budget=cfg.retry_budget, probe=serving)
+    pool = ReplicaPool(
+        "triton",
+        connect=lambda address: open_channel(address, limit, tls),
+        admit=admit,
+        outlier=cfg.outlier,
+        retry_budget=cfg.retry_budget,
+        probe=serving,
+    )
     triton = TritonPeer(pool)
-    plane = Dataplane(table, triton, TokenizerPeer(channels["tokenizer"], cfg.tokenizer),
-                      VisionPeer(channels["vision"], cfg.vision), shadow,
-                      default_timeout=cfg.default_timeout, max_batch_items=cfg.max_batch_items,
-                      version_stats=version_stats)
+    plane = Dataplane(
+        table,
+        triton,
+        TokenizerPeer(channels["tokenizer"], cfg.tokenizer),
+        VisionPeer(channels["vision"], cfg.vision),
+        shadow,
+        default_timeout=cfg.default_timeout,
+        max_batch_items=cfg.max_batch_items,
+        version_stats=version_stats,
+    )
 
     admission = Admission(cfg.admission, TenantCache())
     tenants = TenantWatcher(channels["registry"], admission.cache, cfg.admin_token) if cfg.admission.auth else None
 
     def register(server):
         router_pb2_grpc.add_RouterServicer_to_server(
-            RouterServicer(plane, Generation(plane, cfg.generation), admission), server)
-        return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
-                add_inference_service(InferenceServicer(plane, table, triton, admission=admission), server)]
+            RouterServicer(plane, Generation(plane, cfg.generation), admission), server
+        )
+        return [
+            router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
+            add_inference_service(InferenceServicer(plane, table, triton, admission=admission), server),
+        ]
 
-    service, port = build_server(cfg.server, register)
-    service.admission = admission
+    built, port = build_server(cfg.server, register)
+    service = RouterServer(**{f.name: getattr(built, f.name) for f in fields(built)}, admission=admission)
     if cfg.oip_fast_listen and cfg.admission.auth:
         # The compiled data path cannot check API keys: with auth on it is not started, so no call gets past
         # the keys; OIP clients use the main port (the same protocol).
-        log.warning("auth is on: the compiled OIP data path (%s) is not started; OIP is served on the main port",
-                    cfg.oip_fast_listen)
+        log.warning(
+            "auth is on: the compiled OIP data path (%s) is not started; OIP is served on the main port",
+            cfg.oip_fast_listen,
+        )
     elif cfg.oip_fast_listen:
         add_fast_path(service, port, cfg, table, pool)
-    service.readiness_checks.append(pool_reachable(pool, where_from(cfg.triton_discovery()),
-                                                   cfg.server.readiness_interval_seconds))
+    service.readiness_checks.append(
+        pool_reachable(pool, where_from(cfg.triton_discovery()), cfg.server.readiness_interval_seconds)
+    )
     watcher.start()
     if tenants is not None:
         tenants.start()
@@ -85,17 +120,27 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
     # Triton calls get UNAVAILABLE "no triton replica is ready").
     service.on_start.append(lambda: source.start(pool.set_replicas))
     # After the gRPC server drained: stop following the registry, report the last shadow results, close.
-    service.on_stop.extend([watcher.stop, *([tenants.stop] if tenants else []), shadow.stop, version_stats.stop,
-                            source.stop, pool.close,
-                            *(channel.close for channel in channels.values())])
+    service.on_stop.extend(
+        [
+            watcher.stop,
+            *([tenants.stop] if tenants else []),
+            shadow.stop,
+            version_stats.stop,
+            source.stop,
+            pool.close,
+            *(channel.close for channel in channels.values()),
+        ]
+    )
     return service, port
 
 
 def pool_reachable(pool: ReplicaPool, where: str, timeout: float):
     """The router's readiness check: one of the Triton replicas discovery reports answers."""
+
     async def check() -> str | None:
         known = pool.known()
         return await triton_reachable(known, lambda address, t: triton_live(known[address], t), timeout, where)
+
     return check
 
 
@@ -106,21 +151,34 @@ def admit_when_serving(table: RoutingTable):
 
     async def admit(address, channel) -> bool:
         return table.has_state and await serves_ready_versions(address, channel)
+
     return admit
 
 
 def add_fast_path(service: ServiceServer, port: int, cfg: RouterConfig, table: RoutingTable, pool: ReplicaPool) -> None:
-    """Run the compiled OIP data path beside this server; what it cannot settle comes to `port`."""
+    """Run the OIP fast path beside this server; what it cannot settle comes to `port`."""
     if not cfg.oip_fast_binary:
-        log.warning("%s not found: the compiled OIP data path is off (build it with `make fastpath`); "
-                    "the main port still serves the Open Inference Protocol", BINARY_NAME,
-                    extra={"oip_fast_listen": cfg.oip_fast_listen})
+        log.warning(
+            "%s not found: the OIP fast path is off (build it with `make fastpath`); "
+            "the main port still serves the Open Inference Protocol",
+            BINARY_NAME,
+            extra={"oip_fast_listen": cfg.oip_fast_listen},
+        )
         return
     host = cfg.server.listen.rsplit(":", 1)[0]
     local = "127.0.0.1" if host in ("", "0.0.0.0", "[::]", "::") else host
-    fast_path = FastPath(FastPathSettings(
-        binary=cfg.oip_fast_binary, listen=cfg.oip_fast_listen, fallback=f"{local}:{port}",
-        max_message_bytes=cfg.server.max_message_bytes, default_timeout=cfg.default_timeout,
-        grace=cfg.server.grace_seconds, tls=cfg.server.tls), table, pool)
+    fast_path = FastPath(
+        FastPathSettings(
+            binary=cfg.oip_fast_binary,
+            listen=cfg.oip_fast_listen,
+            fallback=f"{local}:{port}",
+            max_message_bytes=cfg.server.max_message_bytes,
+            default_timeout=cfg.default_timeout,
+            grace=cfg.server.grace_seconds,
+            tls=cfg.server.tls,
+        ),
+        table,
+        pool,
+    )
     service.on_start.append(fast_path.start)
     service.on_drain.append(fast_path.stop)

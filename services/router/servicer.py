@@ -3,7 +3,10 @@
 Only conversions here; the work is in dataplane.py. The OIP ModelInfer handler takes and returns raw
 bytes (no deserialiser), so tensors are forwarded to Triton without being parsed.
 """
+
 from __future__ import annotations
+
+from importlib.metadata import version as package_version
 
 import grpc
 from tritonclient.grpc import service_pb2
@@ -23,34 +26,54 @@ OIP_SERVICE = "inference.GRPCInferenceService"
 ROUTING_KEY_METADATA = "x-maas-routing-key"
 # Repository, shared-memory and settings calls would let callers change Triton behind the registry.
 _REFUSED_OIP_METHODS = (
-    "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "SystemSharedMemoryStatus",
-    "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
-    "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+    "TraceSetting",
+    "LogSettings",
 )
 
 
 def model_ref(ref: tensor_pb2.ModelRef) -> ModelRef:
     which = ref.WhichOneof("selector")
-    return ModelRef(ref.name, ref.version if which == "version" else 0, ref.alias if which == "alias" else "",
-                    ref.routing_key)
+    return ModelRef(
+        ref.name, ref.version if which == "version" else 0, ref.alias if which == "alias" else "", ref.routing_key
+    )
 
 
 def decision(route: Route) -> tensor_pb2.RoutingDecision:
-    return tensor_pb2.RoutingDecision(model=route.info.model, version=route.info.version, kind=int(route.kind),
-                                      target=route.target, shadowed=route.shadow is not None)
+    return tensor_pb2.RoutingDecision(
+        model=route.info.model,
+        version=route.info.version,
+        kind=int(route.kind),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class, ints accepted
+        target=route.target,
+        shadowed=route.shadow is not None,
+    )
 
 
 def classify_response(result: ClassifyResult) -> router_pb2.ClassifyResponse:
     return router_pb2.ClassifyResponse(
-        results=[router_pb2.Classification(classes=[router_pb2.ClassScore(index=c.index, label=c.label, score=c.score)
-                                                    for c in scores]) for scores in result.classes],
+        results=[
+            router_pb2.Classification(
+                classes=[router_pb2.ClassScore(index=c.index, label=c.label, score=c.score) for c in scores]
+            )
+            for scores in result.classes
+        ],
         routed=decision(result.route),
     )
 
 
 def sampling(s: router_pb2.SamplingParams) -> Sampling:
     return Sampling(
-        max_tokens=s.max_tokens, top_k=s.top_k, stop=tuple(s.stop),
+        max_tokens=s.max_tokens,
+        top_k=s.top_k,
+        stop=tuple(s.stop),
         temperature=s.temperature if s.HasField("temperature") else None,
         top_p=s.top_p if s.HasField("top_p") else None,
         seed=s.seed if s.HasField("seed") else None,
@@ -68,7 +91,7 @@ def prompt(request: router_pb2.GenerateRequest) -> Prompt:
 
 
 def generate_response(piece: Piece) -> router_pb2.GenerateResponse:
-    response = router_pb2.GenerateResponse(text=piece.text, token_ids=piece.token_ids, finish_reason=int(piece.finish))
+    response = router_pb2.GenerateResponse(text=piece.text, token_ids=piece.token_ids, finish_reason=int(piece.finish))  # type: ignore[arg-type]
     if piece.route is not None:
         response.routed.CopyFrom(decision(piece.route))
     if piece.usage is not None:
@@ -89,8 +112,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         ref = model_ref(request.model)
         ticket = _admit(self.admission, context, "Generate", ref).open()
         try:  # generated tokens are the cost units, charged as they stream
-            async for piece in self.generation.stream(ref, prompt(request), sampling(request.sampling),
-                                                      context.time_remaining()):
+            async for piece in self.generation.stream(
+                ref, prompt(request), sampling(request.sampling), context.time_remaining()
+            ):
                 ticket.charge(len(piece.token_ids))
                 yield generate_response(piece)
         finally:
@@ -99,8 +123,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def GenerateUnary(self, request, context):
         ref = model_ref(request.model)
         with _admit(self.admission, context, "GenerateUnary", ref) as ticket:
-            whole = await self.generation.collect(ref, prompt(request), sampling(request.sampling),
-                                                  context.time_remaining())
+            whole = await self.generation.collect(
+                ref, prompt(request), sampling(request.sampling), context.time_remaining()
+            )
             ticket.charge(len(whole.token_ids))
             return generate_response(whole)
 
@@ -110,7 +135,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             result = await self.plane.embed(ref, list(request.texts), context.time_remaining())
         return router_pb2.EmbedResponse(
             embeddings=[router_pb2.Embedding(values=row.tolist()) for row in result.vectors],
-            dimensions=int(result.vectors.shape[1]), truncated=result.truncated, routed=decision(result.route),
+            dimensions=int(result.vectors.shape[1]),
+            truncated=result.truncated,
+            routed=decision(result.route),
         )
 
     async def Classify(self, request, context):
@@ -130,10 +157,17 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 class InferenceServicer:
     """Triton's own API, answered from the routing table and forwarded to Triton per version."""
 
-    def __init__(self, plane: Dataplane, table: RoutingTable, triton: TritonPeer, server_name: str = "maas-router",
-                 server_version: str = "0.1.0", admission: Admission | None = None):
+    def __init__(
+        self,
+        plane: Dataplane,
+        table: RoutingTable,
+        triton: TritonPeer,
+        server_name: str = "maas-router",
+        server_version: str = "",
+        admission: Admission | None = None,
+    ):
         self.plane, self.table, self.triton = plane, table, triton
-        self.server_name, self.server_version = server_name, server_version
+        self.server_name, self.server_version = server_name, server_version or package_version("maas-mesh")
         self.admission = admission or Admission(AdmissionSettings())
 
     def _admit_raw(self, metadata, method: str, request: bytes):
@@ -159,8 +193,10 @@ class InferenceServicer:
 
             def check(request: bytes) -> None:
                 self._admit_raw(metadata, "ModelStreamInfer", request)
-        async for response in oip_stream.relay(self.plane, request_iterator, _routing_key(context),
-                                               context.time_remaining(), check=check):
+
+        async for response in oip_stream.relay(
+            self.plane, request_iterator, _routing_key(context), context.time_remaining(), check=check
+        ):
             yield response
 
     async def ServerLive(self, request, context):
@@ -180,8 +216,9 @@ class InferenceServicer:
             extensions = list((await self.triton.call("ServerMetadata", request, _short(context))).extensions)
         except (grpc.aio.AioRpcError, ServiceError):
             extensions = []
-        return service_pb2.ServerMetadataResponse(name=self.server_name, version=self.server_version,
-                                                  extensions=extensions)
+        return service_pb2.ServerMetadataResponse(
+            name=self.server_name, version=self.server_version, extensions=extensions
+        )
 
     async def ModelReady(self, request, context):
         try:
@@ -210,7 +247,9 @@ class InferenceServicer:
     async def ModelStatistics(self, request, context):
         if request.name:
             info = self.plane.resolve_for_metadata(request.name, request.version)
-            request = service_pb2.ModelStatisticsRequest(name=info.triton_model, version=request.version and info.triton_version)
+            request = service_pb2.ModelStatisticsRequest(
+                name=info.triton_model, version=request.version and info.triton_version
+            )
         return await self.triton.call("ModelStatistics", request, context.time_remaining())
 
 
@@ -226,13 +265,17 @@ def _short(context) -> float:
 
 def _refuse(method: str):
     async def refused(request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            f"{method} is not served by the router: manage models through the registry (maas models …)")
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"{method} is not served by the router: manage models through the registry (maas models …)",
+        )
+
     return refused
 
 
 def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> str:
     """Register the OIP service; returns its full name (for health and reflection)."""
+
     def typed(method: str, request_type: str):
         return grpc.unary_unary_rpc_method_handler(
             oip_worded(getattr(servicer, method)),
@@ -243,14 +286,21 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
     handlers = {
         # Bytes in, bytes out.
         "ModelInfer": grpc.unary_unary_rpc_method_handler(oip_worded(servicer.ModelInfer)),
-        **{name: typed(name, f"{name}Request") for name in (
-            "ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig",
-            "ModelStatistics")},
+        **{
+            name: typed(name, f"{name}Request")
+            for name in (
+                "ServerLive",
+                "ServerReady",
+                "ServerMetadata",
+                "ModelReady",
+                "ModelMetadata",
+                "ModelConfig",
+                "ModelStatistics",
+            )
+        },
         # Bytes in, bytes out, too: one Triton stream per caller stream.
         "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(servicer.ModelStreamInfer),
         **{name: grpc.unary_unary_rpc_method_handler(_refuse(name)) for name in _REFUSED_OIP_METHODS},
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(OIP_SERVICE, handlers),))
     return OIP_SERVICE
-
-

@@ -4,6 +4,7 @@ The copy runs in its own task with a fresh context (a new root span linked to th
 it never lengthens the caller's trace), a bounded number in flight (dropped when saturated) and its
 own timeout. Comparisons are batched to the registry's ReportShadowResults off the request path.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,24 +31,45 @@ _tracer = trace.get_tracer("maas.router.shadow")
 OutputFn = Callable[[], Awaitable[np.ndarray | None]]
 
 
-def compare(model: str, primary: VersionInfo, shadow: VersionInfo, a: np.ndarray, b: np.ndarray,
-            primary_ms: float, shadow_ms: float, request_id: str = "") -> registry_pb2.ShadowResult:
+def compare(
+    model: str,
+    primary: VersionInfo,
+    shadow: VersionInfo,
+    a: np.ndarray,
+    b: np.ndarray,
+    primary_ms: float,
+    shadow_ms: float,
+    request_id: str = "",
+) -> registry_pb2.ShadowResult:
     """Top-1 / top-5 agreement (classifiers) and per-item cosine (embeddings), all cheap; the registry
     keeps the figures that fit the model (its shadow report, `maas models compare`)."""
     items = int(a.shape[0]) if a.ndim == 2 and a.shape == b.shape else 0
     return registry_pb2.ShadowResult(
-        model=model, primary_version=primary.version, shadow_version=shadow.version, items=items,
-        top1_agreed=top1_agreed(a, b) if items else 0, cosine_sum=cosine_sum(a, b) if items else 0.0,
-        primary_latency_ms=primary_ms, shadow_latency_ms=shadow_ms,
+        model=model,
+        primary_version=primary.version,
+        shadow_version=shadow.version,
+        items=items,
+        top1_agreed=top1_agreed(a, b) if items else 0,
+        cosine_sum=cosine_sum(a, b) if items else 0.0,
+        primary_latency_ms=primary_ms,
+        shadow_latency_ms=shadow_ms,
         top5_overlap_sum=top5_overlap_sum(a, b) if items else 0.0,
-        cosines=cosines(a, b).tolist() if items else [], request_id=request_id or uuid.uuid4().hex,
+        cosines=cosines(a, b).tolist() if items else [],
+        request_id=request_id or uuid.uuid4().hex,
     )
 
 
 class ShadowRunner(PeriodicReport):
-    def __init__(self, registry_channel: grpc.aio.Channel | None, max_inflight: int = 64,
-                 timeout: float = 10.0, report_interval: float = 1.0, max_pending: int = 10_000,
-                 admin_token: str | None = None, tracer: trace.Tracer | None = None):
+    def __init__(
+        self,
+        registry_channel: grpc.aio.Channel | None,
+        max_inflight: int = 64,
+        timeout: float = 10.0,
+        report_interval: float = 1.0,
+        max_pending: int = 10_000,
+        admin_token: str | None = None,
+        tracer: trace.Tracer | None = None,
+    ):
         self._tracer = tracer or _tracer
         self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
         self._registry = registry_pb2_grpc.RegistryStub(registry_channel) if registry_channel else None
@@ -61,8 +83,14 @@ class ShadowRunner(PeriodicReport):
     def inflight(self) -> int:
         return len(self._tasks)
 
-    def submit(self, primary: VersionInfo, shadow: VersionInfo, primary_output: OutputFn,
-               shadow_output: OutputFn, primary_ms: float) -> bool:
+    def submit(
+        self,
+        primary: VersionInfo,
+        shadow: VersionInfo,
+        primary_output: OutputFn,
+        shadow_output: OutputFn,
+        primary_ms: float,
+    ) -> bool:
         """Schedule one shadow comparison; False when dropped because too many are in flight."""
         if len(self._tasks) >= self.max_inflight:
             SHADOW_REQUESTS.labels(primary.model, "dropped").inc()
@@ -82,9 +110,15 @@ class ShadowRunner(PeriodicReport):
         return True
 
     async def _run(self, primary, shadow, primary_output, shadow_output, primary_ms, link, request_id="") -> None:
-        with self._tracer.start_as_current_span("router.shadow", links=[link], attributes={
-                "maas.model": primary.model, "maas.version": shadow.version,
-                "maas.primary_version": primary.version}) as span:
+        with self._tracer.start_as_current_span(
+            "router.shadow",
+            links=[link],
+            attributes={
+                "maas.model": primary.model,
+                "maas.version": shadow.version,
+                "maas.primary_version": primary.version,
+            },
+        ) as span:
             start = time.perf_counter()
             try:
                 b = await asyncio.wait_for(shadow_output(), self.timeout)
@@ -93,8 +127,10 @@ class ShadowRunner(PeriodicReport):
             except Exception as exc:  # noqa: BLE001 - a failing candidate must never surface to callers
                 SHADOW_REQUESTS.labels(primary.model, "failed").inc()
                 span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:300]))  # the trace says why
-                log.warning("shadow call failed", extra={"model": primary.model, "version": shadow.version,
-                                                         "error": str(exc)[:300]})
+                log.warning(
+                    "shadow call failed",
+                    extra={"model": primary.model, "version": shadow.version, "error": str(exc)[:300]},
+                )
                 return
             SHADOW_REQUESTS.labels(primary.model, "sent").inc()
             if a is None or b is None:
@@ -108,8 +144,11 @@ class ShadowRunner(PeriodicReport):
         batch, self._pending = self._pending, []
         try:
             await self._registry.ReportShadowResults(
-                registry_pb2.ReportShadowResultsRequest(results=batch), timeout=5.0, wait_for_ready=False,
-                metadata=self._metadata)
+                registry_pb2.ReportShadowResultsRequest(results=batch),
+                timeout=5.0,
+                wait_for_ready=False,
+                metadata=self._metadata,
+            )
             self.reported += len(batch)
         except grpc.aio.AioRpcError as exc:
             log.warning("shadow results not reported; dropped", extra={"results": len(batch), "code": exc.code().name})

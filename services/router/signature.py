@@ -7,10 +7,11 @@ the vocabulary: it refuses such requests itself with INVALID_ARGUMENT. Where Tri
 the situation the message starts with Triton's words (the compiled OIP fast path forwards to Triton,
 which answers them), then says which limit the router checked.
 """
+
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,8 +59,10 @@ def check(info: VersionInfo, inputs: Sequence[Given], limits: Limits) -> None:
     names = [given.name for given in inputs]
     for given in inputs:
         if given.name not in specs:
-            raise InvalidArgument(f"unexpected inference input '{given.name}' for model '{model}' "
-                                  f"(version {info.version} takes {sorted(specs)})")
+            raise InvalidArgument(
+                f"unexpected inference input '{given.name}' for model '{model}' "
+                f"(version {info.version} takes {sorted(specs)})"
+            )
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise InvalidArgument(f"input '{dup}' given more than once for model '{model}'")
@@ -67,7 +70,8 @@ def check(info: VersionInfo, inputs: Sequence[Given], limits: Limits) -> None:
     if missing:
         raise InvalidArgument(
             f"expected {len(specs)} inputs but got {len(names)} inputs for model '{model}'. Got input(s) "
-            f"{names}, but missing required input(s) {missing}. Please provide all required input(s).")
+            f"{names}, but missing required input(s) {missing}. Please provide all required input(s)."
+        )
     for given in inputs:
         _check_one(info, given, limits)
 
@@ -76,29 +80,39 @@ def _check_one(info: VersionInfo, given: Given, limits: Limits) -> None:
     spec = next(s for s in info.inputs if s.name == given.name)
     model, name, shape = info.model, given.name, tuple(given.shape)
     if given.datatype != spec.datatype:
-        raise InvalidArgument(f"inference input '{name}' data-type is '{given.datatype}', but model '{model}' "
-                              f"expects '{spec.datatype}'")
+        raise InvalidArgument(
+            f"inference input '{name}' data-type is '{given.datatype}', but model '{model}' expects '{spec.datatype}'"
+        )
     expected = ((-1,) if limits.has_batch_dim else ()) + tuple(spec.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input '{name}': negative dimension in shape {_dims(shape)}")
     if len(shape) != len(expected) or any(e >= 0 and e != d for e, d in zip(expected, shape)):
-        raise InvalidArgument(f"unexpected shape for input '{name}' for model '{model}'. "
-                              f"Expected {_dims(expected)}, got {_dims(shape)}")
+        raise InvalidArgument(
+            f"unexpected shape for input '{name}' for model '{model}'. Expected {_dims(expected)}, got {_dims(shape)}"
+        )
     if limits.has_batch_dim and limits.max_batch_size and shape[0] > limits.max_batch_size:
-        raise InvalidArgument(f"inference request batch-size must be <= {limits.max_batch_size} for '{model}' "
-                              f"(input '{name}' has batch dimension {shape[0]})")
-    dynamic = [d for e, d in zip(expected[1 if limits.has_batch_dim else 0:],
-                                 shape[1 if limits.has_batch_dim else 0:]) if e < 0]
+        raise InvalidArgument(
+            f"inference request batch-size must be <= {limits.max_batch_size} for '{model}' "
+            f"(input '{name}' has batch dimension {shape[0]})"
+        )
+    dynamic = [
+        d
+        for e, d in zip(expected[1 if limits.has_batch_dim else 0 :], shape[1 if limits.has_batch_dim else 0 :])
+        if e < 0
+    ]
     if limits.max_sequence_length and any(d > limits.max_sequence_length for d in dynamic):
-        raise InvalidArgument(f"input '{name}' for model '{model}': sequence length {max(dynamic)} exceeds "
-                              f"the model's maximum of {limits.max_sequence_length} positions")
+        raise InvalidArgument(
+            f"input '{name}' for model '{model}': sequence length {max(dynamic)} exceeds "
+            f"the model's maximum of {limits.max_sequence_length} positions"
+        )
     if given.datatype == "BYTES" or given.raw is None:
         return  # variable-length elements / typed contents: Triton counts those
     itemsize = numpy_dtype(given.datatype).itemsize
     size = math.prod(shape) * itemsize  # Python ints: no int64 wrap-around
     if len(given.raw) != size:
-        raise InvalidArgument(f"input byte size mismatch for input '{name}' for model '{model}'. "
-                              f"Expected {size}, got {len(given.raw)}")
+        raise InvalidArgument(
+            f"input byte size mismatch for input '{name}' for model '{model}'. Expected {size}, got {len(given.raw)}"
+        )
     if name == IDS_INPUT and limits.vocab_size and given.datatype in ("INT64", "INT32") and size:
         _check_ids(model, name, np.frombuffer(given.raw, dtype=numpy_dtype(given.datatype)), limits.vocab_size)
 
@@ -106,8 +120,10 @@ def _check_one(info: VersionInfo, given: Given, limits: Limits) -> None:
 def _check_ids(model: str, name: str, ids: np.ndarray, vocab_size: int) -> None:
     bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
     if bad.size:
-        raise InvalidArgument(f"input '{name}' for model '{model}': token id {int(ids[bad[0]])} at flat index "
-                              f"{int(bad[0])} is outside the vocabulary [0, {vocab_size})")
+        raise InvalidArgument(
+            f"input '{name}' for model '{model}': token id {int(ids[bad[0]])} at flat index "
+            f"{int(bad[0])} is outside the vocabulary [0, {vocab_size})"
+        )
 
 
 def beyond_triton(info: VersionInfo) -> bool:
@@ -117,7 +133,7 @@ def beyond_triton(info: VersionInfo) -> bool:
     return takes_ids or bool(info.vocab_size or info.max_sequence_length)
 
 
-def declared_limit(tags: dict[str, str], key: str) -> int:
+def declared_limit(tags: Mapping[str, str], key: str) -> int:
     """A positive integer limit from a version tag; 0 when absent or not a positive ASCII integer."""
     value = tags.get(key, "")
     return int(value) if value.isascii() and value.isdigit() and int(value) > 0 else 0

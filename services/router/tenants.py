@@ -5,6 +5,7 @@ checked with one sha256 and a dict lookup. Per-replica quota shares: each router
 (the registry counts the routers by their WatchTenants streams), so N routers behind a balancer that spreads
 a tenant's calls evenly hold the mesh-wide quota. Token bucket levels survive list updates.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,12 @@ from services.router.watcher import RegistryWatcher
 
 log = logging.getLogger(__name__)
 
-PRIORITIES = {registry_pb2.PRIORITY_CRITICAL: "critical", registry_pb2.PRIORITY_STANDARD: "standard",
-              registry_pb2.PRIORITY_SHEDDABLE: "sheddable", registry_pb2.PRIORITY_UNSPECIFIED: "standard"}
+PRIORITIES = {
+    registry_pb2.PRIORITY_CRITICAL: "critical",
+    registry_pb2.PRIORITY_STANDARD: "standard",
+    registry_pb2.PRIORITY_SHEDDABLE: "sheddable",
+    registry_pb2.PRIORITY_UNSPECIFIED: "standard",
+}
 
 
 class TokenBucket:
@@ -132,7 +137,10 @@ class TenantCache:
             old = self.by_name.get(t.name)
             q = t.quota
             entry = TenantEntry(
-                name=t.name, revoked=t.revoked, allowed=frozenset(t.allowed_models), priority=PRIORITIES.get(t.priority, "standard"),
+                name=t.name,
+                revoked=t.revoked,
+                allowed=frozenset(t.allowed_models),
+                priority=PRIORITIES.get(t.priority, "standard"),
                 requests=_bucket(old.requests if old else None, q.requests_per_second, q.request_burst, routers, 1.0),
                 cost=_bucket(old.cost if old else None, q.cost_per_second, q.cost_burst, routers, 1e-9),
                 metrics=old.metrics if old else {},
@@ -158,7 +166,8 @@ class TenantWatcher(RegistryWatcher):
     def open_stream(self):
         return self._tenants_stub.WatchTenants(registry_pb2.WatchTenantsRequest(), metadata=self._metadata)
 
-    def apply(self, event: registry_pb2.TenantsEvent) -> None:
+    def apply(self, event: registry_pb2.TenantsEvent) -> None:  # type: ignore[override]  # its own stream
         self.cache.apply(event)
-        log.info("tenant list", extra={"revision": event.revision, "tenants": len(event.tenants),
-                                       "routers": event.routers})
+        log.info(
+            "tenant list", extra={"revision": event.revision, "tenants": len(event.tenants), "routers": event.routers}
+        )

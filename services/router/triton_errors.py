@@ -1,5 +1,5 @@
-"""What Triton's errors mean to the router's callers, in one place for both router ports (the compiled
-data path gets the markers as flags: services/router/fastpath.py).
+"""What Triton's errors mean to the router's callers, in one place for both router ports (the OIP
+fast path gets the markers as flags: services/router/fastpath.py).
 
 - A backend that fails to execute a request (ONNX Runtime or PyTorch refusing its tensors: a sequence
   longer than the model takes, token ids outside the vocabulary, a zero dimension) makes Triton answer
@@ -13,6 +13,7 @@ data path gets the markers as flags: services/router/fastpath.py).
 - On the Open Inference Protocol, the errors Triton defines keep Triton's wording (clients match on
   it), our detail after it (see oip_worded).
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,10 @@ NOT_SERVING_MARKER = "Request for unknown model"
 NOT_SERVING_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
 # The answer to it (both ports; the compiled one gets it as a flag): Triton's own words for a version
 # that is not ready yet first, then why and what Triton said. Placeholders: {model} {version} {detail}.
-NOT_SERVING_MESSAGE = ("Request for unknown model: '{model}' version {version} is not at ready state (READY in the "
-                       "registry, (re)loading on Triton - e.g. after a Triton restart: retry; Triton said: {detail})")
+NOT_SERVING_MESSAGE = (
+    "Request for unknown model: '{model}' version {version} is not at ready state (READY in the "
+    "registry, (re)loading on Triton - e.g. after a Triton restart: retry; Triton said: {detail})"
+)
 
 
 def model_input_error(exc: grpc.aio.AioRpcError) -> InvalidArgument | None:
@@ -41,8 +44,9 @@ def model_input_error(exc: grpc.aio.AioRpcError) -> InvalidArgument | None:
 
 
 def not_serving_message(model: str, version: str, detail: str) -> str:
-    return bounded(NOT_SERVING_MESSAGE.replace("{model}", model).replace("{version}", version or "?")
-                   .replace("{detail}", detail))
+    return bounded(
+        NOT_SERVING_MESSAGE.replace("{model}", model).replace("{version}", version or "?").replace("{detail}", detail)
+    )
 
 
 def not_serving(code: grpc.StatusCode, details: str, model: str, version: str) -> Unavailable | None:
@@ -55,6 +59,7 @@ def not_serving(code: grpc.StatusCode, details: str, model: str, version: str) -
 
 def oip_worded(handler):
     """An OIP handler whose routing errors start with Triton's own words for them (routing.UnknownModel, …)."""
+
     @functools.wraps(handler)
     async def worded(request, context):
         try:
@@ -64,4 +69,5 @@ def oip_worded(handler):
             if wording is not None and not exc.message.startswith(wording):
                 exc.message = f"{wording} ({exc.message})"
             raise
+
     return worded

@@ -5,6 +5,7 @@ failed (by gRPC status code name) and, when answered, its latency in a fixed his
 to the registry's ReportVersionStats every report interval, off the request path, like the shadow
 results (shadow.py); a failed report is merged back and sent with the next one.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # Upper bounds of the latency buckets, milliseconds: x1.25 steps from 0.25 ms to ~60 s (the resolution
 # of the registry's p99: within 25 %).
-LATENCY_BOUNDS_MS: tuple[float, ...] = tuple(round(0.25 * 1.25 ** i, 4) for i in range(56))
+LATENCY_BOUNDS_MS: tuple[float, ...] = tuple(round(0.25 * 1.25**i, 4) for i in range(56))
 
 
 @dataclass
@@ -55,8 +56,9 @@ def code_name(exc: BaseException) -> str:
 
 
 class VersionStatsReporter(PeriodicReport):
-    def __init__(self, registry_channel: grpc.aio.Channel | None, report_interval: float = 0.5,
-                 admin_token: str | None = None):
+    def __init__(
+        self, registry_channel: grpc.aio.Channel | None, report_interval: float = 0.5, admin_token: str | None = None
+    ):
         self._registry = registry_pb2_grpc.RegistryStub(registry_channel) if registry_channel else None
         self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
         self.report_interval = report_interval
@@ -80,10 +82,19 @@ class VersionStatsReporter(PeriodicReport):
         if not self._pending or self._registry is None:
             return
         batch, self._pending = self._pending, {}
-        request = registry_pb2.ReportVersionStatsRequest(stats=[
-            registry_pb2.VersionStats(model=model, version=version, requests=f.requests, errors=f.errors,
-                                      latency_bounds_ms=LATENCY_BOUNDS_MS, latency_counts=f.counts)
-            for (model, version), f in batch.items()])
+        request = registry_pb2.ReportVersionStatsRequest(
+            stats=[
+                registry_pb2.VersionStats(
+                    model=model,
+                    version=version,
+                    requests=f.requests,
+                    errors=f.errors,
+                    latency_bounds_ms=LATENCY_BOUNDS_MS,
+                    latency_counts=f.counts,
+                )
+                for (model, version), f in batch.items()
+            ]
+        )
         try:
             await self._registry.ReportVersionStats(request, timeout=5.0, wait_for_ready=False, metadata=self._metadata)
             self.reported += 1
@@ -91,8 +102,10 @@ class VersionStatsReporter(PeriodicReport):
             # Kept for the next report (the registry may be restarting): the analysis sees them late, not never.
             for key, figures in batch.items():
                 self._pending.setdefault(key, _Figures()).merge(figures)
-            log.warning("version stats not reported; kept for the next report",
-                        extra={"versions": len(batch), "code": exc.code().name})
+            log.warning(
+                "version stats not reported; kept for the next report",
+                extra={"versions": len(batch), "code": exc.code().name},
+            )
 
     async def stop(self) -> None:
         await self._stop_reporting()
@@ -110,6 +123,7 @@ def note_routed(info: VersionInfo) -> None:
 
 def counted(method):
     """Wraps a Dataplane method: the request counts against the version route() picked (none: not counted)."""
+
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
         holder: list[VersionInfo] = []
@@ -126,4 +140,5 @@ def counted(method):
             if holder and self.version_stats is not None:
                 info = holder[-1]
                 self.version_stats.record(info.model, info.version, error, time.perf_counter() - start)
+
     return wrapper

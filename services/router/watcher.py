@@ -3,6 +3,7 @@
 The registry sends a full snapshot first (also after every reconnect), then one whole-model view per
 change. If the stream breaks the router keeps serving what it knows and reconnects with backoff.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,24 +13,39 @@ import grpc
 
 from maas.v1 import registry_pb2, registry_pb2_grpc
 from services.router.routing import (
-    ModelRoutes, PostKind, PreKind, RoutingTable, Shadow, Target, TensorSpec, VersionInfo, VersionState,
+    ModelRoutes,
+    PostKind,
+    PreKind,
+    RoutingTable,
+    Shadow,
+    Target,
+    TensorInfo,
+    VersionInfo,
+    ServingState,
 )
 from services.router.signature import MAX_SEQUENCE_LENGTH_TAG, VOCAB_SIZE_TAG, declared_limit
 
 log = logging.getLogger(__name__)
 
 
-def _specs(specs) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(s.name, s.datatype, tuple(s.shape)) for s in specs)
+def _specs(specs) -> tuple[TensorInfo, ...]:
+    return tuple(TensorInfo(s.name, s.datatype, tuple(s.shape)) for s in specs)
 
 
 def version_from_proto(v: registry_pb2.ModelVersion) -> VersionInfo:
     return VersionInfo(
-        model=v.model, version=v.version, state=VersionState(v.state), state_reason=v.state_reason,
-        inputs=_specs(v.signature.inputs), outputs=_specs(v.signature.outputs),
-        pre_kind=PreKind(v.preprocessing.kind), pre_name=v.preprocessing.name,
-        post_kind=PostKind(v.postprocessing.kind), post_output=v.postprocessing.output,
-        top_k=v.postprocessing.top_k, labels=tuple(v.labels),
+        model=v.model,
+        version=v.version,
+        state=ServingState(v.state),
+        state_reason=v.state_reason,
+        inputs=_specs(v.signature.inputs),
+        outputs=_specs(v.signature.outputs),
+        pre_kind=PreKind(v.preprocessing.kind),
+        pre_name=v.preprocessing.name,
+        post_kind=PostKind(v.postprocessing.kind),
+        post_output=v.postprocessing.output,
+        top_k=v.postprocessing.top_k,
+        labels=tuple(v.labels),
         max_sequence_length=declared_limit(v.tags, MAX_SEQUENCE_LENGTH_TAG),
         vocab_size=declared_limit(v.tags, VOCAB_SIZE_TAG),
     )
@@ -37,8 +53,9 @@ def version_from_proto(v: registry_pb2.ModelVersion) -> VersionInfo:
 
 def _target(t: registry_pb2.TrafficTarget) -> Target:
     which = t.WhichOneof("target")
-    return Target(version=t.version if which == "version" else 0, alias=t.alias if which == "alias" else "",
-                  weight=t.weight)
+    return Target(
+        version=t.version if which == "version" else 0, alias=t.alias if which == "alias" else "", weight=t.weight
+    )
 
 
 def routes_from_proto(m: registry_pb2.ModelRouting) -> ModelRoutes:
@@ -58,8 +75,9 @@ def routes_from_proto(m: registry_pb2.ModelRouting) -> ModelRoutes:
 class RegistryWatcher:
     """Background task: Watch → RoutingTable, reconnecting with capped exponential backoff."""
 
-    def __init__(self, channel: grpc.aio.Channel, table: RoutingTable,
-                 initial_backoff: float = 0.2, max_backoff: float = 5.0):
+    def __init__(
+        self, channel: grpc.aio.Channel, table: RoutingTable, initial_backoff: float = 0.2, max_backoff: float = 5.0
+    ):
         self._stub = registry_pb2_grpc.RegistryStub(channel)
         self.table = table
         self.synced = asyncio.Event()  # set once the first snapshot arrived
@@ -69,7 +87,9 @@ class RegistryWatcher:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"registry-watch-{type(self).__name__}")
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"registry-watch-{type(self).__name__}"
+            )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -85,8 +105,10 @@ class RegistryWatcher:
         if which == "snapshot":
             self.table.replace_all([routes_from_proto(m) for m in event.snapshot.models], event.revision)
             self.synced.set()
-            log.info("routing snapshot", extra={"revision": event.revision,
-                                                "models": [m.model for m in event.snapshot.models]})
+            log.info(
+                "routing snapshot",
+                extra={"revision": event.revision, "models": [m.model for m in event.snapshot.models]},
+            )
         elif which == "model_changed":
             self.table.update(routes_from_proto(event.model_changed), event.revision)
             log.info("routing change", extra={"revision": event.revision, "model": event.model_changed.model})
@@ -107,12 +129,14 @@ class RegistryWatcher:
                 log.warning("registry watch ended; reconnecting")
             except grpc.aio.AioRpcError as exc:
                 if self.connected or not self.synced.is_set():
-                    log.warning("registry watch failed; serving the last routing state and reconnecting",
-                                extra={"code": exc.code().name, "details": exc.details(), "retry_in_s": backoff})
+                    log.warning(
+                        "registry watch failed; serving the last routing state and reconnecting",
+                        extra={"code": exc.code().name, "details": exc.details(), "retry_in_s": backoff},
+                    )
             except asyncio.CancelledError:
                 call.cancel()
                 raise
-            except Exception:  # noqa: BLE001 - a bad event must not end the watch for good
+            except Exception:  # a bad event must not end the watch for good
                 log.exception("registry watch event could not be applied; reconnecting for a fresh snapshot")
             finally:
                 self.connected = False

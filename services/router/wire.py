@@ -4,6 +4,7 @@ The router reads model_name (field 1) and model_version (field 2) of an inferenc
 and rewrites the version by *appending* field 2: protobuf's merge rule (last value of a singular field
 wins) makes that equal to setting it, so the tensors are never parsed or re-serialised.
 """
+
 from __future__ import annotations
 
 from services.shared.errors import InvalidArgument
@@ -52,9 +53,9 @@ def read_model_ref(buf: bytes) -> tuple[str, str]:
             if pos + length > end:
                 raise InvalidArgument("malformed ModelInferRequest: field runs past the end")
             if field == MODEL_NAME_FIELD:
-                name = buf[pos:pos + length]
+                name = buf[pos : pos + length]
             elif field == MODEL_VERSION_FIELD:
-                version = buf[pos:pos + length]
+                version = buf[pos : pos + length]
             pos += length
         elif wire_type == _VARINT:
             _, pos = _read_varint(buf, pos)

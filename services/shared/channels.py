@@ -10,6 +10,7 @@ health-checked the same way over every address the name resolves to.
 With TLS settings (services/shared/tls.py) a channel is mTLS: it trusts the CA and presents the
 service's own certificate; otherwise plaintext.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -24,8 +25,9 @@ from services.shared.tls import TlsSettings, channel_credentials
 from services.shared.tls import channel_options as tls_channel_options
 
 # Round robin over the ready replicas, each health-checked (the whole server's status, service "").
-BALANCED_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
-                                      "healthCheckConfig": {"serviceName": ""}})
+BALANCED_SERVICE_CONFIG = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)
 
 
 def channel_target(address: str) -> tuple[str, bool]:
@@ -42,15 +44,18 @@ def channel_target(address: str) -> tuple[str, bool]:
         try:
             families.add(ipaddress.ip_address(host).version)
         except ValueError:
-            raise ConfigError(f"peer address list {address!r}: {part!r} is not an IP host:port (a list takes IP "
-                              f"addresses; for a name use dns:///name:port)") from None
+            raise ConfigError(
+                f"peer address list {address!r}: {part!r} is not an IP host:port (a list takes IP "
+                f"addresses; for a name use dns:///name:port)"
+            ) from None
     if len(families) != 1:
         raise ConfigError(f"peer address list {address!r} mixes IPv4 and IPv6")
     return f"ipv{families.pop()}:{','.join(parts)}", True
 
 
-def open_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 tls: TlsSettings | None = None) -> grpc.aio.Channel:
+def open_channel(
+    address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: TlsSettings | None = None
+) -> grpc.aio.Channel:
     """An aio channel with explicit size limits, keepalive, tracing when OTEL_* is set, mTLS with `tls`."""
     target, balanced = channel_target(address)
     options = [

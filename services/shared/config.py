@@ -3,13 +3,16 @@
 Each service's own config.py adds its flags to the same parser and builds a frozen dataclass in
 main(), never at import time.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from maas import ports
 from services.shared.tls import CLIENT_AUTH_MODES, TlsSettings
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -81,52 +84,100 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -
     """Flags every server has; defaults come from MAAS_* environment variables."""
     g = parser.add_argument_group("server")
     g.add_argument("--listen", default=env("MAAS_LISTEN", default_listen), help="host:port to listen on (MAAS_LISTEN)")
-    g.add_argument("--grace", type=float, default=env_float("MAAS_DRAIN_GRACE_SECONDS", 10.0),
-                   help="seconds in-flight RPCs get to finish on SIGTERM (MAAS_DRAIN_GRACE_SECONDS)")
-    g.add_argument("--drain-delay", type=float, default=env_float("MAAS_DRAIN_DELAY_SECONDS", 1.0),
-                   help="seconds of the grace a draining server still takes calls after health turns NOT_SERVING "
-                        "(MAAS_DRAIN_DELAY_SECONDS)")
-    g.add_argument("--readiness-interval", type=float, default=env_float("MAAS_READINESS_INTERVAL_SECONDS", 2.0),
-                   help="seconds between readiness checks of required upstreams, also each check's timeout "
-                        "(MAAS_READINESS_INTERVAL_SECONDS)")
-    g.add_argument("--max-message-bytes", type=int, default=env_int("MAAS_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
-                   help="largest gRPC message sent or received (MAAS_MAX_MESSAGE_BYTES)")
-    g.add_argument("--metrics-port", type=int, default=env_int("MAAS_METRICS_PORT", 0),
-                   help="Prometheus metrics port, 0 = off (MAAS_METRICS_PORT)")
+    g.add_argument(
+        "--grace",
+        type=float,
+        default=env_float("MAAS_DRAIN_GRACE_SECONDS", 10.0),
+        help="seconds in-flight RPCs get to finish on SIGTERM (MAAS_DRAIN_GRACE_SECONDS)",
+    )
+    g.add_argument(
+        "--drain-delay",
+        type=float,
+        default=env_float("MAAS_DRAIN_DELAY_SECONDS", 1.0),
+        help="seconds of the grace a draining server still takes calls after health turns NOT_SERVING "
+        "(MAAS_DRAIN_DELAY_SECONDS)",
+    )
+    g.add_argument(
+        "--readiness-interval",
+        type=float,
+        default=env_float("MAAS_READINESS_INTERVAL_SECONDS", 2.0),
+        help="seconds between readiness checks of required upstreams, also each check's timeout "
+        "(MAAS_READINESS_INTERVAL_SECONDS)",
+    )
+    g.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=env_int("MAAS_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
+        help="largest gRPC message sent or received (MAAS_MAX_MESSAGE_BYTES)",
+    )
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env_int("MAAS_METRICS_PORT", 0),
+        help="Prometheus metrics port, 0 = off (MAAS_METRICS_PORT)",
+    )
     g.add_argument("--log-level", default=env("MAAS_LOG_LEVEL", "INFO"), help="MAAS_LOG_LEVEL")
-    g.add_argument("--log-format", choices=["json", "text"], default=env("MAAS_LOG_FORMAT", "json"), help="MAAS_LOG_FORMAT")
-    g.add_argument("--malloc-mmap-threshold", type=int,
-                   default=env_int("MAAS_MALLOC_MMAP_THRESHOLD_BYTES", 0),
-                   help="allocations from this size get their own mapping, returned to the OS when freed, so a "
-                        "burst of large requests does not leave RSS at its peak; 0 = glibc's default "
-                        "(MAAS_MALLOC_MMAP_THRESHOLD_BYTES)")
-    g.add_argument("--workers", type=int, default=env_int("MAAS_WORKERS", os.cpu_count() or 1),
-                   help="threads for CPU-heavy work (MAAS_WORKERS)")
-    g.add_argument("--health-listen", default=env("MAAS_HEALTH_LISTEN", ""),
-                   help="host:port of a plaintext port serving grpc.health.v1 alone, for probes that speak no TLS; "
-                        "empty = none (MAAS_HEALTH_LISTEN)")
+    g.add_argument(
+        "--log-format", choices=["json", "text"], default=env("MAAS_LOG_FORMAT", "json"), help="MAAS_LOG_FORMAT"
+    )
+    g.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=env_int("MAAS_MALLOC_MMAP_THRESHOLD_BYTES", 0),
+        help="allocations from this size get their own mapping, returned to the OS when freed, so a "
+        "burst of large requests does not leave RSS at its peak; 0 = glibc's default "
+        "(MAAS_MALLOC_MMAP_THRESHOLD_BYTES)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=env_int("MAAS_WORKERS", os.cpu_count() or 1),
+        help="threads for CPU-heavy work (MAAS_WORKERS)",
+    )
+    g.add_argument(
+        "--health-listen",
+        default=env("MAAS_HEALTH_LISTEN", ""),
+        help="host:port of a plaintext port serving grpc.health.v1 alone, for probes that speak no TLS; "
+        "empty = none (MAAS_HEALTH_LISTEN)",
+    )
     add_tls_arguments(parser)
 
 
 def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
     """TLS of the served port and of every outgoing channel: all of cert, key and CA, or none."""
     g = parser.add_argument_group("TLS (all of --tls-cert, --tls-key, --tls-ca, or none = plaintext)")
-    g.add_argument("--tls-cert", default=env("MAAS_TLS_CERT"),
-                   help="PEM certificate (chain) served and presented to peers; re-read when it changes (MAAS_TLS_CERT)")
+    g.add_argument(
+        "--tls-cert",
+        default=env("MAAS_TLS_CERT"),
+        help="PEM certificate (chain) served and presented to peers; re-read when it changes (MAAS_TLS_CERT)",
+    )
     g.add_argument("--tls-key", default=env("MAAS_TLS_KEY"), help="its PEM private key (MAAS_TLS_KEY)")
-    g.add_argument("--tls-ca", default=env("MAAS_TLS_CA"),
-                   help="PEM CA that peers' and clients' certificates must chain to (MAAS_TLS_CA)")
-    g.add_argument("--tls-client-auth", choices=CLIENT_AUTH_MODES, default=env("MAAS_TLS_CLIENT_AUTH", "required"),
-                   help="required: callers must present a certificate signed by the CA; optional: TLS without "
-                        "client certificates (MAAS_TLS_CLIENT_AUTH)")
-    g.add_argument("--tls-server-name", default=env("MAAS_TLS_SERVER_NAME"),
-                   help="name checked in peers' certificates instead of the address's host, for peers reached by "
-                        "IP (MAAS_TLS_SERVER_NAME)")
+    g.add_argument(
+        "--tls-ca",
+        default=env("MAAS_TLS_CA"),
+        help="PEM CA that peers' and clients' certificates must chain to (MAAS_TLS_CA)",
+    )
+    g.add_argument(
+        "--tls-client-auth",
+        choices=CLIENT_AUTH_MODES,
+        default=env("MAAS_TLS_CLIENT_AUTH", "required"),
+        help="required: callers must present a certificate signed by the CA; optional: TLS without "
+        "client certificates (MAAS_TLS_CLIENT_AUTH)",
+    )
+    g.add_argument(
+        "--tls-server-name",
+        default=env("MAAS_TLS_SERVER_NAME"),
+        help="name checked in peers' certificates instead of the address's host, for peers reached by "
+        "IP (MAAS_TLS_SERVER_NAME)",
+    )
 
 
 def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
-    given = {"--tls-cert / MAAS_TLS_CERT": args.tls_cert, "--tls-key / MAAS_TLS_KEY": args.tls_key,
-             "--tls-ca / MAAS_TLS_CA": args.tls_ca}
+    given = {
+        "--tls-cert / MAAS_TLS_CERT": args.tls_cert,
+        "--tls-key / MAAS_TLS_KEY": args.tls_key,
+        "--tls-ca / MAAS_TLS_CA": args.tls_ca,
+    }
     if not any(given.values()):
         return None
     missing = [name for name, value in given.items() if not value]
@@ -136,23 +187,22 @@ def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
         if not Path(value).is_file():
             raise ConfigError(f"{name}: {value} is not a readable file")
     if args.tls_client_auth not in CLIENT_AUTH_MODES:
-        raise ConfigError(f"--tls-client-auth / MAAS_TLS_CLIENT_AUTH must be one of {', '.join(CLIENT_AUTH_MODES)}, "
-                          f"got {args.tls_client_auth!r}")
-    return TlsSettings(cert=Path(args.tls_cert), key=Path(args.tls_key), ca=Path(args.tls_ca),
-                       client_auth=args.tls_client_auth, server_name=args.tls_server_name or None)
+        raise ConfigError(
+            f"--tls-client-auth / MAAS_TLS_CLIENT_AUTH must be one of {', '.join(CLIENT_AUTH_MODES)}, "
+            f"got {args.tls_client_auth!r}"
+        )
+    return TlsSettings(
+        cert=Path(args.tls_cert),
+        key=Path(args.tls_key),
+        ca=Path(args.tls_ca),
+        client_auth=args.tls_client_auth,
+        server_name=args.tls_server_name or None,
+    )
 
 
 def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettings:
-    if args.max_message_bytes <= 0:
-        raise ConfigError("--max-message-bytes must be positive")
-    if args.workers <= 0:
-        raise ConfigError("--workers must be positive")
-    if args.drain_delay < 0:
-        raise ConfigError("--drain-delay must be >= 0")
-    if args.malloc_mmap_threshold < 0:
-        raise ConfigError("--malloc-mmap-threshold must be >= 0")
-    if args.readiness_interval <= 0:
-        raise ConfigError("--readiness-interval must be positive")
+    require_positive(args, "max_message_bytes", "workers", "readiness_interval")
+    require_non_negative(args, "drain_delay", "malloc_mmap_threshold")
     return ServerSettings(
         service_name=service_name,
         listen=args.listen,
@@ -170,7 +220,7 @@ def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettin
     )
 
 
-def add_peer_argument(parser: argparse.ArgumentParser, flag: str, env_name: str, default: str | None, what: str) -> None:
+def add_peer_argument(parser: Any, flag: str, env_name: str, default: str | None, what: str) -> None:
     parser.add_argument(flag, default=env(env_name, default), help=f"{what} address host:port ({env_name})")
 
 
@@ -187,20 +237,59 @@ def add_limit_arguments(parser: argparse.ArgumentParser, env_prefix: str, defaul
     group = parser.add_argument_group("limits")
     for name, text in helps.items():
         env_name = f"{env_prefix}_{name.upper()}"
-        group.add_argument(f"--{name.replace('_', '-')}", type=int, default=env_int(env_name, getattr(defaults, name)),
-                           help=f"{text} ({env_name})")
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=env_int(env_name, getattr(defaults, name)),
+            help=f"{text} ({env_name})",
+        )
+
+
+def require_positive(args: argparse.Namespace, *dests: str) -> None:
+    """Each flag (by its argparse dest, e.g. "load_timeout" for --load-timeout) must be > 0."""
+    for dest in dests:
+        value = getattr(args, dest)
+        if value <= 0:
+            raise ConfigError(f"--{dest.replace('_', '-')} must be positive, got {value}")
+
+
+def require_non_negative(args: argparse.Namespace, *dests: str) -> None:
+    """Each flag must be >= 0 (0 meaning off or none, as its help says)."""
+    for dest in dests:
+        value = getattr(args, dest)
+        if value < 0:
+            raise ConfigError(f"--{dest.replace('_', '-')} must be >= 0, got {value}")
+
+
+def add_triton_argument(parser: Any) -> None:
+    """--triton / MAAS_TRITON_ADDRESS: the static list of Triton replicas (registry and router)."""
+    add_peer_argument(
+        parser,
+        "--triton",
+        "MAAS_TRITON_ADDRESS",
+        ports.loopback(ports.TRITON_GRPC),
+        "Triton gRPC (comma-separated for several static replicas)",
+    )
+
+
+def triton_addresses(value: str | None) -> tuple[str, ...]:
+    """`a:8001` or `a:8001,b:8001` → the addresses, each checked to be host:port; at least one."""
+    addresses = tuple(a.strip() for a in (value or "").split(",") if a.strip())
+    if not addresses:
+        raise ConfigError("--triton / MAAS_TRITON_ADDRESS must name at least one Triton gRPC address")
+    for address in addresses:
+        require_peer(address, "--triton", "MAAS_TRITON_ADDRESS")
+    return addresses
 
 
 def limits_from_args(limits_type, args: argparse.Namespace, helps: dict[str, str], **fixed):
     """The limits dataclass from the parsed flags (plus `fixed` values); every limit must be positive."""
-    limits = limits_type(**{name: getattr(args, name) for name in helps}, **fixed)
-    for name in helps:
-        if getattr(limits, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(limits, name)}")
-    return limits
+    require_positive(args, *helps)
+    return limits_type(**{name: getattr(args, name) for name in helps}, **fixed)
 
 
 # -- replica pools: outlier ejection and retry budget (services/shared/outlier.py) -------------------
+
 
 @dataclass(frozen=True)
 class OutlierSettings:
@@ -223,23 +312,58 @@ class RetryBudgetSettings:
 
 
 _OUTLIER_FLAGS = (  # (field, flag, env, type, help)
-    ("consecutive_failures", "--outlier-consecutive-failures", "MAAS_OUTLIER_CONSECUTIVE_FAILURES", int,
-     "retryable failures in a row that eject a replica, 0 = off"),
-    ("base_ejection_seconds", "--outlier-base-ejection", "MAAS_OUTLIER_BASE_EJECTION_SECONDS", float,
-     "seconds an ejection lasts, times the replica's number of ejections"),
-    ("max_ejection_seconds", "--outlier-max-ejection", "MAAS_OUTLIER_MAX_EJECTION_SECONDS", float,
-     "longest ejection (s)"),
-    ("max_ejection_percent", "--outlier-max-ejection-percent", "MAAS_OUTLIER_MAX_EJECTION_PERCENT", float,
-     "most replicas ejected at once, in % (never the last one)"),
-    ("probe_timeout_seconds", "--outlier-probe-timeout", "MAAS_OUTLIER_PROBE_TIMEOUT_SECONDS", float,
-     "deadline of the probe before an ejected replica returns (s)"),
+    (
+        "consecutive_failures",
+        "--outlier-consecutive-failures",
+        "MAAS_OUTLIER_CONSECUTIVE_FAILURES",
+        int,
+        "retryable failures in a row that eject a replica, 0 = off",
+    ),
+    (
+        "base_ejection_seconds",
+        "--outlier-base-ejection",
+        "MAAS_OUTLIER_BASE_EJECTION_SECONDS",
+        float,
+        "seconds an ejection lasts, times the replica's number of ejections",
+    ),
+    (
+        "max_ejection_seconds",
+        "--outlier-max-ejection",
+        "MAAS_OUTLIER_MAX_EJECTION_SECONDS",
+        float,
+        "longest ejection (s)",
+    ),
+    (
+        "max_ejection_percent",
+        "--outlier-max-ejection-percent",
+        "MAAS_OUTLIER_MAX_EJECTION_PERCENT",
+        float,
+        "most replicas ejected at once, in % (never the last one)",
+    ),
+    (
+        "probe_timeout_seconds",
+        "--outlier-probe-timeout",
+        "MAAS_OUTLIER_PROBE_TIMEOUT_SECONDS",
+        float,
+        "deadline of the probe before an ejected replica returns (s)",
+    ),
 )
 _BUDGET_FLAGS = (
     ("ratio", "--retry-budget-ratio", "MAAS_RETRY_BUDGET_RATIO", float, "retries allowed per request"),
-    ("min_retries", "--retry-budget-min-retries", "MAAS_RETRY_BUDGET_MIN_RETRIES", int,
-     "retries allowed per window on top of the ratio"),
-    ("window_seconds", "--retry-budget-window", "MAAS_RETRY_BUDGET_WINDOW_SECONDS", float,
-     "seconds the budget counts requests and retries over"),
+    (
+        "min_retries",
+        "--retry-budget-min-retries",
+        "MAAS_RETRY_BUDGET_MIN_RETRIES",
+        int,
+        "retries allowed per window on top of the ratio",
+    ),
+    (
+        "window_seconds",
+        "--retry-budget-window",
+        "MAAS_RETRY_BUDGET_WINDOW_SECONDS",
+        float,
+        "seconds the budget counts requests and retries over",
+    ),
 )
 
 
@@ -254,13 +378,15 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pool_settings(args: argparse.Namespace) -> tuple[OutlierSettings, RetryBudgetSettings]:
-    built = []
+    built: list[Any] = []
     for kind, flags in ((OutlierSettings, _OUTLIER_FLAGS), (RetryBudgetSettings, _BUDGET_FLAGS)):
         values = {name: getattr(args, f"pool_{name}") for name, *_ in flags}
         for name, flag, *_ in flags:
             if values[name] < 0 or (name in ("window_seconds", "probe_timeout_seconds") and values[name] <= 0):
                 raise ConfigError(f"{flag} must be {'positive' if 'seconds' in name else '>= 0'}, got {values[name]}")
         if values.get("max_ejection_percent", 0) > 100:
-            raise ConfigError(f"--outlier-max-ejection-percent must be at most 100, got {values['max_ejection_percent']}")
+            raise ConfigError(
+                f"--outlier-max-ejection-percent must be at most 100, got {values['max_ejection_percent']}"
+            )
         built.append(kind(**values))
     return built[0], built[1]

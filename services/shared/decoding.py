@@ -6,6 +6,7 @@ parse (protobuf DecodeError, also for invalid UTF-8 in a string field) becomes a
 stand-in, and the call fails with its InvalidArgument - or, on a stream whose contract is to answer
 each message (see per_message_errors), only that message's answer does.
 """
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
@@ -33,8 +34,10 @@ def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
         try:
             return deserializer(data)
         except Exception as exc:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, ...: all bad bytes
-            return Undecodable(InvalidArgument(bounded(
-                f"the request is not a valid {what} ({len(data)} bytes do not parse: {exc})")))
+            return Undecodable(
+                InvalidArgument(bounded(f"the request is not a valid {what} ({len(data)} bytes do not parse: {exc})"))
+            )
+
     return deserialize
 
 

@@ -13,6 +13,7 @@ Service with the official `kubernetes` client. The client is blocking, so list+w
 thread; it hands each new set to the event loop, where a single task calls `on_change` - serially, and
 with only the newest set when changes arrive faster than the callback finishes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -217,9 +218,15 @@ class TritonReplicaWatcher:
             if latest == delivered:
                 continue
             previous = delivered or frozenset()
-            log.info("replicas changed", extra={"service": self.service, "replicas": sorted(latest),
-                                                 "added": sorted(latest - previous),
-                                                 "removed": sorted(previous - latest)})
+            log.info(
+                "replicas changed",
+                extra={
+                    "service": self.service,
+                    "replicas": sorted(latest),
+                    "added": sorted(latest - previous),
+                    "removed": sorted(previous - latest),
+                },
+            )
             REPLICAS.labels(self.service).set(len(latest))
             try:
                 await _call(on_change, latest)
@@ -227,9 +234,10 @@ class TritonReplicaWatcher:
                 # Hand the same set again later: a replica that could not be set up now may be fine
                 # in a moment, and the watch itself may report no further change for a long time.
                 failures += 1
-                delay = min(self._backoff[0] * 2 ** failures, self._backoff[1])
-                log.exception("replica change callback failed; retrying in %.1fs", delay,
-                              extra={"service": self.service})
+                delay = min(self._backoff[0] * 2**failures, self._backoff[1])
+                log.exception(
+                    "replica change callback failed; retrying in %.1fs", delay, extra={"service": self.service}
+                )
                 self._loop.call_later(delay, self._changed.set)
             else:
                 failures, delivered = 0, latest
@@ -258,8 +266,11 @@ class TritonReplicaWatcher:
     def _watch_from(self, api: k8s.DiscoveryV1Api, slices: dict[str, frozenset[str]], version: str) -> str:
         """Apply watch events to `slices` until the server ends the watch; returns the last version."""
         stream = self._watch.stream(
-            api.list_namespaced_endpoint_slice, self.namespace,
-            label_selector=self._selector, resource_version=version, allow_watch_bookmarks=True,
+            api.list_namespaced_endpoint_slice,
+            self.namespace,
+            label_selector=self._selector,
+            resource_version=version,
+            allow_watch_bookmarks=True,
             timeout_seconds=self._watch_timeout,
             # The read timeout catches a silently dead connection; the server ends the watch first.
             _request_timeout=(self._request_timeout, self._watch_timeout + self._request_timeout),
@@ -302,16 +313,23 @@ class TritonReplicaWatcher:
                     continue
                 reason = {401: "unauthorized", 403: "forbidden", 404: "not_found"}.get(exc.status, "api_error")
                 DISCOVERY_ERRORS.labels(self.service, reason).inc()
-                log.warning("EndpointSlice %s failed: %s %s%s", "list" if version is None else "watch",
-                            exc.status, exc.reason,
-                            " (may the service account list/watch endpointslices?)" if exc.status == 403 else "",
-                            extra={"service": self.service, "namespace": self.namespace})
-            except Exception as exc:  # connection refused/reset, timeouts, malformed responses
+                log.warning(
+                    "EndpointSlice %s failed: %s %s%s",
+                    "list" if version is None else "watch",
+                    exc.status,
+                    exc.reason,
+                    " (may the service account list/watch endpointslices?)" if exc.status == 403 else "",
+                    extra={"service": self.service, "namespace": self.namespace},
+                )
+            except Exception as exc:  # noqa: BLE001 - connection refused/reset, timeouts, malformed responses
                 if self._stopping.is_set():
                     break
                 DISCOVERY_ERRORS.labels(self.service, "connection").inc()
-                log.warning("EndpointSlice watch interrupted: %s", exc,
-                            extra={"service": self.service, "namespace": self.namespace})
+                log.warning(
+                    "EndpointSlice watch interrupted: %s",
+                    exc,
+                    extra={"service": self.service, "namespace": self.namespace},
+                )
             # Resume from `version` after the pause (still valid unless the server says 410).
             self._stopping.wait(random.uniform(delay / 2, delay))
             delay = min(delay * 2, maximum)
@@ -332,13 +350,23 @@ class DiscoveryConfig:
 def add_discovery_arguments(parser: argparse.ArgumentParser) -> None:
     """--triton-discovery, --triton-service, --namespace (the static list is the service's --triton)."""
     g = parser.add_argument_group("triton discovery")
-    g.add_argument("--triton-discovery", choices=DISCOVERY_MODES, default=env("MAAS_TRITON_DISCOVERY", "static"),
-                   help="static: the --triton addresses; endpointslices: every ready replica of the headless "
-                        "Service --triton-service (MAAS_TRITON_DISCOVERY)")
-    g.add_argument("--triton-service", default=env("MAAS_TRITON_SERVICE"),
-                   help="headless Triton Service whose EndpointSlices are watched (MAAS_TRITON_SERVICE)")
-    g.add_argument("--namespace", default=env("MAAS_NAMESPACE"),
-                   help="namespace of that Service; default: this pod's namespace (MAAS_NAMESPACE)")
+    g.add_argument(
+        "--triton-discovery",
+        choices=DISCOVERY_MODES,
+        default=env("MAAS_TRITON_DISCOVERY", "static"),
+        help="static: the --triton addresses; endpointslices: every ready replica of the headless "
+        "Service --triton-service (MAAS_TRITON_DISCOVERY)",
+    )
+    g.add_argument(
+        "--triton-service",
+        default=env("MAAS_TRITON_SERVICE"),
+        help="headless Triton Service whose EndpointSlices are watched (MAAS_TRITON_SERVICE)",
+    )
+    g.add_argument(
+        "--namespace",
+        default=env("MAAS_NAMESPACE"),
+        help="namespace of that Service; default: this pod's namespace (MAAS_NAMESPACE)",
+    )
 
 
 def pod_namespace(path: Path | None = None) -> str | None:

@@ -3,6 +3,7 @@
 Domain modules raise these plain exceptions; the error interceptor turns them into statuses, so no
 domain module needs to know about gRPC.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -75,7 +76,7 @@ def bounded(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
     if len(raw) <= limit:
         return message
     marker = f"… ({len(raw) - limit} more bytes cut)"
-    kept = raw[:limit - len(marker.encode()) - 4].decode("utf-8", "ignore")  # 4: room for the count's digits
+    kept = raw[: limit - len(marker.encode()) - 4].decode("utf-8", "ignore")  # 4: room for the count's digits
     return kept + f"… ({len(raw) - len(kept.encode())} more bytes cut)"
 
 
@@ -84,7 +85,9 @@ def item_error(kind: type[ServiceError], index: int, message: str) -> ServiceErr
     return kind(f"item {index}: {message}")
 
 
-def limit_error(limit_name: str, limit: int | float, actual: int | float, index: int | None = None) -> ResourceExhausted:
+def limit_error(
+    limit_name: str, limit: int | float, actual: int | float | str, index: int | None = None
+) -> ResourceExhausted:
     """A configured limit was exceeded; names the limit, its value and (if any) the batch item."""
     where = f"item {index}: " if index is not None else ""
     return ResourceExhausted(f"{where}{limit_name} is {actual}, over the limit of {limit} ({limit_name} limit)")
@@ -119,8 +122,17 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
 def error_for_code(code: int, message: str) -> ServiceError:
     """The domain error for a status code sent as a number (a stream's per-request StreamError), so a
     caller re-raising it returns the same status; a code with no domain error here is INTERNAL."""
-    for kind in (InvalidArgument, ResourceExhausted, NotFound, AlreadyExists, FailedPrecondition, Unavailable,
-                 DeadlineExceeded, Unauthenticated, PermissionDenied):
+    for kind in (
+        InvalidArgument,
+        ResourceExhausted,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        Unavailable,
+        DeadlineExceeded,
+        Unauthenticated,
+        PermissionDenied,
+    ):
         if kind.code.value[0] == code:
             return kind(message)
     return ServiceError(f"status {code}: {message}")

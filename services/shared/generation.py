@@ -3,6 +3,7 @@
 The registry writes it into a generation version's Triton config and warms versions up with it; the
 router builds its ModelStreamInfer requests and reads the responses with these names.
 """
+
 from __future__ import annotations
 
 BACKEND = "onnxruntime_genai"

@@ -1,5 +1,6 @@
 """Server interceptor every service uses: domain errors → statuses, request metrics, no crash on a bug,
 requests that do not parse → INVALID_ARGUMENT (services.shared.decoding)."""
+
 from __future__ import annotations
 
 import inspect
@@ -11,7 +12,7 @@ import grpc
 
 from services.shared.decoding import decoded, decoded_stream, tolerant
 from services.shared.errors import InvalidArgument, ServiceError, bounded, status_for
-from services.shared.telemetry import RPC_DURATION, RPC_INFLIGHT, RPC_REQUESTS, _request_labels
+from services.shared.telemetry import RPC_DURATION, RPC_INFLIGHT, RPC_REQUESTS, REQUEST_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class _Outcome:
         self.metrics = metrics
         self.labels: dict = {}
         self.start = time.perf_counter()
-        self.token = _request_labels.set(self.labels)
+        self.token = REQUEST_LABELS.set(self.labels)
         metrics.inflight.inc()
 
     async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
@@ -66,7 +67,7 @@ class _Outcome:
         metrics.inflight.dec()
         metrics.duration.observe(time.perf_counter() - self.start)
         metrics.requests(self.labels.get("model", ""), self.labels.get("version", ""), code).inc()
-        _request_labels.reset(self.token)
+        REQUEST_LABELS.reset(self.token)
         self.token = None
 
     def finish_from_context(self, context: grpc.aio.ServicerContext) -> None:
@@ -125,6 +126,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 return response
             finally:
                 outcome.finish_abandoned(context)  # cancelled or timed out: CancelledError is no Exception
+
         return wrapped
 
     @staticmethod
@@ -143,6 +145,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 outcome.finish_from_context(context)
             finally:
                 outcome.finish_abandoned(context)  # no-op unless the stream was cancelled
+
         return wrapped
 
 
@@ -154,21 +157,30 @@ def _checked(handler: grpc.RpcMethodHandler):
     if streamed_requests and getattr(behaviour, "per_message_errors", False):
         return behaviour
     if handler.response_streaming:
+
         def checked_stream(request_or_iterator, context):
             arg = decoded_stream(request_or_iterator) if streamed_requests else decoded(request_or_iterator)
             return behaviour(arg, context)
+
         return checked_stream
 
     async def checked(request_or_iterator, context):
         arg = decoded_stream(request_or_iterator) if streamed_requests else decoded(request_or_iterator)
         return await behaviour(arg, context)
+
     return checked
 
 
 def _with_behaviour(handler: grpc.RpcMethodHandler, behaviour, deserializer) -> grpc.RpcMethodHandler:
-    make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary else
-            grpc.stream_unary_rpc_method_handler if handler.stream_unary else
-            grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler)
+    make = (
+        grpc.unary_unary_rpc_method_handler
+        if handler.unary_unary
+        else grpc.stream_unary_rpc_method_handler
+        if handler.stream_unary
+        else grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
     return make(behaviour, deserializer, handler.response_serializer)
 
 
@@ -176,6 +188,7 @@ def _refusing_undecodable(handler: grpc.RpcMethodHandler):
     """Health and reflection: no metrics, only a message that did not parse → INVALID_ARGUMENT."""
     behaviour = _checked(handler)
     if handler.response_streaming:
+
         async def streamed(request_or_iterator, context):
             try:
                 responses = behaviour(request_or_iterator, context)
@@ -186,6 +199,7 @@ def _refusing_undecodable(handler: grpc.RpcMethodHandler):
                     yield response
             except InvalidArgument as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+
         return streamed
 
     async def unary(request_or_iterator, context):
@@ -193,4 +207,5 @@ def _refusing_undecodable(handler: grpc.RpcMethodHandler):
             return await behaviour(request_or_iterator, context)
         except InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+
     return unary

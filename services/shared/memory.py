@@ -13,6 +13,7 @@ adjustment off. Allocations under the threshold are unaffected; those over it pa
 interleaved rounds on a loaded 2-core machine). Hence opt-in: MAAS_MALLOC_MMAP_THRESHOLD_BYTES=65536
 for a service that takes bursts of large requests and must give the memory back.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -3,6 +3,7 @@
 Services that serve something per model (a tokenizer.json, a preprocess.json) discover it here, from
 `MAAS_MODEL_REPOSITORY` plus an optional extra directory laid out the same way (<name>/<file>).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,12 @@ DEFAULT_MODEL_REPOSITORY = "model_repository"
 
 
 def add_model_repository_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-repository", type=Path,
-                        default=Path(env("MAAS_MODEL_REPOSITORY", DEFAULT_MODEL_REPOSITORY)),
-                        help="Triton model repository (MAAS_MODEL_REPOSITORY)")
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=Path(env("MAAS_MODEL_REPOSITORY", DEFAULT_MODEL_REPOSITORY)),
+        help="Triton model repository (MAAS_MODEL_REPOSITORY)",
+    )
 
 
 def models_with(filename: str, *directories: Path | None) -> dict[str, Path]:
@@ -42,8 +46,9 @@ def read_model_config(config_path: Path, *, allow_unknown_fields: bool = False):
     from tritonclient.grpc import model_config_pb2
 
     try:
-        return text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig(),
-                                 allow_unknown_field=allow_unknown_fields)
+        return text_format.Parse(
+            config_path.read_text(), model_config_pb2.ModelConfig(), allow_unknown_field=allow_unknown_fields
+        )
     except (text_format.ParseError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{config_path.name} does not parse: {exc}") from None
 

@@ -11,6 +11,7 @@ budgets are the model). Pure policy, no I/O: services.shared.replica_pool applie
 - Retries (a call sent again to another replica) are allowed while retries ≤ budget_ratio × requests
   + min_retries over the last window_seconds, so a failing Triton is not hit by a retry storm.
 """
+
 from __future__ import annotations
 
 import time

@@ -4,6 +4,7 @@ The router and the registry are ready only while they reach Triton: at least one
 ServerLive. The reason names every address tried and what it answered, e.g.
 "Triton at 127.0.0.1:8001 unreachable: UNAVAILABLE: failed to connect to all addresses ...".
 """
+
 from __future__ import annotations
 
 import asyncio

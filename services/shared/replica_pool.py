@@ -19,6 +19,7 @@ Outlier ejection and a retry budget (services.shared.outlier): callers report ea
 back once `probe` (default: `admit`, else the channel connects) passes. Callers retry another replica
 only while `try_retry()` allows it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,8 +47,9 @@ POOL_REPLICAS = Gauge("maas_replica_pool_replicas", "Replicas calls are spread o
 POOL_EJECTED = Gauge("maas_replica_pool_ejected_replicas", "Replicas ejected (outlier detection) right now", ["pool"])
 POOL_EJECTIONS = Counter("maas_replica_pool_ejections", "Replicas ejected for failing calls in a row", ["pool"])
 POOL_RETRIES = Counter("maas_replica_pool_retries", "Calls sent again to another replica", ["pool"])
-POOL_BUDGET_REFUSALS = Counter("maas_replica_pool_retry_budget_refusals",
-                               "Retries not made because the retry budget was spent", ["pool"])
+POOL_BUDGET_REFUSALS = Counter(
+    "maas_replica_pool_retry_budget_refusals", "Retries not made because the retry budget was spent", ["pool"]
+)
 
 
 class Replica:
@@ -59,6 +61,17 @@ class Replica:
         self.inflight = 0
         self.calls = 0
         self._stubs: dict[Any, Any] = {}
+
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        """One call on this replica: in its in-flight count (what pick() balances on) until the block
+        ends, and in its call total."""
+        self.inflight += 1
+        self.calls += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
 
     def stub(self, factory: Callable[[grpc.aio.Channel], S]) -> S:
         """factory(channel), cached by factory: pass a stub class or module-level function, not a new lambda."""
@@ -117,8 +130,9 @@ class ReplicaPool:
             if self._admit is None:
                 self._join(replica)
             else:
-                self._pending[address] = asyncio.create_task(self._admit_when_ready(replica),
-                                                             name=f"{self.name}-admit-{address}")
+                self._pending[address] = asyncio.create_task(
+                    self._admit_when_ready(replica), name=f"{self.name}-admit-{address}"
+                )
         for address in sorted(self._known.keys() - wanted):
             self._retire(self._known.pop(address))
 
@@ -175,10 +189,14 @@ class ReplicaPool:
         if seconds is not None and replica in self._serving:
             self._serving.remove(replica)
             POOL_EJECTIONS.labels(self.name).inc()
-            log.warning("replica ejected: failed %d calls in a row", self.outlier_settings.consecutive_failures,
-                        extra={"pool": self.name, "address": replica.address, "ejected_for_s": seconds})
+            log.warning(
+                "replica ejected: failed %d calls in a row",
+                self.outlier_settings.consecutive_failures,
+                extra={"pool": self.name, "address": replica.address, "ejected_for_s": seconds},
+            )
             self._ejected[replica.address] = asyncio.get_running_loop().create_task(
-                self._probe_back(replica, seconds), name=f"{self.name}-probe-{replica.address}")
+                self._probe_back(replica, seconds), name=f"{self.name}-probe-{replica.address}"
+            )
             self._update_ejected()
 
     def ejected(self) -> frozenset[str]:
@@ -193,8 +211,11 @@ class ReplicaPool:
         while True:
             await asyncio.sleep(seconds)
             try:
-                passed = bool(await asyncio.wait_for(self._probe(replica.address, replica.channel),
-                                                     self.outlier_settings.probe_timeout_seconds))
+                passed = bool(
+                    await asyncio.wait_for(
+                        self._probe(replica.address, replica.channel), self.outlier_settings.probe_timeout_seconds
+                    )
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any probe failure keeps it out
@@ -204,11 +225,15 @@ class ReplicaPool:
             if again is None:
                 break
             seconds = again
-            log.info("ejected replica failed its probe; ejected again",
-                     extra={"pool": self.name, "address": replica.address, "ejected_for_s": seconds})
+            log.info(
+                "ejected replica failed its probe; ejected again",
+                extra={"pool": self.name, "address": replica.address, "ejected_for_s": seconds},
+            )
         self._ejected.pop(replica.address, None)
         self._serving.append(replica)
-        log.info("ejected replica passed its probe: serving again", extra={"pool": self.name, "address": replica.address})
+        log.info(
+            "ejected replica passed its probe: serving again", extra={"pool": self.name, "address": replica.address}
+        )
         self._update_ejected()
 
     def request(self) -> None:
@@ -242,12 +267,8 @@ class ReplicaPool:
     def lease(self) -> Iterator[Replica]:
         """A replica for one call, counted as in flight until the block ends."""
         replica = self.pick()
-        replica.inflight += 1
-        replica.calls += 1
-        try:
+        with replica.counted():
             yield replica
-        finally:
-            replica.inflight -= 1
 
     async def close(self) -> None:
         for task in [*self._pending.values(), *self._ejected.values()]:

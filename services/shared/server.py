@@ -3,8 +3,9 @@
 build_server() gives a grpc.aio server with the standard health service and reflection registered on
 their own, explicit message size limits, the error/metrics interceptor and (when OTEL_* is set)
 tracing, and TLS when configured (services/shared/tls.py: dynamic credentials that follow their files),
-plus a plaintext health-only port for probes that cannot speak TLS (--health-listen). run() serves until SIGTERM/SIGINT, then flips health to NOT_SERVING and lets in-flight RPCs
-finish within the grace period.
+plus a plaintext health-only port for probes that cannot speak TLS (--health-listen). run() serves
+until SIGTERM/SIGINT, then flips health to NOT_SERVING and lets in-flight RPCs finish within the grace
+period.
 
 Health names: "" (and each service's full name) is SERVING while the process serves - the liveness
 probe's name, and what `maas up` and health-checked client channels look at. READINESS ("readiness",
@@ -13,6 +14,7 @@ registry check that they reach Triton. A failing check is logged as "not ready: 
 every READINESS_LOG_SECONDS while it lasts) and the name turns SERVING again when it passes. A wrong
 upstream address thus keeps the pod out of its Service with the reason in its log; it is not restarted.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,7 +34,10 @@ from services.shared.memory import set_mmap_threshold
 from services.shared.structured_logging import configure_logging
 from services.shared.tls import CertificateFiles, server_credentials
 from services.shared.telemetry import (
-    setup_tracing, shutdown_tracing, start_metrics_server, tracing_server_interceptors,
+    setup_tracing,
+    shutdown_tracing,
+    start_metrics_server,
+    tracing_server_interceptors,
 )
 
 log = logging.getLogger(__name__)
@@ -92,22 +97,26 @@ class ServiceServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.readiness_checks:
             self._readiness_task = asyncio.get_running_loop().create_task(
-                self._follow_readiness(), name=f"{self.settings.service_name}-readiness")
+                self._follow_readiness(), name=f"{self.settings.service_name}-readiness"
+            )
         else:
             await self._set_ready(True)
 
     async def _set_ready(self, ready: bool) -> None:
         self.ready = ready
-        await self.health.set(READINESS, health_pb2.HealthCheckResponse.SERVING if ready
-                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(
+            READINESS, health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
     async def check_readiness(self) -> list[str]:
         """Why the service is not ready (empty: it is). A check that raises counts as failing."""
+
         async def one(check: ReadinessCheck) -> str | None:
             try:
                 return await check()
             except Exception as exc:  # noqa: BLE001 - a broken check must not stop the readiness loop
                 return f"readiness check failed: {type(exc).__name__}: {exc}"
+
         return [r for r in await asyncio.gather(*(one(c) for c in self.readiness_checks)) if r]
 
     async def _follow_readiness(self) -> None:
@@ -140,8 +149,11 @@ class ServiceServer:
         delay = min(self.settings.drain_delay_seconds, grace / 2)
         if delay > 0:
             await asyncio.sleep(delay)
-        await asyncio.gather(self.grpc_server.stop(grace - delay), _run_callbacks(self.on_drain),
-                             *([self.health_server.stop(0)] if self.health_server is not None else []))
+        await asyncio.gather(
+            self.grpc_server.stop(grace - delay),
+            _run_callbacks(self.on_drain),
+            *([self.health_server.stop(0)] if self.health_server is not None else []),
+        )
         await _run_callbacks(self.on_stop)
 
     async def wait(self) -> None:
@@ -189,18 +201,32 @@ def build_health_server(listen: str, servicer: health.aio.HealthServicer) -> tup
     return server, port
 
 
-def run(settings: ServerSettings, create: Callable[[], tuple[ServiceServer, int]]) -> None:
-    """Entry point body shared by every service's __main__."""
+def start_observability(settings: ServerSettings) -> None:
+    """Every service process's preamble (gRPC and HTTP alike): structured logs, tracing when the OTEL_*
+    settings ask for it, the Prometheus endpoint when --metrics-port is set."""
     configure_logging(settings.service_name, settings.log_level, settings.log_format)
     set_mmap_threshold(settings.malloc_mmap_threshold_bytes)
     setup_tracing(f"maas-{settings.service_name}")
     start_metrics_server(settings.metrics_port)
 
+
+def run(settings: ServerSettings, create: Callable[[], tuple[ServiceServer, int]]) -> None:
+    """Entry point body shared by every service's __main__."""
+    start_observability(settings)
+
     async def serve() -> None:
         server, port = create()
         await server.start()
-        log.info("serving", extra={"listen": settings.listen, "port": port, "services": server.service_names,
-                                   "tls": settings.tls is not None, "health_port": server.health_port or None})
+        log.info(
+            "serving",
+            extra={
+                "listen": settings.listen,
+                "port": port,
+                "services": server.service_names,
+                "tls": settings.tls is not None,
+                "health_port": server.health_port or None,
+            },
+        )
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,4 +1,5 @@
 """One structured logger set-up for every service (JSON lines by default, trace ids included)."""
+
 from __future__ import annotations
 
 import json

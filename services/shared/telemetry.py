@@ -4,6 +4,7 @@ Tracing is configured only by the standard OTEL_* variables: with none set nothi
 no interceptor is added, so tracing off costs nothing. Metrics are Prometheus, served on
 MAAS_METRICS_PORT when set.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -18,28 +19,35 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 log = logging.getLogger(__name__)
 
 RPC_REQUESTS = Counter(
-    "maas_rpc_server_requests", "gRPC requests handled, by outcome",
+    "maas_rpc_server_requests",
+    "gRPC requests handled, by outcome",
     ["service", "method", "model", "version", "code"],
 )
-# Request latency buckets (seconds): the RPC histogram's and the router's per-version one.
+# Request latency buckets (seconds): the RPC histogram's, the router's per-version one and the fast path's.
 RPC_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 RPC_DURATION = Histogram(
-    "maas_rpc_server_duration_seconds", "gRPC request latency as the server sees it",
-    ["service", "method"], buckets=RPC_DURATION_BUCKETS,
+    "maas_rpc_server_duration_seconds",
+    "gRPC request latency as the server sees it",
+    ["service", "method"],
+    buckets=RPC_DURATION_BUCKETS,
 )
 RPC_INFLIGHT = Gauge("maas_rpc_server_inflight_requests", "gRPC requests being handled", ["service"])
 BATCH_ITEMS = Histogram(
-    "maas_batch_items", "Items per request batch", ["service", "method"],
+    "maas_batch_items",
+    "Items per request batch",
+    ["service", "method"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
 ITEM_ERRORS = Counter("maas_item_errors", "Batch items refused, by reason", ["service", "reason"])
 PREPROCESS_SECONDS = Histogram(
-    "maas_preprocess_seconds", "Time spent turning user input into tensors", ["service", "kind"],
+    "maas_preprocess_seconds",
+    "Time spent turning user input into tensors",
+    ["service", "kind"],
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
 
 # Labels a handler learns while it runs (model, version...), read by the metrics interceptor at the end.
-_request_labels: contextvars.ContextVar[dict | None] = contextvars.ContextVar("maas_request_labels", default=None)
+REQUEST_LABELS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("maas_request_labels", default=None)
 
 
 def annotate(**attributes) -> None:
@@ -49,7 +57,7 @@ def annotate(**attributes) -> None:
         for key, value in attributes.items():
             if value is not None:
                 span.set_attribute(f"maas.{key}", value)
-    labels = _request_labels.get()
+    labels = REQUEST_LABELS.get()
     if labels is not None:
         labels.update({k: str(v) for k, v in attributes.items() if k in ("model", "version")})
 
@@ -76,14 +84,18 @@ def setup_tracing(service_name: str) -> bool:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
     exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower()
-    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
+    )
     if exporter_name == "console":
         exporter = ConsoleSpanExporter()
     elif protocol.startswith("http"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
         exporter = HttpExporter()
     else:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
         exporter = GrpcExporter()
     # OTEL_SERVICE_NAME wins over our default, as the spec says.
     resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service_name})
@@ -104,6 +116,7 @@ def tracing_server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     if not tracing_configured():
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
     return [aio_server_interceptor()]
 
 
@@ -112,6 +125,7 @@ def tracing_client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     if not tracing_configured():
         return []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
     return list(aio_client_interceptors())
 
 

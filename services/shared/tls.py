@@ -14,6 +14,7 @@ theirs until they close). Outgoing channels read the files when they are opened;
 accepting the old client certificate as long as it is valid under the CA, which cert-manager renews
 well before expiry.
 """
+
 from __future__ import annotations
 
 import logging
@@ -147,9 +148,11 @@ class CertificateFiles:
                 return None
             try:
                 config = self._configuration()
-            except Exception as exc:  # a renewal in progress: serve the previous certificate
-                log.warning("TLS files changed but could not be loaded, still serving the previous certificate",
-                            extra={"error": str(exc), "cert": str(self.settings.cert)})
+            except Exception as exc:  # noqa: BLE001 - a renewal in progress: serve the previous certificate
+                log.warning(
+                    "TLS files changed but could not be loaded, still serving the previous certificate",
+                    extra={"error": str(exc), "cert": str(self.settings.cert)},
+                )
                 return None
             self._stamp = stamp
             log.info("TLS certificate reloaded", extra={"cert": str(self.settings.cert), "serial": self.serial})
@@ -161,15 +164,18 @@ def server_credentials(settings: TlsSettings, service: str = "") -> tuple[grpc.S
     files = CertificateFiles(settings, service)
     initial = files.load()
     credentials = grpc.dynamic_ssl_server_credentials(
-        initial, files.fetch, require_client_authentication=settings.client_auth == "required")
+        initial, files.fetch, require_client_authentication=settings.client_auth == "required"
+    )
     return credentials, files
 
 
 def channel_credentials(settings: TlsSettings) -> grpc.ChannelCredentials:
     """mTLS for an outgoing channel: trust `ca`, present our certificate and key."""
-    return grpc.ssl_channel_credentials(root_certificates=_read(settings.ca, "CA"),
-                                        private_key=_read(settings.key, "key"),
-                                        certificate_chain=_read(settings.cert, "certificate"))
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(settings.ca, "CA"),
+        private_key=_read(settings.key, "key"),
+        certificate_chain=_read(settings.cert, "certificate"),
+    )
 
 
 def channel_options(settings: TlsSettings | None) -> list[tuple[str, str]]:
@@ -179,8 +185,11 @@ def channel_options(settings: TlsSettings | None) -> list[tuple[str, str]]:
     return [("grpc.ssl_target_name_override", settings.server_name)]
 
 
-def client_credentials(root_cert: str | os.PathLike | None, client_cert: str | os.PathLike | None = None,
-                       client_key: str | os.PathLike | None = None) -> grpc.ChannelCredentials:
+def client_credentials(
+    root_cert: str | os.PathLike | None,
+    client_cert: str | os.PathLike | None = None,
+    client_key: str | os.PathLike | None = None,
+) -> grpc.ChannelCredentials:
     """For callers (maas CLI, MeshClient, RegistryClient): trust `root_cert` (None = the system's
     roots), present a client certificate when both cert and key are given."""
     if bool(client_cert) != bool(client_key):
@@ -188,10 +197,12 @@ def client_credentials(root_cert: str | os.PathLike | None, client_cert: str | o
     return grpc.ssl_channel_credentials(
         root_certificates=_read(Path(root_cert), "root certificate") if root_cert else None,
         private_key=_read(Path(client_key), "client key") if client_key else None,
-        certificate_chain=_read(Path(client_cert), "client certificate") if client_cert else None)
+        certificate_chain=_read(Path(client_cert), "client certificate") if client_cert else None,
+    )
 
 
 # -- HTTPS (the OpenAI gateway and the console, served by uvicorn) -------------------------------------
+
 
 def uvicorn_ssl(settings: TlsSettings | None) -> dict:
     """uvicorn.Config keyword arguments serving HTTPS with these files ({} = plain HTTP)."""
@@ -199,8 +210,12 @@ def uvicorn_ssl(settings: TlsSettings | None) -> dict:
         return {}
     import ssl
 
-    return {"ssl_certfile": str(settings.cert), "ssl_keyfile": str(settings.key), "ssl_ca_certs": str(settings.ca),
-            "ssl_cert_reqs": ssl.CERT_REQUIRED if settings.client_auth == "required" else ssl.CERT_NONE}
+    return {
+        "ssl_certfile": str(settings.cert),
+        "ssl_keyfile": str(settings.key),
+        "ssl_ca_certs": str(settings.ca),
+        "ssl_cert_reqs": ssl.CERT_REQUIRED if settings.client_auth == "required" else ssl.CERT_NONE,
+    }
 
 
 class HttpsReloader:

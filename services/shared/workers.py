@@ -4,6 +4,7 @@ serving and concurrent requests run side by side instead of queueing behind one 
 The libraries doing the work (tokenizers, Pillow, numpy) release the GIL in their hot loops, so
 threads give real parallelism. The caller's contextvars (trace span, request labels) go along.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """maas-tokenizer: serve the Tokenizer gRPC API (python -m services.tokenizer --help)."""
+
 from __future__ import annotations
 
 from services.shared.server import run

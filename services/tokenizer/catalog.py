@@ -7,6 +7,7 @@ unbatched sequence per request, prompts come from ApplyChatTemplate) gets input_
 attention_mask, so a padded Tokenize batch for it can still be read. Beside tokenizer.json,
 tokenizer_config.json (special tokens) and chat_template.jinja are read when present.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from services.shared.config import ConfigError
-from services.shared.errors import NotFound
+from services.shared.catalog import Catalog
 from services.shared.model_repository import model_config, models_with
 from services.tokenizer.chat_template import ChatTemplate, read_tokenizer_config, template_source, token_text
 
@@ -54,8 +55,9 @@ class LoadedTokenizer:
     The underlying `tokenizers.Tokenizer` keeps truncation as mutable state, so each max_length gets
     its own copy, configured once and then only read."""
 
-    def __init__(self, name: str, path: Path, outputs: tuple[str, ...], max_tokens: int,
-                 tokenizer_config: dict | None = None):
+    def __init__(
+        self, name: str, path: Path, outputs: tuple[str, ...], max_tokens: int, tokenizer_config: dict | None = None
+    ):
         self.name = name
         self.path = path
         self.outputs = outputs
@@ -78,7 +80,9 @@ class LoadedTokenizer:
             "direction": str(truncation.get("direction", "Right")).lower(),
         }
         self.padding = _padding_style(spec, base, _token_id(base, tokenizer_config.get("pad_token")))
-        self.zero_type_ids = self.padding.pad_type_id == 0 and _single_sequence_type_ids_are_zero(spec.get("post_processor"))
+        self.zero_type_ids = self.padding.pad_type_id == 0 and _single_sequence_type_ids_are_zero(
+            spec.get("post_processor")
+        )
         self._per_thread = threading.local()  # .copies: OrderedDict[max_length, Tokenizer], LRU
         # Built now for the loading thread, the event loop's, which serves small requests inline.
         self.truncating(self.default_max_length)
@@ -154,35 +158,35 @@ def _single_sequence_type_ids_are_zero(processor: dict | None) -> bool:
     return False
 
 
-class TokenizerCatalog:
+class TokenizerCatalog(Catalog[LoadedTokenizer]):
     """Tokenizers by name, with the one used when a request names none."""
 
     def __init__(self, tokenizers: dict[str, LoadedTokenizer], default: str):
-        if default not in tokenizers:
-            raise ConfigError(
-                f"default tokenizer {default!r} not found; found {sorted(tokenizers) or 'none'} "
-                "(<model>/tokenizer.json under --model-repository or --tokenizer-dir)"
-            )
-        self.tokenizers = dict(sorted(tokenizers.items()))
-        self.default = default
-
-    def get(self, name: str) -> LoadedTokenizer:
-        try:
-            return self.tokenizers[name or self.default]
-        except KeyError:
-            raise NotFound(f"tokenizer {name!r} not found; known: {', '.join(self.tokenizers)}") from None
+        super().__init__(
+            tokenizers, default, "tokenizer", "<model>/tokenizer.json under --model-repository or --tokenizer-dir"
+        )
 
     @classmethod
-    def discover(cls, model_repository: Path, extra_dir: Path | None, default: str, max_tokens: int) -> TokenizerCatalog:
+    def discover(
+        cls, model_repository: Path, extra_dir: Path | None, default: str, max_tokens: int
+    ) -> TokenizerCatalog:
         loaded = {}
         for name, path in models_with("tokenizer.json", model_repository, extra_dir).items():
             config = model_config(path.parent)
+            outputs: tuple[str, ...]
             if config is not None and config.model_transaction_policy.decoupled:
                 outputs = GENERATION_OUTPUTS
             else:
                 inputs = None if config is None else {tensor.name for tensor in config.input}
                 outputs = tuple(n for n in ALL_OUTPUTS if inputs is None or n in inputs) or ALL_OUTPUTS
             loaded[name] = LoadedTokenizer(name, path, outputs, max_tokens, read_tokenizer_config(path.parent))
-            log.info("tokenizer loaded", extra={"tokenizer": name, "path": str(path), "outputs": list(outputs),
-                                                "chat_template": loaded[name].chat_template is not None})
+            log.info(
+                "tokenizer loaded",
+                extra={
+                    "tokenizer": name,
+                    "path": str(path),
+                    "outputs": list(outputs),
+                    "chat_template": loaded[name].chat_template is not None,
+                },
+            )
         return cls(loaded, default)

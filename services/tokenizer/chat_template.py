@@ -6,6 +6,7 @@ tokens of tokenizer_config.json (bos_token, eos_token, ...) as variables. The te
 model folder (chat_template.jinja, else tokenizer_config.json's `chat_template`), so it is the model
 author's code: the sandbox keeps it from reaching Python internals.
 """
+
 from __future__ import annotations
 
 import json
@@ -102,8 +103,9 @@ class _TemplateDict:
 def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
-                       namespace=_TemplateNamespace)
+    env.globals.update(
+        raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(), namespace=_TemplateNamespace
+    )
     return env
 
 
@@ -128,8 +130,13 @@ class ChatTemplate:
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
         chat = [{"role": m.role, "content": m.content} for m in messages]
         try:
-            return self._template.render(messages=chat, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
+            return self._template.render(
+                messages=chat,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+            )
         except jinja2.exceptions.TemplateError as exc:
             # raise_exception() in the template (e.g. "roles must alternate"), or a sandbox refusal.
             raise InvalidArgument(f"the chat template refused these messages: {exc}") from None

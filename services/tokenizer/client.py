@@ -6,10 +6,12 @@ per generated sequence over the caller's own channel, pure Python on the generat
     text = await session.send(last_ids, flush=True)  # at the end: whatever was held back
     await session.close()                          # always (a finally), also after an error
 """
+
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -28,10 +30,15 @@ async def ended(call, what: str) -> Unavailable:
 
 
 class DetokenizeSession:
-    def __init__(self, stub: tokenizer_pb2_grpc.TokenizerStub, tokenizer: str, skip_special_tokens: bool = True,
-                 timeout: float | None = None):
+    def __init__(
+        self,
+        stub: tokenizer_pb2_grpc.TokenizerStub,
+        tokenizer: str,
+        skip_special_tokens: bool = True,
+        timeout: float | None = None,
+    ):
         self._call = stub.DetokenizeStream(timeout=timeout, wait_for_ready=False)
-        self._first = {"tokenizer": tokenizer, "skip_special_tokens": skip_special_tokens}
+        self._first: dict[str, Any] = {"tokenizer": tokenizer, "skip_special_tokens": skip_special_tokens}
 
     async def send(self, ids: Sequence[int], flush: bool = False) -> str:
         """The text `ids` complete. A refused request raises its ServiceError (the same status
@@ -40,7 +47,9 @@ class DetokenizeSession:
         # first request it can serve, so after a refused first request the next must name it again.
         try:
             await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(ids=ids, flush=flush, **self._first))
-        except asyncio.InvalidStateError:  # the stream already ended (the service died): grpc says so, not with a status
+        except (
+            asyncio.InvalidStateError
+        ):  # the stream already ended (the service died): grpc says so, not with a status
             raise await ended(self._call, "the tokenizer service's DetokenizeStream") from None
         answer = await self._call.read()
         if answer is grpc.aio.EOF:

@@ -1,17 +1,24 @@
 """Tokenizer service settings: flags, then MAAS_* environment, then loopback defaults."""
+
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from maas import ports
 from services.shared.config import (
-    ServerSettings, add_limit_arguments, add_server_arguments, env, limits_from_args, server_settings,
+    ServerSettings,
+    add_limit_arguments,
+    add_server_arguments,
+    env,
+    limits_from_args,
+    server_settings,
 )
 from services.shared.model_repository import add_model_repository_argument
 from services.tokenizer.tokenization import TokenizeLimits
 
-DEFAULT_LISTEN = "127.0.0.1:50053"
+DEFAULT_LISTEN = ports.loopback(ports.TOKENIZER)
 DEFAULT_TOKENIZER = "minilm"
 LIMIT_HELP = {
     "max_batch": "texts per request",
@@ -37,10 +44,17 @@ def load_config(argv: list[str] | None = None) -> TokenizerConfig:
     parser = argparse.ArgumentParser(prog="maas-tokenizer", description="MaaS Mesh tokenizer service")
     add_server_arguments(parser, DEFAULT_LISTEN)
     add_model_repository_argument(parser)
-    parser.add_argument("--tokenizer-dir", type=Path, default=env("MAAS_TOKENIZER_DIR"),
-                        help="extra directory of <name>/tokenizer.json (MAAS_TOKENIZER_DIR)")
-    parser.add_argument("--default-tokenizer", default=env("MAAS_DEFAULT_TOKENIZER", DEFAULT_TOKENIZER),
-                        help="tokenizer used when a request names none (MAAS_DEFAULT_TOKENIZER)")
+    parser.add_argument(
+        "--tokenizer-dir",
+        type=Path,
+        default=env("MAAS_TOKENIZER_DIR"),
+        help="extra directory of <name>/tokenizer.json (MAAS_TOKENIZER_DIR)",
+    )
+    parser.add_argument(
+        "--default-tokenizer",
+        default=env("MAAS_DEFAULT_TOKENIZER", DEFAULT_TOKENIZER),
+        help="tokenizer used when a request names none (MAAS_DEFAULT_TOKENIZER)",
+    )
     add_limit_arguments(parser, "MAAS_TOKENIZER", TokenizeLimits(), LIMIT_HELP)
     args = parser.parse_args(argv)
     limits_config = limits_from_args(TokenizeLimits, args, LIMIT_HELP)

@@ -6,6 +6,7 @@ batch over Python threads. That pool is shared by every call, and a call waits u
 before it are done; so big batches go in chunks of CHUNK texts: a one-text request sent while
 4096 texts are being tokenized waits for one chunk (a few ms), not for the whole batch (~200 ms).
 """
+
 from __future__ import annotations
 
 import time
@@ -17,10 +18,21 @@ from services.shared.workers import WorkerPool
 from services.tokenizer.catalog import LoadedTokenizer, TokenizerCatalog
 from services.tokenizer.chat_template import Message
 from services.tokenizer.generation import (
-    ChatPrompt, DecodeSession, check_decode, check_messages, decode, render_chat,
+    ChatPrompt,
+    DecodeSession,
+    check_decode,
+    check_messages,
+    decode,
+    render_chat,
 )
 from services.tokenizer.tokenization import (
-    TokenizedBatch, TokenizeLimits, TokenizeOptions, check_request, encode_chunk, pad, tokenize_batch,
+    TokenizedBatch,
+    TokenizeLimits,
+    TokenizeOptions,
+    check_request,
+    encode_chunk,
+    pad,
+    tokenize_batch,
 )
 
 SERVICE = "tokenizer"
@@ -41,8 +53,9 @@ class TokenizerDataplane:
         self.limits = limits
         self.pool = pool
 
-    async def tokenize(self, name: str, texts: list[str], options: TokenizeOptions,
-                       request_bytes: int) -> TokenizedBatch:
+    async def tokenize(
+        self, name: str, texts: list[str], options: TokenizeOptions, request_bytes: int
+    ) -> TokenizedBatch:
         tokenizer = self.catalog.get(name)
         annotate(model=tokenizer.name, batch_size=len(texts), items=len(texts), bytes=request_bytes)
         BATCH_ITEMS.labels(SERVICE, "Tokenize").observe(len(texts))
@@ -59,16 +72,21 @@ class TokenizerDataplane:
             batch = await self.pool.run(tokenize_batch, tokenizer, texts, options, max_length)
         else:
             chunks = await self.pool.map_chunks(
-                lambda first, stop: encode_chunk(tokenizer, texts[first:stop], options, max_length), len(texts), CHUNK)
+                lambda first, stop: encode_chunk(tokenizer, texts[first:stop], options, max_length), len(texts), CHUNK
+            )
             batch = pad(tokenizer, chunks, options, max_length)
         elapsed = time.perf_counter() - start
         PREPROCESS_SECONDS.labels(SERVICE, "text").observe(elapsed)
-        annotate(preprocess_ms=elapsed * 1000, truncated=sum(item.truncated for item in batch.items),
-                 sequence_length=int(next(iter(batch.tensors.values())).shape[-1]) if batch.tensors else None)
+        annotate(
+            preprocess_ms=elapsed * 1000,
+            truncated=sum(item.truncated for item in batch.items),
+            sequence_length=int(next(iter(batch.tensors.values())).shape[-1]) if batch.tensors else None,
+        )
         return batch
 
-    async def apply_chat_template(self, name: str, messages: Sequence[Message],
-                                  add_generation_prompt: bool) -> tuple[str, ChatPrompt]:
+    async def apply_chat_template(
+        self, name: str, messages: Sequence[Message], add_generation_prompt: bool
+    ) -> tuple[str, ChatPrompt]:
         tokenizer = self.catalog.get(name)
         annotate(model=tokenizer.name, items=len(messages))
         chars = self._checked(check_messages, tokenizer, messages, self.limits)
@@ -104,4 +122,4 @@ class TokenizerDataplane:
             raise
 
     def tokenizers(self) -> list[LoadedTokenizer]:
-        return list(self.catalog.tokenizers.values())
+        return list(self.catalog.items.values())

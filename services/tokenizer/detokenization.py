@@ -6,6 +6,7 @@ of a sequence (a character cut by max_tokens), so their concatenation would miss
 The window decoded is the ids since the last piece plus the ids of the piece before it, as context
 for decoders whose output depends on the previous token (a leading space stripped from the first).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,8 +29,9 @@ def check_ids(ids: Sequence[int], vocab_size: int, max_ids: int, field: str = "i
     bad = np.flatnonzero((array < 0) | (array >= vocab_size))
     if bad.size:
         index = int(bad[0])
-        raise InvalidArgument(f"{field}[{index}] = {int(array[index])} is not a token id of this tokenizer "
-                              f"(0 to {vocab_size - 1})")
+        raise InvalidArgument(
+            f"{field}[{index}] = {int(array[index])} is not a token id of this tokenizer (0 to {vocab_size - 1})"
+        )
 
 
 class IncrementalDecoder:
@@ -67,7 +69,7 @@ class IncrementalDecoder:
         piece = self._piece(text)
         # The ids just turned into text become the context of the next window.
         new_prefix_index = len(self._ids) - self._prefix_index
-        del self._ids[:self._prefix_index]
+        del self._ids[: self._prefix_index]
         self._prefix = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)
         self._prefix_index = new_prefix_index
         return piece
@@ -77,4 +79,4 @@ class IncrementalDecoder:
             # DecodeStream's InvalidPrefix: a decoder whose output for the context changed with the ids
             # after it. Not the case for the byte-level and metaspace decoders; a bug if it happens.
             raise RuntimeError(f"incremental decode lost its prefix: {self._prefix!r} vs {text!r}")
-        return text[len(self._prefix):]
+        return text[len(self._prefix) :]

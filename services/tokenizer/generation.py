@@ -2,6 +2,7 @@
 
 Limits are checked before any rendering or decoding.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,8 +24,10 @@ class ChatPrompt:
 def check_messages(tokenizer: LoadedTokenizer, messages: Sequence[Message], limits: TokenizeLimits) -> int:
     """Refuses a request the tokenizer cannot render or that is over a limit; returns its characters."""
     if tokenizer.chat_template is None:
-        raise FailedPrecondition(f"tokenizer {tokenizer.name!r} has no chat template "
-                                 "(chat_template.jinja or tokenizer_config.json's chat_template)")
+        raise FailedPrecondition(
+            f"tokenizer {tokenizer.name!r} has no chat template "
+            "(chat_template.jinja or tokenizer_config.json's chat_template)"
+        )
     if not messages:
         raise InvalidArgument("messages is empty: send at least one message")
     if len(messages) > limits.max_messages:

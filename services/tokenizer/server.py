@@ -1,4 +1,5 @@
 """Builds the tokenizer gRPC server: load tokenizers, start a worker pool, register the servicer."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ from services.tokenizer.servicer import TokenizerServicer
 def create_server(cfg: TokenizerConfig) -> tuple[ServiceServer, int]:
     # tokenizers' thread pool is sized once, at first use: as many threads as --workers, unless set.
     os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.server.workers))
-    catalog = TokenizerCatalog.discover(cfg.model_repository, cfg.tokenizer_dir, cfg.default_tokenizer,
-                                        cfg.limits.max_tokens)
+    catalog = TokenizerCatalog.discover(
+        cfg.model_repository, cfg.tokenizer_dir, cfg.default_tokenizer, cfg.limits.max_tokens
+    )
     pool = WorkerPool(cfg.server.workers, "tokenizer")
     dataplane = TokenizerDataplane(catalog, cfg.limits, pool)
 

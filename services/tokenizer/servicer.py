@@ -1,4 +1,5 @@
 """Tokenizer gRPC servicer: protobuf ⇄ domain types only; the work is in dataplane.py."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -29,8 +30,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return _fill(tokenizer_pb2.TokenizeResponse(), await self._tokenize(request))
 
     @per_message_errors  # a message that does not parse gets its INVALID_ARGUMENT answer; the stream goes on
-    async def TokenizeStream(self, requests: AsyncIterator[tokenizer_pb2.TokenizeRequest],
-                             context: grpc.aio.ServicerContext):
+    async def TokenizeStream(
+        self, requests: AsyncIterator[tokenizer_pb2.TokenizeRequest], context: grpc.aio.ServicerContext
+    ):
         # One request at a time, in arrival order: responses must come back in request order, and
         # running a stream's batches side by side would gain nothing, as every batch already queues
         # for tokenizers' one shared thread pool. Flow control holds back a caller that sends faster.
@@ -44,7 +46,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         answer = tokenizer_pb2.TokenizeStreamResponse()
         try:
             batch = await self._tokenize(request)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every error is this request's status, never the stream's end
             _fill_error(answer.error, exc)
             return answer
         _fill(answer.response, batch)  # filled in place: no copy of the tensor bytes
@@ -56,8 +58,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         if padding is None:
             raise InvalidArgument(f"padding {request.padding} is not a known Padding value")
         options = TokenizeOptions(
-            padding=padding, max_length=request.max_length,
-            return_offsets=request.return_offsets, return_tokens=request.return_tokens,
+            padding=padding,
+            max_length=request.max_length,
+            return_offsets=request.return_offsets,
+            return_tokens=request.return_tokens,
         )
         return await self.dataplane.tokenize(request.tokenizer, list(request.texts), options, request.ByteSize())
 
@@ -82,16 +86,21 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 if session is None:
                     session = self.dataplane.decode_session(request.tokenizer, _skip_special_tokens(request))
                 answer.text = session.step(request.ids, request.flush)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every error is this request's status, never the stream's end
                 _fill_error(answer.error, exc)
             yield answer
 
     async def ListTokenizers(self, request, context):
         return tokenizer_pb2.ListTokenizersResponse(
             tokenizers=[
-                tokenizer_pb2.TokenizerInfo(name=t.name, max_length=t.default_max_length, outputs=t.outputs,
-                                            vocab_size=t.vocab_size, chat_template=t.chat_template is not None,
-                                            eos_token_id=t.eos_token_id)
+                tokenizer_pb2.TokenizerInfo(
+                    name=t.name,
+                    max_length=t.default_max_length,
+                    outputs=t.outputs,
+                    vocab_size=t.vocab_size,
+                    chat_template=t.chat_template is not None,
+                    eos_token_id=t.eos_token_id,
+                )
                 for t in self.dataplane.tokenizers()
             ],
             default_tokenizer=self.dataplane.catalog.default,
@@ -117,11 +126,11 @@ def _fill(response: tokenizer_pb2.TokenizeResponse, batch: TokenizedBatch) -> to
     response.tensors.extend(to_proto(name, array) for name, array in batch.tensors.items())
     response.tokenizer = batch.tokenizer
     for details in batch.items:
-        item = response.items.add(length=details.length, truncated=details.truncated,
-                                  original_length=details.original_length)
+        item = response.items.add(
+            length=details.length, truncated=details.truncated, original_length=details.original_length
+        )
         if details.offsets is not None:
             item.offsets.extend(tokenizer_pb2.Offset(start=s, end=e) for s, e in details.offsets)
         if details.tokens is not None:
             item.tokens.extend(details.tokens)
     return response
-

@@ -4,6 +4,7 @@ truncation and padding enabled.
 Rust does the tokenizing and releases the GIL meanwhile; we pad in numpy from one flat list of ids
 rather than token by token in Python.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -61,8 +62,9 @@ class TokenizedBatch:
     items: list[ItemDetails]
 
 
-def check_request(texts: list[str], request_bytes: int, options: TokenizeOptions,
-                  tokenizer: LoadedTokenizer, limits: TokenizeLimits) -> int:
+def check_request(
+    texts: list[str], request_bytes: int, options: TokenizeOptions, tokenizer: LoadedTokenizer, limits: TokenizeLimits
+) -> int:
     """Refuses a request over a limit; returns the max_length to truncate to."""
     if not texts:
         raise InvalidArgument("texts is empty: send at least one text (empty strings are allowed)")
@@ -98,8 +100,9 @@ class EncodedChunk:
     items: list[ItemDetails]
 
 
-def encode_chunk(tokenizer: LoadedTokenizer, texts: list[str], options: TokenizeOptions,
-                 max_length: int) -> EncodedChunk:
+def encode_chunk(
+    tokenizer: LoadedTokenizer, texts: list[str], options: TokenizeOptions, max_length: int
+) -> EncodedChunk:
     """Tokenize and truncate some texts. CPU-bound: run on a worker thread (the GIL is released while
     tokenizers' Rust threads work)."""
     truncating = tokenizer.truncating(max_length)
@@ -115,12 +118,17 @@ def encode_chunk(tokenizer: LoadedTokenizer, texts: list[str], options: Tokenize
     type_ids = None
     if "token_type_ids" in tokenizer.outputs and not tokenizer.zero_type_ids:
         type_ids = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encodings), np.int64, count=total)
-    return EncodedChunk(np.fromiter(itertools.chain.from_iterable(ids), np.int64, count=total), lengths, type_ids,
-                        _details(encodings, lengths, options))
+    return EncodedChunk(
+        np.fromiter(itertools.chain.from_iterable(ids), np.int64, count=total),
+        lengths,
+        type_ids,
+        _details(encodings, lengths, options),
+    )
 
 
-def pad(tokenizer: LoadedTokenizer, chunks: list[EncodedChunk], options: TokenizeOptions,
-        max_length: int) -> TokenizedBatch:
+def pad(
+    tokenizer: LoadedTokenizer, chunks: list[EncodedChunk], options: TokenizeOptions, max_length: int
+) -> TokenizedBatch:
     """Join the chunks into [batch, sequence] INT64 arrays padded as tokenizers would (vectorised:
     cheap enough for the event loop)."""
     if len(chunks) == 1:
@@ -154,8 +162,9 @@ def pad(tokenizer: LoadedTokenizer, chunks: list[EncodedChunk], options: Tokeniz
     return TokenizedBatch(tokenizer.name, tensors, items)
 
 
-def tokenize_batch(tokenizer: LoadedTokenizer, texts: list[str], options: TokenizeOptions,
-                   max_length: int) -> TokenizedBatch:
+def tokenize_batch(
+    tokenizer: LoadedTokenizer, texts: list[str], options: TokenizeOptions, max_length: int
+) -> TokenizedBatch:
     """The whole batch as one chunk."""
     return pad(tokenizer, [encode_chunk(tokenizer, texts, options, max_length)], options, max_length)
 
@@ -173,4 +182,3 @@ def _details(encodings: list, lengths: np.ndarray, options: TokenizeOptions) -> 
             item.tokens = encoding.tokens
         items.append(item)
     return items
-

@@ -1,4 +1,5 @@
 """maas-vision: serve the Vision gRPC API (python -m services.vision --help)."""
+
 from __future__ import annotations
 
 from services.shared.server import run

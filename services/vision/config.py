@@ -1,17 +1,24 @@
 """Vision service settings: flags, then MAAS_* environment, then loopback defaults."""
+
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from maas import ports
 from services.shared.config import (
-    ServerSettings, add_limit_arguments, add_server_arguments, env, limits_from_args, server_settings,
+    ServerSettings,
+    add_limit_arguments,
+    add_server_arguments,
+    env,
+    limits_from_args,
+    server_settings,
 )
 from services.shared.model_repository import add_model_repository_argument
 from services.vision.pipeline import VisionLimits
 
-DEFAULT_LISTEN = "127.0.0.1:50054"
+DEFAULT_LISTEN = ports.loopback(ports.VISION)
 DEFAULT_SPEC = "efficientnet_lite0"
 LIMIT_HELP = {
     "max_batch": "images per request",
@@ -36,10 +43,17 @@ def load_config(argv: list[str] | None = None) -> VisionConfig:
     parser = argparse.ArgumentParser(prog="maas-vision", description="MaaS Mesh vision preprocessing service")
     add_server_arguments(parser, DEFAULT_LISTEN)
     add_model_repository_argument(parser)
-    parser.add_argument("--spec-dir", type=Path, default=env("MAAS_VISION_SPEC_DIR"),
-                        help="extra directory of <name>/preprocess.json (MAAS_VISION_SPEC_DIR)")
-    parser.add_argument("--default-spec", default=env("MAAS_VISION_DEFAULT_SPEC", DEFAULT_SPEC),
-                        help="spec used when a request names none (MAAS_VISION_DEFAULT_SPEC)")
+    parser.add_argument(
+        "--spec-dir",
+        type=Path,
+        default=env("MAAS_VISION_SPEC_DIR"),
+        help="extra directory of <name>/preprocess.json (MAAS_VISION_SPEC_DIR)",
+    )
+    parser.add_argument(
+        "--default-spec",
+        default=env("MAAS_VISION_DEFAULT_SPEC", DEFAULT_SPEC),
+        help="spec used when a request names none (MAAS_VISION_DEFAULT_SPEC)",
+    )
     add_limit_arguments(parser, "MAAS_VISION", VisionLimits(), LIMIT_HELP)
     args = parser.parse_args(argv)
     # One response is one gRPC message, so the server's message limit bounds it.

@@ -1,5 +1,6 @@
 """What the Preprocess and ListSpecs RPCs do, free of protobuf: checks limits, then decodes the batch
 on the worker pool, each image written straight into its slot of one preallocated array."""
+
 from __future__ import annotations
 
 import time
@@ -29,14 +30,16 @@ class VisionDataplane:
         self.catalog = catalog
         self.limits = limits
         self.pool = pool
-        self._preprocessors = {name: Preprocessor(spec, limits.max_image_pixels, limits=limits)
-                               for name, spec in catalog.specs.items()}
+        self._preprocessors = {
+            name: Preprocessor(spec, limits.max_image_pixels, limits=limits) for name, spec in catalog.items.items()
+        }
 
     def specs(self) -> list[VisionSpec]:
-        return list(self.catalog.specs.values())
+        return list(self.catalog.items.values())
 
-    async def preprocess(self, spec_name: str, images: list[bytes], output_name: str,
-                         request_bytes: int) -> PreprocessedBatch:
+    async def preprocess(
+        self, spec_name: str, images: list[bytes], output_name: str, request_bytes: int
+    ) -> PreprocessedBatch:
         spec = self.catalog.get(spec_name)
         annotate(model=spec.name, batch_size=len(images), items=len(images), bytes=request_bytes)
         BATCH_ITEMS.labels(SERVICE, "Preprocess").observe(len(images))
@@ -58,4 +61,3 @@ class VisionDataplane:
         PREPROCESS_SECONDS.labels(SERVICE, "image").observe(elapsed)
         annotate(preprocess_ms=elapsed * 1000, output_shape=list(batch.shape))
         return PreprocessedBatch(spec.name, output_name or spec.input_name, batch, infos)
-

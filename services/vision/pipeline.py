@@ -10,6 +10,7 @@ antialiased filter, centre crop, (x/255 - mean)/std), computed with less work:
   * normalisation is two in-place numpy passes straight into the caller's preallocated batch slot.
 Pillow releases the GIL while decoding and resizing, so items can run on several threads.
 """
+
 from __future__ import annotations
 
 import io
@@ -25,8 +26,11 @@ from services.shared.errors import InvalidArgument, ServiceError, item_error, li
 from services.vision.spec import VisionSpec
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-             "lanczos": Image.Resampling.LANCZOS}
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 _EXIF_ORIENTATION = 0x0112
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
@@ -83,8 +87,9 @@ def crop_origin(width: int, height: int, crop_width: int, crop_height: int) -> t
 class Preprocessor:
     """Turns one encoded image into one normalised slot of a batch array, per `spec`."""
 
-    def __init__(self, spec: VisionSpec, max_image_pixels: int, reducing_gap: float = 2.0,
-                 limits: VisionLimits | None = None):
+    def __init__(
+        self, spec: VisionSpec, max_image_pixels: int, reducing_gap: float = 2.0, limits: VisionLimits | None = None
+    ):
         self.spec = spec
         self.max_image_pixels = max_image_pixels
         self.limits = limits or VisionLimits(max_image_pixels=max_image_pixels)
@@ -109,8 +114,9 @@ class Preprocessor:
         except Image.DecompressionBombError as exc:
             # Pillow's own header check (at twice Image.MAX_IMAGE_PIXELS) fired before ours could.
             pixels = re.search(r"\((\d+) pixels\)", str(exc))
-            raise limit_error("image pixels", self.max_image_pixels, int(pixels[1]) if pixels else "too large",
-                              index) from None
+            raise limit_error(
+                "image pixels", self.max_image_pixels, int(pixels[1]) if pixels else "too large", index
+            ) from None
         except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is the caller's input
             raise item_error(InvalidArgument, index, f"corrupt or truncated image: {exc}") from None
 
@@ -120,8 +126,9 @@ class Preprocessor:
         try:
             image = Image.open(io.BytesIO(data), formats=FORMATS)
         except UnidentifiedImageError:
-            raise item_error(InvalidArgument, index,
-                             f"not an image in a supported format ({', '.join(FORMATS)})") from None
+            raise item_error(
+                InvalidArgument, index, f"not an image in a supported format ({', '.join(FORMATS)})"
+            ) from None
         source_format = image.format or "unknown"
         width, height = image.size
         if width * height > self.max_image_pixels:
@@ -163,18 +170,24 @@ class Preprocessor:
         result = image.draft(image.mode, requested)
         return round(width / result[1][2]) if result else 1
 
-    def _resize_crop_normalise(self, image: Image.Image, width: int, height: int, draft_scale: int,
-                               slot: np.ndarray) -> None:
+    def _resize_crop_normalise(
+        self, image: Image.Image, width: int, height: int, draft_scale: int, slot: np.ndarray
+    ) -> None:
         spec = self.spec
         resized_w, resized_h = resized_size(width, height, spec.resize_shorter)
         left, top = crop_origin(resized_w, resized_h, spec.crop_width, spec.crop_height)
         # The crop's box in the decoded image: full-size coordinates scaled by resize and draft factors.
         sx = width / draft_scale / resized_w
         sy = height / draft_scale / resized_h
-        box = (left * sx, top * sy,  # float rounding must not push the box past the image edge
-               min((left + spec.crop_width) * sx, image.width), min((top + spec.crop_height) * sy, image.height))
-        cropped = image.resize((spec.crop_width, spec.crop_height), self.resample, box=box,
-                               reducing_gap=self.reducing_gap)
+        box = (
+            left * sx,
+            top * sy,  # float rounding must not push the box past the image edge
+            min((left + spec.crop_width) * sx, image.width),
+            min((top + spec.crop_height) * sy, image.height),
+        )
+        cropped = image.resize(
+            (spec.crop_width, spec.crop_height), self.resample, box=box, reducing_gap=self.reducing_gap
+        )
         pixels = np.asarray(cropped)  # H, W, 3 uint8
         for k, c in enumerate(self.order):
             channel = slot[k] if spec.layout == "NCHW" else slot[..., k]
@@ -192,7 +205,7 @@ def _orientation(image: Image.Image) -> int:
     return orientation if orientation in range(1, 9) else 1
 
 
-def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+def _to_rgb(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
     """Any Pillow mode → 8-bit RGB: 16-bit greys scaled (not clipped), alpha composited on background."""
     mode = image.mode
     if mode == "RGB":

@@ -1,4 +1,5 @@
 """Builds the vision gRPC server: load specs, start a worker pool, register the servicer."""
+
 from __future__ import annotations
 
 from maas.v1 import vision_pb2, vision_pb2_grpc

@@ -1,4 +1,5 @@
 """Vision gRPC servicer: protobuf ⇄ domain types only; the work is in dataplane.py."""
+
 from __future__ import annotations
 
 import grpc
@@ -13,12 +14,15 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
         self.dataplane = dataplane
 
     async def Preprocess(self, request: vision_pb2.PreprocessRequest, context: grpc.aio.ServicerContext):
-        batch = await self.dataplane.preprocess(request.spec, list(request.images), request.output_name,
-                                                request.ByteSize())
+        batch = await self.dataplane.preprocess(
+            request.spec, list(request.images), request.output_name, request.ByteSize()
+        )
         return vision_pb2.PreprocessResponse(
             tensor=to_proto(batch.tensor_name, batch.tensor),
-            images=[vision_pb2.ImageInfo(format=i.format, width=i.width, height=i.height,
-                                         draft_decoded=i.draft_decoded) for i in batch.images],
+            images=[
+                vision_pb2.ImageInfo(format=i.format, width=i.width, height=i.height, draft_decoded=i.draft_decoded)
+                for i in batch.images
+            ],
             spec=batch.spec,
         )
 
@@ -26,9 +30,16 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
         return vision_pb2.ListSpecsResponse(
             specs=[
                 vision_pb2.VisionSpec(
-                    name=s.name, resize_shorter=s.resize_shorter, crop_height=s.crop_height,
-                    crop_width=s.crop_width, mean=s.mean, std=s.std, channel_order=s.channel_order,
-                    layout=s.layout, interpolation=s.interpolation, input_name=s.input_name,
+                    name=s.name,
+                    resize_shorter=s.resize_shorter,
+                    crop_height=s.crop_height,
+                    crop_width=s.crop_width,
+                    mean=s.mean,
+                    std=s.std,
+                    channel_order=s.channel_order,
+                    layout=s.layout,
+                    interpolation=s.interpolation,
+                    input_name=s.input_name,
                 )
                 for s in self.dataplane.specs()
             ],

@@ -5,9 +5,11 @@
      "input_name": "INPUT__0", "background": [255, 255, 255]}
 
 "crop" is [height, width] or one number; "crop_height"/"crop_width" (VisionSpec's field names) work
-too. mean and std are listed in channel_order (for a BGR model: blue first). input_name defaults to the first input of the model's config.pbtxt; background is the colour
-transparent pixels are composited onto (default white).
+too. mean and std are listed in channel_order (for a BGR model: blue first). input_name defaults to
+the first input of the model's config.pbtxt; background is the colour transparent pixels are
+composited onto (default white).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.shared.config import ConfigError
-from services.shared.errors import NotFound
+from services.shared.catalog import Catalog
 from services.shared.model_repository import model_input_names, models_with
 
 log = logging.getLogger(__name__)
@@ -30,20 +32,22 @@ class VisionSpec:
     resize_shorter: int
     crop_height: int
     crop_width: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # three: one per channel (checked below)
+    std: tuple[float, ...]
     channel_order: str = "RGB"
     layout: str = "NCHW"
     interpolation: str = "bilinear"
     input_name: str = "input"
-    background: tuple[int, int, int] = (255, 255, 255)
+    background: tuple[int, ...] = (255, 255, 255)
 
     def __post_init__(self) -> None:
         problems = []
         if self.resize_shorter <= 0 or self.crop_height <= 0 or self.crop_width <= 0:
             problems.append("resize_shorter and crop must be positive")
         if max(self.crop_height, self.crop_width) > self.resize_shorter:
-            problems.append(f"crop {self.crop_height}x{self.crop_width} is larger than resize_shorter {self.resize_shorter}")
+            problems.append(
+                f"crop {self.crop_height}x{self.crop_width} is larger than resize_shorter {self.resize_shorter}"
+            )
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             problems.append("mean and std need 3 values each, std positive")
         if self.channel_order not in ("RGB", "BGR"):
@@ -95,23 +99,13 @@ class VisionSpec:
             raise ConfigError(f"vision spec {name!r} ({path}): {exc}") from None
 
 
-class SpecCatalog:
+class SpecCatalog(Catalog[VisionSpec]):
     """Specs by name, with the one used when a request names none."""
 
     def __init__(self, specs: dict[str, VisionSpec], default: str):
-        if default not in specs:
-            raise ConfigError(
-                f"default vision spec {default!r} not found; found {sorted(specs) or 'none'} "
-                "(<model>/preprocess.json under --model-repository or --spec-dir)"
-            )
-        self.specs = dict(sorted(specs.items()))
-        self.default = default
-
-    def get(self, name: str) -> VisionSpec:
-        try:
-            return self.specs[name or self.default]
-        except KeyError:
-            raise NotFound(f"vision spec {name!r} not found; known: {', '.join(self.specs)}") from None
+        super().__init__(
+            specs, default, "vision spec", "<model>/preprocess.json under --model-repository or --spec-dir"
+        )
 
     @classmethod
     def discover(cls, model_repository: Path, extra_dir: Path | None, default: str) -> SpecCatalog:

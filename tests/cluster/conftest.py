@@ -1,5 +1,6 @@
 """The chart's pods under podman (tools/podman_mesh.py), started once for tests/cluster and removed at
 the end, also on failure. Needs `make images` and `make models`; `make cluster-test` does both."""
+
 from __future__ import annotations
 
 import pytest

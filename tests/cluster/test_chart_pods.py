@@ -2,6 +2,7 @@
 profile ci/podman-values.yaml) under `podman kube play`, and callers from outside: the `maas demo`
 story, an unmodified tritonclient through the router's OIP ports, `maas models list`, the chart's
 probes, and a killed container coming back. Run with `make cluster-test` (-m cluster)."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,10 @@ def inspect(mesh, component: str, fmt: str) -> str:
 
 def versions(mesh) -> dict:
     with RegistryClient(mesh.address("registry"), timeout=30) as registry:
-        return {m.name: ([(v.version, v.state) for v in m.versions], sorted((a.name, a.version) for a in m.aliases))
-                for m in registry.list_models()}
+        return {
+            m.name: ([(v.version, v.state) for v in m.versions], sorted((a.name, a.version) for a in m.aliases))
+            for m in registry.list_models()
+        }
 
 
 def test_every_container_passes_the_charts_probes(mesh):
@@ -59,19 +62,25 @@ def test_containers_run_non_root_on_a_read_only_root(mesh):
 def test_services_reach_each_other_by_the_charts_names(mesh):
     """Every peer address the chart sets resolves, inside the pod, to the peer pod's address."""
     for component in ("router", "registry"):
-        env = {e["name"]: e.get("value", "") for e in mesh.play.spec(mesh.deployment(component))["containers"][0]["env"]}
+        env = {
+            e["name"]: e.get("value", "") for e in mesh.play.spec(mesh.deployment(component))["containers"][0]["env"]
+        }
         peers = {a.rsplit(":", 1)[0] for k, v in env.items() if k.endswith("_ADDRESS") for a in v.split(",")}
         assert peers, component
         resolve = "import socket, sys; print(' '.join(socket.gethostbyname(h) for h in sys.argv[1:]))"
-        out = pk.podman("exec", mesh.play.container(mesh.deployment(component)), "python3", "-c", resolve, *sorted(peers))
+        out = pk.podman(
+            "exec", mesh.play.container(mesh.deployment(component)), "python3", "-c", resolve, *sorted(peers)
+        )
         expected = [mesh.play.address(next(d for d in mesh.names.values() if p.startswith(d))) for p in sorted(peers)]
         assert out.split() == expected, (component, sorted(peers))
 
 
 def test_the_demo_story_through_the_router(mesh):
     summary: dict = {}
-    with MeshClient(mesh.address("router")) as client, \
-            RegistryClient(mesh.address("registry"), token=mesh.admin_token) as registry:
+    with (
+        MeshClient(mesh.address("router")) as client,
+        RegistryClient(mesh.address("registry"), token=mesh.admin_token) as registry,
+    ):
         demo_requests(client, summary)
         demo_rollout(client, registry, mesh.model_repository, summary)
     assert "cat" in summary["classify"]["top1"] and 0.2 < summary["embed"]["cosine"] < 1
@@ -93,8 +102,12 @@ def test_unmodified_tritonclient_through_the_routers_oip_ports(mesh, port):
 
 def test_maas_models_list(mesh):
     maas = [sys.executable, "-c", "import sys; from maas.cli import main; sys.argv[0] = 'maas'; main()"]
-    r = subprocess.run([*maas, "models", "list", "--registry", mesh.address("registry"), "--json"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [*maas, "models", "list", "--registry", mesh.address("registry"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     models = {m["name"]: m for m in json.loads(r.stdout)}
     assert set(models) == {"minilm", "efficientnet_lite0"}

@@ -2,6 +2,7 @@
 - startup and liveness probes pass, no restart - but failing its readiness probe, with the reason in
 its log; the right value brings it back ready. Runs after test_chart_pods.py on the same mesh and
 leaves it as it found it. Run with `make cluster-test` (-m cluster)."""
+
 from __future__ import annotations
 
 import time

@@ -8,6 +8,7 @@ the page keeps working), Operations (refused without / with a wrong token, then 
 every page at 1280x800 and 390x844 without console errors or sideways scrolling. Screenshots go to
 build/console-screenshots/.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,7 +30,9 @@ from maas.registry_client import parse_target
 from tests.fixtures.mesh import register_tiny
 from tests.fixtures.preprocessing import encode, photo
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("MAAS_CHROMIUM", "/usr/bin/chromium"))
@@ -43,16 +46,22 @@ playwright_api.expect.set_options(timeout=30_000)  # a wait, not a bound: the 2 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),
     reason=f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; make browser installs it as root; "
-           f"MAAS_CHROMIUM names another)")
+    f"MAAS_CHROMIUM names another)",
+)
 
 
 @pytest.fixture(scope="module")
 def console_mesh(tmp_path_factory, otlp_receiver):
     subprocess.run([sys.executable, str(REPO / "tools" / "build_models.py")], check=True, cwd=REPO)
     # Traced, so the trace id a page shows can be looked up among the spans the services exported.
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.http_endpoint,
-           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "200",
-           "OTEL_SDK_DISABLED": "false", "OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.http_endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "OTEL_SDK_DISABLED": "false",
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+    }
     saved = os.environ.get("MAAS_ADMIN_TOKEN")
     os.environ["MAAS_ADMIN_TOKEN"] = TOKEN  # the registry's token; also what register_models sends
     try:
@@ -123,9 +132,12 @@ def labelled(tab) -> list[str]:
 def router_count(mesh, method: str, code: str) -> float:
     with urllib.request.urlopen(f"http://{mesh.addresses['router_metrics']}/metrics", timeout=5) as response:
         text = response.read().decode()
-    pattern = re.compile(r'^maas_rpc_server_requests_total\{([^}]*)\} (\S+)$', re.M)
-    return sum(float(v) for labels, v in pattern.findall(text)
-               if 'service="router"' in labels and f'method="{method}"' in labels and f'code="{code}"' in labels)
+    pattern = re.compile(r"^maas_rpc_server_requests_total\{([^}]*)\} (\S+)$", re.M)
+    return sum(
+        float(v)
+        for labels, v in pattern.findall(text)
+        if 'service="router"' in labels and f'method="{method}"' in labels and f'code="{code}"' in labels
+    )
 
 
 def test_models_page_lists_models_and_follows_the_cli(page, console_mesh, registry):
@@ -142,17 +154,34 @@ def test_models_page_lists_models_and_follows_the_cli(page, console_mesh, regist
     page.evaluate("window.__sameDocument = true")
     env = {**os.environ, "MAAS_REGISTRY_ADDRESS": console_mesh.registry_address, "MAAS_ADMIN_TOKEN": TOKEN}
     try:
-        subprocess.run([str(Path(sys.executable).parent / "maas"), "models", "traffic", "smollm2", "v1=30", "v2=70",
-                        "--reason", "console test"], check=True, env=env, capture_output=True, timeout=60)
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "maas"),
+                "models",
+                "traffic",
+                "smollm2",
+                "v1=30",
+                "v2=70",
+                "--reason",
+                "console test",
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
         # The issue's bound: the change shows within 2 s of the CLI returning, without a reload.
         playwright_api.expect(page.locator("#model-smollm2 .split-legend")).to_have_attribute(
-            "data-split", "v1=30.0 v2=70.0", timeout=2_000)
+            "data-split", "v1=30.0 v2=70.0", timeout=2_000
+        )
         assert page.evaluate("window.__sameDocument") is True
         assert "console test" in page.locator("#model-smollm2").inner_text()
         shoot(page, "models")
     finally:
         registry.set_traffic("smollm2", [], reason="console test done")
-    playwright_api.expect(page.locator("#model-smollm2 .split-legend")).to_have_attribute("data-split", "production=100.0")
+    playwright_api.expect(page.locator("#model-smollm2 .split-legend")).to_have_attribute(
+        "data-split", "production=100.0"
+    )
     assert_no_console_errors(page)
 
 
@@ -181,8 +210,10 @@ def test_chat_streams_and_stop_cancels_the_router_call(page, console_mesh):
     page.click("#chat-send")
     playwright_api.expect(page.locator("#chat-status")).to_have_attribute("data-state", "done")
     assert page.locator("#chat-result .answered-version").inner_text() == "smollm2 v2"  # production
-    assert "traffic policy" in page.locator("#chat-result .answered-reason").inner_text() or \
-        "default" in page.locator("#chat-result .answered-reason").inner_text()
+    assert (
+        "traffic policy" in page.locator("#chat-result .answered-reason").inner_text()
+        or "default" in page.locator("#chat-result .answered-reason").inner_text()
+    )
     assert page.locator("#chat-result .answered-latency").inner_text().endswith("ms to the first message")
     assert_no_console_errors(page)
 
@@ -203,8 +234,13 @@ def test_embeddings_show_a_similarity_matrix(page, console_mesh, otlp_receiver):
     assert page.locator("#embed-result .answered-version").inner_text() == "minilm v1"
     trace_id = page.locator("#embed-result .answered-trace code").inner_text()
     assert re.fullmatch(r"[0-9a-f]{32}", trace_id)
-    otlp_receiver.wait_for(lambda _: {"maas-console", "maas-router", "maas-tokenizer"} <= {
-        span.service for span in otlp_receiver.trace(trace_id)}, timeout=40)
+    otlp_receiver.wait_for(
+        lambda _: (
+            {"maas-console", "maas-router", "maas-tokenizer"}
+            <= {span.service for span in otlp_receiver.trace(trace_id)}
+        ),
+        timeout=40,
+    )
     shoot(page, "playground")
     assert_no_console_errors(page)
 
@@ -261,8 +297,10 @@ def test_operations_show_refusals_then_change_the_mesh(page, console_mesh, regis
         page.click("#alias-form button[type=submit]")
 
     def api_error(token: str) -> RegistryError:
-        with RegistryClient(console_mesh.registry_address, token=token) as client, \
-                pytest.raises(RegistryError) as caught:
+        with (
+            RegistryClient(console_mesh.registry_address, token=token) as client,
+            pytest.raises(RegistryError) as caught,
+        ):
             client.set_alias("smollm2", "canary", 1)
         return caught.value
 
@@ -385,14 +423,21 @@ def test_operations_show_rollout_progress_and_the_audit_log(page, console_mesh, 
     v2 = register_tiny(registry, "rolled_tiny", tmp_path, scale=2.0)
     registry.set_alias("rolled_tiny", "production", v1)
     # A long interval: the rollout stays at its first step while the page is looked at.
-    registry.start_rollout("rolled_tiny", v2, pb.RolloutPolicy(step_weight=10, interval_seconds=300, max_weight=50),
-                           reason="console rollout test")
+    registry.start_rollout(
+        "rolled_tiny",
+        v2,
+        pb.RolloutPolicy(step_weight=10, interval_seconds=300, max_weight=50),
+        reason="console rollout test",
+    )
     try:
         page.goto("/operations")
         playwright_api.expect(page.locator("#audit [role=alert]")).to_contain_text("UNAUTHENTICATED")  # no token yet
         row = page.locator("#rollouts tr[data-model=rolled_tiny]")
         assert row.get_attribute("data-state") == "running"
-        assert row.locator("progress").get_attribute("value") == "10" and row.locator("progress").get_attribute("max") == "50"
+        assert (
+            row.locator("progress").get_attribute("value") == "10"
+            and row.locator("progress").get_attribute("max") == "50"
+        )
         assert f"v{v2} (production v{v1})" in row.inner_text()
         page.fill("#token", TOKEN)
         page.click("text=Use token")

@@ -3,6 +3,7 @@
 Each replica gets a slice of its own because the local Tritons share one IP and differ by port (in a
 cluster they share the port and differ by pod IP; the watcher handles both).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,8 +19,13 @@ from services.shared.discovery import TritonReplicaWatcher
 from services.shared.replica_pool import ReplicaPool, triton_admission
 from tests.fixtures.replicas import NS, SERVICE, WAIT, announce, eventually, inference_count
 from tests.fixtures.registry import (
-    header, tiny_onnx, triton_versions, upload_messages, wait_state,
+    header,
+    tiny_onnx,
+    triton_versions,
+    upload_messages,
+    wait_state,
 )
+
 
 async def all_live(addresses) -> bool:
     """Every address is a Triton answering on gRPC (not just a string the watcher made up)."""
@@ -38,8 +44,9 @@ def two_tritons(tmp_path):
     """Two real Tritons, no models loaded, sharing one (empty) model repository like pods share a volume."""
     repository = tmp_path / "repository"
     repository.mkdir()
-    replicas = [LocalTriton(TritonConfig(model_repository=repository, work_dir=tmp_path / f"triton-{i}"))
-                for i in range(2)]
+    replicas = [
+        LocalTriton(TritonConfig(model_repository=repository, work_dir=tmp_path / f"triton-{i}")) for i in range(2)
+    ]
     try:
         for replica in replicas:
             replica.start()
@@ -54,8 +61,9 @@ async def watcher(fake_kube):
     started: list[TritonReplicaWatcher] = []
 
     async def start(on_change) -> TritonReplicaWatcher:
-        w = TritonReplicaWatcher(SERVICE, NS, api_client=fake_kube.api_client(),
-                                 backoff_initial_seconds=0.05, backoff_max_seconds=0.5)
+        w = TritonReplicaWatcher(
+            SERVICE, NS, api_client=fake_kube.api_client(), backoff_initial_seconds=0.05, backoff_max_seconds=0.5
+        )
         started.append(w)
         await w.start(on_change)
         return w
@@ -75,26 +83,27 @@ async def test_watcher_follows_real_triton_replicas(fake_kube, two_tritons, watc
     assert await w.wait_synced(WAIT) == {a.grpc_address}
     assert await all_live(w.addresses)
 
-    announce(fake_kube, "triton-b", b, ready=False)        # starting: not routed to, not loaded on
+    announce(fake_kube, "triton-b", b, ready=False)  # starting: not routed to, not loaded on
     await asyncio.sleep(0.3)
     assert w.addresses == {a.grpc_address}
     announce(fake_kube, "triton-b", b, ready=True)
     await eventually(lambda: w.addresses == {a.grpc_address, b.grpc_address}, what="b joins")
     assert await all_live(w.addresses)
 
-    a.stop()                                                # the pod dies; its slice goes away
+    a.stop()  # the pod dies; its slice goes away
     fake_kube.delete_slice(NS, "triton-a")
     await eventually(lambda: w.addresses == {b.grpc_address}, what="a leaves")
     assert await all_live(w.addresses)
 
-    fake_kube.expire_history()                              # 410 Gone: re-list gives the same answer
+    fake_kube.expire_history()  # 410 Gone: re-list gives the same answer
     fake_kube.wait_for(lambda k: len(k.lists()) == 2)
     await eventually(lambda: seen[-1] == {b.grpc_address}, what="delivered")
     assert seen == [{a.grpc_address}, {a.grpc_address, b.grpc_address}, {b.grpc_address}]
 
 
-async def test_version_registered_before_a_replica_appears_is_loaded_on_it(fake_kube, start_registry, watcher,
-                                                                            tmp_path):
+async def test_version_registered_before_a_replica_appears_is_loaded_on_it(
+    fake_kube, start_registry, watcher, tmp_path
+):
     """The registry's Triton fleet follows the watcher: a replica that appears later first loads every
     live version, and a replica that leaves stops getting loads."""
     env = await start_registry()
@@ -144,15 +153,17 @@ async def infer_tiny(pool: ReplicaPool, version: str = "1") -> str:
     return replica.address
 
 
-async def test_calls_spread_over_the_replicas_that_serve_the_live_versions(fake_kube, start_registry, watcher,
-                                                                           tmp_path):
+async def test_calls_spread_over_the_replicas_that_serve_the_live_versions(
+    fake_kube, start_registry, watcher, tmp_path
+):
     """What the router does: a pool fed by the watcher, admitting a replica once the live versions are
     loaded there (by the registry), then spreading calls over every admitted replica."""
     env = await start_registry()
     first = env.triton
     data = tiny_onnx(2.0)
-    v1 = await wait_state(env.stub, "tiny", (await env.stub.RegisterVersion(upload_messages(header("tiny", data),
-                                                                                            data))).version)
+    v1 = await wait_state(
+        env.stub, "tiny", (await env.stub.RegisterVersion(upload_messages(header("tiny", data), data))).version
+    )
     assert v1.state == pb.VERSION_STATE_READY, v1.state_reason
 
     pool = ReplicaPool("triton", admit=triton_admission(lambda: {("tiny", "1")}), admit_interval=0.05)
@@ -163,7 +174,7 @@ async def test_calls_spread_over_the_replicas_that_serve_the_live_versions(fake_
             await (await watcher(pool.set_replicas)).wait_synced(WAIT)
             await eventually(lambda: pool.addresses == {first.grpc_address}, what="a admitted")
             await asyncio.sleep(0.3)
-            assert pool.addresses == {first.grpc_address}     # b is up but has no tiny yet: not used
+            assert pool.addresses == {first.grpc_address}  # b is up but has no tiny yet: not used
             assert {await infer_tiny(pool) for _ in range(10)} == {first.grpc_address}
 
             # The registry (following the same slices) loads the live versions on b; then b serves too.
@@ -180,7 +191,7 @@ async def test_calls_spread_over_the_replicas_that_serve_the_live_versions(fake_
             await eventually(counted, timeout=5, what=f"Triton's inference counts reach {expected}")
             assert all(used.count(a) > 0 for a in expected)
 
-            fake_kube.delete_slice(NS, "triton-b")            # b is going away: no new calls
+            fake_kube.delete_slice(NS, "triton-b")  # b is going away: no new calls
             await eventually(lambda: pool.addresses == {first.grpc_address}, what="b retired")
             assert {await infer_tiny(pool) for _ in range(5)} == {first.grpc_address}
     finally:

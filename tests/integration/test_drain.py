@@ -1,6 +1,7 @@
 """Zero-loss drain: SIGTERM to one of two replicas of a service under load loses no request - health
 turns NOT_SERVING, the client channel (the one peers use) stops sending to it, its in-flight calls
 finish, it exits 0, and the other replica takes every call."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """Text generation through the real mesh (Triton's decoupled smollm2, registry, tokenizer, router):
 Router.Generate / GenerateUnary and OIP ModelStreamInfer against the same engine in-process, stop
 sequences, max_tokens, a canary between the two versions, cancellation and bad input."""
+
 from __future__ import annotations
 
 import queue
@@ -32,12 +33,17 @@ def router(mesh):
 @pytest.fixture(scope="module")
 def chat_ids(mesh):
     """The prompt ids the mesh builds for a chat (the tokenizer service's template)."""
+
     def ids(content: str) -> list[int]:
         with grpc.insecure_channel(mesh.addresses["tokenizer"]) as channel:
-            response = tokenizer_pb2_grpc.TokenizerStub(channel).ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(
-                tokenizer="smollm2", messages=[tokenizer_pb2.TemplateMessage(role="user", content=content)]),
-                timeout=30)
+            response = tokenizer_pb2_grpc.TokenizerStub(channel).ApplyChatTemplate(
+                tokenizer_pb2.ChatTemplateRequest(
+                    tokenizer="smollm2", messages=[tokenizer_pb2.TemplateMessage(role="user", content=content)]
+                ),
+                timeout=30,
+            )
         return list(response.input_ids)
+
     return ids
 
 
@@ -46,14 +52,19 @@ def request(content: str = QUESTION, version: int = 0, routing_key: str = "", **
     if version:
         ref.version = version
     return router_pb2.GenerateRequest(
-        model=ref, messages=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="user", content=content)]),
-        sampling=router_pb2.SamplingParams(**sampling))
+        model=ref,
+        messages=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="user", content=content)]),
+        sampling=router_pb2.SamplingParams(**sampling),
+    )
 
 
 def quick(routing_key: str = "") -> router_pb2.GenerateRequest:
     """One token from a one-token prompt: the cheapest whole generation (routing tests)."""
-    return router_pb2.GenerateRequest(model=tensor_pb2.ModelRef(name="smollm2", routing_key=routing_key), prompt="Hi",
-                                      sampling=router_pb2.SamplingParams(max_tokens=1))
+    return router_pb2.GenerateRequest(
+        model=tensor_pb2.ModelRef(name="smollm2", routing_key=routing_key),
+        prompt="Hi",
+        sampling=router_pb2.SamplingParams(max_tokens=1),
+    )
 
 
 def metric(mesh, name: str) -> float:
@@ -109,9 +120,12 @@ def test_plain_prompt_uses_no_chat_template(router):
 
     prompt = "The capital of France is"
     ids = Tokenizer.from_file(str(MODEL / "tokenizer.json")).encode(prompt).ids
-    unary = router.GenerateUnary(router_pb2.GenerateRequest(
-        model=tensor_pb2.ModelRef(name="smollm2"), prompt=prompt, sampling=router_pb2.SamplingParams(max_tokens=6)),
-        timeout=120)
+    unary = router.GenerateUnary(
+        router_pb2.GenerateRequest(
+            model=tensor_pb2.ModelRef(name="smollm2"), prompt=prompt, sampling=router_pb2.SamplingParams(max_tokens=6)
+        ),
+        timeout=120,
+    )
     assert unary.usage.prompt_tokens == len(ids)
     assert list(unary.token_ids) == [t for t in engine_greedy("2", ids, 6) if t != 2]
 
@@ -121,7 +135,7 @@ def test_stop_sequences_and_max_tokens_are_honoured(router):
     stop = " Paris"
     assert stop in whole
     cut = router.GenerateUnary(request(max_tokens=16, stop=["no such text", stop]), timeout=120)
-    assert cut.text == whole[:whole.index(stop)] and cut.finish_reason == router_pb2.FINISH_REASON_STOP
+    assert cut.text == whole[: whole.index(stop)] and cut.finish_reason == router_pb2.FINISH_REASON_STOP
     streamed = list(router.Generate(request(max_tokens=16, stop=[stop]), timeout=120))
     assert "".join(m.text for m in streamed) == cut.text and stop.strip() not in "".join(m.text for m in streamed)
     short = router.GenerateUnary(request(max_tokens=3), timeout=120)
@@ -136,13 +150,21 @@ def test_canary_sticky_keys_and_rollback_between_two_generation_versions(mesh, m
         while router.GenerateUnary(quick(), timeout=60).routed.kind != tensor_pb2.ROUTE_KIND_TRAFFIC_POLICY:
             assert time.monotonic() < deadline, "the router never applied the canary policy"
         with ThreadPoolExecutor(8) as pool:
-            versions = Counter(pool.map(
-                lambda _: router.GenerateUnary(quick(), timeout=120).routed.version, range(400)))
+            versions = Counter(
+                pool.map(lambda _: router.GenerateUnary(quick(), timeout=120).routed.version, range(400))
+            )
             assert set(versions) == {1, 2}
             assert 0.07 <= versions[1] / 400 <= 0.13, versions
             print(f"canary share of v1 over 400 requests: {versions[1] / 400:.3f}")
-            keyed = list(pool.map(lambda i: (f"user-{i % 10}", router.GenerateUnary(
-                quick(f"user-{i % 10}"), timeout=120).routed.version), range(40)))
+            keyed = list(
+                pool.map(
+                    lambda i: (
+                        f"user-{i % 10}",
+                        router.GenerateUnary(quick(f"user-{i % 10}"), timeout=120).routed.version,
+                    ),
+                    range(40),
+                )
+            )
         per_key: dict[str, set[int]] = {}
         for key, version in keyed:
             per_key.setdefault(key, set()).add(version)
@@ -206,10 +228,16 @@ def test_cancel_mid_stream_reaches_the_model_and_frees_its_slot(mesh, router):
 
 def test_64_concurrent_streams_with_disconnects_leave_the_mesh_serving(mesh, router):
     """More streams than the model's sequence slots (16), a quarter of them dropped mid-stream."""
+
     def one(i: int) -> int:
-        call = router.Generate(router_pb2.GenerateRequest(
-            model=tensor_pb2.ModelRef(name="smollm2"), prompt=f"Count to {i}:",
-            sampling=router_pb2.SamplingParams(max_tokens=1 if i % 4 else 200)), timeout=300)
+        call = router.Generate(
+            router_pb2.GenerateRequest(
+                model=tensor_pb2.ModelRef(name="smollm2"),
+                prompt=f"Count to {i}:",
+                sampling=router_pb2.SamplingParams(max_tokens=1 if i % 4 else 200),
+            ),
+            timeout=300,
+        )
         if i % 4 == 0:  # disconnects after its first piece
             next(call)
             call.cancel()
@@ -225,25 +253,40 @@ def test_64_concurrent_streams_with_disconnects_leave_the_mesh_serving(mesh, rou
         time.sleep(0.1)
     # Every slot is free again: 16 sequences at once all complete.
     with ThreadPoolExecutor(16) as pool:
-        assert all(pool.map(lambda i: router.GenerateUnary(quick(f"after-{i}"), timeout=120).usage.completion_tokens
-                            == 1, range(16)))
+        assert all(
+            pool.map(
+                lambda i: router.GenerateUnary(quick(f"after-{i}"), timeout=120).usage.completion_tokens == 1, range(16)
+            )
+        )
 
 
-@pytest.mark.parametrize("bad, code, names", [
-    (request(model="no_such_model"), grpc.StatusCode.NOT_FOUND, "no_such_model"),
-    (request(model="minilm"), grpc.StatusCode.INVALID_ARGUMENT, "minilm"),
-    (request(max_tokens=5000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-    (request(temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    (request(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-    (request(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-    (request(repetition_penalty=0.0), grpc.StatusCode.INVALID_ARGUMENT, "repetition_penalty"),
-    (request(""), grpc.StatusCode.INVALID_ARGUMENT, "messages[0].content"),
-    (request("hello " * 9000, max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "context"),
-    (router_pb2.GenerateRequest(model=tensor_pb2.ModelRef(name="smollm2"), messages=router_pb2.ChatMessages(
-        messages=[router_pb2.ChatMessage(role="robot", content="hi")])), grpc.StatusCode.INVALID_ARGUMENT, "role"),
-    (router_pb2.GenerateRequest(model=tensor_pb2.ModelRef(name="smollm2")), grpc.StatusCode.INVALID_ARGUMENT,
-     "prompt or messages"),
-])
+@pytest.mark.parametrize(
+    "bad, code, names",
+    [
+        (request(model="no_such_model"), grpc.StatusCode.NOT_FOUND, "no_such_model"),
+        (request(model="minilm"), grpc.StatusCode.INVALID_ARGUMENT, "minilm"),
+        (request(max_tokens=5000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (request(temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (request(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (request(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (request(repetition_penalty=0.0), grpc.StatusCode.INVALID_ARGUMENT, "repetition_penalty"),
+        (request(""), grpc.StatusCode.INVALID_ARGUMENT, "messages[0].content"),
+        (request("hello " * 9000, max_tokens=8), grpc.StatusCode.INVALID_ARGUMENT, "context"),
+        (
+            router_pb2.GenerateRequest(
+                model=tensor_pb2.ModelRef(name="smollm2"),
+                messages=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="robot", content="hi")]),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "role",
+        ),
+        (
+            router_pb2.GenerateRequest(model=tensor_pb2.ModelRef(name="smollm2")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prompt or messages",
+        ),
+    ],
+)
 def test_bad_input_gets_its_code_naming_the_field(router, bad, code, names):
     for call in (lambda: router.GenerateUnary(bad, timeout=60), lambda: list(router.Generate(bad, timeout=60))):
         with pytest.raises(grpc.RpcError) as failed:

@@ -1,5 +1,6 @@
 """The chat model itself: the ONNX export against transformers, and the decoupled Triton model against
 the same engine in-process (docs/generation.md has the contract)."""
+
 from __future__ import annotations
 
 import queue
@@ -33,13 +34,14 @@ def engine_greedy(version: str, ids: list[int], max_tokens: int, exactly: bool =
 
     model = og.Model(str(MODEL / version))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False,
-                              min_length=len(ids) + max_tokens if exactly else 0)
+    params.set_search_options(
+        max_length=len(ids) + max_tokens, do_sample=False, min_length=len(ids) + max_tokens if exactly else 0
+    )
     generator = og.Generator(model, params)
     generator.append_tokens(np.asarray(ids, dtype=np.int32))
     while not generator.is_done():
         generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)[len(ids):]]
+    return [int(t) for t in generator.get_sequence(0)[len(ids) :]]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_fp32_export_matches_transformers_greedy(hf_tokenizer):
         ids = chat_ids(hf_tokenizer, messages)
         with torch.no_grad():
             out = reference.generate(torch.tensor([ids]), max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS)
-        expected = out[0, len(ids):].tolist()
+        expected = out[0, len(ids) :].tolist()
         # Both with the end-of-sequence token masked, so every prompt compares 32 tokens.
         assert engine_greedy("1", ids, TOKENS, exactly=True) == expected, messages
 
@@ -91,9 +93,14 @@ class Stream:
 
     def send(self, ids, version: str = "2", **params) -> None:
         tg = self.tg
-        types = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
-                 "top_k": ("INT32", np.int32), "seed": ("UINT64", np.uint64),
-                 "repetition_penalty": ("FP32", np.float32)}
+        types = {
+            "max_tokens": ("INT32", np.int32),
+            "temperature": ("FP32", np.float32),
+            "top_p": ("FP32", np.float32),
+            "top_k": ("INT32", np.int32),
+            "seed": ("UINT64", np.uint64),
+            "repetition_penalty": ("FP32", np.float32),
+        }
         inputs = [tg.InferInput("input_ids", [len(ids)], "INT64")]
         inputs[0].set_data_from_numpy(np.asarray(ids, dtype=np.int64))
         for name, value in params.items():
@@ -187,11 +194,18 @@ def test_seeded_sampling_repeats_and_max_tokens_holds(stream, hf_tokenizer):
     assert stream.collect()[0] != runs[0][0]
 
 
-@pytest.mark.parametrize("params, field", [
-    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 100000}, "max_tokens"), ({"temperature": -1.0}, "temperature"),
-    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty"),
-])
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 100000}, "max_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ],
+)
 def test_bad_parameters_are_refused_naming_the_input(stream, params, field):
     stream.send([1, 2, 3], **params)
     with pytest.raises(Exception) as err:

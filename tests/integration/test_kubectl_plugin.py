@@ -4,6 +4,7 @@ The cluster side is a fake `kubectl` first on PATH (the plugin runs `kubectl por
 records its arguments, and for port-forward prints kubectl's "Forwarding from 127.0.0.1:<port>" line
 naming the real registry's port - what a working port-forward to the registry Service amounts to.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,7 +25,7 @@ from tests.fixtures.registry import header, tiny_onnx, upload_messages, wait_sta
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 120.0
 
-FAKE_KUBECTL = '''\
+FAKE_KUBECTL = """\
 import json, os, signal, sys, time
 
 def record(entry):
@@ -49,7 +50,7 @@ if args[:1] == ["port-forward"]:
     while True:
         time.sleep(0.1)
 sys.exit("fake kubectl: unexpected arguments %r" % args)
-'''
+"""
 
 
 def executable(path: Path, text: str) -> Path:
@@ -78,9 +79,11 @@ def plugin_dir(tmp_path_factory) -> Path:
     entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["kubectl-maas"]
     module, function = entry.split(":")
     bin_dir = tmp_path_factory.mktemp("bin")
-    executable(bin_dir / "kubectl-maas",
-               f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
-               f"from {module} import {function}\nsys.exit({function}())\n")
+    executable(
+        bin_dir / "kubectl-maas",
+        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
+        f"from {module} import {function}\nsys.exit({function}())\n",
+    )
     return bin_dir
 
 
@@ -100,8 +103,14 @@ class Env:
     async def run(self, *args: str, **extra_env: str) -> Result:
         """`kubectl <args>` (the real binary), without blocking the loop the registry serves on."""
         proc = await asyncio.create_subprocess_exec(
-            self.kubectl, *args, env={**self.vars, **extra_env}, cwd=REPO,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            self.kubectl,
+            *args,
+            env={**self.vars, **extra_env},
+            cwd=REPO,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
         finally:
@@ -132,7 +141,8 @@ def env(kubectl, plugin_dir, tmp_path) -> Env:
         PATH=os.pathsep.join([str(fake_bin), str(plugin_dir), os.environ.get("PATH", "")]),
         FAKE_KUBECTL_RECORD=str(tmp_path / "kubectl-calls.jsonl"),
         KUBECONFIG=str(tmp_path / "no-kubeconfig"),  # nothing here may reach a real cluster
-        COLUMNS="200", NO_COLOR="1",
+        COLUMNS="200",
+        NO_COLOR="1",
     )
     return Env(kubectl, variables, tmp_path / "kubectl-calls.jsonl")
 
@@ -172,11 +182,13 @@ async def test_models_commands_with_registry_flag(env, registry_env):
 
     result = await env.run("maas", "models", "alias", "tiny", "production", "1", "--registry", address)
     assert result.code == 0, result.stderr
-    result = await env.run("maas", "models", "alias", "tiny", "production", "2", "-r", "better",
-                           MAAS_REGISTRY_ADDRESS=address)
+    result = await env.run(
+        "maas", "models", "alias", "tiny", "production", "2", "-r", "better", MAAS_REGISTRY_ADDRESS=address
+    )
     assert result.code == 0 and "production → v2 (was v1)" in result.stdout, result.stdout + result.stderr
-    result = await env.run("maas", "--registry", address, "models", "traffic", "tiny", "production=90", "1=10",
-                           "--json")
+    result = await env.run(
+        "maas", "--registry", address, "models", "traffic", "tiny", "production=90", "1=10", "--json"
+    )
     assert result.code == 0, result.stderr
     assert sorted(int(t["weight"]) for t in json.loads(result.stdout)["split"]) == [10, 90]
     result = await env.run("maas", "models", "rollback", "tiny", "--registry", address, "--json")
@@ -185,19 +197,45 @@ async def test_models_commands_with_registry_flag(env, registry_env):
     assert (int(back["version"]), int(back["previous_version"])) == (1, 2)
 
     result = await env.run("maas", "models", "alias", "tiny", "production", "9", "--registry", address)
-    assert result.code == 1 and "version 9" in result.stderr       # the registry's own message
+    assert result.code == 1 and "version 9" in result.stderr  # the registry's own message
     assert env.argvs() == []
 
 
 async def test_port_forward_to_the_release_registry(env, registry_env):
     await register_tiny(registry_env)
     port = registry_env.address.rsplit(":", 1)[1]
-    result = await env.run("maas", "-n", "models", "--release", "prod", "--context", "kind-x",
-                           "--kubeconfig", "/tmp/kc", "models", "list", "--json", FAKE_FORWARD_PORT=port)
+    result = await env.run(
+        "maas",
+        "-n",
+        "models",
+        "--release",
+        "prod",
+        "--context",
+        "kind-x",
+        "--kubeconfig",
+        "/tmp/kc",
+        "models",
+        "list",
+        "--json",
+        FAKE_FORWARD_PORT=port,
+    )
     assert result.code == 0, result.stderr
     assert [m["name"] for m in json.loads(result.stdout)] == ["tiny"]
-    assert env.argvs() == [["port-forward", "svc/prod-maas-mesh-registry", ":50052", "--address", "127.0.0.1",
-                            "--namespace", "models", "--context", "kind-x", "--kubeconfig", "/tmp/kc"]]
+    assert env.argvs() == [
+        [
+            "port-forward",
+            "svc/prod-maas-mesh-registry",
+            ":50052",
+            "--address",
+            "127.0.0.1",
+            "--namespace",
+            "models",
+            "--context",
+            "kind-x",
+            "--kubeconfig",
+            "/tmp/kc",
+        ]
+    ]
     assert env.forward_stopped()
 
 
@@ -210,19 +248,34 @@ async def test_port_forward_is_stopped_when_the_command_fails(env, registry_env)
 
 async def test_registry_service_found_by_labels(env, registry_env):
     port = registry_env.address.rsplit(":", 1)[1]
-    result = await env.run("maas", "-n", "team", "models", "list", FAKE_FORWARD_PORT=port,
-                           FAKE_KUBECTL_SERVICES="service/blue-maas-mesh-registry")
+    result = await env.run(
+        "maas",
+        "-n",
+        "team",
+        "models",
+        "list",
+        FAKE_FORWARD_PORT=port,
+        FAKE_KUBECTL_SERVICES="service/blue-maas-mesh-registry",
+    )
     assert result.code == 0, result.stderr
     lookup, forward = env.argvs()
-    assert lookup == ["get", "services", "-l",
-                      "app.kubernetes.io/part-of=maas-mesh,app.kubernetes.io/component=registry",
-                      "-o", "name", "--namespace", "team"]
+    assert lookup == [
+        "get",
+        "services",
+        "-l",
+        "app.kubernetes.io/part-of=maas-mesh,app.kubernetes.io/component=registry",
+        "-o",
+        "name",
+        "--namespace",
+        "team",
+    ]
     assert forward[:2] == ["port-forward", "svc/blue-maas-mesh-registry"]
 
 
 async def test_ambiguous_or_missing_registry_is_an_error(env):
-    result = await env.run("maas", "models", "list",
-                           FAKE_KUBECTL_SERVICES="service/a-maas-mesh-registry\nservice/b-maas-mesh-registry")
+    result = await env.run(
+        "maas", "models", "list", FAKE_KUBECTL_SERVICES="service/a-maas-mesh-registry\nservice/b-maas-mesh-registry"
+    )
     assert result.code == 1
     assert "a-maas-mesh-registry, b-maas-mesh-registry" in result.stderr and "--release" in result.stderr
     result = await env.run("maas", "-n", "empty", "models", "list", FAKE_KUBECTL_SERVICES="")
@@ -240,8 +293,17 @@ async def test_sigterm_during_a_streaming_command_stops_the_port_forward(env, re
     """kubectl execs the plugin in its own place, so a signal to `kubectl maas` reaches the plugin."""
     port = registry_env.address.rsplit(":", 1)[1]
     proc = await asyncio.create_subprocess_exec(
-        env.kubectl, "maas", "--release", "prod", "models", "watch", env={**env.vars, "FAKE_FORWARD_PORT": port},
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        env.kubectl,
+        "maas",
+        "--release",
+        "prod",
+        "models",
+        "watch",
+        env={**env.vars, "FAKE_FORWARD_PORT": port},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         first_line = await asyncio.wait_for(proc.stdout.readline(), TIMEOUT)  # the watch is streaming
         assert first_line, (await proc.stderr.read()).decode()

@@ -1,5 +1,6 @@
 """The whole mesh as real processes (tests.fixtures.mesh): the client API through the router, and the
 router surviving its peers going away. The Triton-stop test restores the mesh, and runs last here."""
+
 from __future__ import annotations
 
 import time
@@ -21,8 +22,11 @@ def client(mesh):
 
 
 def test_embed_through_the_router(client):
-    texts = ["A cat sits on the warm windowsill.", "A kitten sleeps in the sun by the window.",
-             "Quarterly revenue grew by four percent."]
+    texts = [
+        "A cat sits on the warm windowsill.",
+        "A kitten sleeps in the sun by the window.",
+        "Quarterly revenue grew by four percent.",
+    ]
     result = client.embed(texts, "minilm")
     assert result.vectors.shape == (3, 384) and result.truncated == [False] * 3
     np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, rtol=1e-5)
@@ -41,12 +45,15 @@ def test_classify_the_cat_through_the_router(client):
     assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1
 
 
-@pytest.mark.parametrize("call,code", [
-    (lambda c: c.embed(["x"], "no_such_model"), grpc.StatusCode.NOT_FOUND),
-    (lambda c: c.embed(["x"], "minilm", version=99), grpc.StatusCode.NOT_FOUND),
-    (lambda c: c.embed(["x"], "efficientnet_lite0"), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda c: c.classify([b"not an image"], "efficientnet_lite0"), grpc.StatusCode.INVALID_ARGUMENT),
-])
+@pytest.mark.parametrize(
+    "call,code",
+    [
+        (lambda c: c.embed(["x"], "no_such_model"), grpc.StatusCode.NOT_FOUND),
+        (lambda c: c.embed(["x"], "minilm", version=99), grpc.StatusCode.NOT_FOUND),
+        (lambda c: c.embed(["x"], "efficientnet_lite0"), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda c: c.classify([b"not an image"], "efficientnet_lite0"), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
 def test_errors_say_what_was_wrong(client, call, code):
     with pytest.raises(MeshError) as err:
         call(client)
@@ -84,7 +91,7 @@ def test_stopping_triton_gives_unavailable_within_the_deadline(mesh, client):
             client.embed(["x"], "minilm", timeout=5)
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - started < 5
-        for port in ("router", "router_oip"):  # the main port and the compiled data path
+        for port in ("router", "router_oip_fast"):  # the main port and the fast path
             with grpcclient.InferenceServerClient(mesh.addresses[port]) as oip:
                 inp = grpcclient.InferInput("INPUT__0", [1, 3, 224, 224], "FP32")
                 inp.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))

@@ -1,5 +1,6 @@
 """Every metric the chart (Grafana dashboard, prometheus-adapter rules, HPA/KEDA queries) names is one
 that a real component exposes after traffic."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,10 @@ def chart_metric_names() -> dict[str, set[str]]:
         "values": yaml.safe_load((CHART / "values.yaml").read_text()),
         **{f"ci/{p.name}": yaml.safe_load(p.read_text()) for p in sorted((CHART / "ci").glob("*.yaml"))},
     }
-    found = {where: {name for text in expressions(tree) for name in METRIC.findall(text)} - derived
-             for where, tree in sources.items()}
+    found = {
+        where: {name for text in expressions(tree) for name in METRIC.findall(text)} - derived
+        for where, tree in sources.items()
+    }
     found["templates"] = {name for p in (CHART / "templates").glob("*") for name in METRIC.findall(p.read_text())}
     return found
 
@@ -67,8 +70,11 @@ def exposed(mesh) -> dict[str, set[str]]:
     # may have restarted the registry (a fresh process has counted nothing yet).
     with RegistryClient(mesh.registry_address) as registry:
         registry.list_models()
-    request = urllib.request.Request(f"{mesh.openai_url}/embeddings", data=json.dumps({"input": "x"}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{mesh.openai_url}/embeddings",
+        data=json.dumps({"input": "x"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=60) as response:  # the OpenAI gateway's own metrics
         assert response.status == 200
     return {component: scrape(address) for component, address in mesh.metrics_addresses.items()}
@@ -86,8 +92,12 @@ def test_every_component_serves_metrics(mesh, exposed):
     assert "maas_item_errors_total" in exposed["vision"]
     assert "maas_registry_versions" in exposed["registry"]
     assert {"nv_inference_queue_duration_us", "nv_inference_request_success"} <= exposed["triton"]
-    assert {"maas_http_requests_total", "maas_http_request_duration_seconds_bucket", "maas_http_inflight_requests",
-            "maas_openai_inflight_streams"} <= exposed["openai"]
+    assert {
+        "maas_http_requests_total",
+        "maas_http_request_duration_seconds_bucket",
+        "maas_http_inflight_requests",
+        "maas_openai_inflight_streams",
+    } <= exposed["openai"]
     assert "maas_console_event_streams" in exposed["console"]
 
 

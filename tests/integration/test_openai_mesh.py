@@ -2,6 +2,7 @@
 real processes — embeddings from minilm in Triton, the model list from the registry, and (with the
 chat model registered) chat unary + stream equal to the router's gRPC answers, bad input codes and a
 disconnect mid-stream that leaves the mesh serving."""
+
 from __future__ import annotations
 
 import http.client
@@ -17,8 +18,9 @@ from maas.client import MeshClient, MeshError
 from maas.local.mesh import SOURCE_MODELS
 
 CHAT_MODEL = "smollm2"
-needs_chat = pytest.mark.skipif(all(m.name != CHAT_MODEL for m in SOURCE_MODELS),
-                                reason="the local mesh does not register the chat model")
+needs_chat = pytest.mark.skipif(
+    all(m.name != CHAT_MODEL for m in SOURCE_MODELS), reason="the local mesh does not register the chat model"
+)
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 
@@ -64,29 +66,47 @@ def test_models_list_and_errors(api):
 @needs_chat
 def test_chat_unary_and_stream_equal_grpc(api, mesh):
     with MeshClient(mesh.router_address) as direct:
-        expected = direct.chat([(m["role"], m["content"]) for m in MESSAGES], CHAT_MODEL, max_tokens=24,
-                               temperature=0.0)
+        expected = direct.chat(
+            [(m["role"], m["content"]) for m in MESSAGES], CHAT_MODEL, max_tokens=24, temperature=0.0
+        )
     unary = api.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=24, temperature=0)
     assert unary.choices[0].message.content == expected.text and expected.text.strip()
     assert unary.usage.completion_tokens == expected.usage.completion_tokens
     assert unary.choices[0].finish_reason == {"stop": "stop", "length": "length"}[expected.finish_reason]
     assert unary.model == f"{CHAT_MODEL}:{expected.routed.version}"
-    chunks = list(api.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=24, temperature=0,
-                                              stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        api.chat.completions.create(
+            model=CHAT_MODEL,
+            messages=MESSAGES,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
     assert chunks[-1].usage.completion_tokens == expected.usage.completion_tokens
     text = api.completions.create(model=CHAT_MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
     with MeshClient(mesh.router_address) as direct:
-        assert text.choices[0].text == direct.generate("The capital of France is", CHAT_MODEL, max_tokens=8,
-                                                       temperature=0.0).text
+        assert (
+            text.choices[0].text
+            == direct.generate("The capital of France is", CHAT_MODEL, max_tokens=8, temperature=0.0).text
+        )
 
 
 @needs_chat
-@pytest.mark.parametrize("fields, status, param", [
-    ({"temperature": -1}, 400, None), ({"top_p": 1.5}, 400, None), ({"max_tokens": 0}, 400, "max_tokens"),
-    ({"max_tokens": 10**6}, 400, None), ({"model": "minilm"}, 400, None), ({"model": "nope"}, 404, None),
-    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
-])
+@pytest.mark.parametrize(
+    "fields, status, param",
+    [
+        ({"temperature": -1}, 400, None),
+        ({"top_p": 1.5}, 400, None),
+        ({"max_tokens": 0}, 400, "max_tokens"),
+        ({"max_tokens": 10**6}, 400, None),
+        ({"model": "minilm"}, 400, None),
+        ({"model": "nope"}, 404, None),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ],
+)
 def test_bad_generation_input_codes(mesh, fields, status, param):
     url = urlparse(mesh.openai_url)
     body = {"model": CHAT_MODEL, "messages": MESSAGES, **fields}
@@ -106,9 +126,12 @@ def test_disconnect_mid_stream_leaves_the_mesh_serving(api, mesh):
     url = urlparse(mesh.openai_url)
     for stream in (True, True, True, False):  # gone mid-stream three times, and once during a unary answer
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-        conn.request("POST", "/v1/chat/completions",
-                     json.dumps({"model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 512, "stream": stream}),
-                     {"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps({"model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 512, "stream": stream}),
+            {"Content-Type": "application/json"},
+        )
         if stream:
             response = conn.getresponse()
             assert response.status == 200 and response.read1().startswith(b"data: ")

@@ -1,6 +1,7 @@
 """A wrong Triton address makes the router and the registry unready - not dead, not hung - with the
 reason in their log, and they turn ready by themselves once Triton answers there (the chart's
 readinessProbe asks health name "readiness", its liveness and startup probes ask "")."""
+
 from __future__ import annotations
 
 import os
@@ -23,11 +24,27 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 def _flags(service: str, triton: str, tmp_path: Path) -> list[str]:
     if service == "router":  # its other peers are not needed for readiness (nothing listens on port 1)
-        return ["--registry", "127.0.0.1:1", "--tokenizer", "127.0.0.1:1", "--vision", "127.0.0.1:1",
-                "--triton", triton, "--oip-fast-listen", "off"]
+        return [
+            "--registry",
+            "127.0.0.1:1",
+            "--tokenizer",
+            "127.0.0.1:1",
+            "--vision",
+            "127.0.0.1:1",
+            "--triton",
+            triton,
+            "--oip-fast-listen",
+            "off",
+        ]
     (tmp_path / "registry-models").mkdir(exist_ok=True)
-    return ["--database", str(tmp_path / "registry.sqlite3"), "--model-repository", str(tmp_path / "registry-models"),
-            "--triton", triton]
+    return [
+        "--database",
+        str(tmp_path / "registry.sqlite3"),
+        "--model-repository",
+        str(tmp_path / "registry-models"),
+        "--triton",
+        triton,
+    ]
 
 
 @contextmanager
@@ -38,9 +55,23 @@ def service(name: str, triton: str, tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "MAAS_LOG_FORMAT": "json", "MAAS_READINESS_INTERVAL_SECONDS": "0.5"}
     env.pop("MAAS_ADMIN_TOKEN", None)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", f"services.{name}", "--listen", address, "--grace", "1",
-                                    *_flags(name, triton, tmp_path)],
-                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                f"services.{name}",
+                "--listen",
+                address,
+                "--grace",
+                "1",
+                *_flags(name, triton, tmp_path),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         yield address, log_path, process
     finally:
@@ -55,8 +86,9 @@ def service(name: str, triton: str, tmp_path: Path):
 def _status(address: str, name: str) -> int | None:
     with grpc.insecure_channel(address) as channel:
         try:
-            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name),
-                                                             timeout=2).status
+            return (
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status
+            )
         except grpc.RpcError:
             return None
 
@@ -75,7 +107,9 @@ def test_a_wrong_triton_address_is_unready_with_the_reason_logged_then_ready_onc
     grpc_port, http_port, metrics_port = free_ports(3)  # nothing listens on grpc_port yet
     triton_address = f"127.0.0.1:{grpc_port}"
     with ExitStack() as stack:
-        started = {name: stack.enter_context(service(name, triton_address, tmp_path)) for name in ("router", "registry")}
+        started = {
+            name: stack.enter_context(service(name, triton_address, tmp_path)) for name in ("router", "registry")
+        }
         logs = [log for _, log, _ in started.values()]
         processes = [p for _, _, p in started.values()]
         for name, (address, log, _) in started.items():
@@ -90,9 +124,17 @@ def test_a_wrong_triton_address_is_unready_with_the_reason_logged_then_ready_onc
         # Triton comes up on that very address: both turn ready by themselves, and say so.
         repository = tmp_path / "triton-models"
         repository.mkdir()
-        stack.enter_context(LocalTriton(TritonConfig(model_repository=repository, work_dir=tmp_path / "triton",
-                                                     grpc_port=grpc_port, http_port=http_port,
-                                                     metrics_port=metrics_port)))
+        stack.enter_context(
+            LocalTriton(
+                TritonConfig(
+                    model_repository=repository,
+                    work_dir=tmp_path / "triton",
+                    grpc_port=grpc_port,
+                    http_port=http_port,
+                    metrics_port=metrics_port,
+                )
+            )
+        )
         for name, (address, log, _) in started.items():
             _until(lambda: _status(address, READINESS) == SERVING, f"{name} ready once Triton answers", logs, processes)
             assert '"msg": "ready"' in log.read_text(), name

@@ -1,4 +1,5 @@
 """The registry against a real Triton (explicit model control) on an empty repository of its own."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,13 +9,19 @@ import pytest
 
 from maas.v1 import registry_pb2 as pb
 from tests.fixtures.registry import (
-    MINILM_ONNX, header, tiny_onnx, tiny_torchscript, triton_folder, triton_versions, upload_messages, wait_state,
+    MINILM_ONNX,
+    header,
+    tiny_onnx,
+    tiny_torchscript,
+    triton_folder,
+    triton_versions,
+    upload_messages,
+    wait_state,
 )
 
 
 async def register(env, model: str, data: bytes, fmt=pb.ARTIFACT_FORMAT_ONNX, wait=True, **kwargs) -> pb.ModelVersion:
-    v = await env.stub.RegisterVersion(upload_messages(header(model, data, fmt, **kwargs), data),
-                                       metadata=env.auth())
+    v = await env.stub.RegisterVersion(upload_messages(header(model, data, fmt, **kwargs), data), metadata=env.auth())
     if wait:
         v = await wait_state(env.stub, model, v.version)
         assert v.state == pb.VERSION_STATE_READY, v.state_reason
@@ -62,9 +69,12 @@ async def test_minilm_register_ready_alias_rollback_archive(registry_env):
     """The real minilm artefact; Triton reports exactly the live versions after each step."""
     env = registry_env
     data = MINILM_ONNX.read_bytes()
-    kwargs = dict(preprocessing=pb.Preprocessing(kind=pb.Preprocessing.KIND_TOKENIZER, name="minilm"),
-                  postprocessing=pb.Postprocessing(kind=pb.Postprocessing.KIND_EMBEDDING),
-                  tags={"git_sha": "abc123"}, description="all-MiniLM-L6-v2")
+    kwargs = dict(
+        preprocessing=pb.Preprocessing(kind=pb.Preprocessing.KIND_TOKENIZER, name="minilm"),
+        postprocessing=pb.Postprocessing(kind=pb.Postprocessing.KIND_EMBEDDING),
+        tags={"git_sha": "abc123"},
+        description="all-MiniLM-L6-v2",
+    )
     v1 = await register(env, "minilm", data, **kwargs)
     assert [t.name for t in v1.signature.inputs] == ["input_ids", "attention_mask", "token_type_ids"]
     outputs = [(t.name, t.datatype, list(t.shape)) for t in v1.signature.outputs]
@@ -94,8 +104,16 @@ async def test_minilm_register_ready_alias_rollback_archive(registry_env):
         inputs = []
         for name in ("input_ids", "attention_mask", "token_type_ids"):
             inp = InferInput(name, [1, 5], "INT64")
-            inp.set_data_from_numpy(np.array([[101, 7592, 2088, 999, 102]] if name == "input_ids" else
-                                             [[1] * 5] if name == "attention_mask" else [[0] * 5], np.int64))
+            inp.set_data_from_numpy(
+                np.array(
+                    [[101, 7592, 2088, 999, 102]]
+                    if name == "input_ids"
+                    else [[1] * 5]
+                    if name == "attention_mask"
+                    else [[0] * 5],
+                    np.int64,
+                )
+            )
             inputs.append(inp)
         result = await client.infer("minilm", inputs, model_version="1")
         vec = result.as_numpy("sentence_embedding")
@@ -108,20 +126,30 @@ async def test_minilm_register_ready_alias_rollback_archive(registry_env):
 
 async def test_torchscript_and_triton_folder(registry_env):
     env = registry_env
-    sig = pb.Signature(inputs=[pb.TensorSpec(name="INPUT__0", datatype="FP32", shape=[4])],
-                       outputs=[pb.TensorSpec(name="OUTPUT__0", datatype="FP32", shape=[4])])
+    sig = pb.Signature(
+        inputs=[pb.TensorSpec(name="INPUT__0", datatype="FP32", shape=[4])],
+        outputs=[pb.TensorSpec(name="OUTPUT__0", datatype="FP32", shape=[4])],
+    )
     labels = ["a", "b", "c", "d"]
-    ts = await register(env, "scaler", tiny_torchscript(), pb.ARTIFACT_FORMAT_TORCHSCRIPT, signature=sig,
-                        labels=labels, postprocessing=pb.Postprocessing(kind=pb.Postprocessing.KIND_SOFTMAX_TOP_K,
-                                                                         top_k=2))
+    ts = await register(
+        env,
+        "scaler",
+        tiny_torchscript(),
+        pb.ARTIFACT_FORMAT_TORCHSCRIPT,
+        signature=sig,
+        labels=labels,
+        postprocessing=pb.Postprocessing(kind=pb.Postprocessing.KIND_SOFTMAX_TOP_K, top_k=2),
+    )
     assert ts.labels == labels
     assert (env.repository / "scaler" / "1" / "model.pt").is_file()
     assert (env.repository / "scaler" / "labels.txt").read_text().split() == labels
     assert await triton_versions(env.triton, "scaler") == {1}
 
-    config = ('name: "whatever"\nbackend: "onnxruntime"\nmax_batch_size: 4\n'
-              'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
-              'output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]\n')
+    config = (
+        'name: "whatever"\nbackend: "onnxruntime"\nmax_batch_size: 4\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+    )
     folder = await register(env, "folder", triton_folder(tiny_onnx(5.0), config), pb.ARTIFACT_FORMAT_TRITON_FOLDER)
     assert [t.name for t in folder.signature.inputs] == ["x"]
     assert await triton_versions(env.triton, "folder") == {1}
@@ -152,21 +180,33 @@ async def test_invalid_artefacts_and_names_write_nothing(start_registry):
     await refused(short, good[:-10], grpc.StatusCode.INVALID_ARGUMENT, "upload ended")
     for name in ("../x", "", "x" * 65, "Upper", "a/b", "..", "a.b"):
         await refused(header(name, good), good, grpc.StatusCode.INVALID_ARGUMENT, "model name")
-    await refused(header("scaler", b"PK\x03\x04 not torchscript", pb.ARTIFACT_FORMAT_TORCHSCRIPT,
-                         signature=pb.Signature(inputs=[pb.TensorSpec(name="INPUT__0", datatype="FP32", shape=[4])],
-                                                outputs=[pb.TensorSpec(name="OUTPUT__0", datatype="FP32", shape=[4])])),
-                  b"PK\x03\x04 not torchscript", grpc.StatusCode.INVALID_ARGUMENT, "TorchScript")
+    await refused(
+        header(
+            "scaler",
+            b"PK\x03\x04 not torchscript",
+            pb.ARTIFACT_FORMAT_TORCHSCRIPT,
+            signature=pb.Signature(
+                inputs=[pb.TensorSpec(name="INPUT__0", datatype="FP32", shape=[4])],
+                outputs=[pb.TensorSpec(name="OUTPUT__0", datatype="FP32", shape=[4])],
+            ),
+        ),
+        b"PK\x03\x04 not torchscript",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "TorchScript",
+    )
     # A tarball escaping its folder.
     import io
     import tarfile
+
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         info = tarfile.TarInfo("../evil.txt")
         info.size = 4
         tar.addfile(info, io.BytesIO(b"evil"))
     evil = buf.getvalue()
-    await refused(header("evil", evil, pb.ARTIFACT_FORMAT_TRITON_FOLDER), evil, grpc.StatusCode.INVALID_ARGUMENT,
-                  "outside")
+    await refused(
+        header("evil", evil, pb.ARTIFACT_FORMAT_TRITON_FOLDER), evil, grpc.StatusCode.INVALID_ARGUMENT, "outside"
+    )
     assert not (env.repository.parent / "evil.txt").exists()
     # Incompatible signature with the live version: FAILED_PRECONDITION naming the difference.
     other = tiny_onnx(width=8)
@@ -201,28 +241,33 @@ async def test_admin_token(start_registry):
         await env.stub.RegisterVersion(upload_messages(header("tiny", data), data))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in info.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await env.stub.RegisterVersion(upload_messages(header("tiny", data), data),
-                                       metadata=(("authorization", "Bearer wrong"),))
+        await env.stub.RegisterVersion(
+            upload_messages(header("tiny", data), data), metadata=(("authorization", "Bearer wrong"),)
+        )
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert not (env.repository / "tiny").exists()
     v = await register(env, "tiny", data)  # env.auth() sends the right token
-    for call, req in ((env.stub.SetAlias, pb.SetAliasRequest(model="tiny", alias="production", version=1)),
-                      (env.stub.Rollback, pb.RollbackRequest(model="tiny")),
-                      (env.stub.SetTrafficPolicy, pb.SetTrafficPolicyRequest(model="tiny")),
-                      (env.stub.ArchiveVersion, pb.ArchiveVersionRequest(model="tiny", version=1)),
-                      (env.stub.ReportShadowResults, pb.ReportShadowResultsRequest()),
-                      (env.stub.ReportVersionStats, pb.ReportVersionStatsRequest()),
-                      (env.stub.StartRollout, pb.StartRolloutRequest(model="tiny", version=1)),
-                      (env.stub.AbortRollout, pb.AbortRolloutRequest(model="tiny")),
-                      (env.stub.OptimizeVersion, pb.OptimizeVersionRequest(model="tiny", from_version=1, int8=True))):
+    for call, req in (
+        (env.stub.SetAlias, pb.SetAliasRequest(model="tiny", alias="production", version=1)),
+        (env.stub.Rollback, pb.RollbackRequest(model="tiny")),
+        (env.stub.SetTrafficPolicy, pb.SetTrafficPolicyRequest(model="tiny")),
+        (env.stub.ArchiveVersion, pb.ArchiveVersionRequest(model="tiny", version=1)),
+        (env.stub.ReportShadowResults, pb.ReportShadowResultsRequest()),
+        (env.stub.ReportVersionStats, pb.ReportVersionStatsRequest()),
+        (env.stub.StartRollout, pb.StartRolloutRequest(model="tiny", version=1)),
+        (env.stub.AbortRollout, pb.AbortRolloutRequest(model="tiny")),
+        (env.stub.OptimizeVersion, pb.OptimizeVersionRequest(model="tiny", from_version=1, int8=True)),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call(req)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, call
     # Reads need no token.
-    assert (await env.stub.GetVersion(pb.GetVersionRequest(model="tiny", version=v.version))).state == \
-        pb.VERSION_STATE_READY
-    alias = await env.stub.SetAlias(pb.SetAliasRequest(model="tiny", alias="production", version=1),
-                                    metadata=env.auth())
+    assert (
+        await env.stub.GetVersion(pb.GetVersionRequest(model="tiny", version=v.version))
+    ).state == pb.VERSION_STATE_READY
+    alias = await env.stub.SetAlias(
+        pb.SetAliasRequest(model="tiny", alias="production", version=1), metadata=env.auth()
+    )
     assert alias.version == 1
 
 
@@ -233,35 +278,73 @@ async def test_traffic_policy_shadow_stats_and_restart(start_registry, tmp_path)
     await env.stub.SetAlias(pb.SetAliasRequest(model="tiny", alias="production", version=1))
     await env.stub.SetAlias(pb.SetAliasRequest(model="tiny", alias="canary", version=2))
     bad = [
-        (pb.SetTrafficPolicyRequest(model="tiny", split=[pb.TrafficTarget(alias="nope", weight=1)]),
-         grpc.StatusCode.FAILED_PRECONDITION, "no alias 'nope'"),
-        (pb.SetTrafficPolicyRequest(model="tiny", split=[pb.TrafficTarget(version=7, weight=1)]),
-         grpc.StatusCode.NOT_FOUND, "no version 7"),
-        (pb.SetTrafficPolicyRequest(model="tiny", split=[pb.TrafficTarget(version=1, weight=0)]),
-         grpc.StatusCode.INVALID_ARGUMENT, "sum to 0"),
-        (pb.SetTrafficPolicyRequest(model="tiny", shadow=pb.ShadowPolicy(target=pb.TrafficTarget(version=2),
-                                                                          fraction=1.5)),
-         grpc.StatusCode.INVALID_ARGUMENT, "outside [0, 1]"),
+        (
+            pb.SetTrafficPolicyRequest(model="tiny", split=[pb.TrafficTarget(alias="nope", weight=1)]),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "no alias 'nope'",
+        ),
+        (
+            pb.SetTrafficPolicyRequest(model="tiny", split=[pb.TrafficTarget(version=7, weight=1)]),
+            grpc.StatusCode.NOT_FOUND,
+            "no version 7",
+        ),
+        (
+            pb.SetTrafficPolicyRequest(model="tiny", split=[pb.TrafficTarget(version=1, weight=0)]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "sum to 0",
+        ),
+        (
+            pb.SetTrafficPolicyRequest(
+                model="tiny", shadow=pb.ShadowPolicy(target=pb.TrafficTarget(version=2), fraction=1.5)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "outside [0, 1]",
+        ),
     ]
     for req, code, fragment in bad:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await env.stub.SetTrafficPolicy(req)
         assert info.value.code() == code and fragment in info.value.details(), info.value.details()
-    policy = await env.stub.SetTrafficPolicy(pb.SetTrafficPolicyRequest(
-        model="tiny",
-        split=[pb.TrafficTarget(alias="production", weight=90), pb.TrafficTarget(alias="canary", weight=10)],
-        shadow=pb.ShadowPolicy(target=pb.TrafficTarget(version=2), fraction=0.25), reason="canary", actor="ops"))
+    policy = await env.stub.SetTrafficPolicy(
+        pb.SetTrafficPolicyRequest(
+            model="tiny",
+            split=[pb.TrafficTarget(alias="production", weight=90), pb.TrafficTarget(alias="canary", weight=10)],
+            shadow=pb.ShadowPolicy(target=pb.TrafficTarget(version=2), fraction=0.25),
+            reason="canary",
+            actor="ops",
+        )
+    )
     assert [t.weight for t in policy.split] == [90, 10] and policy.shadow.fraction == 0.25
     # A version in the policy or behind an alias cannot be archived.
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await env.stub.ArchiveVersion(pb.ArchiveVersionRequest(model="tiny", version=2))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "canary" in info.value.details()
-    await env.stub.ReportShadowResults(pb.ReportShadowResultsRequest(results=[
-        pb.ShadowResult(model="tiny", primary_version=1, shadow_version=2, items=4, top1_agreed=3, cosine_sum=3.6,
-                        primary_latency_ms=10, shadow_latency_ms=20),
-        pb.ShadowResult(model="tiny", primary_version=1, shadow_version=2, items=4, top1_agreed=4, cosine_sum=4.0,
-                        primary_latency_ms=20, shadow_latency_ms=40),
-    ]))
+    await env.stub.ReportShadowResults(
+        pb.ReportShadowResultsRequest(
+            results=[
+                pb.ShadowResult(
+                    model="tiny",
+                    primary_version=1,
+                    shadow_version=2,
+                    items=4,
+                    top1_agreed=3,
+                    cosine_sum=3.6,
+                    primary_latency_ms=10,
+                    shadow_latency_ms=20,
+                ),
+                pb.ShadowResult(
+                    model="tiny",
+                    primary_version=1,
+                    shadow_version=2,
+                    items=4,
+                    top1_agreed=4,
+                    cosine_sum=4.0,
+                    primary_latency_ms=20,
+                    shadow_latency_ms=40,
+                ),
+            ]
+        )
+    )
     stats = (await env.stub.GetModel(pb.GetModelRequest(model="tiny"))).shadow_stats[0]
     assert (stats.samples, stats.top1_agreement) == (2, 7 / 8)
     assert (stats.primary_latency_ms, stats.shadow_latency_ms) == (15, 30)
@@ -301,8 +384,11 @@ async def test_watch_delivers_snapshot_then_each_change_in_order(registry_env):
         v2 = await register(env, "tiny", tiny_onnx(3.0))
         await env.stub.SetAlias(pb.SetAliasRequest(model="tiny", alias="production", version=1))
         await env.stub.SetAlias(pb.SetAliasRequest(model="tiny", alias="production", version=2))
-        await env.stub.SetTrafficPolicy(pb.SetTrafficPolicyRequest(
-            model="tiny", split=[pb.TrafficTarget(version=1, weight=1), pb.TrafficTarget(version=2, weight=3)]))
+        await env.stub.SetTrafficPolicy(
+            pb.SetTrafficPolicyRequest(
+                model="tiny", split=[pb.TrafficTarget(version=1, weight=1), pb.TrafficTarget(version=2, weight=3)]
+            )
+        )
         await env.stub.Rollback(pb.RollbackRequest(model="tiny"))
         events = [await asyncio.wait_for(stream.read(), 10) for _ in range(7)]
     finally:
@@ -322,13 +408,21 @@ async def test_efficientnet_torchscript_with_labels(registry_env):
     env = registry_env
     folder = MINILM_ONNX.parents[2] / "efficientnet_lite0"
     labels = (folder / "labels.txt").read_text().splitlines()
-    sig = pb.Signature(inputs=[pb.TensorSpec(name="INPUT__0", datatype="FP32", shape=[3, 224, 224])],
-                       outputs=[pb.TensorSpec(name="OUTPUT__0", datatype="FP32", shape=[1000])])
-    v = await register(env, "efficientnet_lite0", (folder / "1" / "model.pt").read_bytes(),
-                       pb.ARTIFACT_FORMAT_TORCHSCRIPT, signature=sig, labels=labels, max_batch_size=16,
-                       preprocessing=pb.Preprocessing(kind=pb.Preprocessing.KIND_VISION, name="efficientnet_lite0"),
-                       postprocessing=pb.Postprocessing(kind=pb.Postprocessing.KIND_SOFTMAX_TOP_K, output="OUTPUT__0",
-                                                        top_k=5))
+    sig = pb.Signature(
+        inputs=[pb.TensorSpec(name="INPUT__0", datatype="FP32", shape=[3, 224, 224])],
+        outputs=[pb.TensorSpec(name="OUTPUT__0", datatype="FP32", shape=[1000])],
+    )
+    v = await register(
+        env,
+        "efficientnet_lite0",
+        (folder / "1" / "model.pt").read_bytes(),
+        pb.ARTIFACT_FORMAT_TORCHSCRIPT,
+        signature=sig,
+        labels=labels,
+        max_batch_size=16,
+        preprocessing=pb.Preprocessing(kind=pb.Preprocessing.KIND_VISION, name="efficientnet_lite0"),
+        postprocessing=pb.Postprocessing(kind=pb.Postprocessing.KIND_SOFTMAX_TOP_K, output="OUTPUT__0", top_k=5),
+    )
     assert len(v.labels) == 1000 and await triton_versions(env.triton, "efficientnet_lite0") == {1}
     import numpy as np
     import tritonclient.grpc.aio as triton_aio
@@ -338,8 +432,9 @@ async def test_efficientnet_torchscript_with_labels(registry_env):
     try:
         inp = InferInput("INPUT__0", [1, 3, 224, 224], "FP32")
         inp.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))
-        result = await client.infer("efficientnet_lite0", [inp], model_version="1",
-                                    outputs=[InferRequestedOutput("OUTPUT__0", class_count=1)])
+        result = await client.infer(
+            "efficientnet_lite0", [inp], model_version="1", outputs=[InferRequestedOutput("OUTPUT__0", class_count=1)]
+        )
         _, index, label = result.as_numpy("OUTPUT__0").reshape(-1)[0].decode().split(":", 2)
         assert label == labels[int(index)]
     finally:
@@ -389,7 +484,7 @@ async def test_client_cancelling_an_upload_leaves_nothing(registry_env):
     async def slow():
         yield pb.RegisterVersionRequest(header=header("minilm", data))
         for i in range(0, len(data), 64 * 1024):
-            yield pb.RegisterVersionRequest(chunk=data[i:i + 64 * 1024])
+            yield pb.RegisterVersionRequest(chunk=data[i : i + 64 * 1024])
             sent.set()
             await asyncio.sleep(0.05)
 
@@ -422,6 +517,7 @@ async def test_replica_that_comes_up_later_joins_with_the_live_versions(start_re
     assert env.registry.fleet.addresses == [env.triton.grpc_address]  # unreachable: not joined
     config = TritonConfig(model_repository=env.repository, work_dir=tmp_path / "late", grpc_port=grpc_port)
     with LocalTriton(config) as replica:
+
         def caught_up() -> bool:  # `addresses`: joined and given the live versions
             return late in env.registry.fleet.addresses
 

@@ -1,4 +1,5 @@
 """`maas models ...` as a user runs it (a real subprocess) against a registry and a real Triton."""
+
 from __future__ import annotations
 
 import asyncio
@@ -15,8 +16,15 @@ async def maas(env, *args: str, token: str | None = None) -> tuple[int, str, str
     if token:
         environ["MAAS_ADMIN_TOKEN"] = token
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from maas.cli import main; main()", "models", *args, env=environ,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-c",
+        "from maas.cli import main; main()",
+        "models",
+        *args,
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 300)
     return proc.returncode, out.decode(), err.decode()
 
@@ -28,8 +36,21 @@ async def test_cli_round_trip(start_registry, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\nc\nd\n")
 
-    code, out, err = await maas(env, "register", str(model), "--name", "tiny", "--top-k", "2", "--labels",
-                                str(labels), "--tag", "git_sha=abc", "--json", token="tok")
+    code, out, err = await maas(
+        env,
+        "register",
+        str(model),
+        "--name",
+        "tiny",
+        "--top-k",
+        "2",
+        "--labels",
+        str(labels),
+        "--tag",
+        "git_sha=abc",
+        "--json",
+        token="tok",
+    )
     assert code == 0, err
     v = json.loads(out)
     assert v["version"] == "1" and v["state"] == "VERSION_STATE_READY" and v["labels"] == ["a", "b", "c", "d"]
@@ -48,8 +69,19 @@ async def test_cli_round_trip(start_registry, tmp_path):
     assert (await maas(env, "alias", "tiny", "production", "1", "-r", "launch", token="tok"))[0] == 0
     code, out, _ = await maas(env, "alias", "tiny", "production", "2", token="tok")
     assert code == 0 and "production → v2 (was v1)" in out
-    code, out, err = await maas(env, "traffic", "tiny", "production=90", "v1=10", "--shadow", "2",
-                                "--shadow-fraction", "0.5", "--json", token="tok")
+    code, out, err = await maas(
+        env,
+        "traffic",
+        "tiny",
+        "production=90",
+        "v1=10",
+        "--shadow",
+        "2",
+        "--shadow-fraction",
+        "0.5",
+        "--json",
+        token="tok",
+    )
     assert code == 0, err
     policy = json.loads(out)
     assert [t["weight"] for t in policy["split"]] == [90, 10] and policy["shadow"]["fraction"] == 0.5
@@ -81,8 +113,16 @@ async def test_cli_watch_prints_snapshot_then_changes(start_registry, tmp_path):
     assert (await maas(env, "register", str(model), "--name", "tiny"))[0] == 0
     environ = {**os.environ, "PYTHONPATH": str(REPO), "MAAS_REGISTRY_ADDRESS": env.address}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from maas.cli import main; main()", "models", "watch", "--json", env=environ,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-c",
+        "from maas.cli import main; main()",
+        "models",
+        "watch",
+        "--json",
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         first = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
         assert first["snapshot"]["models"][0]["model"] == "tiny"

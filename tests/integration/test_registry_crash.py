@@ -1,5 +1,6 @@
 """SIGKILL the registry (a real subprocess) mid-registration: no partial version survives, and a restarted
 registry has every earlier version, alias and traffic policy."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def registry_process(empty_triton, tmp_path):
-    proc = RegistryProcess(empty_triton.repository, tmp_path / "registry.sqlite3", empty_triton.grpc_address,
-                           tmp_path / "registry.log")
+    proc = RegistryProcess(
+        empty_triton.repository, tmp_path / "registry.sqlite3", empty_triton.grpc_address, tmp_path / "registry.log"
+    )
     try:
         yield proc.start()
     finally:
@@ -43,8 +45,9 @@ def seed(stub) -> pb.Model:
     v = stub.RegisterVersion(upload_messages(header("tiny", data), data), timeout=60)
     wait_state(stub, "tiny", v.version, (pb.VERSION_STATE_READY,))
     stub.SetAlias(pb.SetAliasRequest(model="tiny", alias="production", version=1, reason="seed"))
-    stub.SetTrafficPolicy(pb.SetTrafficPolicyRequest(model="tiny", split=[pb.TrafficTarget(alias="production",
-                                                                                           weight=100)]))
+    stub.SetTrafficPolicy(
+        pb.SetTrafficPolicyRequest(model="tiny", split=[pb.TrafficTarget(alias="production", weight=100)])
+    )
     return stub.GetModel(pb.GetModelRequest(model="tiny"))
 
 
@@ -62,7 +65,7 @@ def slow_upload(stub, model, data, sent_event: threading.Event, chunk=256 * 1024
     def messages():
         yield pb.RegisterVersionRequest(header=header(model, data))
         for i in range(0, len(data), chunk):
-            yield pb.RegisterVersionRequest(chunk=data[i:i + chunk])
+            yield pb.RegisterVersionRequest(chunk=data[i : i + chunk])
             if i >= len(data) // 3:
                 sent_event.set()
             time.sleep(delay)
@@ -143,8 +146,9 @@ def test_sigkill_at_random_points_of_a_registration(registry_process):
                 yield from upload_messages(header("minilm", data), data, chunk=4 * 1024 * 1024)
                 done.set()
 
-            uploader = threading.Thread(target=_swallow, args=(stub.RegisterVersion, messages()),
-                                        kwargs={"timeout": 120})
+            uploader = threading.Thread(
+                target=_swallow, args=(stub.RegisterVersion, messages()), kwargs={"timeout": 120}
+            )
             uploader.start()
             assert done.wait(60)
             time.sleep(delay)
@@ -156,8 +160,9 @@ def test_sigkill_at_random_points_of_a_registration(registry_process):
         assert {n for n, _ in rows_after} == dirs_after  # a row for every folder and a folder for every row
         assert {n for n, _ in rows} <= dirs  # a committed row always had its whole folder
         for n in dirs_after:
-            assert hashlib.sha256((proc.repository / "minilm" / str(n) / "model.onnx").read_bytes()).hexdigest() \
-                == digest
+            assert (
+                hashlib.sha256((proc.repository / "minilm" / str(n) / "model.onnx").read_bytes()).hexdigest() == digest
+            )
         outcomes.append(len(rows_after))
     print("versions present after each kill:", outcomes)
 

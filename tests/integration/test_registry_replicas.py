@@ -2,6 +2,7 @@
 (the fake Kubernetes API announcing real Triton processes), including replicas that join mid-load, no
 replica at all, and replicas started with `--load-model=*` on the repository the registry writes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,13 @@ from maas.v1 import registry_pb2_grpc
 from services.shared.discovery import DiscoveryConfig, TritonReplicaWatcher
 from services.shared.model_repository import read_model_config
 from tests.fixtures.registry import (
-    MINILM_ONNX, header, registry_config, tiny_onnx, triton_versions, upload_messages, wait_state,
+    MINILM_ONNX,
+    header,
+    registry_config,
+    tiny_onnx,
+    triton_versions,
+    upload_messages,
+    wait_state,
 )
 from tests.fixtures.replicas import NS, SERVICE, WAIT, announce, eventually
 
@@ -34,8 +41,13 @@ def tritons(repository, tmp_path):
 
     def start(name: str, load_all: bool = False) -> LocalTriton:
         # As an extra argument: LocalTriton would wait for a model named "*" to be ready.
-        triton = LocalTriton(TritonConfig(model_repository=repository, work_dir=tmp_path / f"triton-{name}",
-                                          extra_args=["--load-model=*"] if load_all else []))
+        triton = LocalTriton(
+            TritonConfig(
+                model_repository=repository,
+                work_dir=tmp_path / f"triton-{name}",
+                extra_args=["--load-model=*"] if load_all else [],
+            )
+        )
         started.append(triton)
         triton.start()
         return triton
@@ -52,11 +64,16 @@ async def registry(fake_kube, repository, tmp_path):
     """A registry whose Triton replicas come from the fake EndpointSlices (no static address at all)."""
     from services.registry.server import create_server
 
-    cfg = registry_config(repository, tmp_path / "registry.sqlite3", "127.0.0.1:1",
-                          discovery=DiscoveryConfig(mode="endpointslices", service=SERVICE, namespace=NS),
-                          reconcile_interval_seconds=0)  # no watchdog: it would hide a missed catch-up
-    watcher = TritonReplicaWatcher(SERVICE, NS, api_client=fake_kube.api_client(),
-                                   backoff_initial_seconds=0.05, backoff_max_seconds=0.5)
+    cfg = registry_config(
+        repository,
+        tmp_path / "registry.sqlite3",
+        "127.0.0.1:1",
+        discovery=DiscoveryConfig(mode="endpointslices", service=SERVICE, namespace=NS),
+        reconcile_interval_seconds=0,
+    )  # no watchdog: it would hide a missed catch-up
+    watcher = TritonReplicaWatcher(
+        SERVICE, NS, api_client=fake_kube.api_client(), backoff_initial_seconds=0.05, backoff_max_seconds=0.5
+    )
     server, port = create_server(cfg, replica_source=watcher)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -143,8 +160,9 @@ async def test_no_replica_keeps_the_version_registered_until_one_joins(fake_kube
     assert disk_versions(repository, "tiny") == [number]
 
 
-async def test_replica_started_with_load_all_comes_up_with_exactly_the_live_versions(fake_kube, tritons, registry,
-                                                                                   repository):
+async def test_replica_started_with_load_all_comes_up_with_exactly_the_live_versions(
+    fake_kube, tritons, registry, repository
+):
     """What a new pod of the chart does (`--load-model=*` on the shared volume): it must start at all (no
     staging folder or half-made model at the repository root) and serve exactly the live versions."""
     a = tritons("a")

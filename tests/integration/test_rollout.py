@@ -1,6 +1,7 @@
 """Automatic rollouts through the real mesh (Triton, registry, router as processes; docs/rollouts.md):
 a healthy canary is promoted after its steps, a canary failing 20 % of requests and a slow one are rolled
 back, a registry restarted mid-rollout resumes, and bad input changes nothing."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,8 +26,15 @@ INTERVAL = 1.0
 
 
 def fast_policy(**overrides) -> pb.RolloutPolicy:
-    fields = dict(step_weight=25, interval_seconds=INTERVAL, max_weight=50, max_error_rate=0.05, max_p99_ratio=0.0,
-                  min_requests=5, failure_limit=2)
+    fields = dict(
+        step_weight=25,
+        interval_seconds=INTERVAL,
+        max_weight=50,
+        max_error_rate=0.05,
+        max_p99_ratio=0.0,
+        min_requests=5,
+        failure_limit=2,
+    )
     fields.update(overrides)
     return pb.RolloutPolicy(**fields)
 
@@ -61,6 +69,7 @@ class Traffic:
     async def _run(self) -> None:
         deadline = time.monotonic() + self.limit
         async with AsyncMeshClient(self.address) as client:
+
             async def worker(w: int) -> None:
                 i = w
                 while not self._stop.is_set() and time.monotonic() < deadline:
@@ -75,6 +84,7 @@ class Traffic:
                     except MeshError as exc:
                         self.failed[exc.code.name] += 1
                     await asyncio.sleep(0.005)
+
             await asyncio.gather(*(worker(w) for w in range(4)))
 
     def __enter__(self) -> "Traffic":
@@ -87,8 +97,11 @@ class Traffic:
 
 
 def ended(registry: RegistryClient, model: str, timeout: float = 90.0) -> pb.Rollout:
-    return wait_for(lambda: (r := registry.get_rollout(model)).state != pb.ROLLOUT_STATE_RUNNING and r,
-                    f"the rollout of {model} to end", timeout)
+    return wait_for(
+        lambda: (r := registry.get_rollout(model)).state != pb.ROLLOUT_STATE_RUNNING and r,
+        f"the rollout of {model} to end",
+        timeout,
+    )
 
 
 def production(registry: RegistryClient, model: str) -> int:
@@ -134,8 +147,10 @@ def test_healthy_canary_is_promoted_after_its_steps(mesh, mesh_registry, tmp_pat
         started = mesh_registry.start_rollout("ro_healthy", v2, fast_policy(max_p99_ratio=10.0, failure_limit=3))
         assert started.state == pb.ROLLOUT_STATE_RUNNING and started.weight == 25
         r = ended(mesh_registry, "ro_healthy")
-        wait_for(lambda: events.rollouts and events.rollouts[-1].state == pb.ROLLOUT_STATE_PROMOTED,
-                 "the promotion's Watch event")
+        wait_for(
+            lambda: events.rollouts and events.rollouts[-1].state == pb.ROLLOUT_STATE_PROMOTED,
+            "the promotion's Watch event",
+        )
     assert r.state == pb.ROLLOUT_STATE_PROMOTED, (r.reason, outcomes(r))
     assert [w for w, outcome in outcomes(r) if outcome == "passed"] == [25, 50]
     assert production(mesh_registry, "ro_healthy") == v2
@@ -154,8 +169,9 @@ def test_canary_failing_a_fifth_of_requests_is_rolled_back(mesh, mesh_registry, 
     with Traffic(mesh.router_address, "ro_faulty", mark_every=5) as traffic:
         # At least 40 canary requests an analysis, and any error among them over 2 %: an interval of the
         # 20 %-failing canary passes with probability 0.8^40 (~1e-4), so it rolls back at its first weight.
-        mesh_registry.start_rollout("ro_faulty", v2, fast_policy(step_weight=20, max_weight=60, min_requests=40,
-                                                                 max_error_rate=0.02))
+        mesh_registry.start_rollout(
+            "ro_faulty", v2, fast_policy(step_weight=20, max_weight=60, min_requests=40, max_error_rate=0.02)
+        )
         r = ended(mesh_registry, "ro_faulty")
     assert r.state == pb.ROLLOUT_STATE_ROLLED_BACK, (r.reason, outcomes(r))
     assert "error rate" in r.reason and "INVALID_ARGUMENT" in r.reason, r.reason
@@ -176,8 +192,13 @@ def test_canary_failing_a_fifth_of_requests_is_rolled_back(mesh, mesh_registry, 
 
 def test_slow_canary_is_rolled_back_on_latency(mesh, mesh_registry, tmp_path):
     v1 = register_tiny(mesh_registry, "ro_slow", tmp_path, scale=1.0)
-    v2 = register_file(mesh_registry, "ro_slow", tmp_path / "slow.onnx", slow_onnx(2.0, iterations=20000),
-                       "a Loop of 20000 steps per request")
+    v2 = register_file(
+        mesh_registry,
+        "ro_slow",
+        tmp_path / "slow.onnx",
+        slow_onnx(2.0, iterations=20000),
+        "a Loop of 20000 steps per request",
+    )
     mesh_registry.set_alias("ro_slow", "production", v1)
     with Traffic(mesh.router_address, "ro_slow"):
         # Five steps to promotion, two failures in a row to roll back.
@@ -188,8 +209,9 @@ def test_slow_canary_is_rolled_back_on_latency(mesh, mesh_registry, tmp_path):
     # The failed analyses (failure_limit in a row) are the ones whose canary p99 was over 3x production's
     # (an earlier one may pass: the slow canary's CPU use slows production too on a small machine).
     last = [a for a in r.analyses if a.outcome != "waiting"][-2:]
-    assert all(a.outcome == "failed" and a.canary_p99_ms > 3 * a.production_p99_ms for a in last), \
-        [(a.outcome, a.canary_p99_ms, a.production_p99_ms) for a in r.analyses]
+    assert all(a.outcome == "failed" and a.canary_p99_ms > 3 * a.production_p99_ms for a in last), [
+        (a.outcome, a.canary_p99_ms, a.production_p99_ms) for a in r.analyses
+    ]
     assert production(mesh_registry, "ro_slow") == v1
 
 
@@ -256,16 +278,26 @@ def test_bad_rollouts_change_nothing(mesh, mesh_registry, tmp_path):
 
 def test_optimize_int8_minilm_is_shadowed_then_promoted(mesh, mesh_registry):
     source = REPO / "model_repository" / "minilm" / "1" / "model.onnx"
-    v1 = mesh_registry.register(source, "ro_minilm", format="onnx", preprocessing=("tokenizer", "minilm"),
-                                postprocessing=("embedding", "sentence_embedding")).version
+    v1 = mesh_registry.register(
+        source,
+        "ro_minilm",
+        format="onnx",
+        preprocessing=("tokenizer", "minilm"),
+        postprocessing=("embedding", "sentence_embedding"),
+    ).version
     mesh_registry.wait_ready("ro_minilm", v1, timeout=300)
     mesh_registry.set_alias("ro_minilm", "production", v1)
     with pytest.raises(RegistryError) as caught:
         mesh_registry.optimize("ro_minilm", v1, int8=False)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "int8" in caught.value.message
     with Traffic(mesh.router_address, "ro_minilm", texts=True, limit=600) as traffic:
-        done = mesh_registry.optimize("ro_minilm", v1, policy=pb.RolloutPolicy(
-            step_weight=50, max_weight=50, interval_seconds=INTERVAL, min_requests=3, max_p99_ratio=0.0))
+        done = mesh_registry.optimize(
+            "ro_minilm",
+            v1,
+            policy=pb.RolloutPolicy(
+                step_weight=50, max_weight=50, interval_seconds=INTERVAL, min_requests=3, max_p99_ratio=0.0
+            ),
+        )
         assert done.version.tags["optimization"] == "int8" and done.version.tags["optimized_from"] == str(v1)
         assert done.size_after_bytes < 0.5 * done.size_before_bytes
         assert done.rollout.policy.min_shadow_agreement == 0.99  # the optimize default gate

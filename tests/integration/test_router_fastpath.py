@@ -1,6 +1,7 @@
-"""The router's compiled OIP data path (maas-oip-fastpath) in the real mesh: an unmodified
+"""The router's OIP fast path (maas-oip-fastpath) in the real mesh: an unmodified
 tritonclient on the router's fast port gets Triton's answers, the traffic policy holds, and what
 the forwarder cannot settle is answered by the Python router exactly as on the main port."""
+
 from __future__ import annotations
 
 import subprocess
@@ -26,7 +27,7 @@ X = np.ones((1, 4), np.float32)
 
 @pytest.fixture(scope="module")
 def fast(mesh):
-    with grpcclient.InferenceServerClient(mesh.addresses["router_oip"]) as client:
+    with grpcclient.InferenceServerClient(mesh.addresses["router_oip_fast"]) as client:
         yield client
 
 
@@ -69,8 +70,10 @@ def test_canary_split_explicit_versions_and_aliases(mesh, mesh_registry, fast, t
     assert answer(fast, "fast_tiny", str(v2)) == (str(v2), 2.0)  # explicit version beats the policy
     assert answer(fast, "fast_tiny", "candidate") == (str(v2), 2.0)  # an alias as model_version
     # A routing key goes to the Python router, which keeps each key on one version.
-    keyed = {key: {answer(fast, "fast_tiny", headers={"x-maas-routing-key": key})[0] for _ in range(3)}
-             for key in (f"user-{i}" for i in range(40))}
+    keyed = {
+        key: {answer(fast, "fast_tiny", headers={"x-maas-routing-key": key})[0] for _ in range(3)}
+        for key in (f"user-{i}" for i in range(40))
+    }
     assert all(len(seen) == 1 for seen in keyed.values()) and len(set().union(*keyed.values())) == 2
 
 
@@ -88,14 +91,15 @@ def test_what_the_forwarder_cannot_settle_is_answered_like_the_main_port(mesh, m
         assert not fast.is_model_ready("fast_errors", "77")
         assert fast.get_model_metadata("fast_errors", as_json=True)["inputs"][0]["name"] == "x"
     # Streaming inference is the main port's: the fast path refuses it, pointing there.
-    with grpc.insecure_channel(mesh.addresses["router_oip"]) as channel:
+    with grpc.insecure_channel(mesh.addresses["router_oip_fast"]) as channel:
         stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(iter([b""]), timeout=5)
         with pytest.raises(grpc.RpcError) as refused:
             list(stream)
     assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED and "main port" in refused.value.details()
     # Bad tensors are Triton's to refuse, with its own status, through the fast path.
-    code, message = status_of(lambda: fast.infer("fast_errors", tiny_input(np.ones((1, 5), np.float32)),
-                                                 client_timeout=TIMEOUT))
+    code, message = status_of(
+        lambda: fast.infer("fast_errors", tiny_input(np.ones((1, 5), np.float32)), client_timeout=TIMEOUT)
+    )
     assert code == "StatusCode.INVALID_ARGUMENT" and "x" in message
 
 
@@ -106,22 +110,34 @@ def test_fast_path_calls_reach_the_router_metrics(mesh, fast, mesh_registry, tmp
     def metric(prefix: str, *labels: str) -> float:
         with urllib.request.urlopen(f"http://{mesh.addresses['router_metrics']}/metrics", timeout=5) as response:
             lines = response.read().decode().splitlines()
-        return sum(float(line.split()[-1]) for line in lines
-                   if line.startswith(prefix + "{") and all(label in line for label in labels))
+        return sum(
+            float(line.split()[-1])
+            for line in lines
+            if line.startswith(prefix + "{") and all(label in line for label in labels)
+        )
 
     timed = ("maas_rpc_server_duration_seconds_count", 'service="router"', 'method="ModelInfer"')
     timed_before = metric(*timed)
     for _ in range(5):
         answer(fast, "fast_metrics")
-    wait_for(lambda: metric("maas_rpc_server_requests_total", 'method="ModelInfer"', 'model="fast_metrics"',
-                            'code="OK"') >= 5 and metric(*timed) >= timed_before + 5,
-             "fast path request counts and durations in the router's metrics", timeout=10)
+    wait_for(
+        lambda: (
+            metric("maas_rpc_server_requests_total", 'method="ModelInfer"', 'model="fast_metrics"', 'code="OK"') >= 5
+            and metric(*timed) >= timed_before + 5
+        ),
+        "fast path request counts and durations in the router's metrics",
+        timeout=10,
+    )
 
 
 def test_the_forwarder_exits_when_its_router_goes_away(tmp_path):
     """Its stdin is the router's pipe: when the router dies, however it dies, the forwarder stops."""
-    process = subprocess.Popen([find_binary(), "--listen", "127.0.0.1:0", "--fallback", "127.0.0.1:1"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [find_binary(), "--listen", "127.0.0.1:0", "--fallback", "127.0.0.1:1"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout.readline().startswith("listening\t")
         process.stdin.close()
@@ -135,7 +151,7 @@ def test_the_forwarder_exits_when_its_router_goes_away(tmp_path):
 
 async def test_deadline_and_cancellation_reach_triton_through_the_forwarder():
     """The in-process router of tests/unit/test_router_service.py (fake Triton whose "slow" model
-    notices cancellation), with its compiled data path started."""
+    notices cancellation), with its fast path started."""
     import asyncio
 
     import tritonclient.grpc.aio as triton_aio
@@ -200,8 +216,10 @@ async def test_fast_path_calls_are_counted_once_in_the_router_metrics(monkeypatc
         alias = {"model": "tiny", "version": "2", "route": "alias"}
         before = sample("maas_router_requests_total", alias)
         await client.infer("tiny", [inp], model_version="canary", client_timeout=5)
-        await until(lambda: sample("maas_router_requests_total", alias) == before + 1,
-                    "the forwarder's call in maas_router_requests_total")
+        await until(
+            lambda: sample("maas_router_requests_total", alias) == before + 1,
+            "the forwarder's call in maas_router_requests_total",
+        )
 
         assert sample("maas_router_inflight_requests") == 0
         at_triton = len(mesh.triton.calls)

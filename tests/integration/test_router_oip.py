@@ -1,4 +1,5 @@
 """The Open Inference Protocol through the router, with an unmodified tritonclient, against the real Triton."""
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,13 @@ REPO_MODELS = __import__("pathlib").Path(__file__).resolve().parents[2] / "model
 TIMEOUT = 30
 
 
-@pytest.fixture(scope="module", params=["router", "router_oip"])
+@pytest.fixture(scope="module", params=["router", "router_oip_fast"])
 def clients(mesh, request):
-    """(client of the router: its main port, then its compiled OIP data path; client of Triton)."""
-    with grpcclient.InferenceServerClient(mesh.addresses[request.param]) as routed, \
-            grpcclient.InferenceServerClient(mesh.addresses["triton"]) as direct:
+    """(client of the router: its main port, then its OIP fast path; client of Triton)."""
+    with (
+        grpcclient.InferenceServerClient(mesh.addresses[request.param]) as routed,
+        grpcclient.InferenceServerClient(mesh.addresses["triton"]) as direct,
+    ):
         yield routed, direct
 
 
@@ -29,8 +32,11 @@ def minilm_inputs(texts):
     tokenizer = Tokenizer.from_file(str(REPO_MODELS / "minilm" / "tokenizer.json"))
     tokenizer.enable_padding()
     encodings = tokenizer.encode_batch(texts)
-    arrays = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings],
-              "token_type_ids": [e.type_ids for e in encodings]}
+    arrays = {
+        "input_ids": [e.ids for e in encodings],
+        "attention_mask": [e.attention_mask for e in encodings],
+        "token_type_ids": [e.type_ids for e in encodings],
+    }
     inputs = []
     for name, values in arrays.items():
         array = np.array(values, np.int64)
@@ -53,10 +59,13 @@ def cat_tensor():
     return [inp]
 
 
-@pytest.mark.parametrize("model,inputs,output", [
-    ("minilm", lambda: minilm_inputs(["hello world", "the router forwards raw tensors"]), "sentence_embedding"),
-    ("efficientnet_lite0", cat_tensor, "OUTPUT__0"),
-])
+@pytest.mark.parametrize(
+    "model,inputs,output",
+    [
+        ("minilm", lambda: minilm_inputs(["hello world", "the router forwards raw tensors"]), "sentence_embedding"),
+        ("efficientnet_lite0", cat_tensor, "OUTPUT__0"),
+    ],
+)
 def test_tritonclient_gets_the_same_output_through_the_router(clients, model, inputs, output):
     routed, direct = clients
     via_router = routed.infer(model, inputs(), client_timeout=TIMEOUT, request_id="r1")
@@ -117,13 +126,17 @@ def test_one_error_contract_on_both_router_ports(mesh):
     gRPC's metadata limit; both ports answer alike."""
     model_side = {  # (model, inputs, words): the router refuses ids itself (signature.py), before Triton
         # minilm is registered with max_sequence_length 512 (its position embeddings): refused by the router
-        "sequence too long": ("minilm", int64_inputs((1, 5000)), "sequence length 5000 exceeds the model's maximum of 512"),
+        "sequence too long": (
+            "minilm",
+            int64_inputs((1, 5000)),
+            "sequence length 5000 exceeds the model's maximum of 512",
+        ),
         "ids outside the vocabulary": ("minilm", int64_inputs((1, 8), 10**9), "outside the vocabulary [0, 30522)"),
         "a zero dimension": ("minilm", int64_inputs((1, 0)), "ONNXRuntimeError"),
     }
     huge_name = "m" * 100_000
     answers = {}
-    for port in ("router", "router_oip"):
+    for port in ("router", "router_oip_fast"):
         with grpcclient.InferenceServerClient(mesh.addresses[port]) as client:
             for what, (model, inputs, words) in model_side.items():
                 code, message = answers[port, what] = refusal(client, model, inputs)
@@ -138,18 +151,25 @@ def test_one_error_contract_on_both_router_ports(mesh):
             assert code == "StatusCode.NOT_FOUND" and len(message.encode()) <= 1024, (code, len(message))
             assert message.startswith("Request for unknown model: 'mmm") and message.endswith("more bytes cut)")
     for what in (*model_side, "unknown model", "unknown version", "huge name"):
-        assert answers["router", what] == answers["router_oip", what], what
+        assert answers["router", what] == answers["router_oip_fast", what], what
 
 
 def test_request_bytes_that_do_not_parse_are_invalid_argument_on_every_service(mesh):
     import grpc
 
     undecodable = b"\x0a\x05\xff\xfe\xfd\xfc\xfb"  # field 1 (a string everywhere here) with invalid UTF-8
-    calls = {"router": ["/maas.v1.Router/Embed", "/maas.v1.Router/Classify", "/maas.v1.Router/Infer",
-                        "/inference.GRPCInferenceService/ModelMetadata", "/grpc.health.v1.Health/Check"],
-             "tokenizer": ["/maas.v1.Tokenizer/Tokenize", "/grpc.health.v1.Health/Check"],
-             "vision": ["/maas.v1.Vision/Preprocess"],
-             "registry": ["/maas.v1.Registry/GetVersion", "/maas.v1.Registry/GetModel"]}
+    calls = {
+        "router": [
+            "/maas.v1.Router/Embed",
+            "/maas.v1.Router/Classify",
+            "/maas.v1.Router/Infer",
+            "/inference.GRPCInferenceService/ModelMetadata",
+            "/grpc.health.v1.Health/Check",
+        ],
+        "tokenizer": ["/maas.v1.Tokenizer/Tokenize", "/grpc.health.v1.Health/Check"],
+        "vision": ["/maas.v1.Vision/Preprocess"],
+        "registry": ["/maas.v1.Registry/GetVersion", "/maas.v1.Registry/GetModel"],
+    }
     for service, methods in calls.items():
         with grpc.insecure_channel(mesh.addresses[service]) as channel:
             for method in methods:

@@ -1,11 +1,12 @@
 """Outlier ejection through a real router: of two Triton replicas, one (a fake) fails every call with
 UNAVAILABLE; after N failures in a row it is ejected and every call on both router ports is served
 by the real Triton; once it serves again, its probe passes and it gets calls again."""
+
 from __future__ import annotations
 
 import grpc
 from prometheus_client import REGISTRY
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2_grpc
 
 from maas.local.processes import free_ports
 from maas.v1 import registry_pb2 as pb
@@ -52,8 +53,9 @@ async def test_a_failing_replica_is_ejected_and_probed_back_on_both_ports(start_
     assert find_binary(), "build/bin/maas-oip-fastpath is missing: `make fastpath`"
     env = await start_registry()
     data = tiny_onnx(2.0)
-    v1 = await wait_state(env.stub, "tiny", (await env.stub.RegisterVersion(upload_messages(header("tiny", data),
-                                                                                            data))).version)
+    v1 = await wait_state(
+        env.stub, "tiny", (await env.stub.RegisterVersion(upload_messages(header("tiny", data), data))).version
+    )
     assert v1.state == pb.VERSION_STATE_READY, v1.state_reason
     flaky = Flaky(env.triton.grpc_address)
     fake = grpc.aio.server()
@@ -64,17 +66,24 @@ async def test_a_failing_replica_is_ejected_and_probed_back_on_both_ports(start_
     fast = f"127.0.0.1:{free_ports(1)[0]}"
     cfg = RouterConfig(
         server=ServerSettings(service_name="router", listen="127.0.0.1:0", grace_seconds=0.5, workers=1),
-        registry=env.address, tokenizer="127.0.0.1:1", vision="127.0.0.1:1",
-        triton=f"{env.triton.grpc_address},{fake_address}", default_timeout=10.0,
-        oip_fast_listen=fast, oip_fast_binary=find_binary(),
-        outlier=OutlierSettings(consecutive_failures=3, base_ejection_seconds=0.5))
+        registry=env.address,
+        tokenizer="127.0.0.1:1",
+        vision="127.0.0.1:1",
+        triton=f"{env.triton.grpc_address},{fake_address}",
+        default_timeout=10.0,
+        oip_fast_listen=fast,
+        oip_fast_binary=find_binary(),
+        outlier=OutlierSettings(consecutive_failures=3, base_ejection_seconds=0.5),
+    )
     server, port = create_server(cfg)
     await server.start()
     main = f"127.0.0.1:{port}"
     before = ejections()
     try:
+
         async def routable() -> bool:
             return "routing state not received" not in (await oip_status(main))[1]
+
         await eventually(routable, what="routing state")
 
         codes = []
@@ -82,6 +91,7 @@ async def test_a_failing_replica_is_ejected_and_probed_back_on_both_ports(start_
         async def ejected() -> bool:  # calls on the main port: some reach the failing replica
             codes.append((await oip_status(main))[0])
             return ejections() > before
+
         await eventually(ejected, what="the failing replica ejected")
         # Exactly its N failures in a row (routing checks included) and no more reached callers.
         assert flaky.calls == 3 and set(codes) <= {"OK", "StatusCode.UNAVAILABLE"}, (flaky.calls, codes)
@@ -100,6 +110,7 @@ async def test_a_failing_replica_is_ejected_and_probed_back_on_both_ports(start_
         async def back() -> bool:
             await oip_status(main)
             return flaky.calls > served + 2  # probes and then calls
+
         await eventually(back, what="the healed replica back in")
         assert all([await oip_status(main) == ("OK", "") for _ in range(10)])
     finally:

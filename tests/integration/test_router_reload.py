@@ -7,6 +7,7 @@ that came back empty, as after a restart: B has never loaded `tiny` (Triton says
 loads it (the router serves it), then it is unloaded behind the registry's back (Triton says
 UNAVAILABLE "not at ready state").
 """
+
 from __future__ import annotations
 
 import grpc
@@ -48,8 +49,10 @@ async def oip_status(address: str, version: str = "") -> tuple[str, str]:
 async def router_status(address: str) -> tuple[str, str]:
     """The same through maas.v1.Router/Infer on the main port."""
     async with grpc.aio.insecure_channel(address) as channel:
-        request = router_pb2.InferRequest(model=tensor_pb2.ModelRef(name="tiny"), inputs=[tensor_pb2.Tensor(
-            name="x", datatype="FP32", shape=[1, 4], raw_contents=X.tobytes())])
+        request = router_pb2.InferRequest(
+            model=tensor_pb2.ModelRef(name="tiny"),
+            inputs=[tensor_pb2.Tensor(name="x", datatype="FP32", shape=[1, 4], raw_contents=X.tobytes())],
+        )
         try:
             await router_pb2_grpc.RouterStub(channel).Infer(request, timeout=20)
             return "OK", ""
@@ -68,29 +71,41 @@ async def test_a_ready_version_triton_does_not_serve_is_unavailable_on_both_port
     assert find_binary(), "build/bin/maas-oip-fastpath is missing: `make fastpath`"
     env = await start_registry()
     data = tiny_onnx(2.0)
-    v1 = await wait_state(env.stub, "tiny", (await env.stub.RegisterVersion(upload_messages(header("tiny", data),
-                                                                                            data))).version)
+    v1 = await wait_state(
+        env.stub, "tiny", (await env.stub.RegisterVersion(upload_messages(header("tiny", data), data))).version
+    )
     assert v1.state == pb.VERSION_STATE_READY, v1.state_reason
     assert await triton_versions(triton_b, "tiny", states=("READY", "UNAVAILABLE", "LOADING")) == set()
 
     fast = f"127.0.0.1:{free_ports(1)[0]}"
     cfg = RouterConfig(
         server=ServerSettings(service_name="router", listen="127.0.0.1:0", grace_seconds=0.5, workers=1),
-        registry=env.address, tokenizer="127.0.0.1:1", vision="127.0.0.1:1", triton=triton_b.grpc_address,
-        default_timeout=10.0, oip_fast_listen=fast, oip_fast_binary=find_binary())
+        registry=env.address,
+        tokenizer="127.0.0.1:1",
+        vision="127.0.0.1:1",
+        triton=triton_b.grpc_address,
+        default_timeout=10.0,
+        oip_fast_listen=fast,
+        oip_fast_binary=find_binary(),
+    )
     server, port = create_server(cfg)
     await server.start()
     main = f"127.0.0.1:{port}"
     b = triton_aio.InferenceServerClient(triton_b.grpc_address)
     try:
+
         async def routable() -> bool:  # the routing state arrived (until then: "routing state not received")
             return "(re)loading" in (await oip_status(main))[1]
+
         await eventually(routable, what="routing state")
 
         async def answers() -> dict[str, tuple[str, str]]:
-            return {"main port": await oip_status(main), "fast path": await oip_status(fast),
-                    "explicit version": await oip_status(fast, str(v1.version)),
-                    "maas.v1 Infer": await router_status(main)}
+            return {
+                "main port": await oip_status(main),
+                "fast path": await oip_status(fast),
+                "explicit version": await oip_status(fast, str(v1.version)),
+                "maas.v1 Infer": await router_status(main),
+            }
 
         # 1. B has never loaded tiny: Triton says NOT_FOUND; the caller gets UNAVAILABLE, (re)loading.
         direct = await oip_status(triton_b.grpc_address, str(v1.version))
@@ -108,8 +123,10 @@ async def test_a_ready_version_triton_does_not_serve_is_unavailable_on_both_port
 
         # 3. Unloaded behind the registry's back: Triton says UNAVAILABLE "not at ready state"; same answer.
         await b.unload_model("tiny")
+
         async def unloaded() -> bool:
             return not await triton_versions(triton_b, "tiny")
+
         await eventually(unloaded, what="tiny unloaded on B")
         for where, (code, message) in (await answers()).items():
             assert code == "StatusCode.UNAVAILABLE" and "(re)loading" in message, (where, code, message)

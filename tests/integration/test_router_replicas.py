@@ -1,5 +1,5 @@
 """The router spreads requests over every ready Triton replica the EndpointSlices announce, on its
-main port and on its compiled OIP data path alike.
+main port and on its OIP fast path alike.
 
 Two real Tritons on one model repository (like pods on a shared volume), the registry loading the
 tiny model on both, the fake Kubernetes API announcing them, and a real router in between. Which
@@ -11,6 +11,7 @@ reading: "44 inferences for 40 requests" under CPU load). Readings are therefore
 request sent so far is counted (Ledger.settled), and a count over the requests sent fails at once:
 a request executed twice would show as exactly that.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -54,6 +55,7 @@ class Ledger:
             executed = sum(now) - self.origin
             assert executed <= self.sent, f"{executed} inferences executed for {self.sent} requests sent"
             return executed == self.sent
+
         await eventually(accounted, what="Triton's statistics to count every request sent")
         return now
 
@@ -79,17 +81,24 @@ async def send(client: triton_aio.InferenceServerClient, n: int = BATCH) -> None
 @pytest.fixture(params=["main port", "fast path"])
 async def router(fake_kube, start_registry, request):
     """start(registry_env) -> OIP address of a router whose Triton replicas come from the fake API's
-    slices: its main port, or its compiled data path (maas-oip-fastpath)."""
+    slices: its main port, or its fast path (maas-oip-fastpath)."""
     started = []
     fast_address = f"127.0.0.1:{free_ports(1)[0]}" if request.param == "fast path" else ""
 
     async def start(env) -> str:
-        source = TritonReplicaWatcher(SERVICE, NS, api_client=fake_kube.api_client(),
-                                      backoff_initial_seconds=0.05, backoff_max_seconds=0.5)
+        source = TritonReplicaWatcher(
+            SERVICE, NS, api_client=fake_kube.api_client(), backoff_initial_seconds=0.05, backoff_max_seconds=0.5
+        )
         cfg = RouterConfig(
             server=ServerSettings(service_name="router", listen="127.0.0.1:0", grace_seconds=0.5, workers=1),
-            registry=env.address, tokenizer="127.0.0.1:1", vision="127.0.0.1:1", triton="127.0.0.1:1",
-            default_timeout=10.0, oip_fast_listen=fast_address, oip_fast_binary=find_binary() if fast_address else "")
+            registry=env.address,
+            tokenizer="127.0.0.1:1",
+            vision="127.0.0.1:1",
+            triton="127.0.0.1:1",
+            default_timeout=10.0,
+            oip_fast_listen=fast_address,
+            oip_fast_binary=find_binary() if fast_address else "",
+        )
         server, port = create_server(cfg, triton_source=source)
         started.append(server)
         await server.start()
@@ -102,13 +111,13 @@ async def router(fake_kube, start_registry, request):
             await server.stop(0)
 
 
-async def test_router_spreads_over_the_announced_replicas_and_follows_them(fake_kube, start_registry, router,
-                                                                           tmp_path):
+async def test_router_spreads_over_the_announced_replicas_and_follows_them(fake_kube, start_registry, router, tmp_path):
     env = await start_registry()
     a = env.triton
     data = tiny_onnx(2.0)
-    v1 = await wait_state(env.stub, "tiny", (await env.stub.RegisterVersion(upload_messages(header("tiny", data),
-                                                                                            data))).version)
+    v1 = await wait_state(
+        env.stub, "tiny", (await env.stub.RegisterVersion(upload_messages(header("tiny", data), data))).version
+    )
     assert v1.state == pb.VERSION_STATE_READY, v1.state_reason
 
     with LocalTriton(TritonConfig(model_repository=env.repository, work_dir=tmp_path / "triton-b")) as b:
@@ -128,6 +137,7 @@ async def test_router_spreads_over_the_announced_replicas_and_follows_them(fake_
                 await ledger.send(client, 10)
                 now = await ledger.settled()
                 return all(n > s for n, s in zip(now, start))
+
             await eventually(both_used, what="both replicas serving")
 
             before = await ledger.settled()
@@ -143,6 +153,7 @@ async def test_router_spreads_over_the_announced_replicas_and_follows_them(fake_
                 b_before = (await ledger.settled())[1]
                 await ledger.send(client, 20)
                 return (await ledger.settled())[1] == b_before
+
             await eventually(only_a, what="b retired")
             before = await ledger.settled()
             await ledger.send(client)
@@ -156,6 +167,7 @@ async def test_router_spreads_over_the_announced_replicas_and_follows_them(fake_
             async def b_used() -> bool:
                 await ledger.send(client, 20)
                 return (await ledger.settled())[1] > b_back
+
             await eventually(b_used, what="b used again")
 
             # b dies while still announced (the slice update has not arrived yet): calls that cannot

@@ -1,4 +1,5 @@
 """Traffic policy through the real mesh: canary share, sticky routing keys, shadow traffic."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,10 +28,12 @@ async def send_many(address: str, model: str, n: int, keys=None) -> list[tuple[i
     """n Infer calls (concurrency CONCURRENCY): (version that answered, scale it applied)."""
     semaphore = asyncio.Semaphore(CONCURRENCY)
     async with AsyncMeshClient(address) as client:
+
         async def one(i):
             async with semaphore:
                 result = await client.infer(model, {"x": X}, routing_key=keys[i] if keys else None)
                 return result.routed.version, float(result.outputs["y"][0, 0])
+
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
@@ -72,9 +75,13 @@ def test_shadow_never_changes_the_answer_and_reports_agreement(mesh, mesh_regist
             np.testing.assert_array_equal(result.outputs["y"], X)  # the primary's answer, never the shadow's
 
     def stats():
-        found = [s for s in mesh_registry.get_model("shadow_tiny").shadow_stats
-                 if (s.primary_version, s.shadow_version) == (v1, v2)]
+        found = [
+            s
+            for s in mesh_registry.get_model("shadow_tiny").shadow_stats
+            if (s.primary_version, s.shadow_version) == (v1, v2)
+        ]
         return found[0] if found and found[0].samples >= 40 else None
+
     wait_for(stats, "shadow statistics in the registry")
     s = stats()
     assert s.mean_cosine < -0.99  # y and -y: the comparison really ran on both answers

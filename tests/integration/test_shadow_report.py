@@ -1,5 +1,6 @@
 """Shadow agreement reports through the real mesh: the registry's numbers for a shadowed pair match a
 direct computation on the same requests, and `maas models compare` prints them (a real subprocess)."""
+
 from __future__ import annotations
 
 import json
@@ -45,6 +46,7 @@ def test_report_matches_a_direct_computation(mesh, mesh_registry, tmp_path):
         except Exception:  # noqa: BLE001 - NOT_FOUND until the first report
             return None
         return r if r.samples >= N else None
+
     deadline = time.monotonic() + 30
     while (r := report()) is None:
         assert time.monotonic() < deadline, "shadow results never reached the registry"
@@ -60,23 +62,47 @@ def test_report_matches_a_direct_computation(mesh, mesh_registry, tmp_path):
     expected = np.bincount([bucket(float(c)) for c in cosines], minlength=len(COSINE_BOUNDS))
     assert list(r.cosine_bounds) == list(COSINE_BOUNDS) and list(r.cosine_counts) == expected.tolist()
     assert [w.score for w in r.worst] == sorted(w.score for w in r.worst)
-    np.testing.assert_allclose([w.score for w in r.worst], sorted(c.min() for c in per_request)[:len(r.worst)],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        [w.score for w in r.worst], sorted(c.min() for c in per_request)[: len(r.worst)], rtol=1e-5
+    )
     assert len(r.worst) == 5 and all(len(w.request_id) == 32 and w.items == 2 for w in r.worst)
 
     env = {**os.environ, "MAAS_REGISTRY_ADDRESS": mesh.registry_address}
-    out = subprocess.run([*MAAS, "models", "compare", "sr_tiny", str(v1), str(v2)],
-                         capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    out = subprocess.run(
+        [*MAAS, "models", "compare", "sr_tiny", str(v1), str(v2)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "mean cosine" in out.stdout and "█" in out.stdout and r.worst[0].request_id in out.stdout
-    out = subprocess.run([*MAAS, "models", "compare", "sr_tiny", str(v2), str(v1),
-                          "--json"], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    out = subprocess.run(
+        [*MAAS, "models", "compare", "sr_tiny", str(v2), str(v1), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
     assert out.returncode == 1 and "NOT_FOUND" in out.stderr and "--shadow" in out.stderr  # no such direction
-    out = subprocess.run([*MAAS, "models", "rollout", "sr_tiny", "--to", str(v2),
-                          "--dry-run", "--step-weight", "25", "--json"],
-                         capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    out = subprocess.run(
+        [*MAAS, "models", "rollout", "sr_tiny", "--to", str(v2), "--dry-run", "--step-weight", "25", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["planned_weights"] == [25, 50]
-    out = subprocess.run([*MAAS, "models", "rollout", "sr_tiny", "--to", str(v2),
-                          "--interval", "-1"], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    out = subprocess.run(
+        [*MAAS, "models", "rollout", "sr_tiny", "--to", str(v2), "--interval", "-1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
     assert out.returncode == 2 and "--interval" in out.stderr

@@ -1,5 +1,6 @@
 """Self-healing `maas up`: a component that dies is restarted with back-off while the others serve,
 Triton comes back with every live version loaded, and a crash loop is given up on with the reason."""
+
 from __future__ import annotations
 
 import json
@@ -78,8 +79,20 @@ def test_a_killed_triton_comes_back_with_every_live_version(healing_mesh):
 
 def test_maas_status_shows_the_restarts(healing_mesh):
     mesh, _ = healing_mesh
-    out = subprocess.run([sys.executable, "-c", "from maas.cli import main; main()", "status", "--state-dir", str(mesh.state_dir), "--json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from maas.cli import main; main()",
+            "status",
+            "--state-dir",
+            str(mesh.state_dir),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     components = json.loads(out)["components"]
     assert components["tokenizer"]["restarts"] >= 1 and components["router"]["alive"]
 

@@ -5,6 +5,7 @@ No key / bad key / revoked key / disallowed model get their codes on every infer
 a revocation reaches both routers within a second (measured); a tenant at 50 req/s sending 200 req/s
 through two routers gets 45-55 req/s served; the retry hint rides in trailing metadata.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,6 +47,7 @@ def _stub(address: str) -> tuple[grpc.aio.Channel, router_pb2_grpc.RouterStub]:
 async def _ready(stub, key: str) -> None:
     async def ok() -> bool:
         return await _code(stub.Infer(infer_request(), metadata=bearer(key), timeout=5)) == grpc.StatusCode.OK
+
     await until(ok, what="the router serving tiny")
 
 
@@ -55,12 +57,15 @@ def _all_calls(stub, metadata, model: str = "tiny"):
     return {
         "Infer": lambda: stub.Infer(infer_request(model), metadata=metadata, timeout=5),
         "Embed": lambda: stub.Embed(router_pb2.EmbedRequest(texts=["hi"], **ref), metadata=metadata, timeout=5),
-        "Classify": lambda: stub.Classify(router_pb2.ClassifyRequest(images=[b"x"], **ref), metadata=metadata,
-                                          timeout=5),
-        "GenerateUnary": lambda: stub.GenerateUnary(router_pb2.GenerateRequest(prompt="hi", **ref),
-                                                    metadata=metadata, timeout=5),
-        "Generate": lambda: _drain(stub.Generate(router_pb2.GenerateRequest(prompt="hi", **ref), metadata=metadata,
-                                                 timeout=5)),
+        "Classify": lambda: stub.Classify(
+            router_pb2.ClassifyRequest(images=[b"x"], **ref), metadata=metadata, timeout=5
+        ),
+        "GenerateUnary": lambda: stub.GenerateUnary(
+            router_pb2.GenerateRequest(prompt="hi", **ref), metadata=metadata, timeout=5
+        ),
+        "Generate": lambda: _drain(
+            stub.Generate(router_pb2.GenerateRequest(prompt="hi", **ref), metadata=metadata, timeout=5)
+        ),
     }
 
 
@@ -88,8 +93,7 @@ async def test_every_inference_api_says_which_key_or_model_problem_it_is(start_r
     await register_tiny(env, "other")
     good = await create_tenant(env, "acme", allowed_models=["tiny"])
     gone = await create_tenant(env, "gone")
-    await env.stub.RevokeTenant(pb.RevokeTenantRequest(name="gone", actor="pytest", reason="test"),
-                                metadata=env.auth())
+    await env.stub.RevokeTenant(pb.RevokeTenantRequest(name="gone", actor="pytest", reason="test"), metadata=env.auth())
     [(server, address)] = await auth_routers(env)
     channel, stub = _stub(address)
     try:
@@ -109,7 +113,10 @@ async def test_every_inference_api_says_which_key_or_model_problem_it_is(start_r
         # A model the tenant may not call: PERMISSION_DENIED naming it, before any work.
         for method, call in _all_calls(stub, bearer(good), model="other").items():
             got, details = await _details(call())
-            assert got == grpc.StatusCode.PERMISSION_DENIED and "may not call model 'other'" in details, (method, details)
+            assert got == grpc.StatusCode.PERMISSION_DENIED and "may not call model 'other'" in details, (
+                method,
+                details,
+            )
         status, message = await _oip(address, {"authorization": f"Bearer {good}"}, model="other")
         assert status == "StatusCode.PERMISSION_DENIED" and "'acme' may not call model 'other'" in message
         # The good key on an allowed model is served, on the main port's OIP too.
@@ -119,6 +126,7 @@ async def test_every_inference_api_says_which_key_or_model_problem_it_is(start_r
         assert status == "OK" and np.array_equal(y, X * 2)
         # The client library sends the key it is given (or $MAAS_API_KEY).
         from maas.client import AsyncMeshClient, MeshError
+
         async with AsyncMeshClient(address, api_key=good) as mesh:
             assert np.array_equal((await mesh.infer("tiny", {"x": X})).outputs["y"], X * 2)
         async with AsyncMeshClient(address, api_key="") as mesh:
@@ -145,10 +153,17 @@ async def test_the_fast_path_is_not_started_with_auth_on(start_registry, auth_ro
         pytest.skip("maas-oip-fastpath is not built (make fastpath)")
     env = await start_registry(token=ADMIN)
     fast = f"127.0.0.1:{free_ports(1)[0]}"
-    cfg = RouterConfig(server=ServerSettings(service_name="router", listen="127.0.0.1:0", grace_seconds=0.5, workers=1),
-                       registry=env.address, tokenizer="127.0.0.1:1", vision="127.0.0.1:1",
-                       triton=env.triton.grpc_address, admin_token=ADMIN, oip_fast_listen=fast,
-                       oip_fast_binary=find_binary(), admission=AdmissionSettings(auth=True))
+    cfg = RouterConfig(
+        server=ServerSettings(service_name="router", listen="127.0.0.1:0", grace_seconds=0.5, workers=1),
+        registry=env.address,
+        tokenizer="127.0.0.1:1",
+        vision="127.0.0.1:1",
+        triton=env.triton.grpc_address,
+        admin_token=ADMIN,
+        oip_fast_listen=fast,
+        oip_fast_binary=find_binary(),
+        admission=AdmissionSettings(auth=True),
+    )
     server, _ = create_server(cfg)
     await server.start()
     try:
@@ -171,22 +186,26 @@ async def test_revocation_and_rotation_reach_every_router_within_a_second(start_
         async def refused_after(stub, key, since: float) -> float:
             while await _code(stub.Infer(infer_request(), metadata=bearer(key), timeout=5)) == grpc.StatusCode.OK:
                 assert time.monotonic() - since < 10, "the key still works after 10 s"
-            assert await _code(stub.Infer(infer_request(), metadata=bearer(key), timeout=5)) == \
-                grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                await _code(stub.Infer(infer_request(), metadata=bearer(key), timeout=5))
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
             return time.monotonic() - since
 
         # Rotation: the old key stops working everywhere, the new one works.
         since = time.monotonic()
-        rotated = await env.stub.RotateTenantKey(pb.RotateTenantKeyRequest(name="acme", actor="pytest"),
-                                                 metadata=env.auth())
+        rotated = await env.stub.RotateTenantKey(
+            pb.RotateTenantKeyRequest(name="acme", actor="pytest"), metadata=env.auth()
+        )
         delays = await asyncio.gather(*(refused_after(stub, key, since) for _, stub in stubs))
         assert max(delays) < 1.0, delays
         for _, stub in stubs:
             await _ready(stub, rotated.api_key)
         # Revocation: measured from the RevokeTenant call to the first refusal at each router.
         since = time.monotonic()
-        await env.stub.RevokeTenant(pb.RevokeTenantRequest(name="acme", actor="pytest", reason="test"),
-                                    metadata=env.auth())
+        await env.stub.RevokeTenant(
+            pb.RevokeTenantRequest(name="acme", actor="pytest", reason="test"), metadata=env.auth()
+        )
         delays = await asyncio.gather(*(refused_after(stub, rotated.api_key, since) for _, stub in stubs))
         print(f"revocation effective at both routers after {max(delays) * 1000:.1f} ms")
         assert max(delays) < 1.0, delays
@@ -242,8 +261,10 @@ async def test_a_tenant_at_50_per_second_sending_200_gets_50_served_across_two_r
         from prometheus_client import REGISTRY
 
         assert REGISTRY.get_sample_value("maas_tenant_requests_total", {"tenant": "acme", "method": "Infer"}) >= served
-        assert REGISTRY.get_sample_value("maas_tenant_refusals_total", {"tenant": "acme", "reason": "rate_limited"}) \
+        assert (
+            REGISTRY.get_sample_value("maas_tenant_refusals_total", {"tenant": "acme", "reason": "rate_limited"})
             >= refused
+        )
     finally:
         for channel, _ in stubs:
             await channel.close()
@@ -262,12 +283,17 @@ async def test_the_openai_gateway_answers_401_403_and_429_with_retry_after(start
 
     env = await start_registry(token=ADMIN)
     await register_tiny(env)
-    key = await create_tenant(env, "acme", allowed_models=["minilm"],
-                              quota=pb.Quota(requests_per_second=0.5, request_burst=1))
+    key = await create_tenant(
+        env, "acme", allowed_models=["minilm"], quota=pb.Quota(requests_per_second=0.5, request_burst=1)
+    )
     [(_, address)] = await auth_routers(env)
     port = free_ports(1)[0]
-    config = GatewayConfig(server=ServerSettings(service_name="openai", listen=f"127.0.0.1:{port}", grace_seconds=1),
-                           router=address, registry=env.address, default_timeout=10)
+    config = GatewayConfig(
+        server=ServerSettings(service_name="openai", listen=f"127.0.0.1:{port}", grace_seconds=1),
+        router=address,
+        registry=env.address,
+        default_timeout=10,
+    )
     server = uvicorn.Server(uvicorn_config(config))
     serving = asyncio.create_task(server.serve())
 

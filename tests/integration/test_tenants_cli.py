@@ -1,5 +1,6 @@
 """`maas tenants ...` and `maas audit` as a user runs them (real subprocesses) against a registry with an
 admin token: the key is printed once and works at a router, list shows no key, every change is audited."""
+
 from __future__ import annotations
 
 import asyncio
@@ -15,14 +16,25 @@ from tests.fixtures.tenants import ADMIN, bearer, infer_request, register_tiny, 
 
 
 async def maas(env, *args: str, token: str | None = ADMIN) -> tuple[int, str, str]:
-    environ = {**os.environ, "PYTHONPATH": str(REPO), "MAAS_REGISTRY_ADDRESS": env.address, "COLUMNS": "250",
-               "USER": "alice"}
+    environ = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MAAS_REGISTRY_ADDRESS": env.address,
+        "COLUMNS": "250",
+        "USER": "alice",
+    }
     environ.pop("MAAS_ADMIN_TOKEN", None)
     if token:
         environ["MAAS_ADMIN_TOKEN"] = token
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from maas.cli import main; main()", *args, env=environ,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-c",
+        "from maas.cli import main; main()",
+        *args,
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     return proc.returncode, out.decode(), err.decode()
 
@@ -32,8 +44,22 @@ async def test_tenants_cli_round_trip(start_registry, auth_routers):
     await register_tiny(env)
     [(_, address)] = await auth_routers(env)
 
-    code, out, err = await maas(env, "tenants", "create", "search", "--allow", "tiny", "--rps", "50", "--burst", "10",
-                                "--priority", "critical", "-r", "search team")
+    code, out, err = await maas(
+        env,
+        "tenants",
+        "create",
+        "search",
+        "--allow",
+        "tiny",
+        "--rps",
+        "50",
+        "--burst",
+        "10",
+        "--priority",
+        "critical",
+        "-r",
+        "search team",
+    )
     assert code == 0, err
     key = out.strip().splitlines()[-1]
     assert "shown once" in out and key.startswith("maas_")
@@ -46,6 +72,7 @@ async def test_tenants_cli_round_trip(start_registry, auth_routers):
                 return True
             except grpc.aio.AioRpcError:
                 return False
+
         await until(lambda: works(key), what="the new key working at the router")
 
         code, out, err = await maas(env, "tenants", "list", "--json")
@@ -61,8 +88,19 @@ async def test_tenants_cli_round_trip(start_registry, auth_routers):
         assert code == 0, err
         new_key = out.strip().splitlines()[-1]
         assert new_key != key
-        code, out, err = await maas(env, "tenants", "set-quota", "search", "--rps", "5", "--priority", "sheddable",
-                                    "--allow-all", "-r", "smaller plan")
+        code, out, err = await maas(
+            env,
+            "tenants",
+            "set-quota",
+            "search",
+            "--rps",
+            "5",
+            "--priority",
+            "sheddable",
+            "--allow-all",
+            "-r",
+            "smaller plan",
+        )
         assert code == 0 and "5 req/s" in out and "sheddable" in out and "models: all" in out, err
         code, out, err = await maas(env, "tenants", "revoke", "search", "-r", "contract ended")
         assert code == 0 and "revoked" in out, err
@@ -79,8 +117,13 @@ async def test_tenants_cli_round_trip(start_registry, auth_routers):
     code, out, err = await maas(env, "audit", "--json")
     assert code == 0, err
     entries = json.loads(out)
-    assert [e["action"] for e in entries] == ["tenant.revoke", "tenant.set_quota", "tenant.rotate_key", "tenant.create",
-                                              "version.register"]
+    assert [e["action"] for e in entries] == [
+        "tenant.revoke",
+        "tenant.set_quota",
+        "tenant.rotate_key",
+        "tenant.create",
+        "version.register",
+    ]
     assert all(e["actor"] == "alice" for e in entries[:4])
     assert entries[0]["reason"] == "contract ended" and entries[0]["target"] == "tenant/search"
     assert key not in out and new_key not in out

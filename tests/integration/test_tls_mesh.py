@@ -4,6 +4,7 @@ Who gets in (plaintext, a wrong CA, no client certificate: refused), what works 
 registry, an unmodified tritonclient with ssl=True on both router ports, the `maas` CLI with --tls,
 HTTPS of the OpenAI gateway), rotation of a certificate file without restart, and the expiry metric.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,9 @@ MODELS = tuple(m for m in SOURCE_MODELS if m.name in ("minilm", "efficientnet_li
 @pytest.fixture(scope="module")
 def tls_mesh(tmp_path_factory):
     subprocess.run([sys.executable, str(REPO / "tools" / "build_models.py")], check=True, cwd=REPO)
-    local = LocalMesh(MeshConfig(state_dir=tmp_path_factory.mktemp("tls-mesh"), ports=FREE_PORTS, models=MODELS,
-                                 tls=True))
+    local = LocalMesh(
+        MeshConfig(state_dir=tmp_path_factory.mktemp("tls-mesh"), ports=FREE_PORTS, models=MODELS, tls=True)
+    )
     with local:
         yield local
 
@@ -135,9 +137,9 @@ def test_missing_client_certificate_is_refused_when_required(tls_mesh, pki):
         health_status(tls_mesh.router_address, ClientTls(pki.ca, other.cert(CLIENT), other.key(CLIENT)).credentials())
 
 
-@pytest.mark.parametrize("port", ["router", "router_oip"])
+@pytest.mark.parametrize("port", ["router", "router_oip_fast"])
 def test_tritonclient_with_ssl_works_through_the_router(tls_mesh, pki, tiny, port):
-    if port == "router_oip" and not find_binary():
+    if port == "router_oip_fast" and not find_binary():
         pytest.skip("maas-oip-fastpath not built (make fastpath)")
     with triton_client(tls_mesh.addresses[port], pki) as client:
         assert client.is_server_ready(client_timeout=10)
@@ -163,10 +165,10 @@ def test_rotation_is_picked_up_without_restart(tls_mesh, pki, tiny):
     assert served_serial(tls_mesh.router_address, pki) == rotated
     if find_binary():  # the compiled data path watches the same files (re-read every second)
         deadline = time.monotonic() + 10
-        while served_serial(tls_mesh.addresses["router_oip"], pki) != rotated:
+        while served_serial(tls_mesh.addresses["router_oip_fast"], pki) != rotated:
             assert time.monotonic() < deadline, "the fast path did not serve the rotated certificate"
             time.sleep(0.2)
-        with triton_client(tls_mesh.addresses["router_oip"], pki) as client:
+        with triton_client(tls_mesh.addresses["router_oip_fast"], pki) as client:
             np.testing.assert_allclose(tiny_infer(client, tiny), [[0, 2, 4, 6]])
     with MeshClient(tls_mesh.router_address, tls=tls_mesh.client_tls) as client:
         assert client.embed(["after rotation"]).vectors.shape == (1, 384)
@@ -175,7 +177,9 @@ def test_rotation_is_picked_up_without_restart(tls_mesh, pki, tiny):
 
 def test_certificate_expiry_is_in_the_metrics(tls_mesh, pki):
     served = x509.load_pem_x509_certificate(pki.cert("tokenizer").read_bytes())
-    text = urllib.request.urlopen(f"http://{tls_mesh.metrics_addresses['tokenizer']}/metrics", timeout=5).read().decode()
+    text = (
+        urllib.request.urlopen(f"http://{tls_mesh.metrics_addresses['tokenizer']}/metrics", timeout=5).read().decode()
+    )
     lines = [line for line in text.splitlines() if line.startswith("maas_tls_certificate_expiry_seconds{")]
     assert len(lines) == 1 and 'service="tokenizer"' in lines[0] and format(served.serial_number, "x") in lines[0]
     left = float(lines[0].rsplit(" ", 1)[1])
@@ -194,13 +198,28 @@ def test_openai_gateway_serves_https(tls_mesh, pki):
 
 def test_maas_cli_with_tls(tls_mesh):
     state = str(tls_mesh.state_dir)
-    ok = subprocess.run([*MAAS, "--tls", "--tls-state-dir", state, "embed", "hello", "--router",
-                         tls_mesh.router_address, "--json"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    ok = subprocess.run(
+        [*MAAS, "--tls", "--tls-state-dir", state, "embed", "hello", "--router", tls_mesh.router_address, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert len(json.loads(ok.stdout)["embeddings"][0]) == 384
-    listed = subprocess.run([*MAAS, "--tls", "--tls-state-dir", state, "models", "list", "--registry",
-                             tls_mesh.registry_address], capture_output=True, text=True, timeout=120, cwd=REPO)
+    listed = subprocess.run(
+        [*MAAS, "--tls", "--tls-state-dir", state, "models", "list", "--registry", tls_mesh.registry_address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert listed.returncode == 0 and "minilm" in listed.stdout, listed.stderr[-2000:]
-    plain = subprocess.run([*MAAS, "embed", "hello", "--router", tls_mesh.router_address, "--timeout", "5"],
-                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    plain = subprocess.run(
+        [*MAAS, "embed", "hello", "--router", tls_mesh.router_address, "--timeout", "5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert plain.returncode != 0 and "UNAVAILABLE" in (plain.stdout + plain.stderr)

@@ -2,6 +2,7 @@
 transformers' apply_chat_template, Detokenize equals decode, DetokenizeStream's pieces add up to
 Detokenize however the ids are split, and bad requests get the contract's statuses (on the stream, as
 error answers while the stream goes on). Limits are set by flags, as an operator would."""
+
 from __future__ import annotations
 
 import random
@@ -25,8 +26,7 @@ LIMIT_FLAGS = ("--max-ids", "3000", "--max-messages", "8", "--max-chat-chars", "
 @pytest.fixture(scope="module")
 def tokenizer_process(tmp_path_factory):
     repository = make_generation_repository(tmp_path_factory.mktemp("generation") / "models")
-    with service_process("tokenizer", "--model-repository", str(repository), "--workers", "2",
-                         *LIMIT_FLAGS) as address:
+    with service_process("tokenizer", "--model-repository", str(repository), "--workers", "2", *LIMIT_FLAGS) as address:
         yield address, repository
 
 
@@ -45,7 +45,8 @@ def reference(tokenizer_process):
 
 def chat_request(chat, tokenizer="smollm2", **fields) -> tokenizer_pb2.ChatTemplateRequest:
     return tokenizer_pb2.ChatTemplateRequest(
-        tokenizer=tokenizer, messages=[tokenizer_pb2.TemplateMessage(role=r, content=c) for r, c in chat], **fields)
+        tokenizer=tokenizer, messages=[tokenizer_pb2.TemplateMessage(role=r, content=c) for r, c in chat], **fields
+    )
 
 
 async def test_apply_chat_template_equals_transformers(stub, reference):
@@ -56,9 +57,11 @@ async def test_apply_chat_template_equals_transformers(stub, reference):
             response = await stub.ApplyChatTemplate(chat_request(chat, **fields))
             opened = add_generation_prompt is not False  # unset = true
             assert list(response.input_ids) == reference.apply_chat_template(
-                as_dicts, add_generation_prompt=opened, return_dict=False)
-            assert response.prompt == reference.apply_chat_template(as_dicts, add_generation_prompt=opened,
-                                                                    tokenize=False)
+                as_dicts, add_generation_prompt=opened, return_dict=False
+            )
+            assert response.prompt == reference.apply_chat_template(
+                as_dicts, add_generation_prompt=opened, tokenize=False
+            )
             assert response.tokenizer == "smollm2"
 
 
@@ -67,8 +70,9 @@ async def test_detokenize_equals_decode(stub, reference):
         ids = reference.encode(text, add_special_tokens=False)
         default = await stub.Detokenize(tokenizer_pb2.DetokenizeRequest(tokenizer="smollm2", ids=ids))
         assert default.text == reference.decode(ids, skip_special_tokens=True)  # unset = skip
-        kept = await stub.Detokenize(tokenizer_pb2.DetokenizeRequest(tokenizer="smollm2", ids=ids,
-                                                                     skip_special_tokens=False))
+        kept = await stub.Detokenize(
+            tokenizer_pb2.DetokenizeRequest(tokenizer="smollm2", ids=ids, skip_special_tokens=False)
+        )
         assert kept.text == reference.decode(ids, skip_special_tokens=False)
 
 
@@ -77,8 +81,11 @@ async def streamed(stub, ids: list[int], sizes: list[int], **first) -> list[str]
     requests, start = [], 0
     for number, size in enumerate(sizes):
         fields = first if number == 0 else {}
-        requests.append(tokenizer_pb2.DetokenizeStreamRequest(ids=ids[start:start + size],
-                                                              flush=number == len(sizes) - 1, **fields))
+        requests.append(
+            tokenizer_pb2.DetokenizeStreamRequest(
+                ids=ids[start : start + size], flush=number == len(sizes) - 1, **fields
+            )
+        )
         start += size
     answers = [answer async for answer in stub.DetokenizeStream(iter(requests))]
     assert len(answers) == len(requests)  # one answer per request
@@ -91,8 +98,11 @@ async def test_detokenize_stream_pieces_add_up_to_detokenize(stub, reference, sk
     rng = random.Random(5)
     for text in CORPUS:
         ids = reference.encode(text, add_special_tokens=False)
-        expected = (await stub.Detokenize(tokenizer_pb2.DetokenizeRequest(
-            tokenizer="smollm2", ids=ids, skip_special_tokens=skip_special_tokens))).text
+        expected = (
+            await stub.Detokenize(
+                tokenizer_pb2.DetokenizeRequest(tokenizer="smollm2", ids=ids, skip_special_tokens=skip_special_tokens)
+            )
+        ).text
         first = {"tokenizer": "smollm2", "skip_special_tokens": skip_special_tokens}
         one_by_one = await streamed(stub, ids, [1] * len(ids), **first)
         assert "".join(one_by_one) == expected and "\ufffd" not in "".join(one_by_one)
@@ -124,26 +134,52 @@ async def assert_status(call, code: grpc.StatusCode, message: str) -> None:
 
 async def test_bad_unary_requests_get_statuses_naming_what_was_wrong(stub):
     hi = [("user", "hi")]
-    await assert_status(stub.ApplyChatTemplate(chat_request(hi, tokenizer="gpt9")), grpc.StatusCode.NOT_FOUND,
-                        "tokenizer 'gpt9' not found")
-    await assert_status(stub.ApplyChatTemplate(chat_request(hi, tokenizer="minilm")),
-                        grpc.StatusCode.FAILED_PRECONDITION, "'minilm' has no chat template")
-    await assert_status(stub.ApplyChatTemplate(chat_request([("user", "a"), ("", "b")])),
-                        grpc.StatusCode.INVALID_ARGUMENT, "messages[1].role '' is not one of system, user, assistant")
-    await assert_status(stub.ApplyChatTemplate(chat_request([])), grpc.StatusCode.INVALID_ARGUMENT,
-                        "messages is empty")
-    await assert_status(stub.ApplyChatTemplate(chat_request(hi * 9)), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        "messages is 9, over the limit of 8")
-    await assert_status(stub.ApplyChatTemplate(chat_request([("user", "x" * 2000)])),
-                        grpc.StatusCode.RESOURCE_EXHAUSTED, "chat characters is 2004, over the limit of 2000")
-    await assert_status(stub.Detokenize(tokenizer_pb2.DetokenizeRequest(tokenizer="smollm2", ids=[5, 49152])),
-                        grpc.StatusCode.INVALID_ARGUMENT, "ids[1] = 49152 is not a token id")
-    await assert_status(stub.Detokenize(tokenizer_pb2.DetokenizeRequest(tokenizer="smollm2", ids=[-3])),
-                        grpc.StatusCode.INVALID_ARGUMENT, "ids[0] = -3")
-    await assert_status(stub.Detokenize(tokenizer_pb2.DetokenizeRequest(tokenizer="smollm2", ids=[1] * 3001)),
-                        grpc.StatusCode.RESOURCE_EXHAUSTED, "ids count is 3001, over the limit of 3000")
-    await assert_status(stub.Detokenize(tokenizer_pb2.DetokenizeRequest(tokenizer="nope", ids=[1])),
-                        grpc.StatusCode.NOT_FOUND, "tokenizer 'nope' not found")
+    await assert_status(
+        stub.ApplyChatTemplate(chat_request(hi, tokenizer="gpt9")),
+        grpc.StatusCode.NOT_FOUND,
+        "tokenizer 'gpt9' not found",
+    )
+    await assert_status(
+        stub.ApplyChatTemplate(chat_request(hi, tokenizer="minilm")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "'minilm' has no chat template",
+    )
+    await assert_status(
+        stub.ApplyChatTemplate(chat_request([("user", "a"), ("", "b")])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "messages[1].role '' is not one of system, user, assistant",
+    )
+    await assert_status(stub.ApplyChatTemplate(chat_request([])), grpc.StatusCode.INVALID_ARGUMENT, "messages is empty")
+    await assert_status(
+        stub.ApplyChatTemplate(chat_request(hi * 9)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "messages is 9, over the limit of 8",
+    )
+    await assert_status(
+        stub.ApplyChatTemplate(chat_request([("user", "x" * 2000)])),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "chat characters is 2004, over the limit of 2000",
+    )
+    await assert_status(
+        stub.Detokenize(tokenizer_pb2.DetokenizeRequest(tokenizer="smollm2", ids=[5, 49152])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ids[1] = 49152 is not a token id",
+    )
+    await assert_status(
+        stub.Detokenize(tokenizer_pb2.DetokenizeRequest(tokenizer="smollm2", ids=[-3])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ids[0] = -3",
+    )
+    await assert_status(
+        stub.Detokenize(tokenizer_pb2.DetokenizeRequest(tokenizer="smollm2", ids=[1] * 3001)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "ids count is 3001, over the limit of 3000",
+    )
+    await assert_status(
+        stub.Detokenize(tokenizer_pb2.DetokenizeRequest(tokenizer="nope", ids=[1])),
+        grpc.StatusCode.NOT_FOUND,
+        "tokenizer 'nope' not found",
+    )
 
 
 async def test_a_bad_stream_request_gets_an_error_answer_and_the_sequence_goes_on(stub, reference):
@@ -196,7 +232,7 @@ async def test_detokenize_session_helper(stub, reference):
     try:
         with pytest.raises(InvalidArgument, match=r"ids\[0\] = 99999"):
             await session.send([99999])  # refused first request: the next one names the tokenizer again
-        pieces = [await session.send(ids[i:i + 3], flush=i + 3 >= len(ids)) for i in range(0, len(ids), 3)]
+        pieces = [await session.send(ids[i : i + 3], flush=i + 3 >= len(ids)) for i in range(0, len(ids), 3)]
     finally:
         await session.close()
     assert "".join(pieces) == reference.decode(ids)

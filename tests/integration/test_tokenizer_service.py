@@ -1,5 +1,6 @@
 """The tokenizer service over real gRPC: exact tensors, limits as statuses, concurrency, and its
 output accepted by the real Triton minilm model."""
+
 from __future__ import annotations
 
 import asyncio
@@ -62,8 +63,9 @@ async def test_large_batch_is_chunked_over_workers_without_changing_output(stub)
 
 
 async def test_offsets_tokens_and_listing(stub):
-    response = await stub.Tokenize(tokenizer_pb2.TokenizeRequest(
-        texts=["Hello, wörld 😀"], return_offsets=True, return_tokens=True))
+    response = await stub.Tokenize(
+        tokenizer_pb2.TokenizeRequest(texts=["Hello, wörld 😀"], return_offsets=True, return_tokens=True)
+    )
     item = response.items[0]
     encoding = reference(["Hello, wörld 😀"])[0]
     assert list(item.tokens) == encoding.tokens
@@ -86,17 +88,28 @@ async def strict_stub(tokenizer_config):
 async def test_bad_requests_get_statuses_naming_the_limit_and_item(strict_stub):
     stub = strict_stub
     cases = [
-        (tokenizer_pb2.TokenizeRequest(texts=["a"] * 301), grpc.StatusCode.RESOURCE_EXHAUSTED,
-         "batch size is 301, over the limit of 300"),
-        (tokenizer_pb2.TokenizeRequest(texts=["ok", "x" * 20_001]), grpc.StatusCode.RESOURCE_EXHAUSTED,
-         "item 1: text characters is 20001, over the limit of 20000"),
-        (tokenizer_pb2.TokenizeRequest(texts=["y" * 19_000] * 11), grpc.StatusCode.RESOURCE_EXHAUSTED,
-         "request bytes"),
-        (tokenizer_pb2.TokenizeRequest(texts=["a"], max_length=257), grpc.StatusCode.INVALID_ARGUMENT,
-         "max_length 257 is over the service's limit of 256"),
+        (
+            tokenizer_pb2.TokenizeRequest(texts=["a"] * 301),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "batch size is 301, over the limit of 300",
+        ),
+        (
+            tokenizer_pb2.TokenizeRequest(texts=["ok", "x" * 20_001]),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "item 1: text characters is 20001, over the limit of 20000",
+        ),
+        (tokenizer_pb2.TokenizeRequest(texts=["y" * 19_000] * 11), grpc.StatusCode.RESOURCE_EXHAUSTED, "request bytes"),
+        (
+            tokenizer_pb2.TokenizeRequest(texts=["a"], max_length=257),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_length 257 is over the service's limit of 256",
+        ),
         (tokenizer_pb2.TokenizeRequest(texts=[]), grpc.StatusCode.INVALID_ARGUMENT, "texts is empty"),
-        (tokenizer_pb2.TokenizeRequest(texts=["a"], tokenizer="gpt9"), grpc.StatusCode.NOT_FOUND,
-         "tokenizer 'gpt9' not found"),
+        (
+            tokenizer_pb2.TokenizeRequest(texts=["a"], tokenizer="gpt9"),
+            grpc.StatusCode.NOT_FOUND,
+            "tokenizer 'gpt9' not found",
+        ),
         (tokenizer_pb2.TokenizeRequest(texts=["a"], padding=7), grpc.StatusCode.INVALID_ARGUMENT, "padding 7"),
     ]
     for request, code, message in cases:

@@ -1,5 +1,6 @@
 """TokenizeStream over real gRPC: the same answers as Tokenize, in request order; a bad request gets
 an error answer and the stream goes on; a bug, a cancel or the deadline ends the stream's handler."""
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,10 @@ LIMITS = TokenizeLimits(max_batch=300, max_request_bytes=200_000, max_text_chars
 
 @pytest.fixture
 async def stub(tokenizer_config):
-    async with serving(create_server, dataclasses.replace(tokenizer_config, limits=LIMITS)) as running, \
-            open_channel(running.address) as channel:
+    async with (
+        serving(create_server, dataclasses.replace(tokenizer_config, limits=LIMITS)) as running,
+        open_channel(running.address) as channel,
+    ):
         yield tokenizer_pb2_grpc.TokenizerStub(channel)
 
 
@@ -78,14 +81,26 @@ async def test_answers_come_in_request_order_equal_to_tokenize_and_encode_batch(
 
 
 BAD_REQUESTS = [
-    (tokenizer_pb2.TokenizeRequest(texts=["ok", "x" * 20_001]), grpc.StatusCode.RESOURCE_EXHAUSTED,
-     "item 1: text characters is 20001, over the limit of 20000"),
-    (tokenizer_pb2.TokenizeRequest(texts=["a"] * 301), grpc.StatusCode.RESOURCE_EXHAUSTED,
-     "batch size is 301, over the limit of 300"),
-    (tokenizer_pb2.TokenizeRequest(texts=["a"], max_length=257), grpc.StatusCode.INVALID_ARGUMENT,
-     "max_length 257 is over the service's limit of 256"),
-    (tokenizer_pb2.TokenizeRequest(texts=["a"], tokenizer="gpt9"), grpc.StatusCode.NOT_FOUND,
-     "tokenizer 'gpt9' not found"),
+    (
+        tokenizer_pb2.TokenizeRequest(texts=["ok", "x" * 20_001]),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "item 1: text characters is 20001, over the limit of 20000",
+    ),
+    (
+        tokenizer_pb2.TokenizeRequest(texts=["a"] * 301),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "batch size is 301, over the limit of 300",
+    ),
+    (
+        tokenizer_pb2.TokenizeRequest(texts=["a"], max_length=257),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_length 257 is over the service's limit of 256",
+    ),
+    (
+        tokenizer_pb2.TokenizeRequest(texts=["a"], tokenizer="gpt9"),
+        grpc.StatusCode.NOT_FOUND,
+        "tokenizer 'gpt9' not found",
+    ),
     (tokenizer_pb2.TokenizeRequest(texts=["a"], padding=7), grpc.StatusCode.INVALID_ARGUMENT, "padding 7"),
 ]
 
@@ -159,10 +174,13 @@ async def test_a_message_that_does_not_parse_gets_invalid_argument_and_the_strea
     message on the stream, for the whole call on Tokenize; never UNKNOWN or an ended stream."""
     good = tokenizer_pb2.TokenizeRequest(texts=["fine"]).SerializeToString()
     undecodable = [b"\x0a\x03\xff\xfe\xfd", b"\x0a\x40abc", good[:-1] + b"\x80"]
-    async with serving(create_server, dataclasses.replace(tokenizer_config, limits=LIMITS)) as running, \
-            open_channel(running.address) as channel:
-        call = channel.stream_stream("/maas.v1.Tokenizer/TokenizeStream",
-                                     response_deserializer=tokenizer_pb2.TokenizeStreamResponse.FromString)()
+    async with (
+        serving(create_server, dataclasses.replace(tokenizer_config, limits=LIMITS)) as running,
+        open_channel(running.address) as channel,
+    ):
+        call = channel.stream_stream(
+            "/maas.v1.Tokenizer/TokenizeStream", response_deserializer=tokenizer_pb2.TokenizeStreamResponse.FromString
+        )()
         for bad in undecodable:
             await call.write(bad)
             error = (await call.read()).error

@@ -1,4 +1,5 @@
 """Tracing is configured only by OTEL_* variables and exports over both OTLP gRPC and OTLP/HTTP."""
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,11 @@ def _run(env_overrides: dict[str, str], protocol: str) -> str:
     env.update(env_overrides)
     result = subprocess.run(
         [sys.executable, "-c", _EMIT_ONE_SPAN.format(protocol=protocol)],
-        env=env, capture_output=True, text=True, timeout=60, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     return result.stdout.strip()
 
@@ -33,15 +38,22 @@ def test_otlp_export_over_each_protocol(otlp_receiver, protocol):
     out = _run({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}, protocol)
     assert out == "configured"
     spans = otlp_receiver.wait_for(
-        lambda spans: any(s.attributes.get("probe.protocol") == protocol for s in spans), timeout=10)
+        lambda spans: any(s.attributes.get("probe.protocol") == protocol for s in spans), timeout=10
+    )
     span = next(s for s in spans if s.attributes.get("probe.protocol") == protocol)
     assert span.service == "maas-probe"
     assert span.name == "probe-span"
 
 
 def test_service_name_from_environment_wins(otlp_receiver):
-    _run({"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.http_endpoint,
-          "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_SERVICE_NAME": "custom-name"}, "named")
+    _run(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.http_endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_SERVICE_NAME": "custom-name",
+        },
+        "named",
+    )
     spans = otlp_receiver.wait_for(lambda spans: any(s.attributes.get("probe.protocol") == "named" for s in spans))
     assert next(s for s in spans if s.attributes.get("probe.protocol") == "named").service == "custom-name"
 

@@ -26,6 +26,7 @@ def client(triton):
 
 # -- efficientnet_lite0 ------------------------------------------------------------------------------
 
+
 def preprocess(image: np.ndarray) -> np.ndarray:
     """Reference preprocessing from preprocess.json: shorter side resize, centre crop, normalise, CHW."""
     spec = json.loads((MODEL_REPOSITORY / "efficientnet_lite0" / "preprocess.json").read_text())
@@ -143,6 +144,7 @@ def test_minilm_concurrent_requests_are_batched_correctly(client):
 
 
 # -- bad requests ------------------------------------------------------------------------------------
+
 
 def test_bad_requests_fail_and_server_keeps_serving(client):
     wrong_shape = np.zeros((1, 3, 200, 200), np.float32)

@@ -1,5 +1,6 @@
 """The vision service over real gRPC: tensors the real Triton efficientnet_lite0 classifies like the
 reference pipeline's, bad input refused per item, and concurrency."""
+
 from __future__ import annotations
 
 import asyncio
@@ -73,15 +74,21 @@ async def test_top1_unchanged_versus_reference_on_triton(stub, triton, photos, v
 
 
 async def test_image_info_and_output_name(stub, photos):
-    response = await stub.Preprocess(vision_pb2.PreprocessRequest(
-        images=[photos["coffee"], encode(photo("chelsea"), "PNG")], output_name="pixels"))
+    response = await stub.Preprocess(
+        vision_pb2.PreprocessRequest(images=[photos["coffee"], encode(photo("chelsea"), "PNG")], output_name="pixels")
+    )
     assert response.tensor.name == "pixels" and response.spec == "efficientnet_lite0"
     assert [(i.format, i.width, i.height) for i in response.images] == [("JPEG", 600, 400), ("PNG", 451, 300)]
     listing = await stub.ListSpecs(vision_pb2.ListSpecsRequest())
     assert listing.default_spec == "efficientnet_lite0"
     (spec,) = listing.specs
     assert (spec.resize_shorter, spec.crop_height, spec.crop_width, spec.layout, spec.input_name) == (
-        256, 224, 224, "NCHW", "INPUT__0")
+        256,
+        224,
+        224,
+        "NCHW",
+        "INPUT__0",
+    )
 
 
 @pytest.fixture
@@ -96,7 +103,7 @@ async def test_bad_images_get_statuses_naming_the_item(strict_stub, photos):
     good = photos["chelsea"]
     bomb = encode(Image.new("1", (30000, 30000)), "PNG")  # ~100 KB on the wire, 900 MP decoded
     png = bytearray(encode(photo("coffee"), "PNG"))
-    png[len(png) // 2: len(png) // 2 + 64] = bytes(64)  # zeroed compressed pixels: a CRC/zlib error
+    png[len(png) // 2 : len(png) // 2 + 64] = bytes(64)  # zeroed compressed pixels: a CRC/zlib error
     corrupt_png = bytes(png)
     cases = [
         ([good, good, good[: len(good) // 3]], grpc.StatusCode.INVALID_ARGUMENT, "item 2: corrupt or truncated image"),
@@ -104,8 +111,11 @@ async def test_bad_images_get_statuses_naming_the_item(strict_stub, photos):
         ([good, b"GIF89a nonsense"], grpc.StatusCode.INVALID_ARGUMENT, "item 1: not an image in a supported format"),
         ([b"\x00" * 100], grpc.StatusCode.INVALID_ARGUMENT, "item 0: not an image in a supported format"),
         ([good, b""], grpc.StatusCode.INVALID_ARGUMENT, "item 1: empty image bytes"),
-        ([good, bomb], grpc.StatusCode.RESOURCE_EXHAUSTED,
-         "item 1: image pixels is 900000000, over the limit of 4000000"),
+        (
+            [good, bomb],
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "item 1: image pixels is 900000000, over the limit of 4000000",
+        ),
         ([good] * 5, grpc.StatusCode.RESOURCE_EXHAUSTED, "batch size is 5, over the limit of 4"),
         ([photos["coffee_2400"]] * 4, grpc.StatusCode.RESOURCE_EXHAUSTED, "over the limit of 2000000 (request bytes"),
         ([], grpc.StatusCode.INVALID_ARGUMENT, "images is empty"),
@@ -129,7 +139,10 @@ async def test_thin_or_wide_images_are_refused_from_the_header(stub, photos):
         (encode(Image.new("L", (1, 60000)), "PNG"), "item 0: image height is 60000, over the limit of 16384"),
         (encode(Image.new("L", (60000, 1)), "PNG"), "item 0: image width is 60000, over the limit of 16384"),
         (encode(Image.new("RGB", (60000, 8)), "JPEG"), "item 0: image width is 60000, over the limit of 16384"),
-        (encode(Image.new("L", (10000, 2)), "PNG"), "item 0: image aspect ratio is 5000 (10000x2), over the limit of 20"),
+        (
+            encode(Image.new("L", (10000, 2)), "PNG"),
+            "item 0: image aspect ratio is 5000 (10000x2), over the limit of 20",
+        ),
         # Bomb-like: 38 MP of one colour (a few KB on the wire), under the 40 MP limit, past the width cap.
         (encode(Image.new("1", (20000, 1900)), "PNG"), "item 0: image width is 20000, over the limit of 16384"),
     ]

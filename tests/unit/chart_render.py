@@ -1,4 +1,5 @@
 """Render the Helm chart with the locally installed helm (tools/install_k8s_tools.sh) and walk the result."""
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """MeshClient / AsyncMeshClient generate+chat and `maas generate|chat` against the scripted router."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,15 @@ def router_address(openai_gateway):
 
 def test_chat_unary_and_stream_agree(router_address, openai_gateway):
     with MeshClient(router_address) as mesh:
-        whole = mesh.chat([("system", "s"), {"role": "user", "content": "hi you"}], max_tokens=8, temperature=0.0,
-                          seed=3, stop=["zz"], alias="canary", routing_key="k")
+        whole = mesh.chat(
+            [("system", "s"), {"role": "user", "content": "hi you"}],
+            max_tokens=8,
+            temperature=0.0,
+            seed=3,
+            stop=["zz"],
+            alias="canary",
+            routing_key="k",
+        )
         assert (whole.text, whole.finish_reason, whole.usage.completion_tokens) == ("echo: hi you", "stop", 3)
         assert whole.routed.version == 1 and whole.routed.kind == "alias"
         sent = openai_gateway.router.requests[-1]
@@ -51,8 +59,25 @@ async def test_async_client(router_address):
 
 def test_cli_chat_streams_and_json(router_address):
     runner = CliRunner()
-    result = runner.invoke(app, ["chat", "hello world", "--router", router_address, "--max-tokens", "8",
-                                 "--temperature", "0", "--seed", "1", "--stop", "zz", "--stop", "yy"])
+    result = runner.invoke(
+        app,
+        [
+            "chat",
+            "hello world",
+            "--router",
+            router_address,
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--seed",
+            "1",
+            "--stop",
+            "zz",
+            "--stop",
+            "yy",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "echo: hello world" in result.stdout
     result = runner.invoke(app, ["generate", "one two", "--router", router_address, "--json"])

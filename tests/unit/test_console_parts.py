@@ -1,5 +1,6 @@
 """The console's pieces without processes: metrics text -> rates and quantiles (the real prometheus_client
 exposition of real metric objects), the split bar, form parsing, config limits."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,10 +17,12 @@ from services.console.operations import parse_fraction, parse_split, parse_versi
 
 def _exposition():
     registry = CollectorRegistry()
-    requests = Counter("maas_rpc_server_requests", "r", ["service", "method", "model", "version", "code"],
-                       registry=registry)
-    duration = Histogram("maas_rpc_server_duration_seconds", "d", ["service", "method"],
-                         buckets=(0.01, 0.1, 1.0), registry=registry)
+    requests = Counter(
+        "maas_rpc_server_requests", "r", ["service", "method", "model", "version", "code"], registry=registry
+    )
+    duration = Histogram(
+        "maas_rpc_server_duration_seconds", "d", ["service", "method"], buckets=(0.01, 0.1, 1.0), registry=registry
+    )
     return registry, requests, duration
 
 
@@ -50,8 +53,9 @@ def test_rates_errors_and_quantiles_from_two_reads():
 
 def test_latency_is_per_version_once_the_router_exports_it():
     registry, requests, duration = _exposition()
-    by_version = Histogram("maas_router_version_duration_seconds", "v", ["model", "version"],
-                           buckets=(0.01, 0.1, 1.0), registry=registry)
+    by_version = Histogram(
+        "maas_router_version_duration_seconds", "v", ["model", "version"], buckets=(0.01, 0.1, 1.0), registry=registry
+    )
     first = parse(generate_latest(registry).decode(), at=0.0)
     for _ in range(10):
         by_version.labels("minilm", "1").observe(0.005)  # the fast version
@@ -97,10 +101,17 @@ def test_quantile_like_histogram_quantile():
 
 
 def _model():
-    model = pb.Model(name="minilm", versions=[
-        pb.ModelVersion(version=1, state=pb.VERSION_STATE_READY,
-                        postprocessing=pb.Postprocessing(kind=pb.Postprocessing.KIND_EMBEDDING)),
-        pb.ModelVersion(version=2, state=pb.VERSION_STATE_READY)])
+    model = pb.Model(
+        name="minilm",
+        versions=[
+            pb.ModelVersion(
+                version=1,
+                state=pb.VERSION_STATE_READY,
+                postprocessing=pb.Postprocessing(kind=pb.Postprocessing.KIND_EMBEDDING),
+            ),
+            pb.ModelVersion(version=2, state=pb.VERSION_STATE_READY),
+        ],
+    )
     model.aliases.add(name="production", version=1)
     model.aliases.add(name="canary", version=2)
     return model
@@ -112,7 +123,9 @@ def test_split_segments_resolve_aliases_and_default_to_production():
     model.policy.split.add(alias="production", weight=90)
     model.policy.split.add(version=2, weight=10)
     assert [(s["label"], s["version"], s["percent"]) for s in split_segments(model)] == [
-        ("production", 1, 90.0), ("v2", 2, 10.0)]
+        ("production", 1, 90.0),
+        ("v2", 2, 10.0),
+    ]
     svg = split_bar(split_segments(model), "minilm")
     assert 'role="img"' in svg and "production (v1) 90%" in svg and svg.count("<rect") == 2
 
@@ -135,10 +148,17 @@ def test_line_chart_is_labelled_svg():
 
 def test_operation_forms_name_the_field():
     assert [(t.alias, t.version, t.weight) for t in parse_split("production=90, v2=10")] == [
-        ("production", 0, 90), ("", 2, 10)]
+        ("production", 0, 90),
+        ("", 2, 10),
+    ]
     assert parse_split("") == []
-    for bad, call in (("production", parse_split), ("x", parse_version), ("0", parse_version),
-                      ("150", parse_fraction), ("nan", parse_fraction)):
+    for bad, call in (
+        ("production", parse_split),
+        ("x", parse_version),
+        ("0", parse_version),
+        ("150", parse_fraction),
+        ("nan", parse_fraction),
+    ):
         with pytest.raises(Refused) as caught:
             call(bad)
         assert caught.value.status == 400 and caught.value.field in ("split", "version", "fraction")

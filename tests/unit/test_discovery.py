@@ -1,4 +1,5 @@
 """EndpointSlice -> ready replica addresses, discovery configuration, the static source."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,11 @@ from kubernetes import client as k8s
 from services.shared import discovery
 from services.shared.config import ConfigError
 from services.shared.discovery import (
-    StaticReplicas, TritonReplicaWatcher, create_replica_source, endpoint_is_ready, ready_addresses,
+    StaticReplicas,
+    TritonReplicaWatcher,
+    create_replica_source,
+    endpoint_is_ready,
+    ready_addresses,
     slice_addresses,
 )
 
@@ -21,21 +26,26 @@ def make_slice(endpoints, *, ports=(("grpc", 8001), ("http", 8000)), name="s", a
         metadata=k8s.V1ObjectMeta(name=name),
         ports=[k8s.DiscoveryV1EndpointPort(name=n, port=p) for n, p in ports],
         endpoints=[
-            k8s.V1Endpoint(addresses=[a] if isinstance(a, str) else list(a),
-                           conditions=None if c is None else k8s.V1EndpointConditions(**c))
+            k8s.V1Endpoint(
+                addresses=[a] if isinstance(a, str) else list(a),
+                conditions=None if c is None else k8s.V1EndpointConditions(**c),
+            )
             for a, c in endpoints
         ],
     )
 
 
-@pytest.mark.parametrize("conditions, ready", [
-    (None, True),                                   # no conditions: unknown, treated as ready
-    ({}, True),                                     # ready unset: unknown, treated as ready
-    ({"ready": True}, True),
-    ({"ready": False}, False),
-    ({"ready": False, "serving": True, "terminating": True}, False),
-    ({"ready": True, "terminating": True}, False),  # publishNotReadyAddresses: never a draining pod
-])
+@pytest.mark.parametrize(
+    "conditions, ready",
+    [
+        (None, True),  # no conditions: unknown, treated as ready
+        ({}, True),  # ready unset: unknown, treated as ready
+        ({"ready": True}, True),
+        ({"ready": False}, False),
+        ({"ready": False, "serving": True, "terminating": True}, False),
+        ({"ready": True, "terminating": True}, False),  # publishNotReadyAddresses: never a draining pod
+    ],
+)
 def test_endpoint_readiness(conditions, ready):
     assert endpoint_is_ready(None if conditions is None else k8s.V1EndpointConditions(**conditions)) is ready
 
@@ -88,8 +98,13 @@ def test_static_is_the_default(monkeypatch):
 
 
 def test_endpointslices_from_env(monkeypatch):
-    args = parse([], monkeypatch, MAAS_TRITON_DISCOVERY="endpointslices",
-                 MAAS_TRITON_SERVICE="rel-maas-mesh-triton-headless", MAAS_NAMESPACE="models")
+    args = parse(
+        [],
+        monkeypatch,
+        MAAS_TRITON_DISCOVERY="endpointslices",
+        MAAS_TRITON_SERVICE="rel-maas-mesh-triton-headless",
+        MAAS_NAMESPACE="models",
+    )
     cfg = discovery.discovery_config(args)
     assert (cfg.mode, cfg.service, cfg.namespace) == ("endpointslices", "rel-maas-mesh-triton-headless", "models")
     source = create_replica_source(cfg, api_client=k8s.ApiClient(k8s.Configuration(host="http://127.0.0.1:1")))
@@ -97,8 +112,12 @@ def test_endpointslices_from_env(monkeypatch):
 
 
 def test_flags_override_env(monkeypatch):
-    args = parse(["--triton-discovery", "endpointslices", "--triton-service", "t", "--namespace", "flag-ns"],
-                 monkeypatch, MAAS_TRITON_DISCOVERY="static", MAAS_NAMESPACE="env-ns")
+    args = parse(
+        ["--triton-discovery", "endpointslices", "--triton-service", "t", "--namespace", "flag-ns"],
+        monkeypatch,
+        MAAS_TRITON_DISCOVERY="static",
+        MAAS_NAMESPACE="env-ns",
+    )
     assert discovery.discovery_config(args).namespace == "flag-ns"
 
 
@@ -115,8 +134,9 @@ def test_missing_service_or_namespace_fails_fast(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="MAAS_TRITON_SERVICE"):
         discovery.discovery_config(parse(["--triton-discovery", "endpointslices"], monkeypatch))
     with pytest.raises(ConfigError, match="MAAS_NAMESPACE"):
-        discovery.discovery_config(parse(["--triton-discovery", "endpointslices", "--triton-service", "t"],
-                                         monkeypatch))
+        discovery.discovery_config(
+            parse(["--triton-discovery", "endpointslices", "--triton-service", "t"], monkeypatch)
+        )
 
 
 def test_unknown_mode_is_refused(monkeypatch):

@@ -1,4 +1,5 @@
 """ReplicaPool: channels follow the discovered replicas; calls go to the less busy; admission gates joins."""
+
 from __future__ import annotations
 
 import asyncio
@@ -62,7 +63,7 @@ async def test_channels_follow_the_replica_set(pools):
     await pool.set_replicas({"b:1", "c:1"})
     await asyncio.sleep(0)  # the retired channel closes in the background
     assert pool.addresses == {"b:1", "c:1"}
-    assert channels.opened["a:1"].closed_with == [7.0]      # in-flight calls get the grace
+    assert channels.opened["a:1"].closed_with == [7.0]  # in-flight calls get the grace
     assert channels.opened["b:1"] is first_b and first_b.closed_with == []  # kept, not reopened
 
     await pool.close()
@@ -87,7 +88,7 @@ async def test_idle_replicas_share_the_calls(pools):
         with pool.lease():
             pass
     calls = [r.calls for r in pool.replicas()]
-    assert sum(calls) == 400 and min(calls) > 0              # every replica is used
+    assert sum(calls) == 400 and min(calls) > 0  # every replica is used
 
 
 async def test_stubs_are_built_once_per_replica(pools):
@@ -141,5 +142,5 @@ async def test_failing_admission_check_is_retried_and_cancelled_when_the_replica
     await asyncio.sleep(0.05)
     count = len(attempts)
     await asyncio.sleep(0.05)
-    assert len(attempts) == count                            # no more probing
-    assert channels.opened["a:1"].closed_with                # and its channel is closed
+    assert len(attempts) == count  # no more probing
+    assert channels.opened["a:1"].closed_with  # and its channel is closed

@@ -1,5 +1,6 @@
 """The generation backend's batch formation, queue bound and pad choice, without Triton (the real
 batched decoding is tested against Triton in tests/integration/test_generation_model.py)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -46,15 +47,35 @@ class Sender:
 
 
 def sequence(backend, key=("greedy",), prompt=8, max_tokens=16, cancelled=False):
-    return backend.Sequence(request=None, sender=Sender(cancelled), prompt=np.ones(prompt, np.int64),
-                            max_tokens=max_tokens, search={}, stop_ids=frozenset({2}), batch_key=key)
+    return backend.Sequence(
+        request=None,
+        sender=Sender(cancelled),
+        prompt=np.ones(prompt, np.int64),
+        max_tokens=max_tokens,
+        search={},
+        stop_ids=frozenset({2}),
+        batch_key=key,
+    )
 
 
 def scheduler(backend, context=8192, max_batch_rows=4, max_queued=3):
-    limits = backend.Limits(vocab_size=100, context_length=context, pad_token_id=0, max_tokens_cap=1024,
-                            default_max_tokens=64, stop_ids=frozenset({2}))
-    return backend.Scheduler(None, limits, max_sequences=16, max_batch_rows=max_batch_rows, batch_window_ms=20,
-                             max_queued=max_queued, logger=None)
+    limits = backend.Limits(
+        vocab_size=100,
+        context_length=context,
+        pad_token_id=0,
+        max_tokens_cap=1024,
+        default_max_tokens=64,
+        stop_ids=frozenset({2}),
+    )
+    return backend.Scheduler(
+        None,
+        limits,
+        max_sequences=16,
+        max_batch_rows=max_batch_rows,
+        batch_window_ms=20,
+        max_queued=max_queued,
+        logger=None,
+    )
 
 
 def test_compatible_sequences_share_batches_up_to_the_row_limit(backend):

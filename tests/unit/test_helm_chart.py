@@ -2,6 +2,7 @@
 
 Needs the real helm from tools/install_k8s_tools.sh (`make k8s-tools`, which `make test` runs first).
 """
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import re
 import pytest
 import yaml
 
-from services.console.config import DEFAULT_PORT as CONSOLE_DEFAULT_PORT
+from maas import ports
 from services.console.config import ConsoleLimits
 from services.shared.server import READINESS
 from tests.unit import chart_render as cr
@@ -24,15 +25,16 @@ pytestmark = pytest.mark.skipif(
 K8S_VERSION = "1.30.0"
 CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/", "cert-manager.io/")
 GPU_SCENARIOS = [None, "gpu-production-values.yaml"]
-PORTS = {"router": 50051, "registry": 50052, "tokenizer": 50053, "vision": 50054}
-OIP_FAST_PORT = 50055  # router.oipFastPath.port default
+PORTS = {"router": ports.ROUTER, "registry": ports.REGISTRY, "tokenizer": ports.TOKENIZER, "vision": ports.VISION}
+OIP_FAST_PORT = ports.ROUTER_OIP_FAST  # router.oipFastPath.port default
 TLS_HEALTH_PORT = 8086  # tls.healthPort default
-OPENAI_PORT = 8090  # the OpenAI gateway's HTTP port
-CONSOLE_PORT = CONSOLE_DEFAULT_PORT  # the web console's HTTP port, the chart's must be the service's
+OPENAI_PORT = ports.OPENAI  # the OpenAI gateway's HTTP port
+CONSOLE_PORT = ports.CONSOLE  # the web console's HTTP port, the chart's must be the service's
 ids = [s or "defaults" for s in SCENARIOS]
 
 
 # --- lint, render, schemas ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=ids)
 def test_lint_strict(scenario):
@@ -66,6 +68,7 @@ def test_recommended_labels_everywhere(scenario):
 
 
 # --- GPU placement --------------------------------------------------------------------------------
+
 
 def _gpu_mentions(spec: dict) -> list[str]:
     text = json.dumps({k: spec.get(k) for k in ("containers", "nodeSelector", "tolerations")})
@@ -126,6 +129,7 @@ def test_triton_headless_and_normal_services():
 
 # --- autoscaling and disruption ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("scenario", [None, "gpu-production-values.yaml", "object-store-values.yaml"])
 def test_hpa_per_stateless_component(scenario):
     docs = cr.render(scenario)
@@ -136,8 +140,15 @@ def test_hpa_per_stateless_component(scenario):
     for c in ("tokenizer", "vision"):
         assert metrics[c][0]["resource"]["name"] == "cpu"
     assert metrics["router"][0]["pods"]["metric"]["name"] == "maas_router_inflight_requests"
-    assert metrics["openai"] == [{"type": "Pods", "pods": {"metric": {"name": "maas_openai_inflight_streams"},
-                                                          "target": {"type": "AverageValue", "averageValue": "32"}}}]
+    assert metrics["openai"] == [
+        {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": "maas_openai_inflight_streams"},
+                "target": {"type": "AverageValue", "averageValue": "32"},
+            },
+        }
+    ]
     assert metrics["triton"][0]["pods"]["metric"]["name"] == "triton_queue_time_per_request_us"
     for c, h in hpas.items():
         assert h["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name(c)}
@@ -148,8 +159,12 @@ def test_hpa_per_stateless_component(scenario):
 def test_adapter_rules_serve_every_hpa_pods_metric():
     rules = yaml.safe_load((cr.CHART / "files" / "prometheus-adapter-rules.yaml").read_text())["rules"]["custom"]
     served = {r["name"]["as"] for r in rules}
-    wanted = {m["pods"]["metric"]["name"] for h in cr.kind(cr.render(), "HorizontalPodAutoscaler")
-              for m in h["spec"]["metrics"] if m["type"] == "Pods"}
+    wanted = {
+        m["pods"]["metric"]["name"]
+        for h in cr.kind(cr.render(), "HorizontalPodAutoscaler")
+        for m in h["spec"]["metrics"]
+        if m["type"] == "Pods"
+    }
     assert wanted and wanted <= served
     for r in rules:
         assert set(r["resources"]["overrides"]) == {"namespace", "pod"}
@@ -190,14 +205,21 @@ def test_pdbs_only_for_multi_replica_components(scenario):
         c = cr.component_of(d)
         if c not in STATELESS:
             continue
-        hpa = [h for h in cr.kind(docs, "HorizontalPodAutoscaler") + cr.kind(docs, "ScaledObject")
-               if cr.component_of(h) == c]
-        low = (hpa[0]["spec"].get("minReplicas") or hpa[0]["spec"].get("minReplicaCount")) if hpa \
+        hpa = [
+            h
+            for h in cr.kind(docs, "HorizontalPodAutoscaler") + cr.kind(docs, "ScaledObject")
+            if cr.component_of(h) == c
+        ]
+        low = (
+            (hpa[0]["spec"].get("minReplicas") or hpa[0]["spec"].get("minReplicaCount"))
+            if hpa
             else d["spec"]["replicas"]
+        )
         assert (c in pdbs) == (low > 1), (scenario, c, low)
 
 
 # --- pods: probes, security, shutdown -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=ids)
 def test_probes_on_every_container(scenario):
@@ -260,6 +282,7 @@ def test_termination_grace_not_above_drain_fails():
 
 # --- env, peers, RBAC -----------------------------------------------------------------------------
 
+
 def _names_read_by_services() -> set[str]:
     """MAAS_* names documented in docs/development.md or read by the services' code."""
     text = (cr.ROOT / "docs" / "development.md").read_text()
@@ -310,8 +333,11 @@ def test_registry_single_writer():
     docs = cr.render()
     d = cr.deployment(docs, "registry")
     assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"] == {"type": "Recreate"}
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
-              for v in d["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in d["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     pvcs = cr.by_name(docs, "PersistentVolumeClaim")
     assert pvcs[claims["data"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert pvcs[claims["models"]]["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -324,8 +350,9 @@ def test_registry_single_writer():
 def test_rbac_is_endpointslice_read_only_for_router_and_registry():
     docs = cr.render()
     (role,) = cr.kind(docs, "Role")
-    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                              "verbs": ["get", "list", "watch"]}]
+    assert role["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+    ]
     assert not cr.kind(docs, "ClusterRole") and not cr.kind(docs, "ClusterRoleBinding")
     (binding,) = cr.kind(docs, "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -339,9 +366,13 @@ def test_rbac_is_endpointslice_read_only_for_router_and_registry():
 def test_static_triton_discovery_needs_no_kubernetes_api():
     """triton.discovery.mode=static (the podman profile): the Triton list in MAAS_TRITON_ADDRESS, no
     EndpointSlice watch, no token, no Role; endpointslices stays the default (above)."""
-    for docs, triton in ((cr.render("podman-values.yaml"), f"{name('triton')}:8001"),
-                         (cr.render(None, "triton.discovery.mode=static", "triton.discovery.addresses={t0:8001,t1:8001}"),
-                          "t0:8001,t1:8001")):
+    for docs, triton in (
+        (cr.render("podman-values.yaml"), f"{name('triton')}:8001"),
+        (
+            cr.render(None, "triton.discovery.mode=static", "triton.discovery.addresses={t0:8001,t1:8001}"),
+            "t0:8001,t1:8001",
+        ),
+    ):
         for svc in ("router", "registry"):
             e = cr.env(cr.container(docs, svc))
             assert e["MAAS_TRITON_DISCOVERY"]["value"] == "static" and "MAAS_TRITON_SERVICE" not in e
@@ -356,6 +387,7 @@ def test_static_discovery_through_the_service_with_several_replicas_fails():
 
 
 # --- network policies ----------------------------------------------------------------------------
+
 
 def _policies(docs) -> dict[str, dict]:
     return {cr.component_of(p): p for p in cr.kind(docs, "NetworkPolicy")}
@@ -378,8 +410,10 @@ def test_network_policies():
     assert _components(_rule_for(policies["triton"], 8001)) == {"router", "registry"}
     assert _components(_rule_for(policies["triton"], 8000)) == {"registry"}
     (peer,) = _rule_for(policies["registry"], 50052)["from"]
-    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "maas-mesh",
-                                                  "app.kubernetes.io/instance": cr.RELEASE}
+    assert peer["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "maas-mesh",
+        "app.kubernetes.io/instance": cr.RELEASE,
+    }
     assert "from" not in _rule_for(policies["router"], 50051)  # the entry point
     assert "from" not in _rule_for(policies["openai"], OPENAI_PORT)  # the other one
     for c, p in policies.items():
@@ -398,8 +432,13 @@ def test_router_oip_fast_path_ports_and_env():
     # Probes stay on the main port, which serves health and the same protocol.
     assert router["readinessProbe"]["grpc"] == {"port": PORTS["router"], "service": READINESS}
     ports = {p["name"]: p for p in cr.by_name(docs, "Service")[name("router")]["spec"]["ports"]}
-    assert ports["oip-fast"] == {"name": "oip-fast", "port": OIP_FAST_PORT, "targetPort": "oip-fast",
-                                 "protocol": "TCP", "appProtocol": "grpc"}
+    assert ports["oip-fast"] == {
+        "name": "oip-fast",
+        "port": OIP_FAST_PORT,
+        "targetPort": "oip-fast",
+        "protocol": "TCP",
+        "appProtocol": "grpc",
+    }
     assert ports["grpc"]["port"] == PORTS["router"]
     # Only the router has it.
     for svc in SERVICES[1:]:
@@ -413,19 +452,33 @@ def test_router_oip_fast_path_ports_and_env():
 
 def test_router_oip_fast_path_port_follows_values_and_router_ingress():
     peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}
-    docs = cr.render(None, "router.oipFastPath.port=8443",
-                     "networkPolicy.routerIngressFrom[0].namespaceSelector.matchLabels"
-                     ".kubernetes\\.io/metadata\\.name=gateway")
+    docs = cr.render(
+        None,
+        "router.oipFastPath.port=8443",
+        "networkPolicy.routerIngressFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=gateway",
+    )
     router = cr.container(docs, "router")
     assert {"name": "oip-fast", "containerPort": 8443, "protocol": "TCP"} in router["ports"]
     assert cr.env(router)["MAAS_ROUTER_OIP_FAST_LISTEN"]["value"] == "0.0.0.0:8443"
     ports = {p["name"]: p["port"] for p in cr.by_name(docs, "Service")[name("router")]["spec"]["ports"]}
     assert ports["oip-fast"] == 8443
     policy = _policies(docs)["router"]
-    gateways = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "maas-mesh", "app.kubernetes.io/instance":
-                                                 cr.RELEASE, "app.kubernetes.io/component": c}}} for c in ("openai", "console")]
+    gateways = [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "maas-mesh",
+                    "app.kubernetes.io/instance": cr.RELEASE,
+                    "app.kubernetes.io/component": c,
+                }
+            }
+        }
+        for c in ("openai", "console")
+    ]
     for port in (PORTS["router"], 8443):
-        assert _rule_for(policy, port)["from"] == [peer, *gateways], port  # the OpenAI gateway and console stay admitted
+        assert _rule_for(policy, port)["from"] == [peer, *gateways], (
+            port
+        )  # the OpenAI gateway and console stay admitted
     assert not [r for r in policy["spec"]["ingress"] if {"port": OIP_FAST_PORT, "protocol": "TCP"} in r["ports"]]
 
 
@@ -436,8 +489,11 @@ def test_router_oip_fast_path_can_be_disabled():
     assert {p["name"] for p in router["ports"]} == {"grpc", "metrics"}
     service = cr.by_name(docs, "Service")[name("router")]
     assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}
-    (grpc_rule,) = [r for r in _policies(docs)["router"]["spec"]["ingress"]
-                    if {"port": PORTS["router"], "protocol": "TCP"} in r["ports"]]
+    (grpc_rule,) = [
+        r
+        for r in _policies(docs)["router"]["spec"]["ingress"]
+        if {"port": PORTS["router"], "protocol": "TCP"} in r["ports"]
+    ]
     assert grpc_rule["ports"] == [{"port": PORTS["router"], "protocol": "TCP"}]
     assert str(OIP_FAST_PORT) not in json.dumps([d for d in docs if d["kind"] != "Secret"])  # random token
 
@@ -447,6 +503,7 @@ def test_network_policies_can_be_disabled():
 
 
 # --- secrets and model repository ------------------------------------------------------------------
+
 
 def test_generated_admin_token():
     docs = cr.render()
@@ -482,6 +539,7 @@ def test_object_store_needs_url():
 
 # --- observability ----------------------------------------------------------------------------------
 
+
 def test_scrape_annotations_point_at_metrics_port():
     docs = cr.render()
     for c in COMPONENTS:
@@ -498,8 +556,9 @@ def test_service_monitor_and_tracing_in_production():
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
     selector = sm["spec"]["selector"]["matchLabels"]
-    scraped = {cr.component_of(s) for s in cr.kind(docs, "Service")
-               if selector.items() <= s["metadata"]["labels"].items()}
+    scraped = {
+        cr.component_of(s) for s in cr.kind(docs, "Service") if selector.items() <= s["metadata"]["labels"].items()
+    }
     assert scraped == set(COMPONENTS)  # once each: not the headless Service
     assert sum(selector.items() <= s["metadata"]["labels"].items() for s in cr.kind(docs, "Service")) == len(COMPONENTS)
 
@@ -524,36 +583,45 @@ def test_grafana_dashboard_configmap():
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(cm["data"]["maas-mesh.json"])
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
-    for metric in ("maas_router_requests_total", "maas_rpc_server_duration_seconds_bucket",
-                   "maas_rpc_server_requests_total", "nv_inference_queue_duration_us",
-                   "nv_inference_request_success", "maas_router_inflight_requests"):
+    for metric in (
+        "maas_router_requests_total",
+        "maas_rpc_server_duration_seconds_bucket",
+        "maas_rpc_server_requests_total",
+        "nv_inference_queue_duration_us",
+        "nv_inference_request_success",
+        "maas_router_inflight_requests",
+    ):
         assert metric in exprs, metric
 
 
 # --- values schema ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sets, field", [
-    (("router.replicas=-1",), "/router/replicas"),
-    (("tokenizer.unknownKey=1",), "unknownKey"),
-    (("registry.replicas=2",), "/registry/replicas"),
-    (("registry.autoscaling.enabled=true",), "/registry/autoscaling/enabled"),
-    (("modelRepository.type=nfs",), "/modelRepository/type"),
-    (("triton.image.pullPolicy=Sometimes",), "/triton/image/pullPolicy"),
-    (("modelRepository.objectStore.url=http://bucket",), "/modelRepository/objectStore/url"),
-    (("router.oipFastPath.port=0",), "/router/oipFastPath/port"),
-    (("router.oipFastPath.port=70000",), "/router/oipFastPath/port"),
-    (("router.oipFastPath.port=50051",), "/router/oipFastPath/port"),  # the router's gRPC port
-    (("router.oipFastPath.port=9090",), "/router/oipFastPath/port"),  # its metrics port
-    (("router.oipFastPath.enabled=yes",), "/router/oipFastPath/enabled"),
-    (("router.oipFastPath.listen=0.0.0.0:1",), "listen"),
-    (("openai.maxInflight=0",), "/openai/maxInflight"),
-    (("openai.timeoutSeconds=0",), "/openai/timeoutSeconds"),
-    (("openai.defaultChatModel=",), "/openai/defaultChatModel"),
-    (("openai.port=80",), "port"),
-    (("triton.generation.enabled=yes",), "/triton/generation/enabled"),
-    (("triton.discovery.mode=dns",), "/triton/discovery/mode"),
-    (("triton.discovery.addresses={triton}",), "/triton/discovery/addresses"),
-])
+
+@pytest.mark.parametrize(
+    "sets, field",
+    [
+        (("router.replicas=-1",), "/router/replicas"),
+        (("tokenizer.unknownKey=1",), "unknownKey"),
+        (("registry.replicas=2",), "/registry/replicas"),
+        (("registry.autoscaling.enabled=true",), "/registry/autoscaling/enabled"),
+        (("modelRepository.type=nfs",), "/modelRepository/type"),
+        (("triton.image.pullPolicy=Sometimes",), "/triton/image/pullPolicy"),
+        (("modelRepository.objectStore.url=http://bucket",), "/modelRepository/objectStore/url"),
+        (("router.oipFastPath.port=0",), "/router/oipFastPath/port"),
+        (("router.oipFastPath.port=70000",), "/router/oipFastPath/port"),
+        (("router.oipFastPath.port=50051",), "/router/oipFastPath/port"),  # the router's gRPC port
+        (("router.oipFastPath.port=9090",), "/router/oipFastPath/port"),  # its metrics port
+        (("router.oipFastPath.enabled=yes",), "/router/oipFastPath/enabled"),
+        (("router.oipFastPath.listen=0.0.0.0:1",), "listen"),
+        (("openai.maxInflight=0",), "/openai/maxInflight"),
+        (("openai.timeoutSeconds=0",), "/openai/timeoutSeconds"),
+        (("openai.defaultChatModel=",), "/openai/defaultChatModel"),
+        (("openai.port=80",), "port"),
+        (("triton.generation.enabled=yes",), "/triton/generation/enabled"),
+        (("triton.discovery.mode=dns",), "/triton/discovery/mode"),
+        (("triton.discovery.addresses={triton}",), "/triton/discovery/addresses"),
+    ],
+)
 def test_invalid_values_fail_naming_the_field(sets, field):
     proc = cr.template(None, *sets)
     assert proc.returncode != 0, sets
@@ -561,6 +629,7 @@ def test_invalid_values_fail_naming_the_field(sets, field):
 
 
 # --- OpenAI gateway and the generation model ----------------------------------------------------------
+
 
 def test_openai_gateway_deployment_service_and_probes():
     docs = cr.render()
@@ -587,8 +656,9 @@ def test_openai_gateway_deployment_service_and_probes():
 
 def test_openai_ingress_can_be_restricted():
     peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}
-    docs = cr.render(None, "networkPolicy.openaiIngressFrom[0].namespaceSelector.matchLabels"
-                           ".kubernetes\\.io/metadata\\.name=ingress")
+    docs = cr.render(
+        None, "networkPolicy.openaiIngressFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=ingress"
+    )
     policies = _policies(docs)
     assert _rule_for(policies["openai"], OPENAI_PORT)["from"] == [peer]
     assert "from" not in _rule_for(policies["router"], PORTS["router"])
@@ -597,12 +667,19 @@ def test_openai_ingress_can_be_restricted():
 def test_openai_gateway_can_be_disabled():
     docs = cr.render(None, "openai.enabled=false")
     assert not [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "openai"]
-    restricted = cr.render(None, "openai.enabled=false", "console.enabled=false",
-                           "networkPolicy.routerIngressFrom[0].podSelector.matchLabels.a=b")
-    assert _rule_for(_policies(restricted)["router"], PORTS["router"])["from"] == [{"podSelector": {"matchLabels": {"a": "b"}}}]
+    restricted = cr.render(
+        None,
+        "openai.enabled=false",
+        "console.enabled=false",
+        "networkPolicy.routerIngressFrom[0].podSelector.matchLabels.a=b",
+    )
+    assert _rule_for(_policies(restricted)["router"], PORTS["router"])["from"] == [
+        {"podSelector": {"matchLabels": {"a": "b"}}}
+    ]
 
 
 # --- web console -----------------------------------------------------------------------------------
+
 
 def test_console_deployment_service_and_probes():
     docs = cr.render()
@@ -625,15 +702,18 @@ def test_console_deployment_service_and_probes():
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": CONSOLE_PORT, "metrics": 9090}
     policies = _policies(docs)
     assert _rule_for(policies["console"], CONSOLE_PORT).get("from") is None  # anyone, unless restricted
-    assert "console" in _components({"from": [p for p in _rule_for(policies["router"], 9090)["from"]
-                                              if "podSelector" in p]})  # it reads the router's /metrics
+    assert "console" in _components(
+        {"from": [p for p in _rule_for(policies["router"], 9090)["from"] if "podSelector" in p]}
+    )  # it reads the router's /metrics
     assert not [p for p in _rule_for(policies["tokenizer"], 9090)["from"] if "podSelector" in p]
     assert name("console") in cr.by_name(docs, "ServiceAccount")
 
 
 def test_console_ingress_can_be_restricted_and_console_disabled():
     docs = cr.render(None, "networkPolicy.consoleIngressFrom[0].podSelector.matchLabels.team=platform")
-    assert _rule_for(_policies(docs)["console"], CONSOLE_PORT)["from"] == [{"podSelector": {"matchLabels": {"team": "platform"}}}]
+    assert _rule_for(_policies(docs)["console"], CONSOLE_PORT)["from"] == [
+        {"podSelector": {"matchLabels": {"team": "platform"}}}
+    ]
     off = cr.render(None, "console.enabled=false")
     assert not [d for d in off if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "console"]
 
@@ -641,7 +721,9 @@ def test_console_ingress_can_be_restricted_and_console_disabled():
 def test_generation_needs_a_triton_image_with_onnxruntime_genai():
     proc = cr.template(None, "triton.generation.enabled=true")
     assert proc.returncode != 0 and "triton.generation.enabled" in proc.stderr and "Dockerfile.genai" in proc.stderr
-    docs = cr.render(None, "triton.generation.enabled=true", "triton.image.repository=registry.example/maas-triton-genai")
+    docs = cr.render(
+        None, "triton.generation.enabled=true", "triton.image.repository=registry.example/maas-triton-genai"
+    )
     assert cr.container(docs, "triton")["image"].startswith("registry.example/maas-triton-genai:")
     dockerfile = (cr.ROOT / "deploy" / "triton" / "Dockerfile.genai").read_text()
     assert "onnxruntime-genai" in dockerfile and "triton_backends/onnxruntime_genai" in dockerfile
@@ -680,8 +762,9 @@ def test_tls_is_on_in_production_with_a_cert_manager_certificate():
     assert "127.0.0.1" in cert["spec"]["ipAddresses"]  # the fast path's fallback to its own router
 
 
-@pytest.mark.parametrize("scenario", [("gpu-production-values.yaml",), (None, "tls.enabled=true",
-                                                                         "tls.existingSecret=my-certs")])
+@pytest.mark.parametrize(
+    "scenario", [("gpu-production-values.yaml",), (None, "tls.enabled=true", "tls.existingSecret=my-certs")]
+)
 def test_tls_reaches_every_pod_and_probes_still_work(scenario):
     docs = cr.render(*scenario)
     secret = "my-certs" if scenario[0] is None else name("tls")
@@ -696,7 +779,10 @@ def test_tls_reaches_every_pod_and_probes_still_work(scenario):
         _, c = _pod(docs, svc)
         e = cr.env(c)
         assert {k: e[k]["value"] for k in ("MAAS_TLS_CERT", "MAAS_TLS_KEY", "MAAS_TLS_CA")} == {
-            "MAAS_TLS_CERT": f"{TLS_DIR}/tls.crt", "MAAS_TLS_KEY": f"{TLS_DIR}/tls.key", "MAAS_TLS_CA": f"{TLS_DIR}/ca.crt"}
+            "MAAS_TLS_CERT": f"{TLS_DIR}/tls.crt",
+            "MAAS_TLS_KEY": f"{TLS_DIR}/tls.key",
+            "MAAS_TLS_CA": f"{TLS_DIR}/ca.crt",
+        }
         assert e["MAAS_TLS_CLIENT_AUTH"]["value"] == "required"
         assert e["MAAS_TLS_SERVER_NAME"]["value"] == cr.FULLNAME
         assert e["MAAS_HEALTH_LISTEN"]["value"] == f"0.0.0.0:{TLS_HEALTH_PORT}"
@@ -712,8 +798,13 @@ def test_tls_reaches_every_pod_and_probes_still_work(scenario):
             assert c[probe]["httpGet"]["scheme"] == "HTTPS", (http_service, probe)
     _, triton = _pod(docs, "triton")
     args = triton["args"]
-    assert {"--grpc-use-ssl=true", "--grpc-use-ssl-mutual=true", f"--grpc-server-cert={TLS_DIR}/tls.crt",
-            f"--grpc-server-key={TLS_DIR}/tls.key", f"--grpc-root-cert={TLS_DIR}/ca.crt"} <= set(args)
+    assert {
+        "--grpc-use-ssl=true",
+        "--grpc-use-ssl-mutual=true",
+        f"--grpc-server-cert={TLS_DIR}/tls.crt",
+        f"--grpc-server-key={TLS_DIR}/tls.key",
+        f"--grpc-root-cert={TLS_DIR}/ca.crt",
+    } <= set(args)
     assert triton["readinessProbe"]["httpGet"]["port"] == "http"  # Triton's HTTP port stays plain for probes
 
 
@@ -731,4 +822,6 @@ def test_tls_off_by_default_and_needs_a_certificate_source():
     _, router = _pod(docs, "router")
     assert "MAAS_TLS_CERT" not in cr.env(router) and not [m for m in router["volumeMounts"] if m["name"] == "tls"]
     proc = cr.template(None, "tls.enabled=true")
-    assert proc.returncode != 0 and "tls.certManager.issuerRef.name" in proc.stderr and "tls.existingSecret" in proc.stderr
+    assert (
+        proc.returncode != 0 and "tls.certManager.issuerRef.name" in proc.stderr and "tls.existingSecret" in proc.stderr
+    )

@@ -1,5 +1,6 @@
 """constraints.txt (the dependency lock) is current: it pins every dependency pyproject.toml declares,
 inside pyproject's range, and the dev venv `make install` built from it has exactly those versions."""
+
 from importlib.metadata import PackageNotFoundError, version
 
 from packaging.utils import canonicalize_name
@@ -27,7 +28,10 @@ def test_dev_venv_matches_the_lock():
 
 def test_problems_names_missing_and_out_of_range_pins():
     from packaging.requirements import Requirement
+
     reqs = [Requirement("grpcio>=1.81"), Requirement("Foo_Bar>=2")]
     out = problems({canonicalize_name("grpcio"): Version("1.80.0")}, reqs)
-    assert out == ["grpcio: pinned 1.80.0, pyproject.toml wants >=1.81",
-                   "Foo_Bar: in pyproject.toml but not pinned in constraints.txt"]
+    assert out == [
+        "grpcio: pinned 1.80.0, pyproject.toml wants >=1.81",
+        "Foo_Bar: in pyproject.toml but not pinned in constraints.txt",
+    ]

@@ -1,4 +1,5 @@
 """services.shared.memory: the glibc mmap threshold is set when asked, left alone otherwise."""
+
 from __future__ import annotations
 
 import platform

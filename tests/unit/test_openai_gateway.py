@@ -1,5 +1,6 @@
 """The OpenAI gateway's HTTP layer against a scripted in-process router (tests/fixtures/fake_router.py):
 the official `openai` client unmodified, raw HTTP for the wire format, errors, limits and disconnects."""
+
 from __future__ import annotations
 
 import base64
@@ -8,14 +9,11 @@ import json
 import time
 from urllib.parse import urlparse
 
-import grpc
 import numpy as np
 import openai
 import pytest
 from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
-
-from maas.v1 import router_pb2
 
 
 def client(gw, **kw) -> openai.OpenAI:
@@ -47,8 +45,16 @@ CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "
 
 def test_chat_unary_maps_fields_and_answers_like_openai(openai_gateway):
     answer = client(openai_gateway).chat.completions.create(
-        model="smollm2", messages=CHAT, max_completion_tokens=10, temperature=0.5, top_p=0.9, seed=7,
-        stop=["zzz", "yyy"], user="user-42", extra_body={"top_k": 40, "repetition_penalty": 1.1})
+        model="smollm2",
+        messages=CHAT,
+        max_completion_tokens=10,
+        temperature=0.5,
+        top_p=0.9,
+        seed=7,
+        stop=["zzz", "yyy"],
+        user="user-42",
+        extra_body={"top_k": 40, "repetition_penalty": 1.1},
+    )
     assert answer.choices[0].message.content == "echo: hello there"
     assert answer.choices[0].message.role == "assistant" and answer.choices[0].finish_reason == "stop"
     assert answer.object == "chat.completion" and answer.id.startswith("chatcmpl-")
@@ -68,8 +74,10 @@ def test_unset_sampling_fields_stay_unset(openai_gateway):
     assert s.max_tokens == 5 and not any(s.HasField(f) for f in ("temperature", "top_p", "seed", "repetition_penalty"))
 
 
-@pytest.mark.parametrize("model, field, value", [("smollm2:1", "version", 1), ("smollm2:canary", "alias", "canary"),
-                                                 ("smollm2", None, None), ("", None, None)])
+@pytest.mark.parametrize(
+    "model, field, value",
+    [("smollm2:1", "version", 1), ("smollm2:canary", "alias", "canary"), ("smollm2", None, None), ("", None, None)],
+)
 def test_model_names_version_or_alias(openai_gateway, model, field, value):
     status, body = raw(openai_gateway, "POST", "/v1/chat/completions", {"model": model, "messages": CHAT})
     assert status == 200, body
@@ -82,8 +90,9 @@ def test_model_names_version_or_alias(openai_gateway, model, field, value):
 def test_chat_stream_is_openai_sse_and_equals_unary(openai_gateway):
     api = client(openai_gateway)
     unary = api.chat.completions.create(model="smollm2", messages=CHAT).choices[0].message.content
-    chunks = list(api.chat.completions.create(model="smollm2", messages=CHAT, stream=True,
-                                              stream_options={"include_usage": True}))
+    chunks = list(
+        api.chat.completions.create(model="smollm2", messages=CHAT, stream=True, stream_options={"include_usage": True})
+    )
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == unary
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 3  # one per piece
@@ -92,8 +101,9 @@ def test_chat_stream_is_openai_sse_and_equals_unary(openai_gateway):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
     assert len({c.id for c in chunks}) == 1 and all(c.model == "smollm2:2" for c in chunks)
 
-    status, text = raw(openai_gateway, "POST", "/v1/chat/completions",
-                       {"model": "smollm2", "messages": CHAT, "stream": True})
+    status, text = raw(
+        openai_gateway, "POST", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "stream": True}
+    )
     events = sse_events(text)
     assert status == 200 and events[-1] == "[DONE]"
     assert all("usage" not in json.loads(e) for e in events[:-1])  # only with include_usage
@@ -102,7 +112,9 @@ def test_chat_stream_is_openai_sse_and_equals_unary(openai_gateway):
 
 def test_max_tokens_and_stop_reach_the_answer(openai_gateway):
     api = client(openai_gateway)
-    cut = api.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "a b c d e"}], max_tokens=2)
+    cut = api.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "a b c d e"}], max_tokens=2
+    )
     assert cut.choices[0].message.content == "echo: a" and cut.choices[0].finish_reason == "length"
     stopped = api.completions.create(model="smollm2", prompt="one two three", stop=" two")
     assert stopped.choices[0].text == "echo: one" and stopped.object == "text_completion"
@@ -116,9 +128,20 @@ def test_completions_stream(openai_gateway):
 
 
 def test_content_parts_and_developer_role(openai_gateway):
-    status, _ = raw(openai_gateway, "POST", "/v1/chat/completions", {"messages": [
-        {"role": "developer", "content": "rules"},
-        {"role": "user", "content": [{"type": "text", "text": "part one, "}, {"type": "text", "text": "part two"}]}]})
+    status, _ = raw(
+        openai_gateway,
+        "POST",
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "developer", "content": "rules"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "part one, "}, {"type": "text", "text": "part two"}],
+                },
+            ]
+        },
+    )
     assert status == 200
     sent = openai_gateway.router.requests[-1].messages.messages
     assert [(m.role, m.content) for m in sent] == [("system", "rules"), ("user", "part one, part two")]
@@ -136,20 +159,31 @@ def test_embeddings_float_and_base64(openai_gateway):
     assert status == 400 and body["error"]["param"] == "dimensions"
 
 
-@pytest.mark.parametrize("code, status, error_class", [
-    ("INVALID_ARGUMENT", 400, openai.BadRequestError), ("FAILED_PRECONDITION", 400, openai.BadRequestError),
-    ("UNAUTHENTICATED", 401, openai.AuthenticationError), ("PERMISSION_DENIED", 403, openai.PermissionDeniedError),
-    ("NOT_FOUND", 404, openai.NotFoundError), ("RESOURCE_EXHAUSTED", 429, openai.RateLimitError),
-    ("UNAVAILABLE", 503, openai.InternalServerError), ("DEADLINE_EXCEEDED", 504, openai.InternalServerError),
-    ("INTERNAL", 500, openai.InternalServerError),
-])
+@pytest.mark.parametrize(
+    "code, status, error_class",
+    [
+        ("INVALID_ARGUMENT", 400, openai.BadRequestError),
+        ("FAILED_PRECONDITION", 400, openai.BadRequestError),
+        ("UNAUTHENTICATED", 401, openai.AuthenticationError),
+        ("PERMISSION_DENIED", 403, openai.PermissionDeniedError),
+        ("NOT_FOUND", 404, openai.NotFoundError),
+        ("RESOURCE_EXHAUSTED", 429, openai.RateLimitError),
+        ("UNAVAILABLE", 503, openai.InternalServerError),
+        ("DEADLINE_EXCEEDED", 504, openai.InternalServerError),
+        ("INTERNAL", 500, openai.InternalServerError),
+    ],
+)
 def test_router_status_becomes_matching_http_status(openai_gateway, code, status, error_class):
     for stream in (False, True):  # a stream that fails before its first message is a plain error answer
         with pytest.raises(error_class) as caught:
             client(openai_gateway).chat.completions.create(model=f"code-{code.lower()}", messages=CHAT, stream=stream)
         assert caught.value.status_code == status
-        assert caught.value.body == {"message": f"scripted code-{code.lower()}", "type": caught.value.body["type"],
-                                     "param": None, "code": code.lower()}
+        assert caught.value.body == {
+            "message": f"scripted code-{code.lower()}",
+            "type": caught.value.body["type"],
+            "param": None,
+            "code": code.lower(),
+        }
     with pytest.raises(error_class):
         client(openai_gateway).embeddings.create(model=f"code-{code.lower()}", input="x")
 
@@ -160,22 +194,25 @@ def test_unknown_model_is_404_naming_model(openai_gateway):
     assert caught.value.body["param"] == "model" and "missing" in caught.value.body["message"]
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"messages": CHAT, "temperature": "hot"}, "temperature"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
-    ({}, "messages"),
-    ({"messages": []}, "messages"),
-    ({"messages": CHAT, "max_tokens": 0}, "max_tokens"),
-    ({"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
-    ({"messages": CHAT, "seed": -1}, "seed"),
-    ({"messages": CHAT, "n": 2}, "n"),
-    ({"messages": CHAT, "stop": 5}, "stop"),
-    ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
-    ({"messages": CHAT, "model": "smollm2:"}, "model"),
-    ({"messages": CHAT, "model": ":3"}, "model"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": CHAT, "temperature": "hot"}, "temperature"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
+        ({}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": CHAT, "max_tokens": 0}, "max_tokens"),
+        ({"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
+        ({"messages": CHAT, "seed": -1}, "seed"),
+        ({"messages": CHAT, "n": 2}, "n"),
+        ({"messages": CHAT, "stop": 5}, "stop"),
+        ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": CHAT, "model": "smollm2:"}, "model"),
+        ({"messages": CHAT, "model": ":3"}, "model"),
+    ],
+)
 def test_bad_chat_input_is_400_naming_the_field(openai_gateway, body, param):
     before = len(openai_gateway.router.requests)
     status, answer = raw(openai_gateway, "POST", "/v1/chat/completions", body)
@@ -185,14 +222,17 @@ def test_bad_chat_input_is_400_naming_the_field(openai_gateway, body, param):
     assert len(openai_gateway.router.requests) == before  # refused before the router
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
-    ("/v1/completions", {}, "prompt"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
-    ("/v1/embeddings", {"input": [[1, 2]]}, "input"),
-    ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, "encoding_format"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
+        ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+        ("/v1/completions", {}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+        ("/v1/embeddings", {"input": [[1, 2]]}, "input"),
+        ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, "encoding_format"),
+    ],
+)
 def test_bad_completion_and_embedding_input(openai_gateway, path, body, param):
     status, answer = raw(openai_gateway, "POST", path, body)
     assert status == 400 and answer["error"]["param"] == param, answer
@@ -212,7 +252,9 @@ def test_error_mid_stream_is_an_error_event(openai_gateway):
         for chunk in stream:
             seen.append(chunk.choices[0].delta.content)
     assert seen == ["", "echo:", " hello"] and "Triton went away" in str(caught.value)
-    status, text = raw(openai_gateway, "POST", "/v1/chat/completions", {"model": "midfail", "messages": CHAT, "stream": True})
+    status, text = raw(
+        openai_gateway, "POST", "/v1/chat/completions", {"model": "midfail", "messages": CHAT, "stream": True}
+    )
     events = sse_events(text)
     assert json.loads(events[-1])["error"]["code"] == "unavailable" and "[DONE]" not in events
 
@@ -223,8 +265,12 @@ def test_client_disconnect_mid_stream_cancels_the_router_call(openai_gateway):
     router.slow_started.clear()
     url = urlparse(openai_gateway.url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    conn.request("POST", "/v1/chat/completions", json.dumps({"model": "slow", "messages": CHAT, "stream": True}),
-                 {"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"model": "slow", "messages": CHAT, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
     response = conn.getresponse()
     assert response.status == 200 and b"thinking" not in response.read1()  # the role chunk
     assert router.slow_started.wait(10)
@@ -239,8 +285,12 @@ def test_client_gone_during_a_unary_completion_cancels_the_router_call(openai_ga
     router.slow_started.clear()
     url = urlparse(openai_gateway.url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    conn.request("POST", "/v1/chat/completions", json.dumps({"model": "slow", "messages": CHAT}),
-                 {"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"model": "slow", "messages": CHAT}),
+        {"Content-Type": "application/json"},
+    )
     assert router.slow_started.wait(10)
     conn.close()
     assert router.cancelled.wait(10), "the router call was not cancelled"
@@ -254,8 +304,16 @@ def test_models_list_names_models_aliases_and_versions(openai_gateway):
             break
         except openai.InternalServerError:
             time.sleep(0.05)
-    assert ids == ["minilm", "minilm:production", "minilm:1",
-                   "smollm2", "smollm2:canary", "smollm2:production", "smollm2:1", "smollm2:2"]
+    assert ids == [
+        "minilm",
+        "minilm:production",
+        "minilm:1",
+        "smollm2",
+        "smollm2:canary",
+        "smollm2:production",
+        "smollm2:1",
+        "smollm2:2",
+    ]
     assert api.models.retrieve("smollm2").model_extra["kind"] == "generation"
     assert api.models.retrieve("minilm").model_extra["kind"] == "embedding"
     canary = api.models.retrieve("smollm2:canary")
@@ -288,8 +346,12 @@ def test_inflight_limit_is_429(openai_gateway_one_slot):
     url = urlparse(gw.url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
     try:
-        conn.request("POST", "/v1/chat/completions", json.dumps({"model": "slow", "messages": CHAT, "stream": True}),
-                     {"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps({"model": "slow", "messages": CHAT, "stream": True}),
+            {"Content-Type": "application/json"},
+        )
         assert conn.getresponse().status == 200 and gw.router.slow_started.wait(10)
         status, answer = raw(gw, "POST", "/v1/chat/completions", {"messages": CHAT})
         assert status == 429 and "max_inflight" in answer["error"]["message"]
@@ -301,15 +363,24 @@ def test_inflight_limit_is_429(openai_gateway_one_slot):
 
 def test_metrics_count_requests_by_route_and_code(openai_gateway):
     def count(code: str) -> float:
-        return REGISTRY.get_sample_value("maas_http_requests_total", {"service": "openai", "route": "/v1/embeddings",
-                                                                      "code": code}) or 0.0
+        return (
+            REGISTRY.get_sample_value(
+                "maas_http_requests_total", {"service": "openai", "route": "/v1/embeddings", "code": code}
+            )
+            or 0.0
+        )
+
     ok, bad = count("200"), count("404")
     client(openai_gateway).embeddings.create(model="minilm", input="x")
     with pytest.raises(openai.NotFoundError):
         client(openai_gateway).embeddings.create(model="missing", input="x")
     assert (count("200"), count("404")) == (ok + 1, bad + 1)
-    assert REGISTRY.get_sample_value("maas_http_request_duration_seconds_count",
-                                     {"service": "openai", "route": "/v1/embeddings"}) >= 2
+    assert (
+        REGISTRY.get_sample_value(
+            "maas_http_request_duration_seconds_count", {"service": "openai", "route": "/v1/embeddings"}
+        )
+        >= 2
+    )
 
 
 def test_trace_context_reaches_the_router(openai_gateway_traced):

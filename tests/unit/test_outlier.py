@@ -1,4 +1,5 @@
 """Outlier ejection and the retry budget (services/shared/outlier.py), on a fake clock."""
+
 from __future__ import annotations
 
 from services.shared.config import OutlierSettings, RetryBudgetSettings
@@ -15,8 +16,12 @@ class Clock:
 
 def detector(n: int = 3, **settings) -> tuple[OutlierDetector, Clock]:
     clock = Clock()
-    d = OutlierDetector(OutlierSettings(**{"consecutive_failures": 3, "base_ejection_seconds": 10.0,
-                                           "max_ejection_seconds": 25.0, **settings}), clock)
+    d = OutlierDetector(
+        OutlierSettings(
+            **{"consecutive_failures": 3, "base_ejection_seconds": 10.0, "max_ejection_seconds": 25.0, **settings}
+        ),
+        clock,
+    )
     for i in range(n):
         d.add(f"r{i}")
     return d, clock
@@ -85,8 +90,9 @@ def test_a_removed_replica_is_forgotten():
 
 def budget(**settings) -> tuple[RetryBudget, Clock]:
     clock = Clock()
-    return RetryBudget(RetryBudgetSettings(**{"ratio": 0.2, "min_retries": 3, "window_seconds": 10.0,
-                                              **settings}), clock), clock
+    return RetryBudget(
+        RetryBudgetSettings(**{"ratio": 0.2, "min_retries": 3, "window_seconds": 10.0, **settings}), clock
+    ), clock
 
 
 def test_retries_are_a_share_of_requests_plus_a_floor():

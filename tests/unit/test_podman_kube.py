@@ -2,6 +2,7 @@
 per-run 1777 directories, containerPorts (published on the host by podman 4.3) and probes (run by
 the bridge itself) leave the played copy; everything else of the chart's pod (command, args, env,
 security context, the model repository claim) is played as rendered. Services become DNS aliases."""
+
 import copy
 import stat
 
@@ -28,8 +29,9 @@ def test_emptydirs_become_private_world_writable_dirs_and_nothing_else_changes(t
     assert after["securityContext"] == spec0["securityContext"]
     (played,), (rendered,) = after["containers"], spec0["containers"]
     assert played["ports"] == [] and not any(p in played for p in PROBES)
-    assert {k: v for k, v in played.items() if k != "ports"} == \
-        {k: v for k, v in rendered.items() if k not in ("ports", *PROBES)}
+    assert {k: v for k, v in played.items() if k != "ports"} == {
+        k: v for k, v in rendered.items() if k not in ("ports", *PROBES)
+    }
     assert played["image"].startswith("localhost/maas-triton-cpu:")
 
 

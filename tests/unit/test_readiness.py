@@ -1,4 +1,5 @@
 """triton_reachable: ready when one replica answers live; otherwise a reason naming every address."""
+
 from __future__ import annotations
 
 import asyncio
@@ -22,6 +23,7 @@ def answers(by_address):
         if outcome == "hang":
             await asyncio.sleep(10)
         return outcome
+
     return live
 
 
@@ -37,12 +39,19 @@ async def test_one_live_replica_is_enough():
 
 
 async def test_every_address_and_its_error_named():
-    live = answers({"a:8001": FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect: Connection refused"),
-                    "b:8001": False, "c:8001": "hang"})
+    live = answers(
+        {
+            "a:8001": FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect: Connection refused"),
+            "b:8001": False,
+            "c:8001": "hang",
+        }
+    )
     reason = await triton_reachable(["c:8001", "a:8001", "b:8001"], live, 0.05, "x")
-    assert reason == ("Triton at a:8001 unreachable: UNAVAILABLE: failed to connect: Connection refused; "
-                      "Triton at b:8001 unreachable: answers not live; "
-                      "Triton at c:8001 unreachable: no answer within 0.05 s")
+    assert reason == (
+        "Triton at a:8001 unreachable: UNAVAILABLE: failed to connect: Connection refused; "
+        "Triton at b:8001 unreachable: answers not live; "
+        "Triton at c:8001 unreachable: no answer within 0.05 s"
+    )
 
 
 async def test_long_errors_are_cut():
@@ -54,6 +63,8 @@ async def test_long_errors_are_cut():
 def test_error_text_of_tritonclient_exceptions():
     from tritonclient.utils import InferenceServerException
 
-    assert error_text(InferenceServerException("failed to connect", status="StatusCode.UNAVAILABLE")) == \
-        "UNAVAILABLE: failed to connect"
+    assert (
+        error_text(InferenceServerException("failed to connect", status="StatusCode.UNAVAILABLE"))
+        == "UNAVAILABLE: failed to connect"
+    )
     assert error_text(InferenceServerException("no status")) == "no status"

@@ -1,4 +1,5 @@
 """Registry domain logic with a fake Triton fleet: no processes, real SQLite and a real repository folder."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,8 +8,15 @@ import hashlib
 import pytest
 
 from services.registry.domain import (
-    ArtifactFormat, Postprocessing, PostprocessingKind, RegistrationRequest, Signature, Target, TensorSpec,
-    VersionState, check_name,
+    ArtifactFormat,
+    Postprocessing,
+    PostprocessingKind,
+    RegistrationRequest,
+    Signature,
+    Target,
+    TensorSpec,
+    VersionState,
+    check_name,
 )
 from services.registry.registry import Registry
 from services.registry.repository import ModelRepository
@@ -52,19 +60,32 @@ class FakeFleet:
 
 
 def request(model: str, data: bytes, **kwargs) -> RegistrationRequest:
-    return RegistrationRequest(model=model, format=kwargs.pop("format", ArtifactFormat.ONNX),
-                               sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), actor="unit", **kwargs)
+    return RegistrationRequest(
+        model=model,
+        format=kwargs.pop("format", ArtifactFormat.ONNX),
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        actor="unit",
+        **kwargs,
+    )
 
 
 async def chunks(data: bytes, size: int = 1000):
     for i in range(0, len(data), size):
-        yield data[i:i + size]
+        yield data[i : i + size]
 
 
 @pytest.fixture
 async def registry(tmp_path):
-    reg = Registry(Store(tmp_path / "db.sqlite3"), ModelRepository(tmp_path / "repo"), FakeFleet(), executor=None,
-                   max_artifact_bytes=10_000_000, default_max_batch_size=8, load_timeout=10)
+    reg = Registry(
+        Store(tmp_path / "db.sqlite3"),
+        ModelRepository(tmp_path / "repo"),
+        FakeFleet(),
+        executor=None,
+        max_artifact_bytes=10_000_000,
+        default_max_batch_size=8,
+        load_timeout=10,
+    )
     await reg.start()
     try:
         yield reg
@@ -191,12 +212,19 @@ async def test_traffic_policy_validation(registry):
     await register(registry)
     await register(registry)
     await registry.set_alias("tiny", "canary", 2, "a", "")
-    p = await registry.set_traffic_policy("tiny", [Target(version=1, weight=90), Target(alias="canary", weight=10)],
-                                          Target(version=2), 0.1, "ops", "canary")
+    p = await registry.set_traffic_policy(
+        "tiny",
+        [Target(version=1, weight=90), Target(alias="canary", weight=10)],
+        Target(version=2),
+        0.1,
+        "ops",
+        "canary",
+    )
     assert registry.store.policy("tiny") == p
     with pytest.raises(InvalidArgument, match="appears twice"):
-        await registry.set_traffic_policy("tiny", [Target(version=1, weight=1), Target(version=1, weight=1)], None, 0,
-                                          "", "")
+        await registry.set_traffic_policy(
+            "tiny", [Target(version=1, weight=1), Target(version=1, weight=1)], None, 0, "", ""
+        )
     with pytest.raises(InvalidArgument, match="exactly one"):
         await registry.set_traffic_policy("tiny", [Target(weight=1)], None, 0, "", "")
     with pytest.raises(InvalidArgument, match="no shadow target"):
@@ -221,8 +249,16 @@ async def test_watch_snapshot_then_changes(registry):
 
 
 async def test_slow_watcher_is_cut_off_without_blocking_mutations(tmp_path):
-    reg = Registry(Store(tmp_path / "db"), ModelRepository(tmp_path / "repo"), FakeFleet(), executor=None,
-                   max_artifact_bytes=10_000_000, default_max_batch_size=8, load_timeout=10, watch_queue_size=3)
+    reg = Registry(
+        Store(tmp_path / "db"),
+        ModelRepository(tmp_path / "repo"),
+        FakeFleet(),
+        executor=None,
+        max_artifact_bytes=10_000_000,
+        default_max_batch_size=8,
+        load_timeout=10,
+        watch_queue_size=3,
+    )
     await reg.start()
     try:
         await register(reg)
@@ -232,6 +268,7 @@ async def test_slow_watcher_is_cut_off_without_blocking_mutations(tmp_path):
         for i in range(10):
             await reg.set_alias("tiny", "production", 1 + i % 2, "a", "")
         from services.shared.errors import Unavailable
+
         with pytest.raises(Unavailable, match="reconnect"):
             for _ in range(20):
                 await slow.__anext__()
@@ -246,8 +283,15 @@ async def test_slow_watcher_is_cut_off_without_blocking_mutations(tmp_path):
 
 async def test_restart_keeps_everything_and_cleans_orphans(tmp_path):
     def make():
-        return Registry(Store(tmp_path / "db"), ModelRepository(tmp_path / "repo"), FakeFleet(), executor=None,
-                        max_artifact_bytes=10_000_000, default_max_batch_size=8, load_timeout=10)
+        return Registry(
+            Store(tmp_path / "db"),
+            ModelRepository(tmp_path / "repo"),
+            FakeFleet(),
+            executor=None,
+            max_artifact_bytes=10_000_000,
+            default_max_batch_size=8,
+            load_timeout=10,
+        )
 
     reg = make()
     await reg.start()
@@ -261,7 +305,6 @@ async def test_restart_keeps_everything_and_cleans_orphans(tmp_path):
     # What a crash between rename and commit, or mid-upload, leaves behind:
     (tmp_path / "repo" / "tiny" / "2").mkdir()
     (tmp_path / "repo" / "tiny" / ".staging" / "upload-x").mkdir(parents=True)
-    (tmp_path / "repo" / ".staging" / "upload-y").mkdir(parents=True)  # where older registries staged
     (tmp_path / "repo" / "newmodel" / ".staging" / "upload-z").mkdir(parents=True)  # a first upload
     (tmp_path / "repo" / "newmodel" / ".maas-registry").write_text("")
     (tmp_path / "repo" / "other" / "1").mkdir(parents=True)  # not ours: left alone
@@ -273,7 +316,7 @@ async def test_restart_keeps_everything_and_cleans_orphans(tmp_path):
         assert reg.get_model("tiny") == model and reg.store.revision() == revision
         assert not (tmp_path / "repo" / "tiny" / "2").exists()
         assert reg.repository.staged_uploads() == []
-        assert not (tmp_path / "repo" / ".staging").exists() and not (tmp_path / "repo" / "newmodel").exists()
+        assert not (tmp_path / "repo" / "newmodel").exists()
         assert (tmp_path / "repo" / "other" / "1").exists()
         assert reg.fleet.live == {"tiny": [1]}  # Triton reconciled on start
         v2 = await register(reg)
@@ -298,10 +341,11 @@ async def test_metrics(registry):
     await register(registry, "metered")
     await register(registry, "metered")
     await registry.archive("metered", 1, "a", "")
-    sample = lambda name, **labels: REGISTRY.get_sample_value(name, labels)  # noqa: E731
+    sample = lambda name, **labels: REGISTRY.get_sample_value(name, labels)
     assert sample("maas_registry_versions", model="metered", state="ready") == 1
     assert sample("maas_registry_versions", model="metered", state="archived") == 1
     from services.registry.domain import ShadowResult
+
     registry.report_shadow_results([ShadowResult("metered", 2, 1, 10, 9, 9.5, 5.0, 6.0)])
     assert sample("maas_registry_shadow_agreement", model="metered", primary="2", shadow="1") == 0.9
     assert sample("maas_registry_shadow_samples_total", model="metered", primary="2", shadow="1") >= 1
@@ -390,11 +434,20 @@ async def test_a_shadow_report_with_a_non_finite_number_is_invalid_argument(regi
 async def test_a_restarted_replica_gets_its_models_back_concurrently_smallest_first(tmp_path):
     """reload_concurrency models load at once (not one after another), the smallest artefacts first."""
     fleet = FakeFleet()
-    reg = Registry(Store(tmp_path / "db.sqlite3"), ModelRepository(tmp_path / "repo"), fleet, executor=None,
-                   max_artifact_bytes=10_000_000, default_max_batch_size=8, load_timeout=10, reload_concurrency=2)
+    reg = Registry(
+        Store(tmp_path / "db.sqlite3"),
+        ModelRepository(tmp_path / "repo"),
+        fleet,
+        executor=None,
+        max_artifact_bytes=10_000_000,
+        default_max_batch_size=8,
+        load_timeout=10,
+        reload_concurrency=2,
+    )
     await reg.start()
     try:
         import onnx
+
         for name, padding in (("big", 4000), ("small", 0), ("middle", 1000)):
             model = onnx.load_from_string(tiny_onnx())
             model.doc_string = "x" * padding  # artefact size: what the order goes by
@@ -408,6 +461,7 @@ async def test_a_restarted_replica_gets_its_models_back_concurrently_smallest_fi
             started.append(model)
             await release.wait()
             await apply(model, config, live, addresses)
+
         fleet.apply = gated
         repairing = asyncio.create_task(reg.deployment.reconcile_replicas())
         while len(started) < 2:

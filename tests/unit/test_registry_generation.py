@@ -1,4 +1,5 @@
 """Generation versions in the registry: the ORT_GENAI folder format, its checks and its Triton config."""
+
 from __future__ import annotations
 
 import io
@@ -8,12 +9,16 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
-from tritonclient.grpc import model_config_pb2
 
 from maas.registry_client import detect_format, pack_folder
 from services.registry import artifacts
 from services.registry.domain import (
-    ArtifactFormat, Postprocessing, PostprocessingKind, Preprocessing, PreprocessingKind, RegistrationRequest,
+    ArtifactFormat,
+    Postprocessing,
+    PostprocessingKind,
+    Preprocessing,
+    PreprocessingKind,
+    RegistrationRequest,
 )
 from services.registry.tritonconfig import model_config
 from services.shared import generation
@@ -26,8 +31,11 @@ TOKENIZER = Preprocessing(PreprocessingKind.TOKENIZER, "smollm2")
 
 def genai_folder(root: Path, context: int = 4096, decoder: str = "model.onnx", input_name: str = "input_ids") -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "genai_config.json").write_text(json.dumps({"model": {
-        "type": "llama", "context_length": context, "vocab_size": 100, "decoder": {"filename": decoder}}}))
+    (root / "genai_config.json").write_text(
+        json.dumps(
+            {"model": {"type": "llama", "context_length": context, "vocab_size": 100, "decoder": {"filename": decoder}}}
+        )
+    )
     (root / "model.onnx").write_bytes(tiny_onnx(input_name=input_name))
     (root / "tokenizer.json").write_text("{}")
     return root
@@ -40,8 +48,9 @@ def packed(folder: Path, tmp_path: Path) -> bytes:
 def test_genai_folder_becomes_a_decoupled_generation_version(tmp_path):
     folder = genai_folder(tmp_path / "src")
     assert detect_format(folder) == "genai"
-    art = artifacts.validate(upload(tmp_path, packed(folder, tmp_path), ArtifactFormat.ORT_GENAI,
-                                    preprocessing=TOKENIZER), 32, 10**9)
+    art = artifacts.validate(
+        upload(tmp_path, packed(folder, tmp_path), ArtifactFormat.ORT_GENAI, preprocessing=TOKENIZER), 32, 10**9
+    )
     assert sorted(p.name for p in art.version_dir.iterdir()) == ["genai_config.json", "model.onnx", "tokenizer.json"]
     assert art.max_batch_size == 0
     assert [t.name for t in art.signature.inputs] == [name for name, *_ in generation.INPUTS]
@@ -58,18 +67,22 @@ def test_genai_folder_becomes_a_decoupled_generation_version(tmp_path):
     # The committed smollm2 config declares the same tensors.
     committed = Path(__file__).resolve().parents[2] / "model_repository" / "smollm2" / "config.pbtxt"
     from services.shared.model_repository import read_model_config
+
     ours = json_format.MessageToDict(config)
     theirs = json_format.MessageToDict(read_model_config(committed))
     assert ours["input"] == theirs["input"] and ours["output"] == theirs["output"]
 
 
-@pytest.mark.parametrize("change, reason", [
-    (lambda root: (root / "genai_config.json").unlink(), "exactly one genai_config.json"),
-    (lambda root: (root / "model.onnx").unlink(), "not in the folder"),
-    (lambda root: (root / "model.onnx").write_bytes(b"not onnx"), "not an ONNX model"),
-    (lambda root: (root / "model.onnx").write_bytes(tiny_onnx(input_name="x")), "input_ids"),
-    (lambda root: (root / "genai_config.json").write_text('{"model": {}}'), "context_length"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda root: (root / "genai_config.json").unlink(), "exactly one genai_config.json"),
+        (lambda root: (root / "model.onnx").unlink(), "not in the folder"),
+        (lambda root: (root / "model.onnx").write_bytes(b"not onnx"), "not an ONNX model"),
+        (lambda root: (root / "model.onnx").write_bytes(tiny_onnx(input_name="x")), "input_ids"),
+        (lambda root: (root / "genai_config.json").write_text('{"model": {}}'), "context_length"),
+    ],
+)
 def test_bad_genai_folders_are_refused_naming_why(tmp_path, change, reason):
     folder = genai_folder(tmp_path / "src")
     change(folder)
@@ -77,23 +90,29 @@ def test_bad_genai_folders_are_refused_naming_why(tmp_path, change, reason):
     with tarfile.open(fileobj=data, mode="w") as tar:
         tar.add(folder, arcname=".")
     with pytest.raises(InvalidArgument, match=reason):
-        artifacts.validate(upload(tmp_path, data.getvalue(), ArtifactFormat.ORT_GENAI, preprocessing=TOKENIZER),
-                           32, 10**9)
+        artifacts.validate(
+            upload(tmp_path, data.getvalue(), ArtifactFormat.ORT_GENAI, preprocessing=TOKENIZER), 32, 10**9
+        )
 
 
 def request(**kwargs) -> RegistrationRequest:
-    return RegistrationRequest(model="smollm2", format=kwargs.pop("format", ArtifactFormat.ORT_GENAI), sha256="0" * 64,
-                               size_bytes=1, **kwargs)
+    return RegistrationRequest(
+        model="smollm2", format=kwargs.pop("format", ArtifactFormat.ORT_GENAI), sha256="0" * 64, size_bytes=1, **kwargs
+    )
 
 
 def test_generation_header_rules():
     artifacts.check_request(request(preprocessing=TOKENIZER), 10)
-    artifacts.check_request(request(preprocessing=TOKENIZER, postprocessing=Postprocessing(PostprocessingKind.GENERATION)), 10)
+    artifacts.check_request(
+        request(preprocessing=TOKENIZER, postprocessing=Postprocessing(PostprocessingKind.GENERATION)), 10
+    )
     with pytest.raises(InvalidArgument, match="preprocessing tokenizer"):
         artifacts.check_request(request(), 10)
     with pytest.raises(InvalidArgument, match="embedding"):
-        artifacts.check_request(request(preprocessing=TOKENIZER,
-                                        postprocessing=Postprocessing(PostprocessingKind.EMBEDDING)), 10)
+        artifacts.check_request(
+            request(preprocessing=TOKENIZER, postprocessing=Postprocessing(PostprocessingKind.EMBEDDING)), 10
+        )
     with pytest.raises(InvalidArgument, match="ORT_GENAI"):
-        artifacts.check_request(request(format=ArtifactFormat.ONNX,
-                                        postprocessing=Postprocessing(PostprocessingKind.GENERATION)), 10)
+        artifacts.check_request(
+            request(format=ArtifactFormat.ONNX, postprocessing=Postprocessing(PostprocessingKind.GENERATION)), 10
+        )

@@ -1,4 +1,5 @@
 """Registry building blocks: artefact validation, generated Triton config, auth, config, client helpers."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,16 @@ from services.registry import artifacts
 from services.registry.auth import AdminAuth
 from services.registry.config import load_config
 from services.registry.domain import (
-    ArtifactFormat, Postprocessing, PostprocessingKind, RegistrationRequest, Signature, TensorSpec, Version,
-    VersionState, Preprocessing, PreprocessingKind,
+    ArtifactFormat,
+    Postprocessing,
+    PostprocessingKind,
+    RegistrationRequest,
+    Signature,
+    TensorSpec,
+    Version,
+    VersionState,
+    Preprocessing,
+    PreprocessingKind,
 )
 from services.registry.tritonconfig import model_config, to_json, to_pbtxt
 from services.shared.config import ConfigError
@@ -29,8 +38,9 @@ TS_SIG = Signature((TensorSpec("INPUT__0", "FP32", (4,)),), (TensorSpec("OUTPUT_
 
 
 def upload(tmp_path, data: bytes, fmt=ArtifactFormat.ONNX, **kwargs) -> artifacts.Upload:
-    req = RegistrationRequest(model="m", format=fmt, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
-                              **kwargs)
+    req = RegistrationRequest(
+        model="m", format=fmt, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), **kwargs
+    )
     staging = tmp_path / "staging"
     staging.mkdir(parents=True)
     up = artifacts.Upload(staging, req)
@@ -52,8 +62,9 @@ def test_onnx_header_signature_must_agree(tmp_path):
 
 
 def test_torchscript_is_loaded_and_needs_a_positional_signature(tmp_path):
-    art = artifacts.validate(upload(tmp_path, tiny_torchscript(), ArtifactFormat.TORCHSCRIPT, signature=TS_SIG), 4,
-                             10**9)
+    art = artifacts.validate(
+        upload(tmp_path, tiny_torchscript(), ArtifactFormat.TORCHSCRIPT, signature=TS_SIG), 4, 10**9
+    )
     assert (art.version_dir / "model.pt").is_file() and art.signature == TS_SIG
     req = RegistrationRequest(model="m", format=ArtifactFormat.TORCHSCRIPT, sha256="a" * 64, size_bytes=1)
     with pytest.raises(InvalidArgument, match="needs its signature"):
@@ -79,12 +90,15 @@ def test_torchscript_without_torch_checks_the_archive_layout(tmp_path):
 
 
 def test_triton_folder_keeps_its_config(tmp_path):
-    config = ('name: "x"\nbackend: "onnxruntime"\nmax_batch_size: 2\n'
-              'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
-              'output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
-              'parameters { key: "k" value: { string_value: "v" } }\n')
-    art = artifacts.validate(upload(tmp_path, triton_folder(tiny_onnx(), config), ArtifactFormat.TRITON_FOLDER), 8,
-                             10**9)
+    config = (
+        'name: "x"\nbackend: "onnxruntime"\nmax_batch_size: 2\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'parameters { key: "k" value: { string_value: "v" } }\n'
+    )
+    art = artifacts.validate(
+        upload(tmp_path, triton_folder(tiny_onnx(), config), ArtifactFormat.TRITON_FOLDER), 8, 10**9
+    )
     assert art.max_batch_size == 2 and json.loads(art.base_config)["parameters"]["k"]["stringValue"] == "v"
     assert (art.version_dir / "model.onnx").is_file()
 
@@ -109,16 +123,20 @@ def test_triton_folder_symlink_and_backend_are_refused(tmp_path):
         tar.addfile(info)
     with pytest.raises(InvalidArgument, match="only files and folders"):
         artifacts.validate(upload(tmp_path, buf.getvalue(), ArtifactFormat.TRITON_FOLDER), 8, 10**9)
-    python = ('backend: "python"\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
-              'output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]\n')
+    python = (
+        'backend: "python"\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+    )
     with pytest.raises(InvalidArgument, match="not served here"):
-        artifacts.validate(upload(tmp_path / "second", triton_folder(b"", python), ArtifactFormat.TRITON_FOLDER),
-                           8, 10**9)
+        artifacts.validate(
+            upload(tmp_path / "second", triton_folder(b"", python), ArtifactFormat.TRITON_FOLDER), 8, 10**9
+        )
 
 
 def test_upload_size_and_digest(tmp_path):
-    req = RegistrationRequest(model="m", format=ArtifactFormat.ONNX, sha256=hashlib.sha256(b"abc").hexdigest(),
-                              size_bytes=3)
+    req = RegistrationRequest(
+        model="m", format=ArtifactFormat.ONNX, sha256=hashlib.sha256(b"abc").hexdigest(), size_bytes=3
+    )
     (tmp_path / "a").mkdir()
     up = artifacts.Upload(tmp_path / "a", req)
     with pytest.raises(InvalidArgument, match="more than the declared"):
@@ -128,15 +146,30 @@ def test_upload_size_and_digest(tmp_path):
     with pytest.raises(InvalidArgument, match="not 64 lower-case hex"):
         artifacts.check_request(RegistrationRequest(**{**req.__dict__, "sha256": "xyz"}), 100)
     with pytest.raises(InvalidArgument, match="needs the name"):
-        artifacts.check_request(RegistrationRequest(**{**req.__dict__, "preprocessing":
-                                                       Preprocessing(PreprocessingKind.TOKENIZER)}), 100)
+        artifacts.check_request(
+            RegistrationRequest(**{**req.__dict__, "preprocessing": Preprocessing(PreprocessingKind.TOKENIZER)}), 100
+        )
 
 
 def version(fmt=ArtifactFormat.ONNX, labels=(), max_batch=8, sig=None) -> Version:
     sig = sig or Signature((TensorSpec("x", "INT64", (-1,)),), (TensorSpec("y", "FP32", (3,)),))
-    return Version(model="m", version=3, state=VersionState.READY, format=fmt, sha256="", size_bytes=1, signature=sig,
-                   preprocessing=Preprocessing(), postprocessing=Postprocessing(PostprocessingKind.SOFTMAX_TOP_K),
-                   labels=labels, tags={}, created_at=0, created_by="", description="", max_batch_size=max_batch)
+    return Version(
+        model="m",
+        version=3,
+        state=VersionState.READY,
+        format=fmt,
+        sha256="",
+        size_bytes=1,
+        signature=sig,
+        preprocessing=Preprocessing(),
+        postprocessing=Postprocessing(PostprocessingKind.SOFTMAX_TOP_K),
+        labels=labels,
+        tags={},
+        created_at=0,
+        created_by="",
+        description="",
+        max_batch_size=max_batch,
+    )
 
 
 def test_generated_config_round_trips_and_lists_live_versions():
@@ -150,8 +183,12 @@ def test_generated_config_round_trips_and_lists_live_versions():
     assert parsed.dynamic_batching.max_queue_delay_microseconds > 0
     assert json.loads(to_json(config))["version_policy"]["specific"]["versions"] == ["1", "3"]
     ts = model_config("m", version(ArtifactFormat.TORCHSCRIPT, max_batch=0), [3], with_labels=False)
-    assert (ts.backend, ts.platform, ts.default_model_filename, ts.max_batch_size) == \
-        ("pytorch", "pytorch_libtorch", "model.pt", 0)
+    assert (ts.backend, ts.platform, ts.default_model_filename, ts.max_batch_size) == (
+        "pytorch",
+        "pytorch_libtorch",
+        "model.pt",
+        0,
+    )
     assert not ts.HasField("dynamic_batching")
 
 
@@ -220,11 +257,14 @@ async def test_fleet_reports_an_unreachable_triton():
 def test_warmup_inputs_follow_the_signature():
     from services.registry.triton_fleet import warmup_inputs
 
-    sig = Signature((TensorSpec("ids", "INT64", (-1,)), TensorSpec("img", "FP32", (3, 8, 8))),
-                    (TensorSpec("y", "FP32", (2,)),))
+    sig = Signature(
+        (TensorSpec("ids", "INT64", (-1,)), TensorSpec("img", "FP32", (3, 8, 8))), (TensorSpec("y", "FP32", (2,)),)
+    )
     batched = warmup_inputs(sig, 8)
-    assert [(i.name(), i.shape(), i.datatype()) for i in batched] == [("ids", [1, 8], "INT64"),
-                                                                      ("img", [1, 3, 8, 8], "FP32")]
+    assert [(i.name(), i.shape(), i.datatype()) for i in batched] == [
+        ("ids", [1, 8], "INT64"),
+        ("img", [1, 3, 8, 8], "FP32"),
+    ]
     assert [i.shape() for i in warmup_inputs(sig, 0)] == [[8], [3, 8, 8]]
 
 
@@ -239,8 +279,10 @@ def test_config_discovery_static_by_default_and_endpointslices_from_env(monkeypa
     monkeypatch.setenv("MAAS_NAMESPACE", "models")
     cfg = load_config([])
     assert cfg.replica_discovery.mode == "endpointslices" and cfg.triton_addresses == ()
-    assert (cfg.replica_discovery.service, cfg.replica_discovery.namespace) == ("rel-maas-mesh-triton-headless",
-                                                                                "models")
+    assert (cfg.replica_discovery.service, cfg.replica_discovery.namespace) == (
+        "rel-maas-mesh-triton-headless",
+        "models",
+    )
     monkeypatch.delenv("MAAS_TRITON_SERVICE")
     with pytest.raises(ConfigError, match="MAAS_TRITON_SERVICE"):
         load_config([])

@@ -1,5 +1,6 @@
 """Rollout analysis (services/registry/rollout.py) on a real SQLite store with a fake Triton fleet, and the
 router's per-version figures (services/router/version_stats.py). Analyses are driven by hand (step())."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,14 @@ from services.registry.domain import ShadowResult, Target
 from services.registry.registry import Registry
 from services.registry.repository import ModelRepository
 from services.registry.rollout import (
-    ROLLOUT_ACTOR, Analysis, Figures, Rollout, RolloutPolicy, RolloutState, check_report, policy_with_defaults,
+    ROLLOUT_ACTOR,
+    Analysis,
+    Figures,
+    Rollout,
+    RolloutPolicy,
+    RolloutState,
+    check_report,
+    policy_with_defaults,
 )
 from services.registry.store import Store
 from services.router.version_stats import LATENCY_BOUNDS_MS, VersionStatsReporter, counted, note_routed
@@ -23,8 +31,15 @@ BOUNDS = tuple(LATENCY_BOUNDS_MS)
 
 
 def make_registry(tmp_path) -> Registry:
-    return Registry(Store(tmp_path / "db.sqlite3"), ModelRepository(tmp_path / "repo"), FakeFleet(), executor=None,
-                    max_artifact_bytes=10_000_000, default_max_batch_size=8, load_timeout=10)
+    return Registry(
+        Store(tmp_path / "db.sqlite3"),
+        ModelRepository(tmp_path / "repo"),
+        FakeFleet(),
+        executor=None,
+        max_artifact_bytes=10_000_000,
+        default_max_batch_size=8,
+        load_timeout=10,
+    )
 
 
 @pytest.fixture
@@ -58,8 +73,15 @@ def feed(reg, model, version, n, ms=2.0, errors=None):
     reg.rollouts.report([(model, version, n, errors, BOUNDS, counts)])
 
 
-POLICY = RolloutPolicy(step_weight=25, interval_seconds=3600, max_weight=50, max_error_rate=0.05, max_p99_ratio=2.0,
-                       min_requests=10, failure_limit=2)
+POLICY = RolloutPolicy(
+    step_weight=25,
+    interval_seconds=3600,
+    max_weight=50,
+    max_error_rate=0.05,
+    max_p99_ratio=2.0,
+    min_requests=10,
+    failure_limit=2,
+)
 
 
 def test_policy_weights_and_defaults():
@@ -68,10 +90,20 @@ def test_policy_weights_and_defaults():
     assert policy_with_defaults(step_weight=5, max_weight=None) == RolloutPolicy(step_weight=5)
 
 
-@pytest.mark.parametrize("field,value", [("step_weight", 0), ("step_weight", 101), ("max_weight", 0),
-                                         ("interval_seconds", -1.0), ("interval_seconds", float("nan")),
-                                         ("max_error_rate", 1.5), ("max_p99_ratio", 0.5),
-                                         ("min_shadow_agreement", -0.1), ("failure_limit", 0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("step_weight", 0),
+        ("step_weight", 101),
+        ("max_weight", 0),
+        ("interval_seconds", -1.0),
+        ("interval_seconds", float("nan")),
+        ("max_error_rate", 1.5),
+        ("max_p99_ratio", 0.5),
+        ("min_shadow_agreement", -0.1),
+        ("failure_limit", 0),
+    ],
+)
 def test_policies_that_cannot_run_are_refused_naming_the_field(field, value):
     with pytest.raises(InvalidArgument, match=field):
         policy_with_defaults(**({"max_weight": 100} if field == "step_weight" else {}), **{field: value}).check()
@@ -171,8 +203,9 @@ async def test_errors_roll_back_after_failure_limit_in_a_row(reg):
 
 async def test_slow_canary_fails_the_p99_gate(reg):
     v1, v2 = await two_versions(reg)
-    await reg.rollouts.start_rollout("m", v2, POLICY.__class__(**{**POLICY.__dict__, "failure_limit": 1}), False,
-                                     "unit", "")
+    await reg.rollouts.start_rollout(
+        "m", v2, POLICY.__class__(**{**POLICY.__dict__, "failure_limit": 1}), False, "unit", ""
+    )
     feed(reg, "m", v1, 50, ms=2.0)
     feed(reg, "m", v2, 20, ms=7.0)
     assert not await reg.rollouts.step("m")
@@ -183,15 +216,23 @@ async def test_slow_canary_fails_the_p99_gate(reg):
 
 async def test_shadow_agreement_gate_mirrors_and_judges(reg):
     v1, v2 = await two_versions(reg)
-    policy = RolloutPolicy(step_weight=50, interval_seconds=3600, max_weight=50, min_requests=1, failure_limit=1,
-                           min_shadow_agreement=0.99, max_p99_ratio=0)
+    policy = RolloutPolicy(
+        step_weight=50,
+        interval_seconds=3600,
+        max_weight=50,
+        min_requests=1,
+        failure_limit=1,
+        min_shadow_agreement=0.99,
+        max_p99_ratio=0,
+    )
     await reg.rollouts.start_rollout("m", v2, policy, False, "unit", "")
     shadow = reg.store.policy("m").shadow
     assert shadow is not None and shadow.version == v2 and reg.store.policy("m").shadow_fraction == 1.0
     feed(reg, "m", v2, 5)
     assert await reg.rollouts.step("m")  # no comparison yet: waits
-    reg.report_shadow_results([ShadowResult("m", v1, v2, items=10, top1_agreed=10, cosine_sum=9.0,
-                                            primary_latency_ms=1, shadow_latency_ms=1)])
+    reg.report_shadow_results(
+        [ShadowResult("m", v1, v2, items=10, top1_agreed=10, cosine_sum=9.0, primary_latency_ms=1, shadow_latency_ms=1)]
+    )
     assert not await reg.rollouts.step("m")
     r = reg.rollouts.get("m")  # tiny_onnx has no postprocessing: top-1 agreement (1.0) is the one judged
     assert r.state == RolloutState.PROMOTED, r.reason
@@ -256,20 +297,51 @@ def test_status_view_renders_progress_and_analyses():
     from maas.v1 import registry_pb2 as pb
     from services.registry import convert
 
-    reg_rollout = convert.rollout_out(Rollout(
-        model="m", canary_version=2, production_version=1, state=RolloutState.ROLLED_BACK, policy=POLICY, weight=25,
-        reason="at 25%: error rate 0.200 > max_error_rate 0.05", started_at=1.0, updated_at=2.0,
-        analyses=[Analysis(
-            at=2.0, weight=25, canary_requests=40, production_requests=120, canary_error_rate=0.2, canary_p99_ms=3.0,
-            production_p99_ms=2.5, shadow_agreement=0.0, outcome="failed", detail="error rate 0.200 > 0.05")]))
+    reg_rollout = convert.rollout_out(
+        Rollout(
+            model="m",
+            canary_version=2,
+            production_version=1,
+            state=RolloutState.ROLLED_BACK,
+            policy=POLICY,
+            weight=25,
+            reason="at 25%: error rate 0.200 > max_error_rate 0.05",
+            started_at=1.0,
+            updated_at=2.0,
+            analyses=[
+                Analysis(
+                    at=2.0,
+                    weight=25,
+                    canary_requests=40,
+                    production_requests=120,
+                    canary_error_rate=0.2,
+                    canary_p99_ms=3.0,
+                    production_p99_ms=2.5,
+                    shadow_agreement=0.0,
+                    outcome="failed",
+                    detail="error rate 0.200 > 0.05",
+                )
+            ],
+        )
+    )
     console = Console(record=True, width=160)
     console.print(rollout_view(reg_rollout))
     text = console.export_text()
     assert "m: v2 against production v1 rolled_back at 25%" in text and "25% canary" in text
     assert "failed" in text and "error rate 0.200 > 0.05" in text and "+25% every 3600s up to 50%" in text
-    report = pb.ShadowReport(model="m", primary_version=1, shadow_version=2, kind="embedding", agreement=0.99,
-                             samples=3, items=3, mean_cosine=0.99, cosine_bounds=[0.5, 1.0], cosine_counts=[1, 2],
-                             worst=[pb.ShadowExample(request_id="abc", score=0.4, items=1)])
+    report = pb.ShadowReport(
+        model="m",
+        primary_version=1,
+        shadow_version=2,
+        kind="embedding",
+        agreement=0.99,
+        samples=3,
+        items=3,
+        mean_cosine=0.99,
+        cosine_bounds=[0.5, 1.0],
+        cosine_counts=[1, 2],
+        worst=[pb.ShadowExample(request_id="abc", score=0.4, items=1)],
+    )
     console = Console(record=True, width=160)
     console.print(report_view(report))
     text = console.export_text()

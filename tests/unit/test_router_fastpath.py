@@ -1,12 +1,13 @@
-"""What the router tells its compiled OIP data path: each model's routable versions, in lines the
+"""What the router tells its OIP fast path: each model's routable versions, in lines the
 forwarder reads, computed with the routing table's own rules."""
+
 from __future__ import annotations
 
 import pytest
 
 from services.router.config import load_config
 from services.router.fastpath import model_line, snapshot
-from services.router.routing import ModelRoutes, RoutingTable, Shadow, Target, VersionState
+from services.router.routing import ModelRoutes, RoutingTable, Shadow, Target, ServingState
 from services.shared.config import ConfigError
 from tests.unit.test_router_routing import minilm, version
 
@@ -18,14 +19,15 @@ def fields(routes: ModelRoutes) -> list[str]:
 
 
 def test_a_model_line_carries_default_ready_versions_usable_split_and_ready_aliases():
-    routes = minilm(split=(Target(alias="production", weight=90), Target(version=2, weight=10),
-                           Target(version=3, weight=50)))  # v3 is LOADING: no traffic
+    routes = minilm(
+        split=(Target(alias="production", weight=90), Target(version=2, weight=10), Target(version=3, weight=50))
+    )  # v3 is LOADING: no traffic
     # model, default (production → v1), READY versions, usable targets, aliases to READY versions, shadow
     assert fields(routes) == ["model", "minilm", "1", "1,2", "1:90,2:10", "canary=2,production=1", "0"]
 
 
 def test_the_python_router_keeps_what_it_must_answer_itself():
-    no_ready = minilm(versions={3: version(3, VersionState.LOADING)}, aliases={})
+    no_ready = minilm(versions={3: version(3, ServingState.LOADING)}, aliases={})
     assert fields(no_ready)[2:5] == ["0", "-", "-"]  # no default: version-less calls go to the Python router
     unusable = minilm(split=(Target(version=3, weight=100),))
     assert fields(unusable)[4] == "!"  # FAILED_PRECONDITION comes from the Python router
@@ -75,4 +77,5 @@ def test_durations_counted_by_the_forwarder_export_like_observed_ones():
     def series(path: str) -> list[str]:  # without the creation timestamps, which differ
         label = f'path="{path}"'
         return sorted(line.replace(label, "") for line in exported if label in line and "_created" not in line)
+
     assert series("observed") == series("added") and any("d_bucket{" in line for line in series("added"))

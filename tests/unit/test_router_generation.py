@@ -4,6 +4,7 @@ The fake Triton serves a decoupled "gen" model that streams a fixed script of to
 per token, then a final one, as docs/generation.md says); the fake tokenizer renders chat messages and
 detokenizes ids by a small vocabulary. The real-process tests are tests/integration/test_generation.py.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,9 +13,9 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferInput, service_pb2, service_pb2_grpc
+from tritonclient.grpc import InferInput, service_pb2
 
-from maas.v1 import router_pb2, router_pb2_grpc, tensor_pb2, tokenizer_pb2
+from maas.v1 import router_pb2, tensor_pb2, tokenizer_pb2
 from services.router.config import GenerationLimits
 from services.router.generation import StopMatcher, check_sampling, Sampling
 from services.shared.errors import InvalidArgument
@@ -31,12 +32,19 @@ GEN_MODELS = ("gen", "slowgen", "endless")
 
 def generation_models():
     def gen(n, model="gen"):
-        return R.ModelVersion(model=model, version=n, state=R.VERSION_STATE_READY,
-                              preprocessing=R.Preprocessing(kind=R.Preprocessing.KIND_TOKENIZER, name="gentok"),
-                              postprocessing=R.Postprocessing(kind=R.Postprocessing.KIND_GENERATION))
-    return [R.ModelRouting(model="gen", versions=[gen(1), gen(2)], aliases={"production": 2}),
-            R.ModelRouting(model="slowgen", versions=[gen(1, "slowgen")]),
-            R.ModelRouting(model="endless", versions=[gen(1, "endless")])]
+        return R.ModelVersion(
+            model=model,
+            version=n,
+            state=R.VERSION_STATE_READY,
+            preprocessing=R.Preprocessing(kind=R.Preprocessing.KIND_TOKENIZER, name="gentok"),
+            postprocessing=R.Postprocessing(kind=R.Postprocessing.KIND_GENERATION),
+        )
+
+    return [
+        R.ModelRouting(model="gen", versions=[gen(1), gen(2)], aliases={"production": 2}),
+        R.ModelRouting(model="slowgen", versions=[gen(1, "slowgen")]),
+        R.ModelRouting(model="endless", versions=[gen(1, "endless")]),
+    ]
 
 
 def _tensor(response, name, datatype, array):
@@ -45,8 +53,9 @@ def _tensor(response, name, datatype, array):
 
 
 def contract_response(request, ids, finish, usage):
-    response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
-                                              id=request.id)
+    response = service_pb2.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
     _tensor(response, "output_ids", "INT64", np.asarray(ids, np.int64))
     encoded = finish.encode()
     response.outputs.add(name="finish_reason", datatype="BYTES", shape=[1])
@@ -73,9 +82,12 @@ class GenTriton(base.FakeTriton):
         try:
             async for request in request_iterator:
                 self.stream_requests.append(request)
-                inputs = {i.name: np.frombuffer(raw, dtype={"INT64": "<i8", "INT32": "<i4", "FP32": "<f4",
-                                                            "UINT64": "<u8"}[i.datatype])
-                          for i, raw in zip(request.inputs, request.raw_input_contents)}
+                inputs = {
+                    i.name: np.frombuffer(
+                        raw, dtype={"INT64": "<i8", "INT32": "<i4", "FP32": "<f4", "UINT64": "<u8"}[i.datatype]
+                    )
+                    for i, raw in zip(request.inputs, request.raw_input_contents)
+                }
                 if request.model_name not in GEN_MODELS:  # a non-decoupled model answers once
                     yield service_pb2.ModelStreamInferResponse(infer_response=await self.ModelInfer(request, context))
                     continue
@@ -133,7 +145,8 @@ def chat(*contents, model="gen", **sampling):
     return router_pb2.GenerateRequest(
         model=tensor_pb2.ModelRef(name=model),
         messages=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="user", content=c) for c in contents]),
-        sampling=router_pb2.SamplingParams(**sampling))
+        sampling=router_pb2.SamplingParams(**sampling),
+    )
 
 
 async def collect(mesh, request):
@@ -166,9 +179,13 @@ async def test_max_tokens_default_and_length(mesh):
     default = await mesh.stub.GenerateUnary(chat("x"), timeout=5)
     assert default.usage.completion_tokens == DEFAULT  # the version's default_max_tokens
     pinned = await mesh.stub.GenerateUnary(
-        chat("x", max_tokens=2).__class__(model=tensor_pb2.ModelRef(name="gen", version=1),
-                                          prompt="plain text", sampling=router_pb2.SamplingParams(max_tokens=2)),
-        timeout=5)
+        chat("x", max_tokens=2).__class__(
+            model=tensor_pb2.ModelRef(name="gen", version=1),
+            prompt="plain text",
+            sampling=router_pb2.SamplingParams(max_tokens=2),
+        ),
+        timeout=5,
+    )
     assert pinned.routed.version == 1 and pinned.usage.prompt_tokens == 3  # the fake Tokenize's 3 ids
 
 
@@ -196,25 +213,37 @@ async def test_deadline_cancels_the_triton_stream(mesh):
 
 
 # -- refused before any work --------------------------------------------------------------------------
-@pytest.mark.parametrize("request_, code, names", [
-    (chat("x", model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
-    (chat("x", model="embedder"), grpc.StatusCode.INVALID_ARGUMENT, "embedder"),
-    (chat("x", max_tokens=CAP + 1), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-    (chat("x", max_tokens=5000), grpc.StatusCode.INVALID_ARGUMENT, "MAAS_GENERATE_MAX_TOKENS"),
-    (chat("x", temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    (chat("x", top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-    (chat("x", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-    (chat("x", repetition_penalty=0.0), grpc.StatusCode.INVALID_ARGUMENT, "repetition_penalty"),
-    (chat("x", stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop[0]"),
-    (chat("x", max_tokens=CONTEXT - 2), grpc.StatusCode.INVALID_ARGUMENT, "context"),
-    (chat(), grpc.StatusCode.INVALID_ARGUMENT, "messages"),
-    (chat(""), grpc.StatusCode.INVALID_ARGUMENT, "messages[0].content"),
-    (router_pb2.GenerateRequest(model=tensor_pb2.ModelRef(name="gen"), messages=router_pb2.ChatMessages(
-        messages=[router_pb2.ChatMessage(role="wizard", content="x")])), grpc.StatusCode.INVALID_ARGUMENT, "role"),
-    (router_pb2.GenerateRequest(model=tensor_pb2.ModelRef(name="gen")), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
-    (router_pb2.GenerateRequest(model=tensor_pb2.ModelRef(name="gen"), prompt=""),
-     grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
-])
+@pytest.mark.parametrize(
+    "request_, code, names",
+    [
+        (chat("x", model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+        (chat("x", model="embedder"), grpc.StatusCode.INVALID_ARGUMENT, "embedder"),
+        (chat("x", max_tokens=CAP + 1), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (chat("x", max_tokens=5000), grpc.StatusCode.INVALID_ARGUMENT, "MAAS_GENERATE_MAX_TOKENS"),
+        (chat("x", temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (chat("x", top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (chat("x", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (chat("x", repetition_penalty=0.0), grpc.StatusCode.INVALID_ARGUMENT, "repetition_penalty"),
+        (chat("x", stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop[0]"),
+        (chat("x", max_tokens=CONTEXT - 2), grpc.StatusCode.INVALID_ARGUMENT, "context"),
+        (chat(), grpc.StatusCode.INVALID_ARGUMENT, "messages"),
+        (chat(""), grpc.StatusCode.INVALID_ARGUMENT, "messages[0].content"),
+        (
+            router_pb2.GenerateRequest(
+                model=tensor_pb2.ModelRef(name="gen"),
+                messages=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="wizard", content="x")]),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "role",
+        ),
+        (router_pb2.GenerateRequest(model=tensor_pb2.ModelRef(name="gen")), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (
+            router_pb2.GenerateRequest(model=tensor_pb2.ModelRef(name="gen"), prompt=""),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prompt",
+        ),
+    ],
+)
 async def test_bad_requests_are_refused_before_triton(mesh, request_, code, names):
     for call in (lambda: collect(mesh, request_), lambda: mesh.stub.GenerateUnary(request_, timeout=5)):
         with pytest.raises(grpc.aio.AioRpcError) as failed:
@@ -254,6 +283,7 @@ def test_stop_matcher_holds_back_possible_starts_and_cuts_before_the_match():
 async def test_oip_stream_routes_each_request_and_relays_every_response(mesh):
     client = triton_aio.InferenceServerClient(mesh.address)
     try:
+
         def inputs(ids):
             a, b = InferInput("input_ids", [len(ids)], "INT64"), InferInput("max_tokens", [1], "INT32")
             a.set_data_from_numpy(np.asarray(ids, np.int64))
@@ -261,8 +291,8 @@ async def test_oip_stream_routes_each_request_and_relays_every_response(mesh):
             return [a, b]
 
         async def requests():
-            yield {"model_name": "gen", "inputs": inputs([1, 2]), "request_id": "a"}           # traffic policy
-            yield {"model_name": "nope", "inputs": inputs([1]), "request_id": "b"}             # refused, stream goes on
+            yield {"model_name": "gen", "inputs": inputs([1, 2]), "request_id": "a"}  # traffic policy
+            yield {"model_name": "nope", "inputs": inputs([1]), "request_id": "b"}  # refused, stream goes on
             yield {"model_name": "gen", "model_version": "1", "inputs": inputs([1]), "request_id": "c"}
 
         results, errors = [], []
@@ -305,8 +335,10 @@ def test_generation_limits_from_flags_and_env(monkeypatch):
 async def test_undecodable_requests_are_invalid_argument_not_unknown(mesh):
     # GenerateRequest{model: {name: "gen"}, prompt: b"\xff\xfe"}: invalid UTF-8 in a string field.
     raw = bytes([0x0A, 0x05, 0x0A, 0x03]) + b"gen" + bytes([0x12, 0x02, 0xFF, 0xFE])
-    for call in (mesh.channel.unary_unary("/maas.v1.Router/GenerateUnary"),
-                 mesh.channel.unary_stream("/maas.v1.Router/Generate")):
+    for call in (
+        mesh.channel.unary_unary("/maas.v1.Router/GenerateUnary"),
+        mesh.channel.unary_stream("/maas.v1.Router/Generate"),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             result = call(raw, timeout=5)
             await (result if not hasattr(result, "__aiter__") else result.read())

@@ -1,4 +1,5 @@
 """Post-processing, shadow comparison, registry → routing conversion and configuration of the router."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from maas.v1 import registry_pb2 as R
 from services.router.config import load_config
 from services.router.postprocess import as_matrix, cosine_sum, l2_normalise, softmax, top1_agreed, top_k
-from services.router.routing import PostKind, PreKind, VersionInfo, VersionState
+from services.router.routing import PostKind, PreKind, VersionInfo, ServingState
 from services.router.shadow import compare
 from services.router.watcher import routes_from_proto
 from services.shared.config import ConfigError
@@ -45,17 +46,31 @@ def test_shadow_comparison_record():
 
 def test_routing_view_from_the_registry_messages():
     version = R.ModelVersion(
-        model="m", version=2, state=R.VERSION_STATE_LOADING, state_reason="warming up",
-        signature=R.Signature(inputs=[R.TensorSpec(name="x", datatype="FP32", shape=[-1])],
-                              outputs=[R.TensorSpec(name="y", datatype="FP32", shape=[10])]),
+        model="m",
+        version=2,
+        state=R.VERSION_STATE_LOADING,
+        state_reason="warming up",
+        signature=R.Signature(
+            inputs=[R.TensorSpec(name="x", datatype="FP32", shape=[-1])],
+            outputs=[R.TensorSpec(name="y", datatype="FP32", shape=[10])],
+        ),
         preprocessing=R.Preprocessing(kind=R.Preprocessing.KIND_VISION, name="spec"),
-        postprocessing=R.Postprocessing(kind=R.Postprocessing.KIND_SOFTMAX_TOP_K, top_k=3), labels=["a"])
-    policy = R.TrafficPolicy(split=[R.TrafficTarget(alias="production", weight=9), R.TrafficTarget(version=2, weight=1)],
-                             shadow=R.ShadowPolicy(target=R.TrafficTarget(version=2), fraction=0.5))
+        postprocessing=R.Postprocessing(kind=R.Postprocessing.KIND_SOFTMAX_TOP_K, top_k=3),
+        labels=["a"],
+    )
+    policy = R.TrafficPolicy(
+        split=[R.TrafficTarget(alias="production", weight=9), R.TrafficTarget(version=2, weight=1)],
+        shadow=R.ShadowPolicy(target=R.TrafficTarget(version=2), fraction=0.5),
+    )
     routes = routes_from_proto(R.ModelRouting(model="m", versions=[version], aliases={"production": 1}, policy=policy))
     info = routes.versions[2]
     assert (info.state, info.pre_kind, info.post_kind, info.output_name, info.top_k) == (
-        VersionState.LOADING, PreKind.VISION, PostKind.SOFTMAX_TOP_K, "y", 3)
+        ServingState.LOADING,
+        PreKind.VISION,
+        PostKind.SOFTMAX_TOP_K,
+        "y",
+        3,
+    )
     assert [(t.alias, t.version, t.weight) for t in routes.split] == [("production", 0, 9), ("", 2, 1)]
     assert routes.shadow.fraction == 0.5 and routes.shadow.target.version == 2
     assert routes_from_proto(R.ModelRouting(model="m")).shadow is None
@@ -64,7 +79,12 @@ def test_routing_view_from_the_registry_messages():
 def test_config_defaults_flags_and_env(monkeypatch):
     cfg = load_config([])
     assert (cfg.server.listen, cfg.registry, cfg.tokenizer, cfg.vision, cfg.triton) == (
-        "127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:50053", "127.0.0.1:50054", "127.0.0.1:8001")
+        "127.0.0.1:50051",
+        "127.0.0.1:50052",
+        "127.0.0.1:50053",
+        "127.0.0.1:50054",
+        "127.0.0.1:8001",
+    )
     monkeypatch.setenv("MAAS_TRITON_ADDRESS", "triton:9001")
     monkeypatch.setenv("MAAS_SHADOW_MAX_INFLIGHT", "5")
     cfg = load_config(["--registry", "reg:1"])

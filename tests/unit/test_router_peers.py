@@ -1,4 +1,5 @@
 """TritonPeer over a replica pool: spreading, and the retry rule (only calls that never left the router)."""
+
 from __future__ import annotations
 
 import grpc
@@ -7,7 +8,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.router.config import load_config
 from services.router.peers import TritonPeer, raw_model_infer
-from services.router.routing import ModelRoutes, RoutingTable, VersionInfo, VersionState
+from services.router.routing import ModelRoutes, RoutingTable, VersionInfo, ServingState
 from services.shared.config import ConfigError, OutlierSettings, RetryBudgetSettings
 from services.shared.errors import Unavailable
 from services.shared.replica_pool import ReplicaPool
@@ -26,8 +27,9 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         if self.unavailable:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is being unloaded")
         if self.empty:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{request.model_name}' "
-                                                           f"is not found")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{request.model_name}' is not found"
+            )
         return service_pb2.ModelInferResponse(model_name=request.model_name, id=self.name)
 
 
@@ -148,8 +150,13 @@ async def test_stubs_are_built_once_per_replica(tritons):
 
 def test_ready_versions_are_what_a_new_replica_must_serve():
     table = RoutingTable()
-    table.replace_all([ModelRoutes("m", {1: VersionInfo("m", 1), 2: VersionInfo("m", 2, VersionState.LOADING)}),
-                       ModelRoutes("n", {3: VersionInfo("n", 3)})], revision=1)
+    table.replace_all(
+        [
+            ModelRoutes("m", {1: VersionInfo("m", 1), 2: VersionInfo("m", 2, ServingState.LOADING)}),
+            ModelRoutes("n", {3: VersionInfo("n", 3)}),
+        ],
+        revision=1,
+    )
     assert table.ready_versions() == {("m", "1"), ("n", "3")}
 
 
@@ -162,8 +169,11 @@ def test_static_and_discovered_triton_replicas_config(monkeypatch):
     monkeypatch.setenv("MAAS_TRITON_SERVICE", "rel-triton-headless")
     monkeypatch.setenv("MAAS_NAMESPACE", "models")
     discovery = load_config([]).triton_discovery()
-    assert (discovery.mode, discovery.service, discovery.namespace) == ("endpointslices", "rel-triton-headless",
-                                                                        "models")
+    assert (discovery.mode, discovery.service, discovery.namespace) == (
+        "endpointslices",
+        "rel-triton-headless",
+        "models",
+    )
     monkeypatch.delenv("MAAS_TRITON_SERVICE")
     with pytest.raises(ConfigError, match="MAAS_TRITON_SERVICE"):
         load_config([])
@@ -171,6 +181,7 @@ def test_static_and_discovered_triton_replicas_config(monkeypatch):
 
 def sample(name: str) -> float:
     from prometheus_client import REGISTRY
+
     return REGISTRY.get_sample_value(name, {"pool": "test-triton"}) or 0.0
 
 
@@ -227,8 +238,11 @@ async def test_a_replica_that_does_not_serve_the_version_is_retried_elsewhere(tr
         assert [(await peer.call("ModelInfer", infer_request(), 5)).id for _ in range(5)] == ["live"] * 5
         assert empty.calls == 5
         await peer.pool.set_replicas([addresses[0]])
-        with pytest.raises(Unavailable, match=r"^Request for unknown model: 'm' version 1 is not at ready state "
-                                              r"\(READY in the registry, \(re\)loading"):
+        with pytest.raises(
+            Unavailable,
+            match=r"^Request for unknown model: 'm' version 1 is not at ready state "
+            r"\(READY in the registry, \(re\)loading",
+        ):
             await peer.call("ModelInfer", infer_request(), 5)
     finally:
         await peer.pool.close()
@@ -238,9 +252,15 @@ async def test_retries_stop_when_the_budget_is_spent(tritons):
     """Every replica refusing (restarted empty): only min_retries calls are retried (ratio 0), the rest
     fail at once, saying why. A call that never left (connect failure) costs no Triton and is not counted."""
     fakes = [FakeTriton("a", empty=True), FakeTriton("b", empty=True)]
-    peer = await peer_over(await tritons(*fakes), outlier=OutlierSettings(consecutive_failures=0),
-                           retry_budget=RetryBudgetSettings(ratio=0.0, min_retries=3, window_seconds=600))
-    refusals, retries = sample("maas_replica_pool_retry_budget_refusals_total"), sample("maas_replica_pool_retries_total")
+    peer = await peer_over(
+        await tritons(*fakes),
+        outlier=OutlierSettings(consecutive_failures=0),
+        retry_budget=RetryBudgetSettings(ratio=0.0, min_retries=3, window_seconds=600),
+    )
+    refusals, retries = (
+        sample("maas_replica_pool_retry_budget_refusals_total"),
+        sample("maas_replica_pool_retries_total"),
+    )
     try:
         messages = []
         for _ in range(10):
@@ -257,9 +277,11 @@ async def test_retries_stop_when_the_budget_is_spent(tritons):
 
 async def test_a_call_that_never_left_is_retried_whatever_the_budget(tritons):
     live = FakeTriton("live")
-    peer = await peer_over([*(await tritons(live)), await dead_address()],
-                           outlier=OutlierSettings(consecutive_failures=0),
-                           retry_budget=RetryBudgetSettings(ratio=0.0, min_retries=0, window_seconds=600))
+    peer = await peer_over(
+        [*(await tritons(live)), await dead_address()],
+        outlier=OutlierSettings(consecutive_failures=0),
+        retry_budget=RetryBudgetSettings(ratio=0.0, min_retries=0, window_seconds=600),
+    )
     try:
         assert [(await peer.call("ModelInfer", infer_request(), 5)).id for _ in range(20)] == ["live"] * 20
     finally:

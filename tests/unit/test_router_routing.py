@@ -1,4 +1,5 @@
 """Version choice: explicit version > alias > traffic policy > default, sticky keys, shadow sampling."""
+
 from __future__ import annotations
 
 import random
@@ -8,15 +9,29 @@ import grpc
 import pytest
 
 from services.router.routing import (
-    ModelRoutes, PostKind, PreKind, RouteKind, RoutingTable, Shadow, Target, VersionInfo, VersionState,
+    ModelRoutes,
+    PostKind,
+    PreKind,
+    RouteKind,
+    RoutingTable,
+    Shadow,
+    Target,
+    VersionInfo,
+    ServingState,
     unit_interval,
 )
 from services.shared.errors import FailedPrecondition, NotFound, Unavailable
 
 
-def version(n: int, state: VersionState = VersionState.READY) -> VersionInfo:
-    return VersionInfo(model="minilm", version=n, state=state, pre_kind=PreKind.TOKENIZER, pre_name="minilm",
-                       post_kind=PostKind.EMBEDDING)
+def version(n: int, state: ServingState = ServingState.READY) -> VersionInfo:
+    return VersionInfo(
+        model="minilm",
+        version=n,
+        state=state,
+        pre_kind=PreKind.TOKENIZER,
+        pre_name="minilm",
+        post_kind=PostKind.EMBEDDING,
+    )
 
 
 def table_with(routes: ModelRoutes, seed: int = 7) -> RoutingTable:
@@ -26,8 +41,11 @@ def table_with(routes: ModelRoutes, seed: int = 7) -> RoutingTable:
 
 
 def minilm(**kw) -> ModelRoutes:
-    defaults = dict(name="minilm", versions={1: version(1), 2: version(2), 3: version(3, VersionState.LOADING)},
-                    aliases={"production": 1, "canary": 2, "next": 3})
+    defaults = dict(
+        name="minilm",
+        versions={1: version(1), 2: version(2), 3: version(3, ServingState.LOADING)},
+        aliases={"production": 1, "canary": 2, "next": 3},
+    )
     return ModelRoutes(**{**defaults, **kw})
 
 
@@ -69,7 +87,7 @@ def test_not_ready_and_missing_versions():
     with pytest.raises(NotFound, match="no alias 'blue'"):
         table.resolve("minilm", alias="blue")
     with pytest.raises(FailedPrecondition, match="no READY version"):
-        table_with(ModelRoutes("minilm", {1: version(1, VersionState.FAILED)})).resolve("minilm")
+        table_with(ModelRoutes("minilm", {1: version(1, ServingState.FAILED)})).resolve("minilm")
 
 
 def test_canary_split_share_and_alias_targets():
@@ -84,7 +102,7 @@ def test_keyless_split_is_even_over_any_window():
     table = table_with(minilm(split=(Target(version=1, weight=90), Target(version=2, weight=10))), seed=3)
     versions = [table.resolve("minilm").info.version for _ in range(2000)]
     for start in range(0, 2000, 100):
-        assert 8 <= versions[start:start + 100].count(2) <= 12
+        assert 8 <= versions[start : start + 100].count(2) <= 12
     other = table_with(minilm(split=(Target(version=1, weight=90), Target(version=2, weight=10))), seed=5)
     assert [other.resolve("minilm").info.version for _ in range(50)] != versions[:50]  # replicas differ
 

@@ -3,6 +3,7 @@
 Fakes: a registry (Watch + ReportShadowResults), a tokenizer, a vision service and a Triton speaking
 the real Open Inference Protocol. The real-process tests are in tests/integration/test_router*.py.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,8 +16,15 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from maas.v1 import (
-    registry_pb2, registry_pb2_grpc, router_pb2, router_pb2_grpc, tensor_pb2, tokenizer_pb2, tokenizer_pb2_grpc,
-    vision_pb2, vision_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+    tensor_pb2,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+    vision_pb2,
+    vision_pb2_grpc,
 )
 from services.router.config import RouterConfig
 from services.router.server import create_server
@@ -28,23 +36,50 @@ LABELS = ["zero", "one", "two", "three"]
 
 
 # -- fakes -------------------------------------------------------------------------------------------
-def version(model, n, pre=R.Preprocessing.KIND_NONE, pre_name="", post=R.Postprocessing.KIND_NONE,
-            state=R.VERSION_STATE_READY, inputs=(("x", "FP32"),), output="out", labels=()):
+def version(
+    model,
+    n,
+    pre=R.Preprocessing.KIND_NONE,
+    pre_name="",
+    post=R.Postprocessing.KIND_NONE,
+    state=R.VERSION_STATE_READY,
+    inputs=(("x", "FP32"),),
+    output="out",
+    labels=(),
+):
     return R.ModelVersion(
-        model=model, version=n, state=state,
-        signature=R.Signature(inputs=[R.TensorSpec(name=i, datatype=d, shape=[-1]) for i, d in inputs],
-                              outputs=[R.TensorSpec(name=output, datatype="FP32", shape=[4])]),
-        preprocessing=R.Preprocessing(kind=pre, name=pre_name), postprocessing=R.Postprocessing(kind=post),
+        model=model,
+        version=n,
+        state=state,
+        signature=R.Signature(
+            inputs=[R.TensorSpec(name=i, datatype=d, shape=[-1]) for i, d in inputs],
+            outputs=[R.TensorSpec(name=output, datatype="FP32", shape=[4])],
+        ),
+        preprocessing=R.Preprocessing(kind=pre, name=pre_name),
+        postprocessing=R.Postprocessing(kind=post),
         labels=labels,
     )
 
 
 def routing_state():
     tok_inputs = (("input_ids", "INT64"), ("attention_mask", "INT64"))
-    embedder = [version("embedder", n, R.Preprocessing.KIND_TOKENIZER, "tok", R.Postprocessing.KIND_EMBEDDING,
-                        inputs=tok_inputs) for n in (1, 2)]
-    classifier = [version("classifier", 1, R.Preprocessing.KIND_VISION, "spec", R.Postprocessing.KIND_SOFTMAX_TOP_K,
-                          inputs=(("pixels", "FP32"),), labels=LABELS)]
+    embedder = [
+        version(
+            "embedder", n, R.Preprocessing.KIND_TOKENIZER, "tok", R.Postprocessing.KIND_EMBEDDING, inputs=tok_inputs
+        )
+        for n in (1, 2)
+    ]
+    classifier = [
+        version(
+            "classifier",
+            1,
+            R.Preprocessing.KIND_VISION,
+            "spec",
+            R.Postprocessing.KIND_SOFTMAX_TOP_K,
+            inputs=(("pixels", "FP32"),),
+            labels=LABELS,
+        )
+    ]
     tiny = [version("tiny", 1), version("tiny", 2), version("tiny", 3, state=R.VERSION_STATE_LOADING)]
     return [
         R.ModelRouting(model="embedder", versions=embedder, aliases={"production": 1}),
@@ -96,10 +131,14 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
                 raise
         ids = np.array([[101, len(t) + 1, 102] for t in request.texts], np.int64)
         return tokenizer_pb2.TokenizeResponse(
-            tensors=[to_proto("input_ids", ids), to_proto("attention_mask", np.ones_like(ids)),
-                     to_proto("token_type_ids", np.zeros_like(ids))],
+            tensors=[
+                to_proto("input_ids", ids),
+                to_proto("attention_mask", np.ones_like(ids)),
+                to_proto("token_type_ids", np.zeros_like(ids)),
+            ],
             items=[tokenizer_pb2.TokenizedItem(length=3, truncated=len(t) > 10) for t in request.texts],
-            tokenizer=request.tokenizer)
+            tokenizer=request.tokenizer,
+        )
 
 
 class FakeVision(vision_pb2_grpc.VisionServicer):
@@ -124,15 +163,19 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
                 self.cancelled.set()
                 raise
         first = request.inputs[0]
-        x = from_proto(tensor_pb2.Tensor(name=first.name, datatype=first.datatype, shape=first.shape,
-                                         raw_contents=request.raw_input_contents[0])).astype(np.float32)
+        x = from_proto(
+            tensor_pb2.Tensor(
+                name=first.name, datatype=first.datatype, shape=first.shape, raw_contents=request.raw_input_contents[0]
+            )
+        ).astype(np.float32)
         out = np.zeros((x.shape[0], 4), np.float32)
         out[:, 0] = x.reshape(x.shape[0], -1).sum(axis=1)
         out[:, 1] = float(request.model_version)
         out[:, 3] = 1
         name = request.outputs[0].name if request.outputs else "out"
-        response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
-                                                  id=request.id)
+        response = service_pb2.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
         response.outputs.add(name=name, datatype="FP32", shape=out.shape)
         response.raw_output_contents.append(out.tobytes())
         return response
@@ -153,9 +196,12 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         return service_pb2.ModelMetadataResponse(
-            name=request.name, versions=[request.version], platform="fake",
+            name=request.name,
+            versions=[request.version],
+            platform="fake",
             inputs=[service_pb2.ModelMetadataResponse.TensorMetadata(name="x", datatype="FP32", shape=[-1, -1])],
-            outputs=[service_pb2.ModelMetadataResponse.TensorMetadata(name="out", datatype="FP32", shape=[-1, 4])])
+            outputs=[service_pb2.ModelMetadataResponse.TensorMetadata(name="out", datatype="FP32", shape=[-1, 4])],
+        )
 
 
 async def start(add, servicer) -> tuple[grpc.aio.Server, str]:
@@ -170,8 +216,13 @@ class Mesh:
     """Fake peers + the real router, all in this event loop."""
 
     async def start(self, registry_address: str | None = None, oip_fast_listen: str = "", oip_fast_binary: str = ""):
-        """oip_fast_listen/binary: also run the router's compiled OIP data path (a process: integration tests)."""
-        self.registry, self.tokenizer, self.vision, self.triton = FakeRegistry(), FakeTokenizer(), FakeVision(), FakeTriton()
+        """oip_fast_listen/binary: also run the router's OIP fast path (a process: integration tests)."""
+        self.registry, self.tokenizer, self.vision, self.triton = (
+            FakeRegistry(),
+            FakeTokenizer(),
+            FakeVision(),
+            FakeTriton(),
+        )
         self.servers = {}
         for name, add, servicer in (
             ("registry", registry_pb2_grpc.add_RegistryServicer_to_server, self.registry),
@@ -182,10 +233,15 @@ class Mesh:
             self.servers[name] = await start(add, servicer)
         cfg = RouterConfig(
             server=ServerSettings(service_name="router", listen="127.0.0.1:0", grace_seconds=0.5, workers=1),
-            registry=registry_address or self.servers["registry"][1], tokenizer=self.servers["tokenizer"][1],
-            vision=self.servers["vision"][1], triton=self.servers["triton"][1],
-            default_timeout=5.0, shadow_report_interval=0.05, stats_report_interval=0.05,
-            oip_fast_listen=oip_fast_listen, oip_fast_binary=oip_fast_binary,
+            registry=registry_address or self.servers["registry"][1],
+            tokenizer=self.servers["tokenizer"][1],
+            vision=self.servers["vision"][1],
+            triton=self.servers["triton"][1],
+            default_timeout=5.0,
+            shadow_report_interval=0.05,
+            stats_report_interval=0.05,
+            oip_fast_listen=oip_fast_listen,
+            oip_fast_binary=oip_fast_binary,
         )
         self.router, port = create_server(cfg)
         await self.router.start()
@@ -197,8 +253,9 @@ class Mesh:
     async def synced(self):
         for _ in range(200):
             try:
-                await self.stub.Infer(router_pb2.InferRequest(model=tensor_pb2.ModelRef(name="tiny"),
-                                                              inputs=[x_tensor()]), timeout=1)
+                await self.stub.Infer(
+                    router_pb2.InferRequest(model=tensor_pb2.ModelRef(name="tiny"), inputs=[x_tensor()]), timeout=1
+                )
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
@@ -238,14 +295,20 @@ async def test_embed_runs_the_versions_pipeline(mesh):
     assert vectors.shape == (2, 4) and response.dimensions == 4
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)  # KIND_EMBEDDING: L2-normalised
     assert list(response.truncated) == [False, True]
-    assert (response.routed.model, response.routed.version, response.routed.kind) == ("embedder", 1, tensor_pb2.ROUTE_KIND_DEFAULT)
+    assert (response.routed.model, response.routed.version, response.routed.kind) == (
+        "embedder",
+        1,
+        tensor_pb2.ROUTE_KIND_DEFAULT,
+    )
     assert mesh.tokenizer.calls == ["tok"]
     # Only the inputs of the version's signature go to Triton (not token_type_ids).
     assert mesh.triton.calls[-1] == ("embedder", "1", ["input_ids", "attention_mask"])
 
 
 async def test_classify_softmax_top_k_with_labels(mesh):
-    response = await mesh.stub.Classify(router_pb2.ClassifyRequest(model=ref("classifier"), images=[b"abc", b"a"], top_k=2))
+    response = await mesh.stub.Classify(
+        router_pb2.ClassifyRequest(model=ref("classifier"), images=[b"abc", b"a"], top_k=2)
+    )
     assert len(response.results) == 2
     for result in response.results:
         scores = [c.score for c in result.classes]
@@ -277,12 +340,15 @@ async def test_batches_over_tritons_limit_are_split_and_joined_in_order(mesh):
     assert sum(1 for call in mesh.triton.calls if call[0] == "tiny") >= 3
 
 
-@pytest.mark.parametrize("model_ref,code", [
-    (ref("nope"), grpc.StatusCode.NOT_FOUND),
-    (ref("tiny", version=9), grpc.StatusCode.NOT_FOUND),
-    (ref("tiny", version=3), grpc.StatusCode.FAILED_PRECONDITION),
-    (ref("tiny", alias="missing"), grpc.StatusCode.NOT_FOUND),
-])
+@pytest.mark.parametrize(
+    "model_ref,code",
+    [
+        (ref("nope"), grpc.StatusCode.NOT_FOUND),
+        (ref("tiny", version=9), grpc.StatusCode.NOT_FOUND),
+        (ref("tiny", version=3), grpc.StatusCode.FAILED_PRECONDITION),
+        (ref("tiny", alias="missing"), grpc.StatusCode.NOT_FOUND),
+    ],
+)
 async def test_routing_errors(mesh, model_ref, code):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await mesh.stub.Infer(router_pb2.InferRequest(model=model_ref, inputs=[x_tensor()]))
@@ -299,6 +365,7 @@ async def test_open_inference_protocol_passthrough(mesh):
         meta = await client.get_model_metadata("tiny", as_json=True)
         assert meta["name"] == "tiny" and meta["versions"] == ["1", "2"]
         from tritonclient.grpc import InferInput
+
         inp = InferInput("x", [2, 3], "FP32")
         inp.set_data_from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3))
         routed = await client.infer("tiny", [inp], request_id="abc")
@@ -318,17 +385,26 @@ async def test_open_inference_protocol_passthrough(mesh):
 
 async def test_oip_routing_key_metadata_is_sticky(mesh):
     split = [R.TrafficTarget(version=1, weight=50), R.TrafficTarget(version=2, weight=50)]
-    mesh.registry.change(R.ModelRouting(model="tiny", versions=routing_state()[2].versions,
-                                        aliases={"production": 1}, policy=R.TrafficPolicy(model="tiny", split=split)))
+    mesh.registry.change(
+        R.ModelRouting(
+            model="tiny",
+            versions=routing_state()[2].versions,
+            aliases={"production": 1},
+            policy=R.TrafficPolicy(model="tiny", split=split),
+        )
+    )
     await asyncio.sleep(0.2)
     client = triton_aio.InferenceServerClient(mesh.address)
     try:
         from tritonclient.grpc import InferInput
+
         inp = InferInput("x", [1, 3], "FP32")
         inp.set_data_from_numpy(np.ones((1, 3), np.float32))
         for key in ("alice", "bob"):
-            versions = {(await client.infer("tiny", [inp], headers={"x-maas-routing-key": key})).get_response().model_version
-                        for _ in range(10)}
+            versions = {
+                (await client.infer("tiny", [inp], headers={"x-maas-routing-key": key})).get_response().model_version
+                for _ in range(10)
+            }
             assert len(versions) == 1
         seen = {(await client.infer("tiny", [inp])).get_response().model_version for _ in range(40)}
         assert seen == {"1", "2"}
@@ -382,8 +458,14 @@ async def test_deadline_reaches_the_preprocessing_service_and_cancels_it(mesh):
 async def test_shadow_never_changes_the_answer_and_is_reported(mesh):
     tiny = routing_state()[2]
     shadow = R.ShadowPolicy(target=R.TrafficTarget(version=2), fraction=1.0)
-    mesh.registry.change(R.ModelRouting(model="tiny", versions=tiny.versions, aliases={"production": 1},
-                                        policy=R.TrafficPolicy(model="tiny", shadow=shadow)))
+    mesh.registry.change(
+        R.ModelRouting(
+            model="tiny",
+            versions=tiny.versions,
+            aliases={"production": 1},
+            policy=R.TrafficPolicy(model="tiny", shadow=shadow),
+        )
+    )
     for _ in range(100):
         response = await mesh.stub.Infer(router_pb2.InferRequest(model=ref("tiny"), inputs=[x_tensor()]))
         if response.routed.shadowed:
@@ -406,8 +488,11 @@ async def test_requests_are_reported_per_version_with_errors_and_latency(mesh):
     for _ in range(3):
         await mesh.stub.Infer(router_pb2.InferRequest(model=ref("tiny", version=2), inputs=[x_tensor()]))
     with pytest.raises(grpc.aio.AioRpcError):  # a wrong input name: refused for v2, counted as its error
-        await mesh.stub.Infer(router_pb2.InferRequest(model=ref("tiny", version=2), inputs=[
-            to_proto("nope", np.zeros((1, 3), np.float32))]))
+        await mesh.stub.Infer(
+            router_pb2.InferRequest(
+                model=ref("tiny", version=2), inputs=[to_proto("nope", np.zeros((1, 3), np.float32))]
+            )
+        )
     with pytest.raises(grpc.aio.AioRpcError):  # no version chosen: counted nowhere
         await mesh.stub.Infer(router_pb2.InferRequest(model=ref("nope"), inputs=[x_tensor()]))
 
@@ -418,6 +503,7 @@ async def test_requests_are_reported_per_version_with_errors_and_latency(mesh):
             for code, n in s.errors.items():
                 errors[code] = errors.get(code, 0) + n
         return sum(s.requests for s in mine), errors, sum(sum(s.latency_counts) for s in mine)
+
     for _ in range(200):
         if totals()[0] >= 4:
             break
@@ -474,3 +560,12 @@ async def test_hostile_but_parseable_requests_are_invalid_argument(mesh):
     # Counted in Python ints (an int64 product would wrap to 0 and match the empty bytes).
     assert "input byte size mismatch for input 'x'" in caught.value.details()
     assert f"Expected {2**64 * 4}, got 0" in caught.value.details()
+
+
+def test_the_router_reports_the_package_version_as_its_server_version():
+    from importlib.metadata import version
+
+    from services.router.servicer import InferenceServicer
+
+    servicer = InferenceServicer(None, None, None)  # type: ignore[arg-type]
+    assert servicer.server_version == version("maas-mesh") == "0.1.0"

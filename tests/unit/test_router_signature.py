@@ -1,15 +1,17 @@
 """The router's input check against a version's signature (services/router/signature.py), pure."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from services.router.routing import TensorSpec, VersionInfo
+from services.router.routing import TensorInfo, VersionInfo
 from services.router.signature import Given, Limits, check, declared_limit
 from services.shared.errors import InvalidArgument
 
-MINILM = VersionInfo("minilm", 1, inputs=(TensorSpec("input_ids", "INT64", (-1,)),
-                                          TensorSpec("attention_mask", "INT64", (-1,))))
+MINILM = VersionInfo(
+    "minilm", 1, inputs=(TensorInfo("input_ids", "INT64", (-1,)), TensorInfo("attention_mask", "INT64", (-1,)))
+)
 LIMITS = Limits(max_batch_size=32, has_batch_dim=True, max_sequence_length=512, vocab_size=30522)
 
 
@@ -28,23 +30,38 @@ def test_a_request_within_the_signature_passes():
     check(MINILM, [ids([[101, 102]]), ids([[1, 1]], "attention_mask")], LIMITS)
 
 
-@pytest.mark.parametrize("inputs, words", [
-    ([ids([[1]]), ids([[1]], "attention_mask"), ids([[1]], "extra")], "unexpected inference input 'extra'"),
-    ([ids([[1]])], "missing required input(s) ['attention_mask']"),
-    ([ids([[1]], datatype="INT32"), ids([[1]], "attention_mask")],
-     "inference input 'input_ids' data-type is 'INT32', but model 'minilm' expects 'INT64'"),
-    ([ids([1, 2]), ids([[1, 1]], "attention_mask")], "unexpected shape for input 'input_ids' for model 'minilm'. "
-                                                      "Expected [-1,-1], got [2]"),
-    ([ids(np.ones((33, 2))), ids(np.ones((33, 2)), "attention_mask")],
-     "inference request batch-size must be <= 32 for 'minilm'"),
-    ([ids(np.ones((1, 513))), ids(np.ones((1, 513)), "attention_mask")],
-     "input 'input_ids' for model 'minilm': sequence length 513 exceeds the model's maximum of 512 positions"),
-    ([ids([[101, 30522]]), ids([[1, 1]], "attention_mask")],
-     "token id 30522 at flat index 1 is outside the vocabulary [0, 30522)"),
-    ([ids([[-1]]), ids([[1]], "attention_mask")], "token id -1 at flat index 0"),
-    ([Given("input_ids", "INT64", (1, 2), b"\0" * 8), ids([[1, 1]], "attention_mask")],
-     "input byte size mismatch for input 'input_ids' for model 'minilm'. Expected 16, got 8"),
-])
+@pytest.mark.parametrize(
+    "inputs, words",
+    [
+        ([ids([[1]]), ids([[1]], "attention_mask"), ids([[1]], "extra")], "unexpected inference input 'extra'"),
+        ([ids([[1]])], "missing required input(s) ['attention_mask']"),
+        (
+            [ids([[1]], datatype="INT32"), ids([[1]], "attention_mask")],
+            "inference input 'input_ids' data-type is 'INT32', but model 'minilm' expects 'INT64'",
+        ),
+        (
+            [ids([1, 2]), ids([[1, 1]], "attention_mask")],
+            "unexpected shape for input 'input_ids' for model 'minilm'. Expected [-1,-1], got [2]",
+        ),
+        (
+            [ids(np.ones((33, 2))), ids(np.ones((33, 2)), "attention_mask")],
+            "inference request batch-size must be <= 32 for 'minilm'",
+        ),
+        (
+            [ids(np.ones((1, 513))), ids(np.ones((1, 513)), "attention_mask")],
+            "input 'input_ids' for model 'minilm': sequence length 513 exceeds the model's maximum of 512 positions",
+        ),
+        (
+            [ids([[101, 30522]]), ids([[1, 1]], "attention_mask")],
+            "token id 30522 at flat index 1 is outside the vocabulary [0, 30522)",
+        ),
+        ([ids([[-1]]), ids([[1]], "attention_mask")], "token id -1 at flat index 0"),
+        (
+            [Given("input_ids", "INT64", (1, 2), b"\0" * 8), ids([[1, 1]], "attention_mask")],
+            "input byte size mismatch for input 'input_ids' for model 'minilm'. Expected 16, got 8",
+        ),
+    ],
+)
 def test_refusals_name_the_input_and_the_limit(inputs, words):
     assert words in refused(inputs)
 

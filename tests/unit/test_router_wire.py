@@ -1,4 +1,5 @@
 """The passthrough reads and rewrites model name/version without touching tensors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,7 +35,11 @@ def test_rewrite_version_and_name_keeps_everything_else():
     parsed.model_version = ""
     assert parsed == original
     renamed = service_pb2.ModelInferRequest.FromString(wire.with_model(raw, name="other", version="7"))
-    assert (renamed.model_name, renamed.model_version, renamed.raw_input_contents) == ("other", "7", original.raw_input_contents)
+    assert (renamed.model_name, renamed.model_version, renamed.raw_input_contents) == (
+        "other",
+        "7",
+        original.raw_input_contents,
+    )
     assert wire.with_model(raw) is raw
 
 

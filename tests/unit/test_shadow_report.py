@@ -1,5 +1,6 @@
 """Shadow report figures (services/router/postprocess.py, services/registry/shadow_report.py) against a
 direct computation."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,14 +27,18 @@ def test_top5_overlap_and_cosines_match_a_direct_computation():
 def test_buckets_and_report_aggregate_over_requests(tmp_path):
     assert [bucket(c) for c in (-1.0, 0.0, 0.95, 0.951, 1.0, 1.0000001)] == [0, 1, 5, 6, 11, 11]
     store = Store(tmp_path / "db")
-    reports = ShadowReports(store._db)
-    results = [ShadowResult("m", 1, 2, 2, 1, 1.5, 1.0, 2.0, 1.6, (0.6, 0.9), "r1"),
-               ShadowResult("m", 1, 2, 1, 1, 0.99, 1.0, 2.0, 1.0, (0.99,), "r2")]
+    reports = ShadowReports(store.db)
+    results = [
+        ShadowResult("m", 1, 2, 2, 1, 1.5, 1.0, 2.0, 1.6, (0.6, 0.9), "r1"),
+        ShadowResult("m", 1, 2, 1, 1, 0.99, 1.0, 2.0, 1.0, (0.99,), "r2"),
+    ]
     with store.transaction() as tx:
         reports.add(tx, results, {("m", 1): "embedding"})
-    stats = ShadowStats(1, 2, samples=2, top1_agreement=2 / 3, mean_cosine=2.49 / 3, primary_latency_ms=1,
-                        shadow_latency_ms=2)
+    stats = ShadowStats(
+        1, 2, samples=2, top1_agreement=2 / 3, mean_cosine=2.49 / 3, primary_latency_ms=1, shadow_latency_ms=2
+    )
     from services.registry.domain import PostprocessingKind
+
     r = reports.report("m", stats, PostprocessingKind.EMBEDDING, items=3)
     assert r.kind == "embedding" and r.agreement == pytest.approx(2.49 / 3)
     assert r.top5_agreement == pytest.approx(2.6 / 3)
@@ -43,10 +48,15 @@ def test_buckets_and_report_aggregate_over_requests(tmp_path):
     store.close()
 
 
-@pytest.mark.parametrize("kwargs,words", [(dict(top5_overlap_sum=3.0), "top5_overlap_sum"),
-                                          (dict(cosines=(0.1, 0.2, 0.3)), "cosines"),
-                                          (dict(cosines=(float("nan"),)), "cosine"),
-                                          (dict(request_id="x" * 200), "request_id")])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(top5_overlap_sum=3.0), "top5_overlap_sum"),
+        (dict(cosines=(0.1, 0.2, 0.3)), "cosines"),
+        (dict(cosines=(float("nan"),)), "cosine"),
+        (dict(request_id="x" * 200), "request_id"),
+    ],
+)
 def test_results_that_cannot_be_right_are_refused(kwargs, words):
     with pytest.raises(InvalidArgument, match=words):
         check_result(ShadowResult("m", 1, 2, 2, 1, 1.0, 1.0, 1.0, **kwargs))

@@ -1,4 +1,5 @@
 """The shared bootstrap: health and reflection on their own, error mapping, graceful drain."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,12 @@ def _register_probe(server: grpc.aio.Server) -> list[str]:
         raise ZeroDivisionError("oops")
 
     async def peer(request: bytes, context) -> bytes:  # a peer's refusal passed on (the router's vision call)
-        raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(),
-                                   grpc.aio.Metadata(("x-peer", "1")), details="image too large")
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(("x-peer", "1")),
+            details="image too large",
+        )
 
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(fn)
@@ -107,7 +112,7 @@ async def test_drain_flips_health_and_finishes_inflight(probe_server):
 
 
 def _inflight() -> float:
-    return RPC_INFLIGHT.labels("probe")._value.get()  # noqa: SLF001 - the gauge's current value
+    return RPC_INFLIGHT.labels("probe")._value.get()  # the gauge's current value
 
 
 async def _until(predicate, what: str, timeout: float = 10.0) -> None:
@@ -118,7 +123,7 @@ async def _until(predicate, what: str, timeout: float = 10.0) -> None:
 
 
 def _requests(code: str) -> float:
-    return RPC_REQUESTS.labels("probe", "Slow", "", "", code)._value.get()  # noqa: SLF001
+    return RPC_REQUESTS.labels("probe", "Slow", "", "", code)._value.get()
 
 
 async def test_cancelled_and_timed_out_calls_leave_the_inflight_gauge(probe_server):
@@ -135,8 +140,10 @@ async def test_cancelled_and_timed_out_calls_leave_the_inflight_gauge(probe_serv
     call.cancel()
     await _until(lambda: _inflight() == before, "in-flight gauge back to its value before the calls")
     # Both counted once, as CANCELLED or DEADLINE_EXCEEDED (which one grpc's timing decides).
-    await _until(lambda: _requests("CANCELLED") + _requests("DEADLINE_EXCEEDED") == cancelled_before + timed_out_before + 2,
-                 "the abandoned calls counted")
+    await _until(
+        lambda: _requests("CANCELLED") + _requests("DEADLINE_EXCEEDED") == cancelled_before + timed_out_before + 2,
+        "the abandoned calls counted",
+    )
 
 
 async def test_request_bytes_that_do_not_parse_are_invalid_argument():
@@ -190,8 +197,11 @@ async def test_request_bytes_that_do_not_parse_are_invalid_argument():
                     "ClientStream": lambda: channel.stream_unary("/test.Decode/ClientStream")(iter([good, bad])),
                     "ServerStream": lambda: _drain(channel.unary_stream("/test.Decode/ServerStream")(bad)),
                     "Health": lambda: channel.unary_unary("/grpc.health.v1.Health/Check")(bad),
-                    "Reflection": lambda: _drain(channel.stream_stream(
-                        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")(iter([bad]))),
+                    "Reflection": lambda: _drain(
+                        channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")(
+                            iter([bad])
+                        )
+                    ),
                 }
                 for name, call in calls.items():
                     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -222,9 +232,11 @@ def test_a_peer_address_list_is_a_balanced_health_checked_target():
 
 # -- readiness: "" is liveness (serving), READINESS follows the readiness checks ----------------------
 
+
 async def _status(channel, name: str) -> int:
-    return (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name),
-                                                            timeout=2)).status
+    return (
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name), timeout=2)
+    ).status
 
 
 async def test_without_readiness_checks_readiness_is_serving_once_started(probe_server):
@@ -246,8 +258,10 @@ async def test_readiness_follows_its_checks_logs_why_and_liveness_stays_serving(
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-            await _until(lambda: any("not ready: Triton at 127.0.0.1:1 unreachable" in r.getMessage()
-                                     for r in caplog.records), "the not-ready line logged")
+            await _until(
+                lambda: any("not ready: Triton at 127.0.0.1:1 unreachable" in r.getMessage() for r in caplog.records),
+                "the not-ready line logged",
+            )
             assert await _status(channel, READINESS) == not_serving
             assert await _status(channel, "") == serving  # liveness: the pod is not restarted for it
             assert await _status(channel, "test.Probe") == serving
@@ -308,8 +322,9 @@ async def test_our_error_sends_its_trailing_metadata():
     settings = ServerSettings(service_name="hinted", listen="127.0.0.1:0", grace_seconds=5.0)
 
     def register(s):
-        s.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-            "test.Hinted", {"Call": grpc.unary_unary_rpc_method_handler(hinted)})])
+        s.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("test.Hinted", {"Call": grpc.unary_unary_rpc_method_handler(hinted)})]
+        )
         return ["test.Hinted"]
 
     other, port = build_server(settings, register)

@@ -1,5 +1,6 @@
 """TLS of the shared server bootstrap and channels (services/shared/tls.py), with certificates from
 maas/local/certs.py: who gets in, rotation without restart, the expiry metric, the settings."""
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,9 @@ def served_serial(port: int, pki: LocalPki) -> int:
 
 @pytest.fixture
 async def tls_server(pki):
-    server, port = await started(ServerSettings("probe", "127.0.0.1:0", tls=tls_settings(pki),
-                                                health_listen="127.0.0.1:0"))
+    server, port = await started(
+        ServerSettings("probe", "127.0.0.1:0", tls=tls_settings(pki), health_listen="127.0.0.1:0")
+    )
     try:
         yield server, port
     finally:
@@ -93,7 +95,8 @@ async def test_refused(tls_server, pki, other_pki, case):
         "wrong CA": lambda: client_channel(address, ClientTls(other_pki.ca, pki.cert(CLIENT), pki.key(CLIENT))),
         "no client certificate": lambda: client_channel(address, ClientTls(pki.ca)),
         "client certificate of another CA": lambda: client_channel(
-            address, ClientTls(pki.ca, other_pki.cert(CLIENT), other_pki.key(CLIENT))),
+            address, ClientTls(pki.ca, other_pki.cert(CLIENT), other_pki.key(CLIENT))
+        ),
     }[case]()
     async with channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -159,15 +162,20 @@ async def test_expiry_of_the_served_certificate_is_a_metric(tmp_path):
     server, port = await started(ServerSettings("expiry-probe", "127.0.0.1:0", tls=tls_settings(pki)))
     try:
         cert = x509.load_pem_x509_certificate(pki.cert("probe").read_bytes())
-        labels = {"service": "expiry-probe", "subject": cert.subject.rfc4514_string(),
-                  "serial": format(cert.serial_number, "x")}
+        labels = {
+            "service": "expiry-probe",
+            "subject": cert.subject.rfc4514_string(),
+            "serial": format(cert.serial_number, "x"),
+        }
         left = REGISTRY.get_sample_value("maas_tls_certificate_expiry_seconds", labels)
         assert left == pytest.approx(cert.not_valid_after_utc.timestamp() - time.time(), abs=60)
         rotated = pki.issue("probe", days=2)
         await asyncio.to_thread(served_serial, port, pki)  # a handshake makes gRPC fetch the new files
         assert REGISTRY.get_sample_value("maas_tls_certificate_expiry_seconds", labels) is None  # old one gone
         labels["serial"] = format(rotated.serial_number, "x")
-        assert REGISTRY.get_sample_value("maas_tls_certificate_expiry_seconds", labels) == pytest.approx(2 * 86400, abs=600)
+        assert REGISTRY.get_sample_value("maas_tls_certificate_expiry_seconds", labels) == pytest.approx(
+            2 * 86400, abs=600
+        )
     finally:
         await server.stop(0)
 
@@ -179,8 +187,18 @@ def parse(argv):
 
 
 def test_settings_from_flags(pki):
-    settings = parse(["--tls-cert", str(pki.cert("probe")), "--tls-key", str(pki.key("probe")), "--tls-ca", str(pki.ca),
-                      "--tls-client-auth", "optional"])
+    settings = parse(
+        [
+            "--tls-cert",
+            str(pki.cert("probe")),
+            "--tls-key",
+            str(pki.key("probe")),
+            "--tls-ca",
+            str(pki.ca),
+            "--tls-client-auth",
+            "optional",
+        ]
+    )
     assert settings.tls == TlsSettings(pki.cert("probe"), pki.key("probe"), pki.ca, "optional")
     assert parse([]).tls is None
 
@@ -198,8 +216,16 @@ def test_incomplete_or_missing_files_name_what(pki, tmp_path):
     with pytest.raises(ConfigError, match="--tls-key / MAAS_TLS_KEY, --tls-ca / MAAS_TLS_CA not set"):
         parse(["--tls-cert", str(pki.cert("probe"))])
     with pytest.raises(ConfigError, match=f"--tls-ca / MAAS_TLS_CA: {tmp_path / 'nope.pem'} is not a readable file"):
-        parse(["--tls-cert", str(pki.cert("probe")), "--tls-key", str(pki.key("probe")), "--tls-ca",
-               str(tmp_path / "nope.pem")])
+        parse(
+            [
+                "--tls-cert",
+                str(pki.cert("probe")),
+                "--tls-key",
+                str(pki.key("probe")),
+                "--tls-ca",
+                str(tmp_path / "nope.pem"),
+            ]
+        )
 
 
 def test_local_pki_names_loopback_and_the_component_and_keeps_good_files(tmp_path):

@@ -1,5 +1,6 @@
 """Tenants without a network: the registry's tenant store and audit log, the router's token buckets,
 per-router shares and admission codes, and the gateway's retry hint."""
+
 from __future__ import annotations
 
 import hashlib
@@ -25,13 +26,15 @@ def tenants(tmp_path):
 
 
 def test_a_key_is_shown_once_and_stored_only_as_its_sha256(tenants, tmp_path):
-    tenant, key = tenants.create("acme", ["minilm", "smollm2:production"], Quota(50, 10), Priority.CRITICAL, "",
-                                 "alice", "onboarding")
+    tenant, key = tenants.create(
+        "acme", ["minilm", "smollm2:production"], Quota(50, 10), Priority.CRITICAL, "", "alice", "onboarding"
+    )
     assert key.startswith("maas_") and len(key) > 40
     assert tenant.key_sha256 == hashlib.sha256(key.encode()).hexdigest()
-    assert tenant.key_prefix == key[:len(tenant.key_prefix)] and len(tenant.key_prefix) < 16
+    assert tenant.key_prefix == key[: len(tenant.key_prefix)] and len(tenant.key_prefix) < 16
     raw = (tmp_path / "registry.sqlite3").read_bytes() + b"".join(
-        p.read_bytes() for p in tmp_path.glob("registry.sqlite3-*"))
+        p.read_bytes() for p in tmp_path.glob("registry.sqlite3-*")
+    )
     assert key.encode() not in raw and key_hash(key).encode() in raw  # the database never holds the key
     listed = tenants.list()
     assert [t.name for t in listed] == ["acme"] and listed[0].allowed_models == ("minilm", "smollm2:production")
@@ -50,23 +53,31 @@ def test_rotate_revoke_set_quota_and_the_audit_log(tenants):
     assert revoked.revoked
     entries = tenants.audit()
     assert [(e.action, e.actor, e.reason) for e in entries] == [
-        ("tenant.revoke", "dave", "contract ended"), ("tenant.set_quota", "carol", "tier"),
-        ("tenant.rotate_key", "bob", "leaked in a log"), ("tenant.create", "alice", "new customer")]
+        ("tenant.revoke", "dave", "contract ended"),
+        ("tenant.set_quota", "carol", "tier"),
+        ("tenant.rotate_key", "bob", "leaked in a log"),
+        ("tenant.create", "alice", "new customer"),
+    ]
     assert all(e.target == "tenant/acme" for e in entries)
     assert not any(old in e.detail or new in e.detail for e in entries)  # never a key in the log
     snapshot = tenants.snapshot()
     assert snapshot.revision == 4 and snapshot.tenants[0].revoked
 
 
-@pytest.mark.parametrize("call, error", [
-    (lambda t: t.create("Bad Name", [], Quota(), Priority.STANDARD, "", "", ""), InvalidArgument),
-    (lambda t: t.create("acme", ["minilm:"], Quota(), Priority.STANDARD, "", "", ""), InvalidArgument),
-    (lambda t: t.create("acme", [], Quota(requests_per_second=-1), Priority.STANDARD, "", "", ""), InvalidArgument),
-    (lambda t: t.create("acme", [], Quota(cost_per_second=float("nan")), Priority.STANDARD, "", "", ""),
-     InvalidArgument),
-    (lambda t: t.revoke("nobody", "", ""), NotFound),
-    (lambda t: t.rotate_key("nobody", "", ""), NotFound),
-])
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (lambda t: t.create("Bad Name", [], Quota(), Priority.STANDARD, "", "", ""), InvalidArgument),
+        (lambda t: t.create("acme", ["minilm:"], Quota(), Priority.STANDARD, "", "", ""), InvalidArgument),
+        (lambda t: t.create("acme", [], Quota(requests_per_second=-1), Priority.STANDARD, "", "", ""), InvalidArgument),
+        (
+            lambda t: t.create("acme", [], Quota(cost_per_second=float("nan")), Priority.STANDARD, "", "", ""),
+            InvalidArgument,
+        ),
+        (lambda t: t.revoke("nobody", "", ""), NotFound),
+        (lambda t: t.rotate_key("nobody", "", ""), NotFound),
+    ],
+)
 def test_bad_tenant_requests_are_refused_with_what_was_wrong(tenants, call, error):
     with pytest.raises(error):
         call(tenants)
@@ -141,8 +152,13 @@ def test_a_key_remembered_by_the_cache_is_refused_once_the_new_list_revokes_or_r
 
 def test_allowed_models_by_name_alias_or_version():
     admission = _admission(_event(("acme", "k", {"allowed_models": ["minilm", "smollm2:production", "tiny:3"]})))
-    for model, version, alias in (("minilm", 0, ""), ("minilm", 2, ""), ("minilm", 0, "canary"),
-                                  ("smollm2", 0, "production"), ("tiny", 3, "")):
+    for model, version, alias in (
+        ("minilm", 0, ""),
+        ("minilm", 2, ""),
+        ("minilm", 0, "canary"),
+        ("smollm2", 0, "production"),
+        ("tiny", 3, ""),
+    ):
         admission.admit(bearer("k"), "Infer", model, version, alias)
     for model, version, alias in (("smollm2", 0, ""), ("smollm2", 0, "canary"), ("tiny", 2, ""), ("other", 0, "")):
         with pytest.raises(PermissionDenied, match=f"tenant 'acme' may not call model '{model}"):
@@ -156,7 +172,7 @@ def test_over_the_request_quota_is_resource_exhausted_with_a_retry_hint():
     admission.admit(bearer("k"), "Embed", "m")
     with pytest.raises(Refused, match="over its request quota \\(5 requests/s on this router\\)") as refused:
         admission.admit(bearer("k"), "Embed", "m")
-    (key, value), = refused.value.trailing_metadata
+    ((key, value),) = refused.value.trailing_metadata
     assert key == "retry-after-ms" and 1 <= int(value) <= 200
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -182,10 +198,15 @@ def test_a_list_update_keeps_bucket_levels_and_takes_the_new_router_count():
 
 
 def test_sheddable_calls_are_refused_first_and_critical_ones_never():
-    admission = _admission(_event(("crit", "kc", {"priority": pb.PRIORITY_CRITICAL}),
-                                  ("std", "ks", {"priority": pb.PRIORITY_STANDARD}),
-                                  ("shed", "kx", {"priority": pb.PRIORITY_SHEDDABLE})),
-                           shed_sheddable_inflight=2, shed_standard_inflight=4)
+    admission = _admission(
+        _event(
+            ("crit", "kc", {"priority": pb.PRIORITY_CRITICAL}),
+            ("std", "ks", {"priority": pb.PRIORITY_STANDARD}),
+            ("shed", "kx", {"priority": pb.PRIORITY_SHEDDABLE}),
+        ),
+        shed_sheddable_inflight=2,
+        shed_standard_inflight=4,
+    )
     held = [admission.admit(bearer("kc"), "Infer", "m").open() for _ in range(2)]
     with pytest.raises(Shed, match="sheddable calls are refused from 2") as shed:
         admission.admit(bearer("kx"), "Infer", "m")
@@ -219,8 +240,9 @@ def test_the_priority_and_quota_conversions():
 
 
 def test_the_gateway_turns_the_retry_hint_into_retry_after():
-    error = from_grpc(grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant 'acme' is over its request quota",
-                      (("retry-after-ms", "1500"),))
+    error = from_grpc(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant 'acme' is over its request quota", (("retry-after-ms", "1500"),)
+    )
     assert error.status == 429 and error.headers == {"Retry-After": "2", "retry-after-ms": "1500"}
     assert from_grpc(grpc.StatusCode.UNAUTHENTICATED, "x").status == 401
     assert from_grpc(grpc.StatusCode.PERMISSION_DENIED, "x").status == 403

@@ -1,4 +1,5 @@
 """Tokenizer domain: output equals tokenizers' own encode_batch, truncation is reported, limits hold."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,11 @@ from services.shared.config import ConfigError
 from services.shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.tokenizer.catalog import TokenizerCatalog
 from services.tokenizer.tokenization import (
-    Padding, TokenizeLimits, TokenizeOptions, check_request, tokenize_batch,
+    Padding,
+    TokenizeLimits,
+    TokenizeOptions,
+    check_request,
+    tokenize_batch,
 )
 from tests.fixtures.preprocessing import TEXT_CORPUS, minilm_tokenizer_json
 
@@ -63,11 +68,13 @@ def test_equals_encode_batch_on_unicode_corpus(catalog, max_length, padding):
 def test_small_batches_encoded_one_by_one_equal_encode_batch(catalog, size):
     minilm = catalog.get("minilm")
     for start in range(0, len(TEXT_CORPUS) - size + 1, size):
-        texts = TEXT_CORPUS[start:start + size]
+        texts = TEXT_CORPUS[start : start + size]
         batch = run(minilm, texts, max_length=32, return_offsets=True)
         expected = reference(minilm.path, texts, 32)
         assert_equal_to(batch, expected)
-        assert [item.offsets for item in batch.items] == [e.offsets[:item.length] for e, item in zip(expected, batch.items)]
+        assert [item.offsets for item in batch.items] == [
+            e.offsets[: item.length] for e, item in zip(expected, batch.items)
+        ]
 
 
 def test_each_text_alone_equals_batch_row(catalog):
@@ -147,7 +154,7 @@ def test_outputs_follow_model_config(tmp_path, tokenizer_repository):
     (tmp_path / "bare").mkdir()  # no config.pbtxt: all three
     shutil.copyfile(minilm_tokenizer_json(), tmp_path / "bare" / "tokenizer.json")
     catalog = TokenizerCatalog.discover(tokenizer_repository, tmp_path, "minilm", 512)
-    assert sorted(catalog.tokenizers) == ["bare", "minilm", "no_types"]
+    assert sorted(catalog.items) == ["bare", "minilm", "no_types"]
     assert catalog.get("no_types").outputs == ("input_ids", "attention_mask")
     assert set(run(catalog.get("no_types"), ["x"]).tensors) == {"input_ids", "attention_mask"}
     assert catalog.get("bare").outputs == ("input_ids", "attention_mask", "token_type_ids")

@@ -1,4 +1,5 @@
 """The worker pool's chunked map (shared by tokenizer and vision) and the tokenizer dataplane on it."""
+
 from __future__ import annotations
 
 import threading

@@ -1,5 +1,6 @@
 """Generation domain: chat prompts equal transformers' apply_chat_template, Detokenize equals decode,
 and streamed pieces concatenate to decode(all ids) however the ids are split."""
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,22 @@ CHATS = [
     [("user", "Hi there")],
     [("system", "You are terse."), ("user", "What is 2+2?")],
     [("user", "Translate: 日本語のテキスト 😀"), ("assistant", "Japanese text 😀"), ("user", "Thanks!")],
-    [("system", "Be kind."), ("user", "  leading spaces\n\nand newlines  "), ("assistant", ""),
-     ("user", "e\u0301 👩‍👩‍👧‍👦")],
+    [
+        ("system", "Be kind."),
+        ("user", "  leading spaces\n\nand newlines  "),
+        ("assistant", ""),
+        ("user", "e\u0301 👩‍👩‍👧‍👦"),
+    ],
     [("assistant", "I start."), ("user", "ok")],
 ]
 
 # Text a chat model might write: the corpus, plus spacing, chat markup and special tokens.
 DECODE_CORPUS = [text for text in TEXT_CORPUS if len(text) < 3000] + [
-    "  two leading spaces", "a  b   c\n\n\nd\n", "\n", " ", "x\u0300\u0301\u0302 ǅ ﬁ",
+    "  two leading spaces",
+    "a  b   c\n\n\nd\n",
+    "\n",
+    " ",
+    "x\u0300\u0301\u0302 ǅ ﬁ",
     "<|im_start|>user\nhi 👩‍👩‍👧‍👦<|im_end|>\n<|im_start|>assistant\n🏳️‍🌈 ok<|im_end|>",
     "done.<|im_end|>",
 ]
@@ -60,9 +69,11 @@ def test_chat_template_ids_equal_transformers(smollm2, add_generation_prompt):
         as_dicts = [{"role": role, "content": content} for role, content in chat]
         prompt = render_chat(smollm2, messages(chat), add_generation_prompt)
         assert prompt.prompt == reference.apply_chat_template(
-            as_dicts, add_generation_prompt=add_generation_prompt, tokenize=False)
+            as_dicts, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
         assert prompt.input_ids == reference.apply_chat_template(
-            as_dicts, add_generation_prompt=add_generation_prompt, return_dict=False)
+            as_dicts, add_generation_prompt=add_generation_prompt, return_dict=False
+        )
     assert render_chat(smollm2, messages(CHATS[0]), True).prompt.endswith("<|im_start|>assistant\n")
 
 
@@ -88,8 +99,10 @@ def repository_with_template(tmp_path, smollm2, template: str | None, config_tem
 
 
 def test_template_from_tokenizer_config_and_raise_exception(tmp_path, smollm2):
-    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}"
-              "{% endif %}{{ bos_token + m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}")
+    strict = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}"
+        "{% endif %}{{ bos_token + m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+    )
     chatty = repository_with_template(tmp_path, smollm2, None, config_template=strict)
     assert render_chat(chatty, messages([("user", "hi")]), True).prompt == "<|im_start|>user: hi<|im_end|>"
     with pytest.raises(InvalidArgument, match="chat template refused these messages: no system turns"):
@@ -133,7 +146,8 @@ def test_detokenize_equals_transformers_decode(smollm2, skip_special_tokens):
     for text in DECODE_CORPUS:
         ids = encode(smollm2, text)
         assert decode(smollm2, ids, skip_special_tokens) == reference.decode(
-            ids, skip_special_tokens=skip_special_tokens)
+            ids, skip_special_tokens=skip_special_tokens
+        )
     with_im_end = encode(smollm2, "done.<|im_end|>")
     assert decode(smollm2, with_im_end, True) == "done." and decode(smollm2, with_im_end, False) == "done.<|im_end|>"
 
@@ -141,7 +155,7 @@ def test_detokenize_equals_transformers_decode(smollm2, skip_special_tokens):
 def streamed(tokenizer: Tokenizer, ids: list[int], sizes, skip: bool) -> list[str]:
     decoder, pieces, start = IncrementalDecoder(tokenizer, skip), [], 0
     for size in sizes:
-        pieces.append(decoder.step(ids[start:start + size]))
+        pieces.append(decoder.step(ids[start : start + size]))
         start += size
     assert start >= len(ids)
     pieces.append(decoder.flush())
@@ -194,7 +208,7 @@ def test_a_refused_stream_request_leaves_the_sequence_as_it_was(smollm2):
             session.step([ids[start], -5], False)
         with pytest.raises(ResourceExhausted):
             session.step([0] * 5, False)
-        pieces.append(session.step(ids[start:start + 2], start + 2 >= len(ids)))
+        pieces.append(session.step(ids[start : start + 2], start + 2 >= len(ids)))
     assert "".join(pieces) == decode(smollm2, ids, True)
     with pytest.raises(FailedPrecondition):
         session.step([], False)

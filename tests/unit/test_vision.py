@@ -1,5 +1,6 @@
 """Vision domain: matches the torchvision-style reference, honours EXIF and every colour mode, refuses
 bad input by item, and parses specs."""
+
 from __future__ import annotations
 
 import io
@@ -12,13 +13,24 @@ from PIL import Image, ImageFile
 from services.shared.config import ConfigError
 from services.shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.vision.pipeline import (
-    Preprocessor, VisionLimits, check_request, crop_origin, resized_size,
+    Preprocessor,
+    VisionLimits,
+    check_request,
+    crop_origin,
+    resized_size,
 )
 from services.vision.spec import SpecCatalog, VisionSpec
 from tests.fixtures.preprocessing import encode, photo, reference_preprocess
 
-SPEC = VisionSpec(name="test", resize_shorter=256, crop_height=224, crop_width=224,
-                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_name="x")
+SPEC = VisionSpec(
+    name="test",
+    resize_shorter=256,
+    crop_height=224,
+    crop_width=224,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    input_name="x",
+)
 ONE_LEVEL = 1 / 255 / min(SPEC.std) + 1e-6  # one 8-bit step, normalised
 
 
@@ -67,21 +79,25 @@ def test_draft_decoding_stays_close_to_reference(chelsea, size):
 def test_nhwc_bgr_layout_is_a_permutation_of_nchw_rgb(chelsea):
     data = encode(chelsea, "PNG")
     nchw, _ = run(data)
-    bgr_spec = VisionSpec(**{**SPEC.__dict__, "layout": "NHWC", "channel_order": "BGR",
-                             "mean": SPEC.mean[::-1], "std": SPEC.std[::-1]})
+    bgr_spec = VisionSpec(
+        **{**SPEC.__dict__, "layout": "NHWC", "channel_order": "BGR", "mean": SPEC.mean[::-1], "std": SPEC.std[::-1]}
+    )
     nhwc, _ = run(data, bgr_spec)
     assert nhwc.shape == (224, 224, 3)
     # BGR with reversed mean/std must be exactly the RGB result with channels reversed.
     np.testing.assert_allclose(nhwc, nchw.transpose(1, 2, 0)[..., ::-1], atol=1e-6)
 
 
-@pytest.mark.parametrize("orientation,transpose", [
-    (3, Image.Transpose.ROTATE_180),
-    (6, Image.Transpose.ROTATE_90),  # stored rotated 90° CCW; viewer turns it 270° back
-    (8, Image.Transpose.ROTATE_270),
-    (2, Image.Transpose.FLIP_LEFT_RIGHT),
-    (5, Image.Transpose.TRANSPOSE),
-])
+@pytest.mark.parametrize(
+    "orientation,transpose",
+    [
+        (3, Image.Transpose.ROTATE_180),
+        (6, Image.Transpose.ROTATE_90),  # stored rotated 90° CCW; viewer turns it 270° back
+        (8, Image.Transpose.ROTATE_270),
+        (2, Image.Transpose.FLIP_LEFT_RIGHT),
+        (5, Image.Transpose.TRANSPOSE),
+    ],
+)
 @pytest.mark.parametrize("size", [None, (1600, 1200)])
 def test_exif_orientation_is_applied(chelsea, orientation, transpose, size):
     upright = chelsea if size is None else chelsea.resize(size)
@@ -153,7 +169,7 @@ def test_other_formats(chelsea, fmt):
 def test_bad_images_are_refused_naming_the_item(chelsea):
     good = encode(chelsea, "JPEG")
     png = bytearray(encode(chelsea, "PNG"))
-    png[len(png) // 2: len(png) // 2 + 64] = bytes(64)  # damaged compressed pixels
+    png[len(png) // 2 : len(png) // 2 + 64] = bytes(64)  # damaged compressed pixels
     corrupt_png = bytes(png)
     pre = Preprocessor(SPEC, 1_000_000)
     batch = pre.new_batch(1)
@@ -163,7 +179,10 @@ def test_bad_images_are_refused_naming_the_item(chelsea):
         good[: len(good) // 2]: (InvalidArgument, "item 3: corrupt or truncated image"),
         good[:200]: (InvalidArgument, "item 3: corrupt or truncated image"),
         corrupt_png: (InvalidArgument, "item 3: corrupt or truncated image"),
-        encode(Image.new("L", (2000, 1000)), "PNG"): (ResourceExhausted, "item 3: image pixels is 2000000, over the limit of 1000000"),
+        encode(Image.new("L", (2000, 1000)), "PNG"): (
+            ResourceExhausted,
+            "item 3: image pixels is 2000000, over the limit of 1000000",
+        ),
         encode(Image.new("RGB", (50, 50)), "PPM"): (InvalidArgument, "item 3: not an image in a supported format"),
     }
     for data, (kind, message) in cases.items():
@@ -208,24 +227,42 @@ def test_spec_catalog_reads_preprocess_json_and_config(vision_repository, tmp_pa
     assert spec.name == "efficientnet_lite0" and spec.input_name == "INPUT__0"  # from config.pbtxt
     assert (spec.resize_shorter, spec.crop_height, spec.crop_width) == (256, 224, 224)
     (tmp_path / "square").mkdir()
-    (tmp_path / "square" / "preprocess.json").write_text(json.dumps(
-        {"resize_shorter": 160, "crop": 128, "mean": [0, 0, 0], "std": [1, 1, 1], "layout": "nhwc",
-         "channel_order": "bgr", "input_name": "pixels"}))
+    (tmp_path / "square" / "preprocess.json").write_text(
+        json.dumps(
+            {
+                "resize_shorter": 160,
+                "crop": 128,
+                "mean": [0, 0, 0],
+                "std": [1, 1, 1],
+                "layout": "nhwc",
+                "channel_order": "bgr",
+                "input_name": "pixels",
+            }
+        )
+    )
     catalog = SpecCatalog.discover(vision_repository, tmp_path, "efficientnet_lite0")
     square = catalog.get("square")
     assert (square.crop_height, square.crop_width, square.layout, square.channel_order, square.input_name) == (
-        128, 128, "NHWC", "BGR", "pixels")
+        128,
+        128,
+        "NHWC",
+        "BGR",
+        "pixels",
+    )
     with pytest.raises(NotFound, match="'nope' not found; known: efficientnet_lite0, square"):
         catalog.get("nope")
 
 
-@pytest.mark.parametrize("bad,message", [
-    ({"crop": 224, "mean": [0, 0, 0], "std": [1, 1, 1]}, "missing key 'resize_shorter'"),
-    ({"resize_shorter": 100, "crop": 224, "mean": [0, 0, 0], "std": [1, 1, 1]}, "larger than resize_shorter"),
-    ({"resize_shorter": 256, "crop": 224, "mean": [0, 0], "std": [1, 1, 1]}, "3 values"),
-    ({"resize_shorter": 256, "crop": 224, "mean": [0, 0, 0], "std": [1, 1, 1], "layout": "CHW"}, "layout"),
-    ({"resize_shorter": 256, "crop": 224, "mean": [0, 0, 0], "std": [1, 1, 1], "interpolation": "cubic"}, "interp"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"crop": 224, "mean": [0, 0, 0], "std": [1, 1, 1]}, "missing key 'resize_shorter'"),
+        ({"resize_shorter": 100, "crop": 224, "mean": [0, 0, 0], "std": [1, 1, 1]}, "larger than resize_shorter"),
+        ({"resize_shorter": 256, "crop": 224, "mean": [0, 0], "std": [1, 1, 1]}, "3 values"),
+        ({"resize_shorter": 256, "crop": 224, "mean": [0, 0, 0], "std": [1, 1, 1], "layout": "CHW"}, "layout"),
+        ({"resize_shorter": 256, "crop": 224, "mean": [0, 0, 0], "std": [1, 1, 1], "interpolation": "cubic"}, "interp"),
+    ],
+)
 def test_invalid_specs_fail_at_start(tmp_path, bad, message):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "preprocess.json").write_text(json.dumps(bad))
@@ -249,7 +286,10 @@ def test_config_flags_env_and_defaults(monkeypatch):
     monkeypatch.setenv("MAAS_VISION_MAX_IMAGE_PIXELS", "1000")
     config = load_config(["--max-batch", "3", "--spec-dir", "/srv/specs", "--max-message-bytes", "1048576"])
     assert (config.limits.max_batch, config.limits.max_image_pixels, config.limits.max_response_bytes) == (
-        3, 1000, 1048576)
+        3,
+        1000,
+        1048576,
+    )
     assert str(config.spec_dir) == "/srv/specs"
     with pytest.raises(ConfigError, match="--max-request-bytes must be positive"):
         load_config(["--max-request-bytes", "-1"])

@@ -136,7 +136,7 @@ class BatchedModel:
             total = sum(m[2] for m in members)
             if self.max_batch_size > 0 and any(r.shape[:1] != (total,) for r in results):
                 raise RuntimeError(f"model output batch sizes {[r.shape[:1] for r in results]} != {total}")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed batch is split to find the failing request
             if len(members) > 1:  # a data-dependent failure (e.g. a token id out of range): find its owner
                 for m in members:
                     self._run([m], infer, responses)
@@ -146,9 +146,11 @@ class BatchedModel:
             return
         start = 0
         for i, _, n in members:
-            part = [r[start:start + n] if self.max_batch_size > 0 else r for r in results]
+            part = [r[start : start + n] if self.max_batch_size > 0 else r for r in results]
             start += n
-            responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor(s.name, np.ascontiguousarray(r.astype(s.dtype, copy=False)))
-                for s, r in zip(self.outputs, part)
-            ])
+            responses[i] = pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor(s.name, np.ascontiguousarray(r.astype(s.dtype, copy=False)))
+                    for s, r in zip(self.outputs, part)
+                ]
+            )

@@ -44,8 +44,10 @@ class TritonPythonModel:
         missing = [s.name for s in self.model.inputs if s.name not in graph_in]
         missing += [s.name for s in self.model.outputs if s.name not in graph_out]
         if missing:
-            raise ValueError(f"{path}: config tensors {missing} not in graph (inputs {sorted(graph_in)}, "
-                             f"outputs {sorted(graph_out)})")
+            raise ValueError(
+                f"{path}: config tensors {missing} not in graph (inputs {sorted(graph_in)}, "
+                f"outputs {sorted(graph_out)})"
+            )
         self.output_names = [s.name for s in self.model.outputs]
 
     def execute(self, requests):

@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime_genai as og
@@ -56,8 +57,8 @@ class Limits:
 
 @dataclass
 class Sequence:
-    request: object
-    sender: object
+    request: Any  # Triton's pb_utils.InferenceRequest (no stubs)
+    sender: Any  # its response sender
     prompt: np.ndarray
     max_tokens: int
     search: dict
@@ -88,14 +89,17 @@ def parse(request, sender, limits: Limits) -> Sequence:
         raise BadRequest("input 'input_ids' is empty: the prompt needs at least one token")
     bad = np.flatnonzero((ids < 0) | (ids >= limits.vocab_size))
     if bad.size:
-        raise BadRequest(f"input 'input_ids'[{bad[0]}] = {ids[bad[0]]} is outside the vocabulary "
-                         f"[0, {limits.vocab_size})")
+        raise BadRequest(
+            f"input 'input_ids'[{bad[0]}] = {ids[bad[0]]} is outside the vocabulary [0, {limits.vocab_size})"
+        )
     max_tokens = _scalar(request, "max_tokens", int, limits.default_max_tokens)
     if not 0 < max_tokens <= limits.max_tokens_cap:
         raise BadRequest(f"input 'max_tokens' = {max_tokens} must be in [1, {limits.max_tokens_cap}]")
     if ids.size + max_tokens > limits.context_length:
-        raise BadRequest(f"input 'input_ids' has {ids.size} tokens; with max_tokens {max_tokens} that is over "
-                         f"the model's context of {limits.context_length} tokens")
+        raise BadRequest(
+            f"input 'input_ids' has {ids.size} tokens; with max_tokens {max_tokens} that is over "
+            f"the model's context of {limits.context_length} tokens"
+        )
     temperature = _scalar(request, "temperature", float, 0.0)
     if temperature < 0:
         raise BadRequest(f"input 'temperature' = {temperature} must be >= 0")
@@ -125,11 +129,13 @@ def parse(request, sender, limits: Limits) -> Sequence:
 
 
 def _response(ids: list[int], finish: str, usage: tuple[int, int]):
-    return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int64)),
-        pb_utils.Tensor("finish_reason", np.asarray([finish.encode()], dtype=np.object_)),
-        pb_utils.Tensor("usage", np.asarray(usage, dtype=np.int32)),
-    ])
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int64)),
+            pb_utils.Tensor("finish_reason", np.asarray([finish.encode()], dtype=np.object_)),
+            pb_utils.Tensor("usage", np.asarray(usage, dtype=np.int32)),
+        ]
+    )
 
 
 class Batch:
@@ -140,10 +146,11 @@ class Batch:
         length = max(seq.prompt.size for seq in rows)
         prompts = np.full((len(rows), length), pad_token_id, dtype=np.int32)
         for i, seq in enumerate(rows):
-            prompts[i, :seq.prompt.size] = seq.prompt
+            prompts[i, : seq.prompt.size] = seq.prompt
         params = og.GeneratorParams(model)
-        params.set_search_options(**rows[0].search, batch_size=len(rows),
-                                  max_length=length + max(seq.max_tokens for seq in rows))
+        params.set_search_options(
+            **rows[0].search, batch_size=len(rows), max_length=length + max(seq.max_tokens for seq in rows)
+        )
         self.generator = og.Generator(model, params)
         self.generator.append_tokens(prompts)  # the prefill of every row
         self.rows: list[Sequence | None] = list(rows)
@@ -155,8 +162,16 @@ class Batch:
 class Scheduler(threading.Thread):
     """Owns the engine: every og call happens on this thread."""
 
-    def __init__(self, model, limits: Limits, max_sequences: int, max_batch_rows: int, batch_window_ms: int,
-                 max_queued: int, logger):
+    def __init__(
+        self,
+        model,
+        limits: Limits,
+        max_sequences: int,
+        max_batch_rows: int,
+        batch_window_ms: int,
+        max_queued: int,
+        logger,
+    ):
         super().__init__(name="generation-scheduler", daemon=True)
         self.model, self.limits, self.log = model, limits, logger
         self.max_sequences, self.max_batch_rows, self.max_queued = max_sequences, max_batch_rows, max_queued
@@ -169,8 +184,9 @@ class Scheduler(threading.Thread):
     def submit(self, seq: Sequence) -> None:
         """Queues a sequence, or refuses it (UNAVAILABLE: a retry may succeed) when max_queued wait."""
         if self.incoming.qsize() + len(self.waiting) >= self.max_queued:
-            raise Busy(f"{self.max_queued} generation requests are waiting already (the model's max_queued); "
-                       "retry later")
+            raise Busy(
+                f"{self.max_queued} generation requests are waiting already (the model's max_queued); retry later"
+            )
         self.incoming.put(seq)
 
     def stop(self) -> None:
@@ -241,10 +257,14 @@ class Scheduler(threading.Thread):
         batches: list[list[Sequence]] = []
         for seq in sequences:
             for rows in batches:
-                if (seq.batch_key is not None and rows[0].batch_key == seq.batch_key
-                        and len(rows) < self.max_batch_rows
-                        and max(seq.prompt.size, *(r.prompt.size for r in rows))
-                        + max(seq.max_tokens, *(r.max_tokens for r in rows)) <= self.limits.context_length):
+                if (
+                    seq.batch_key is not None
+                    and rows[0].batch_key == seq.batch_key
+                    and len(rows) < self.max_batch_rows
+                    and max(seq.prompt.size, *(r.prompt.size for r in rows))
+                    + max(seq.max_tokens, *(r.max_tokens for r in rows))
+                    <= self.limits.context_length
+                ):
                     rows.append(seq)
                     break
             else:
@@ -285,13 +305,16 @@ class Scheduler(threading.Thread):
     def _finish(self, batch: Batch, row: int, reason: str) -> None:
         seq, batch.rows[row] = batch.rows[row], None
         if reason == "cancelled":
-            self.log.log_info(f"generation cancelled after {seq.generated} tokens (request {seq.request.request_id()!r})")
+            self.log.log_info(
+                f"generation cancelled after {seq.generated} tokens (request {seq.request.request_id()!r})"
+            )
         seq.sender.send(_response([], reason, (seq.prompt.size, seq.generated)), flags=FINAL)
 
     def _fail(self, seq: Sequence, message: str) -> None:
         self.log.log_error(message)
-        seq.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)),
-                        flags=FINAL)
+        seq.sender.send(
+            pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)), flags=FINAL
+        )
 
     def _drop(self, batch: Batch) -> None:
         if batch in self.batches:
@@ -328,15 +351,17 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
-            raise ValueError(f"{config['name']}: the onnxruntime_genai backend needs "
-                             "model_transaction_policy { decoupled: true }")
+            raise ValueError(
+                f"{config['name']}: the onnxruntime_genai backend needs model_transaction_policy {{ decoupled: true }}"
+            )
         folder = Path(args["model_repository"]) / args["model_version"]
         genai = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
         eos = genai.get("eos_token_id", [])
         self.limits = Limits(
             vocab_size=int(genai["vocab_size"]),
             context_length=int(genai["context_length"]),
-            pad_token_id=_pad if (_pad := _parameter(config, "batch_pad_token_id", None)) is not None
+            pad_token_id=_pad
+            if (_pad := _parameter(config, "batch_pad_token_id", None)) is not None
             else batch_pad_token_id(folder, genai),
             max_tokens_cap=_parameter(config, "max_tokens_cap", 1024),
             default_max_tokens=_parameter(config, "default_max_tokens", 64),
@@ -347,10 +372,15 @@ class TritonPythonModel:
         # in a batch's prompts, so batches pad with an id that prompts do not hold.
         engine_config.overlay(json.dumps({"model": {"pad_token_id": self.limits.pad_token_id}}))
         self.model = og.Model(engine_config)
-        self.scheduler = Scheduler(self.model, self.limits, _parameter(config, "max_sequences", 16),
-                                   _parameter(config, "max_batch_rows", 8),
-                                   _parameter(config, "batch_window_ms", 20),
-                                   _parameter(config, "max_queued", 256), pb_utils.Logger)
+        self.scheduler = Scheduler(
+            self.model,
+            self.limits,
+            _parameter(config, "max_sequences", 16),
+            _parameter(config, "max_batch_rows", 8),
+            _parameter(config, "batch_window_ms", 20),
+            _parameter(config, "max_queued", 256),
+            pb_utils.Logger,
+        )
         self.scheduler.start()
 
     def execute(self, requests):
@@ -359,7 +389,11 @@ class TritonPythonModel:
             try:
                 self.scheduler.submit(parse(request, sender, self.limits))
             except (BadRequest, Busy) as exc:
-                code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, BadRequest) else pb_utils.TritonError.UNAVAILABLE
+                code = (
+                    pb_utils.TritonError.INVALID_ARG
+                    if isinstance(exc, BadRequest)
+                    else pb_utils.TritonError.UNAVAILABLE
+                )
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code)), flags=FINAL)
         return None
 

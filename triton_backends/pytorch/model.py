@@ -52,7 +52,7 @@ def configure_torch(config: dict) -> None:
         except RuntimeError:  # only settable before the first inter-op work in this process
             pass
     if batching.parameter(config, "DISABLE_OPTIMIZED_EXECUTION", "false").lower() in ("true", "1", "yes"):
-        torch._C._set_graph_executor_optimize(False)
+        torch._C._set_graph_executor_optimize(False)  # noqa: SLF001 - torch has no public switch
 
 
 class TritonPythonModel:
@@ -62,8 +62,11 @@ class TritonPythonModel:
         path = batching.model_file(args, config, "model.pt")
         batching.keep_freed_memory()  # big batches: see keep_freed_memory
         configure_torch(config)
-        self.grad_mode = torch.inference_mode if batching.parameter(config, "INFERENCE_MODE", "true").lower() \
-            in ("true", "1", "yes") else torch.no_grad
+        self.grad_mode = (
+            torch.inference_mode
+            if batching.parameter(config, "INFERENCE_MODE", "true").lower() in ("true", "1", "yes")
+            else torch.no_grad
+        )
         self.module = torch.jit.load(str(path), map_location="cpu").eval()
         self.input_order = sorted(self.model.inputs, key=lambda s: index_of(s.name))
         self.output_index = [index_of(s.name) for s in self.model.outputs]  # config order -> result index
@@ -95,15 +98,16 @@ class TritonPythonModel:
                     if self._stopping.is_set():
                         return
                     self._infer(feeds)
-        except Exception as exc:  # a model that cannot take zeros still serves; it only starts cold
+        except Exception as exc:  # noqa: BLE001 - a model that cannot take zeros still serves; it only starts cold
             if not self._stopping.is_set():
                 pb_utils.Logger.log_warn(f"warm-up skipped: {type(exc).__name__}: {exc}")
 
     def _infer(self, feeds):
         with self.grad_mode():
             # np.require: Triton's input buffers are read-only, torch wants writable memory.
-            out = self.module(*[torch.from_numpy(np.require(feeds[s.name], requirements=["C", "W"]))
-                                for s in self.input_order])
+            out = self.module(
+                *[torch.from_numpy(np.require(feeds[s.name], requirements=["C", "W"])) for s in self.input_order]
+            )
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         if max(self.output_index) >= len(outs):
             raise RuntimeError(f"model returned {len(outs)} outputs, config wants index {max(self.output_index)}")

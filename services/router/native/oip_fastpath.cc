@@ -1,4 +1,4 @@
-// maas-oip-fastpath: the router's compiled data path for Open Inference Protocol ModelInfer calls.
+// maas-oip-fastpath: the router's fast path for Open Inference Protocol ModelInfer calls.
 //
 // Why C++: a Python grpc.aio hop costs ~0.7 ms and ~450 us of CPU per call on a small machine, more
 // than the router's latency budget; this forwarder costs ~0.25 ms. It holds no routing logic of its
@@ -431,7 +431,7 @@ class Call : public grpc::ServerGenericBidiReactor {
       if (context_->method() == method) {
         // Streams (ModelStreamInfer of decoupled models included) are the main port's: it routes each request.
         Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                            context_->method() + " is streaming: this compiled data path forwards unary calls only; "
+                            context_->method() + " is streaming: this fast path forwards unary calls only; "
                                                  "call it on the router's main port"));
         return;
       }

@@ -549,7 +549,7 @@ envFrom:
 {{- end -}}
 
 {{/*
-Router's compiled Open Inference Protocol data path (maas-oip-fastpath, a child process of the
+Router's OIP fast path (compiled) (maas-oip-fastpath, a child process of the
 router): inference.GRPCInferenceService on its own port, beside the router's main gRPC port.
 Takes the root context.
 */}}
