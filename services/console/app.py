@@ -256,6 +256,7 @@ def create_app(config: ConsoleConfig):
                     form.get("system", ""),
                     form.get("max_tokens", ""),
                     form.get("temperature", ""),
+                    form.get("history", ""),
                 )
                 events = await play.chat_stream(call)
             except Refused as exc:
@@ -275,6 +276,7 @@ def create_app(config: ConsoleConfig):
                     form.get("system", ""),
                     form.get("max_tokens", ""),
                     form.get("temperature", ""),
+                    form.get("history", ""),
                 )
             )
 

@@ -32,6 +32,7 @@ class ConsoleLimits:
     max_texts: int = 16  # sentences to embed: the similarity matrix is texts x texts
     max_text_chars: int = 4000  # one sentence, one chat message
     max_chat_tokens: int = 512  # the largest max_tokens the playground asks for
+    max_chat_turns: int = 16  # earlier messages a chat sends again with the new one (the conversation)
 
 
 LIMIT_HELP = {
@@ -39,6 +40,7 @@ LIMIT_HELP = {
     "max_texts": "sentences one embedding request may hold",
     "max_text_chars": "characters of one sentence or chat message",
     "max_chat_tokens": "largest max_tokens of a playground chat",
+    "max_chat_turns": "earlier messages (user and assistant) one chat request carries",
 }
 
 

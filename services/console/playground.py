@@ -48,8 +48,17 @@ class Playground:
         return self.mesh.config.default_timeout
 
     def chat_request(
-        self, model: str, target: str, message: str, system: str, max_tokens: str, temperature: str
+        self,
+        model: str,
+        target: str,
+        message: str,
+        system: str,
+        max_tokens: str,
+        temperature: str,
+        history: str = "",
     ) -> router_pb2.GenerateRequest:
+        """`history`: the conversation so far, JSON [{"role": "user"|"assistant", "content": ...}] (the page
+        keeps it; the console keeps nothing), sent again before the new message."""
         limit = self.limits.max_text_chars
         if not message.strip():
             raise invalid("message", "write a message")
@@ -57,8 +66,9 @@ class Playground:
             if len(text) > limit:
                 raise invalid(field, f"{field} is {len(text)} characters, over the console's limit of {limit}")
         turns = ([router_pb2.ChatMessage(role="system", content=system)] if system.strip() else []) + [
-            router_pb2.ChatMessage(role="user", content=message)
+            router_pb2.ChatMessage(role=role, content=content) for role, content in self.conversation(history)
         ]
+        turns.append(router_pb2.ChatMessage(role="user", content=message))
         sampling = router_pb2.SamplingParams(
             max_tokens=_number(max_tokens or "128", "max_tokens", int, 1, self.limits.max_chat_tokens),
             temperature=_number(temperature or "0", "temperature", float, 0.0, 2.0),
@@ -67,6 +77,33 @@ class Playground:
             model=model_ref(model, target), messages=router_pb2.ChatMessages(messages=turns), sampling=sampling
         )
 
+    def conversation(self, history: str) -> list[tuple[str, str]]:
+        """The earlier turns of a chat, checked: roles user/assistant, at most max_chat_turns, each within
+        the message limit (the model's context bounds the rest: the router says so, INVALID_ARGUMENT)."""
+        if not history.strip():
+            return []
+        try:
+            turns = json.loads(history)
+        except ValueError:
+            raise invalid("history", "the conversation is not JSON") from None
+        if not isinstance(turns, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("content"), str) and t.get("role") in ("user", "assistant")
+            for t in turns
+        ):
+            raise invalid("history", 'the conversation must be a list of {"role": "user"|"assistant", "content": text}')
+        if len(turns) > self.limits.max_chat_turns:
+            raise invalid(
+                "history",
+                f"the conversation has {len(turns)} earlier messages, over the console's limit of "
+                f"{self.limits.max_chat_turns}: start a new one",
+            )
+        for i, t in enumerate(turns):
+            if len(t["content"]) > self.limits.max_text_chars:
+                raise invalid(
+                    "history", f"message {i + 1} of the conversation is over {self.limits.max_text_chars} characters"
+                )
+        return [(t["role"], t["content"]) for t in turns]
+
     async def chat_unary(self, request: router_pb2.GenerateRequest) -> dict:
         started = time.perf_counter()
         with self.mesh.traced("console.chat") as trace_id:
@@ -74,8 +111,16 @@ class Playground:
                 answer = await self.mesh.router.GenerateUnary(request, timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
                 raise Refused.from_rpc(exc) from None
+        asked = [m for m in request.messages.messages if m.role != "system"]
+        conversation = [{"role": m.role, "content": m.content} for m in asked]
+        conversation.append({"role": "assistant", "content": answer.text})
         return {
             "text": answer.text,
+            "question": conversation[-2]["content"],
+            # What the page sends back with the next message (kept in the form, not by the console).
+            "history": json.dumps(conversation[-self.limits.max_chat_turns :]),
+            "turns": conversation[:-2],  # the earlier exchanges, shown above this one
+            "prompt_tokens": answer.usage.prompt_tokens,
             "finish_reason": finish_reason(answer.finish_reason),
             "completion_tokens": answer.usage.completion_tokens,
             "answered": self.mesh.answered(answer.routed, started, trace_id).as_dict(),
@@ -115,6 +160,7 @@ class Playground:
                             "type": "done",
                             "finish_reason": finish_reason(message.finish_reason),
                             "completion_tokens": message.usage.completion_tokens,
+                            "prompt_tokens": message.usage.prompt_tokens,
                             "pieces": pieces,
                             "first_text_ms": first_text_ms,
                             "latency_ms": round((time.perf_counter() - started) * 1000, 1),

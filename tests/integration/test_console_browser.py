@@ -12,6 +12,7 @@ build/console-screenshots/.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -215,6 +216,34 @@ def test_chat_streams_and_stop_cancels_the_router_call(page, console_mesh):
         or "default" in page.locator("#chat-result .answered-reason").inner_text()
     )
     assert page.locator("#chat-result .answered-latency").inner_text().endswith("ms to the first message")
+    assert_no_console_errors(page)
+
+
+def test_chat_keeps_the_conversation_until_a_new_one(page, console_mesh):
+    """Each message goes with the exchanges before it (the page keeps them: transcript and a hidden field)."""
+    page.goto("/playground")
+
+    def ask(text: str) -> int:
+        page.fill("#chat-message", text)
+        page.fill("#chat-max-tokens", "12")
+        page.click("#chat-send")
+        status = page.locator("#chat-status")
+        playwright_api.expect(status).to_have_attribute("data-state", "done")
+        return int(re.search(r"prompt (\d+) tokens", status.inner_text()).group(1))
+
+    first = ask("My name is Ada.")
+    assert json.loads(page.locator("#chat-history").input_value())[0] == {"role": "user", "content": "My name is Ada."}
+    second = ask("What is my name?")
+    turns = page.locator("#chat-transcript li")
+    assert turns.count() == 2 and "My name is Ada." in turns.nth(0).inner_text()  # the first exchange moved up
+    history = json.loads(page.locator("#chat-history").input_value())
+    assert [t["role"] for t in history] == ["user", "assistant", "user", "assistant"]
+    assert second > first + 4  # the model saw the first exchange again (its prompt holds it)
+    assert "What is my name?" in page.locator("#chat-question").inner_text()
+    shoot(page, "playground-conversation")
+    page.click("#chat-new")
+    assert page.locator("#chat-transcript li").count() == 0 and page.locator("#chat-history").input_value() == ""
+    assert ask("Hello.") < second  # a new conversation: no earlier exchange sent
     assert_no_console_errors(page)
 
 

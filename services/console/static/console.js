@@ -83,13 +83,52 @@
     return list;
   }
 
+  // The conversation lives in the page: earlier exchanges in #chat-transcript, and as JSON in the form's
+  // hidden "history" field, which every request sends again (the console keeps nothing).
+  function turn(role, text) {
+    const li = document.createElement("li");
+    li.className = `turn ${role}`;
+    const who = document.createElement("span");
+    who.className = "role";
+    who.textContent = role === "user" ? "you" : "model";
+    li.append(who, document.createTextNode(" " + text));
+    return li;
+  }
+
+  function keepExchange(form, question, text) {
+    const field = form.querySelector("#chat-history");
+    let turns = [];
+    try { turns = JSON.parse(field.value || "[]"); } catch { turns = []; }
+    turns.push({ role: "user", content: question }, { role: "assistant", content: text });
+    field.value = JSON.stringify(turns.slice(-Number(field.dataset.maxTurns || 16)));
+  }
+
+  function newConversation(form) {
+    form.querySelector("#chat-history").value = "";
+    document.getElementById("chat-transcript").replaceChildren();
+    replace(document.getElementById(form.dataset.target), '<div class="result" id="chat-result"></div>');
+  }
+
   async function chat(form) {
     const send = document.getElementById("chat-send");
     const stop = document.getElementById("chat-stop");
     let target = document.getElementById(form.dataset.target);
+    const previous = target.querySelector("#chat-answer[data-done]");
+    const previousQuestion = target.querySelector("#chat-question");
+    if (previous && previousQuestion) {  // the last exchange moves up into the transcript
+      const transcript = document.getElementById("chat-transcript");
+      transcript.append(turn("user", previousQuestion.textContent.replace(/^you /, "")), turn("assistant", previous.textContent));
+    }
+    const question = form.querySelector("#chat-message").value;
     const controller = new AbortController();
-    target = replace(target, '<div class="result" aria-busy="true"><div class="chat-answer" id="chat-answer" data-pieces="0"></div>'
+    target = replace(target, '<div class="result" aria-busy="true"><p class="chat-question" id="chat-question"></p>'
+      + '<div class="chat-answer" id="chat-answer" data-pieces="0"></div>'
       + '<p class="meta chat-status" id="chat-status" role="status">Waiting for the first token…</p></div>');
+    const shown = target.querySelector("#chat-question");
+    const who = document.createElement("span");
+    who.className = "role";
+    who.textContent = "you";
+    shown.append(who, document.createTextNode(" " + question));
     const answer = target.querySelector("#chat-answer");
     const status = target.querySelector("#chat-status");
     let pieces = 0;
@@ -107,8 +146,10 @@
         answer.dataset.pieces = String(pieces);
       } else if (event.type === "done") {
         finished = true;
-        status.textContent = `Finished: ${event.finish_reason}, ${event.completion_tokens} tokens in ${pieces} pieces; `
-          + `first text after ${event.first_text_ms} ms, ${event.latency_ms} ms in all.`;
+        status.textContent = `Finished: ${event.finish_reason}, ${event.completion_tokens} tokens in ${pieces} pieces `
+          + `(prompt ${event.prompt_tokens} tokens); first text after ${event.first_text_ms} ms, ${event.latency_ms} ms in all.`;
+        answer.dataset.done = "1";
+        keepExchange(form, question, answer.textContent);
         status.dataset.state = "done";
       } else if (event.type === "error") {
         finished = true;
@@ -208,6 +249,12 @@
     event.preventDefault();
     if (kind === "chat") chat(form);
     else postFragment(form, event.submitter);
+  });
+
+  document.addEventListener("click", (event) => {
+    if (event.target.id !== "chat-new") return;
+    event.preventDefault();  // without script the link reloads the page: a new conversation too
+    newConversation(document.getElementById("chat-form"));
   });
 
   // An image pasted anywhere on the page goes into the classify form's file input.
