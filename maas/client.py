@@ -25,6 +25,7 @@ from typing import Literal, overload
 import grpc
 import numpy as np
 
+from maas.auth import bearer
 from maas.tls import ClientTls, open_channel
 from maas.v1 import router_pb2, router_pb2_grpc, tensor_pb2
 from maas import ports
@@ -325,8 +326,7 @@ API_KEY_ENV = "MAAS_API_KEY"
 
 def _key_metadata(api_key: str | None) -> tuple:
     """`authorization: Bearer <key>` for a router with auth on (docs/security.md); default $MAAS_API_KEY."""
-    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
-    return (("authorization", f"Bearer {key}"),) if key else ()
+    return bearer(api_key if api_key is not None else os.environ.get(API_KEY_ENV, ""))
 
 
 class MeshClient:

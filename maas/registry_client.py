@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from maas.auth import bearer
 from maas import ports
 from maas.tls import ClientTls, open_channel
 from maas.v1 import registry_pb2 as pb
@@ -159,7 +160,7 @@ class RegistryClient:
         self.timeout = timeout
         self.actor = actor or default_actor()
         token = token if token is not None else os.environ.get("MAAS_ADMIN_TOKEN")
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer(token)
         self._channel = channel or open_channel(
             self.address,
             [

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
+from maas.auth import bearer
 from maas.registry_client import parse_target
 from maas.v1 import registry_pb2 as pb
 from maas.v1 import registry_pb2_grpc, router_pb2_grpc, tensor_pb2
@@ -144,10 +145,9 @@ class Mesh:
 
     async def audit(self, token: str, limit: int = 20) -> list[pb.AuditEntry]:
         """The registry's audit log, newest first; it needs the admin token when one is configured."""
-        metadata = (("authorization", f"Bearer {token}"),) if token else ()
         try:
             found = await self.registry.ListAudit(
-                pb.ListAuditRequest(limit=limit), metadata=metadata, timeout=self.config.default_timeout
+                pb.ListAuditRequest(limit=limit), metadata=bearer(token), timeout=self.config.default_timeout
             )
         except grpc.aio.AioRpcError as exc:
             raise Refused.from_rpc(exc) from None

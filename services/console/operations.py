@@ -14,15 +14,12 @@ import math
 
 import grpc
 
+from maas.auth import bearer
 from maas.registry_client import parse_target, target_name
 from maas.v1 import registry_pb2 as pb
 from services.console.mesh import Mesh, Refused, invalid
 
 TOKEN_COOKIE = "maas_console_admin_token"
-
-
-def _metadata(token: str) -> tuple:
-    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def parse_split(text: str) -> list[pb.TrafficTarget]:
@@ -60,7 +57,7 @@ class Operations:
 
     async def _call(self, method, request, token: str):
         try:
-            return await method(request, metadata=_metadata(token), timeout=self.mesh.config.default_timeout)
+            return await method(request, metadata=bearer(token), timeout=self.mesh.config.default_timeout)
         except grpc.aio.AioRpcError as exc:
             raise Refused.from_rpc(exc) from None
 

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 from opentelemetry import trace
 
+from maas.auth import bearer
 from maas.v1 import registry_pb2, registry_pb2_grpc
 from services.router.metrics import SHADOW_REQUESTS
 from services.router.postprocess import cosine_sum, cosines, top1_agreed, top5_overlap_sum
@@ -71,7 +72,7 @@ class ShadowRunner(PeriodicReport):
         tracer: trace.Tracer | None = None,
     ):
         self._tracer = tracer or _tracer
-        self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
+        self._metadata = bearer(admin_token)
         self._registry = registry_pb2_grpc.RegistryStub(registry_channel) if registry_channel else None
         self.max_inflight, self.timeout = max_inflight, timeout
         self.report_interval, self.max_pending = report_interval, max_pending

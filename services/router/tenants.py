@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from maas.auth import bearer
 from maas.v1 import registry_pb2, registry_pb2_grpc
 from services.router.watcher import RegistryWatcher
 
@@ -160,7 +161,7 @@ class TenantWatcher(RegistryWatcher):
         super().__init__(channel, table=None, **backoff)
         self.cache = cache
         self._tenants_stub = registry_pb2_grpc.RegistryStub(channel)
-        self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
+        self._metadata = bearer(admin_token)
         self.synced = cache.synced
 
     def open_stream(self):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from maas.auth import bearer
 from maas.v1 import registry_pb2, registry_pb2_grpc
 from services.router.metrics import VERSION_DURATION
 from services.router.reporting import PeriodicReport
@@ -60,7 +61,7 @@ class VersionStatsReporter(PeriodicReport):
         self, registry_channel: grpc.aio.Channel | None, report_interval: float = 0.5, admin_token: str | None = None
     ):
         self._registry = registry_pb2_grpc.RegistryStub(registry_channel) if registry_channel else None
-        self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
+        self._metadata = bearer(admin_token)
         self.report_interval = report_interval
         self._pending: dict[tuple[str, int], _Figures] = {}
         self.reported = 0  # reports the registry accepted (tests)
