@@ -354,7 +354,16 @@ class RolloutController:
         if dry_run:
             return rollout
         # Committed before traffic changes: a crash in between resumes and applies the weight.
-        self._save(rollout, new=True)
+        self._save(
+            rollout,
+            new=True,
+            audit_row=(
+                "rollout.started",
+                actor,
+                reason,
+                f"canary v{version} against production v{alias.version}, weights {weights}",
+            ),
+        )
         audit.info(
             "rollout started",
             extra={
@@ -365,13 +374,6 @@ class RolloutController:
                 "reason": reason,
                 "weights": weights,
             },
-        )
-        self._audit_row(
-            rollout,
-            "rollout.started",
-            actor,
-            reason,
-            f"canary v{version} against production v{alias.version}, weights {weights}",
         )
         metrics.ROLLOUTS.labels(model, "started").inc()
         await self._apply_weight(rollout)
@@ -522,12 +524,17 @@ class RolloutController:
         return ""
 
     # -- effects -----------------------------------------------------------------------------------
-    def _save(self, rollout: Rollout, new: bool = False) -> None:
+    def _save(self, rollout: Rollout, new: bool = False, audit_row: tuple[str, str, str, str] | None = None) -> None:
+        """Commit the rollout; `audit_row` (action, actor, reason, detail) goes into the registry's audit log
+        in the same transaction, as every registry mutation's does (`maas audit`)."""
         with self.registry.store.transaction() as tx:
             if new:
                 rollout.id = self.store.insert(tx, rollout)
             else:
                 self.store.update(tx, rollout)
+            if audit_row is not None:
+                action, actor, reason, detail = audit_row
+                self.registry.store.add_audit(tx, actor, action, f"model/{rollout.model}", reason, detail)
             revision = self.registry.store.bump_revision(tx)
         self.registry.hub.publish(WatchEvent(revision=revision, rollout=rollout))
         metrics.ROLLOUT_WEIGHT.labels(rollout.model).set(rollout.weight if rollout.state == RolloutState.RUNNING else 0)
@@ -562,7 +569,15 @@ class RolloutController:
         """End a rollout: the state is committed first, then traffic follows (start() completes the rest
         after a crash in between)."""
         rollout.state, rollout.reason, rollout.updated_at = state, reason, self.clock()
-        self._save(rollout)
+        self._save(
+            rollout,
+            audit_row=(
+                f"rollout.{state.value}",
+                ROLLOUT_ACTOR,
+                reason,
+                f"canary v{rollout.canary_version} at {rollout.weight}%, production v{rollout.production_version}",
+            ),
+        )
         self._cancel(rollout.model)
         self._window.pop(rollout.model, None)
         if state == RolloutState.PROMOTED:
@@ -589,19 +604,7 @@ class RolloutController:
                 "reason": reason,
             },
         )
-        self._audit_row(
-            rollout,
-            f"rollout.{outcome}",
-            ROLLOUT_ACTOR,
-            reason,
-            f"canary v{rollout.canary_version} at {rollout.weight}%, production v{rollout.production_version}",
-        )
         return rollout
-
-    def _audit_row(self, rollout: Rollout, action: str, actor: str, reason: str, detail: str) -> None:
-        """`maas audit` lists rollouts beside the traffic changes they make (store.py's audit table)."""
-        with self.registry.store.transaction() as tx:
-            self.registry.store.add_audit(tx, actor, action, f"model/{rollout.model}", reason, detail)
 
 
 def policy_with_defaults(**given) -> RolloutPolicy:
