@@ -26,11 +26,12 @@ RUN /opt/build/bin/pip wheel --no-cache-dir --no-deps --no-build-isolation --whe
 # only the router's sources and the build script are copied, so Python-only changes reuse it.
 FROM ${BASE_IMAGE} AS fastpath
 RUN apt-get update \
- && apt-get install -y --no-install-recommends g++ pkg-config libgrpc++-dev \
+ && apt-get install -y --no-install-recommends g++ pkg-config libgrpc++-dev protobuf-compiler libprotobuf-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY tools/build_fastpath.sh tools/
 COPY services/router/ services/router/
+COPY protos/maas/v1/fastpath.proto protos/maas/v1/
 RUN MAAS_FASTPATH_OUT=/out/maas-oip-fastpath bash tools/build_fastpath.sh
 
 FROM ${BASE_IMAGE}

@@ -35,7 +35,7 @@ models: install
 # The router's OIP fast path (compiled) (C++, gRPC C++ from Debian's packages).
 FASTPATH := build/bin/maas-oip-fastpath
 fastpath: $(FASTPATH)
-$(FASTPATH): services/router/native/oip_fastpath.cc tools/build_fastpath.sh
+$(FASTPATH): services/router/native/oip_fastpath.cc protos/maas/v1/fastpath.proto tools/build_fastpath.sh
 	bash tools/build_fastpath.sh
 
 k8s-tools:

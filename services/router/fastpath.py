@@ -2,11 +2,13 @@
 
 A Python grpc.aio hop costs ~0.7 ms per call here, more than the router may add to a Triton call;
 the compiled forwarder (services/router/native/oip_fastpath.cc) costs ~0.25 ms. It serves
-inference.GRPCInferenceService on its own port (--oip-fast-listen) and knows only what this module
-sends it: for each model, the versions a version-less, alias or numbered ModelInfer may go to,
-computed here from the routing table with routing.py's own rules. Every call those lines do not
-settle (unknown model, version not READY, a routing key, a shadow copy to take, metadata and
-readiness calls) it forwards to this router's main port, which answers as it always does.
+inference.GRPCInferenceService on its own port (--oip-fast-listen) and routes by the spec in
+protos/maas/v1/fastpath.proto: this module sends it a FastPathSnapshot (for each model, the versions a
+version-less, alias or numbered ModelInfer may go to, computed here with routing.py's functions, and
+the split draw's parameters) and the shared vectors (tests/fixtures/routing_vectors.json) hold both to
+the same answers. Every call the snapshot does not settle (unknown model, version not READY, a shadow
+copy to take, metadata and readiness calls) it forwards to this router's main port, which answers as
+it always does.
 """
 
 from __future__ import annotations
@@ -22,7 +24,19 @@ from pathlib import Path
 import grpc
 
 from services.router.metrics import ROUTER_INFLIGHT, ROUTER_REQUESTS
-from services.router.routing import ModelRoutes, RoutingTable, default_version, ready_aliases, usable_split
+from google.protobuf.message import Message
+
+from maas.v1 import fastpath_pb2
+from services.router.routing import (
+    KEY_SEPARATOR,
+    SPLIT_SALT,
+    SPLIT_STEP,
+    ModelRoutes,
+    RoutingTable,
+    default_version,
+    ready_aliases,
+    usable_split,
+)
 from services.router.signature import beyond_triton
 from services.router.triton_errors import MODEL_INPUT_ERROR_MARKERS, NOT_SERVING_MARKER, NOT_SERVING_MESSAGE
 from services.shared.errors import MAX_STATUS_MESSAGE_BYTES, FailedPrecondition
@@ -36,7 +50,6 @@ BINARY_NAME = "maas-oip-fastpath"
 # Built by `make fastpath` in a source checkout; installed on PATH in the container image.
 _SOURCE_BUILD = Path(__file__).resolve().parents[2] / "build" / "bin" / BINARY_NAME
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-_SEPARATORS = ("\t", "\n", ",", "=", ":")
 
 
 def find_binary() -> str | None:
@@ -47,12 +60,11 @@ def find_binary() -> str | None:
     return str(_SOURCE_BUILD) if _SOURCE_BUILD.is_file() else None
 
 
-def model_line(routes: ModelRoutes) -> str | None:
-    """One model's line of a snapshot (see oip_fastpath.cc), or None when a name cannot be written
-    in the line format or a version has input limits only the router checks (token ids, sequence
-    length: signature.beyond_triton): the forwarder then sends that model's calls to the Python router."""
-    names = [routes.name, *routes.aliases]
-    if any(sep in name for name in names for sep in _SEPARATORS) or not routes.name:
+def model_spec(routes: ModelRoutes) -> fastpath_pb2.FastPathModel | None:
+    """One model's entry of a snapshot, or None when the forwarder must hand all its calls to the
+    Python router: a shadow policy (every call may take a shadow copy, explicit versions included), or a
+    version with input limits only the router checks (token ids, sequence length: signature.beyond_triton)."""
+    if not routes.name or (routes.shadow is not None and routes.shadow.fraction > 0):
         return None
     if any(beyond_triton(info) for info in routes.versions.values()):
         return None
@@ -60,24 +72,39 @@ def model_line(routes: ModelRoutes) -> str | None:
         default = default_version(routes)[0].version
     except FailedPrecondition:
         default = 0
-    if routes.split:
-        usable = usable_split(routes)
-        split = ",".join(f"{info.version}:{target.weight}" for info, target in usable) or "!"
-    else:
-        split = "-"
-    aliases = ",".join(f"{alias}={version}" for alias, version in sorted(ready_aliases(routes).items())) or "-"
-    ready = ",".join(map(str, routes.ready_versions())) or "-"
-    shadow = int(routes.shadow is not None and routes.shadow.fraction > 0)
-    return "\t".join(["model", routes.name, str(default), ready, split, aliases, str(shadow)])
+    return fastpath_pb2.FastPathModel(
+        name=routes.name,
+        default_version=default,
+        ready_versions=routes.ready_versions(),
+        aliases=ready_aliases(routes),
+        has_policy=bool(routes.split),
+        split=[
+            fastpath_pb2.SplitTarget(version=info.version, weight=target.weight)
+            for info, target in (usable_split(routes) if routes.split else [])
+        ],
+    )
 
 
-def snapshot(table: RoutingTable, replicas: Iterable[str]) -> str:
-    """The whole routing state as the forwarder reads it: replaced at once on "commit"."""
-    lines = ["begin", "replicas\t" + (",".join(sorted(replicas)) or "-")]
-    if table.has_state:
-        lines += [line for routes in table.models() if (line := model_line(routes)) is not None]
-    lines.append("commit")
-    return "\n".join(lines) + "\n"
+def snapshot(table: RoutingTable, replicas: Iterable[str]) -> fastpath_pb2.FastPathSnapshot:
+    """The whole routing state as the forwarder reads it (protos/maas/v1/fastpath.proto), with the
+    draw's parameters: the forwarder holds none of its own."""
+    models = [spec for routes in table.models() if (spec := model_spec(routes)) is not None] if table.has_state else []
+    return fastpath_pb2.FastPathSnapshot(replicas=sorted(replicas), models=models, draw=split_draw())
+
+
+def split_draw() -> fastpath_pb2.SplitDraw:
+    return fastpath_pb2.SplitDraw(
+        sequence_step=SPLIT_STEP,
+        key_hash=fastpath_pb2.KEY_HASH_BLAKE2B_64,
+        salt=SPLIT_SALT,
+        key_separator=KEY_SEPARATOR,
+    )
+
+
+def framed(message: Message) -> bytes:
+    """A message as the forwarder reads it from stdin: its size (4 bytes, big-endian), then its bytes."""
+    data = message.SerializeToString()
+    return len(data).to_bytes(4, "big") + data
 
 
 def add_to_histogram(child, bucket_counts: list[int], seconds: float) -> None:
@@ -160,7 +187,7 @@ class FastPath:
         process = self._process
         if process is None or process.stdin is None or process.stdin.is_closing():
             return
-        process.stdin.write(snapshot(self.table, self.pool.addresses).encode())
+        process.stdin.write(framed(snapshot(self.table, self.pool.addresses)))
 
     async def stop(self) -> None:
         self._stopping = True

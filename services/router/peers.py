@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from time import monotonic
@@ -134,36 +133,52 @@ def model_stream_infer(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiC
     )
 
 
-# gRPC's status text when the call could not be given a connection at all (wait_for_ready=False and the
-# channel cannot connect): the request never left the router, so another replica may take it.
-NOT_SENT = "failed to connect to all addresses"
-
-
-def never_sent(exc: grpc.aio.AioRpcError) -> bool:
-    """UNAVAILABLE from a connection that could not be made: the request never left the router."""
-    return exc.code() == grpc.StatusCode.UNAVAILABLE and (exc.details() or "").startswith(NOT_SENT)
-
-
-def retry_elsewhere(exc: grpc.aio.AioRpcError) -> bool:
-    """Retry rule: a call that provably never ran - it never left (never_sent), or Triton refused it
-    because that replica does not serve the version (restarted, still loading: NOT_SERVING_MARKER).
-    Any other failure (reset, GOAWAY mid-call, Triton's own UNAVAILABLE, deadline) may have reached
-    the model and is not retried."""
-    details = exc.details() or ""
-    return (exc.code() == grpc.StatusCode.UNAVAILABLE and details.startswith(NOT_SENT)) or (
-        exc.code() in NOT_SERVING_CODES and details.startswith(NOT_SERVING_MARKER)
+def never_sent(code: grpc.StatusCode, at_issue: grpc.ChannelConnectivity, at_failure: grpc.ChannelConnectivity) -> bool:
+    """The request never left the router: UNAVAILABLE on a channel that had no connection when the call
+    was issued and is in TRANSIENT_FAILURE when it failed, i.e. gRPC failed the call for want of a
+    connection (wait_for_ready is off). From status and channel state, not from a message; the fast
+    path decides it the same way (protos/maas/v1/fastpath.proto, rule 3)."""
+    return (
+        code == grpc.StatusCode.UNAVAILABLE
+        and at_issue != grpc.ChannelConnectivity.READY
+        and at_failure == grpc.ChannelConnectivity.TRANSIENT_FAILURE
     )
+
+
+def not_serving_reply(code: grpc.StatusCode, details: str) -> bool:
+    """Triton answered that this replica does not serve the version (restarted, still loading)."""
+    return code in NOT_SERVING_CODES and details.startswith(NOT_SERVING_MARKER)
+
+
+def retry_reason(
+    code: grpc.StatusCode, details: str, at_issue: grpc.ChannelConnectivity, at_failure: grpc.ChannelConnectivity
+) -> str:
+    """Retry rule (the fast path's too: protos/maas/v1/fastpath.proto, rule 3): why a failed call may go
+    to another replica - "never_sent" (never_sent) or "not_serving" (Triton refused it because that
+    replica does not serve the version) - or "" when it may have reached the model (reset, GOAWAY
+    mid-call, Triton's own UNAVAILABLE, deadline): not retried."""
+    if never_sent(code, at_issue, at_failure):
+        return "never_sent"
+    return "not_serving" if not_serving_reply(code, details) else ""
 
 
 def retryable(exc: grpc.aio.AioRpcError) -> bool:
     """A failure that says the replica is unwell (what outlier ejection counts)."""
-    return exc.code() == grpc.StatusCode.UNAVAILABLE or retry_elsewhere(exc)
+    return exc.code() == grpc.StatusCode.UNAVAILABLE or not_serving_reply(exc.code(), exc.details() or "")
+
+
+@dataclass
+class Failed(Exception):
+    """One attempt's failure and why it may be retried elsewhere (retry_reason; "" = it may not)."""
+
+    error: grpc.aio.AioRpcError
+    reason: str
 
 
 class TritonPeer:
     """Triton's own gRPC API through the raw generated stub, each call on a replica of the pool.
 
-    A call that provably never ran (see retry_elsewhere) is retried once on each other serving replica
+    A call that provably never ran (see retry_reason) is retried once on each other serving replica
     while the caller's deadline and the pool's retry budget last; anything else is the caller's
     answer. Every call's outcome feeds the pool's outlier ejection.
     """
@@ -244,26 +259,28 @@ class TritonPeer:
         replica = self.pool.pick()
         try:
             return await self._attempt(replica, factory, method, request, timeout)
-        except grpc.aio.AioRpcError as exc:
-            if not retryable(exc):
-                raise _answer(exc, request) from None
-            failure = exc
+        except Failed as failed:
+            if not retryable(failed.error):
+                raise _answer(failed.error, request) from None
+            failure = failed
         return await self._retry(replica, failure, factory, method, request, timeout, started)
 
     async def _attempt(self, replica: Replica, factory, method: str | None, request, timeout: float | None):
         """One call on one replica; its outcome goes to the pool's outlier detection."""
+        at_issue = replica.channel.get_state()
         try:
             response = await _attempt(replica, factory, method, request, timeout)
         except grpc.aio.AioRpcError as exc:
             self.pool.report(replica, ok=not retryable(exc))
-            raise
+            reason = retry_reason(exc.code(), exc.details() or "", at_issue, replica.channel.get_state())
+            raise Failed(exc, reason) from None
         self.pool.report(replica, ok=True)
         return response
 
     async def _retry(
         self,
         replica: Replica,
-        failure: grpc.aio.AioRpcError,
+        failure: Failed,
         factory,
         method: str | None,
         request,
@@ -272,31 +289,31 @@ class TritonPeer:
     ):
         tried = {replica}
         refused = ""
-        while retry_elsewhere(failure):
-            others = [r for r in self.pool.replicas() if r not in tried]
+        while failure.reason:
             remaining = None if timeout is None else timeout - (monotonic() - started)
+            others = any(r not in tried for r in self.pool.replicas())
             if not others or (remaining is not None and remaining <= 0):
                 break
             # A call that never left costs no Triton anything: only retries after a replica answered
             # (refused a version it does not serve) draw on the budget.
-            if not never_sent(failure) and not self.pool.try_retry():
+            if failure.reason != "never_sent" and not self.pool.try_retry():
                 refused = "; not retried on another replica: the retry budget is spent"
                 break
-            replica = min(random.sample(others, min(2, len(others))), key=_inflight)
+            replica = self.pool.pick(exclude=tried)
             tried.add(replica)
             log.debug(
                 "retrying a Triton call on another replica",
-                extra={"failed": failure.details(), "replica": replica.address},
+                extra={"failed": failure.error.details(), "replica": replica.address},
             )
             try:
                 return await self._attempt(replica, factory, method, request, remaining)
-            except grpc.aio.AioRpcError as exc:
-                if not retryable(exc):
-                    raise _answer(exc, request) from None
-                failure = exc
-        answer = _answer(failure, request)
+            except Failed as failed:
+                if not retryable(failed.error):
+                    raise _answer(failed.error, request) from None
+                failure = failed
+        answer = _answer(failure.error, request)
         if isinstance(answer, grpc.aio.AioRpcError):
-            answer = Unavailable(f"Triton ({replica.address}) is unavailable: {failure.details()}")
+            answer = Unavailable(f"Triton ({replica.address}) is unavailable: {failure.error.details()}")
         if refused:
             answer.message = bounded(answer.message + refused)
         raise answer from None
@@ -320,10 +337,6 @@ async def _attempt(replica: Replica, factory, method: str | None, request, timeo
     with replica.counted():
         rpc = replica.stub(factory)
         return await (getattr(rpc, method) if method else rpc)(request, timeout=timeout, wait_for_ready=False)
-
-
-def _inflight(replica: Replica) -> int:
-    return replica.inflight
 
 
 def output_tensor(response: service_pb2.ModelInferResponse, name: str) -> tensor_pb2.Tensor | None:

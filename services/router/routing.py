@@ -148,14 +148,34 @@ class Route:
     shadow: VersionInfo | None = None
 
 
-# Fractional parts of the golden ratio and of sqrt(2): the best-spread additive sequences.
+# The draw's parameters (protos/maas/v1/fastpath.proto SplitDraw: the fast path gets them in its
+# snapshot). Steps: fractional parts of the golden ratio and of sqrt(2), the best-spread additive sequences.
 _STEPS = {"split": 0.6180339887498949, "shadow": 0.4142135623730951}
+SPLIT_SALT = "split"
+SPLIT_STEP = _STEPS[SPLIT_SALT]
+KEY_SEPARATOR = "\x00"
+KEY_DIGEST_BYTES = 8  # BLAKE2b with an 8-byte digest
 
 
 def unit_interval(*parts: str) -> float:
     """A stable draw in [0, 1) from the given strings (same key → same number, on every replica)."""
-    digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(KEY_SEPARATOR.join(parts).encode(), digest_size=KEY_DIGEST_BYTES).digest()
     return int.from_bytes(digest, "big") / 2.0**64
+
+
+def next_point(previous: float, step: float) -> float:
+    """The key-less sequence's next point (previous in [0, 1))."""
+    return (previous + step) % 1.0
+
+
+def weighted_choice(weights: list[int], point: float) -> int:
+    """The index a draw in [0, 1) picks among targets of these weights (the last one on rounding)."""
+    rest = point * sum(weights)
+    for index, weight in enumerate(weights):
+        rest -= weight
+        if rest < 0:
+            return index
+    return len(weights) - 1
 
 
 class RoutingTable:
@@ -259,7 +279,7 @@ class RoutingTable:
         point = self._sequence.get(key)
         if point is None:
             point = self._rng.random()
-        point = (point + _STEPS[salt]) % 1.0
+        point = next_point(point, _STEPS[salt])
         self._sequence[key] = point
         return point
 
@@ -268,13 +288,8 @@ class RoutingTable:
         if not usable:
             described = ", ".join(f"{t.describe()}={t.weight}" for t in routes.split)
             raise FailedPrecondition(f"model {routes.name!r}: no READY version in its traffic policy ({described})")
-        total = sum(t.weight for _, t in usable)
-        point = self._draw(routes, routing_key, "split") * total
-        for info, target in usable:
-            point -= target.weight
-            if point < 0:
-                return info, target
-        return usable[-1]
+        point = self._draw(routes, routing_key, SPLIT_SALT)
+        return usable[weighted_choice([target.weight for _, target in usable], point)]
 
     def _shadow(self, routes: ModelRoutes, routing_key: str) -> VersionInfo | None:
         shadow = routes.shadow

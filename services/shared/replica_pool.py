@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -248,20 +248,17 @@ class ReplicaPool:
         POOL_BUDGET_REFUSALS.labels(self.name).inc()
         return False
 
-    def pick(self) -> Replica:
-        """The less busy of two random serving replicas."""
-        serving = self._serving
+    def pick(self, exclude: Collection[Replica] = ()) -> Replica:
+        """The less busy of two random serving replicas (not in `exclude`): less_busy_of_two."""
+        serving = [r for r in self._serving if r not in exclude] if exclude else self._serving
         if not serving:
             waiting = f" ({len(self._pending)} starting)" if self._pending else ""
-            raise Unavailable(f"no {self.name} replica is ready{waiting}")
-        if len(serving) == 1:
-            return serving[0]
-        # Two distinct indices without random.sample's per-call set-up (this runs on every Triton call).
+            others = " other" if exclude else ""
+            raise Unavailable(f"no{others} {self.name} replica is ready{waiting}")
         n = len(serving)
-        i = random.randrange(n)
-        j = (i + 1 + random.randrange(n - 1)) % n
-        a, b = serving[i], serving[j]
-        return a if a.inflight <= b.inflight else b
+        if n == 1:
+            return serving[0]
+        return serving[less_busy_of_two([r.inflight for r in serving], random.randrange(n), random.randrange(n - 1))]
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[Replica]:
@@ -279,6 +276,17 @@ class ReplicaPool:
         replicas, self._known, self._serving = list(self._known.values()), {}, []
         POOL_REPLICAS.labels(self.name).set(0)
         await asyncio.gather(*(r.channel.close() for r in replicas), *self._closing, return_exceptions=True)
+
+
+def less_busy_of_two(inflight: Sequence[int], first: int, second: int) -> int:
+    """The replica rule shared with the router's fast path (protos/maas/v1/fastpath.proto, rule 2):
+    `first` uniform in [0, n), `second` uniform in [0, n - 1) name two distinct replicas (first, and
+    first + 1 + second mod n); the one with fewer calls in flight wins, ties go to first."""
+    n = len(inflight)
+    if n == 1:
+        return 0
+    other = (first + 1 + second) % n
+    return first if inflight[first] <= inflight[other] else other
 
 
 async def _connects(address: str, channel: grpc.aio.Channel) -> bool:

@@ -1,48 +1,54 @@
-"""What the router tells its OIP fast path: each model's routable versions, in lines the
-forwarder reads, computed with the routing table's own rules."""
+"""What the router tells its OIP fast path: each model's routable versions, as a FastPathSnapshot
+(protos/maas/v1/fastpath.proto), computed with the routing table's own rules."""
 
 from __future__ import annotations
 
 import pytest
 
 from services.router.config import load_config
-from services.router.fastpath import model_line, snapshot
+from maas.v1 import fastpath_pb2
+from services.router.fastpath import framed, model_spec, snapshot
 from services.router.routing import ModelRoutes, RoutingTable, Shadow, Target, ServingState
 from services.shared.config import ConfigError
 from tests.unit.test_router_routing import minilm, version
 
 
-def fields(routes: ModelRoutes) -> list[str]:
-    line = model_line(routes)
-    assert line is not None
-    return line.split("\t")
+def spec(routes: ModelRoutes) -> fastpath_pb2.FastPathModel:
+    found = model_spec(routes)
+    assert found is not None
+    return found
 
 
-def test_a_model_line_carries_default_ready_versions_usable_split_and_ready_aliases():
+def test_a_model_spec_carries_default_ready_versions_usable_split_and_ready_aliases():
     routes = minilm(
         split=(Target(alias="production", weight=90), Target(version=2, weight=10), Target(version=3, weight=50))
     )  # v3 is LOADING: no traffic
-    # model, default (production → v1), READY versions, usable targets, aliases to READY versions, shadow
-    assert fields(routes) == ["model", "minilm", "1", "1,2", "1:90,2:10", "canary=2,production=1", "0"]
+    found = spec(routes)
+    assert (found.name, found.default_version, list(found.ready_versions)) == ("minilm", 1, [1, 2])
+    assert found.has_policy and [(t.version, t.weight) for t in found.split] == [(1, 90), (2, 10)]
+    assert dict(found.aliases) == {"canary": 2, "production": 1}
 
 
 def test_the_python_router_keeps_what_it_must_answer_itself():
-    no_ready = minilm(versions={3: version(3, ServingState.LOADING)}, aliases={})
-    assert fields(no_ready)[2:5] == ["0", "-", "-"]  # no default: version-less calls go to the Python router
-    unusable = minilm(split=(Target(version=3, weight=100),))
-    assert fields(unusable)[4] == "!"  # FAILED_PRECONDITION comes from the Python router
-    shadowed = minilm(shadow=Shadow(Target(version=2), 0.5))
-    assert fields(shadowed)[6] == "1"
-    assert model_line(minilm(name="bad\tname")) is None
+    no_ready = spec(minilm(versions={3: version(3, ServingState.LOADING)}, aliases={}))
+    assert (no_ready.default_version, list(no_ready.ready_versions), no_ready.has_policy) == (0, [], False)
+    unusable = spec(minilm(split=(Target(version=3, weight=100),)))
+    assert unusable.has_policy and not unusable.split  # FAILED_PRECONDITION comes from the Python router
+    # A shadow policy may copy any call, explicit versions included: the model is the Python router's.
+    assert model_spec(minilm(shadow=Shadow(Target(version=2), 0.5))) is None
+    assert spec(minilm(name="tab\tand,comma")).name == "tab\tand,comma"  # any name travels in protobuf
 
 
 def test_a_snapshot_replaces_the_whole_table_with_the_replicas():
     table = RoutingTable()
-    assert snapshot(table, []) == "begin\nreplicas\t-\ncommit\n"  # no routing state yet: every call falls back
+    empty = snapshot(table, [])
+    assert not empty.models and not empty.replicas  # no routing state yet: every call falls back
     table.replace_all([minilm()], revision=1)
-    lines = snapshot(table, ["b:8001", "a:8001"]).splitlines()
-    assert lines[0] == "begin" and lines[1] == "replicas\ta:8001,b:8001" and lines[-1] == "commit"
-    assert lines[2].startswith("model\tminilm\t")
+    snap = snapshot(table, ["b:8001", "a:8001"])
+    assert list(snap.replicas) == ["a:8001", "b:8001"] and [m.name for m in snap.models] == ["minilm"]
+    data = framed(snap)
+    assert int.from_bytes(data[:4], "big") == len(data) - 4
+    assert fastpath_pb2.FastPathSnapshot.FromString(data[4:]) == snap
 
 
 def test_the_fast_path_is_configured_by_flag_or_env(monkeypatch, tmp_path):

@@ -1,19 +1,17 @@
 // maas-oip-fastpath: the router's fast path for Open Inference Protocol ModelInfer calls.
 //
 // Why C++: a Python grpc.aio hop costs ~0.7 ms and ~450 us of CPU per call on a small machine, more
-// than the router's latency budget; this forwarder costs ~0.25 ms. It holds no routing logic of its
-// own: the Python router (services/router/fastpath.py) owns the routing table and pushes it here on
-// stdin as precomputed lines, and anything those lines do not settle (unknown model, version not
-// READY, routing keys, shadow copies, other methods) is forwarded to the Python router unchanged,
-// which answers exactly as on its main port. Tensors are never parsed or copied: the request's bytes
-// go to Triton with model_version appended (protobuf's last-value-wins merge rule makes that a set).
+// than the router's latency budget; this forwarder costs ~0.25 ms. It routes by the spec in
+// protos/maas/v1/fastpath.proto, the one the Python router follows too (its rules 1-3: version
+// choice, replica choice, retry on another replica), and holds no routing constant of its own: the
+// Python router (services/router/fastpath.py) computes a FastPathSnapshot from its routing table and
+// writes it on stdin (each preceded by its size, 4 bytes big-endian), with the split draw's
+// parameters. Anything a snapshot does not settle (unknown model, version not READY, shadow copies,
+// other methods) is forwarded to the Python router unchanged, which answers exactly as on its main
+// port. Tensors are never parsed or copied: the request's bytes go to Triton with model_version
+// appended (protobuf's last-value-wins merge rule makes that a set). tests/fixtures/routing_vectors.json
+// holds cases both implementations must answer alike (--check-vectors FILE: a RoutingVectors message).
 //
-// stdin (tab-separated lines; a snapshot replaces the whole table):
-//   begin
-//   replicas <addr,addr,...>
-//   model <name> <default version|0> <ready versions,...> <split version:weight,...|-|!> <alias=version,...|->
-//         <shadow 0|1>          ("!" = a traffic policy with no usable target: the Python router answers)
-//   commit
 // stdout: "listening <port>" once, then every --stats-interval seconds
 //   stats <inflight> (calls it is sending to Triton; the ones it hands to the Python router are counted
 //   there) and "requests <model> <version> <route> <grpc code> <count since last report>" lines (route:
@@ -34,18 +32,24 @@
 #include <grpcpp/security/tls_certificate_verifier.h>
 #include <grpcpp/security/tls_credentials_options.h>
 
+#include "maas/v1/fastpath.pb.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cmath>
+#include <cstdint>
 #include <csignal>
 #include <cstdlib>
 #include <deque>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -60,7 +64,6 @@ const char* const kStreamingMethods[] = {
     "/inference.GRPCInferenceService/ModelStreamInfer", "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"};
-const double kGoldenStep = 0.6180339887498949;  // the Python router's split sequence step
 
 std::vector<std::string> Split(const std::string& text, char sep) {
   std::vector<std::string> parts;
@@ -71,20 +74,38 @@ std::vector<std::string> Split(const std::string& text, char sep) {
   return parts;
 }
 
-struct ModelRoutes {
-  std::string default_version;           // empty: the Python router answers version-less calls
-  std::map<std::string, bool> ready;     // READY version numbers, as strings
-  std::map<std::string, std::string> aliases;  // alias -> READY version
-  std::vector<std::pair<std::string, long>> split;  // usable targets and weights
-  long split_total = 0;
-  bool split_unusable = false;
-  bool shadow = false;
+struct ModelRoutes {  // a maas.v1.FastPathModel, indexed
+  uint32_t default_version = 0;                 // 0: the Python router answers version-less calls
+  std::set<uint32_t> ready;                     // READY versions
+  std::map<std::string, uint32_t> aliases;      // alias -> READY version
+  bool has_policy = false;
+  std::vector<uint32_t> split_versions;         // usable targets, in the policy's order
+  std::vector<double> split_weights;
 };
 
 struct Table {
   std::unordered_map<std::string, ModelRoutes> models;
   std::vector<std::string> replicas;
+  maas::v1::SplitDraw draw;
 };
+
+std::shared_ptr<Table> TableOf(const maas::v1::FastPathSnapshot& snapshot) {
+  auto table = std::make_shared<Table>();
+  table->replicas.assign(snapshot.replicas().begin(), snapshot.replicas().end());
+  table->draw = snapshot.draw();
+  for (const maas::v1::FastPathModel& model : snapshot.models()) {
+    ModelRoutes& routes = table->models[model.name()];
+    routes.default_version = model.default_version();
+    routes.ready.insert(model.ready_versions().begin(), model.ready_versions().end());
+    routes.aliases.insert(model.aliases().begin(), model.aliases().end());
+    routes.has_policy = model.has_policy();
+    for (const maas::v1::SplitTarget& target : model.split()) {
+      routes.split_versions.push_back(target.version());
+      routes.split_weights.push_back(target.weight());
+    }
+  }
+  return table;
+}
 
 // ---- protobuf wire reading over a request's slices (no copy of the tensors) ---------------------
 class WireReader {
@@ -169,10 +190,159 @@ std::string VersionField(const std::string& version) {
   return out + version;
 }
 
-bool IsNumber(const std::string& text) {
+// ---- the routing spec (protos/maas/v1/fastpath.proto) -------------------------------------------
+// BLAKE2b (RFC 7693), unkeyed, with an `out`-byte digest: KEY_HASH_BLAKE2B_64 (Python's hashlib.blake2b).
+std::string Blake2b(const std::string& data, size_t out) {
+  static const uint64_t kIv[8] = {0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL,
+                                  0xa54ff53a5f1d36f1ULL, 0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL,
+                                  0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL};
+  static const uint8_t kSigma[12][16] = {
+      {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+      {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4}, {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+      {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13}, {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+      {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11}, {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+      {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5}, {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+      {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3}};
+  auto rotr = [](uint64_t x, int n) { return (x >> n) | (x << (64 - n)); };
+  uint64_t h[8];
+  for (int i = 0; i < 8; ++i) h[i] = kIv[i];
+  h[0] ^= 0x01010000ULL ^ out;
+  auto compress = [&](const uint8_t* block, uint64_t counter, bool last) {
+    uint64_t m[16], v[16];
+    for (int i = 0; i < 16; ++i) {
+      m[i] = 0;
+      for (int b = 7; b >= 0; --b) m[i] = m[i] << 8 | block[i * 8 + b];
+    }
+    for (int i = 0; i < 8; ++i) { v[i] = h[i]; v[i + 8] = kIv[i]; }
+    v[12] ^= counter;
+    if (last) v[14] = ~v[14];
+    auto g = [&](int a, int b, int c, int d, uint64_t x, uint64_t y) {
+      v[a] = v[a] + v[b] + x; v[d] = rotr(v[d] ^ v[a], 32); v[c] = v[c] + v[d]; v[b] = rotr(v[b] ^ v[c], 24);
+      v[a] = v[a] + v[b] + y; v[d] = rotr(v[d] ^ v[a], 16); v[c] = v[c] + v[d]; v[b] = rotr(v[b] ^ v[c], 63);
+    };
+    for (const uint8_t* s : kSigma) {
+      g(0, 4, 8, 12, m[s[0]], m[s[1]]); g(1, 5, 9, 13, m[s[2]], m[s[3]]);
+      g(2, 6, 10, 14, m[s[4]], m[s[5]]); g(3, 7, 11, 15, m[s[6]], m[s[7]]);
+      g(0, 5, 10, 15, m[s[8]], m[s[9]]); g(1, 6, 11, 12, m[s[10]], m[s[11]]);
+      g(2, 7, 8, 13, m[s[12]], m[s[13]]); g(3, 4, 9, 14, m[s[14]], m[s[15]]);
+    }
+    for (int i = 0; i < 8; ++i) h[i] ^= v[i] ^ v[i + 8];
+  };
+  size_t done = 0;
+  while (data.size() - done > 128) {  // every block but the last
+    compress(reinterpret_cast<const uint8_t*>(data.data()) + done, done + 128, false);
+    done += 128;
+  }
+  uint8_t last[128] = {0};
+  std::copy(data.begin() + done, data.end(), last);
+  compress(last, data.size(), true);
+  std::string digest;
+  for (size_t i = 0; i < out; ++i) digest.push_back(static_cast<char>(h[i / 8] >> (8 * (i % 8))));
+  return digest;
+}
+
+// Rule 1's keyed draw: the digest of (model, salt, key) joined by the separator, big-endian / 2^64.
+// false when the snapshot names a hash this binary does not know (the Python router then answers).
+bool KeyPoint(const maas::v1::SplitDraw& draw, const std::string& model, const std::string& key, double* point) {
+  if (draw.key_hash() != maas::v1::KEY_HASH_BLAKE2B_64) return false;
+  std::string digest = Blake2b(model + draw.key_separator() + draw.salt() + draw.key_separator() + key, 8);
+  uint64_t value = 0;
+  for (char byte : digest) value = value << 8 | static_cast<uint8_t>(byte);
+  *point = static_cast<double>(value) / 18446744073709551616.0;
+  return true;
+}
+
+// The key-less sequence's next point (routing.py next_point).
+double NextPoint(double previous, double step) { return std::fmod(previous + step, 1.0); }
+
+// The index a draw in [0, 1) picks among targets of these weights (routing.py weighted_choice).
+size_t WeightedChoice(const std::vector<double>& weights, double point) {
+  double total = 0;
+  for (double weight : weights) total += weight;
+  double rest = point * total;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    rest -= weights[i];
+    if (rest < 0) return i;
+  }
+  return weights.size() - 1;
+}
+
+// A model_version of ASCII digits as a version number (0: not one, or too long to be one we route).
+uint32_t VersionNumber(const std::string& text) {
+  if (text.empty() || text.size() > 9) return 0;
+  uint32_t number = 0;
+  for (char c : text) {
+    if (c < '0' || c > '9') return 0;
+    number = number * 10 + static_cast<uint32_t>(c - '0');
+  }
+  return number;
+}
+
+bool IsDigits(const std::string& text) {
   if (text.empty()) return false;
   for (char c : text) if (c < '0' || c > '9') return false;
   return true;
+}
+
+struct Decision {
+  uint32_t version = 0;  // 0: the Python router answers
+  const char* kind = "";  // the Python router's RouteKind names
+};
+
+// Rule 1 (routing.py RoutingTable.resolve). `next_point()` gives the model's next key-less point.
+template <typename NextPointFn>
+Decision Decide(const Table& table, const std::string& name, const std::string& version, const std::string& key,
+                NextPointFn next_point) {
+  Decision decision;
+  auto found = table.models.find(name);
+  if (found == table.models.end()) return decision;
+  const ModelRoutes& routes = found->second;
+  if (IsDigits(version)) {
+    decision.kind = "explicit_version";
+    uint32_t number = VersionNumber(version);
+    if (routes.ready.count(number)) decision.version = number;
+    return decision;
+  }
+  if (!version.empty()) {
+    decision.kind = "alias";
+    auto alias = routes.aliases.find(version);
+    if (alias != routes.aliases.end()) decision.version = alias->second;
+    return decision;
+  }
+  if (!routes.has_policy) {
+    decision.kind = "default";
+    decision.version = routes.default_version;
+    return decision;
+  }
+  decision.kind = "traffic_policy";
+  if (routes.split_versions.empty()) return decision;
+  double point;
+  if (key.empty()) point = next_point();
+  else if (!KeyPoint(table.draw, name, key, &point)) return decision;
+  decision.version = routes.split_versions[WeightedChoice(routes.split_weights, point)];
+  return decision;
+}
+
+// Rule 2 (services/shared/replica_pool.py less_busy_of_two): first in [0, n), second in [0, n - 1).
+size_t LessBusyOfTwo(const std::vector<long>& inflight, uint64_t first, uint64_t second) {
+  size_t n = inflight.size();
+  if (n == 1) return 0;
+  size_t other = (first + 1 + second) % n;
+  return inflight[first] <= inflight[other] ? first : other;
+}
+
+// Rule 3 (services/router/peers.py retry_reason): "never_sent", "not_serving" or "" (may have run).
+std::string RetryReason(grpc::StatusCode code, const std::string& message, grpc_connectivity_state at_issue,
+                        grpc_connectivity_state at_failure, const std::string& not_serving_marker) {
+  if (code == grpc::StatusCode::UNAVAILABLE && at_issue != GRPC_CHANNEL_READY &&
+      at_failure == GRPC_CHANNEL_TRANSIENT_FAILURE) {
+    return "never_sent";
+  }
+  if ((code == grpc::StatusCode::NOT_FOUND || code == grpc::StatusCode::UNAVAILABLE) && !not_serving_marker.empty() &&
+      message.rfind(not_serving_marker, 0) == 0) {
+    return "not_serving";
+  }
+  return "";
 }
 
 // ---- the forwarder ------------------------------------------------------------------------------
@@ -269,6 +439,14 @@ std::string Bounded(const std::string& message, size_t limit) {
   return message.substr(0, keep) + "\u2026 (" + std::to_string(message.size() - keep) + " more bytes cut)";
 }
 
+// One Triton replica: its channel (whose connectivity state rule 3 reads), stub and calls in flight.
+struct Replica {
+  std::string address;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<grpc::GenericStub> stub;
+  std::atomic<long> inflight{0};
+};
+
 class Forwarder {
  public:
   explicit Forwarder(const Options& options)
@@ -276,37 +454,13 @@ class Forwarder {
         table_(std::make_shared<Table>()),
         durations_(options.duration_buckets.size() + 1, 0) {
     fallback_ = std::make_unique<grpc::GenericStub>(Connect(options.fallback));
-    sequence_rng_.seed(std::random_device{}());
+    rng_.seed(std::random_device{}());
   }
 
-  // Decides where a ModelInfer goes: the Triton version to ask for, or "" = the Python router; *kind
-  // is how it was chosen (the Python router's RouteKind names).
-  std::string Route(const std::string& name, const std::string& version, const char** kind) {
+  // Where a ModelInfer goes (rule 1): the version to ask Triton for, or 0 = the Python router.
+  Decision Route(const std::string& name, const std::string& version, const std::string& key) {
     std::shared_ptr<Table> table = CurrentTable();
-    auto found = table->models.find(name);
-    if (found == table->models.end()) return "";
-    const ModelRoutes& routes = found->second;
-    if (IsNumber(version)) {
-      *kind = "explicit_version";
-      return routes.ready.count(version) ? version : "";
-    }
-    if (!version.empty()) {
-      *kind = "alias";
-      auto alias = routes.aliases.find(version);
-      return alias == routes.aliases.end() ? "" : alias->second;
-    }
-    if (routes.shadow || routes.split_unusable) return "";
-    if (routes.split.empty()) {
-      *kind = "default";
-      return routes.default_version;
-    }
-    *kind = "traffic_policy";
-    double point = NextPoint(name) * routes.split_total;
-    for (const auto& [target, weight] : routes.split) {
-      point -= weight;
-      if (point < 0) return target;
-    }
-    return routes.split.back().first;
+    return Decide(*table, name, version, key, [&] { return NextSequencePoint(name, table->draw.sequence_step()); });
   }
 
   grpc::GenericStub* Fallback() { return fallback_.get(); }
@@ -315,27 +469,43 @@ class Forwarder {
   void Apply(std::shared_ptr<Table> table) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (table->replicas != table_->replicas) {
-      std::map<std::string, std::shared_ptr<grpc::GenericStub>> kept;
-      for (size_t i = 0; i < table_->replicas.size(); ++i) kept[table_->replicas[i]] = replica_stubs_[i];
-      std::vector<std::shared_ptr<grpc::GenericStub>> stubs;
+      std::map<std::string, std::shared_ptr<Replica>> kept;
+      for (const std::shared_ptr<Replica>& replica : replicas_) kept[replica->address] = replica;
+      std::vector<std::shared_ptr<Replica>> replicas;
       for (const std::string& address : table->replicas) {
         auto old = kept.find(address);
-        stubs.push_back(old != kept.end() ? old->second : std::make_shared<grpc::GenericStub>(Connect(address)));
+        if (old != kept.end()) {
+          replicas.push_back(old->second);
+        } else {
+          auto replica = std::make_shared<Replica>();
+          replica->address = address;
+          replica->channel = Connect(address);
+          replica->stub = std::make_unique<grpc::GenericStub>(replica->channel);
+          replicas.push_back(std::move(replica));
+        }
       }
       // Calls in flight hold their own reference (see Call::replica_), so dropping ours is safe.
-      replica_stubs_ = std::move(stubs);
+      replicas_ = std::move(replicas);
     }
     table_ = std::move(table);
   }
 
-  // A Triton replica's stub, round robin, skipping `tried` (calls keep it alive); nullptr when none.
-  std::shared_ptr<grpc::GenericStub> ReplicaRef(const std::vector<std::shared_ptr<grpc::GenericStub>>& tried = {}) {
+  // A Triton replica not in `tried` (rule 2: the less busy of two); nullptr when none is left.
+  std::shared_ptr<Replica> PickReplica(const std::vector<std::shared_ptr<Replica>>& tried = {}) {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (size_t i = 0; i < replica_stubs_.size(); ++i) {
-      const std::shared_ptr<grpc::GenericStub>& stub = replica_stubs_[next_replica_++ % replica_stubs_.size()];
-      if (std::find(tried.begin(), tried.end(), stub) == tried.end()) return stub;
+    std::vector<std::shared_ptr<Replica>> candidates;
+    std::vector<long> inflight;
+    for (const std::shared_ptr<Replica>& replica : replicas_) {
+      if (std::find(tried.begin(), tried.end(), replica) != tried.end()) continue;
+      candidates.push_back(replica);
+      inflight.push_back(replica->inflight.load());
     }
-    return nullptr;
+    if (candidates.empty()) return nullptr;
+    size_t n = candidates.size();
+    if (n == 1) return candidates[0];
+    uint64_t first = std::uniform_int_distribution<uint64_t>(0, n - 1)(rng_);
+    uint64_t second = std::uniform_int_distribution<uint64_t>(0, n - 2)(rng_);
+    return candidates[LessBusyOfTwo(inflight, first, second)];
   }
 
   void Count(const std::string& model, const std::string& version, const char* route, grpc::StatusCode code,
@@ -389,13 +559,12 @@ class Forwarder {
     return table_;
   }
 
-  // The low-discrepancy sequence the Python router uses with no routing key: a 10% canary gets 10%.
-  double NextPoint(const std::string& model) {
+  // The model's key-less sequence (rule 1), from a random start per process.
+  double NextSequencePoint(const std::string& model, double step) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = sequence_.find(model);
-    double point = found != sequence_.end() ? found->second : std::uniform_real_distribution<double>(0, 1)(sequence_rng_);
-    point += kGoldenStep;
-    if (point >= 1.0) point -= 1.0;
+    double point = found != sequence_.end() ? found->second : std::uniform_real_distribution<double>(0, 1)(rng_);
+    point = NextPoint(point, step);
     sequence_[model] = point;
     return point;
   }
@@ -404,11 +573,10 @@ class Forwarder {
   std::shared_ptr<grpc::ChannelCredentials> credentials_;  // one per process: the watched files are shared
   std::mutex mutex_, stats_mutex_;
   std::shared_ptr<Table> table_;
-  std::vector<std::shared_ptr<grpc::GenericStub>> replica_stubs_;
-  size_t next_replica_ = 0;
+  std::vector<std::shared_ptr<Replica>> replicas_;
   std::unique_ptr<grpc::GenericStub> fallback_;
   std::unordered_map<std::string, double> sequence_;
-  std::mt19937_64 sequence_rng_;
+  std::mt19937_64 rng_;
   std::map<std::string, long> counts_;
   std::vector<long> durations_;
   double duration_sum_ = 0;
@@ -445,32 +613,37 @@ class Call : public grpc::ServerGenericBidiReactor {
       return;
     }
     bool routing_key = false;
-    for (const auto& [key, value] : context_->client_metadata()) {
-      if (!ForwardedHeader(key)) continue;
-      if (key == "x-maas-routing-key") routing_key = true;
-      metadata_.emplace_back(std::string(key.data(), key.size()), std::string(value.data(), value.size()));
+    std::string key;
+    for (const auto& [name, value] : context_->client_metadata()) {
+      if (!ForwardedHeader(name)) continue;
+      if (name == "x-maas-routing-key" && !routing_key) {  // the first one, as the main port reads it
+        routing_key = true;
+        key.assign(value.data(), value.size());
+      }
+      metadata_.emplace_back(std::string(name.data(), name.size()), std::string(value.data(), value.size()));
     }
-    grpc::GenericStub* stub = forwarder_->Fallback();
     outgoing_ = &request_;
-    if (context_->method() == kModelInfer && !routing_key) {
+    if (context_->method() == kModelInfer) {
       std::vector<grpc::Slice> slices;
       std::string version;
       if (request_.Dump(&slices).ok() && ReadModelRef(slices, &model_, &version)) {
-        std::string target = forwarder_->Route(model_, version, &route_);
-        if (!target.empty() && (replica_ = forwarder_->ReplicaRef())) {
+        Decision decision = forwarder_->Route(model_, version, key);
+        route_ = decision.kind;
+        if (decision.version && (replica_ = forwarder_->PickReplica())) {
           ++forwarder_->inflight;  // only here: a call handed to the Python router is counted there
           forwarder_->budget.Request();
-          version_ = target;
-          if (target != version) {
-            slices.emplace_back(VersionField(target));
+          version_ = std::to_string(decision.version);
+          if (version_ != version) {
+            slices.emplace_back(VersionField(version_));
             retargeted_ = grpc::ByteBuffer(slices.data(), slices.size());
             outgoing_ = &retargeted_;
           }
-          stub = replica_.get();
+          Send(replica_.get());
+          return;
         }
       }
     }
-    Send(stub);
+    Send(nullptr);
   }
 
   void OnDone() override {
@@ -479,7 +652,14 @@ class Call : public grpc::ServerGenericBidiReactor {
   }
 
  private:
-  void Send(grpc::GenericStub* stub) {
+  // Sends the call to `replica`, or to the Python router when nullptr.
+  void Send(Replica* replica) {
+    grpc::GenericStub* stub = forwarder_->Fallback();
+    if (replica) {
+      at_issue_ = replica->channel->GetState(false);
+      ++replica->inflight;
+      stub = replica->stub.get();
+    }
     upstream_ = grpc::ClientContext::FromCallbackServerContext(*context_);  // deadline + cancellation
     gpr_timespec deadline = context_->raw_deadline();
     if (gpr_time_cmp(deadline, gpr_inf_future(deadline.clock_type)) == 0) {  // the caller set none
@@ -512,23 +692,18 @@ class Call : public grpc::ServerGenericBidiReactor {
     return grpc::Status(code, Bounded(message, options.max_status_message_bytes), status.error_details());
   }
 
-  // The Python router's retry rule (services/router/peers.py retry_elsewhere): only a call that
-  // provably never ran - it never left (its replica could not be connected to), or Triton refused it
-  // for a version that replica does not serve - goes to another replica, once per replica, while the
-  // retry budget lasts; anything else may have reached the model.
+  // Rule 3 (services/router/peers.py retry_reason): only a call that provably never ran goes to
+  // another replica, once per replica, while the retry budget lasts (a call never sent costs none).
   bool RetryElsewhere(const grpc::Status& status) {
     if (!replica_) return false;
-    const Options& options = forwarder_->options();
-    const std::string& message = status.error_message();
-    grpc::StatusCode code = status.error_code();
-    bool never_sent = code == grpc::StatusCode::UNAVAILABLE && message.rfind("failed to connect to all addresses", 0) == 0;
-    bool not_serving = (code == grpc::StatusCode::NOT_FOUND || code == grpc::StatusCode::UNAVAILABLE) &&
-                       !options.not_serving_marker.empty() && message.rfind(options.not_serving_marker, 0) == 0;
-    if (!never_sent && !not_serving) return false;
+    --replica_->inflight;
+    std::string reason = RetryReason(status.error_code(), status.error_message(), at_issue_,
+                                     replica_->channel->GetState(false), forwarder_->options().not_serving_marker);
+    if (reason.empty()) return false;
     tried_.push_back(replica_);
-    std::shared_ptr<grpc::GenericStub> next = forwarder_->ReplicaRef(tried_);
+    std::shared_ptr<Replica> next = forwarder_->PickReplica(tried_);
     if (!next) return false;
-    if (!never_sent && !forwarder_->budget.TryRetry()) {  // a call that never left costs no Triton anything
+    if (reason != "never_sent" && !forwarder_->budget.TryRetry()) {
       ++forwarder_->budget_refusals;
       budget_spent_ = true;
       return false;
@@ -559,8 +734,9 @@ class Call : public grpc::ServerGenericBidiReactor {
   std::unique_ptr<grpc::ClientContext> upstream_;
   std::vector<std::pair<std::string, std::string>> metadata_;  // the caller's, passed on
   const grpc::ByteBuffer* outgoing_ = nullptr;
-  std::shared_ptr<grpc::GenericStub> replica_;
-  std::vector<std::shared_ptr<grpc::GenericStub>> tried_;
+  std::shared_ptr<Replica> replica_;
+  std::vector<std::shared_ptr<Replica>> tried_;
+  grpc_connectivity_state at_issue_ = GRPC_CHANNEL_IDLE;
   bool budget_spent_ = false;
   std::chrono::steady_clock::time_point started_;
   std::string model_, version_;
@@ -580,56 +756,53 @@ class Service : public grpc::CallbackGenericService {
 };
 
 // ---- control: routing snapshots on stdin ---------------------------------------------------------
-bool ParseModel(const std::vector<std::string>& fields, std::string* name, ModelRoutes* routes) {
-  if (fields.size() != 7) return false;
-  *name = fields[1];
-  routes->default_version = fields[2] == "0" ? "" : fields[2];
-  for (const std::string& version : Split(fields[3], ',')) routes->ready[version] = true;
-  if (fields[4] == "!") {
-    routes->split_unusable = true;
-  } else {
-    for (const std::string& target : Split(fields[4], ',')) {
-      size_t colon = target.find(':');
-      if (colon == std::string::npos) return false;
-      long weight = std::atol(target.c_str() + colon + 1);
-      routes->split.emplace_back(target.substr(0, colon), weight);
-      routes->split_total += weight;
-    }
-  }
-  for (const std::string& alias : Split(fields[5], ',')) {
-    size_t eq = alias.find('=');
-    if (eq == std::string::npos) return false;
-    routes->aliases[alias.substr(0, eq)] = alias.substr(eq + 1);
-  }
-  routes->shadow = fields[6] == "1";
-  return true;
+// Reads one message framed as fastpath.proto says (size: 4 bytes big-endian, then the bytes).
+bool ReadFramed(std::istream& in, std::string* data) {
+  unsigned char size[4];
+  if (!in.read(reinterpret_cast<char*>(size), 4)) return false;
+  uint32_t n = uint32_t{size[0]} << 24 | uint32_t{size[1]} << 16 | uint32_t{size[2]} << 8 | size[3];
+  data->resize(n);
+  return n == 0 || static_cast<bool>(in.read(&(*data)[0], n));
 }
 
 void ReadControl(Forwarder* forwarder) {
-  std::string line;
-  std::shared_ptr<Table> building;
-  while (std::getline(std::cin, line)) {
-    std::vector<std::string> fields;
-    std::stringstream stream(line);
-    std::string field;
-    while (std::getline(stream, field, '\t')) fields.push_back(field);
-    if (fields.empty()) continue;
-    if (fields[0] == "begin") {
-      building = std::make_shared<Table>();
-    } else if (fields[0] == "commit" && building) {
-      forwarder->Apply(std::move(building));
-      building.reset();
-    } else if (fields[0] == "replicas" && building && fields.size() == 2) {
-      building->replicas = Split(fields[1], ',');
-    } else if (fields[0] == "model" && building) {
-      std::string name;
-      ModelRoutes routes;
-      if (ParseModel(fields, &name, &routes)) building->models[name] = std::move(routes);
-      else std::cerr << "maas-oip-fastpath: ignored malformed line: " << line << std::endl;
-    } else {
-      std::cerr << "maas-oip-fastpath: ignored control line: " << line << std::endl;
-    }
+  std::string data;
+  while (ReadFramed(std::cin, &data)) {
+    maas::v1::FastPathSnapshot snapshot;
+    if (snapshot.ParseFromString(data)) forwarder->Apply(TableOf(snapshot));
+    else std::cerr << "maas-oip-fastpath: ignored a snapshot that does not parse (" << data.size() << " bytes)" << std::endl;
   }
+}
+
+// --check-vectors FILE: answers a RoutingVectors message's cases with the functions the calls use,
+// one line each: "route <version|router> <kind>", "replica <index>", "retry <reason|->".
+int CheckVectors(const std::string& path, const std::string& not_serving_marker) {
+  std::ifstream file(path, std::ios::binary);
+  maas::v1::RoutingVectors vectors;
+  if (!file || !vectors.ParseFromIstream(&file)) {
+    std::cerr << "maas-oip-fastpath: " << path << " is not a maas.v1.RoutingVectors message" << std::endl;
+    return 2;
+  }
+  for (const maas::v1::RouteCase& test : vectors.routes()) {
+    std::shared_ptr<Table> table = TableOf(test.snapshot());
+    double point = test.sequence_start();
+    auto next = [&] { return point = NextPoint(point, table->draw.sequence_step()); };
+    Decision decision;
+    for (uint32_t i = 0; i <= test.draws(); ++i) decision = Decide(*table, test.model(), test.model_version(), test.routing_key(), next);
+    std::cout << "route\t" << (decision.version ? std::to_string(decision.version) : "router") << "\t"
+              << (*decision.kind ? decision.kind : "-") << "\n";
+  }
+  for (const maas::v1::ReplicaCase& test : vectors.replicas()) {
+    std::vector<long> inflight(test.inflight().begin(), test.inflight().end());
+    std::cout << "replica\t" << LessBusyOfTwo(inflight, test.first(), test.second()) << "\n";
+  }
+  for (const maas::v1::RetryCase& test : vectors.retries()) {
+    std::string reason = RetryReason(static_cast<grpc::StatusCode>(test.code()), test.message(),
+                                     static_cast<grpc_connectivity_state>(test.state_at_issue()),
+                                     static_cast<grpc_connectivity_state>(test.state_at_failure()), not_serving_marker);
+    std::cout << "retry\t" << (reason.empty() ? "-" : reason) << "\n";
+  }
+  return 0;
 }
 
 std::atomic<bool> g_stop{false};
@@ -678,6 +851,9 @@ bool ParseArgs(int argc, char** argv, Options* options) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 3 && std::string(argv[1]) == "--check-vectors") {
+    return CheckVectors(argv[2], argc == 5 && std::string(argv[3]) == "--not-serving-marker" ? argv[4] : "");
+  }
   Options options;
   if (!ParseArgs(argc, argv, &options)) {
     std::cerr << "usage: maas-oip-fastpath --listen HOST:PORT --fallback HOST:PORT [--max-message-bytes N]"
@@ -686,7 +862,8 @@ int main(int argc, char** argv) {
                  " [--max-status-message-bytes N]"
                  " [--tls-cert PEM --tls-key PEM --tls-ca PEM [--tls-client-auth required|optional]"
                  " [--tls-server-name NAME] [--tls-refresh S]]"
-                 "  (routing snapshots on stdin)" << std::endl;
+                 "  (routing snapshots on stdin)\n"
+                 "       maas-oip-fastpath --check-vectors FILE [--not-serving-marker TEXT]" << std::endl;
     return 2;
   }
   Forwarder forwarder(options);
