@@ -69,12 +69,15 @@ def test_canary_split_explicit_versions_and_aliases(mesh, mesh_registry, fast, t
 
     assert answer(fast, "fast_tiny", str(v2)) == (str(v2), 2.0)  # explicit version beats the policy
     assert answer(fast, "fast_tiny", "candidate") == (str(v2), 2.0)  # an alias as model_version
-    # A routing key goes to the Python router, which keeps each key on one version.
+    # A routing key keeps each key on one version, the same one on both ports (one routing spec).
     keyed = {
         key: {answer(fast, "fast_tiny", headers={"x-maas-routing-key": key})[0] for _ in range(3)}
         for key in (f"user-{i}" for i in range(40))
     }
     assert all(len(seen) == 1 for seen in keyed.values()) and len(set().union(*keyed.values())) == 2
+    with grpcclient.InferenceServerClient(mesh.router_address) as main:
+        on_main = {key: {answer(main, "fast_tiny", headers={"x-maas-routing-key": key})[0]} for key in keyed}
+    assert on_main == keyed
 
 
 def test_what_the_forwarder_cannot_settle_is_answered_like_the_main_port(mesh, mesh_registry, fast, tmp_path):
