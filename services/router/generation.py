@@ -1,7 +1,10 @@
 """Router.Generate: route to a generation version, tokenize, stream tokens from Triton, detokenize, stop.
 
     request ─ check limits ─ route (table) ─ prompt ids (tokenizer: chat template or plain text)
-            ─ Triton ModelStreamInfer (decoupled, one response per token) ─ DetokenizeStream ─ stop match
+            ─ Triton ModelStreamInfer (decoupled, one response per token) ─ detokenize ─ stop match
+
+Detokenizing runs here, in the router's process, with the tokenizer service's definition of the
+tokenizer (services/router/detokenizers.py): no round trip per generated token.
 
 Everything a request can be refused for is checked before Triton is asked to generate. Stop sequences
 are matched here on the detokenized text (the engine has no stop strings on CPU): text that could be
@@ -21,11 +24,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
 
 from services.router.config import GenerationLimits
+from services.router.detokenizers import LocalDetokenizers
 from services.router.dataplane import Dataplane, Deadline, ModelRef
 from services.router.metrics import GENERATED_TOKENS, STREAMS_INFLIGHT, TIME_TO_FIRST_TOKEN
 from services.router.routing import PostKind, PreKind, Route, VersionInfo
@@ -249,6 +252,7 @@ class Generation:
     def __init__(self, plane: Dataplane, limits: GenerationLimits):
         self.plane, self.limits = plane, limits
         self.triton, self.tokenizer = plane.triton, plane.tokenizer
+        self.detokenizers = LocalDetokenizers(plane.tokenizer)
 
     async def collect(self, ref: ModelRef, prompt: Prompt, sampling: Sampling, timeout: float | None) -> Piece:
         """GenerateUnary: the same stream, joined into one Piece."""
@@ -316,14 +320,6 @@ class Generation:
             raise InvalidArgument("the prompt has no tokens")
         return ids
 
-    async def _detokenize(self, session, ids: list[int], flush: bool = False) -> str:
-        try:
-            return await session.send(ids, flush=flush)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                raise Unavailable(f"{self.tokenizer.peer} is unavailable: {exc.details()}") from None
-            raise
-
     async def _generate(
         self, route: Route, ids: list[int], max_tokens: int, sampling: Sampling, deadline: Deadline, started: float
     ) -> AsyncIterator[Piece]:
@@ -332,58 +328,48 @@ class Generation:
         first, sent, matched = True, 0, False
         finish = FinishReason.UNSPECIFIED
         tokens = GENERATED_TOKENS.labels(info.model, str(info.version))
+        detokenizer = await self.detokenizers.decoder(info.pre_name, deadline.remaining())
         async with self.triton.stream(deadline.remaining()) as call:
-            detokenizer = self.tokenizer.detokenize_session(info.pre_name, deadline.remaining())
             try:
-                try:
-                    await call.write(triton_request(info, ids, max_tokens, sampling))
-                    await call.done_writing()
-                except asyncio.InvalidStateError:  # the stream ended before it started (Triton died)
-                    raise await ended(call, f"Triton's stream of model {info.model!r} v{info.version}") from None
-                async for response in call:
-                    if response.error_message:
-                        raise _triton_failure(info, response.error_message)
-                    new_ids, reason, _ = read_response(response.infer_response)
-                    if new_ids:
-                        if started:
-                            TIME_TO_FIRST_TOKEN.labels(info.model).observe(time.perf_counter() - started)
-                            started = 0.0
-                        text, shown, matched = stops.feed(await self._detokenize(detokenizer, new_ids), new_ids)
-                        if text or shown:
-                            sent += len(shown)
-                            tokens.inc(len(shown))
-                            yield Piece(text, shown, route if first else None)
-                            first = False
-                        if matched:
-                            finish = FinishReason.STOP
-                            break  # leaving the block cancels the Triton stream: the model stops
-                    if reason:
-                        finish = _FINISH.get(reason, FinishReason.UNSPECIFIED)
-                        break
-                else:
-                    raise Unavailable(
-                        f"Triton ended the stream of model {info.model!r} v{info.version} before its final response"
-                    )
-                text, shown = "", []
-                if not matched:  # what the detokenizer held back (a character cut at the end)
-                    text, shown, matched = stops.feed(await self._detokenize(detokenizer, [], flush=True), [])
+                await call.write(triton_request(info, ids, max_tokens, sampling))
+                await call.done_writing()
+            except asyncio.InvalidStateError:  # the stream ended before it started (Triton died)
+                raise await ended(call, f"Triton's stream of model {info.model!r} v{info.version}") from None
+            async for response in call:
+                if response.error_message:
+                    raise _triton_failure(info, response.error_message)
+                new_ids, reason, _ = read_response(response.infer_response)
+                if new_ids:
+                    if started:
+                        TIME_TO_FIRST_TOKEN.labels(info.model).observe(time.perf_counter() - started)
+                        started = 0.0
+                    text, shown, matched = stops.feed(detokenizer.step(new_ids), new_ids)
+                    if text or shown:
+                        sent += len(shown)
+                        tokens.inc(len(shown))
+                        yield Piece(text, shown, route if first else None)
+                        first = False
                     if matched:
                         finish = FinishReason.STOP
-            finally:
-                await _close(detokenizer)
+                        break  # leaving the block cancels the Triton stream: the model stops
+                if reason:
+                    finish = _FINISH.get(reason, FinishReason.UNSPECIFIED)
+                    break
+            else:
+                raise Unavailable(
+                    f"Triton ended the stream of model {info.model!r} v{info.version} before its final response"
+                )
+            text, shown = "", []
+            if not matched:  # what the detokenizer held back (a character cut at the end)
+                text, shown, matched = stops.feed(detokenizer.step([], flush=True), [])
+                if matched:
+                    finish = FinishReason.STOP
         if not matched:  # after a match the rest is never shown
             rest, rest_ids = stops.flush()
             text, shown = text + rest, shown + rest_ids
         sent += len(shown)
         tokens.inc(len(shown))
         yield Piece(text, shown, route if first else None, finish, (len(ids), sent))
-
-
-async def _close(session) -> None:
-    try:
-        await session.close()
-    except Exception:  # noqa: BLE001 - the answer is complete; a detokenizer hiccup at the end changes nothing
-        pass
 
 
 def _triton_failure(info: VersionInfo, message: str) -> Exception:
