@@ -262,6 +262,9 @@ def register_optimize(app: typer.Typer) -> None:
         model: Annotated[str, typer.Argument(help="model name")],
         from_version: Annotated[int, typer.Option("--from", help="READY ONNX version to optimize")],
         int8: Annotated[bool, typer.Option("--int8", help="ONNX Runtime dynamic int8 quantization")] = False,
+        fp16: Annotated[
+            bool, typer.Option("--fp16", help="float16 weights and compute, float32 inputs and outputs")
+        ] = False,
         interval: Annotated[
             Optional[float], typer.Option(help=f"rollout: seconds between analyses [{D.interval_seconds:g}]")
         ] = None,
@@ -287,7 +290,7 @@ def register_optimize(app: typer.Typer) -> None:
         token: TokenOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
-        """Optimize a version (--int8), register the result, shadow it and roll it out: promoted only if the
+        """Optimize a version (--int8 or --fp16), register the result, shadow it and roll it out: promoted only if the
         agreement and latency gates hold (docs/rollouts.md)."""
         given: dict[str, Any] = dict(
             interval_seconds=interval,
@@ -302,13 +305,18 @@ def register_optimize(app: typer.Typer) -> None:
                 raise ValueError(f"--{field.replace('_seconds', '').replace('_', '-')} {value} is negative")
         with registry_client(registry, token) as client:
             done = client.optimize(
-                model, from_version, int8, pb.RolloutPolicy(**{k: v for k, v in given.items() if v is not None}), reason
+                model,
+                from_version,
+                int8,
+                pb.RolloutPolicy(**{k: v for k, v in given.items() if v is not None}),
+                reason,
+                fp16=fp16,
             )
             if as_json:
                 emit_json(done)
                 return
             out.print(
-                f"{model}: v{done.version.version} = int8 of v{from_version}: "
+                f"{model}: v{done.version.version} = {'fp16' if fp16 else 'int8'} of v{from_version}: "
                 f"{done.size_before_bytes / 1e6:.1f} MB → {done.size_after_bytes / 1e6:.1f} MB "
                 f"({done.size_after_bytes / max(done.size_before_bytes, 1):.2f}×)"
             )

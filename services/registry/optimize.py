@@ -2,10 +2,13 @@
 
 `int8`: ONNX Runtime's dynamic quantization (weights to int8 with per-channel scales, activations
 quantized at run time: no calibration data needed), the usual choice for transformer encoders such as
-minilm on CPUs. The new version is registered like an upload (same checks, a new number, tags `optimized_from` and
-`optimization`), waits until READY, then a rollout against production starts with a shadow of every
-request and a `min_shadow_agreement` gate (default OPTIMIZE_MIN_AGREEMENT): it is promoted only if the
-agreement, error and latency gates hold (rollout.py).
+minilm on CPUs. `fp16`: weights and compute to float16 with ONNX Runtime's converter
+(onnxruntime.transformers.float16), inputs and outputs kept float32 so callers see the same signature;
+half the size, and faster only where the hardware has fp16 arithmetic. The new version is registered like
+an upload (same checks, a new number, tags `optimized_from` and `optimization`), waits until READY, then a
+rollout against production starts with a shadow of every request and a `min_shadow_agreement` gate
+(default OPTIMIZE_MIN_AGREEMENT): it is promoted only if the agreement, error and latency gates hold
+(rollout.py).
 """
 
 from __future__ import annotations
@@ -58,6 +61,35 @@ def quantize_int8(source: Path, dest: Path) -> None:
     quantize_dynamic(str(source), str(dest), weight_type=QuantType.QInt8, per_channel=True)
 
 
+def convert_fp16(source: Path, dest: Path) -> None:
+    """Float16 weights and compute, float32 inputs and outputs (CPU work: run it off the event loop)."""
+    try:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError:
+        raise FailedPrecondition(
+            "optimize --fp16 needs onnx and onnxruntime in the registry (pip install onnx onnxruntime)"
+        ) from None
+    onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(dest))
+
+
+# Optimisation name -> (what it does to an ONNX file, how the version's description says it).
+OPTIMIZATIONS = {
+    "int8": (quantize_int8, "int8 (dynamic quantization)"),
+    "fp16": (convert_fp16, "fp16 (float16 weights, float32 inputs and outputs)"),
+}
+
+
+def chosen(int8: bool, fp16: bool) -> str:
+    """The one optimisation asked for; INVALID_ARGUMENT naming the fields otherwise."""
+    picked = [name for name, on in (("int8", int8), ("fp16", fp16)) if on]
+    if not picked:
+        raise InvalidArgument("int8, fp16: choose an optimisation (--int8 or --fp16)")
+    if len(picked) > 1:
+        raise InvalidArgument("int8, fp16: choose one optimisation, not both")
+    return picked[0]
+
+
 async def optimize(
     registry: "Registry",
     model: str,
@@ -67,18 +99,22 @@ async def optimize(
     policy_given: set[str],
     actor: str,
     reason: str,
+    fp16: bool = False,
 ) -> Optimized:
     check_name(model)
-    if not int8:
-        raise InvalidArgument("int8: choose an optimisation (int8 is the only one so far)")
+    optimization = chosen(int8, fp16)
+    transform, described = OPTIMIZATIONS[optimization]
     source = registry.require_ready(model, from_version, "from_version")
     if source.format != ArtifactFormat.ONNX:
         raise FailedPrecondition(
             f"from_version: version {from_version} of {model!r} is {source.format.value}; "
-            f"optimize --int8 takes ONNX versions"
+            f"optimize --{optimization} takes ONNX versions"
         )
     if source.postprocessing.kind == PostprocessingKind.GENERATION:
-        raise FailedPrecondition(f"from_version: version {from_version} of {model!r} is a generation model")
+        raise FailedPrecondition(
+            f"from_version: version {from_version} of {model!r} is a generation model; "
+            f"optimize --{optimization} takes single-file ONNX versions"
+        )
     if "min_shadow_agreement" not in policy_given:
         policy = replace(policy, min_shadow_agreement=OPTIMIZE_MIN_AGREEMENT)
     policy.check()
@@ -93,7 +129,7 @@ async def optimize(
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory(prefix="maas-optimize-") as tmp:
         dest = Path(tmp) / "model.onnx"
-        await loop.run_in_executor(registry.executor, quantize_int8, path, dest)
+        await loop.run_in_executor(registry.executor, transform, path, dest)
         data_size = dest.stat().st_size
         digest = await loop.run_in_executor(registry.executor, lambda: hashlib.sha256(dest.read_bytes()).hexdigest())
         request = RegistrationRequest(
@@ -104,10 +140,10 @@ async def optimize(
             preprocessing=source.preprocessing,
             postprocessing=source.postprocessing,
             labels=source.labels,
-            tags={**source.tags, "optimized_from": str(from_version), "optimization": "int8"},
+            tags={**source.tags, "optimized_from": str(from_version), "optimization": optimization},
             max_batch_size=source.max_batch_size,
             actor=actor or "optimize",
-            description=f"int8 (dynamic quantization) of v{from_version}" + (f": {reason}" if reason else ""),
+            description=f"{described} of v{from_version}" + (f": {reason}" if reason else ""),
         )
 
         async def chunks():
@@ -140,6 +176,6 @@ async def optimize(
             f"optimized version {version.version} of {model!r} is {state.value}: {found.state_reason}"
         )
     rollout = await registry.rollouts.start_rollout(
-        model, version.version, policy, False, actor or "optimize", f"optimize --int8 of v{from_version}"
+        model, version.version, policy, False, actor or "optimize", f"optimize --{optimization} of v{from_version}"
     )
     return Optimized(registry.store.version(model, version.version), source.size_bytes, data_size, rollout)

@@ -308,3 +308,42 @@ def test_optimize_int8_minilm_is_shadowed_then_promoted(mesh, mesh_registry):
     report = mesh_registry.compare("ro_minilm", v1, v2)
     assert report.kind == "embedding" and report.agreement >= 0.99 and report.agreement == report.mean_cosine
     assert r.analyses[-1].shadow_agreement >= 0.99
+
+
+def test_optimize_fp16_minilm_is_shadowed_then_promoted_and_bad_choices_are_refused(mesh, mesh_registry):
+    source = REPO / "model_repository" / "minilm" / "1" / "model.onnx"
+    v1 = mesh_registry.register(
+        source,
+        "ro_minilm16",
+        format="onnx",
+        preprocessing=("tokenizer", "minilm"),
+        postprocessing=("embedding", "sentence_embedding"),
+    ).version
+    mesh_registry.wait_ready("ro_minilm16", v1, timeout=300)
+    mesh_registry.set_alias("ro_minilm16", "production", v1)
+    with pytest.raises(RegistryError) as caught:
+        mesh_registry.optimize("ro_minilm16", v1, int8=True, fp16=True)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "int8, fp16" in caught.value.message
+    smollm2 = mesh_registry.get_model("smollm2").versions[0].version
+    with pytest.raises(RegistryError) as caught:
+        mesh_registry.optimize("smollm2", smollm2, int8=False, fp16=True)
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION and "from_version" in caught.value.message
+    assert len(mesh_registry.get_model("ro_minilm16").versions) == 1  # nothing registered by the refusals
+    with Traffic(mesh.router_address, "ro_minilm16", texts=True, limit=600) as traffic:
+        done = mesh_registry.optimize(
+            "ro_minilm16",
+            v1,
+            int8=False,
+            fp16=True,
+            policy=pb.RolloutPolicy(
+                step_weight=50, max_weight=50, interval_seconds=INTERVAL, min_requests=3, max_p99_ratio=0.0
+            ),
+        )
+        assert done.version.tags["optimization"] == "fp16" and done.version.tags["optimized_from"] == str(v1)
+        assert 0.4 * done.size_before_bytes < done.size_after_bytes < 0.6 * done.size_before_bytes
+        r = ended(mesh_registry, "ro_minilm16", timeout=300)
+    v2 = done.version.version
+    assert r.state == pb.ROLLOUT_STATE_PROMOTED, (r.reason, outcomes(r))
+    assert production(mesh_registry, "ro_minilm16") == v2 and not traffic.failed
+    report = mesh_registry.compare("ro_minilm16", v1, v2)
+    assert report.kind == "embedding" and report.agreement >= 0.999  # fp16 keeps the embeddings
