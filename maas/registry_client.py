@@ -390,9 +390,10 @@ class RegistryClient:
         policy: pb.RolloutPolicy | None = None,
         reason: str = "",
         fp16: bool = False,
+        int4: bool = False,
     ) -> pb.OptimizeVersionResponse:
-        """A new int8 (or fp16: fp16=True, int8=False) version of an ONNX version, registered, READY and
-        rolled out behind gates."""
+        """A new int8 (or fp16: fp16=True, int8=False) version of an ONNX version, or an int4 version of a
+        generation version (int4=True, int8=False), registered, READY and rolled out behind gates."""
         return _call(
             self.stub.OptimizeVersion,
             pb.OptimizeVersionRequest(
@@ -400,6 +401,7 @@ class RegistryClient:
                 from_version=from_version,
                 int8=int8,
                 fp16=fp16,
+                int4=int4,
                 policy=policy or pb.RolloutPolicy(),
                 reason=reason,
                 actor=self.actor,

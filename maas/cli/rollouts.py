@@ -265,6 +265,9 @@ def register_optimize(app: typer.Typer) -> None:
         fp16: Annotated[
             bool, typer.Option("--fp16", help="float16 weights and compute, float32 inputs and outputs")
         ] = False,
+        int4: Annotated[
+            bool, typer.Option("--int4", help="generation versions: 4-bit MatMul weights (MatMulNBits)")
+        ] = False,
         interval: Annotated[
             Optional[float], typer.Option(help=f"rollout: seconds between analyses [{D.interval_seconds:g}]")
         ] = None,
@@ -290,8 +293,8 @@ def register_optimize(app: typer.Typer) -> None:
         token: TokenOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
-        """Optimize a version (--int8 or --fp16), register the result, shadow it and roll it out: promoted only if the
-        agreement and latency gates hold (docs/rollouts.md)."""
+        """Optimize a version (--int8 or --fp16; --int4 for generation versions), register the result, shadow
+        it and roll it out: promoted only if the agreement and latency gates hold (docs/rollouts.md)."""
         given: dict[str, Any] = dict(
             interval_seconds=interval,
             step_weight=step_weight,
@@ -311,12 +314,13 @@ def register_optimize(app: typer.Typer) -> None:
                 pb.RolloutPolicy(**{k: v for k, v in given.items() if v is not None}),
                 reason,
                 fp16=fp16,
+                int4=int4,
             )
             if as_json:
                 emit_json(done)
                 return
             out.print(
-                f"{model}: v{done.version.version} = {'fp16' if fp16 else 'int8'} of v{from_version}: "
+                f"{model}: v{done.version.version} = {done.version.tags['optimization']} of v{from_version}: "
                 f"{done.size_before_bytes / 1e6:.1f} MB → {done.size_after_bytes / 1e6:.1f} MB "
                 f"({done.size_after_bytes / max(done.size_before_bytes, 1):.2f}×)"
             )

@@ -34,6 +34,7 @@ from services.router.dataplane import Dataplane, Deadline, ModelRef
 from services.router.metrics import GENERATED_TOKENS, STREAMS_INFLIGHT, TIME_TO_FIRST_TOKEN
 from services.router.routing import PostKind, PreKind, Route, VersionInfo
 from services.router.shadow import compare_tokens
+from services.router.version_stats import code_name
 from services.router.triton_errors import NOT_SERVING_MARKER, not_serving_message
 from services.shared import generation as contract
 from services.shared.errors import FailedPrecondition, InvalidArgument, Unavailable, limit_error
@@ -279,6 +280,7 @@ class Generation:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))  # the same draw for both
         deadline = Deadline(timeout if timeout is not None else self.limits.default_timeout)
         STREAMS_INFLIGHT.inc()
+        error = None
         try:
             max_tokens, context = await self._limits(info, sampling, deadline)
             ids = await self._prompt_ids(info, prompt, deadline)
@@ -294,8 +296,18 @@ class Generation:
                 if route.shadow is not None and piece.finish in (FinishReason.STOP, FinishReason.LENGTH):
                     self._shadow(route, ids, max_tokens, sampling, generated, (time.perf_counter() - started) * 1000)
                 yield piece
+        except GeneratorExit:  # the caller stopped reading (went away)
+            error = grpc.StatusCode.CANCELLED.name
+            raise
+        except BaseException as exc:
+            error = code_name(exc)
+            raise
         finally:
             STREAMS_INFLIGHT.dec()
+            # The stream counts against its version in the rollout figures (version_stats.py): answered
+            # with its whole duration, or failed by code (a caller's cancel is CANCELLED, not a canary error).
+            if self.plane.version_stats is not None:
+                self.plane.version_stats.record(info.model, info.version, error, time.perf_counter() - started)
 
     def _shadow(
         self, route: Route, ids: list[int], max_tokens: int, sampling: Sampling, generated: list[int], ms: float
