@@ -11,6 +11,9 @@ are matched here on the detokenized text (the engine has no stop strings on CPU)
 the start of a stop sequence is held back until it cannot be, so no caller ever sees part of a match.
 When the request ends early (stop match, caller cancel, deadline) the Triton stream is cancelled, and
 Triton cancels the request in the model, which frees its sequence slot within one decode step.
+Shadowing: when the table picks a shadow generation version (same tokenizer), the same prompt ids and
+parameters go to it after the caller's generation completed (a sampled request gets a seed, the same for
+both, so the comparison means something); the two token id sequences are compared (shadow.compare_tokens).
 No gRPC server types here: the servicer hands in plain values and gets Pieces back.
 """
 
@@ -20,10 +23,12 @@ import asyncio
 import dataclasses
 import enum
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
 
@@ -32,6 +37,8 @@ from services.router.detokenizers import LocalDetokenizers
 from services.router.dataplane import Dataplane, Deadline, ModelRef
 from services.router.metrics import GENERATED_TOKENS, STREAMS_INFLIGHT, TIME_TO_FIRST_TOKEN
 from services.router.routing import PostKind, PreKind, Route, VersionInfo
+from services.router.shadow import compare_tokens
+from services.router.version_stats import code_name
 from services.router.triton_errors import NOT_SERVING_MARKER, not_serving_message
 from services.shared import generation as contract
 from services.shared.errors import FailedPrecondition, InvalidArgument, Unavailable, limit_error
@@ -270,12 +277,15 @@ class Generation:
         started = time.perf_counter()
         check_sampling(sampling, self.limits)
         check_prompt(prompt, self.limits)
-        # No shadow copies of generations (a second full generation per request): the decision says so.
-        route = dataclasses.replace(self.plane.route(ref), shadow=None)
+        route = self.plane.route(ref)
         info = route.info
         check_generation_model(info)
+        route = dataclasses.replace(route, shadow=_comparable_shadow(info, route.shadow))
+        if route.shadow is not None and sampling.seed is None and (sampling.temperature or 0) > 0:
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))  # the same draw for both
         deadline = Deadline(timeout if timeout is not None else self.limits.default_timeout)
         STREAMS_INFLIGHT.inc()
+        error = None
         try:
             max_tokens, context = await self._limits(info, sampling, deadline)
             ids = await self._prompt_ids(info, prompt, deadline)
@@ -285,10 +295,43 @@ class Generation:
                     f"context of {context} tokens of model {info.model!r} v{info.version}"
                 )
             annotate(prompt_tokens=len(ids), max_tokens=max_tokens)
+            generated: list[int] = []
             async for piece in self._generate(route, ids, max_tokens, sampling, deadline, started):
+                generated += piece.token_ids
+                if route.shadow is not None and piece.finish in (FinishReason.STOP, FinishReason.LENGTH):
+                    self._shadow(route, ids, max_tokens, sampling, generated, (time.perf_counter() - started) * 1000)
                 yield piece
+        except GeneratorExit:  # the caller stopped reading (went away)
+            error = grpc.StatusCode.CANCELLED.name
+            raise
+        except BaseException as exc:
+            error = code_name(exc)
+            raise
         finally:
             STREAMS_INFLIGHT.dec()
+            # The stream counts against its version in the rollout figures (version_stats.py): answered
+            # with its whole duration, or failed by code (a caller's cancel is CANCELLED, not a canary error).
+            if self.plane.version_stats is not None:
+                self.plane.version_stats.record(info.model, info.version, error, time.perf_counter() - started)
+
+    def _shadow(
+        self, route: Route, ids: list[int], max_tokens: int, sampling: Sampling, generated: list[int], ms: float
+    ) -> None:
+        """Mirror the completed generation to the shadow version (the shadow runner's task and deadline)."""
+        runner, shadow = self.plane.shadow, route.shadow
+        primary_ids = np.asarray(generated, dtype=np.int64)
+
+        async def primary_output() -> np.ndarray:
+            return primary_ids
+
+        async def shadow_output() -> np.ndarray:
+            deadline, out = Deadline(runner.timeout), []
+            copy = Route(shadow, route.kind, route.target, None)
+            async for piece in self._generate(copy, ids, max_tokens, sampling, deadline, 0.0, count=False):
+                out += piece.token_ids
+            return np.asarray(out, dtype=np.int64)
+
+        runner.submit(route.info, shadow, primary_output, shadow_output, ms, comparator=compare_tokens)
 
     async def _limits(self, info: VersionInfo, sampling: Sampling, deadline: Deadline) -> tuple[int, int]:
         """(max_tokens to ask for, context length or 0): the router's caps and the version's own."""
@@ -321,13 +364,21 @@ class Generation:
         return ids
 
     async def _generate(
-        self, route: Route, ids: list[int], max_tokens: int, sampling: Sampling, deadline: Deadline, started: float
+        self,
+        route: Route,
+        ids: list[int],
+        max_tokens: int,
+        sampling: Sampling,
+        deadline: Deadline,
+        started: float,
+        count: bool = True,
     ) -> AsyncIterator[Piece]:
+        """`count`: False for a shadow copy (its tokens are not the callers' generated tokens)."""
         info = route.info
         stops = StopMatcher(sampling.stop)
         first, sent, matched = True, 0, False
         finish = FinishReason.UNSPECIFIED
-        tokens = GENERATED_TOKENS.labels(info.model, str(info.version))
+        tokens = GENERATED_TOKENS.labels(info.model, str(info.version)) if count else _NoCount()
         detokenizer = await self.detokenizers.decoder(info.pre_name, deadline.remaining())
         async with self.triton.stream(deadline.remaining()) as call:
             try:
@@ -370,6 +421,21 @@ class Generation:
         sent += len(shown)
         tokens.inc(len(shown))
         yield Piece(text, shown, route if first else None, finish, (len(ids), sent))
+
+
+class _NoCount:
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+
+def _comparable_shadow(info: VersionInfo, shadow: VersionInfo | None) -> VersionInfo | None:
+    """The shadow version when its token ids can be compared with the primary's: a generation model with
+    the same tokenizer (the same prompt ids then mean the same prompt); otherwise no shadow copy."""
+    if shadow is None or shadow.post_kind != PostKind.GENERATION:
+        return None
+    if (shadow.pre_kind, shadow.pre_name) != (info.pre_kind, info.pre_name):
+        return None
+    return shadow
 
 
 def _triton_failure(info: VersionInfo, message: str) -> Exception:

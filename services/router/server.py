@@ -109,7 +109,7 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
             cfg.oip_fast_listen,
         )
     elif cfg.oip_fast_listen:
-        add_fast_path(service, port, cfg, table, pool)
+        add_fast_path(service, port, cfg, table, pool, version_stats)
     service.readiness_checks.append(
         pool_reachable(pool, where_from(cfg.triton_discovery()), cfg.server.readiness_interval_seconds)
     )
@@ -155,7 +155,14 @@ def admit_when_serving(table: RoutingTable):
     return admit
 
 
-def add_fast_path(service: ServiceServer, port: int, cfg: RouterConfig, table: RoutingTable, pool: ReplicaPool) -> None:
+def add_fast_path(
+    service: ServiceServer,
+    port: int,
+    cfg: RouterConfig,
+    table: RoutingTable,
+    pool: ReplicaPool,
+    version_stats: VersionStatsReporter | None = None,
+) -> None:
     """Run the OIP fast path beside this server; what it cannot settle comes to `port`."""
     if not cfg.oip_fast_binary:
         log.warning(
@@ -179,6 +186,7 @@ def add_fast_path(service: ServiceServer, port: int, cfg: RouterConfig, table: R
         ),
         table,
         pool,
+        version_stats,
     )
     service.on_start.append(fast_path.start)
     service.on_drain.append(fast_path.stop)
