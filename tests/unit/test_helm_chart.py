@@ -894,6 +894,21 @@ def test_tls_reaches_every_pod_and_probes_still_work(scenario):
     assert triton["readinessProbe"]["httpGet"]["port"] == "http"  # Triton's HTTP port stays plain for probes
 
 
+def test_triton_is_rolled_when_its_certificate_secret_is_renewed():
+    """Triton reads its certificate at start only: its Deployment asks Stakater Reloader for a rollout on
+    a change of the TLS Secret (cert-manager's renewal, or the Secret you manage)."""
+    key = "secret.reloader.stakater.com/reload"
+    docs = cr.render("gpu-production-values.yaml")
+    assert cr.deployment(docs, "triton")["metadata"]["annotations"] == {key: name("tls")}
+    docs = cr.render(None, "tls.enabled=true", "tls.existingSecret=my-certs")
+    assert cr.deployment(docs, "triton")["metadata"]["annotations"] == {key: "my-certs"}
+    for svc in SERVICES:  # the services re-read their files: no rollout
+        assert key not in cr.deployment(docs, svc)["metadata"].get("annotations", {}), svc
+    off = cr.render("gpu-production-values.yaml", "tls.restartTritonOnRenewal=false")
+    assert "annotations" not in cr.deployment(off, "triton")["metadata"]
+    assert "annotations" not in cr.deployment(cr.render(), "triton")["metadata"]  # no TLS
+
+
 def test_router_callers_client_certificates_can_be_optional():
     docs = cr.render("gpu-production-values.yaml", "tls.clientAuth=optional")
     _, router = _pod(docs, "router")
