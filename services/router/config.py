@@ -230,6 +230,14 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
     require_non_negative(args, "shadow_max_inflight")
     require_positive(args, "shed_retry_after", "queue_sample_interval")
     require_non_negative(args, "shed_sheddable_queue_ms", "shed_standard_queue_ms")  # 0 = never
+    for signal in ("inflight", "queue_ms"):  # sheddable calls are refused first
+        sheddable, standard = getattr(args, f"shed_sheddable_{signal}"), getattr(args, f"shed_standard_{signal}")
+        if standard and not 0 < sheddable <= standard:
+            flag = signal.replace("_", "-")
+            raise ConfigError(
+                f"--shed-standard-{flag} {standard:g} needs --shed-sheddable-{flag} set at or below it "
+                f"(got {sheddable:g}): sheddable calls are refused first"
+            )
     require_non_negative(args, "shed_sheddable_inflight", "shed_standard_inflight")  # 0 = never
     if args.auth not in ("on", "off"):
         raise ConfigError(f"--auth / MAAS_ROUTER_AUTH must be on or off, got {args.auth!r}")
