@@ -3,7 +3,9 @@
 Every `interval` (0.25 s) the router asks each Triton replica of its pool for ModelStatistics (every model
 and version, one call per replica) and takes, per model, the queue time of the requests that left Triton's
 queue since the previous sample: (Σ queue ns now − then) / (Σ queue count now − then), summed over versions
-and replicas (a mean weighted by requests). `worst` is the longest of those means: Triton's queue is per
+and replicas (a mean weighted by requests), less the version's dynamic-batching delay
+(`max_queue_delay_microseconds`, read once per version with ModelConfig): a lone request waits that long
+in the queue by design (2 ms in the configs the registry writes), which is not overload. `worst` is the longest of those means: Triton's queue is per
 model, but its CPU (or GPU) is shared, so a flood queueing on one model slows the critical calls of every
 model, and shedding sheddable calls of every model is what frees it. Admission compares `worst` with the
 per-class thresholds (admission.py); the check itself costs an attribute read.
@@ -47,6 +49,7 @@ class TritonQueueTime:
         self.worst_model = ""
         self.by_model: dict[str, float] = {}
         self._last: dict[str, dict[tuple[str, str], tuple[int, int]]] = {}  # replica → (model, version) → (count, ns)
+        self.delays: dict[tuple[str, str], int] = {}  # (model, version) → its batcher's queue delay, ns
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -82,6 +85,7 @@ class TritonQueueTime:
         for replica, response in zip(replicas, answers):
             if response is None:
                 continue
+            await self._read_delays(replica, response)
             for model, (count, ns) in self.deltas(replica.address, response).items():
                 total = totals.setdefault(model, [0, 0])
                 total[0] += count
@@ -109,10 +113,31 @@ class TritonQueueTime:
             # A version loaded since the last sample started from 0; a replica's first sample is the baseline.
             before = last.get(key, (0, 0)) if last is not None else None
             if before is not None and queue.count >= before[0] and queue.ns >= before[1]:
-                count, ns = count + queue.count - before[0], ns + queue.ns - before[1]
+                left = queue.count - before[0]
+                waited = queue.ns - before[1] - left * self.delays.get(key, 0)  # beyond the batcher's delay
+                count, ns = count + left, ns + max(waited, 0)
             out[stats.name] = (count, ns)
         self._last[address] = now
         return out
+
+    async def _read_delays(self, replica, response: service_pb2.ModelStatisticsResponse) -> None:
+        """The dynamic-batching delay of each version not seen before (versions are immutable: once)."""
+        stub = replica.stub(service_pb2_grpc.GRPCInferenceServiceStub)
+        for stats in response.model_stats:
+            key = (stats.name, stats.version)
+            if key in self.delays:
+                continue
+            try:
+                answer = await stub.ModelConfig(
+                    service_pb2.ModelConfigRequest(name=stats.name, version=stats.version),
+                    timeout=max(self.interval, 1.0),
+                    wait_for_ready=False,
+                )
+            except grpc.aio.AioRpcError:
+                continue  # the next sample asks again; meanwhile no delay is subtracted
+            config = answer.config
+            delay = config.dynamic_batching.max_queue_delay_microseconds if config.HasField("dynamic_batching") else 0
+            self.delays[key] = int(delay) * 1000
 
     async def _statistics(self, replica) -> service_pb2.ModelStatisticsResponse | None:
         stub = replica.stub(service_pb2_grpc.GRPCInferenceServiceStub)

@@ -244,6 +244,12 @@ def test_triton_queue_time_is_the_mean_of_the_requests_that_left_the_queue_since
     assert a == {"m": (10, 50_000_000), "idle": (0, 0)}
     # Counters that went back (model reloaded, Triton restarted): a new baseline, not a negative time.
     assert queue.deltas("a", _stats(("m", "1", 3, 1000), ("m", "2", 4, 20_000_000))) == {"m": (0, 0)}
+    # What a version's dynamic batcher makes each request wait by design is not counted.
+    queue.delays[("m", "1")] = 2_000_000
+    assert queue.deltas("a", _stats(("m", "1", 13, 1000 + 25_000_000), ("m", "2", 4, 20_000_000))) == {
+        "m": (10, 5_000_000)
+    }
+    assert queue.deltas("a", _stats(("m", "1", 23, 1000 + 35_000_000), ("m", "2", 4, 20_000_000))) == {"m": (10, 0)}
     queue.update({"m": 0.005, "idle": 0.0})
     assert (queue.worst_model, queue.worst) == ("m", 0.005)
     queue.update({})
