@@ -5,9 +5,10 @@ and version, one call per replica) and takes, per model, the queue time of the r
 queue since the previous sample: (Σ queue ns now − then) / (Σ queue count now − then), summed over versions
 and replicas (a mean weighted by requests), less the version's dynamic-batching delay
 (`max_queue_delay_microseconds`, read once per version with ModelConfig): a lone request waits that long
-in the queue by design (2 ms in the configs the registry writes), which is not overload. `worst` is the longest of those means: Triton's queue is per
-model, but its CPU (or GPU) is shared, so a flood queueing on one model slows the critical calls of every
-model, and shedding sheddable calls of every model is what frees it. Admission compares `worst` with the
+in the queue by design (2 ms in the configs the registry writes), which is not overload. `worst` is the
+longest of those means: Triton's queue is per model, but its CPU (or GPU) is shared, so a flood queueing
+on one model slows the critical calls of every model, and shedding sheddable calls of every model is what
+frees it. Admission compares `worst` with the
 per-class thresholds (admission.py); the check itself costs an attribute read.
 
 A model nothing left the queue of during the interval counts 0 (idle, or stuck behind one long execution:
