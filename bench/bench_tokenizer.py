@@ -34,7 +34,7 @@ from tokenizers.decoders import DecodeStream
 from maas.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.shared.config import DEFAULT_MAX_MESSAGE_BYTES
 from services.shared.server import channel_options
-from services.tokenizer.detokenization import IncrementalDecoder
+from services.shared.detokenization import IncrementalDecoder
 from tests.fixtures.preprocessing import (
     make_generation_repository,
     make_tokenizer_repository,

@@ -383,15 +383,25 @@ class RegistryClient:
         return _call(self.stub.CompareVersions, pb.CompareVersionsRequest(model=model, a=a, b=b), timeout=self.timeout)
 
     def optimize(
-        self, model: str, from_version: int, int8: bool = True, policy: pb.RolloutPolicy | None = None, reason: str = ""
+        self,
+        model: str,
+        from_version: int,
+        int8: bool = True,
+        policy: pb.RolloutPolicy | None = None,
+        reason: str = "",
+        fp16: bool = False,
+        int4: bool = False,
     ) -> pb.OptimizeVersionResponse:
-        """A new int8 version of an ONNX version, registered, READY and rolled out behind gates."""
+        """A new int8 (or fp16: fp16=True, int8=False) version of an ONNX version, or an int4 version of a
+        generation version (int4=True, int8=False), registered, READY and rolled out behind gates."""
         return _call(
             self.stub.OptimizeVersion,
             pb.OptimizeVersionRequest(
                 model=model,
                 from_version=from_version,
                 int8=int8,
+                fp16=fp16,
+                int4=int4,
                 policy=policy or pb.RolloutPolicy(),
                 reason=reason,
                 actor=self.actor,

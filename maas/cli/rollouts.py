@@ -202,7 +202,9 @@ def _status(client, model: str | None, follow: bool, as_json: bool, out, emit) -
 
 
 def report_view(r: pb.ShadowReport) -> Group:
-    """What `maas models compare` prints: the per-kind figures, the cosine histogram, the worst requests."""
+    """What `maas models compare` prints: the per-kind figures, the cosine histogram (prefix agreement for
+    generation), the worst requests."""
+    generation = r.kind == "generation"
     head = Text.assemble(
         (r.model, "bold"),
         f": v{r.shadow_version} (shadow) against v{r.primary_version} (primary), {r.kind}: agreement ",
@@ -213,13 +215,18 @@ def report_view(r: pb.ShadowReport) -> Group:
     if r.kind == "classifier":
         figures.add_row("top-1 agreement", f"{r.top1_agreement:.4f}")
         figures.add_row("top-5 overlap", f"{r.top5_agreement:.4f}")
-    figures.add_row("mean cosine", f"{r.mean_cosine:.6f}")
+    if generation:
+        figures.add_row("exact-token agreement", f"{r.exact_agreement:.4f}")
+        figures.add_row("prefix agreement", f"{r.prefix_agreement:.4f}")
+    else:
+        figures.add_row("mean cosine", f"{r.mean_cosine:.6f}")
     figures.add_row("latency primary / shadow", f"{r.primary_latency_ms:.1f} / {r.shadow_latency_ms:.1f} ms")
-    histogram = Table("cosine", "items", "", box=None, pad_edge=False)
+    histogram = Table("prefix agreement" if generation else "cosine", "items", "", box=None, pad_edge=False)
     top = max(r.cosine_counts, default=0) or 1
-    low = "-1"
+    low = None if generation else "-1"  # prefix agreement: bucket 0 is exactly 0
     for bound, count in zip(r.cosine_bounds, r.cosine_counts):
-        histogram.add_row(f"({low}, {bound:g}]", str(count), Text("█" * round(30 * count / top), style="cyan"))
+        label = f"({low}, {bound:g}]" if low is not None else f"{bound:g}"
+        histogram.add_row(label, str(count), Text("█" * round(30 * count / top), style="cyan"))
         low = f"{bound:g}"
     worst = Table("worst requests (request id)", "score", "items", box=None, pad_edge=False)
     for w in r.worst:
@@ -238,7 +245,8 @@ def register_compare(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Shadow agreement report of B against A: top-1/top-5 (classifiers), cosine distribution (embeddings),
-        the worst requests by id. Needs shadow traffic (maas models traffic MODEL --shadow B ...)."""
+        exact-token and prefix agreement with its distribution (generation), the worst requests by id.
+        Needs shadow traffic (maas models traffic MODEL --shadow B ...)."""
         with registry_client(registry) as client:
             report = client.compare(model, a, b)
         if as_json:
@@ -254,6 +262,12 @@ def register_optimize(app: typer.Typer) -> None:
         model: Annotated[str, typer.Argument(help="model name")],
         from_version: Annotated[int, typer.Option("--from", help="READY ONNX version to optimize")],
         int8: Annotated[bool, typer.Option("--int8", help="ONNX Runtime dynamic int8 quantization")] = False,
+        fp16: Annotated[
+            bool, typer.Option("--fp16", help="float16 weights and compute, float32 inputs and outputs")
+        ] = False,
+        int4: Annotated[
+            bool, typer.Option("--int4", help="generation versions: 4-bit MatMul weights (MatMulNBits)")
+        ] = False,
         interval: Annotated[
             Optional[float], typer.Option(help=f"rollout: seconds between analyses [{D.interval_seconds:g}]")
         ] = None,
@@ -279,8 +293,8 @@ def register_optimize(app: typer.Typer) -> None:
         token: TokenOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
-        """Optimize a version (--int8), register the result, shadow it and roll it out: promoted only if the
-        agreement and latency gates hold (docs/rollouts.md)."""
+        """Optimize a version (--int8 or --fp16; --int4 for generation versions), register the result, shadow
+        it and roll it out: promoted only if the agreement and latency gates hold (docs/rollouts.md)."""
         given: dict[str, Any] = dict(
             interval_seconds=interval,
             step_weight=step_weight,
@@ -294,13 +308,19 @@ def register_optimize(app: typer.Typer) -> None:
                 raise ValueError(f"--{field.replace('_seconds', '').replace('_', '-')} {value} is negative")
         with registry_client(registry, token) as client:
             done = client.optimize(
-                model, from_version, int8, pb.RolloutPolicy(**{k: v for k, v in given.items() if v is not None}), reason
+                model,
+                from_version,
+                int8,
+                pb.RolloutPolicy(**{k: v for k, v in given.items() if v is not None}),
+                reason,
+                fp16=fp16,
+                int4=int4,
             )
             if as_json:
                 emit_json(done)
                 return
             out.print(
-                f"{model}: v{done.version.version} = int8 of v{from_version}: "
+                f"{model}: v{done.version.version} = {done.version.tags['optimization']} of v{from_version}: "
                 f"{done.size_before_bytes / 1e6:.1f} MB → {done.size_after_bytes / 1e6:.1f} MB "
                 f"({done.size_after_bytes / max(done.size_before_bytes, 1):.2f}×)"
             )

@@ -379,6 +379,14 @@ class LocalMesh:
             f"--grpc-root-cert={pki.ca}",
         ]
 
+    def start_only_files(self) -> dict[str, tuple[Path, ...]]:
+        """Components that read files at start only, and those files (certificate, key, CA): Triton's TLS
+        files, which the supervisor watches to restart it on a renewal (Triton has no reload)."""
+        if not self.config.tls:
+            return {}
+        pki = LocalPki(self.tls_dir)
+        return {"triton": (pki.cert("triton"), pki.key("triton"), pki.ca)}
+
     @property
     def metrics_addresses(self) -> dict[str, str]:
         """host:port of every component's Prometheus endpoint (GET /metrics), Triton's included."""

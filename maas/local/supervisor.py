@@ -6,6 +6,11 @@ serving meanwhile. A component that crashes `max_restarts` times within `window`
 with the reason, and `maas up` stops with that message (CrashLoopBackOff would go on forever; locally a
 person is there to read why).
 
+A component that reads files at start only (Triton and its TLS certificate, key and CA: it has no reload)
+is restarted when one of them changes, the way a renewal reaches it: once the files have stayed the same
+for one poll (a renewal writes the key, then the certificate) and the key matches the certificate (a
+half-done renewal waits). The other services re-read their certificates by themselves (services/shared/tls.py).
+
 After a Triton restart the registry's watchdog re-applies every live version (the local mesh runs it
 every `MeshConfig.reconcile_interval` seconds), and the router and registry reconnect by themselves.
 The state is written to <state_dir>/status.json after every change, which `maas status` prints.
@@ -14,11 +19,14 @@ The state is written to <state_dir>/status.json after every change, which `maas 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from services.shared.tls import TlsFileError, certificate_info
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,11 @@ class Supervisor(threading.Thread):
         self.failed = threading.Event()
         self._stopping = threading.Event()
         self.status_path = Path(mesh.state_dir) / "status.json"
+        # Components restarted when files they read at start only change: name -> (cert, key, CA).
+        self.watched: dict[str, tuple[Path, ...]] = dict(getattr(mesh, "start_only_files", dict)())
+        self._stamps = {name: _stamp(files) for name, files in self.watched.items()}  # as last (re)started
+        self._seen = dict(self._stamps)  # as seen at the previous poll
+        self._unusable: dict[str, tuple] = {}  # the files' stamp last found unusable (logged once)
         self._write()
 
     def stop(self) -> None:
@@ -71,10 +84,39 @@ class Supervisor(threading.Thread):
                         self._write()
                     if time.monotonic() - state.started > self.policy.healthy_after:
                         state.backoff, state.crashes = 0.0, []
+                    if name in self.watched and not self._stopping.is_set():
+                        self._check_files(name, state)
                     continue
                 if state.gave_up or self._stopping.is_set():
                     continue
                 self._crashed(name, state)
+
+    def _check_files(self, name: str, state: ComponentStatus) -> None:
+        files = self.watched[name]
+        stamp = _stamp(files)
+        previous, self._seen[name] = self._seen[name], stamp
+        if stamp == self._stamps[name] or stamp != previous:
+            return  # unchanged, or still changing: look again at the next poll
+        try:
+            certificate_info(Path(files[0]).read_bytes(), Path(files[1]).read_bytes())
+        except (OSError, TlsFileError) as exc:
+            if self._unusable.get(name) != stamp:
+                self._unusable[name] = stamp
+                self.log(f"{name}: its certificate files changed but are not usable yet ({exc}); waiting")
+            return
+        self._stamps[name] = stamp
+        self.log(f"{name}'s certificate files changed; restarting it (it reads them at start only)")
+        try:
+            self.mesh.revive(name)
+        except Exception as exc:  # noqa: BLE001 - not running now: the crash handling takes it from here
+            state.last_exit = f"restart failed: {exc}"
+            self.log(f"{name}: {state.last_exit}")
+        else:
+            state.last_exit = "restarted: certificate files changed"
+        state.restarts += 1
+        state.last_restart = time.time()
+        state.started = time.monotonic()
+        self._write()
 
     def _crashed(self, name: str, state: ComponentStatus) -> None:
         policy, now = self.policy, time.monotonic()
@@ -117,6 +159,18 @@ class Supervisor(threading.Thread):
         temp = self.status_path.with_suffix(".tmp")
         temp.write_text(json.dumps({"updated": time.time(), "components": rows}, indent=1))
         temp.replace(self.status_path)
+
+
+def _stamp(files: tuple[Path, ...]) -> tuple:
+    """What tells a file changed: mtime, size and inode (a Secret update swaps a symlink: a new inode)."""
+    out = []
+    for path in files:
+        try:
+            st = os.stat(path)
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
 
 
 def read_status(state_dir: Path) -> dict:

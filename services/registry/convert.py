@@ -88,6 +88,8 @@ def shadow_result_in(r: pb.ShadowResult) -> d.ShadowResult:
         r.top5_overlap_sum,
         tuple(r.cosines),
         r.request_id,
+        r.generated_tokens,
+        r.prefix_tokens,
     )
 
 
@@ -262,6 +264,9 @@ def shadow_report_out(r) -> pb.ShadowReport:
         worst=[pb.ShadowExample(score=s, request_id=i, items=n) for s, i, n in r.worst],
         primary_latency_ms=r.primary_latency_ms,
         shadow_latency_ms=r.shadow_latency_ms,
+        # generation
+        exact_agreement=r.exact_agreement,
+        prefix_agreement=r.prefix_agreement,
     )
 
 

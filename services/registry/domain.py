@@ -205,6 +205,9 @@ class ShadowResult:
     top5_overlap_sum: float = 0.0
     cosines: tuple[float, ...] = ()
     request_id: str = ""
+    # Generation (shadow_report.py): tokens compared (the longer sequence) and their common prefix.
+    generated_tokens: int = 0
+    prefix_tokens: int = 0
 
 
 @dataclass

@@ -40,7 +40,9 @@ def record_shadow(results: list[ShadowResult], agreement: dict[tuple[str, int, i
 
 
 def agreement_value(kind: PostprocessingKind, top1: float, cosine: float) -> float:
-    return cosine if kind == PostprocessingKind.EMBEDDING else top1
+    """Embeddings: mean cosine; generation: mean prefix agreement (kept in the cosine sum, shadow_report.py);
+    otherwise top-1 agreement."""
+    return cosine if kind in (PostprocessingKind.EMBEDDING, PostprocessingKind.GENERATION) else top1
 
 
 # -- rollouts (rollout.py) --

@@ -156,6 +156,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             given,
             request.actor,
             request.reason,
+            fp16=request.fp16,
+            int4=request.int4,
         )
         return pb.OptimizeVersionResponse(
             version=convert.version_out(done.version),

@@ -4,6 +4,11 @@ Beside the running means of `shadow_stats` (store.py: top-1 agreement, mean cosi
 in its own table: the top-5 overlap sum (classifiers), the distribution of per-item cosines over fixed
 buckets (embeddings), and the few lowest-scoring requests by request id (never payloads). `maas models
 compare MODEL A B` prints it; its `agreement` is the figure rollouts gate on (min_shadow_agreement).
+
+Generation pairs (one generated sequence per request, compared by the router on token ids) use the same
+rows: items = 1, top1_agreed = exact match, cosine_sum / cosines = the prefix agreement (common prefix /
+longer length), so exact-token agreement is the "top-1" mean and prefix agreement the "cosine" mean; their
+histogram has its own bounds (PREFIX_BOUNDS) and the worst examples are the lowest prefix agreements.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from services.shared.errors import NotFound
 # Upper bounds of the cosine buckets: finer near 1, where versions that mostly agree differ.
 COSINE_BOUNDS: tuple[float, ...] = (-0.5, 0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
 WORST_KEPT = 5
+# Upper bounds of the prefix agreement buckets (generation): bucket 0 holds 0 (first tokens differ).
+PREFIX_BOUNDS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS shadow_reports (
@@ -29,7 +36,15 @@ CREATE TABLE IF NOT EXISTS shadow_reports (
 );
 """
 
-KINDS = {PostprocessingKind.SOFTMAX_TOP_K: "classifier", PostprocessingKind.EMBEDDING: "embedding"}
+KINDS = {
+    PostprocessingKind.SOFTMAX_TOP_K: "classifier",
+    PostprocessingKind.EMBEDDING: "embedding",
+    PostprocessingKind.GENERATION: "generation",
+}
+
+
+def bounds_of(kind: str) -> tuple[float, ...]:
+    return PREFIX_BOUNDS if kind == "generation" else COSINE_BOUNDS
 
 
 @dataclass
@@ -49,11 +64,14 @@ class ShadowReport:
     worst: list[tuple[float, str, int]] = field(default_factory=list)  # (score, request_id, items)
     primary_latency_ms: float = 0.0
     shadow_latency_ms: float = 0.0
+    # generation
+    exact_agreement: float = 0.0
+    prefix_agreement: float = 0.0
 
 
-def bucket(cosine: float) -> int:
+def bucket(cosine: float, bounds: tuple[float, ...] = COSINE_BOUNDS) -> int:
     """Index of the cosine's bucket: (bounds[i-1], bounds[i]]; float error above 1 goes to the last."""
-    return min(bisect.bisect_left(COSINE_BOUNDS, cosine), len(COSINE_BOUNDS) - 1)
+    return min(bisect.bisect_left(bounds, cosine), len(bounds) - 1)
 
 
 def score(r: ShadowResult, kind: str) -> float:
@@ -77,6 +95,8 @@ def check_result(r: ShadowResult) -> None:
         raise InvalidArgument(f"{r.model}: a cosine outside [-1, 1]")
     if len(r.request_id) > MAX_REQUEST_ID:
         raise InvalidArgument(f"{r.model}: request_id longer than {MAX_REQUEST_ID} characters")
+    if r.prefix_tokens > r.generated_tokens:
+        raise InvalidArgument(f"{r.model}: prefix_tokens {r.prefix_tokens} > generated_tokens {r.generated_tokens}")
 
 
 class ShadowReports:
@@ -91,14 +111,14 @@ class ShadowReports:
             row = tx.execute(
                 "SELECT * FROM shadow_reports WHERE model=? AND primary_version=? AND shadow_version=?", key
             ).fetchone()
-            counts = json.loads(row["cosine_counts"]) if row else [0] * len(COSINE_BOUNDS)
+            kind = kinds.get((r.model, r.primary_version), "tensor")
+            bounds = bounds_of(kind)
+            counts = json.loads(row["cosine_counts"]) if row else [0] * len(bounds)
             worst = [tuple(w) for w in json.loads(row["worst"])] if row else []
             for c in r.cosines:
-                counts[bucket(c)] += 1
+                counts[bucket(c, bounds)] += 1
             if r.items:
-                worst = sorted(
-                    worst + [(score(r, kinds.get((r.model, r.primary_version), "tensor")), r.request_id, r.items)]
-                )[:WORST_KEPT]
+                worst = sorted(worst + [(score(r, kind), r.request_id, r.items)])[:WORST_KEPT]
             tx.execute(
                 "INSERT OR REPLACE INTO shadow_reports VALUES (?,?,?,?,?,?)",
                 (*key, (row["top5_sum"] if row else 0.0) + r.top5_overlap_sum, json.dumps(counts), json.dumps(worst)),
@@ -128,21 +148,26 @@ class ShadowReports:
             "SELECT * FROM shadow_reports WHERE model=? AND primary_version=? AND shadow_version=?",
             (model, stats.primary_version, stats.shadow_version),
         ).fetchone()
-        counts = json.loads(row["cosine_counts"]) if row else [0] * len(COSINE_BOUNDS)
+        name = KINDS.get(kind, "tensor")
+        bounds = bounds_of(name)
+        counts = json.loads(row["cosine_counts"]) if row else [0] * len(bounds)
+        generation = name == "generation"
         return ShadowReport(
             model=model,
             primary_version=stats.primary_version,
             shadow_version=stats.shadow_version,
-            kind=KINDS.get(kind, "tensor"),
+            kind=name,
             agreement=metrics.agreement_value(kind, stats.top1_agreement, stats.mean_cosine),
             samples=stats.samples,
             items=items,
             top1_agreement=stats.top1_agreement,
             top5_agreement=(row["top5_sum"] / items) if row and items else 0.0,
             mean_cosine=stats.mean_cosine,
-            cosine_bounds=COSINE_BOUNDS,
+            cosine_bounds=bounds,
             cosine_counts=counts,
             worst=[tuple(w) for w in json.loads(row["worst"])] if row else [],
             primary_latency_ms=stats.primary_latency_ms,
             shadow_latency_ms=stats.shadow_latency_ms,
+            exact_agreement=stats.top1_agreement if generation else 0.0,
+            prefix_agreement=stats.mean_cosine if generation else 0.0,
         )

@@ -11,6 +11,8 @@ cost bucket into debt; the tenant's next call waits until it is paid back.
 Shedding counts this router's admitted calls in flight (all classes): at `shed_sheddable_inflight` sheddable
 calls are refused, at `shed_standard_inflight` standard ones too; critical calls are never shed. The class is
 the tenant's, or lower when the call asks (`x-maas-priority: sheddable`); a call never raises its class.
+The second signal is Triton's queue time (queue_time.py, sampled every 0.25 s off the request path): from
+`shed_sheddable_queue_ms` sheddable calls are refused, from `shed_standard_queue_ms` standard ones too.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ TENANT_COST = Counter(
 TENANT_REFUSALS = Counter(
     "maas_tenant_refusals",
     "Inference calls refused by admission, by tenant and reason "
-    "(unauthenticated, revoked, permission_denied, shed, rate_limited, cost_limited)",
+    "(unauthenticated, revoked, permission_denied, shed = router's in-flight calls, shed_queue = Triton's "
+    "queue time, rate_limited, cost_limited)",
     ["tenant", "reason"],
 )
 
@@ -71,6 +74,15 @@ class AdmissionSettings:
     # Retry hint sent with a shed call (seconds): an overload lasts longer than a quota's next token, and
     # clients retrying sooner would only add refusals for the router to answer.
     shed_retry_after: float = 0.25
+    # Triton's queue time (ms, the longest model's mean over the last sample) from which sheddable (then
+    # standard) calls are refused; 0 = never. Sampled every queue_sample_interval seconds (queue_time.py).
+    shed_sheddable_queue_ms: float = 0.0
+    shed_standard_queue_ms: float = 0.0
+    queue_sample_interval: float = 0.25
+
+    @property
+    def sheds_on_queue_time(self) -> bool:
+        return bool(self.shed_sheddable_queue_ms or self.shed_standard_queue_ms)
 
 
 class Ticket:
@@ -157,17 +169,31 @@ def _metadata(metadata, key: str) -> str | None:
     return None
 
 
+class _NoQueueTime:
+    """Triton's queue time when nobody samples it."""
+
+    worst = 0.0
+    worst_model = ""
+    interval = 0.0
+
+
 class Admission:
-    def __init__(self, settings: AdmissionSettings, cache: TenantCache | None = None):
+    def __init__(self, settings: AdmissionSettings, cache: TenantCache | None = None, queue=None):
+        """queue: Triton's queue time (queue_time.TritonQueueTime: `worst` seconds, `worst_model`)."""
         self.settings = settings
         self.cache = cache if cache is not None else TenantCache()
+        self.queue = queue if queue is not None else _NoQueueTime()
         self.inflight = 0
         self._shed = {"sheddable": settings.shed_sheddable_inflight, "standard": settings.shed_standard_inflight}
+        self._shed_queue = {
+            "sheddable": settings.shed_sheddable_queue_ms / 1000,
+            "standard": settings.shed_standard_queue_ms / 1000,
+        }
 
     @property
     def active(self) -> bool:
         s = self.settings
-        return s.auth or bool(s.shed_sheddable_inflight or s.shed_standard_inflight)
+        return s.auth or bool(s.shed_sheddable_inflight or s.shed_standard_inflight) or s.sheds_on_queue_time
 
     def admit(self, metadata, method: str, model: str, version: int = 0, alias: str = "") -> Ticket | _Unchecked:
         """The ticket of an admitted call (use it as a context manager), or the refusal raised."""
@@ -204,10 +230,26 @@ class Admission:
                 f"{threshold} (--shed-{priority}-inflight); retry later or on another router",
                 self.settings.shed_retry_after,
             )
+        limit = self._shed_queue.get(priority, 0)
+        if limit and self.queue.worst >= limit:
+            self._shed_on_queue_time(tenant, priority, limit)
         if tenant is not None:
             self._quota(tenant)
             _child(tenant, "requests", method).inc()
         return Ticket(self, tenant, method)
+
+    def _shed_on_queue_time(self, tenant: TenantEntry | None, priority: str, limit: float) -> None:
+        if tenant is not None:
+            _child(tenant, "refused", "shed_queue").inc()
+        else:
+            TENANT_REFUSALS.labels("", "shed_queue").inc()
+        queue = self.queue
+        raise Shed(
+            f"Triton overloaded: requests of model {queue.worst_model!r} waited {queue.worst * 1000:.1f} ms in "
+            f"its queue (mean over the last {queue.interval:g} s), {priority} calls are refused from "
+            f"{limit * 1000:g} ms (--shed-{priority}-queue-ms); retry later or on another router",
+            self.settings.shed_retry_after,
+        )
 
     def authenticate(self, metadata) -> TenantEntry:
         """The tenant of the key in `metadata`, or UNAUTHENTICATED saying what is wrong with it."""

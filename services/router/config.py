@@ -170,6 +170,27 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         default=env_float("MAAS_ROUTER_SHED_RETRY_AFTER_SECONDS", 0.25),
         help="retry hint (retry-after-ms) sent with a shed call, seconds (MAAS_ROUTER_SHED_RETRY_AFTER_SECONDS)",
     )
+    adm.add_argument(
+        "--shed-sheddable-queue-ms",
+        type=float,
+        default=env_float("MAAS_ROUTER_SHED_SHEDDABLE_QUEUE_MS", 0.0),
+        help="Triton queue time (ms, the longest model's mean over the last sample) from which sheddable "
+        "calls are refused, 0 = never (MAAS_ROUTER_SHED_SHEDDABLE_QUEUE_MS)",
+    )
+    adm.add_argument(
+        "--shed-standard-queue-ms",
+        type=float,
+        default=env_float("MAAS_ROUTER_SHED_STANDARD_QUEUE_MS", 0.0),
+        help="Triton queue time (ms) from which standard calls are refused too, 0 = never; critical calls "
+        "never are (MAAS_ROUTER_SHED_STANDARD_QUEUE_MS)",
+    )
+    adm.add_argument(
+        "--queue-sample-interval",
+        type=float,
+        default=env_float("MAAS_ROUTER_QUEUE_SAMPLE_INTERVAL_SECONDS", 0.25),
+        help="seconds between samples of Triton's queue time (ModelStatistics of every replica), when a "
+        "--shed-*-queue-ms is set (MAAS_ROUTER_QUEUE_SAMPLE_INTERVAL_SECONDS)",
+    )
     gen = parser.add_argument_group("generation")
     for flag, env_name, default, what in (
         ("--generate-max-tokens", "MAAS_GENERATE_MAX_TOKENS", 1024, "largest sampling.max_tokens"),
@@ -207,7 +228,16 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         args, "default_timeout", "shadow_timeout", "shadow_report_interval", "stats_report_interval", "max_batch_items"
     )
     require_non_negative(args, "shadow_max_inflight")
-    require_positive(args, "shed_retry_after")
+    require_positive(args, "shed_retry_after", "queue_sample_interval")
+    require_non_negative(args, "shed_sheddable_queue_ms", "shed_standard_queue_ms")  # 0 = never
+    for signal in ("inflight", "queue_ms"):  # sheddable calls are refused first
+        sheddable, standard = getattr(args, f"shed_sheddable_{signal}"), getattr(args, f"shed_standard_{signal}")
+        if standard and not 0 < sheddable <= standard:
+            flag = signal.replace("_", "-")
+            raise ConfigError(
+                f"--shed-standard-{flag} {standard:g} needs --shed-sheddable-{flag} set at or below it "
+                f"(got {sheddable:g}): sheddable calls are refused first"
+            )
     require_non_negative(args, "shed_sheddable_inflight", "shed_standard_inflight")  # 0 = never
     if args.auth not in ("on", "off"):
         raise ConfigError(f"--auth / MAAS_ROUTER_AUTH must be on or off, got {args.auth!r}")
@@ -236,6 +266,9 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
             shed_sheddable_inflight=args.shed_sheddable_inflight,
             shed_standard_inflight=args.shed_standard_inflight,
             shed_retry_after=args.shed_retry_after,
+            shed_sheddable_queue_ms=args.shed_sheddable_queue_ms,
+            shed_standard_queue_ms=args.shed_standard_queue_ms,
+            queue_sample_interval=args.queue_sample_interval,
         ),
         generation=GenerationLimits(
             max_tokens=args.generate_max_tokens,

@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -43,6 +44,9 @@ from services.shared.errors import MAX_STATUS_MESSAGE_BYTES, FailedPrecondition
 from services.shared.replica_pool import POOL_BUDGET_REFUSALS, ReplicaPool
 from services.shared.telemetry import RPC_DURATION, RPC_DURATION_BUCKETS, RPC_REQUESTS
 from services.shared.tls import TlsSettings
+
+if TYPE_CHECKING:
+    from services.router.version_stats import VersionStatsReporter
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +160,16 @@ class FastPath:
     reports its port, then request counts and in-flight calls, which land in this process's metrics.
     Closing its stdin (also when this process dies) makes it drain and exit."""
 
-    def __init__(self, settings: FastPathSettings, table: RoutingTable, pool: ReplicaPool):
+    def __init__(
+        self,
+        settings: FastPathSettings,
+        table: RoutingTable,
+        pool: ReplicaPool,
+        version_stats: VersionStatsReporter | None = None,
+    ):
         self.settings = settings
         self.table, self.pool = table, pool
+        self.version_stats = version_stats  # its per-version counts join the registry's rollout figures
         self.port: int | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task | None = None
@@ -272,10 +283,11 @@ class FastPath:
                 POOL_BUDGET_REFUSALS.labels(self.pool.name).inc(int(fields[1]))
             elif fields[0] == "requests" and len(fields) == 6:
                 model, version, route, code, count = fields[1:]
-                RPC_REQUESTS.labels("router", "ModelInfer", model, version, _CODE_NAMES.get(int(code), code)).inc(
-                    int(count)
-                )
+                name = _CODE_NAMES.get(int(code), code)
+                RPC_REQUESTS.labels("router", "ModelInfer", model, version, name).inc(int(count))
                 ROUTER_REQUESTS.labels(model, version, route).inc(int(count))
+                if self.version_stats is not None and version.isdigit():
+                    self.version_stats.record_counts(model, int(version), name, int(count))
             elif fields[0] == "durations" and len(fields) == 3:
                 add_to_histogram(
                     RPC_DURATION.labels("router", "ModelInfer"),

@@ -1,13 +1,19 @@
 """Router.Generate: route to a generation version, tokenize, stream tokens from Triton, detokenize, stop.
 
     request ─ check limits ─ route (table) ─ prompt ids (tokenizer: chat template or plain text)
-            ─ Triton ModelStreamInfer (decoupled, one response per token) ─ DetokenizeStream ─ stop match
+            ─ Triton ModelStreamInfer (decoupled, one response per token) ─ detokenize ─ stop match
+
+Detokenizing runs here, in the router's process, with the tokenizer service's definition of the
+tokenizer (services/router/detokenizers.py): no round trip per generated token.
 
 Everything a request can be refused for is checked before Triton is asked to generate. Stop sequences
 are matched here on the detokenized text (the engine has no stop strings on CPU): text that could be
 the start of a stop sequence is held back until it cannot be, so no caller ever sees part of a match.
 When the request ends early (stop match, caller cancel, deadline) the Triton stream is cancelled, and
 Triton cancels the request in the model, which frees its sequence slot within one decode step.
+Shadowing: when the table picks a shadow generation version (same tokenizer), the same prompt ids and
+parameters go to it after the caller's generation completed (a sampled request gets a seed, the same for
+both, so the comparison means something); the two token id sequences are compared (shadow.compare_tokens).
 No gRPC server types here: the servicer hands in plain values and gets Pieces back.
 """
 
@@ -17,6 +23,7 @@ import asyncio
 import dataclasses
 import enum
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,9 +33,12 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from services.router.config import GenerationLimits
+from services.router.detokenizers import LocalDetokenizers
 from services.router.dataplane import Dataplane, Deadline, ModelRef
 from services.router.metrics import GENERATED_TOKENS, STREAMS_INFLIGHT, TIME_TO_FIRST_TOKEN
 from services.router.routing import PostKind, PreKind, Route, VersionInfo
+from services.router.shadow import compare_tokens
+from services.router.version_stats import code_name
 from services.router.triton_errors import NOT_SERVING_MARKER, not_serving_message
 from services.shared import generation as contract
 from services.shared.errors import FailedPrecondition, InvalidArgument, Unavailable, limit_error
@@ -249,6 +259,7 @@ class Generation:
     def __init__(self, plane: Dataplane, limits: GenerationLimits):
         self.plane, self.limits = plane, limits
         self.triton, self.tokenizer = plane.triton, plane.tokenizer
+        self.detokenizers = LocalDetokenizers(plane.tokenizer)
 
     async def collect(self, ref: ModelRef, prompt: Prompt, sampling: Sampling, timeout: float | None) -> Piece:
         """GenerateUnary: the same stream, joined into one Piece."""
@@ -266,12 +277,15 @@ class Generation:
         started = time.perf_counter()
         check_sampling(sampling, self.limits)
         check_prompt(prompt, self.limits)
-        # No shadow copies of generations (a second full generation per request): the decision says so.
-        route = dataclasses.replace(self.plane.route(ref), shadow=None)
+        route = self.plane.route(ref)
         info = route.info
         check_generation_model(info)
+        route = dataclasses.replace(route, shadow=_comparable_shadow(info, route.shadow))
+        if route.shadow is not None and sampling.seed is None and (sampling.temperature or 0) > 0:
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))  # the same draw for both
         deadline = Deadline(timeout if timeout is not None else self.limits.default_timeout)
         STREAMS_INFLIGHT.inc()
+        error = None
         try:
             max_tokens, context = await self._limits(info, sampling, deadline)
             ids = await self._prompt_ids(info, prompt, deadline)
@@ -281,10 +295,43 @@ class Generation:
                     f"context of {context} tokens of model {info.model!r} v{info.version}"
                 )
             annotate(prompt_tokens=len(ids), max_tokens=max_tokens)
+            generated: list[int] = []
             async for piece in self._generate(route, ids, max_tokens, sampling, deadline, started):
+                generated += piece.token_ids
+                if route.shadow is not None and piece.finish in (FinishReason.STOP, FinishReason.LENGTH):
+                    self._shadow(route, ids, max_tokens, sampling, generated, (time.perf_counter() - started) * 1000)
                 yield piece
+        except GeneratorExit:  # the caller stopped reading (went away)
+            error = grpc.StatusCode.CANCELLED.name
+            raise
+        except BaseException as exc:
+            error = code_name(exc)
+            raise
         finally:
             STREAMS_INFLIGHT.dec()
+            # The stream counts against its version in the rollout figures (version_stats.py): answered
+            # with its whole duration, or failed by code (a caller's cancel is CANCELLED, not a canary error).
+            if self.plane.version_stats is not None:
+                self.plane.version_stats.record(info.model, info.version, error, time.perf_counter() - started)
+
+    def _shadow(
+        self, route: Route, ids: list[int], max_tokens: int, sampling: Sampling, generated: list[int], ms: float
+    ) -> None:
+        """Mirror the completed generation to the shadow version (the shadow runner's task and deadline)."""
+        runner, shadow = self.plane.shadow, route.shadow
+        primary_ids = np.asarray(generated, dtype=np.int64)
+
+        async def primary_output() -> np.ndarray:
+            return primary_ids
+
+        async def shadow_output() -> np.ndarray:
+            deadline, out = Deadline(runner.timeout), []
+            copy = Route(shadow, route.kind, route.target, None)
+            async for piece in self._generate(copy, ids, max_tokens, sampling, deadline, 0.0, count=False):
+                out += piece.token_ids
+            return np.asarray(out, dtype=np.int64)
+
+        runner.submit(route.info, shadow, primary_output, shadow_output, ms, comparator=compare_tokens)
 
     async def _limits(self, info: VersionInfo, sampling: Sampling, deadline: Deadline) -> tuple[int, int]:
         """(max_tokens to ask for, context length or 0): the router's caps and the version's own."""
@@ -316,61 +363,58 @@ class Generation:
             raise InvalidArgument("the prompt has no tokens")
         return ids
 
-    async def _detokenize(self, session, ids: list[int], flush: bool = False) -> str:
-        try:
-            return await session.send(ids, flush=flush)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                raise Unavailable(f"{self.tokenizer.peer} is unavailable: {exc.details()}") from None
-            raise
-
     async def _generate(
-        self, route: Route, ids: list[int], max_tokens: int, sampling: Sampling, deadline: Deadline, started: float
+        self,
+        route: Route,
+        ids: list[int],
+        max_tokens: int,
+        sampling: Sampling,
+        deadline: Deadline,
+        started: float,
+        count: bool = True,
     ) -> AsyncIterator[Piece]:
+        """`count`: False for a shadow copy (its tokens are not the callers' generated tokens)."""
         info = route.info
         stops = StopMatcher(sampling.stop)
         first, sent, matched = True, 0, False
         finish = FinishReason.UNSPECIFIED
-        tokens = GENERATED_TOKENS.labels(info.model, str(info.version))
+        tokens = GENERATED_TOKENS.labels(info.model, str(info.version)) if count else _NoCount()
+        detokenizer = await self.detokenizers.decoder(info.pre_name, deadline.remaining())
         async with self.triton.stream(deadline.remaining()) as call:
-            detokenizer = self.tokenizer.detokenize_session(info.pre_name, deadline.remaining())
             try:
-                try:
-                    await call.write(triton_request(info, ids, max_tokens, sampling))
-                    await call.done_writing()
-                except asyncio.InvalidStateError:  # the stream ended before it started (Triton died)
-                    raise await ended(call, f"Triton's stream of model {info.model!r} v{info.version}") from None
-                async for response in call:
-                    if response.error_message:
-                        raise _triton_failure(info, response.error_message)
-                    new_ids, reason, _ = read_response(response.infer_response)
-                    if new_ids:
-                        if started:
-                            TIME_TO_FIRST_TOKEN.labels(info.model).observe(time.perf_counter() - started)
-                            started = 0.0
-                        text, shown, matched = stops.feed(await self._detokenize(detokenizer, new_ids), new_ids)
-                        if text or shown:
-                            sent += len(shown)
-                            tokens.inc(len(shown))
-                            yield Piece(text, shown, route if first else None)
-                            first = False
-                        if matched:
-                            finish = FinishReason.STOP
-                            break  # leaving the block cancels the Triton stream: the model stops
-                    if reason:
-                        finish = _FINISH.get(reason, FinishReason.UNSPECIFIED)
-                        break
-                else:
-                    raise Unavailable(
-                        f"Triton ended the stream of model {info.model!r} v{info.version} before its final response"
-                    )
-                text, shown = "", []
-                if not matched:  # what the detokenizer held back (a character cut at the end)
-                    text, shown, matched = stops.feed(await self._detokenize(detokenizer, [], flush=True), [])
+                await call.write(triton_request(info, ids, max_tokens, sampling))
+                await call.done_writing()
+            except asyncio.InvalidStateError:  # the stream ended before it started (Triton died)
+                raise await ended(call, f"Triton's stream of model {info.model!r} v{info.version}") from None
+            async for response in call:
+                if response.error_message:
+                    raise _triton_failure(info, response.error_message)
+                new_ids, reason, _ = read_response(response.infer_response)
+                if new_ids:
+                    if started:
+                        TIME_TO_FIRST_TOKEN.labels(info.model).observe(time.perf_counter() - started)
+                        started = 0.0
+                    text, shown, matched = stops.feed(detokenizer.step(new_ids), new_ids)
+                    if text or shown:
+                        sent += len(shown)
+                        tokens.inc(len(shown))
+                        yield Piece(text, shown, route if first else None)
+                        first = False
                     if matched:
                         finish = FinishReason.STOP
-            finally:
-                await _close(detokenizer)
+                        break  # leaving the block cancels the Triton stream: the model stops
+                if reason:
+                    finish = _FINISH.get(reason, FinishReason.UNSPECIFIED)
+                    break
+            else:
+                raise Unavailable(
+                    f"Triton ended the stream of model {info.model!r} v{info.version} before its final response"
+                )
+            text, shown = "", []
+            if not matched:  # what the detokenizer held back (a character cut at the end)
+                text, shown, matched = stops.feed(detokenizer.step([], flush=True), [])
+                if matched:
+                    finish = FinishReason.STOP
         if not matched:  # after a match the rest is never shown
             rest, rest_ids = stops.flush()
             text, shown = text + rest, shown + rest_ids
@@ -379,11 +423,19 @@ class Generation:
         yield Piece(text, shown, route if first else None, finish, (len(ids), sent))
 
 
-async def _close(session) -> None:
-    try:
-        await session.close()
-    except Exception:  # noqa: BLE001 - the answer is complete; a detokenizer hiccup at the end changes nothing
+class _NoCount:
+    def inc(self, amount: float = 1) -> None:
         pass
+
+
+def _comparable_shadow(info: VersionInfo, shadow: VersionInfo | None) -> VersionInfo | None:
+    """The shadow version when its token ids can be compared with the primary's: a generation model with
+    the same tokenizer (the same prompt ids then mean the same prompt); otherwise no shadow copy."""
+    if shadow is None or shadow.post_kind != PostKind.GENERATION:
+        return None
+    if (shadow.pre_kind, shadow.pre_name) != (info.pre_kind, info.pre_name):
+        return None
+    return shadow
 
 
 def _triton_failure(info: VersionInfo, message: str) -> Exception:

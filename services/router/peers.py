@@ -21,7 +21,6 @@ from maas.v1 import tensor_pb2, tokenizer_pb2, tokenizer_pb2_grpc, vision_pb2, v
 from services.router import wire
 from services.router.triton_errors import NOT_SERVING_CODES, NOT_SERVING_MARKER, model_input_error, not_serving
 from services.shared.errors import ServiceError, Unavailable, bounded
-from services.tokenizer.client import DetokenizeSession
 from services.shared.replica_pool import Replica, ReplicaPool
 
 log = logging.getLogger(__name__)
@@ -92,9 +91,13 @@ class TokenizerPeer:
         response = await self._stub.ApplyChatTemplate(request, timeout=timeout, wait_for_ready=False)
         return list(response.input_ids)
 
-    def detokenize_session(self, tokenizer: str, timeout: float | None) -> DetokenizeSession:
-        """One generated sequence's DetokenizeStream (send ids, get the text they complete; close it)."""
-        return DetokenizeSession(self._stub, tokenizer, timeout=timeout)
+    @names_peer
+    async def tokenizer_definition(
+        self, tokenizer: str, if_none_match: str, timeout: float | None
+    ) -> tokenizer_pb2.GetTokenizerResponse:
+        """The tokenizer's tokenizer.json and digest (no text when `if_none_match` is still its digest)."""
+        request = tokenizer_pb2.GetTokenizerRequest(tokenizer=tokenizer, if_none_match=if_none_match)
+        return await self._stub.GetTokenizer(request, timeout=timeout, wait_for_ready=False)
 
 
 class VisionPeer:

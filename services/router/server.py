@@ -25,6 +25,7 @@ from services.router.dataplane import Dataplane
 from services.router.fastpath import BINARY_NAME, FastPath, FastPathSettings
 from services.router.generation import Generation
 from services.router.peers import TokenizerPeer, TritonPeer, VisionPeer
+from services.router.queue_time import TritonQueueTime
 from services.router.routing import RoutingTable
 from services.router.servicer import InferenceServicer, RouterServicer, add_inference_service
 from services.router.shadow import ShadowRunner
@@ -87,7 +88,9 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
         version_stats=version_stats,
     )
 
-    admission = Admission(cfg.admission, TenantCache())
+    # Triton's queue time, sampled only when a threshold uses it (priority shedding, admission.py).
+    queue = TritonQueueTime(pool, cfg.admission.queue_sample_interval) if cfg.admission.sheds_on_queue_time else None
+    admission = Admission(cfg.admission, TenantCache(), queue)
     tenants = TenantWatcher(channels["registry"], admission.cache, cfg.admin_token) if cfg.admission.auth else None
 
     def register(server):
@@ -109,7 +112,7 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
             cfg.oip_fast_listen,
         )
     elif cfg.oip_fast_listen:
-        add_fast_path(service, port, cfg, table, pool)
+        add_fast_path(service, port, cfg, table, pool, version_stats)
     service.readiness_checks.append(
         pool_reachable(pool, where_from(cfg.triton_discovery()), cfg.server.readiness_interval_seconds)
     )
@@ -119,6 +122,8 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
     # Static replicas are known at once; a watcher reports its first set shortly after (until then
     # Triton calls get UNAVAILABLE "no triton replica is ready").
     service.on_start.append(lambda: source.start(pool.set_replicas))
+    if queue is not None:
+        service.on_start.append(queue.start)
     # After the gRPC server drained: stop following the registry, report the last shadow results, close.
     service.on_stop.extend(
         [
@@ -127,6 +132,7 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
             shadow.stop,
             version_stats.stop,
             source.stop,
+            *([queue.stop] if queue else []),
             pool.close,
             *(channel.close for channel in channels.values()),
         ]
@@ -155,7 +161,14 @@ def admit_when_serving(table: RoutingTable):
     return admit
 
 
-def add_fast_path(service: ServiceServer, port: int, cfg: RouterConfig, table: RoutingTable, pool: ReplicaPool) -> None:
+def add_fast_path(
+    service: ServiceServer,
+    port: int,
+    cfg: RouterConfig,
+    table: RoutingTable,
+    pool: ReplicaPool,
+    version_stats: VersionStatsReporter | None = None,
+) -> None:
     """Run the OIP fast path beside this server; what it cannot settle comes to `port`."""
     if not cfg.oip_fast_binary:
         log.warning(
@@ -179,6 +192,7 @@ def add_fast_path(service: ServiceServer, port: int, cfg: RouterConfig, table: R
         ),
         table,
         pool,
+        version_stats,
     )
     service.on_start.append(fast_path.start)
     service.on_drain.append(fast_path.stop)

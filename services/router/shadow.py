@@ -60,6 +60,43 @@ def compare(
     )
 
 
+def compare_tokens(
+    model: str,
+    primary: VersionInfo,
+    shadow: VersionInfo,
+    a: np.ndarray,
+    b: np.ndarray,
+    primary_ms: float,
+    shadow_ms: float,
+    request_id: str = "",
+) -> registry_pb2.ShadowResult:
+    """Generation: the two generated token id sequences of one request. Exact-token agreement (identical
+    sequences) and prefix agreement (common prefix / the longer length, 1 when both are empty), in the
+    fields the registry keeps for every pair (registry.proto ShadowResult)."""
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    tokens, common = max(a.size, b.size), min(a.size, b.size)
+    differ = np.flatnonzero(a[:common] != b[:common])
+    prefix = int(differ[0]) if differ.size else common
+    share = prefix / tokens if tokens else 1.0
+    return registry_pb2.ShadowResult(
+        model=model,
+        primary_version=primary.version,
+        shadow_version=shadow.version,
+        items=1,
+        top1_agreed=int(prefix == tokens),
+        cosine_sum=share,
+        cosines=[share],
+        primary_latency_ms=primary_ms,
+        shadow_latency_ms=shadow_ms,
+        request_id=request_id or uuid.uuid4().hex,
+        generated_tokens=tokens,
+        prefix_tokens=prefix,
+    )
+
+
+Comparator = Callable[..., registry_pb2.ShadowResult]
+
+
 class ShadowRunner(PeriodicReport):
     def __init__(
         self,
@@ -91,8 +128,10 @@ class ShadowRunner(PeriodicReport):
         primary_output: OutputFn,
         shadow_output: OutputFn,
         primary_ms: float,
+        comparator: Comparator = compare,
     ) -> bool:
-        """Schedule one shadow comparison; False when dropped because too many are in flight."""
+        """Schedule one shadow comparison (`comparator`: compare for tensors, compare_tokens for generated
+        ids); False when dropped because too many are in flight."""
         if len(self._tasks) >= self.max_inflight:
             SHADOW_REQUESTS.labels(primary.model, "dropped").inc()
             return False
@@ -101,7 +140,7 @@ class ShadowRunner(PeriodicReport):
         request_id = format(caller.trace_id, "032x") if caller.is_valid else ""  # names it in the report
         # An empty contextvars.Context: no caller span, no caller metric labels leak into the copy.
         task = asyncio.get_running_loop().create_task(
-            self._run(primary, shadow, primary_output, shadow_output, primary_ms, link, request_id),
+            self._run(primary, shadow, primary_output, shadow_output, primary_ms, link, request_id, comparator),
             context=contextvars.Context(),
         )
         self._tasks.add(task)
@@ -110,7 +149,9 @@ class ShadowRunner(PeriodicReport):
             self._start_reporting()
         return True
 
-    async def _run(self, primary, shadow, primary_output, shadow_output, primary_ms, link, request_id="") -> None:
+    async def _run(
+        self, primary, shadow, primary_output, shadow_output, primary_ms, link, request_id="", comparator=compare
+    ) -> None:
         with self._tracer.start_as_current_span(
             "router.shadow",
             links=[link],
@@ -137,7 +178,9 @@ class ShadowRunner(PeriodicReport):
             if a is None or b is None:
                 return
             if len(self._pending) < self.max_pending:
-                self._pending.append(compare(primary.model, primary, shadow, a, b, primary_ms, shadow_ms, request_id))
+                self._pending.append(
+                    comparator(primary.model, primary, shadow, a, b, primary_ms, shadow_ms, request_id)
+                )
 
     async def flush(self) -> None:
         if not self._pending or self._registry is None:

@@ -79,6 +79,21 @@ class VersionStatsReporter(PeriodicReport):
         if self._registry is not None:
             self._start_reporting()
 
+    def record_counts(self, model: str, version: int, code: str, count: int) -> None:
+        """Requests another data path settled (the compiled OIP fast path's "requests" report lines): they
+        count as requests and, when not OK, as errors by code; they add no latency (that path reports one
+        histogram for all versions), so the p99 gate sees only the requests timed here."""
+        if count <= 0:
+            return
+        figures = self._pending.get((model, version))
+        if figures is None:
+            figures = self._pending[(model, version)] = _Figures()
+        figures.requests += count
+        if code != grpc.StatusCode.OK.name:
+            figures.errors[code] = figures.errors.get(code, 0) + count
+        if self._registry is not None:
+            self._start_reporting()
+
     async def flush(self) -> None:
         if not self._pending or self._registry is None:
             return

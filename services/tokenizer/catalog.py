@@ -10,6 +10,7 @@ tokenizer_config.json (special tokens) and chat_template.jinja are read when pre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -62,6 +63,8 @@ class LoadedTokenizer:
         self.path = path
         self.outputs = outputs
         self._json = path.read_text(encoding="utf-8")
+        # Names this definition for callers that decode with a copy of it (GetTokenizer's digest).
+        self.digest = hashlib.sha256(self._json.encode("utf-8")).hexdigest()
         try:
             base = Tokenizer.from_str(self._json)
         except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception on a bad file
@@ -107,6 +110,11 @@ class LoadedTokenizer:
         while len(copies) > _MAX_COPIES_PER_THREAD:
             copies.popitem(last=False)
         return tokenizer
+
+    @property
+    def definition(self) -> str:
+        """The tokenizer.json text, as loaded."""
+        return self._json
 
     def untruncated(self) -> Tokenizer:
         """This thread's copy that neither truncates nor pads: for chat prompts and decoding."""

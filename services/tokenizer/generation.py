@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from services.shared.errors import FailedPrecondition, InvalidArgument, limit_error
 from services.tokenizer.catalog import LoadedTokenizer
 from services.tokenizer.chat_template import ROLES, Message
-from services.tokenizer.detokenization import IncrementalDecoder, check_ids
+from services.shared.detokenization import IncrementalDecoder, check_ids
 from services.tokenizer.tokenization import TokenizeLimits
 
 

@@ -90,6 +90,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 _fill_error(answer.error, exc)
             yield answer
 
+    async def GetTokenizer(self, request: tokenizer_pb2.GetTokenizerRequest, context):
+        tokenizer = self.dataplane.catalog.get(request.tokenizer)
+        current = request.if_none_match == tokenizer.digest
+        return tokenizer_pb2.GetTokenizerResponse(
+            tokenizer=tokenizer.name,
+            digest=tokenizer.digest,
+            tokenizer_json="" if current else tokenizer.definition,
+            vocab_size=tokenizer.vocab_size,
+        )
+
     async def ListTokenizers(self, request, context):
         return tokenizer_pb2.ListTokenizersResponse(
             tokenizers=[

@@ -224,6 +224,15 @@ async def test_fast_path_calls_are_counted_once_in_the_router_metrics(monkeypatc
             "the forwarder's call in maas_router_requests_total",
         )
 
+        def reported(model: str, version: int) -> list:
+            return [s for s in mesh.registry.version_stats if (s.model, s.version) == (model, version)]
+
+        # ... and in the per-version figures the registry's rollout analysis reads (ReportVersionStats):
+        # one request, answered, with no latency sample (the forwarder reports one histogram for all).
+        await until(lambda: sum(s.requests for s in reported("tiny", 2)) == 1, "the forwarder's call reported")
+        assert not any(s.errors for s in reported("tiny", 2))
+        assert sum(sum(s.latency_counts) for s in reported("tiny", 2)) == 0
+
         assert sample("maas_router_inflight_requests") == 0
         at_triton = len(mesh.triton.calls)
         for headers in ({"x-maas-routing-key": "user-1"}, None):  # the main port's call, then the forwarder's

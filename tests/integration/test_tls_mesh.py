@@ -2,7 +2,8 @@
 
 Who gets in (plaintext, a wrong CA, no client certificate: refused), what works (MeshClient, the
 registry, an unmodified tritonclient with ssl=True on both router ports, the `maas` CLI with --tls,
-HTTPS of the OpenAI gateway), rotation of a certificate file without restart, and the expiry metric.
+HTTPS of the OpenAI gateway), rotation of a certificate file without restart, the expiry metric, and
+Triton's renewal, which reaches it through a restart by `maas up`'s supervisor (Triton has no reload).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -28,6 +30,7 @@ from maas.cli.mesh import cat_photo
 from maas.client import MeshClient, MeshError
 from maas.local.certs import CLIENT, LocalPki
 from maas.local.mesh import FREE_PORTS, SOURCE_MODELS, LocalMesh, MeshConfig
+from maas.local.supervisor import RestartPolicy, Supervisor
 from maas.registry_client import RegistryClient
 from maas.tls import ClientTls
 from services.router.fastpath import find_binary
@@ -223,3 +226,54 @@ def test_maas_cli_with_tls(tls_mesh):
         cwd=REPO,
     )
     assert plain.returncode != 0 and "UNAVAILABLE" in (plain.stdout + plain.stderr)
+
+
+def _until(check, timeout: float, what: str):
+    """check()'s first truthy value; connection errors (Triton restarting) count as not yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except (OSError, MeshError, grpc.RpcError, InferenceServerException):
+            pass
+        assert time.monotonic() < deadline, f"{what} not within {timeout:.0f}s"
+        time.sleep(0.2)
+
+
+def test_a_renewed_triton_certificate_reaches_triton_through_a_supervised_restart(tls_mesh, pki, tiny, tmp_path):
+    """Triton reads its certificate at start only: the supervisor restarts it when the files change, once
+    the key matches the certificate (a half-done renewal waits), and new connections get the new
+    certificate; the registry re-loads the models and calls work again. (Last in this module: it restarts
+    the module's Triton.)"""
+    messages: list[str] = []
+    waiting = threading.Event()
+
+    def log(message: str) -> None:
+        messages.append(message)
+        if "not usable yet" in message:
+            waiting.set()
+
+    supervisor = Supervisor(tls_mesh, RestartPolicy(poll_interval=0.2), log=log)
+    supervisor.start()
+    try:
+        triton = tls_mesh.addresses["triton"]
+        before, pid = served_serial(triton, pki), tls_mesh.triton.process.pid
+        # A half-done renewal: a new key, the old certificate. Not restarted on it.
+        stranger = LocalPki(tmp_path / "stranger").ensure(["triton"])
+        pki.key("triton").write_bytes(stranger.key("triton").read_bytes())
+        assert waiting.wait(30), messages
+        assert tls_mesh.triton.process.pid == pid and served_serial(triton, pki) == before
+        rotated = pki.issue("triton").serial_number  # the renewal completed: key and certificate
+        _until(lambda: served_serial(triton, pki) == rotated, 120, "Triton serving the renewed certificate")
+        _until(lambda: supervisor.status["triton"].restarts == 1, 120, "the supervisor's restart done")
+        assert tls_mesh.triton.process.pid != pid
+        assert supervisor.status["triton"].last_exit == "restarted: certificate files changed", messages
+        # Healed: the registry re-loaded the live versions, the router and a direct tritonclient are served.
+        with MeshClient(tls_mesh.router_address, tls=tls_mesh.client_tls, timeout=10) as client:
+            _until(lambda: client.embed(["renewed"]).vectors.shape == (1, 384), 120, "embed after the restart")
+        with triton_client(triton, pki) as client:
+            _until(lambda: tiny_infer(client, tiny).tolist() == [[0, 2, 4, 6]], 120, "tiny on Triton directly")
+    finally:
+        supervisor.stop()

@@ -242,3 +242,28 @@ async def test_detokenize_session_helper(stub, reference):
             await missing.send([1])
     finally:
         await missing.close()
+
+
+async def test_get_tokenizer_gives_the_definition_the_router_decodes_with(stub, reference, tokenizer_process):
+    """The router's in-process decoder, built from GetTokenizer, gives the same pieces as DetokenizeStream."""
+    from services.router.detokenizers import LocalDetokenizers
+    from services.router.peers import TokenizerPeer
+
+    answer = await stub.GetTokenizer(tokenizer_pb2.GetTokenizerRequest(tokenizer="smollm2"))
+    assert answer.tokenizer == "smollm2" and len(answer.digest) == 64 and answer.vocab_size == len(reference)
+    again = await stub.GetTokenizer(tokenizer_pb2.GetTokenizerRequest(tokenizer="smollm2", if_none_match=answer.digest))
+    assert again.digest == answer.digest and again.tokenizer_json == ""  # still current: no text
+    await assert_status(
+        stub.GetTokenizer(tokenizer_pb2.GetTokenizerRequest(tokenizer="nope")), grpc.StatusCode.NOT_FOUND, "'nope'"
+    )
+    async with open_channel(tokenizer_process[0]) as channel:
+        detokenizers = LocalDetokenizers(TokenizerPeer(channel))
+        for text in CORPUS + ["ok 👍🏽"]:
+            ids = reference.encode(text, add_special_tokens=False)
+            if text == "ok 👍🏽":
+                ids = ids[:-1]  # a cut character: held back, then flushed as Detokenize renders it
+            decoder = await detokenizers.decoder("smollm2", 10)
+            local = [decoder.step([i], flush=n == len(ids) - 1) for n, i in enumerate(ids)]
+            remote = await streamed(stub, ids, [1] * len(ids), tokenizer="smollm2")
+            assert local == remote
+        await detokenizers.close()

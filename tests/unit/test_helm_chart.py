@@ -498,6 +498,92 @@ def test_router_oip_fast_path_can_be_disabled():
     assert str(OIP_FAST_PORT) not in json.dumps([d for d in docs if d["kind"] != "Secret"])  # random token
 
 
+# --- auth: API keys and priority shedding (values auth) -------------------------------------------------
+
+
+def _router_settings(env: dict, monkeypatch):
+    """The router's AdmissionSettings from the env the chart gives it (plain values only)."""
+    from services.router.config import load_config
+
+    for var, spec in env.items():
+        if var.startswith("MAAS_ROUTER_") and "value" in spec:
+            monkeypatch.setenv(var, spec["value"])
+    return load_config(["--triton", "triton:8001"]).admission
+
+
+def test_router_gets_auth_and_shedding_off_by_default_and_always_the_admin_token(monkeypatch):
+    docs = cr.render()
+    router = cr.env(cr.container(docs, "router"))
+    assert router["MAAS_ROUTER_AUTH"]["value"] == "off"
+    for var in ("INFLIGHT", "QUEUE_MS"):
+        for cls in ("SHEDDABLE", "STANDARD"):
+            assert float(router[f"MAAS_ROUTER_SHED_{cls}_{var}"]["value"]) == 0, (cls, var)
+    # The router sends the registry's admin token: tenant list, shadow and per-version reports.
+    registry = cr.env(cr.container(docs, "registry"))
+    assert router["MAAS_ADMIN_TOKEN"] == registry["MAAS_ADMIN_TOKEN"]
+    assert (
+        router["MAAS_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
+        == cr.kind(docs, "Secret")[0]["metadata"]["name"]
+    )
+    assert cr.env(cr.container(docs, "router"))["MAAS_ROUTER_OIP_FAST_LISTEN"]["value"] == f"0.0.0.0:{OIP_FAST_PORT}"
+    settings = _router_settings(router, monkeypatch)
+    assert not settings.auth and not settings.sheds_on_queue_time and settings.shed_sheddable_inflight == 0
+    existing = cr.env(cr.container(cr.render("existing-secret-values.yaml"), "router"))
+    assert existing["MAAS_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "maas-admin", "key": "admin-token"}
+
+
+def test_auth_block_reaches_the_router_and_closes_the_fast_path_port(monkeypatch):
+    docs = cr.render("auth-values.yaml")  # the other scenario tests (lint, schemas, env read) run on it too
+    router = cr.container(docs, "router")
+    e = cr.env(router)
+    assert e["MAAS_ROUTER_AUTH"]["value"] == "on"
+    settings = _router_settings(e, monkeypatch)  # what the router makes of them
+    assert settings.auth
+    assert (settings.shed_sheddable_inflight, settings.shed_standard_inflight) == (8, 32)
+    assert (settings.shed_sheddable_queue_ms, settings.shed_standard_queue_ms) == (5.0, 20.5)
+    assert (settings.queue_sample_interval, settings.shed_retry_after) == (0.5, 1.0)
+    # The compiled data path cannot check keys: the router does not start it, so no port anywhere.
+    assert e["MAAS_ROUTER_OIP_FAST_LISTEN"]["value"] == "off"
+    assert "oip-fast" not in {p["name"] for p in router["ports"]}
+    service = cr.by_name(docs, "Service")[name("router")]
+    assert "oip-fast" not in {p["name"] for p in service["spec"]["ports"]}
+    assert not [
+        r
+        for r in _policies(docs)["router"]["spec"]["ingress"]
+        if {"port": OIP_FAST_PORT, "protocol": "TCP"} in r["ports"]
+    ]
+    for svc in SERVICES[1:]:  # only the router sheds
+        assert not {v for v in cr.env(cr.container(docs, svc)) if v.startswith("MAAS_ROUTER_")}, svc
+    # Shedding without auth: thresholds set, every call standard unless it asks for sheddable.
+    e = cr.env(cr.container(cr.render(None, "auth.shedding.queueMs.sheddable=3"), "router"))
+    assert e["MAAS_ROUTER_AUTH"]["value"] == "off" and e["MAAS_ROUTER_OIP_FAST_LISTEN"]["value"] != "off"
+    assert _router_settings(e, monkeypatch).shed_sheddable_queue_ms == 3.0
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (("auth.enabled=yes",), "/auth/enabled"),
+        (("auth.shedding.queueMs.sheddable=-1",), "/auth/shedding/queueMs/sheddable"),
+        (("auth.shedding.inflight.standard=1.5",), "/auth/shedding/inflight/standard"),
+        (("auth.shedding.queueSampleIntervalSeconds=0",), "/auth/shedding/queueSampleIntervalSeconds"),
+        (("auth.shedding.queueMs.critical=1",), "critical"),  # critical calls are never shed
+        (
+            ("auth.shedding.queueMs.standard=10",),
+            "auth.shedding.queueMs.standard (10) needs auth.shedding.queueMs.sheddable",
+        ),
+        (
+            ("auth.shedding.inflight.sheddable=20", "auth.shedding.inflight.standard=10"),
+            "sheddable calls are refused first",
+        ),
+    ],
+)
+def test_invalid_auth_values_fail_naming_the_field(sets, message):
+    proc = cr.template(None, *sets)
+    assert proc.returncode != 0, sets
+    assert message in proc.stderr, proc.stderr
+
+
 def test_network_policies_can_be_disabled():
     assert not cr.kind(cr.render(None, "networkPolicy.enabled=false"), "NetworkPolicy")
 
@@ -806,6 +892,21 @@ def test_tls_reaches_every_pod_and_probes_still_work(scenario):
         f"--grpc-root-cert={TLS_DIR}/ca.crt",
     } <= set(args)
     assert triton["readinessProbe"]["httpGet"]["port"] == "http"  # Triton's HTTP port stays plain for probes
+
+
+def test_triton_is_rolled_when_its_certificate_secret_is_renewed():
+    """Triton reads its certificate at start only: its Deployment asks Stakater Reloader for a rollout on
+    a change of the TLS Secret (cert-manager's renewal, or the Secret you manage)."""
+    key = "secret.reloader.stakater.com/reload"
+    docs = cr.render("gpu-production-values.yaml")
+    assert cr.deployment(docs, "triton")["metadata"]["annotations"] == {key: name("tls")}
+    docs = cr.render(None, "tls.enabled=true", "tls.existingSecret=my-certs")
+    assert cr.deployment(docs, "triton")["metadata"]["annotations"] == {key: "my-certs"}
+    for svc in SERVICES:  # the services re-read their files: no rollout
+        assert key not in cr.deployment(docs, svc)["metadata"].get("annotations", {}), svc
+    off = cr.render("gpu-production-values.yaml", "tls.restartTritonOnRenewal=false")
+    assert "annotations" not in cr.deployment(off, "triton")["metadata"]
+    assert "annotations" not in cr.deployment(cr.render(), "triton")["metadata"]  # no TLS
 
 
 def test_router_callers_client_certificates_can_be_optional():

@@ -346,3 +346,14 @@ def test_status_view_renders_progress_and_analyses():
     console.print(report_view(report))
     text = console.export_text()
     assert "(-1, 0.5]" in text and "(0.5, 1]" in text and "█" * 30 in text and "abc" in text
+
+
+def test_fast_path_counts_join_the_version_figures_without_latency():
+    stats = VersionStatsReporter(None)
+    stats.record("m", 1, None, 0.002)
+    stats.record_counts("m", 1, "OK", 7)
+    stats.record_counts("m", 1, "UNAVAILABLE", 2)
+    stats.record_counts("m", 2, "OK", 0)  # nothing settled: no entry
+    figures = stats._pending[("m", 1)]
+    assert (figures.requests, figures.errors, sum(figures.counts)) == (10, {"UNAVAILABLE": 2}, 1)
+    assert ("m", 2) not in stats._pending

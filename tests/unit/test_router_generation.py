@@ -111,13 +111,33 @@ class GenTokenizer(base.FakeTokenizer):
         ids = [1] + [len(m.content) for m in request.messages] + [2]
         return tokenizer_pb2.ChatTemplateResponse(prompt="rendered", input_ids=ids, tokenizer=request.tokenizer)
 
-    async def DetokenizeStream(self, request_iterator, context):
-        async for request in request_iterator:
-            # A flush sends a held-back tail: here a marker, so tests see it arrive last.
-            tail = "~" if request.flush and self.flush_tail else ""
-            yield tokenizer_pb2.DetokenizeStreamResponse(text="".join(VOCAB.get(i, "?") for i in request.ids) + tail)
+    async def GetTokenizer(self, request, context):
+        # The router decodes with this definition itself. cut_character: id 11 is half of "é" instead,
+        # so the text of [10, 11] ends with a cut character that only the flush at the end sends.
+        pieces = {i: text.encode() for i, text in VOCAB.items()}
+        if self.cut_character:
+            pieces[11] = "é".encode()[:1]
+        definition = byte_level_tokenizer(pieces)
+        self.definitions_served += 1
+        return tokenizer_pb2.GetTokenizerResponse(
+            tokenizer=request.tokenizer, digest=str(hash(definition)), tokenizer_json=definition, vocab_size=100
+        )
 
-    flush_tail = False
+    cut_character = False
+    definitions_served = 0
+
+
+def byte_level_tokenizer(pieces: dict[int, bytes]) -> str:
+    """A tokenizer.json whose id i decodes to the bytes pieces[i] (byte-level BPE, as GPT-2's and SmolLM2's)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    char = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(rest)}
+    vocab = {"".join(char[b] for b in piece): i for i, piece in pieces.items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer.to_str()
 
 
 class GenMesh(base.Mesh):
@@ -314,10 +334,16 @@ async def test_oip_stream_routes_each_request_and_relays_every_response(mesh):
 
 
 async def test_text_the_detokenizer_held_back_is_flushed_at_the_end(mesh):
-    mesh.tokenizer.flush_tail = True  # e.g. a character cut by max_tokens: sent on the flush
+    mesh.tokenizer.cut_character = True  # a character cut by max_tokens: sent on the flush, as decode shows it
     messages = await collect(mesh, chat("x", max_tokens=2))
-    assert "".join(m.text for m in messages) == "Hello,~" and messages[-1].text.endswith("~")
-    assert (await mesh.stub.GenerateUnary(chat("x", max_tokens=2), timeout=5)).text == "Hello,~"
+    assert "".join(m.text for m in messages) == "Hello\ufffd" and messages[-1].text == "\ufffd"
+    assert (await mesh.stub.GenerateUnary(chat("x", max_tokens=2), timeout=5)).text == "Hello\ufffd"
+
+
+async def test_the_tokenizer_definition_is_fetched_once_not_per_token(mesh):
+    for _ in range(3):
+        assert (await mesh.stub.GenerateUnary(chat("x", max_tokens=8), timeout=5)).text == WHOLE
+    assert mesh.tokenizer.definitions_served == 1
 
 
 def test_generation_limits_from_flags_and_env(monkeypatch):

@@ -95,6 +95,31 @@ def test_config_defaults_flags_and_env(monkeypatch):
         load_config(["--default-timeout", "0"])
 
 
+def test_shedding_thresholds_from_flags_and_env(monkeypatch):
+    monkeypatch.setenv("MAAS_ROUTER_SHED_SHEDDABLE_QUEUE_MS", "2.5")
+    monkeypatch.setenv("MAAS_ROUTER_SHED_STANDARD_QUEUE_MS", "10")
+    adm = load_config(["--queue-sample-interval", "0.1"]).admission
+    assert (adm.shed_sheddable_queue_ms, adm.shed_standard_queue_ms, adm.queue_sample_interval) == (2.5, 10.0, 0.1)
+    assert (
+        adm.sheds_on_queue_time
+        and not load_config(
+            ["--shed-sheddable-queue-ms", "0", "--shed-standard-queue-ms", "0"]
+        ).admission.sheds_on_queue_time
+    )
+    with pytest.raises(ConfigError, match="--shed-sheddable-queue-ms must be >= 0"):
+        load_config(["--shed-sheddable-queue-ms", "-1"])
+    with pytest.raises(ConfigError, match="--queue-sample-interval must be positive"):
+        load_config(["--queue-sample-interval", "0"])
+    # Sheddable calls are refused first: a standard threshold needs a sheddable one at or below it.
+    with pytest.raises(ConfigError, match=r"--shed-standard-queue-ms 10 needs --shed-sheddable-queue-ms .*\(got 20\)"):
+        load_config(["--shed-sheddable-queue-ms", "20"])
+    monkeypatch.delenv("MAAS_ROUTER_SHED_SHEDDABLE_QUEUE_MS")
+    with pytest.raises(ConfigError, match="needs --shed-sheddable-queue-ms"):
+        load_config([])
+    with pytest.raises(ConfigError, match="--shed-standard-inflight 4 needs --shed-sheddable-inflight"):
+        load_config(["--shed-standard-queue-ms", "0", "--shed-standard-inflight", "4"])
+
+
 async def test_shadow_runs_in_a_new_trace_linked_to_the_callers_span():
     import asyncio
 

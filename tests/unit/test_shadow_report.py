@@ -60,3 +60,43 @@ def test_buckets_and_report_aggregate_over_requests(tmp_path):
 def test_results_that_cannot_be_right_are_refused(kwargs, words):
     with pytest.raises(InvalidArgument, match=words):
         check_result(ShadowResult("m", 1, 2, 2, 1, 1.0, 1.0, 1.0, **kwargs))
+
+
+def test_generation_token_comparison_and_its_report(tmp_path):
+    from services.registry import metrics
+    from services.registry.domain import PostprocessingKind
+    from services.registry.shadow_report import PREFIX_BOUNDS
+    from services.router.routing import VersionInfo
+    from services.router.shadow import compare_tokens
+
+    one, two = VersionInfo("g", 1), VersionInfo("g", 2)
+    pairs = [([5, 6, 7, 8], [5, 6, 7, 8]), ([5, 6, 7, 8], [5, 6, 9]), ([1, 2], [3, 2]), ([], [])]
+    got = [compare_tokens("g", one, two, np.array(a), np.array(b), 1.0, 2.0) for a, b in pairs]
+    assert [(r.generated_tokens, r.prefix_tokens, r.top1_agreed) for r in got] == [
+        (4, 4, 1),
+        (4, 2, 0),
+        (2, 0, 0),
+        (0, 0, 1),
+    ]
+    assert [r.cosine_sum for r in got] == [1.0, 0.5, 0.0, 1.0] and all(r.items == 1 for r in got)
+    assert [bucket(s, PREFIX_BOUNDS) for s in (0.0, 0.05, 0.5, 0.99, 1.0)] == [0, 1, 5, 11, 12]
+
+    store = Store(tmp_path / "db")
+    reports = ShadowReports(store.db)
+    results = [
+        ShadowResult("g", 1, 2, r.items, r.top1_agreed, r.cosine_sum, 1.0, 2.0, 0.0, tuple(r.cosines), f"r{i}", 0, 0)
+        for i, r in enumerate(got)
+    ]
+    with store.transaction() as tx:
+        reports.add(tx, results, {("g", 1): "generation"})
+    stats = ShadowStats(
+        1, 2, samples=4, top1_agreement=0.5, mean_cosine=0.625, primary_latency_ms=1, shadow_latency_ms=2
+    )
+    r = reports.report("g", stats, PostprocessingKind.GENERATION, 4)
+    assert (r.kind, r.exact_agreement, r.prefix_agreement) == ("generation", 0.5, 0.625)
+    assert r.cosine_bounds == PREFIX_BOUNDS and r.cosine_counts[0] == 1 and r.cosine_counts[5] == 1
+    assert r.cosine_counts[-1] == 2 and [w[0] for w in r.worst][:2] == [0.0, 0.5]
+    # The rollout gate's figure for a generation pair is the mean prefix agreement.
+    assert metrics.agreement_value(PostprocessingKind.GENERATION, 0.5, 0.625) == 0.625
+    with pytest.raises(InvalidArgument, match="prefix_tokens"):
+        check_result(ShadowResult("g", 1, 2, 1, 0, 0.5, 1, 1, 0, (0.5,), "x", generated_tokens=2, prefix_tokens=3))

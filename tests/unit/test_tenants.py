@@ -7,13 +7,15 @@ import hashlib
 
 import grpc
 import pytest
+from tritonclient.grpc import service_pb2
 
 from maas.v1 import registry_pb2 as pb
 from services.openai.errors import from_grpc
 from services.registry import convert
 from services.registry.store import Store
 from services.registry.tenants import Priority, Quota, Tenants, key_hash
-from services.router.admission import Admission, AdmissionSettings, Refused, Shed
+from services.router.admission import TENANT_REFUSALS, Admission, AdmissionSettings, Refused, Shed
+from services.router.queue_time import TritonQueueTime
 from services.router.tenants import TenantCache, TokenBucket, share
 from services.shared.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 
@@ -223,6 +225,69 @@ def test_sheddable_calls_are_refused_first_and_critical_ones_never():
     for ticket in held:
         ticket.close()
     admission.admit(bearer("kx"), "Infer", "m")
+
+
+def _stats(*models: tuple[str, str, int, int]) -> service_pb2.ModelStatisticsResponse:
+    """(model, version, queue count, queue ns) → a ModelStatistics answer."""
+    out = service_pb2.ModelStatisticsResponse()
+    for name, version, count, ns in models:
+        stats = out.model_stats.add(name=name, version=version)
+        stats.inference_stats.queue.count, stats.inference_stats.queue.ns = count, ns
+    return out
+
+
+def test_triton_queue_time_is_the_mean_of_the_requests_that_left_the_queue_since_the_last_sample():
+    queue = TritonQueueTime(pool=None)
+    assert queue.deltas("a", _stats(("m", "1", 100, 10**9))) == {"m": (0, 0)}  # first sample: the baseline
+    # Versions of a model add up; 10 requests in 50 ms of queue on "m", none on "idle".
+    a = queue.deltas("a", _stats(("m", "1", 106, 10**9 + 30_000_000), ("m", "2", 4, 20_000_000), ("idle", "1", 0, 0)))
+    assert a == {"m": (10, 50_000_000), "idle": (0, 0)}
+    # Counters that went back (model reloaded, Triton restarted): a new baseline, not a negative time.
+    assert queue.deltas("a", _stats(("m", "1", 3, 1000), ("m", "2", 4, 20_000_000))) == {"m": (0, 0)}
+    # What a version's dynamic batcher makes each request wait by design is not counted.
+    queue.delays[("m", "1")] = 2_000_000
+    assert queue.deltas("a", _stats(("m", "1", 13, 1000 + 25_000_000), ("m", "2", 4, 20_000_000))) == {
+        "m": (10, 5_000_000)
+    }
+    assert queue.deltas("a", _stats(("m", "1", 23, 1000 + 35_000_000), ("m", "2", 4, 20_000_000))) == {"m": (10, 0)}
+    queue.update({"m": 0.005, "idle": 0.0})
+    assert (queue.worst_model, queue.worst) == ("m", 0.005)
+    queue.update({})
+    assert queue.worst == 0.0
+
+
+def test_triton_queue_time_sheds_sheddable_then_standard_and_never_critical():
+    cache = TenantCache()
+    cache.apply(
+        _event(
+            ("crit", "kc", {"priority": pb.PRIORITY_CRITICAL}),
+            ("std", "ks", {"priority": pb.PRIORITY_STANDARD}),
+            ("shed", "kx", {"priority": pb.PRIORITY_SHEDDABLE}),
+        )
+    )
+    queue = TritonQueueTime(pool=None, interval=0.25)
+    settings = AdmissionSettings(auth=True, shed_sheddable_queue_ms=5, shed_standard_queue_ms=20)
+    admission = Admission(settings, cache, queue)
+    for key in ("kc", "ks", "kx"):
+        admission.admit(bearer(key), "Infer", "m")
+    queue.update({"slow": 0.0123, "m": 0.001})
+    refusals = TENANT_REFUSALS.labels("shed", "shed_queue")
+    before = refusals._value.get()
+    with pytest.raises(Shed, match=r"model 'slow' waited 12.3 ms in its queue .*sheddable calls are refused from 5 ms"):
+        admission.admit(bearer("kx"), "Infer", "m")
+    admission.admit(bearer("ks"), "Infer", "m")
+    queue.update({"slow": 0.020})
+    with pytest.raises(Shed, match="standard calls are refused from 20 ms") as shed:
+        admission.admit(bearer("ks"), "Infer", "m")
+    assert shed.value.code == grpc.StatusCode.UNAVAILABLE and shed.value.trailing_metadata
+    admission.admit(bearer("kc"), "Infer", "m")  # critical: never shed
+    assert refusals._value.get() == before + 1  # refusals by reason: shed_queue
+    # Without auth every call is standard: queue-time shedding alone makes admission active.
+    open_admission = Admission(AdmissionSettings(shed_standard_queue_ms=20), TenantCache(), queue)
+    with pytest.raises(Shed):
+        open_admission.admit((), "Infer", "m")
+    queue.update({"slow": 0.0})
+    open_admission.admit((), "Infer", "m")
 
 
 def test_admission_off_lets_everything_through():

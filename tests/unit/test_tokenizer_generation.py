@@ -14,7 +14,7 @@ from tokenizers.decoders import DecodeStream
 from services.shared.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.tokenizer.catalog import TokenizerCatalog
 from services.tokenizer.chat_template import Message
-from services.tokenizer.detokenization import IncrementalDecoder, check_ids
+from services.shared.detokenization import IncrementalDecoder, check_ids
 from services.tokenizer.generation import DecodeSession, check_decode, check_messages, decode, render_chat
 from services.tokenizer.tokenization import TokenizeLimits
 from tests.fixtures.preprocessing import TEXT_CORPUS

@@ -514,6 +514,45 @@ spec:
 {{- end -}}
 {{- end -}}
 
+{{/* MAAS_ADMIN_TOKEN from that Secret: the registry checks it; the router sends it (tenant list, shadow
+and per-version reports, which the registry refuses without it). */}}
+{{- define "maas-mesh.adminTokenEnv" -}}
+{{- $t := .Values.registry.adminToken -}}
+- name: MAAS_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "maas-mesh.registry.tokenSecret" . }}
+      key: {{ ternary $t.existingSecretKey "token" (ne $t.existingSecret "") }}
+{{- end -}}
+
+{{/*
+The router's API keys and priority shedding (values auth, docs/security.md). Sheddable calls are refused
+first: a standard threshold needs a sheddable one at or below it.
+*/}}
+{{- define "maas-mesh.router.authEnv" -}}
+{{- $a := .Values.auth -}}
+{{- range $signal, $values := dict "inflight" $a.shedding.inflight "queueMs" $a.shedding.queueMs -}}
+{{- if and $values.standard (or (not $values.sheddable) (gt (float64 $values.sheddable) (float64 $values.standard))) -}}
+{{- fail (printf "auth.shedding.%s.standard (%v) needs auth.shedding.%s.sheddable set at or below it: sheddable calls are refused first" $signal $values.standard $signal $values.sheddable) -}}
+{{- end -}}
+{{- end -}}
+- name: MAAS_ROUTER_AUTH
+  value: {{ ternary "on" "off" $a.enabled | quote }}
+- name: MAAS_ROUTER_SHED_SHEDDABLE_INFLIGHT
+  value: {{ $a.shedding.inflight.sheddable | quote }}
+- name: MAAS_ROUTER_SHED_STANDARD_INFLIGHT
+  value: {{ $a.shedding.inflight.standard | quote }}
+- name: MAAS_ROUTER_SHED_SHEDDABLE_QUEUE_MS
+  value: {{ $a.shedding.queueMs.sheddable | quote }}
+- name: MAAS_ROUTER_SHED_STANDARD_QUEUE_MS
+  value: {{ $a.shedding.queueMs.standard | quote }}
+- name: MAAS_ROUTER_QUEUE_SAMPLE_INTERVAL_SECONDS
+  value: {{ $a.shedding.queueSampleIntervalSeconds | quote }}
+- name: MAAS_ROUTER_SHED_RETRY_AFTER_SECONDS
+  value: {{ $a.shedding.retryAfterSeconds | quote }}
+{{ include "maas-mesh.adminTokenEnv" . }}
+{{- end -}}
+
 {{/* Secret holding MAAS_ADMIN_TOKEN: the user's, or the one the chart generates. */}}
 {{- define "maas-mesh.registry.tokenSecret" -}}
 {{- .Values.registry.adminToken.existingSecret | default (printf "%s-admin-token" (include "maas-mesh.componentName" (dict "root" . "name" "registry"))) -}}
@@ -557,10 +596,16 @@ Takes the root context.
 {{- int .Values.router.oipFastPath.port -}}
 {{- end -}}
 
+{{/* "true" when the router runs its OIP fast path: router.oipFastPath.enabled and auth off (the compiled
+data path cannot check API keys, so with auth.enabled the router does not start it: no port for it). */}}
+{{- define "maas-mesh.router.oipFastOn" -}}
+{{- if and .Values.router.oipFastPath.enabled (not .Values.auth.enabled) -}}true{{- end -}}
+{{- end -}}
+
 {{/* MAAS_ROUTER_OIP_FAST_LISTEN: 0.0.0.0:<port>, or "off" so the router starts no fast path. */}}
 {{- define "maas-mesh.router.oipFastEnv" -}}
 - name: MAAS_ROUTER_OIP_FAST_LISTEN
-  {{- if .Values.router.oipFastPath.enabled }}
+  {{- if include "maas-mesh.router.oipFastOn" . }}
   value: "0.0.0.0:{{ include "maas-mesh.router.oipFastPort" . }}"
   {{- else }}
   value: "off"
@@ -568,13 +613,13 @@ Takes the root context.
 {{- end -}}
 
 {{- define "maas-mesh.router.oipFastContainerPort" -}}
-{{- if .Values.router.oipFastPath.enabled -}}
+{{- if include "maas-mesh.router.oipFastOn" . -}}
 - {name: oip-fast, containerPort: {{ include "maas-mesh.router.oipFastPort" . }}, protocol: TCP}
 {{- end -}}
 {{- end -}}
 
 {{- define "maas-mesh.router.oipFastServicePort" -}}
-{{- if .Values.router.oipFastPath.enabled -}}
+{{- if include "maas-mesh.router.oipFastOn" . -}}
 - {name: oip-fast, port: {{ include "maas-mesh.router.oipFastPort" . }}, targetPort: oip-fast, protocol: TCP, appProtocol: grpc}
 {{- end -}}
 {{- end -}}
