@@ -17,7 +17,10 @@ The number of malloc arenas is bounded too (mallopt M_ARENA_MAX, MAAS_MALLOC_ARE
 glibc gives each thread that contends for the heap its own arena (up to 8 per core), gRPC's
 completion-queue and executor threads take several, and an arena fragmented by one burst never
 shrinks. Set in the process before the server starts its threads (same effect as the MALLOC_ARENA_MAX
-environment variable, without depending on the launcher setting it).
+environment variable, without depending on the launcher setting it - so `maas up`, the image and
+the chart all get it from this one default). Measured (loaded 2-core machine, interleaved): small-image
+Preprocess throughput 0.97x of glibc's default (noise); it does not by itself return vision's memory
+after bursts of 12 MP JPEGs (+134-145 MiB kept vs +98-163 MiB by default over three bursts).
 """
 
 from __future__ import annotations
