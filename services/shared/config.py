@@ -16,6 +16,8 @@ from maas import ports
 from services.shared.tls import CLIENT_AUTH_MODES, TlsSettings
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# glibc malloc arenas per process (services.shared.memory); glibc's own default is 8 per core.
+DEFAULT_MALLOC_ARENA_MAX = 2
 # Models the registry reloads at once on a Triton replica that lost them (restart): MAAS_RELOAD_CONCURRENCY.
 # 1 here: loads are CPU-bound on a CPU Triton, and on 2 cores 2 or 4 at once made the first Classify
 # after a kill 54-85 s instead of 11-15 s (bench/bench_recovery.py); raise it for Tritons with spare
@@ -78,6 +80,8 @@ class ServerSettings:
     health_listen: str = ""
     # glibc mmap threshold (services.shared.memory): 0 = glibc's default (dynamic, up to 32 MiB).
     malloc_mmap_threshold_bytes: int = 0
+    # glibc malloc arenas (services.shared.memory): 0 = glibc's default (8 per core).
+    malloc_arena_max: int = DEFAULT_MALLOC_ARENA_MAX
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -> None:
@@ -127,6 +131,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -
         help="allocations from this size get their own mapping, returned to the OS when freed, so a "
         "burst of large requests does not leave RSS at its peak; 0 = glibc's default "
         "(MAAS_MALLOC_MMAP_THRESHOLD_BYTES)",
+    )
+    g.add_argument(
+        "--malloc-arena-max",
+        type=int,
+        default=env_int("MAAS_MALLOC_ARENA_MAX", DEFAULT_MALLOC_ARENA_MAX),
+        help="most glibc malloc arenas, so memory a burst fragmented in one thread's arena is reused "
+        "instead of kept; 0 = glibc's default (MAAS_MALLOC_ARENA_MAX)",
     )
     g.add_argument(
         "--workers",
@@ -202,7 +213,7 @@ def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
 
 def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettings:
     require_positive(args, "max_message_bytes", "workers", "readiness_interval")
-    require_non_negative(args, "drain_delay", "malloc_mmap_threshold")
+    require_non_negative(args, "drain_delay", "malloc_mmap_threshold", "malloc_arena_max")
     return ServerSettings(
         service_name=service_name,
         listen=args.listen,
@@ -217,6 +228,7 @@ def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettin
         tls=tls_settings(args),
         health_listen=args.health_listen or "",
         malloc_mmap_threshold_bytes=args.malloc_mmap_threshold,
+        malloc_arena_max=args.malloc_arena_max,
     )
 
 

@@ -12,6 +12,15 @@ adjustment off. Allocations under the threshold are unaffected; those over it pa
 (page faults) each time: small-image Preprocess throughput was ~0.8x (4 x 640x480 per call, three
 interleaved rounds on a loaded 2-core machine). Hence opt-in: MAAS_MALLOC_MMAP_THRESHOLD_BYTES=65536
 for a service that takes bursts of large requests and must give the memory back.
+
+The number of malloc arenas is bounded too (mallopt M_ARENA_MAX, MAAS_MALLOC_ARENA_MAX, default 2):
+glibc gives each thread that contends for the heap its own arena (up to 8 per core), gRPC's
+completion-queue and executor threads take several, and an arena fragmented by one burst never
+shrinks. Set in the process before the server starts its threads (same effect as the MALLOC_ARENA_MAX
+environment variable, without depending on the launcher setting it - so `maas up`, the image and
+the chart all get it from this one default). Measured (loaded 2-core machine, interleaved): small-image
+Preprocess throughput 0.97x of glibc's default (noise); it does not by itself return vision's memory
+after bursts of 12 MP JPEGs (+134-145 MiB kept vs +98-163 MiB by default over three bursts).
 """
 
 from __future__ import annotations
@@ -23,18 +32,30 @@ import logging
 log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+def _mallopt(param: int, value: int, name: str) -> bool:
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    applied = mallopt(param, value) == 1
+    if not applied:
+        log.warning("mallopt refused", extra={"param": name, "value": value})
+    return applied
 
 
 def set_mmap_threshold(nbytes: int) -> bool:
     """mallopt(M_MMAP_THRESHOLD, nbytes); 0 leaves glibc's default. True if applied."""
     if nbytes <= 0:
         return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
+    return _mallopt(M_MMAP_THRESHOLD, nbytes, "M_MMAP_THRESHOLD")
+
+
+def set_arena_max(arenas: int) -> bool:
+    """mallopt(M_ARENA_MAX, arenas); 0 leaves glibc's default (8 per core). True if applied."""
+    if arenas <= 0:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    applied = mallopt(M_MMAP_THRESHOLD, nbytes) == 1
-    if not applied:
-        log.warning("mallopt(M_MMAP_THRESHOLD) refused", extra={"bytes": nbytes})
-    return applied
+    return _mallopt(M_ARENA_MAX, arenas, "M_ARENA_MAX")
