@@ -14,6 +14,7 @@ service may have loaded another file); a failed re-check keeps the copy in use. 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -85,7 +86,7 @@ class LocalDetokenizers:
     async def _fetch(self, tokenizer: str, current: Definition | None, timeout: float | None) -> Definition:
         answer = await self._peer.tokenizer_definition(tokenizer, current.digest if current else "", timeout)
         if current is not None and answer.digest == current.digest:
-            return Definition(current.tokenizer, current.digest, current.vocab_size, time.monotonic())
+            return dataclasses.replace(current, fetched_at=time.monotonic())
         # Parsing a tokenizer.json of a few MB takes tens of ms: off the event loop.
         parsed = await asyncio.to_thread(Tokenizer.from_str, answer.tokenizer_json)
         parsed.no_truncation()
@@ -122,7 +123,7 @@ class LocalDetokenizers:
 
     def _keep(self, tokenizer: str, current: Definition, exc: BaseException) -> None:
         log.warning("re-checking tokenizer %r failed (%s); still using digest %s", tokenizer, exc, current.digest[:12])
-        self._store(tokenizer, Definition(current.tokenizer, current.digest, current.vocab_size, time.monotonic()))
+        self._store(tokenizer, dataclasses.replace(current, fetched_at=time.monotonic()))
 
     async def close(self) -> None:
         for task in list(self._tasks):
