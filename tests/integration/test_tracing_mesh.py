@@ -61,9 +61,18 @@ def traceparent() -> tuple[str, str, tuple[tuple[str, str]]]:
     return trace_id, span_id, (("traceparent", f"00-{trace_id}-{span_id}-01"),)
 
 
-def wait_trace(receiver, trace_id: str, complete) -> list:
+def wait_trace(receiver, trace_id: str, complete, mesh: LocalMesh | None = None) -> list:
     receiver.wait_for(lambda _: complete(receiver.trace(trace_id)), timeout=SPAN_WAIT)
-    return receiver.trace(trace_id)
+    spans = receiver.trace(trace_id)
+    if mesh is not None and not complete(spans):  # say what did arrive, so a missing span can be traced down
+        with receiver.lock:
+            triton = [(s.trace_id[:8], s.name, s.end_ns) for s in receiver.spans if s.service == "maas-triton"]
+        raise AssertionError(
+            f"trace {trace_id} incomplete after {SPAN_WAIT} s: {[(s.service, s.name) for s in spans]}; "
+            f"receiver errors {receiver.errors}; last Triton spans received {triton[-8:]}; "
+            f"Triton log:\n{mesh.log_tail('triton', 15)}"
+        )
+    return spans
 
 
 def one(spans, service: str, kind: int | None = None, name_ends: str = "", name: str = ""):
@@ -123,6 +132,7 @@ def test_embed_is_one_trace_router_tokenizer_triton(traced_mesh, router, otlp_re
             {x.service for x in s} >= {"maas-router", "maas-tokenizer", "maas-triton"}
             and sum(x.service == "maas-router" for x in s) >= 3
         ),
+        traced_mesh,
     )
     named = check_request_trace(spans, caller, "maas-tokenizer", "/Tokenize")
     server, pre = named["server"].attributes, named["pre"].attributes
@@ -167,6 +177,7 @@ def test_classify_is_one_trace_router_vision_triton(traced_mesh, router, otlp_re
             {x.service for x in s} >= {"maas-router", "maas-vision", "maas-triton"}
             and sum(x.service == "maas-router" for x in s) >= 3
         ),
+        traced_mesh,
     )
     named = check_request_trace(spans, caller, "maas-vision", "/Preprocess")
     server, pre = named["server"].attributes, named["pre"].attributes
@@ -250,6 +261,7 @@ def test_openai_http_request_is_one_trace_gateway_router_triton(traced_mesh, otl
         otlp_receiver,
         trace_id,
         lambda s: {x.service for x in s} >= {"maas-openai", "maas-router", "maas-tokenizer", "maas-triton"},
+        traced_mesh,
     )
     http_span = one(spans, "maas-openai", SERVER, name="POST /v1/embeddings")  # one server span per request
     assert http_span.parent_span_id == caller  # the HTTP caller's traceparent
