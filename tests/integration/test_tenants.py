@@ -402,3 +402,86 @@ async def test_the_openai_gateway_answers_401_403_and_429_with_retry_after(start
     finally:
         server.should_exit = True
         await serving
+
+
+async def test_the_console_playground_sends_the_api_key_the_user_entered(start_registry, auth_routers):
+    """The web console's playground against a router with auth on: refused without a key (the router's
+    401 words), then the key entered on the page is kept as a session cookie the page's scripts cannot
+    read and sent with each call (the router names its tenant), until it is forgotten."""
+    import http.client
+    import urllib.parse
+
+    import uvicorn
+
+    from maas.local.processes import free_ports
+    from services.console.config import ConsoleConfig
+    from services.console.server import uvicorn_config
+    from services.shared.config import ServerSettings
+
+    env = await start_registry(token=ADMIN)
+    await register_tiny(env)
+    key = await create_tenant(env, "console-acme", allowed_models=["tiny"])
+    [(_, address)] = await auth_routers(env)
+    port = free_ports(1)[0]
+    config = ConsoleConfig(
+        server=ServerSettings(service_name="console", listen=f"127.0.0.1:{port}", grace_seconds=1),
+        router=address,
+        registry=env.address,
+        default_timeout=10,
+    )
+    server = uvicorn.Server(uvicorn_config(config))
+    serving = asyncio.create_task(server.serve())
+    cookies: dict[str, str] = {}
+
+    def post(path: str, form: dict) -> tuple[int, str, list[str]]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Console-Fragment": "1"}
+            if cookies:
+                headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
+            conn.request("POST", path, urllib.parse.urlencode(form), headers)
+            answer = conn.getresponse()
+            set_cookies = [v for k, v in answer.getheaders() if k.lower() == "set-cookie"]
+            for line in set_cookies:  # the browser's part, for the one path these requests use
+                name, _, rest = line.partition("=")
+                value = rest.split(";", 1)[0].strip('"')
+                if "Max-Age=0" in line or not value:
+                    cookies.pop(name, None)
+                else:
+                    cookies[name] = value
+            return answer.status, answer.read().decode(), set_cookies
+        finally:
+            conn.close()
+
+    async def call(path: str, form: dict):
+        return await asyncio.to_thread(post, path, form)  # the console and the router run on this loop
+
+    try:
+        await until(lambda: server.started, what="the console listening")
+        embed = {"model": "other", "texts": "hello"}
+        status, body, _ = await call("/playground/embed", embed)
+        assert status == 401 and "needs an API key" in body, body
+        status, _, set_cookies = await call("/playground/key", {"api_key": f"  {key} "})
+        assert status == 303
+        [cookie] = set_cookies
+        attributes = {part.strip().lower() for part in cookie.split(";")[1:]}
+        assert {"httponly", "samesite=strict", "path=/playground"} <= attributes, cookie
+        assert not {a.split("=")[0] for a in attributes} & {"expires", "max-age"}, cookie  # the browser session only
+        assert cookies == {"maas_console_api_key": key}  # stripped
+        # The router got the key: it names the tenant, which may not call 'other' ...
+        status, body, _ = await call("/playground/embed", embed)
+        assert status == 403 and "tenant &#39;console-acme&#39; may not call model &#39;other&#39;" in body, body
+        # ... and admits its call of 'tiny' (which then fails for want of a tokenizer here: not a key problem).
+        for path, form in (
+            ("/playground/embed", {"model": "tiny", "texts": "hello"}),
+            ("/playground/chat", {"model": "tiny", "message": "hi"}),
+        ):
+            status, body, _ = await call(path, form)
+            assert status not in (401, 403) and "API key" not in body, (path, status, body)
+        status, _, _ = await call("/playground/key", {"forget": "1"})
+        assert status == 303 and not cookies
+        status, body, _ = await call("/playground/embed", embed)
+        assert status == 401 and "needs an API key" in body, body
+    finally:
+        server.should_exit = True
+        await serving
