@@ -26,7 +26,7 @@ RUN /opt/build/bin/pip wheel --no-cache-dir --no-deps --no-build-isolation --whe
 # only the router's sources and the build script are copied, so Python-only changes reuse it.
 FROM ${BASE_IMAGE} AS fastpath
 RUN apt-get update \
- && apt-get install -y --no-install-recommends g++ pkg-config libgrpc++-dev protobuf-compiler libprotobuf-dev \
+ && apt-get install -y --no-install-recommends g++ pkg-config libgrpc++-dev protobuf-compiler libprotobuf-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY tools/build_fastpath.sh tools/
@@ -42,7 +42,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/maas/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     # The chart mounts a read-only root; /tmp is its writable emptyDir.
     HOME=/tmp
-# gRPC C++ runtime for maas-oip-fastpath (pulls libgrpc29, libprotobuf32, abseil).
+# gRPC C++ runtime for maas-oip-fastpath (pulls libgrpc29, libprotobuf32, abseil, libssl3: its sha256).
 RUN apt-get update && apt-get install -y --no-install-recommends libgrpc++1.51 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=fastpath /out/maas-oip-fastpath /usr/local/bin/maas-oip-fastpath

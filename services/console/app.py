@@ -30,7 +30,7 @@ from services.console.config import ConsoleConfig
 from services.console.mesh import Mesh, Refused
 from services.console.models import audit_view, kind_of, model_view, rollout_view
 from services.console.operations import TOKEN_COOKIE, Operations
-from services.console.playground import Playground
+from services.console.playground import API_KEY_COOKIE, Playground
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -223,11 +223,25 @@ def create_app(config: ConsoleConfig):
         )
 
     # -- playground --------------------------------------------------------------------------------
-    async def playground_context() -> dict:
+    def api_key(request: Request) -> str:
+        return request.cookies.get(API_KEY_COOKIE, "")
+
+    def session_cookie(request: Request, response, name: str, value: str, path: str) -> None:
+        """A secret the browser keeps for its session only (no expiry), sent to `path`, unreadable by scripts;
+        an empty value (or the form's forget button) deletes it. The console keeps no copy."""
+        if not value:
+            response.delete_cookie(name, path=path)
+        else:
+            response.set_cookie(
+                name, value, path=path, httponly=True, samesite="strict", secure=request.url.scheme == "https"
+            )
+
+    async def playground_context(request: Request) -> dict:
+        has_key = bool(api_key(request))
         try:
             models = await mesh().models()
         except Refused as exc:
-            return {"choices": {}, "error": exc}
+            return {"choices": {}, "error": exc, "has_key": has_key}
         choices: dict[str, list[dict]] = {}
         for m in models:
             targets = sorted({a.name for a in m.aliases}) + [
@@ -236,11 +250,19 @@ def create_app(config: ConsoleConfig):
                 if v.state == pb.VERSION_STATE_READY
             ]
             choices.setdefault(kind_of(m), []).append({"name": m.name, "targets": targets})
-        return {"choices": choices}
+        return {"choices": choices, "has_key": has_key}
 
     @app.get("/playground", response_class=HTMLResponse)
     async def playground_page(request: Request):
-        return page(request, "playground", **(await playground_context()))
+        return page(request, "playground", **(await playground_context(request)))
+
+    @app.post("/playground/key")
+    async def playground_key(request: Request):
+        form = await request.form()
+        response = RedirectResponse("/playground", status_code=303)
+        key = "" if form.get("forget") else str(form.get("api_key", "")).strip()
+        session_cookie(request, response, API_KEY_COOKIE, key, "/playground")
+        return response
 
     @app.post("/playground/chat")
     async def chat(request: Request):
@@ -258,7 +280,7 @@ def create_app(config: ConsoleConfig):
                     form.get("temperature", ""),
                     form.get("history", ""),
                 )
-                events = await play.chat_stream(call)
+                events = await play.chat_stream(call, api_key(request))
             except Refused as exc:
                 return html("_chat.html", exc.status, error=exc)
             return StreamingResponse(
@@ -277,10 +299,11 @@ def create_app(config: ConsoleConfig):
                     form.get("max_tokens", ""),
                     form.get("temperature", ""),
                     form.get("history", ""),
-                )
+                ),
+                api_key(request),
             )
 
-        return await result(request, "playground", "_chat.html", work, playground_context)
+        return await result(request, "playground", "_chat.html", work, lambda: playground_context(request))
 
     @app.post("/playground/embed")
     async def embed(request: Request):
@@ -289,8 +312,10 @@ def create_app(config: ConsoleConfig):
             request,
             "playground",
             "_embed.html",
-            lambda: state["playground"].embed(form.get("model", ""), form.get("target", ""), form.get("texts", "")),
-            playground_context,
+            lambda: state["playground"].embed(
+                form.get("model", ""), form.get("target", ""), form.get("texts", ""), api_key(request)
+            ),
+            lambda: playground_context(request),
         )
 
     @app.post("/playground/classify")
@@ -302,10 +327,14 @@ def create_app(config: ConsoleConfig):
             if not isinstance(upload, UploadFile):
                 raise Refused(400, "INVALID_ARGUMENT", "choose an image file", "image")
             return await state["playground"].classify(
-                form.get("model", ""), form.get("target", ""), await upload.read(), upload.filename or ""
+                form.get("model", ""),
+                form.get("target", ""),
+                await upload.read(),
+                upload.filename or "",
+                api_key(request),
             )
 
-        return await result(request, "playground", "_classify.html", work, playground_context)
+        return await result(request, "playground", "_classify.html", work, lambda: playground_context(request))
 
     # -- operations --------------------------------------------------------------------------------
     async def operations_context(request: Request) -> dict:
@@ -335,17 +364,8 @@ def create_app(config: ConsoleConfig):
     async def token(request: Request):
         form = await request.form()
         response = RedirectResponse("/operations", status_code=303)
-        if form.get("forget") or not form.get("token", "").strip():
-            response.delete_cookie(TOKEN_COOKIE, path="/operations")
-        else:  # a session cookie the page's script cannot read; the console keeps no copy
-            response.set_cookie(
-                TOKEN_COOKIE,
-                form.get("token", "").strip(),
-                path="/operations",
-                httponly=True,
-                samesite="strict",
-                secure=request.url.scheme == "https",
-            )
+        value = "" if form.get("forget") else str(form.get("token", "")).strip()
+        session_cookie(request, response, TOKEN_COOKIE, value, "/operations")
         return response
 
     @app.post("/operations/{action}")

@@ -5,6 +5,10 @@ answered, why, how long it took and its trace id.
 The console's own limits (texts, characters, tokens, upload bytes) are checked before the router is
 called; everything else (an image that does not decode, one over the vision service's caps, a bad
 sampling value) is the router's answer, shown as it said it.
+
+A router with auth on needs a tenant's API key on every call: the user enters it on the page, the
+browser keeps it as a session cookie scripts cannot read (API_KEY_COOKIE), and each call sends it as
+`authorization: Bearer <key>`; the console keeps no copy.
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
+from maas.auth import bearer
 from maas.client import finish_reason
 from maas.v1 import router_pb2
 from services.console.config import ConsoleLimits
 from services.console.mesh import Mesh, Refused, invalid, model_ref
 
 log = logging.getLogger(__name__)
+
+# The playground's API key: a session cookie (gone when the browser closes), HttpOnly, for /playground only.
+API_KEY_COOKIE = "maas_console_api_key"
 
 
 def _sse(payload: dict) -> bytes:
@@ -104,11 +112,11 @@ class Playground:
                 )
         return [(t["role"], t["content"]) for t in turns]
 
-    async def chat_unary(self, request: router_pb2.GenerateRequest) -> dict:
+    async def chat_unary(self, request: router_pb2.GenerateRequest, api_key: str = "") -> dict:
         started = time.perf_counter()
         with self.mesh.traced("console.chat") as trace_id:
             try:
-                answer = await self.mesh.router.GenerateUnary(request, timeout=self.timeout)
+                answer = await self.mesh.router.GenerateUnary(request, timeout=self.timeout, metadata=bearer(api_key))
             except grpc.aio.AioRpcError as exc:
                 raise Refused.from_rpc(exc) from None
         asked = [m for m in request.messages.messages if m.role != "system"]
@@ -126,13 +134,13 @@ class Playground:
             "answered": self.mesh.answered(answer.routed, started, trace_id).as_dict(),
         }
 
-    async def chat_stream(self, request: router_pb2.GenerateRequest) -> AsyncIterator[bytes]:
+    async def chat_stream(self, request: router_pb2.GenerateRequest, api_key: str = "") -> AsyncIterator[bytes]:
         """Waits for the router's first message (so a refusal is a plain error answer), then yields
         server-sent events: routed, one per text piece, done. Closing the iterator (the browser's Stop,
         or it went away) cancels the router call, and with it the Triton request."""
         started = time.perf_counter()
         with self.mesh.traced("console.chat") as trace_id:
-            call = self.mesh.router.Generate(request, timeout=self.timeout)
+            call = self.mesh.router.Generate(request, timeout=self.timeout, metadata=bearer(api_key))
         messages = call.__aiter__()
         try:
             first = await anext(messages, None)
@@ -176,7 +184,7 @@ class Playground:
                 log.info("chat stopped by the browser: cancelling the router call", extra={"pieces": pieces})
             call.cancel()  # a no-op after the last message
 
-    async def embed(self, model: str, target: str, text: str) -> dict:
+    async def embed(self, model: str, target: str, text: str, api_key: str = "") -> dict:
         texts = [line.strip() for line in text.splitlines() if line.strip()]
         if not texts:
             raise invalid("texts", "write at least one sentence (one per line)")
@@ -193,7 +201,9 @@ class Playground:
         with self.mesh.traced("console.embed") as trace_id:
             try:
                 answer = await self.mesh.router.Embed(
-                    router_pb2.EmbedRequest(model=model_ref(model, target), texts=texts), timeout=self.timeout
+                    router_pb2.EmbedRequest(model=model_ref(model, target), texts=texts),
+                    timeout=self.timeout,
+                    metadata=bearer(api_key),
                 )
             except grpc.aio.AioRpcError as exc:
                 raise Refused.from_rpc(exc) from None
@@ -210,7 +220,7 @@ class Playground:
             "answered": answered,
         }
 
-    async def classify(self, model: str, target: str, image: bytes, filename: str) -> dict:
+    async def classify(self, model: str, target: str, image: bytes, filename: str, api_key: str = "") -> dict:
         if not image:
             raise invalid("image", "choose an image file")
         started = time.perf_counter()
@@ -219,6 +229,7 @@ class Playground:
                 answer = await self.mesh.router.Classify(
                     router_pb2.ClassifyRequest(model=model_ref(model, target), images=[image], top_k=5),
                     timeout=self.timeout,
+                    metadata=bearer(api_key),
                 )
             except grpc.aio.AioRpcError as exc:
                 raise Refused.from_rpc(exc) from None

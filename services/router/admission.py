@@ -51,6 +51,28 @@ TENANT_REFUSALS = Counter(
 )
 
 
+# The refusals' words, also sent to the OIP fast path (fastpath.py: the snapshot's FastPathAuth), which
+# answers them itself: both router ports say the same.
+MISSING_KEY_MESSAGE = (
+    "this router needs an API key: send metadata 'authorization: Bearer <key>' "
+    "(HTTP header Authorization); an admin creates one with `maas tenants create`"
+)
+MALFORMED_KEY_MESSAGE = "the authorization metadata must be 'Bearer <key>'"
+UNKNOWN_KEY_MESSAGE = "the API key sent is not valid (unknown, or replaced by `maas tenants rotate-key`)"
+
+
+def revoked_message(tenant: TenantEntry) -> str:
+    return f"the API key of tenant {tenant.name!r} is revoked"
+
+
+def denied_message(tenant: TenantEntry, asked: str) -> str:
+    """asked: 'model', 'model:alias' or 'model:3', as the call named it."""
+    return (
+        f"tenant {tenant.name!r} may not call model {asked!r} (allowed: {', '.join(sorted(tenant.allowed))}); "
+        f"ask an admin: maas tenants set-quota {tenant.name} --allow …"
+    )
+
+
 class Refused(ResourceExhausted):
     """Over quota; `trailing_metadata` carries the retry-after hint (the interceptor sends it)."""
 
@@ -83,6 +105,10 @@ class AdmissionSettings:
     @property
     def sheds_on_queue_time(self) -> bool:
         return bool(self.shed_sheddable_queue_ms or self.shed_standard_queue_ms)
+
+    @property
+    def sheds(self) -> bool:
+        return bool(self.shed_sheddable_inflight or self.shed_standard_inflight) or self.sheds_on_queue_time
 
 
 class Ticket:
@@ -192,8 +218,7 @@ class Admission:
 
     @property
     def active(self) -> bool:
-        s = self.settings
-        return s.auth or bool(s.shed_sheddable_inflight or s.shed_standard_inflight) or s.sheds_on_queue_time
+        return self.settings.auth or self.settings.sheds
 
     def admit(self, metadata, method: str, model: str, version: int = 0, alias: str = "") -> Ticket | _Unchecked:
         """The ticket of an admitted call (use it as a context manager), or the refusal raised."""
@@ -209,11 +234,7 @@ class Admission:
         if tenant is not None and not tenant.allows(model, version, alias):
             _child(tenant, "refused", "permission_denied").inc()
             asked = f"{model}:{alias}" if alias else f"{model}:{version}" if version else model
-            raise PermissionDenied(
-                f"tenant {tenant.name!r} may not call model {asked!r} (allowed: "
-                f"{', '.join(sorted(tenant.allowed))}); ask an admin: maas tenants set-quota "
-                f"{tenant.name} --allow …"
-            )
+            raise PermissionDenied(denied_message(tenant, asked))
         priority = tenant.priority if tenant is not None else "standard"
         if asked is not None:
             asked = (asked if isinstance(asked, str) else asked.decode("latin-1")).strip().lower()
@@ -258,26 +279,23 @@ class Admission:
     def _authenticate(self, header) -> TenantEntry:
         if header is None:
             TENANT_REFUSALS.labels("", "unauthenticated").inc()
-            raise Unauthenticated(
-                "this router needs an API key: send metadata 'authorization: Bearer <key>' "
-                "(HTTP header Authorization); an admin creates one with `maas tenants create`"
-            )
+            raise Unauthenticated(MISSING_KEY_MESSAGE)
         if not isinstance(header, str):
             header = header.decode("latin-1")
         scheme, _, key = header.partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             TENANT_REFUSALS.labels("", "unauthenticated").inc()
-            raise Unauthenticated("the authorization metadata must be 'Bearer <key>'")
+            raise Unauthenticated(MALFORMED_KEY_MESSAGE)
         if not self.cache.synced.is_set():
             raise Unavailable("the tenant list has not been received from the registry yet; retry shortly")
         tenant = self.cache.lookup(key)
         if tenant is None:
             TENANT_REFUSALS.labels("", "unauthenticated").inc()
-            raise Unauthenticated("the API key sent is not valid (unknown, or replaced by `maas tenants rotate-key`)")
+            raise Unauthenticated(UNKNOWN_KEY_MESSAGE)
         if tenant.revoked:
             _child(tenant, "refused", "revoked").inc()
-            raise Unauthenticated(f"the API key of tenant {tenant.name!r} is revoked")
+            raise Unauthenticated(revoked_message(tenant))
         return tenant
 
     @staticmethod

@@ -148,7 +148,7 @@ def load_config(argv: list[str] | None = None) -> RouterConfig:
         choices=("on", "off"),
         default=(env("MAAS_ROUTER_AUTH", "off") or "off").lower(),
         help="on: every inference call needs 'authorization: Bearer <tenant key>', checked against the "
-        "registry's tenant list; the compiled OIP data path is then not started (MAAS_ROUTER_AUTH)",
+        "registry's tenant list, on the main port and the OIP fast path alike (MAAS_ROUTER_AUTH)",
     )
     adm.add_argument(
         "--shed-sheddable-inflight",

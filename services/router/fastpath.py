@@ -8,7 +8,9 @@ version-less, alias or numbered ModelInfer may go to, computed here with routing
 the split draw's parameters) and the shared vectors (tests/fixtures/routing_vectors.json) hold both to
 the same answers. Every call the snapshot does not settle (unknown model, version not READY, a shadow
 copy to take, metadata and readiness calls) it forwards to this router's main port, which answers as
-it always does.
+it always does. With auth on, the snapshot carries the tenant cache and admission.py's words (auth_spec):
+the forwarder checks keys and allowed models itself and refuses as the main port does; calls of tenants
+with a quota go to the main port, where the token buckets are (fastpath.proto rule 4).
 """
 
 from __future__ import annotations
@@ -24,10 +26,22 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from services.router.metrics import ROUTER_INFLIGHT, ROUTER_REQUESTS
 from google.protobuf.message import Message
 
 from maas.v1 import fastpath_pb2
+from services.router.admission import (
+    MALFORMED_KEY_MESSAGE,
+    MISSING_KEY_MESSAGE,
+    PRIORITY_METADATA,
+    TENANT_COST,
+    TENANT_REFUSALS,
+    TENANT_REQUESTS,
+    UNKNOWN_KEY_MESSAGE,
+    Admission,
+    denied_message,
+    revoked_message,
+)
+from services.router.metrics import ROUTER_INFLIGHT, ROUTER_REQUESTS
 from services.router.routing import (
     KEY_SEPARATOR,
     SPLIT_SALT,
@@ -89,11 +103,48 @@ def model_spec(routes: ModelRoutes) -> fastpath_pb2.FastPathModel | None:
     )
 
 
-def snapshot(table: RoutingTable, replicas: Iterable[str]) -> fastpath_pb2.FastPathSnapshot:
+def snapshot(
+    table: RoutingTable, replicas: Iterable[str], admission: Admission | None = None
+) -> fastpath_pb2.FastPathSnapshot:
     """The whole routing state as the forwarder reads it (protos/maas/v1/fastpath.proto), with the
-    draw's parameters: the forwarder holds none of its own."""
+    draw's parameters (the forwarder holds none of its own) and, with auth on, the tenants."""
     models = [spec for routes in table.models() if (spec := model_spec(routes)) is not None] if table.has_state else []
-    return fastpath_pb2.FastPathSnapshot(replicas=sorted(replicas), models=models, draw=split_draw())
+    auth = auth_spec(admission) if admission is not None and admission.settings.auth else None
+    return fastpath_pb2.FastPathSnapshot(replicas=sorted(replicas), models=models, draw=split_draw(), auth=auth)
+
+
+# Where a tenant's denied_message has the model the call asked (no model or tenant name has braces).
+ASKED_PLACEHOLDER = "{asked}"
+
+
+def auth_spec(admission: Admission) -> fastpath_pb2.FastPathAuth:
+    """The tenant cache as the forwarder checks keys against it (fastpath.proto rule 4), with admission.py's
+    words. A tenant with a quota is served by the main port (its token buckets are there, shared by both
+    ports); where the main port sheds, only critical tenants (never shed) are served by the fast path, and
+    a call asking for a class (x-maas-priority) goes to the main port."""
+    cache, sheds = admission.cache, admission.settings.sheds
+    return fastpath_pb2.FastPathAuth(
+        synced=cache.synced.is_set(),
+        tenants=[
+            fastpath_pb2.FastPathTenant(
+                name=tenant.name,
+                key_sha256=key_sha256,
+                revoked=tenant.revoked,
+                revoked_message=revoked_message(tenant),
+                allowed=sorted(tenant.allowed),
+                denied_message=denied_message(tenant, ASKED_PLACEHOLDER),
+                served_here=tenant.requests is None
+                and tenant.cost is None
+                and (not sheds or tenant.priority == "critical"),
+            )
+            for key_sha256, tenant in cache.by_hash.items()
+        ],
+        missing_key_message=MISSING_KEY_MESSAGE,
+        malformed_key_message=MALFORMED_KEY_MESSAGE,
+        unknown_key_message=UNKNOWN_KEY_MESSAGE,
+        priority_metadata=PRIORITY_METADATA if sheds else "",
+        asked_placeholder=ASKED_PLACEHOLDER,
+    )
 
 
 def split_draw() -> fastpath_pb2.SplitDraw:
@@ -156,8 +207,9 @@ def tls_flags(tls: TlsSettings | None) -> list[str]:
 class FastPath:
     """Runs the forwarder as a child process for as long as the router runs, restarting it if it dies.
 
-    Its stdin carries routing snapshots (sent again on every table or replica change); its stdout
-    reports its port, then request counts and in-flight calls, which land in this process's metrics.
+    Its stdin carries routing snapshots (sent again on every table, replica or tenant list change); its
+    stdout reports its port, then request counts (per tenant too) and in-flight calls, which land in this
+    process's metrics.
     Closing its stdin (also when this process dies) makes it drain and exit."""
 
     def __init__(
@@ -166,9 +218,13 @@ class FastPath:
         table: RoutingTable,
         pool: ReplicaPool,
         version_stats: VersionStatsReporter | None = None,
+        admission: Admission | None = None,
     ):
         self.settings = settings
         self.table, self.pool = table, pool
+        # With auth on: its tenant list goes in every snapshot, and the forwarder's admitted calls count in
+        # its in-flight calls (what priority shedding weighs) and in the tenants' metrics.
+        self.admission = admission if admission is not None and admission.settings.auth else None
         self.version_stats = version_stats  # its per-version counts join the registry's rollout figures
         self.port: int | None = None
         self._process: asyncio.subprocess.Process | None = None
@@ -176,11 +232,15 @@ class FastPath:
         self._stopping = False
         self._reported_inflight = 0
         self._listening: asyncio.Future | None = None
+        self._listeners: list[list] = []
 
     async def start(self, timeout: float = 10.0) -> None:
         """Start the forwarder; returns once it listens (raises RuntimeError if it cannot)."""
-        self.table.listeners.append(self.push)
-        self.pool.listeners.append(self.push)
+        self._listeners = [self.table.listeners, self.pool.listeners]
+        if self.admission is not None:
+            self._listeners.append(self.admission.cache.listeners)  # a revocation is pushed at once
+        for listeners in self._listeners:
+            listeners.append(self.push)
         self._listening = asyncio.get_running_loop().create_future()
         self._supervisor = asyncio.create_task(self._supervise(), name="oip-fastpath")
         try:
@@ -198,11 +258,11 @@ class FastPath:
         process = self._process
         if process is None or process.stdin is None or process.stdin.is_closing():
             return
-        process.stdin.write(framed(snapshot(self.table, self.pool.addresses)))
+        process.stdin.write(framed(snapshot(self.table, self.pool.addresses, self.admission)))
 
     async def stop(self) -> None:
         self._stopping = True
-        for listeners in (self.table.listeners, self.pool.listeners):
+        for listeners in self._listeners:
             with contextlib.suppress(ValueError):  # stop() may run twice (after a failed start)
                 listeners.remove(self.push)
         process = self._process
@@ -250,6 +310,7 @@ class FastPath:
             ",".join(map(str, (budget.ratio, budget.min_retries, budget.window_seconds))),
             *(arg for marker in MODEL_INPUT_ERROR_MARKERS for arg in ("--input-error-marker", marker)),
             *tls_flags(s.tls),
+            *(["--require-auth"] if self.admission is not None else []),
         ]
 
     async def _supervise(self) -> None:
@@ -288,6 +349,13 @@ class FastPath:
                 ROUTER_REQUESTS.labels(model, version, route).inc(int(count))
                 if self.version_stats is not None and version.isdigit():
                     self.version_stats.record_counts(model, int(version), name, int(count))
+            elif fields[0] == "tenant" and len(fields) == 4:
+                tenant, requests, cost = fields[1:]
+                TENANT_REQUESTS.labels(tenant, "ModelInfer").inc(int(requests))
+                TENANT_COST.labels(tenant, "ModelInfer").inc(float(cost))
+            elif fields[0] == "refusals" and len(fields) == 4:
+                tenant, reason, count = fields[1:]
+                TENANT_REFUSALS.labels(tenant, reason).inc(int(count))
             elif fields[0] == "durations" and len(fields) == 3:
                 add_to_histogram(
                     RPC_DURATION.labels("router", "ModelInfer"),
@@ -298,4 +366,6 @@ class FastPath:
     def _report_inflight(self, inflight: int) -> None:
         """The forwarder's calls join the router's in-flight gauge (what the HPA scales on)."""
         ROUTER_INFLIGHT.inc(inflight - self._reported_inflight)
+        if self.admission is not None:
+            self.admission.inflight += inflight - self._reported_inflight
         self._reported_inflight = inflight

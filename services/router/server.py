@@ -104,15 +104,9 @@ def create_server(cfg: RouterConfig, triton_source: ReplicaSource | None = None)
 
     built, port = build_server(cfg.server, register)
     service = RouterServer(**{f.name: getattr(built, f.name) for f in fields(built)}, admission=admission)
-    if cfg.oip_fast_listen and cfg.admission.auth:
-        # The compiled data path cannot check API keys: with auth on it is not started, so no call gets past
-        # the keys; OIP clients use the main port (the same protocol).
-        log.warning(
-            "auth is on: the compiled OIP data path (%s) is not started; OIP is served on the main port",
-            cfg.oip_fast_listen,
-        )
-    elif cfg.oip_fast_listen:
-        add_fast_path(service, port, cfg, table, pool, version_stats)
+    if cfg.oip_fast_listen:
+        # With auth on it checks keys against the same tenant cache (sent in its snapshots).
+        add_fast_path(service, port, cfg, table, pool, version_stats, admission)
     service.readiness_checks.append(
         pool_reachable(pool, where_from(cfg.triton_discovery()), cfg.server.readiness_interval_seconds)
     )
@@ -168,6 +162,7 @@ def add_fast_path(
     table: RoutingTable,
     pool: ReplicaPool,
     version_stats: VersionStatsReporter | None = None,
+    admission: Admission | None = None,
 ) -> None:
     """Run the OIP fast path beside this server; what it cannot settle comes to `port`."""
     if not cfg.oip_fast_binary:
@@ -193,6 +188,7 @@ def add_fast_path(
         table,
         pool,
         version_stats,
+        admission,
     )
     service.on_start.append(fast_path.start)
     service.on_drain.append(fast_path.stop)

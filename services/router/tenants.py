@@ -120,6 +120,8 @@ class TenantCache:
         self.routers = 1
         self.revision = 0
         self.synced = asyncio.Event()
+        # Called after each new list (the OIP fast path is sent it: a revocation reaches it at once).
+        self.listeners: list = []
 
     def lookup(self, key: str) -> TenantEntry | None:
         known = self._known
@@ -152,6 +154,8 @@ class TenantCache:
         self.by_hash, self.by_name, self.routers, self.revision = by_hash, by_name, routers, event.revision
         self._known = {}  # a rotated or revoked key is looked up again, in the new list
         self.synced.set()
+        for listener in self.listeners:
+            listener()
 
 
 class TenantWatcher(RegistryWatcher):

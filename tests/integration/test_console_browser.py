@@ -3,9 +3,10 @@
 
 Models (the three source models with their aliases; a split changed with the CLI appears without a
 reload), Playground (a chat that streams and is stopped — the router counts a CANCELLED Generate;
-embeddings; the cat photo; a non-image and an over-limit image show the router's own error text and
-the page keeps working), Operations (refused without / with a wrong token, then done), Charts, and
-every page at 1280x800 and 390x844 without console errors or sideways scrolling. Screenshots go to
+embeddings; the API key kept for the browser session only; the cat photo; a non-image and an
+over-limit image show the router's own error text and the page keeps working), Operations (refused
+without / with a wrong token, then done), Charts, and every page at 1280x800 and 390x844 without
+console errors or sideways scrolling. Screenshots go to
 build/console-screenshots/.
 """
 
@@ -271,6 +272,28 @@ def test_embeddings_show_a_similarity_matrix(page, console_mesh, otlp_receiver):
         timeout=40,
     )
     shoot(page, "playground")
+    assert_no_console_errors(page)
+
+
+def test_playground_keeps_the_api_key_for_the_browser_session_only(page, console_mesh):
+    """The API key box: the key becomes a session cookie for /playground that the page's scripts cannot
+    read, the playground keeps working with it (this mesh's router has auth off and ignores it; a router
+    with auth on gets it: tests/integration/test_tenants.py), and Forget key deletes it."""
+    page.goto("/playground")
+    assert labelled(page) == []
+    page.fill("#api-key", "maas_browser-session-key")
+    page.click("#key-h ~ form button[type=submit]:not([name=forget])")
+    playwright_api.expect(page.locator("#key-state")).to_have_text("A key is set for this session.")
+    [cookie] = [c for c in page.context.cookies() if c["name"] == "maas_console_api_key"]
+    assert cookie["value"] == "maas_browser-session-key" and cookie["httpOnly"] and cookie["path"] == "/playground"
+    assert cookie["expires"] == -1 and cookie["sameSite"] == "Strict"  # a session cookie
+    assert "maas_browser-session-key" not in page.evaluate("document.cookie")
+    assert page.locator("#api-key").input_value() == ""  # not written back into the page
+    page.click("#embed-form button[type=submit]")
+    playwright_api.expect(page.locator("#embed-result table.matrix")).to_be_visible()
+    page.click("#key-h ~ form button[name=forget]")
+    playwright_api.expect(page.locator("#key-state")).to_have_text("No key set: calls go without one.")
+    assert not [c for c in page.context.cookies() if c["name"] == "maas_console_api_key"]
     assert_no_console_errors(page)
 
 

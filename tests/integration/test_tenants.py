@@ -1,7 +1,9 @@
 """Tenants end to end on real processes: the registry (in-process) with its admin token, real Triton serving
 the tiny model, routers with auth on following WatchTenants.
 
-No key / bad key / revoked key / disallowed model get their codes on every inference API of the router;
+No key / bad key / revoked key / disallowed model get their codes on every inference API of the router,
+the compiled OIP fast path's port included (the same words as the main port, and a revocation reaching it
+within a second); the web console's playground sends the API key its user entered;
 a revocation reaches both routers within a second (measured); a tenant at 50 req/s sending 200 req/s
 through two routers gets 45-55 req/s served; the retry hint rides in trailing metadata.
 """
@@ -141,36 +143,107 @@ async def test_every_inference_api_says_which_key_or_model_problem_it_is(start_r
         await channel.close()
 
 
-async def test_the_fast_path_is_not_started_with_auth_on(start_registry, auth_routers):
+async def test_the_fast_path_port_checks_keys_like_the_main_port(start_registry, auth_routers, monkeypatch):
+    """An unmodified tritonclient with a bearer header on the compiled fast path: the main port's codes and
+    words for each key or model problem, the allowed call served by the fast path itself (the main port's
+    data plane sees none), counted for its tenant; a quota tenant's calls still meet their quota (the
+    main port's, with its retry hint); a revocation reaches the fast path within a second (measured)."""
+    from prometheus_client import REGISTRY
+
     from maas.local.processes import free_ports
-    from services.router.config import RouterConfig
+    from services.router.dataplane import Dataplane
     from services.router.fastpath import find_binary
-    from services.router.server import create_server
-    from services.shared.config import ServerSettings
-    from services.router.admission import AdmissionSettings
 
     if not find_binary():
         pytest.skip("maas-oip-fastpath is not built (make fastpath)")
+    on_main_port: list[bytes] = []
+    infer_raw = Dataplane.infer_raw
+
+    async def counted(self, request, *args):
+        on_main_port.append(request)
+        return await infer_raw(self, request, *args)
+
+    monkeypatch.setattr(Dataplane, "infer_raw", counted)
+
+    def sample(name: str, **labels) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
     env = await start_registry(token=ADMIN)
-    fast = f"127.0.0.1:{free_ports(1)[0]}"
-    cfg = RouterConfig(
-        server=ServerSettings(service_name="router", listen="127.0.0.1:0", grace_seconds=0.5, workers=1),
-        registry=env.address,
-        tokenizer="127.0.0.1:1",
-        vision="127.0.0.1:1",
-        triton=env.triton.grpc_address,
-        admin_token=ADMIN,
-        oip_fast_listen=fast,
-        oip_fast_binary=find_binary(),
-        admission=AdmissionSettings(auth=True),
+    await register_tiny(env)
+    await register_tiny(env, "other")
+    good = await create_tenant(env, "fast-acme", allowed_models=["tiny"])
+    gone = await create_tenant(env, "fast-gone")
+    metered = await create_tenant(env, "fast-metered", quota=pb.Quota(requests_per_second=0.5, request_burst=1))
+    await env.stub.RevokeTenant(
+        pb.RevokeTenantRequest(name="fast-gone", actor="pytest", reason="test"), metadata=env.auth()
     )
-    server, _ = create_server(cfg)
-    await server.start()
+    fast = f"127.0.0.1:{free_ports(1)[0]}"
+    [(_, address)] = await auth_routers(env, oip_fast_listen=fast)
+    key = {"authorization": f"Bearer {good}"}
+
+    requests_before = sample("maas_tenant_requests_total", tenant="fast-acme", method="ModelInfer")
+    answered: list[str] = []
+
+    async def served() -> bool:
+        answered.append((await _oip(fast, key))[0])
+        return answered[-1] == "OK"
+
+    await until(served, what="the fast path serving tiny")
+    on_main_port.clear()  # calls before the fast path had its first snapshot went to the main port
+    cases = {
+        "no key": (None, "tiny", "StatusCode.UNAUTHENTICATED", "needs an API key"),
+        "bad key": ({"authorization": "Bearer maas_not-a-key"}, "tiny", "StatusCode.UNAUTHENTICATED", "is not valid"),
+        "not bearer": ({"authorization": f"Basic {good}"}, "tiny", "StatusCode.UNAUTHENTICATED", "Bearer <key>"),
+        "revoked key": ({"authorization": f"Bearer {gone}"}, "tiny", "StatusCode.UNAUTHENTICATED", "is revoked"),
+        "disallowed model": (key, "other", "StatusCode.PERMISSION_DENIED", "may not call model 'other'"),
+    }
+    revoked_before = sample("maas_tenant_refusals_total", tenant="fast-gone", reason="revoked")
+    for case, (headers, model, code, words) in cases.items():
+        on_fast = await _oip(fast, headers, model)
+        assert on_fast == await _oip(address, headers, model), case  # one wording, both ports
+        assert on_fast[0] == code and words in on_fast[1], (case, on_fast)
+    assert not on_main_port, "a refusal went to the main port"
+    # The allowed call: Triton's answer, from the fast path itself, counted for the tenant (each port
+    # counted one revoked-key refusal above).
+    status, y = await _oip(fast, key)
+    assert status == "OK" and np.array_equal(y, X * 2)
+    assert not on_main_port, "the fast path handed an admitted call to the main port"
+    served_calls = answered.count("OK") + 1
+    await until(
+        lambda: (
+            sample("maas_tenant_requests_total", tenant="fast-acme", method="ModelInfer")
+            == requests_before + served_calls
+            and sample("maas_tenant_refusals_total", tenant="fast-gone", reason="revoked") == revoked_before + 2
+        ),
+        what="the fast path's calls and refusals in the tenant metrics",
+    )
+    assert sample("maas_tenant_cost_units_total", tenant="fast-acme", method="ModelInfer") >= 1  # a batch row
+    # A tenant with a quota is admitted by the main port (its token buckets): the burst of 1 is served,
+    # the next call refused with the retry hint, through the fast path.
+    metered_key = {"authorization": f"Bearer {metered}"}
+    assert (await _oip(fast, metered_key))[0] == "OK"
+    client = triton_aio.InferenceServerClient(fast)
     try:
-        status, _ = await _oip(fast, None)
-        assert status == "StatusCode.UNAVAILABLE"  # nothing listens there: no call gets past the keys
+        inp = InferInput("x", [1, 4], "FP32")
+        inp.set_data_from_numpy(X)
+        with pytest.raises(InferenceServerException) as refused:
+            await client.infer("tiny", [inp], headers=metered_key, client_timeout=10)
     finally:
-        await server.stop(0)
+        await client.close()
+    assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED", refused.value.message()
+    assert "over its request quota" in refused.value.message()
+    assert len(on_main_port) == 1  # the metered tenant's served call
+    # Revocation: from the RevokeTenant call to the first refusal on the fast path.
+    since = time.monotonic()
+    await env.stub.RevokeTenant(
+        pb.RevokeTenantRequest(name="fast-acme", actor="pytest", reason="test"), metadata=env.auth()
+    )
+    while (answer := await _oip(fast, key))[0] == "OK":
+        assert time.monotonic() - since < 10, "the key still works on the fast path after 10 s"
+    delay = time.monotonic() - since
+    print(f"revocation effective on the fast path after {delay * 1000:.1f} ms")
+    assert answer[0] == "StatusCode.UNAUTHENTICATED" and "'fast-acme' is revoked" in answer[1], answer
+    assert delay < 1.0, delay
 
 
 async def test_revocation_and_rotation_reach_every_router_within_a_second(start_registry, auth_routers):
@@ -326,6 +399,89 @@ async def test_the_openai_gateway_answers_401_403_and_429_with_retry_after(start
         status, answer, headers = await call(body, key)
         assert status == 429 and "over its request quota" in answer["error"]["message"], answer
         assert int(headers["retry-after"]) >= 1 and int(headers["retry-after-ms"]) >= 1, headers
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def test_the_console_playground_sends_the_api_key_the_user_entered(start_registry, auth_routers):
+    """The web console's playground against a router with auth on: refused without a key (the router's
+    401 words), then the key entered on the page is kept as a session cookie the page's scripts cannot
+    read and sent with each call (the router names its tenant), until it is forgotten."""
+    import http.client
+    import urllib.parse
+
+    import uvicorn
+
+    from maas.local.processes import free_ports
+    from services.console.config import ConsoleConfig
+    from services.console.server import uvicorn_config
+    from services.shared.config import ServerSettings
+
+    env = await start_registry(token=ADMIN)
+    await register_tiny(env)
+    key = await create_tenant(env, "console-acme", allowed_models=["tiny"])
+    [(_, address)] = await auth_routers(env)
+    port = free_ports(1)[0]
+    config = ConsoleConfig(
+        server=ServerSettings(service_name="console", listen=f"127.0.0.1:{port}", grace_seconds=1),
+        router=address,
+        registry=env.address,
+        default_timeout=10,
+    )
+    server = uvicorn.Server(uvicorn_config(config))
+    serving = asyncio.create_task(server.serve())
+    cookies: dict[str, str] = {}
+
+    def post(path: str, form: dict) -> tuple[int, str, list[str]]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Console-Fragment": "1"}
+            if cookies:
+                headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
+            conn.request("POST", path, urllib.parse.urlencode(form), headers)
+            answer = conn.getresponse()
+            set_cookies = [v for k, v in answer.getheaders() if k.lower() == "set-cookie"]
+            for line in set_cookies:  # the browser's part, for the one path these requests use
+                name, _, rest = line.partition("=")
+                value = rest.split(";", 1)[0].strip('"')
+                if "Max-Age=0" in line or not value:
+                    cookies.pop(name, None)
+                else:
+                    cookies[name] = value
+            return answer.status, answer.read().decode(), set_cookies
+        finally:
+            conn.close()
+
+    async def call(path: str, form: dict):
+        return await asyncio.to_thread(post, path, form)  # the console and the router run on this loop
+
+    try:
+        await until(lambda: server.started, what="the console listening")
+        embed = {"model": "other", "texts": "hello"}
+        status, body, _ = await call("/playground/embed", embed)
+        assert status == 401 and "needs an API key" in body, body
+        status, _, set_cookies = await call("/playground/key", {"api_key": f"  {key} "})
+        assert status == 303
+        [cookie] = set_cookies
+        attributes = {part.strip().lower() for part in cookie.split(";")[1:]}
+        assert {"httponly", "samesite=strict", "path=/playground"} <= attributes, cookie
+        assert not {a.split("=")[0] for a in attributes} & {"expires", "max-age"}, cookie  # the browser session only
+        assert cookies == {"maas_console_api_key": key}  # stripped
+        # The router got the key: it names the tenant, which may not call 'other' ...
+        status, body, _ = await call("/playground/embed", embed)
+        assert status == 403 and "tenant &#39;console-acme&#39; may not call model &#39;other&#39;" in body, body
+        # ... and admits its call of 'tiny' (which then fails for want of a tokenizer here: not a key problem).
+        for path, form in (
+            ("/playground/embed", {"model": "tiny", "texts": "hello"}),
+            ("/playground/chat", {"model": "tiny", "message": "hi"}),
+        ):
+            status, body, _ = await call(path, form)
+            assert status not in (401, 403) and "API key" not in body, (path, status, body)
+        status, _, _ = await call("/playground/key", {"forget": "1"})
+        assert status == 303 and not cookies
+        status, body, _ = await call("/playground/embed", embed)
+        assert status == 401 and "needs an API key" in body, body
     finally:
         server.should_exit = True
         await serving

@@ -532,7 +532,7 @@ def test_router_gets_auth_and_shedding_off_by_default_and_always_the_admin_token
     assert existing["MAAS_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "maas-admin", "key": "admin-token"}
 
 
-def test_auth_block_reaches_the_router_and_closes_the_fast_path_port(monkeypatch):
+def test_auth_block_reaches_the_router_and_keeps_the_fast_path_port(monkeypatch):
     docs = cr.render("auth-values.yaml")  # the other scenario tests (lint, schemas, env read) run on it too
     router = cr.container(docs, "router")
     e = cr.env(router)
@@ -542,16 +542,14 @@ def test_auth_block_reaches_the_router_and_closes_the_fast_path_port(monkeypatch
     assert (settings.shed_sheddable_inflight, settings.shed_standard_inflight) == (8, 32)
     assert (settings.shed_sheddable_queue_ms, settings.shed_standard_queue_ms) == (5.0, 20.5)
     assert (settings.queue_sample_interval, settings.shed_retry_after) == (0.5, 1.0)
-    # The compiled data path cannot check keys: the router does not start it, so no port anywhere.
-    assert e["MAAS_ROUTER_OIP_FAST_LISTEN"]["value"] == "off"
-    assert "oip-fast" not in {p["name"] for p in router["ports"]}
+    # The compiled fast path checks keys too: its port stays on the pod, the Service and the NetworkPolicy,
+    # admitted like the gRPC port.
+    assert e["MAAS_ROUTER_OIP_FAST_LISTEN"]["value"] == f"0.0.0.0:{OIP_FAST_PORT}"
+    assert {"name": "oip-fast", "containerPort": OIP_FAST_PORT, "protocol": "TCP"} in router["ports"]
     service = cr.by_name(docs, "Service")[name("router")]
-    assert "oip-fast" not in {p["name"] for p in service["spec"]["ports"]}
-    assert not [
-        r
-        for r in _policies(docs)["router"]["spec"]["ingress"]
-        if {"port": OIP_FAST_PORT, "protocol": "TCP"} in r["ports"]
-    ]
+    assert "oip-fast" in {p["name"] for p in service["spec"]["ports"]}
+    policy = _policies(docs)["router"]
+    assert _rule_for(policy, OIP_FAST_PORT) == _rule_for(policy, PORTS["router"])
     for svc in SERVICES[1:]:  # only the router sheds
         assert not {v for v in cr.env(cr.container(docs, svc)) if v.startswith("MAAS_ROUTER_")}, svc
     # Shedding without auth: thresholds set, every call standard unless it asks for sheddable.

@@ -1,9 +1,11 @@
 """The routing spec's shared vectors (tests/fixtures/routing_vectors.json, protos/maas/v1/fastpath.proto):
-the Python router (routing.py, replica_pool.py, peers.py) and the compiled fast path (its --check-vectors
-mode, fed the snapshot fastpath.py computes from the same routing table) give the same answers."""
+the Python router (routing.py, replica_pool.py, peers.py, admission.py) and the compiled fast path (its
+--check-vectors mode, fed the snapshot fastpath.py computes from the same routing table and tenant cache)
+give the same answers, refusals word for word."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -11,16 +13,22 @@ from pathlib import Path
 import grpc
 import pytest
 
-from maas.v1 import fastpath_pb2
+from tritonclient.grpc import service_pb2
+
+from maas.v1 import fastpath_pb2, registry_pb2
+from services.router import wire
+from services.router.admission import Admission, AdmissionSettings
 from services.router.fastpath import find_binary, snapshot
 from services.router.peers import retry_reason
 from services.router.routing import ModelRoutes, RoutingTable, ServingState, Shadow, Target, VersionInfo
+from services.router.tenants import TenantCache
 from services.router.triton_errors import NOT_SERVING_MARKER
 from services.shared.errors import ServiceError
 from services.shared.replica_pool import less_busy_of_two
 
 VECTORS = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "routing_vectors.json").read_text())
 ROUTES, REPLICAS, RETRIES = VECTORS["routes"], VECTORS["replicas"], VECTORS["retries"]
+TENANTS, AUTHS = VECTORS["auth"]["tenants"], VECTORS["auth"]["cases"]
 
 
 def target(spec: dict) -> Target:
@@ -103,6 +111,69 @@ def test_python_retries_as_the_vectors_say(case):
     assert reason == case["expect"]
 
 
+def admission(case: dict) -> Admission:
+    """The main port's admission of an auth case: the vectors' tenants (unless not synced yet), shedding
+    thresholds when the case says the router sheds."""
+    cache = TenantCache()
+    if case.get("synced", True):
+        cache.apply(
+            registry_pb2.TenantsEvent(
+                revision=1,
+                routers=1,
+                tenants=[
+                    registry_pb2.TenantAuth(
+                        key_sha256=hashlib.sha256(t["key"].encode()).hexdigest(),
+                        tenant=registry_pb2.Tenant(
+                            name=t["name"],
+                            revoked=t.get("revoked", False),
+                            allowed_models=t.get("allowed", []),
+                            quota=registry_pb2.Quota(**t.get("quota", {})),
+                            priority=registry_pb2.Priority.Value(f"PRIORITY_{t.get('priority', 'standard').upper()}"),
+                        ),
+                    )
+                    for t in TENANTS
+                ],
+            )
+        )
+    sheds = 100 if case.get("sheds") else 0
+    return Admission(AdmissionSettings(auth=True, shed_sheddable_inflight=sheds, shed_standard_inflight=sheds), cache)
+
+
+def infer_request(case: dict) -> bytes:
+    request = service_pb2.ModelInferRequest(model_name=case["model"], model_version=case["version"])
+    request.inputs.add(name="x", datatype="FP32", shape=case.get("shape", [2, 4]))
+    return request.SerializeToString()
+
+
+def python_admit(case: dict) -> tuple[dict, str]:
+    """The main port's answer to an auth case (servicer.InferenceServicer._admit_raw): the admitted tenant,
+    or the error's code and message."""
+    try:
+        name, version = wire.read_model_ref(infer_request(case))
+        ticket = admission(case).admit(case["metadata"], "ModelInfer", name, *version_selector(version))
+    except ServiceError as exc:
+        return {"error": exc.code.name}, exc.message
+    return {"tenant": ticket.tenant.name}, ""  # type: ignore[union-attr]
+
+
+def fast_admit_expected(case: dict) -> str:
+    """The forwarder's line for an auth case: the main port's refusal, word for word, where it refuses."""
+    expect = case["expect"]
+    if expect["fast"] == "refuse":
+        got, message = python_admit(case)
+        code = grpc.StatusCode[got["error"]].value[0]
+        return f"refuse\t{code}\t{expect['reason']}\t{message}"
+    if expect["fast"] == "serve":
+        return f"serve\t{expect['tenant']}\t{expect['cost']}"
+    return "router"
+
+
+@pytest.mark.parametrize("case", AUTHS, ids=[c["about"] for c in AUTHS])
+def test_python_admits_as_the_vectors_say(case):
+    got, _ = python_admit(case)
+    assert got == {k: v for k, v in case["expect"].items() if k in ("error", "tenant")}
+
+
 def test_the_fast_path_answers_the_vectors_alike(tmp_path):
     binary = find_binary()
     if binary is None:
@@ -133,6 +204,14 @@ def test_the_fast_path_answers_the_vectors_alike(tmp_path):
             )
             for c in RETRIES
         ],
+        auths=[
+            fastpath_pb2.AuthCase(
+                snapshot=snapshot(routing, ["a:8001"], admission(c)),
+                request=infer_request(c),
+                metadata=[fastpath_pb2.Metadata(key=k, value=v) for k, v in c["metadata"]],
+            )
+            for c in AUTHS
+        ],
     )
     path = tmp_path / "vectors.bin"
     path.write_bytes(vectors.SerializeToString())
@@ -147,6 +226,7 @@ def test_the_fast_path_answers_the_vectors_alike(tmp_path):
         *(f"route\t{fast_route_expected(c)}" for c in ROUTES),
         *(f"replica\t{c['expect']}" for c in REPLICAS),
         *(f"retry\t{c['expect'] or '-'}" for c in RETRIES),
+        *(f"auth\t{fast_admit_expected(c)}" for c in AUTHS),
     ]
     # "router" lines carry the kind the forwarder got to (or "-"): only the hand-over is the spec.
     answered = ["route\trouter" if line.startswith("route\trouter") else line for line in answered]

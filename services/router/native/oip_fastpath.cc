@@ -17,7 +17,12 @@
 //   there) and "requests <model> <version> <route> <grpc code> <count since last report>" lines (route:
 //   explicit_version, alias, traffic_policy or default, as maas_router_requests_total labels them),
 //   and "durations <count per --duration-buckets bucket, then +Inf, comma-separated> <seconds>" (since
-//   the last report) of the calls it sent to Triton (the Python router times the ones it answers).
+//   the last report) of the calls it sent to Triton (the Python router times the ones it answers);
+//   with auth on, "tenant <name> <calls> <cost units>" of the calls it served and
+//   "refusals <tenant or empty> <reason> <count>" of the ones it refused (rule 4).
+// --require-auth (the router runs with auth on): API keys are checked here by rule 4, against the tenants
+// the snapshot carries (sha256 by OpenSSL's libcrypto), refusals worded by the snapshot; until a snapshot
+// with tenants arrives every call goes to the Python router.
 // stdin closing (the router exited) or SIGTERM/SIGINT: stop accepting, let calls finish, exit.
 // Triton's errors are answered as the main port answers them (services/router/triton_errors.py, which
 // passes its rules as flags): INTERNAL naming an --input-error-marker becomes INVALID_ARGUMENT,
@@ -31,6 +36,8 @@
 #include <grpcpp/security/tls_certificate_provider.h>
 #include <grpcpp/security/tls_certificate_verifier.h>
 #include <grpcpp/security/tls_credentials_options.h>
+
+#include <openssl/evp.h>
 
 #include "maas/v1/fastpath.pb.h"
 
@@ -83,10 +90,23 @@ struct ModelRoutes {  // a maas.v1.FastPathModel, indexed
   std::vector<double> split_weights;
 };
 
+struct TenantRule {  // a maas.v1.FastPathTenant, indexed
+  std::string name, revoked_message, denied_message;
+  bool revoked = false, served_here = false;
+  std::set<std::string> allowed;  // empty: every model
+};
+
+struct AuthRules {  // a maas.v1.FastPathAuth, indexed
+  bool synced = false;
+  std::unordered_map<std::string, TenantRule> by_key_sha256;  // lower-case hex
+  std::string missing_key_message, malformed_key_message, unknown_key_message, priority_metadata, asked_placeholder;
+};
+
 struct Table {
   std::unordered_map<std::string, ModelRoutes> models;
   std::vector<std::string> replicas;
   maas::v1::SplitDraw draw;
+  std::unique_ptr<AuthRules> auth;  // null: the snapshot has no auth (calls need no key)
 };
 
 std::shared_ptr<Table> TableOf(const maas::v1::FastPathSnapshot& snapshot) {
@@ -104,6 +124,26 @@ std::shared_ptr<Table> TableOf(const maas::v1::FastPathSnapshot& snapshot) {
       routes.split_weights.push_back(target.weight());
     }
   }
+  if (snapshot.has_auth()) {
+    const maas::v1::FastPathAuth& auth = snapshot.auth();
+    table->auth = std::make_unique<AuthRules>();
+    AuthRules& rules = *table->auth;
+    rules.synced = auth.synced();
+    rules.missing_key_message = auth.missing_key_message();
+    rules.malformed_key_message = auth.malformed_key_message();
+    rules.unknown_key_message = auth.unknown_key_message();
+    rules.priority_metadata = auth.priority_metadata();
+    rules.asked_placeholder = auth.asked_placeholder();
+    for (const maas::v1::FastPathTenant& tenant : auth.tenants()) {
+      TenantRule& rule = rules.by_key_sha256[tenant.key_sha256()];
+      rule.name = tenant.name();
+      rule.revoked = tenant.revoked();
+      rule.revoked_message = tenant.revoked_message();
+      rule.denied_message = tenant.denied_message();
+      rule.served_here = tenant.served_here();
+      rule.allowed.insert(tenant.allowed().begin(), tenant.allowed().end());
+    }
+  }
   return table;
 }
 
@@ -118,6 +158,7 @@ class WireReader {
   bool Byte(uint8_t* out) {
     if (AtEnd()) return false;
     *out = slices_[slice_].begin()[pos_++];
+    ++consumed_;
     return true;
   }
   bool Varint(uint64_t* out) {
@@ -135,10 +176,12 @@ class WireReader {
       if (AtEnd()) return false;
       uint64_t take = std::min<uint64_t>(n, slices_[slice_].size() - pos_);
       pos_ += take;
+      consumed_ += take;
       n -= take;
     }
     return true;
   }
+  uint64_t Consumed() const { return consumed_; }
   bool Read(uint64_t n, std::string* out) {
     out->clear();
     while (n > 0) {
@@ -146,6 +189,7 @@ class WireReader {
       uint64_t take = std::min<uint64_t>(n, slices_[slice_].size() - pos_);
       out->append(reinterpret_cast<const char*>(slices_[slice_].begin() + pos_), take);
       pos_ += take;
+      consumed_ += take;
       n -= take;
     }
     return true;
@@ -154,27 +198,74 @@ class WireReader {
  private:
   const std::vector<grpc::Slice>& slices_;
   size_t slice_ = 0, pos_ = 0;
+  uint64_t consumed_ = 0;
 };
 
-// model_name (1) and model_version (2) of a ModelInferRequest; false if it does not parse (the
-// Python router then answers with the precise INVALID_ARGUMENT).
-bool ReadModelRef(const std::vector<grpc::Slice>& slices, std::string* name, std::string* version) {
+// Skips one field's value of wire type `type`; false if it does not parse.
+bool SkipField(WireReader& reader, uint64_t type) {
+  uint64_t value;
+  switch (type) {
+    case 0: return reader.Varint(&value);
+    case 1: return reader.Skip(8);
+    case 5: return reader.Skip(4);
+    case 2: return reader.Varint(&value) && reader.Skip(value);
+    default: return false;
+  }
+}
+
+// The batch rows of an InferInputTensor of `size` bytes (its shape's (3) first dimension; 1 without
+// one or when it is not positive: services/router/dataplane.py _rows, the cost units of a ModelInfer).
+bool ReadRows(WireReader& reader, uint64_t size, double* rows) {
+  uint64_t end = reader.Consumed() + size;
+  bool found = false;
+  *rows = 1;
+  while (reader.Consumed() < end) {
+    uint64_t key, value;
+    if (!reader.Varint(&key)) return false;
+    if ((key >> 3) == 3 && (key & 7) == 0) {  // shape, not packed
+      if (!reader.Varint(&value)) return false;
+      if (!found) *rows = static_cast<int64_t>(value) > 0 ? static_cast<double>(value) : 1;
+      found = true;
+    } else if ((key >> 3) == 3 && (key & 7) == 2) {  // shape, packed
+      uint64_t length;
+      if (!reader.Varint(&length)) return false;
+      uint64_t packed_end = reader.Consumed() + length;
+      while (reader.Consumed() < packed_end) {
+        if (!reader.Varint(&value)) return false;
+        if (!found) *rows = static_cast<int64_t>(value) > 0 ? static_cast<double>(value) : 1;
+        found = true;
+      }
+      if (reader.Consumed() != packed_end) return false;
+    } else if (!SkipField(reader, key & 7)) {
+      return false;
+    }
+  }
+  return reader.Consumed() == end;
+}
+
+// model_name (1), model_version (2) and the first input's (5) batch rows of a ModelInferRequest; false if
+// it does not parse (the Python router then answers with the precise INVALID_ARGUMENT).
+bool ReadModelRef(const std::vector<grpc::Slice>& slices, std::string* name, std::string* version,
+                  double* rows = nullptr) {
   WireReader reader(slices);
+  bool first_input = true;
+  if (rows) *rows = 1;
   while (!reader.AtEnd()) {
     uint64_t key, value;
     if (!reader.Varint(&key)) return false;
-    switch (key & 7) {
-      case 0: if (!reader.Varint(&value)) return false; break;
-      case 1: if (!reader.Skip(8)) return false; break;
-      case 5: if (!reader.Skip(4)) return false; break;
-      case 2:
-        if (!reader.Varint(&value)) return false;
-        if ((key >> 3) == 1) { if (!reader.Read(value, name)) return false; }
-        else if ((key >> 3) == 2) { if (!reader.Read(value, version)) return false; }
-        else if (!reader.Skip(value)) return false;
-        break;
-      default: return false;
+    if ((key & 7) != 2) {
+      if (!SkipField(reader, key & 7)) return false;
+      continue;
     }
+    if (!reader.Varint(&value)) return false;
+    uint64_t field = key >> 3;
+    if (field == 1) { if (!reader.Read(value, name)) return false; }
+    else if (field == 2) { if (!reader.Read(value, version)) return false; }
+    else if (field == 5 && first_input && rows) {
+      if (!ReadRows(reader, value, rows)) return false;
+      first_input = false;
+    }
+    else if (!reader.Skip(value)) return false;
   }
   return true;
 }
@@ -345,6 +436,113 @@ std::string RetryReason(grpc::StatusCode code, const std::string& message, grpc_
   return "";
 }
 
+// Rule 4's key check: sha256 of the key in lower-case hex (the registry keeps keys so).
+std::string Sha256Hex(const std::string& data) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int size = 0;
+  if (!EVP_Digest(data.data(), data.size(), digest, &size, EVP_sha256(), nullptr)) return "";
+  static const char kHex[] = "0123456789abcdef";
+  std::string hex;
+  for (unsigned int i = 0; i < size; ++i) {
+    hex.push_back(kHex[digest[i] >> 4]);
+    hex.push_back(kHex[digest[i] & 15]);
+  }
+  return hex;
+}
+
+bool IsAscii(const std::string& text) {
+  for (char c : text) if (static_cast<unsigned char>(c) >= 0x80) return false;
+  return true;
+}
+
+// What Python's repr() quotes as '<text>' unchanged: printable ASCII without ' or \.
+bool ReprSafe(const std::string& text) {
+  for (char c : text) if (c < 0x20 || c > 0x7e || c == '\'' || c == '\\') return false;
+  return true;
+}
+
+std::string AsciiLower(std::string text) {
+  for (char& c : text) if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  return text;
+}
+
+std::string StripSpaces(const std::string& text) {
+  size_t begin = text.find_first_not_of(" \t"), end = text.find_last_not_of(" \t");
+  return begin == std::string::npos ? "" : text.substr(begin, end - begin + 1);
+}
+
+using Metadata = std::vector<std::pair<std::string, std::string>>;
+
+struct Admitted {
+  enum Kind { kRouter, kServe, kRefuse } kind = kRouter;  // kRouter: the main port admits (or refuses) it
+  const TenantRule* tenant = nullptr;  // kServe with auth on; kRefuse of a known key
+  grpc::StatusCode code = grpc::StatusCode::OK;
+  std::string reason, message;  // kRefuse: maas_tenant_refusals' reason, the main port's words
+};
+
+Admitted Refuse(grpc::StatusCode code, const char* reason, std::string message, const TenantRule* tenant = nullptr) {
+  Admitted refused;
+  refused.kind = Admitted::kRefuse;
+  refused.code = code;
+  refused.reason = reason;
+  refused.message = std::move(message);
+  refused.tenant = tenant;
+  return refused;
+}
+
+// Rule 4 (services/router/admission.py Admission.admit, in its order). `require_auth`: the router runs
+// with auth on, so a snapshot without tenants (none received yet) serves nothing here.
+Admitted Admit(const Table& table, bool require_auth, const std::string& name, const std::string& version,
+               const Metadata& metadata) {
+  Admitted admitted;
+  if (!table.auth) {
+    if (!require_auth) admitted.kind = Admitted::kServe;
+    return admitted;
+  }
+  const AuthRules& auth = *table.auth;
+  // The main port's INVALID_ARGUMENT comes first (dataplane.version_selector, wire.read_model_ref).
+  if (!IsAscii(name) || !IsAscii(version) || (IsDigits(version) && VersionNumber(version) == 0)) return admitted;
+  const std::string* header = nullptr;
+  bool asks_priority = false;
+  for (const auto& [key, value] : metadata) {  // the last one, as the main port reads them
+    if (key == "authorization") header = &value;
+    else if (!auth.priority_metadata.empty() && key == auth.priority_metadata) asks_priority = true;
+  }
+  if (!header) return Refuse(grpc::StatusCode::UNAUTHENTICATED, "unauthenticated", auth.missing_key_message);
+  if (!IsAscii(*header)) return admitted;
+  size_t space = header->find(' ');
+  std::string scheme = header->substr(0, space);
+  std::string key = space == std::string::npos ? "" : StripSpaces(header->substr(space + 1));
+  if (AsciiLower(scheme) != "bearer" || key.empty()) {
+    return Refuse(grpc::StatusCode::UNAUTHENTICATED, "unauthenticated", auth.malformed_key_message);
+  }
+  if (!auth.synced) return admitted;  // the main port answers UNAVAILABLE
+  auto found = auth.by_key_sha256.find(Sha256Hex(key));
+  if (found == auth.by_key_sha256.end()) {
+    return Refuse(grpc::StatusCode::UNAUTHENTICATED, "unauthenticated", auth.unknown_key_message);
+  }
+  const TenantRule& tenant = found->second;
+  if (tenant.revoked) return Refuse(grpc::StatusCode::UNAUTHENTICATED, "revoked", tenant.revoked_message, &tenant);
+  uint32_t number = IsDigits(version) ? VersionNumber(version) : 0;
+  const std::string alias = IsDigits(version) ? "" : version;
+  bool allowed = tenant.allowed.empty() || tenant.allowed.count(name) ||
+                 (!alias.empty() && tenant.allowed.count(name + ":" + alias)) ||
+                 (number && tenant.allowed.count(name + ":" + std::to_string(number)));
+  if (!allowed) {
+    if (!table.models.count(name) || !ReprSafe(alias)) return admitted;  // words only the main port has
+    std::string asked = !alias.empty() ? name + ":" + alias : number ? name + ":" + std::to_string(number) : name;
+    std::string message = tenant.denied_message;
+    size_t at = message.find(auth.asked_placeholder);
+    if (auth.asked_placeholder.empty() || at == std::string::npos) return admitted;
+    message.replace(at, auth.asked_placeholder.size(), asked);
+    return Refuse(grpc::StatusCode::PERMISSION_DENIED, "permission_denied", message, &tenant);
+  }
+  if (asks_priority || !tenant.served_here) return admitted;
+  admitted.kind = Admitted::kServe;
+  admitted.tenant = &tenant;
+  return admitted;
+}
+
 // ---- the forwarder ------------------------------------------------------------------------------
 struct Options {
   std::string listen, fallback;
@@ -362,6 +560,8 @@ struct Options {
   std::string tls_cert, tls_key, tls_ca, tls_client_auth = "required", tls_server_name;
   unsigned int tls_refresh = 1;
   bool tls() const { return !tls_cert.empty(); }
+  // --require-auth: the router runs with auth on; until a snapshot brings its tenants, nothing is served here.
+  bool require_auth = false;
 };
 
 std::shared_ptr<grpc::experimental::FileWatcherCertificateProvider> CertificateFiles(const Options& options) {
@@ -458,9 +658,13 @@ class Forwarder {
   }
 
   // Where a ModelInfer goes (rule 1): the version to ask Triton for, or 0 = the Python router.
-  Decision Route(const std::string& name, const std::string& version, const std::string& key) {
-    std::shared_ptr<Table> table = CurrentTable();
-    return Decide(*table, name, version, key, [&] { return NextSequencePoint(name, table->draw.sequence_step()); });
+  Decision Route(const Table& table, const std::string& name, const std::string& version, const std::string& key) {
+    return Decide(table, name, version, key, [&] { return NextSequencePoint(name, table.draw.sequence_step()); });
+  }
+
+  std::shared_ptr<Table> CurrentTable() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return table_;
   }
 
   grpc::GenericStub* Fallback() { return fallback_.get(); }
@@ -518,13 +722,30 @@ class Forwarder {
     duration_sum_ += seconds;
   }
 
+  // A call of `tenant` served here (rule 4), with its cost units.
+  void CountTenant(const std::string& tenant, double cost) {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    std::pair<long, double>& counted = tenant_counts_[tenant];
+    ++counted.first;
+    counted.second += cost;
+  }
+
+  // A call refused here (rule 4); tenant "" when the key names none.
+  void CountRefusal(const std::string& tenant, const std::string& reason) {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    ++refusals_[tenant + "\t" + reason];
+  }
+
   void ReportStats() {
-    std::map<std::string, long> counts;
+    std::map<std::string, long> counts, refusals;
+    std::map<std::string, std::pair<long, double>> tenant_counts;
     std::vector<long> durations(durations_.size(), 0);
     double duration_sum = 0;
     {
       std::lock_guard<std::mutex> lock(stats_mutex_);
       counts.swap(counts_);
+      refusals.swap(refusals_);
+      tenant_counts.swap(tenant_counts_);
       durations.swap(durations_);
       std::swap(duration_sum, duration_sum_);
     }
@@ -533,6 +754,10 @@ class Forwarder {
     long refused = budget_refusals.exchange(0);
     if (refused) out << "budget_refusals\t" << refused << "\n";
     for (const auto& [key, count] : counts) out << "requests\t" << key << "\t" << count << "\n";
+    for (const auto& [tenant, counted] : tenant_counts) {
+      out << "tenant\t" << tenant << "\t" << counted.first << "\t" << counted.second << "\n";
+    }
+    for (const auto& [key, count] : refusals) out << "refusals\t" << key << "\t" << count << "\n";
     if (!counts.empty()) {
       out << "durations\t";
       for (size_t i = 0; i < durations.size(); ++i) out << (i ? "," : "") << durations[i];
@@ -554,11 +779,6 @@ class Forwarder {
     return grpc::CreateCustomChannel(address, credentials_, args);
   }
 
-  std::shared_ptr<Table> CurrentTable() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return table_;
-  }
-
   // The model's key-less sequence (rule 1), from a random start per process.
   double NextSequencePoint(const std::string& model, double step) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -577,7 +797,8 @@ class Forwarder {
   std::unique_ptr<grpc::GenericStub> fallback_;
   std::unordered_map<std::string, double> sequence_;
   std::mt19937_64 rng_;
-  std::map<std::string, long> counts_;
+  std::map<std::string, long> counts_, refusals_;
+  std::map<std::string, std::pair<long, double>> tenant_counts_;  // calls, cost units
   std::vector<long> durations_;
   double duration_sum_ = 0;
 };
@@ -626,11 +847,21 @@ class Call : public grpc::ServerGenericBidiReactor {
     if (context_->method() == kModelInfer) {
       std::vector<grpc::Slice> slices;
       std::string version;
-      if (request_.Dump(&slices).ok() && ReadModelRef(slices, &model_, &version)) {
-        Decision decision = forwarder_->Route(model_, version, key);
+      double rows = 1;
+      if (request_.Dump(&slices).ok() && ReadModelRef(slices, &model_, &version, &rows)) {
+        std::shared_ptr<Table> table = forwarder_->CurrentTable();  // holds `admitted.tenant`
+        Admitted admitted = Admit(*table, forwarder_->options().require_auth, model_, version, metadata_);
+        if (admitted.kind == Admitted::kRefuse) {
+          forwarder_->CountRefusal(admitted.tenant ? admitted.tenant->name : "", admitted.reason);
+          Finish(grpc::Status(admitted.code, Bounded(admitted.message, forwarder_->options().max_status_message_bytes)));
+          return;
+        }
+        Decision decision;
+        if (admitted.kind == Admitted::kServe) decision = forwarder_->Route(*table, model_, version, key);
         route_ = decision.kind;
         if (decision.version && (replica_ = forwarder_->PickReplica())) {
           ++forwarder_->inflight;  // only here: a call handed to the Python router is counted there
+          if (admitted.tenant) forwarder_->CountTenant(admitted.tenant->name, rows);
           forwarder_->budget.Request();
           version_ = std::to_string(decision.version);
           if (version_ != version) {
@@ -725,6 +956,11 @@ class Call : public grpc::ServerGenericBidiReactor {
       std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - started_;
       forwarder_->Count(model_, version_, route_, status.error_code(), elapsed.count());
     }
+    // What came with the answer goes back with it (the main port's retry-after-ms hint of a quota refusal).
+    for (const auto& [key, value] : upstream_->GetServerTrailingMetadata()) {
+      if (key.starts_with("grpc-") || key.starts_with(":")) continue;
+      context_->AddTrailingMetadata(std::string(key.data(), key.size()), std::string(value.data(), value.size()));
+    }
     if (status.ok()) StartWriteAndFinish(&response_, grpc::WriteOptions(), status);
     else Finish(status);
   }
@@ -802,6 +1038,24 @@ int CheckVectors(const std::string& path, const std::string& not_serving_marker)
                                      static_cast<grpc_connectivity_state>(test.state_at_failure()), not_serving_marker);
     std::cout << "retry\t" << (reason.empty() ? "-" : reason) << "\n";
   }
+  for (const maas::v1::AuthCase& test : vectors.auths()) {
+    std::shared_ptr<Table> table = TableOf(test.snapshot());
+    std::vector<grpc::Slice> slices{grpc::Slice(test.request())};
+    std::string name, version;
+    double rows = 1;
+    Metadata metadata;
+    for (const maas::v1::Metadata& entry : test.metadata()) metadata.emplace_back(entry.key(), entry.value());
+    std::cout << "auth\t";
+    if (!ReadModelRef(slices, &name, &version, &rows)) {
+      std::cout << "router\n";
+      continue;
+    }
+    Admitted admitted = Admit(*table, false, name, version, metadata);
+    if (admitted.kind == Admitted::kRouter) std::cout << "router";
+    else if (admitted.kind == Admitted::kServe) std::cout << "serve\t" << (admitted.tenant ? admitted.tenant->name : "-") << "\t" << rows;
+    else std::cout << "refuse\t" << static_cast<int>(admitted.code) << "\t" << admitted.reason << "\t" << admitted.message;
+    std::cout << "\n";
+  }
   return 0;
 }
 
@@ -809,8 +1063,15 @@ std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop = true; }
 
 bool ParseArgs(int argc, char** argv, Options* options) {
-  for (int i = 1; i + 1 < argc; i += 2) {
-    std::string flag = argv[i], value = argv[i + 1];
+  for (int i = 1; i < argc; i += 2) {
+    std::string flag = argv[i];
+    if (flag == "--require-auth") {  // the one flag without a value
+      options->require_auth = true;
+      --i;
+      continue;
+    }
+    if (i + 1 >= argc) return false;
+    std::string value = argv[i + 1];
     if (flag == "--listen") options->listen = value;
     else if (flag == "--fallback") options->fallback = value;
     else if (flag == "--max-message-bytes") options->max_message_bytes = std::atoi(value.c_str());
@@ -845,7 +1106,7 @@ bool ParseArgs(int argc, char** argv, Options* options) {
   }
   bool tls_complete = options->tls_cert.empty() == options->tls_key.empty() &&
                       options->tls_cert.empty() == options->tls_ca.empty();
-  return argc % 2 == 1 && !options->listen.empty() && !options->fallback.empty() && tls_complete;
+  return !options->listen.empty() && !options->fallback.empty() && tls_complete;
 }
 
 }  // namespace
@@ -861,7 +1122,7 @@ int main(int argc, char** argv) {
                  " [--input-error-marker TEXT]... [--not-serving-marker TEXT --not-serving-message TEMPLATE]"
                  " [--max-status-message-bytes N]"
                  " [--tls-cert PEM --tls-key PEM --tls-ca PEM [--tls-client-auth required|optional]"
-                 " [--tls-server-name NAME] [--tls-refresh S]]"
+                 " [--tls-server-name NAME] [--tls-refresh S]] [--require-auth]"
                  "  (routing snapshots on stdin)\n"
                  "       maas-oip-fastpath --check-vectors FILE [--not-serving-marker TEXT]" << std::endl;
     return 2;

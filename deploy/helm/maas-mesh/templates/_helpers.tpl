@@ -596,10 +596,10 @@ Takes the root context.
 {{- int .Values.router.oipFastPath.port -}}
 {{- end -}}
 
-{{/* "true" when the router runs its OIP fast path: router.oipFastPath.enabled and auth off (the compiled
-data path cannot check API keys, so with auth.enabled the router does not start it: no port for it). */}}
+{{/* "true" when the router runs its OIP fast path: router.oipFastPath.enabled (with auth.enabled it checks
+API keys like the main port: docs/security.md). */}}
 {{- define "maas-mesh.router.oipFastOn" -}}
-{{- if and .Values.router.oipFastPath.enabled (not .Values.auth.enabled) -}}true{{- end -}}
+{{- if .Values.router.oipFastPath.enabled -}}true{{- end -}}
 {{- end -}}
 
 {{/* MAAS_ROUTER_OIP_FAST_LISTEN: 0.0.0.0:<port>, or "off" so the router starts no fast path. */}}
