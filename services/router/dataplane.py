@@ -212,17 +212,17 @@ class Dataplane:
         await self._check_inputs(info, givens, deadline, batch_checked=True, caller_ids=True)
         charge(_rows(info, givens[0].shape if givens else ()))  # cost units: batch rows
         start = time.perf_counter()
-        response = await self.triton.infer_raw(self._retarget(request, name, info), deadline.remaining())
+        response = await self.triton.infer_raw(self.retarget(request, name, info), deadline.remaining())
         if route.shadow is not None:
             self._shadow_raw(route, request, name, response, start)
         return response
 
-    def retarget_stream_request(self, request: bytes, routing_key: str) -> bytes:
+    def retarget_stream_request(self, request: bytes, routing_key: str) -> tuple[bytes, Route]:
         """One request of an OIP ModelStreamInfer stream, routed like ModelInfer and retargeted to the
-        chosen version (tensors untouched); decoupled (generation) models are welcome here."""
+        chosen version (tensors untouched), with its route; decoupled (generation) models are welcome here."""
         name, version = wire.read_model_ref(request)
         route = self.route(ModelRef(name, *version_selector(version), routing_key))
-        return self._retarget(request, name, route.info)
+        return self.retarget(request, name, route.info), route
 
     def resolve_for_metadata(self, name: str, version: str) -> VersionInfo:
         """The version metadata/readiness calls describe: the one asked for, else the default (no draw)."""
@@ -390,7 +390,8 @@ class Dataplane:
         return array.reshape(array.shape[0], -1) if array.ndim >= 1 and array.shape[0] else None
 
     @staticmethod
-    def _retarget(request: bytes, name: str, info: VersionInfo) -> bytes:
+    def retarget(request: bytes, name: str, info: VersionInfo) -> bytes:
+        """The serialised request addressed to `info`'s Triton model and version (tensors untouched)."""
         return wire.with_model(
             request, name=info.triton_model if info.triton_model != name else None, version=info.triton_version
         )
@@ -428,7 +429,7 @@ class Dataplane:
             return self._comparable(version, [tensor]) if tensor is not None else None
 
         async def shadow_output() -> np.ndarray | None:
-            raw = await self.triton.infer_raw(self._retarget(request, name, shadow), self.shadow.timeout)
+            raw = await self.triton.infer_raw(self.retarget(request, name, shadow), self.shadow.timeout)
             return comparable(raw, shadow)
 
         async def primary_output() -> np.ndarray | None:

@@ -280,7 +280,7 @@ class Generation:
         route = self.plane.route(ref)
         info = route.info
         check_generation_model(info)
-        route = dataclasses.replace(route, shadow=_comparable_shadow(info, route.shadow))
+        route = dataclasses.replace(route, shadow=comparable_shadow(info, route.shadow))
         if route.shadow is not None and sampling.seed is None and (sampling.temperature or 0) > 0:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))  # the same draw for both
         deadline = Deadline(timeout if timeout is not None else self.limits.default_timeout)
@@ -428,7 +428,7 @@ class _NoCount:
         pass
 
 
-def _comparable_shadow(info: VersionInfo, shadow: VersionInfo | None) -> VersionInfo | None:
+def comparable_shadow(info: VersionInfo, shadow: VersionInfo | None) -> VersionInfo | None:
     """The shadow version when its token ids can be compared with the primary's: a generation model with
     the same tokenizer (the same prompt ids then mean the same prompt); otherwise no shadow copy."""
     if shadow is None or shadow.post_kind != PostKind.GENERATION:

@@ -6,6 +6,7 @@ cannot be routed (unknown model, version not READY...) gets an error response on
 answers a bad request, and the stream goes on. The caller's deadline, if any, is the Triton stream's;
 a stream without one lives as long as the caller keeps it (tritonclient's start_stream sets none).
 Cancelling the caller's stream cancels the Triton stream, and Triton the requests still running.
+Generations of a version with a shadow policy get their shadow copy (stream_shadow.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tritonclient.grpc import service_pb2
 
 from services.router.dataplane import Dataplane
 from services.router.metrics import STREAMS_INFLIGHT
+from services.router.stream_shadow import StreamShadows
 from services.shared.errors import ServiceError
 
 _END = object()
@@ -48,6 +50,7 @@ async def relay(
     try:
         async with plane.triton.stream(timeout, raw=True, metadata=metadata) as call:
             out: asyncio.Queue = asyncio.Queue()
+            shadows = StreamShadows(plane)  # generations of a version with a shadow policy
 
             async def send() -> None:
                 try:
@@ -55,7 +58,8 @@ async def relay(
                         try:
                             if check is not None:
                                 check(request)
-                            forwarded = plane.retarget_stream_request(request, routing_key)
+                            forwarded, route = plane.retarget_stream_request(request, routing_key)
+                            forwarded = shadows.forward(forwarded, route)
                         except ServiceError as exc:
                             out.put_nowait(error_response(request, exc.message))
                             continue
@@ -67,7 +71,7 @@ async def relay(
             async def receive() -> None:
                 try:
                     async for response in call:
-                        out.put_nowait(response)
+                        out.put_nowait(shadows.relayed(response))
                     out.put_nowait(_END)
                 except BaseException as exc:  # noqa: BLE001
                     out.put_nowait(exc)

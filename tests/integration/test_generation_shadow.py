@@ -115,3 +115,91 @@ def test_generation_shadow_report_matches_a_direct_computation(mesh, mesh_regist
     assert out.returncode == 0, out.stderr
     assert "exact-token agreement" in out.stdout and "prefix agreement" in out.stdout
     assert r.worst[0].request_id in out.stdout
+
+
+def stream_generate(address: str, prompts: list[list[int]], version: str = "", ids: tuple[str, ...] = ()) -> list:
+    """Greedy generations over one tritonclient stream against the router, one after the other (int4 rows
+    in a batch need not equal the same prompt alone): [(token ids, request ids responses carried, version)]."""
+    import queue
+
+    import tritonclient.grpc as tg
+
+    responses: queue.Queue = queue.Queue()
+    client = tg.InferenceServerClient(address)
+    results = []
+    try:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        for prompt, request_id in zip(prompts, ids or [str(i) for i in range(len(prompts))]):
+            inputs = [tg.InferInput("input_ids", [len(prompt)], "INT64"), tg.InferInput("max_tokens", [1], "INT32")]
+            inputs[0].set_data_from_numpy(np.asarray(prompt, np.int64))
+            inputs[1].set_data_from_numpy(np.asarray([TOKENS], np.int32))
+            client.async_stream_infer("smollm2", inputs, model_version=version, request_id=request_id)
+            tokens, seen, served = [], set(), set()
+            while True:
+                result, error = responses.get(timeout=120)
+                assert error is None, error
+                tokens += result.as_numpy("output_ids").tolist()
+                seen.add(result.get_response().id)
+                served.add(result.get_response().model_version)
+                if result.as_numpy("finish_reason")[0]:
+                    break
+            results.append((tokens, seen, served))
+    finally:
+        client.stop_stream()
+        client.close()
+    return results
+
+
+def test_oip_stream_generations_are_shadowed_like_generate(mesh, mesh_registry):
+    """tritonclient's stream API against the router: each completed generation of the production version
+    is mirrored to the shadow version, and the registry's figures move by exactly those comparisons; the
+    caller's responses keep the caller's request ids (the router forwards a shadowed request under its
+    own id, since callers often leave theirs empty, tritonclient's default)."""
+    from tests.integration.test_generation_model import MODEL
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+    prompts = [tokenizer.encode(p).ids for p in PROMPTS[:3]]
+    production = mesh_registry.get_model("smollm2")
+    primary = next(a.version for a in production.aliases if a.name == "production")
+    shadow = 1 if primary != 1 else 2
+
+    def samples() -> tuple[int, float, float]:
+        try:
+            r = mesh_registry.compare("smollm2", primary, shadow)
+        except Exception:  # noqa: BLE001 - NOT_FOUND before any report
+            return 0, 0.0, 0.0
+        return r.samples, r.exact_agreement, r.prefix_agreement
+
+    def wait_samples(count: int, what: str) -> None:
+        deadline = time.monotonic() + 120
+        while samples()[0] < count:
+            assert time.monotonic() < deadline, f"{what} never reached the registry"
+            time.sleep(0.5)
+
+    mesh_registry.set_traffic("smollm2", [], shadow=parse_target(str(shadow)), shadow_fraction=1.0)
+    try:
+        with grpc.insecure_channel(mesh.router_address) as channel:
+            router = router_pb2_grpc.RouterStub(channel)
+            deadline = time.monotonic() + 60
+            first = samples()[0]
+            while not generate(router, PROMPTS[0]).routed.shadowed:  # the policy has reached the router
+                assert time.monotonic() < deadline, "the shadow policy never reached the router"
+            wait_samples(first + 1, "the Generate call's shadow result")
+        before = samples()
+        got = stream_generate(mesh.router_address, prompts, ids=("", "mine", ""))
+        wait_samples(before[0] + len(prompts), "the OIP stream's shadow results")
+    finally:
+        mesh_registry.set_traffic("smollm2", [], reason="end of the OIP stream shadow test")
+    after = samples()
+    assert after[0] == before[0] + len(prompts)
+    assert [seen for _, seen, _ in got] == [{""}, {"mine"}, {""}]  # the caller's ids, not the router's
+    assert all(served == {str(primary)} for _, _, served in got)
+
+    # Direct computation: the same prompts pinned to the shadow version (a pinned call gets no copy).
+    theirs = stream_generate(mesh.router_address, prompts, version=str(shadow))
+    shares = [prefix_share(a, b) for (a, _, _), (b, _, _) in zip(got, theirs)]
+    exact = [a == b for (a, _, _), (b, _, _) in zip(got, theirs)]
+    n0, n1 = before[0], after[0]
+    assert abs(after[1] * n1 - (before[1] * n0 + sum(exact))) < 1e-6
+    assert abs(after[2] * n1 - (before[2] * n0 + sum(shares))) < 1e-5
