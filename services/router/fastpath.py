@@ -22,7 +22,6 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -54,13 +53,11 @@ from services.router.routing import (
 )
 from services.router.signature import beyond_triton
 from services.router.triton_errors import MODEL_INPUT_ERROR_MARKERS, NOT_SERVING_MARKER, NOT_SERVING_MESSAGE
+from services.router.version_stats import LATENCY_BOUNDS_MS, VersionStatsReporter
 from services.shared.errors import MAX_STATUS_MESSAGE_BYTES, FailedPrecondition
 from services.shared.replica_pool import POOL_BUDGET_REFUSALS, ReplicaPool
 from services.shared.telemetry import RPC_DURATION, RPC_DURATION_BUCKETS, RPC_REQUESTS
 from services.shared.tls import TlsSettings
-
-if TYPE_CHECKING:
-    from services.router.version_stats import VersionStatsReporter
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +205,9 @@ class FastPath:
     """Runs the forwarder as a child process for as long as the router runs, restarting it if it dies.
 
     Its stdin carries routing snapshots (sent again on every table, replica or tenant list change); its
-    stdout reports its port, then request counts (per tenant too) and in-flight calls, which land in this
-    process's metrics.
+    stdout reports its port, then request counts (per tenant too), refusals, durations and in-flight calls,
+    which land in this process's metrics, and per-version counts and latency histograms, which join the
+    registry's rollout figures (version_stats).
     Closing its stdin (also when this process dies) makes it drain and exit."""
 
     def __init__(
@@ -300,6 +298,8 @@ class FastPath:
             str(s.stats_interval),
             "--duration-buckets",
             ",".join(map(str, RPC_DURATION_BUCKETS)),  # +Inf is implied
+            "--version-latency-bounds-ms",
+            ",".join(map(str, LATENCY_BOUNDS_MS)),  # the per-version figures' histogram, for rollouts
             "--max-status-message-bytes",
             str(MAX_STATUS_MESSAGE_BYTES),
             "--not-serving-marker",
@@ -353,9 +353,15 @@ class FastPath:
                 tenant, requests, cost = fields[1:]
                 TENANT_REQUESTS.labels(tenant, "ModelInfer").inc(int(requests))
                 TENANT_COST.labels(tenant, "ModelInfer").inc(float(cost))
-            elif fields[0] == "refusals" and len(fields) == 4:
-                tenant, reason, count = fields[1:]
+            elif fields[0] == "refusals" and len(fields) == 5:
+                tenant, reason, code, count = fields[1:]
                 TENANT_REFUSALS.labels(tenant, reason).inc(int(count))
+                # As the main port counts its refusals: admission comes before routing, so no model or version.
+                RPC_REQUESTS.labels("router", "ModelInfer", "", "", _CODE_NAMES.get(int(code), code)).inc(int(count))
+            elif fields[0] == "latencies" and len(fields) == 4:
+                model, version, counts = fields[1:]
+                if self.version_stats is not None and version.isdigit():
+                    self.version_stats.record_latencies(model, int(version), [int(n) for n in counts.split(",")])
             elif fields[0] == "durations" and len(fields) == 3:
                 add_to_histogram(
                     RPC_DURATION.labels("router", "ModelInfer"),

@@ -81,18 +81,33 @@ class VersionStatsReporter(PeriodicReport):
 
     def record_counts(self, model: str, version: int, code: str, count: int) -> None:
         """Requests another data path settled (the compiled OIP fast path's "requests" report lines): they
-        count as requests and, when not OK, as errors by code; they add no latency (that path reports one
-        histogram for all versions), so the p99 gate sees only the requests timed here."""
+        count as requests and, when not OK, as errors by code; their latency comes apart (record_latencies)."""
         if count <= 0:
             return
-        figures = self._pending.get((model, version))
-        if figures is None:
-            figures = self._pending[(model, version)] = _Figures()
+        figures = self._figures(model, version)
         figures.requests += count
         if code != grpc.StatusCode.OK.name:
             figures.errors[code] = figures.errors.get(code, 0) + count
+
+    def record_latencies(self, model: str, version: int, counts: list[int]) -> None:
+        """The latency histogram of answered requests another data path timed (the fast path's "latencies"
+        report lines), per LATENCY_BOUNDS_MS bucket then above the last bound; their requests come with
+        record_counts."""
+        if len(counts) != len(LATENCY_BOUNDS_MS) + 1:
+            raise ValueError(f"{len(counts)} latency counts for {len(LATENCY_BOUNDS_MS) + 1} buckets")
+        if not any(counts):
+            return
+        figures = self._figures(model, version)
+        figures.counts = [a + b for a, b in zip(figures.counts, counts)]
+
+    def _figures(self, model: str, version: int) -> _Figures:
+        """The pending figures of a version (created empty), reported with the next flush."""
+        figures = self._pending.get((model, version))
+        if figures is None:
+            figures = self._pending[(model, version)] = _Figures()
         if self._registry is not None:
             self._start_reporting()
+        return figures
 
     async def flush(self) -> None:
         if not self._pending or self._registry is None:

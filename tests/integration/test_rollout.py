@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -56,17 +57,31 @@ def wait_for(check, what: str, timeout: float = 60.0):
 
 class Traffic:
     """Requests to `model` from a background thread (concurrency 4, every `mark_every`-th one carrying the
-    fault marker) until stopped or `limit` seconds passed; counts answers by version and failures."""
+    fault marker) until stopped or `limit` seconds passed; counts answers by version and failures.
+    `oip`: an unmodified tritonclient's ModelInfer calls on the router's OIP port at `address` (the fast
+    path's, whose per-version figures the forwarder reports) instead of the mesh client's Infer."""
 
-    def __init__(self, address: str, model: str, mark_every: int = 0, limit: float = 120.0, texts: bool = False):
+    def __init__(
+        self,
+        address: str,
+        model: str,
+        mark_every: int = 0,
+        limit: float = 120.0,
+        texts: bool = False,
+        oip: bool = False,
+    ):
         self.address, self.model, self.mark_every, self.limit = address, model, mark_every, limit
         self.texts = texts  # Embed calls (sentences) instead of Infer
+        self.oip = oip
         self.answered: Counter[int] = Counter()
         self.failed: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     async def _run(self) -> None:
+        if self.oip:
+            await self._run_oip()
+            return
         deadline = time.monotonic() + self.limit
         async with AsyncMeshClient(self.address) as client:
 
@@ -86,6 +101,30 @@ class Traffic:
                     await asyncio.sleep(0.005)
 
             await asyncio.gather(*(worker(w) for w in range(4)))
+
+    async def _run_oip(self) -> None:
+        import tritonclient.grpc as grpcclient
+        import tritonclient.grpc.aio as triton_aio
+        from tritonclient.utils import InferenceServerException
+
+        deadline = time.monotonic() + self.limit
+        client = triton_aio.InferenceServerClient(self.address)
+
+        async def worker() -> None:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                inp = grpcclient.InferInput("x", list(X.shape), "FP32")
+                inp.set_data_from_numpy(X)
+                try:
+                    result = await client.infer(self.model, [inp], client_timeout=10)
+                    self.answered[int(result.get_response().model_version)] += 1
+                except InferenceServerException as exc:
+                    self.failed[str(exc.status())] += 1
+                await asyncio.sleep(0.005)
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(4)))
+        finally:
+            await client.close()
 
     def __enter__(self) -> "Traffic":
         self._thread.start()
@@ -190,20 +229,41 @@ def test_canary_failing_a_fifth_of_requests_is_rolled_back(mesh, mesh_registry, 
         wait_for(lambda: client.infer("ro_faulty", {"x": MARKED}).routed.version == v1, "traffic back on v1")
 
 
-def test_slow_canary_is_rolled_back_on_latency(mesh, mesh_registry, tmp_path):
-    v1 = register_tiny(mesh_registry, "ro_slow", tmp_path, scale=1.0)
+def main_port_timed(mesh, model: str, version: int) -> float:
+    """Requests of `version` the router's Python data plane answered and timed (maas_router_version_duration)."""
+    with urllib.request.urlopen(f"http://{mesh.addresses['router_metrics']}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    labels = f'model="{model}",version="{version}"'
+    return sum(
+        float(line.split()[-1])
+        for line in lines
+        if line.startswith("maas_router_version_duration_seconds_count{") and labels in line
+    )
+
+
+@pytest.mark.parametrize("port", ["main", "oip_fast"])
+def test_slow_canary_is_rolled_back_on_latency(mesh, mesh_registry, tmp_path, port):
+    """Also for a canary served only by the compiled OIP fast path: its per-version latency histogram
+    reaches the registry, so the p99 gate holds there too."""
+    model = "ro_slow" if port == "main" else "ro_slow_fast"
+    v1 = register_tiny(mesh_registry, model, tmp_path, scale=1.0)
     v2 = register_file(
         mesh_registry,
-        "ro_slow",
+        model,
         tmp_path / "slow.onnx",
         slow_onnx(2.0, iterations=20000),
         "a Loop of 20000 steps per request",
     )
-    mesh_registry.set_alias("ro_slow", "production", v1)
-    with Traffic(mesh.router_address, "ro_slow"):
+    mesh_registry.set_alias(model, "production", v1)
+    traffic = (
+        Traffic(mesh.router_address, model)
+        if port == "main"
+        else Traffic(mesh.addresses["router_oip_fast"], model, oip=True)
+    )
+    with traffic:
         # Five steps to promotion, two failures in a row to roll back.
-        mesh_registry.start_rollout("ro_slow", v2, fast_policy(step_weight=10, max_p99_ratio=3.0, max_error_rate=0.5))
-        r = ended(mesh_registry, "ro_slow")
+        mesh_registry.start_rollout(model, v2, fast_policy(step_weight=10, max_p99_ratio=3.0, max_error_rate=0.5))
+        r = ended(mesh_registry, model)
     assert r.state == pb.ROLLOUT_STATE_ROLLED_BACK, (r.reason, outcomes(r))
     assert "p99" in r.reason, r.reason
     # The failed analyses (failure_limit in a row) are the ones whose canary p99 was over 3x production's
@@ -212,7 +272,10 @@ def test_slow_canary_is_rolled_back_on_latency(mesh, mesh_registry, tmp_path):
     assert all(a.outcome == "failed" and a.canary_p99_ms > 3 * a.production_p99_ms for a in last), [
         (a.outcome, a.canary_p99_ms, a.production_p99_ms) for a in r.analyses
     ]
-    assert production(mesh_registry, "ro_slow") == v1
+    assert production(mesh_registry, model) == v1
+    assert traffic.answered[v2] > 0, traffic.answered
+    if port == "oip_fast":  # every canary call was the forwarder's: the Python data plane timed none
+        assert main_port_timed(mesh, model, v2) == 0
 
 
 def test_registry_restart_mid_rollout_resumes(mesh, mesh_registry, tmp_path):

@@ -192,6 +192,7 @@ async def test_fast_path_calls_are_counted_once_in_the_router_metrics(monkeypatc
 
     from maas.local.processes import free_ports
     from services.router.fastpath import FastPath
+    from services.router.version_stats import LATENCY_BOUNDS_MS
     from tests.unit.test_router_service import Mesh
 
     reports: list[int] = []
@@ -228,10 +229,16 @@ async def test_fast_path_calls_are_counted_once_in_the_router_metrics(monkeypatc
             return [s for s in mesh.registry.version_stats if (s.model, s.version) == (model, version)]
 
         # ... and in the per-version figures the registry's rollout analysis reads (ReportVersionStats):
-        # one request, answered, with no latency sample (the forwarder reports one histogram for all).
-        await until(lambda: sum(s.requests for s in reported("tiny", 2)) == 1, "the forwarder's call reported")
+        # one request, answered, timed by the forwarder in the version's latency histogram.
+        await until(
+            lambda: (
+                sum(s.requests for s in reported("tiny", 2)) == 1
+                and sum(sum(s.latency_counts) for s in reported("tiny", 2)) == 1
+            ),
+            "the forwarder's call and its latency reported",
+        )
         assert not any(s.errors for s in reported("tiny", 2))
-        assert sum(sum(s.latency_counts) for s in reported("tiny", 2)) == 0
+        assert all(tuple(s.latency_bounds_ms) == LATENCY_BOUNDS_MS for s in reported("tiny", 2))
 
         assert sample("maas_router_inflight_requests") == 0
         at_triton = len(mesh.triton.calls)

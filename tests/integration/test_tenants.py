@@ -198,6 +198,13 @@ async def test_the_fast_path_port_checks_keys_like_the_main_port(start_registry,
         "disallowed model": (key, "other", "StatusCode.PERMISSION_DENIED", "may not call model 'other'"),
     }
     revoked_before = sample("maas_tenant_refusals_total", tenant="fast-gone", reason="revoked")
+
+    def refused(code: str) -> float:  # as the main port counts a refusal: before routing, no model or version
+        return sample(
+            "maas_rpc_server_requests_total", service="router", method="ModelInfer", model="", version="", code=code
+        )
+
+    refused_before = {code: refused(code) for code in ("UNAUTHENTICATED", "PERMISSION_DENIED")}
     for case, (headers, model, code, words) in cases.items():
         on_fast = await _oip(fast, headers, model)
         assert on_fast == await _oip(address, headers, model), case  # one wording, both ports
@@ -216,6 +223,14 @@ async def test_the_fast_path_port_checks_keys_like_the_main_port(start_registry,
             and sample("maas_tenant_refusals_total", tenant="fast-gone", reason="revoked") == revoked_before + 2
         ),
         what="the fast path's calls and refusals in the tenant metrics",
+    )
+    # ... and in maas_rpc_server_requests_total, by code, once per port (4 key problems, 1 model problem).
+    await until(
+        lambda: (
+            refused("UNAUTHENTICATED") == refused_before["UNAUTHENTICATED"] + 8
+            and refused("PERMISSION_DENIED") == refused_before["PERMISSION_DENIED"] + 2
+        ),
+        what="both ports' refusals in maas_rpc_server_requests_total",
     )
     assert sample("maas_tenant_cost_units_total", tenant="fast-acme", method="ModelInfer") >= 1  # a batch row
     # A tenant with a quota is admitted by the main port (its token buckets): the burst of 1 is served,

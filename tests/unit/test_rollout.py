@@ -4,6 +4,7 @@ router's per-version figures (services/router/version_stats.py). Analyses are dr
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 
 import numpy as np
@@ -348,12 +349,22 @@ def test_status_view_renders_progress_and_analyses():
     assert "(-1, 0.5]" in text and "(0.5, 1]" in text and "█" * 30 in text and "abc" in text
 
 
-def test_fast_path_counts_join_the_version_figures_without_latency():
+def test_fast_path_counts_and_latencies_join_the_version_figures():
     stats = VersionStatsReporter(None)
     stats.record("m", 1, None, 0.002)
     stats.record_counts("m", 1, "OK", 7)
     stats.record_counts("m", 1, "UNAVAILABLE", 2)
     stats.record_counts("m", 2, "OK", 0)  # nothing settled: no entry
+    stats.record_latencies("m", 2, [0] * (len(LATENCY_BOUNDS_MS) + 1))  # nothing timed: no entry
+    # The forwarder's histogram of its 7 answered calls, on the same bounds: 4 in the 2 ms call's bucket,
+    # 3 above the last bound.
+    two_ms = bisect.bisect_left(LATENCY_BOUNDS_MS, 2.0)
+    fast = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+    fast[two_ms], fast[-1] = 4, 3
+    stats.record_latencies("m", 1, fast)
     figures = stats._pending[("m", 1)]
-    assert (figures.requests, figures.errors, sum(figures.counts)) == (10, {"UNAVAILABLE": 2}, 1)
+    assert (figures.requests, figures.errors, sum(figures.counts)) == (10, {"UNAVAILABLE": 2}, 8)
+    assert (figures.counts[two_ms], figures.counts[-1]) == (5, 3)
     assert ("m", 2) not in stats._pending
+    with pytest.raises(ValueError, match="buckets"):
+        stats.record_latencies("m", 1, [1, 2])  # another histogram's bounds: never merged

@@ -16,10 +16,13 @@
 //   stats <inflight> (calls it is sending to Triton; the ones it hands to the Python router are counted
 //   there) and "requests <model> <version> <route> <grpc code> <count since last report>" lines (route:
 //   explicit_version, alias, traffic_policy or default, as maas_router_requests_total labels them),
-//   and "durations <count per --duration-buckets bucket, then +Inf, comma-separated> <seconds>" (since
-//   the last report) of the calls it sent to Triton (the Python router times the ones it answers);
+//   "durations <count per --duration-buckets bucket, then +Inf, comma-separated> <seconds>" (since
+//   the last report) of the calls it sent to Triton or refused (the Python router times the ones it
+//   answers), and "latencies <model> <version> <count per --version-latency-bounds-ms bucket, then +Inf,
+//   comma-separated>" of the calls Triton answered OK, per version (the rollout analysis's p99: the
+//   router's services/router/version_stats.py histogram, whose bounds the flag carries);
 //   with auth on, "tenant <name> <calls> <cost units>" of the calls it served and
-//   "refusals <tenant or empty> <reason> <count>" of the ones it refused (rule 4).
+//   "refusals <tenant or empty> <reason> <grpc code> <count>" of the ones it refused (rule 4).
 // --require-auth (the router runs with auth on): API keys are checked here by rule 4, against the tenants
 // the snapshot carries (sha256 by OpenSSL's libcrypto), refusals worded by the snapshot; until a snapshot
 // with tenants arrives every call goes to the Python router.
@@ -549,6 +552,8 @@ struct Options {
   int max_message_bytes = 64 << 20;
   double default_timeout = 30.0, stats_interval = 1.0, grace = 5.0;
   std::vector<double> duration_buckets;  // upper bounds, ascending (the router's latency histogram's)
+  // Upper bounds in ms, ascending: the per-version histogram the router reports for rollouts.
+  std::vector<double> version_latency_bounds_ms;
   std::vector<std::string> input_error_markers;
   std::string not_serving_marker, not_serving_message;  // {model} {version} {detail} in the message
   size_t max_status_message_bytes = 1024;
@@ -714,12 +719,15 @@ class Forwarder {
 
   void Count(const std::string& model, const std::string& version, const char* route, grpc::StatusCode code,
              double seconds) {
-    const std::vector<double>& bounds = options_.duration_buckets;
-    size_t bucket = std::lower_bound(bounds.begin(), bounds.end(), seconds) - bounds.begin();  // first bound >= seconds
     std::lock_guard<std::mutex> lock(stats_mutex_);
     ++counts_[model + "\t" + version + "\t" + route + "\t" + std::to_string(static_cast<int>(code))];
-    ++durations_[bucket];
-    duration_sum_ += seconds;
+    Time(seconds);
+    if (code == grpc::StatusCode::OK) {  // as the router's version figures: latency of answered calls only
+      const std::vector<double>& bounds = options_.version_latency_bounds_ms;
+      std::vector<long>& counts = latencies_[model + "\t" + version];
+      if (counts.empty()) counts.resize(bounds.size() + 1, 0);
+      ++counts[std::lower_bound(bounds.begin(), bounds.end(), seconds * 1000.0) - bounds.begin()];
+    }
   }
 
   // A call of `tenant` served here (rule 4), with its cost units.
@@ -730,21 +738,26 @@ class Forwarder {
     counted.second += cost;
   }
 
-  // A call refused here (rule 4); tenant "" when the key names none.
-  void CountRefusal(const std::string& tenant, const std::string& reason) {
+  // A call refused here (rule 4) with `code`; tenant "" when the key names none.
+  void CountRefusal(const std::string& tenant, const std::string& reason, grpc::StatusCode code, double seconds) {
     std::lock_guard<std::mutex> lock(stats_mutex_);
-    ++refusals_[tenant + "\t" + reason];
+    ++refusals_[tenant + "\t" + reason + "\t" + std::to_string(static_cast<int>(code))];
+    Time(seconds);
   }
 
   void ReportStats() {
     std::map<std::string, long> counts, refusals;
     std::map<std::string, std::pair<long, double>> tenant_counts;
+    std::map<std::string, std::vector<long>> latencies;
     std::vector<long> durations(durations_.size(), 0);
     double duration_sum = 0;
+    bool timed;
     {
       std::lock_guard<std::mutex> lock(stats_mutex_);
       counts.swap(counts_);
       refusals.swap(refusals_);
+      latencies.swap(latencies_);
+      timed = !counts.empty() || !refusals.empty();
       tenant_counts.swap(tenant_counts_);
       durations.swap(durations_);
       std::swap(duration_sum, duration_sum_);
@@ -758,10 +771,15 @@ class Forwarder {
       out << "tenant\t" << tenant << "\t" << counted.first << "\t" << counted.second << "\n";
     }
     for (const auto& [key, count] : refusals) out << "refusals\t" << key << "\t" << count << "\n";
-    if (!counts.empty()) {
+    if (timed) {
       out << "durations\t";
       for (size_t i = 0; i < durations.size(); ++i) out << (i ? "," : "") << durations[i];
       out << "\t" << duration_sum << "\n";
+    }
+    for (const auto& [key, counts] : latencies) {
+      out << "latencies\t" << key << "\t";
+      for (size_t i = 0; i < counts.size(); ++i) out << (i ? "," : "") << counts[i];
+      out << "\n";
     }
     std::cout << out.str() << std::flush;
   }
@@ -777,6 +795,13 @@ class Forwarder {
     args.SetMaxSendMessageSize(options_.max_message_bytes);
     if (!options_.tls_server_name.empty()) args.SetSslTargetNameOverride(options_.tls_server_name);
     return grpc::CreateCustomChannel(address, credentials_, args);
+  }
+
+  // One call's duration in the histogram of all calls (stats_mutex_ held).
+  void Time(double seconds) {
+    const std::vector<double>& bounds = options_.duration_buckets;
+    ++durations_[std::lower_bound(bounds.begin(), bounds.end(), seconds) - bounds.begin()];  // first bound >= seconds
+    duration_sum_ += seconds;
   }
 
   // The model's key-less sequence (rule 1), from a random start per process.
@@ -798,6 +823,7 @@ class Forwarder {
   std::unordered_map<std::string, double> sequence_;
   std::mt19937_64 rng_;
   std::map<std::string, long> counts_, refusals_;
+  std::map<std::string, std::vector<long>> latencies_;  // "model\tversion" -> counts per version bucket
   std::map<std::string, std::pair<long, double>> tenant_counts_;  // calls, cost units
   std::vector<long> durations_;
   double duration_sum_ = 0;
@@ -852,7 +878,9 @@ class Call : public grpc::ServerGenericBidiReactor {
         std::shared_ptr<Table> table = forwarder_->CurrentTable();  // holds `admitted.tenant`
         Admitted admitted = Admit(*table, forwarder_->options().require_auth, model_, version, metadata_);
         if (admitted.kind == Admitted::kRefuse) {
-          forwarder_->CountRefusal(admitted.tenant ? admitted.tenant->name : "", admitted.reason);
+          std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - started_;
+          forwarder_->CountRefusal(admitted.tenant ? admitted.tenant->name : "", admitted.reason, admitted.code,
+                                   elapsed.count());
           Finish(grpc::Status(admitted.code, Bounded(admitted.message, forwarder_->options().max_status_message_bytes)));
           return;
         }
@@ -1098,9 +1126,11 @@ bool ParseArgs(int argc, char** argv, Options* options) {
     }
     else if (flag == "--tls-server-name") options->tls_server_name = value;
     else if (flag == "--tls-refresh") options->tls_refresh = std::max(1, std::atoi(value.c_str()));
-    else if (flag == "--duration-buckets") {
-      for (const std::string& bound : Split(value, ',')) options->duration_buckets.push_back(std::atof(bound.c_str()));
-      if (!std::is_sorted(options->duration_buckets.begin(), options->duration_buckets.end())) return false;
+    else if (flag == "--duration-buckets" || flag == "--version-latency-bounds-ms") {
+      std::vector<double>& bounds =
+          flag == "--duration-buckets" ? options->duration_buckets : options->version_latency_bounds_ms;
+      for (const std::string& bound : Split(value, ',')) bounds.push_back(std::atof(bound.c_str()));
+      if (!std::is_sorted(bounds.begin(), bounds.end())) return false;
     }
     else return false;
   }
@@ -1119,6 +1149,7 @@ int main(int argc, char** argv) {
   if (!ParseArgs(argc, argv, &options)) {
     std::cerr << "usage: maas-oip-fastpath --listen HOST:PORT --fallback HOST:PORT [--max-message-bytes N]"
                  " [--default-timeout S] [--stats-interval S] [--grace S] [--duration-buckets S,S,...]"
+                 " [--version-latency-bounds-ms MS,MS,...]"
                  " [--input-error-marker TEXT]... [--not-serving-marker TEXT --not-serving-message TEMPLATE]"
                  " [--max-status-message-bytes N]"
                  " [--tls-cert PEM --tls-key PEM --tls-ca PEM [--tls-client-auth required|optional]"
