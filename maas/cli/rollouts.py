@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -261,7 +262,18 @@ def register_optimize(app: typer.Typer) -> None:
     def optimize(
         model: Annotated[str, typer.Argument(help="model name")],
         from_version: Annotated[int, typer.Option("--from", help="READY ONNX version to optimize")],
-        int8: Annotated[bool, typer.Option("--int8", help="ONNX Runtime dynamic int8 quantization")] = False,
+        int8: Annotated[
+            bool, typer.Option("--int8", help="ONNX Runtime int8 quantization (static with --calibration)")
+        ] = False,
+        calibration: Annotated[
+            Optional[Path],
+            typer.Option(
+                help="--int8: a .npy of model inputs to calibrate static quantization on (needed for image "
+                "classifiers; `make models` builds model_repository/efficientnet_lite0/calibration.npy)",
+                exists=True,
+                dir_okay=False,
+            ),
+        ] = None,
         fp16: Annotated[
             bool, typer.Option("--fp16", help="float16 weights and compute, float32 inputs and outputs")
         ] = False,
@@ -315,6 +327,7 @@ def register_optimize(app: typer.Typer) -> None:
                 reason,
                 fp16=fp16,
                 int4=int4,
+                calibration=calibration.read_bytes() if calibration else b"",
             )
             if as_json:
                 emit_json(done)

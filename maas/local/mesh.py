@@ -98,15 +98,16 @@ SOURCE_MODELS = (
         ("embedding", "sentence_embedding"),
         tags=(("max_sequence_length", "512"),),
     ),  # BERT's position embeddings
+    # The ONNX export (same tensors as the committed config's TorchScript model.pt): `maas models optimize
+    # --int8` quantizes ONNX, and one Triton model serves one backend, so its int8 can be live beside it.
     SourceModel(
         "efficientnet_lite0",
-        "1/model.pt",
-        "torchscript",
+        "1/model.onnx",
+        "onnx",
         ("vision", "efficientnet_lite0"),
         ("softmax_top_k", "OUTPUT__0"),
         top_k=5,
         labels_file="labels.txt",
-        signature_from_config=True,
     ),
     # ONNX Runtime GenAI folders (docs/generation.md): v1 fp32 (the reference), v2 int4 (production).
     SourceModel(

@@ -44,7 +44,7 @@ EVENT_STREAMS = Gauge(
 PAGES = (("models", "Models"), ("playground", "Playground"), ("operations", "Operations"), ("charts", "Charts"))
 
 
-def _environment() -> Environment:
+def environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(HERE / "templates"),
         autoescape=select_autoescape(["html"]),
@@ -117,7 +117,7 @@ async def _counted(events):
 
 def create_app(config: ConsoleConfig):
     state: dict = {}
-    env = _environment()
+    env = environment()
 
     @asynccontextmanager
     async def lifespan(_app):

@@ -23,6 +23,12 @@ KINDS = {
     pb.Postprocessing.KIND_SOFTMAX_TOP_K: "classifier",
     pb.Postprocessing.KIND_GENERATION: "generator",
 }
+# The two figures of a shadowed pair by kind: the registry keeps a generation pair's exact-token agreement
+# in the top-1 field and its mean prefix agreement in the cosine field (docs/rollouts.md).
+AGREEMENT_COLUMNS = {
+    "generator": ("exact-token agree", "prefix agree"),
+}
+DEFAULT_AGREEMENT_COLUMNS = ("top-1 agree", "mean cosine")
 HISTORY_ROWS = 8  # alias moves shown per model
 # Colours of the split bar's segments (enough for any real split; they repeat after that).
 PALETTE = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#2c7a7b")
@@ -77,9 +83,11 @@ def model_view(model: pb.Model) -> dict:
             "version": _resolve(policy.shadow.target, aliases),
             "percent": round(policy.shadow.fraction * 100, 2),
         }
+    kind = kind_of(model)
     return {
         "name": model.name,
-        "kind": kind_of(model),
+        "kind": kind,
+        "agreement_columns": AGREEMENT_COLUMNS.get(kind, DEFAULT_AGREEMENT_COLUMNS),
         "versions": [
             {
                 "version": v.version,

@@ -2,7 +2,9 @@
 
 `int8`: ONNX Runtime's dynamic quantization (weights to int8 with per-channel scales, activations
 quantized at run time: no calibration data needed), the usual choice for transformer encoders such as
-minilm on CPUs. `fp16`: weights and compute to float16 with ONNX Runtime's converter
+minilm on CPUs; with calibration inputs (required for image classifiers, whose cost is convolutions)
+static quantization instead (quantize_int8_static), activations int8 too with ranges measured on those
+inputs. `fp16`: weights and compute to float16 with ONNX Runtime's converter
 (onnxruntime.transformers.float16), inputs and outputs kept float32 so callers see the same signature;
 half the size, and faster only where the hardware has fp16 arithmetic. `int4` (generation versions, ONNX
 Runtime GenAI folders): the decoder's MatMul weights to 4 bits (MatMulNBits), the folder otherwise as it
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -30,6 +33,7 @@ from maas.rollout_defaults import OPTIMIZE_MIN_AGREEMENT
 from services.registry.domain import (
     ArtifactFormat,
     PostprocessingKind,
+    PreprocessingKind,
     RegistrationRequest,
     Version,
     VersionState,
@@ -39,6 +43,8 @@ from services.shared import generation
 from services.shared.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from services.registry.registry import Registry
     from services.registry.rollout import Rollout, RolloutPolicy
 
@@ -65,6 +71,97 @@ def quantize_int8(source: Path, dest: Path) -> None:
         ) from None
     # Per-channel scales: minilm's embeddings keep a mean cosine of ~0.993 with fp32 (per-tensor: ~0.965).
     quantize_dynamic(str(source), str(dest), weight_type=QuantType.QInt8, per_channel=True)
+
+
+# Static int8 of a CNN, chosen by measurement on efficientnet_lite0 (docs/rollouts.md has the table): QDQ,
+# per-channel weights, MinMax activation ranges, and the graph up to its FLOAT_LEADING_CONVS-th Conv kept
+# float (weights and activations): the stem and the first blocks run at the highest resolution, where int8
+# error is amplified most by every layer after them, for a small share of the compute (efficientnet_lite0:
+# stem and blocks 0-1, ~12 % of the multiply-adds). Entropy or percentile calibration, more calibration
+# inputs, and keeping the depthwise, projection or most weight-sensitive convolutions float as well did not
+# raise the agreement (or lowered it) and cost size or time.
+FLOAT_LEADING_CONVS = 6
+MAX_CALIBRATION_ITEMS = 512
+
+
+def calibration_inputs(data: bytes, source: Version, from_version: int) -> "np.ndarray":
+    """The request's .npy as a float32 batch for `source`'s one input; INVALID_ARGUMENT naming the field."""
+    import numpy as np
+
+    if len(source.signature.inputs) != 1:
+        raise FailedPrecondition(
+            f"calibration: version {from_version} of {source.model!r} has {len(source.signature.inputs)} "
+            "inputs; calibration takes models with one"
+        )
+    spec = source.signature.inputs[0]
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InvalidArgument(f"calibration: not a NumPy .npy file ({exc})") from None
+    if not isinstance(array, np.ndarray) or array.dtype != np.float32 or spec.datatype != "FP32":
+        found = getattr(array, "dtype", type(array).__name__)
+        raise InvalidArgument(f"calibration: {found} inputs; input {spec.name!r} takes {spec.datatype} (float32)")
+    item = array.shape[1:]
+    if len(item) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, item)):
+        raise InvalidArgument(
+            f"calibration: items of shape {list(item)}; input {spec.name!r} takes {list(spec.shape)} (array shape "
+            f"[N, *item])"
+        )
+    if not 1 <= len(array) <= MAX_CALIBRATION_ITEMS:
+        raise InvalidArgument(f"calibration: {len(array)} items; give 1..{MAX_CALIBRATION_ITEMS}")
+    return array
+
+
+def quantize_int8_static(source: Path, dest: Path, inputs: "np.ndarray", input_name: str) -> None:
+    """Static int8 of an ONNX file, activations calibrated on `inputs` (CPU work: off the event loop)."""
+    try:
+        import onnx
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise FailedPrecondition(
+            "optimize --int8 with calibration needs onnx and onnxruntime in the registry (pip install onnx onnxruntime)"
+        ) from None
+
+    class Items(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._items = iter(inputs[i : i + 1] for i in range(len(inputs)))
+
+        def get_next(self):
+            item = next(self._items, None)
+            return None if item is None else {input_name: item}
+
+    with tempfile.TemporaryDirectory(prefix="maas-quantize-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"  # shapes inferred and graph optimised, as ONNX Runtime advises
+        quant_pre_process(str(source), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(dest),
+            Items(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=leading_nodes(onnx.load(str(prepared)).graph, FLOAT_LEADING_CONVS),
+        )
+
+
+def leading_nodes(graph, convs: int) -> list[str]:
+    """Names of the nodes up to the `convs`-th Conv (ONNX graphs are topologically sorted)."""
+    names, seen = [], 0
+    for node in graph.node:
+        if seen == convs:
+            break
+        names.append(node.name)
+        seen += node.op_type == "Conv"
+    return names
 
 
 def convert_fp16(source: Path, dest: Path) -> None:
@@ -131,8 +228,12 @@ def chosen(int8: bool, fp16: bool, int4: bool = False) -> str:
     return picked[0]
 
 
-def check_source(model: str, from_version: int, source: Version, optimization: str) -> None:
-    """FAILED_PRECONDITION naming from_version when the optimisation does not apply to the version's kind."""
+def check_source(model: str, from_version: int, source: Version, optimization: str, calibrated: bool = False) -> None:
+    """FAILED_PRECONDITION naming from_version when the optimisation does not apply to the version's kind
+    (and calibration when an image classifier's int8 comes without it); INVALID_ARGUMENT for calibration
+    given to an optimisation that takes none."""
+    if calibrated and optimization != "int8":
+        raise InvalidArgument(f"calibration: only --int8 takes calibration inputs, not --{optimization}")
     generation_model = source.postprocessing.kind == PostprocessingKind.GENERATION
     if optimization == "int4":
         if source.format != ArtifactFormat.ORT_GENAI or not generation_model:
@@ -142,7 +243,12 @@ def check_source(model: str, from_version: int, source: Version, optimization: s
             )
         return
     if source.format != ArtifactFormat.ONNX:
-        hint = "; use --int4 for generation versions" if source.format == ArtifactFormat.ORT_GENAI else ""
+        hint = {
+            ArtifactFormat.ORT_GENAI: "; use --int4 for generation versions",
+            # One Triton model serves one backend: an ONNX version cannot be live beside a TorchScript one.
+            ArtifactFormat.TORCHSCRIPT: "; register the model's ONNX export under the model (or a new name) and "
+            "optimize that",
+        }.get(source.format, "")
         raise FailedPrecondition(
             f"from_version: version {from_version} of {model!r} is {source.format.value}; "
             f"optimize --{optimization} takes ONNX versions{hint}"
@@ -151,6 +257,11 @@ def check_source(model: str, from_version: int, source: Version, optimization: s
         raise FailedPrecondition(
             f"from_version: version {from_version} of {model!r} is a generation model; "
             f"optimize --{optimization} takes single-file ONNX versions"
+        )
+    if optimization == "int8" and source.preprocessing.kind == PreprocessingKind.VISION and not calibrated:
+        raise FailedPrecondition(
+            f"calibration: version {from_version} of {model!r} is an image model; its int8 is static (the "
+            "convolutions' activations too) and needs calibration inputs (--calibration FILE.npy)"
         )
 
 
@@ -165,11 +276,13 @@ async def optimize(
     reason: str,
     fp16: bool = False,
     int4: bool = False,
+    calibration: bytes = b"",
 ) -> Optimized:
     check_name(model)
     optimization = chosen(int8, fp16, int4)
     source = registry.require_ready(model, from_version, "from_version")
-    check_source(model, from_version, source, optimization)
+    check_source(model, from_version, source, optimization, calibrated=bool(calibration))
+    inputs = calibration_inputs(calibration, source, from_version) if calibration else None
     if "min_shadow_agreement" not in policy_given:
         policy = replace(policy, min_shadow_agreement=OPTIMIZE_MIN_AGREEMENT)
     policy.check()
@@ -192,6 +305,11 @@ async def optimize(
                 pack(Path(tmp) / "folder", dest)
 
             await loop.run_in_executor(registry.executor, make)
+        elif inputs is not None:
+            dest = Path(tmp) / "model.onnx"
+            described = f"int8 (static quantization, calibrated on {len(inputs)} inputs)"
+            name = source.signature.inputs[0].name
+            await loop.run_in_executor(registry.executor, quantize_int8_static, path, dest, inputs, name)
         else:
             transform, described = OPTIMIZATIONS[optimization]
             dest = Path(tmp) / "model.onnx"

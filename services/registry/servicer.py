@@ -158,6 +158,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             request.reason,
             fp16=request.fp16,
             int4=request.int4,
+            calibration=request.calibration,
         )
         return pb.OptimizeVersionResponse(
             version=convert.version_out(done.version),

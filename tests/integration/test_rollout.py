@@ -69,10 +69,12 @@ class Traffic:
         limit: float = 120.0,
         texts: bool = False,
         oip: bool = False,
+        images: list[bytes] | None = None,
     ):
         self.address, self.model, self.mark_every, self.limit = address, model, mark_every, limit
         self.texts = texts  # Embed calls (sentences) instead of Infer
         self.oip = oip
+        self.images = images or []  # Classify calls, one image each, in turn
         self.answered: Counter[int] = Counter()
         self.failed: Counter[str] = Counter()
         self._stop = threading.Event()
@@ -93,6 +95,9 @@ class Traffic:
                     try:
                         if self.texts:
                             result = await client.embed([f"sentence {i} about rollouts"], self.model, timeout=30)
+                        elif self.images:
+                            image = self.images[i // 4 % len(self.images)]
+                            result = await client.classify([image], self.model, timeout=30)
                         else:
                             result = await client.infer(self.model, {"x": x}, timeout=10)
                         self.answered[result.routed.version] += 1
@@ -371,6 +376,84 @@ def test_optimize_int8_minilm_is_shadowed_then_promoted(mesh, mesh_registry):
     report = mesh_registry.compare("ro_minilm", v1, v2)
     assert report.kind == "embedding" and report.agreement >= 0.99 and report.agreement == report.mean_cosine
     assert r.analyses[-1].shadow_agreement >= 0.99
+
+
+def evaluation_pngs() -> list[bytes]:
+    """The vision benchmarks' photos and their variants (bench_optimize_vision's evaluation set), as PNG."""
+    import io
+
+    from bench.images import PHOTOS
+    from tools.build_models import image_variants, skimage_photos
+
+    encoded = []
+    for photo in skimage_photos(PHOTOS):
+        for variant in image_variants(photo):
+            buffer = io.BytesIO()
+            variant.save(buffer, format="PNG")
+            encoded.append(buffer.getvalue())
+    return encoded
+
+
+def test_optimize_int8_efficientnet_is_calibrated_shadowed_then_promoted(mesh, mesh_registry):
+    """`maas models optimize efficientnet_lite0 --from 1 --int8 --calibration calibration.npy`: the local
+    mesh's efficientnet_lite0 is the ONNX export; its static int8 (calibrated on pictures that are not the
+    ones sent here) is served by Triton's onnxruntime backend beside it, shadowed on classify traffic and
+    promoted because the top-1 agreement gate holds. Run on a copy (ro_effnet) so other tests keep v1."""
+    folder = REPO / "model_repository" / "efficientnet_lite0"
+    calibration = (folder / "calibration.npy").read_bytes()
+    shipped = mesh_registry.get_model("efficientnet_lite0").versions[0]
+    assert shipped.format == pb.ARTIFACT_FORMAT_ONNX
+    for wrong, code, field in (
+        (b"", grpc.StatusCode.FAILED_PRECONDITION, "calibration: "),  # an image model's int8 needs it
+        (b"not numpy", grpc.StatusCode.INVALID_ARGUMENT, "calibration: not a NumPy"),
+    ):
+        with pytest.raises(RegistryError) as caught:
+            mesh_registry.optimize("efficientnet_lite0", shipped.version, calibration=wrong)
+        assert caught.value.code == code and field in caught.value.message, caught.value.message
+    assert len(mesh_registry.get_model("efficientnet_lite0").versions) == 1  # nothing registered by the refusals
+    v1 = mesh_registry.register(
+        folder / "1" / "model.onnx",
+        "ro_effnet",
+        format="onnx",
+        preprocessing=("vision", "efficientnet_lite0"),
+        postprocessing=("softmax_top_k", "OUTPUT__0"),
+        top_k=5,
+        labels=(folder / "labels.txt").read_text().splitlines(),
+        max_batch_size=16,
+    ).version
+    mesh_registry.wait_ready("ro_effnet", v1, timeout=300)
+    mesh_registry.set_alias("ro_effnet", "production", v1)
+    with Traffic(mesh.router_address, "ro_effnet", images=evaluation_pngs(), limit=600) as traffic:
+        done = mesh_registry.optimize(
+            "ro_effnet",
+            v1,
+            calibration=calibration,
+            policy=pb.RolloutPolicy(
+                step_weight=50,
+                max_weight=50,
+                interval_seconds=2.0,
+                min_requests=28,
+                max_p99_ratio=0.0,
+                min_shadow_agreement=0.8,
+            ),
+        )
+        assert done.version.tags["optimization"] == "int8" and done.version.tags["optimized_from"] == str(v1)
+        items = len(np.load(folder / "calibration.npy"))
+        assert done.version.format == pb.ARTIFACT_FORMAT_ONNX
+        assert f"calibrated on {items} inputs" in done.version.description
+        assert done.size_after_bytes < 0.4 * done.size_before_bytes
+        r = ended(mesh_registry, "ro_effnet", timeout=300)
+    v2 = done.version.version
+    report = mesh_registry.compare("ro_effnet", v1, v2)
+    print(
+        f"efficientnet_lite0 static int8 vs fp32 through the mesh: size "
+        f"{done.size_after_bytes / done.size_before_bytes:.2f}x, top-1 {report.top1_agreement:.3f}, "
+        f"top-5 {report.top5_agreement:.3f} over {report.samples} requests"
+    )
+    assert report.kind == "classifier" and report.agreement == report.top1_agreement >= 0.8
+    assert r.state == pb.ROLLOUT_STATE_PROMOTED, (r.reason, outcomes(r))
+    assert production(mesh_registry, "ro_effnet") == v2 and not traffic.failed and traffic.answered[v2] > 0
+    assert r.analyses[-1].shadow_agreement >= 0.8
 
 
 def test_optimize_fp16_minilm_is_shadowed_then_promoted_and_bad_choices_are_refused(mesh, mesh_registry):

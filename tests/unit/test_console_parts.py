@@ -7,6 +7,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from maas.v1 import registry_pb2 as pb
+from services.console.app import environment
 from services.console.charts import agreement_histogram, line_chart, split_bar
 from services.console.config import load_config
 from services.console.metrics import History, parse, quantile
@@ -137,6 +138,38 @@ def test_model_view_kind_and_shadow():
     view = model_view(model)
     assert view["kind"] == "tensor"  # the newest READY version (v2) has no postprocessing
     assert view["shadow"] == {"target": "v2", "version": 2, "percent": 25.0}
+
+
+def _shadowed(kind: int) -> pb.Model:
+    model = pb.Model(
+        name="m",
+        versions=[
+            pb.ModelVersion(version=v, state=pb.VERSION_STATE_READY, postprocessing=pb.Postprocessing(kind=kind))
+            for v in (1, 2)
+        ],
+    )
+    model.shadow_stats.add(primary_version=1, shadow_version=2, samples=6, top1_agreement=0.5, mean_cosine=0.75)
+    return model
+
+
+@pytest.mark.parametrize(
+    "kind, columns",
+    [
+        (pb.Postprocessing.KIND_GENERATION, ("exact-token agree", "prefix agree")),
+        (pb.Postprocessing.KIND_SOFTMAX_TOP_K, ("top-1 agree", "mean cosine")),
+        (pb.Postprocessing.KIND_EMBEDDING, ("top-1 agree", "mean cosine")),
+    ],
+)
+def test_shadow_figures_are_labelled_by_the_pair_kind(kind, columns):
+    """A generation pair's two figures are exact-token and prefix agreement (the registry keeps them in
+    the top-1 and cosine fields), not top-1 / mean cosine; the rendered card says so."""
+    view = model_view(_shadowed(kind))
+    assert view["agreement_columns"] == columns
+    card = environment().get_template("_model_card.html").render(m=view)
+    headers = [f'<th scope="col">{c}</th>' for c in columns]
+    assert all(h in card for h in headers) and "<td>50.0%</td><td>0.75</td>" in card
+    others = {"exact-token agree", "prefix agree", "top-1 agree", "mean cosine"} - set(columns)
+    assert not any(f'<th scope="col">{c}</th>' in card for c in others)
 
 
 def test_line_chart_is_labelled_svg():
