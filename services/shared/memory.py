@@ -31,7 +31,8 @@ the memory is still in use (the vision burst above: fragmented by live allocatio
 
 Triton's own process is C++ and cannot call mallopt for us: the launchers set MALLOC_ARENA_MAX in its
 environment (malloc_arena_env), from the same MAAS_MALLOC_ARENA_MAX default. By default it had 15
-arenas on 2 cores and its RSS rose with each burst of gRPC threads; with 2 it stayed flat (soak).
+arenas on 2 cores, their memory rising with each burst of gRPC threads; with 2 that part stayed flat
+(its main heap still keeps free memory after Generate / Classify calls: docs/development.md, Soak).
 """
 
 from __future__ import annotations
