@@ -105,9 +105,12 @@ class Load(threading.Thread):
 RSS_PARTS = ("RssAnon", "RssFile", "RssShmem")  # /proc/<pid>/status: RSS = their sum
 
 
-def rss_parts(pid: int) -> tuple[int, ...]:
-    """(RSS, anonymous, file-backed, shared-memory) bytes of a process, from /proc/<pid>/status."""
+def rss_parts(pid: int) -> tuple[int, ...] | None:
+    """(RSS, anonymous, file-backed, shared-memory) bytes of a process, from /proc/<pid>/status; None for
+    a zombie (killed by a fault, not yet reaped: no memory lines)."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    if not all(k in fields for k in RSS_PARTS):
+        return None
     parts = tuple(int(fields[k].split()[0]) * 1024 for k in RSS_PARTS)
     return (sum(parts), *parts)
 
@@ -126,9 +129,11 @@ class RssSampler(threading.Thread):
             for proc in self.root.children(recursive=True):
                 try:
                     name = " ".join(proc.cmdline()[:3])[-60:]
-                    self.samples[(proc.pid, name)].append((time.monotonic(), rss_parts(proc.pid)))
+                    parts = rss_parts(proc.pid)
                 except (psutil.Error, OSError):
-                    pass
+                    continue
+                if parts is not None:
+                    self.samples[(proc.pid, name)].append((time.monotonic(), parts))
 
     def growth(
         self, settle: float = 60.0, window: float = 20.0, min_span: float = 60.0
