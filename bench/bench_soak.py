@@ -102,27 +102,45 @@ class Load(threading.Thread):
         channel.close()
 
 
+RSS_PARTS = ("RssAnon", "RssFile", "RssShmem")  # /proc/<pid>/status: RSS = their sum
+
+
+def rss_parts(pid: int) -> tuple[int, ...] | None:
+    """(RSS, anonymous, file-backed, shared-memory) bytes of a process, from /proc/<pid>/status; None for
+    a zombie (killed by a fault, not yet reaped: no memory lines)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    if not all(k in fields for k in RSS_PARTS):
+        return None
+    parts = tuple(int(fields[k].split()[0]) * 1024 for k in RSS_PARTS)
+    return (sum(parts), *parts)
+
+
 class RssSampler(threading.Thread):
-    """Every few seconds: RSS of every process of the mesh (tritonserver, stubs, services) by pid."""
+    """Every few seconds: RSS of every process of the mesh (tritonserver, stubs, services) by pid, with
+    its anonymous / file-backed / shared-memory parts."""
 
     def __init__(self, root_pid: int, stop: threading.Event):
         super().__init__(daemon=True, name="soak-rss")
         self.root, self.stopping = psutil.Process(root_pid), stop
-        self.samples: dict[tuple[int, str], list[tuple[float, int]]] = defaultdict(list)
+        self.samples: dict[tuple[int, str], list[tuple[float, tuple[int, ...]]]] = defaultdict(list)
 
     def run(self) -> None:
         while not self.stopping.wait(5):
             for proc in self.root.children(recursive=True):
                 try:
                     name = " ".join(proc.cmdline()[:3])[-60:]
-                    self.samples[(proc.pid, name)].append((time.monotonic(), proc.memory_info().rss))
-                except psutil.Error:
-                    pass
+                    parts = rss_parts(proc.pid)
+                except (psutil.Error, OSError):
+                    continue
+                if parts is not None:
+                    self.samples[(proc.pid, name)].append((time.monotonic(), parts))
 
     def growth(
         self, settle: float = 60.0, window: float = 20.0, min_span: float = 60.0
-    ) -> dict[str, tuple[float, float, float]]:
-        """Per process: (% growth of its RSS from its baseline to the end of its life, baseline MiB, end MiB).
+    ) -> dict[str, tuple[float, tuple[float, ...], tuple[float, ...], float]]:
+        """Per process: (% growth of its RSS from its baseline to the end of its life, baseline MiB, end
+        MiB, peak MiB after the baseline), baseline and end as (RSS, anonymous, file-backed, shared
+        memory).
 
         The baseline is taken `settle` s after the process's first sample, past its warm-up (allocator
         arenas, gRPC buffers, a Triton stub warming larger batches on a thread after READY: the
@@ -136,10 +154,16 @@ class RssSampler(threading.Thread):
             base_at = start + settle
             if end - base_at < min_span:
                 continue
-            base = statistics.median(rss for t, rss in samples if base_at <= t <= base_at + window)
-            last = statistics.median(rss for t, rss in samples if t >= end - window)
-            found[f"{pid} {name}"] = ((last / base - 1) * 100, base / 2**20, last / 2**20)
+            base = _medians([parts for t, parts in samples if base_at <= t <= base_at + window])
+            last = _medians([parts for t, parts in samples if t >= end - window])
+            peak = max(parts[0] for t, parts in samples if t >= base_at) / 2**20
+            found[f"{pid} {name}"] = ((last[0] / base[0] - 1) * 100, base, last, peak)
         return found
+
+
+def _medians(samples: list[tuple[int, ...]]) -> tuple[float, ...]:
+    """Median of each part over the samples, in MiB."""
+    return tuple(statistics.median(part) / 2**20 for part in zip(*samples, strict=True))
 
 
 def inject(mesh: LocalMesh, fault: Fault) -> None:
@@ -225,10 +249,17 @@ def report(records: list[Record], faults: list[Fault], kinds: list[str], sampler
             + ", ".join(f"{k} {v:.1f}s" for k, v in fault.recovered.items())
         )
     growth = sampler.growth()
-    print("soak rss growth, 60 s after each process started (past warm-up) to its end, medians over 20 s:")
-    for name, (pct, base, last) in sorted(growth.items(), key=lambda kv: -kv[1][0]):
-        print(f"soak rss {pct:+.1f}% {base:.0f} -> {last:.0f} MiB {name}")
-    growth_pct = {name: pct for name, (pct, _, _) in growth.items()}
+    print(
+        "soak rss growth of each process from its baseline, 60 s after its first sample (its warm-up under "
+        "this load; a restarted process from its own), to its end, medians over 20 s; peak = highest sample "
+        "after the baseline (fault transients):"
+    )
+    for name, (pct, base, last, peak) in sorted(growth.items(), key=lambda kv: -kv[1][0]):
+        parts = ", ".join(
+            f"{k[3:].lower()} {b:.0f} -> {e:.0f}" for k, b, e in zip(RSS_PARTS, base[1:], last[1:], strict=True)
+        )
+        print(f"soak rss {pct:+.1f}% {base[0]:.0f} -> {last[0]:.0f} MiB, peak {peak:.0f} ({parts}) {name}")
+    growth_pct = {name: pct for name, (pct, *_) in growth.items()}
     # Per fault kind (what + component), per call kind: the worst of that fault's injections. A fault
     # is not "recovered" by the slowest call kind of all: killing Triton costs Classify a model reload,
     # Generate the chat model's (far longer); each is its own figure.

@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 from maas import ports
 from maas.local.processes import free_ports, spawn  # free_ports is part of this API
 from maas.local.triton_backends import BackendsError, assemble_backends, wheel_paths
+from services.shared.memory import malloc_arena_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,6 +112,9 @@ class LocalTriton:
         env["PYTHONPATH"] = os.pathsep.join(p for p in py if p)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.update(self.config.env)
+        # tritonserver is C++ (our services bound their arenas with mallopt): 15 arenas on 2 cores let
+        # its RSS climb with each burst of gRPC threads (services/shared/memory.py).
+        env.update(malloc_arena_env(env))
         return env
 
     def start(self) -> "LocalTriton":

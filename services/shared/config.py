@@ -18,6 +18,9 @@ from services.shared.tls import CLIENT_AUTH_MODES, TlsSettings
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # glibc malloc arenas per process (services.shared.memory); glibc's own default is 8 per core.
 DEFAULT_MALLOC_ARENA_MAX = 2
+# Seconds between malloc_trim(0) calls (services.shared.memory): free heap pages a burst left behind
+# go back to the OS. 0 = never.
+DEFAULT_MALLOC_TRIM_INTERVAL_SECONDS = 30.0
 # Models the registry reloads at once on a Triton replica that lost them (restart): MAAS_RELOAD_CONCURRENCY.
 # 1 here: loads are CPU-bound on a CPU Triton, and on 2 cores 2 or 4 at once made the first Classify
 # after a kill 54-85 s instead of 11-15 s (bench/bench_recovery.py); raise it for Tritons with spare
@@ -82,6 +85,8 @@ class ServerSettings:
     malloc_mmap_threshold_bytes: int = 0
     # glibc malloc arenas (services.shared.memory): 0 = glibc's default (8 per core).
     malloc_arena_max: int = DEFAULT_MALLOC_ARENA_MAX
+    # Seconds between malloc_trim(0) calls (services.shared.memory): 0 = never.
+    malloc_trim_interval_seconds: float = DEFAULT_MALLOC_TRIM_INTERVAL_SECONDS
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -> None:
@@ -138,6 +143,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_listen: str) -
         default=env_int("MAAS_MALLOC_ARENA_MAX", DEFAULT_MALLOC_ARENA_MAX),
         help="most glibc malloc arenas, so memory a burst fragmented in one thread's arena is reused "
         "instead of kept; 0 = glibc's default (MAAS_MALLOC_ARENA_MAX)",
+    )
+    g.add_argument(
+        "--malloc-trim-interval",
+        type=float,
+        default=env_float("MAAS_MALLOC_TRIM_INTERVAL_SECONDS", DEFAULT_MALLOC_TRIM_INTERVAL_SECONDS),
+        help="seconds between malloc_trim(0) calls, which give the OS back the free heap pages a burst "
+        "left behind; 0 = never (MAAS_MALLOC_TRIM_INTERVAL_SECONDS)",
     )
     g.add_argument(
         "--workers",
@@ -213,7 +225,7 @@ def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
 
 def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettings:
     require_positive(args, "max_message_bytes", "workers", "readiness_interval")
-    require_non_negative(args, "drain_delay", "malloc_mmap_threshold", "malloc_arena_max")
+    require_non_negative(args, "drain_delay", "malloc_mmap_threshold", "malloc_arena_max", "malloc_trim_interval")
     return ServerSettings(
         service_name=service_name,
         listen=args.listen,
@@ -229,6 +241,7 @@ def server_settings(service_name: str, args: argparse.Namespace) -> ServerSettin
         health_listen=args.health_listen or "",
         malloc_mmap_threshold_bytes=args.malloc_mmap_threshold,
         malloc_arena_max=args.malloc_arena_max,
+        malloc_trim_interval_seconds=args.malloc_trim_interval,
     )
 
 

@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.shared.config import ServerSettings
 from services.shared.interceptors import ServiceInterceptor
-from services.shared.memory import set_arena_max, set_mmap_threshold
+from services.shared.memory import set_arena_max, set_mmap_threshold, start_trimming
 from services.shared.structured_logging import configure_logging
 from services.shared.tls import CertificateFiles, server_credentials
 from services.shared.telemetry import (
@@ -207,6 +207,7 @@ def start_observability(settings: ServerSettings) -> None:
     configure_logging(settings.service_name, settings.log_level, settings.log_format)
     set_mmap_threshold(settings.malloc_mmap_threshold_bytes)
     set_arena_max(settings.malloc_arena_max)
+    start_trimming(settings.malloc_trim_interval_seconds)
     setup_tracing(f"maas-{settings.service_name}")
     start_metrics_server(settings.metrics_port)
 

@@ -52,6 +52,20 @@ def top5(logits: np.ndarray) -> list[int]:
     return [int(i) for i in np.argsort(-logits)[:5]]
 
 
+def test_tritonserver_and_its_stubs_run_with_the_services_arena_bound(triton):
+    """Triton is C++ and cannot mallopt for us: its environment carries MALLOC_ARENA_MAX (the services'
+    MAAS_MALLOC_ARENA_MAX default), and so do the Python backend stubs it spawns."""
+    import psutil
+
+    from services.shared.config import DEFAULT_MALLOC_ARENA_MAX
+
+    server = psutil.Process(triton.process.pid)
+    stubs = server.children(recursive=True)
+    assert stubs, "no Python backend stub under tritonserver"
+    for proc in (server, *stubs):
+        assert proc.environ().get("MALLOC_ARENA_MAX") == str(DEFAULT_MALLOC_ARENA_MAX), proc.cmdline()[:2]
+
+
 def test_models_ready(client):
     assert client.is_server_ready()
     for name in TRITON_MODELS:

@@ -924,3 +924,12 @@ def test_tls_off_by_default_and_needs_a_certificate_source():
     assert (
         proc.returncode != 0 and "tls.certManager.issuerRef.name" in proc.stderr and "tls.existingSecret" in proc.stderr
     )
+
+
+def test_triton_gets_the_services_malloc_arena_bound():
+    """tritonserver cannot mallopt for us: the chart sets MALLOC_ARENA_MAX, the services' default."""
+    from services.shared.config import DEFAULT_MALLOC_ARENA_MAX
+
+    env = cr.env(cr.container(cr.render(), "triton"))
+    assert env["MALLOC_ARENA_MAX"]["value"] == str(DEFAULT_MALLOC_ARENA_MAX)
+    assert "MALLOC_ARENA_MAX" not in cr.env(cr.container(cr.render(None, "triton.mallocArenaMax=0"), "triton"))
