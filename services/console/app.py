@@ -236,6 +236,14 @@ def create_app(config: ConsoleConfig):
                 name, value, path=path, httponly=True, samesite="strict", secure=request.url.scheme == "https"
             )
 
+    async def remember(request: Request, field: str, cookie: str, path: str) -> Response:
+        """A form that hands the browser a session secret (the admin token, an API key), or forgets it."""
+        form = await request.form()
+        response = RedirectResponse(path, status_code=303)
+        value = "" if form.get("forget") else str(form.get(field, "")).strip()
+        session_cookie(request, response, cookie, value, path)
+        return response
+
     async def playground_context(request: Request) -> dict:
         has_key = bool(api_key(request))
         try:
@@ -258,11 +266,7 @@ def create_app(config: ConsoleConfig):
 
     @app.post("/playground/key")
     async def playground_key(request: Request):
-        form = await request.form()
-        response = RedirectResponse("/playground", status_code=303)
-        key = "" if form.get("forget") else str(form.get("api_key", "")).strip()
-        session_cookie(request, response, API_KEY_COOKIE, key, "/playground")
-        return response
+        return await remember(request, "api_key", API_KEY_COOKIE, "/playground")
 
     @app.post("/playground/chat")
     async def chat(request: Request):
@@ -362,11 +366,7 @@ def create_app(config: ConsoleConfig):
 
     @app.post("/operations/token")
     async def token(request: Request):
-        form = await request.form()
-        response = RedirectResponse("/operations", status_code=303)
-        value = "" if form.get("forget") else str(form.get("token", "")).strip()
-        session_cookie(request, response, TOKEN_COOKIE, value, "/operations")
-        return response
+        return await remember(request, "token", TOKEN_COOKIE, "/operations")
 
     @app.post("/operations/{action}")
     async def operate(action: str, request: Request):
