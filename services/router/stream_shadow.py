@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2
 
 from services.router.dataplane import Dataplane
 from services.router.generation import comparable_shadow, read_response
-from services.router.routing import Route
+from services.router.routing import Route, VersionInfo
 from services.router.shadow import compare_tokens
 
 _COMPARED = ("stop", "length")  # a generation cut short (cancelled, failed) is not compared
@@ -34,6 +34,7 @@ _COMPARED = ("stop", "length")  # a generation cut short (cancelled, failed) is 
 @dataclass
 class _Tracked:
     route: Route
+    shadow: VersionInfo  # the comparable shadow version (comparable_shadow)
     request: service_pb2.ModelInferRequest  # as forwarded to the primary (under the router's id)
     caller_id: str
     started: float
@@ -49,12 +50,13 @@ class StreamShadows:
 
     def forward(self, request: bytes, route: Route) -> bytes:
         """The bytes Triton gets for a request already retargeted to `route`'s version."""
-        if self.plane.shadow is None or comparable_shadow(route.info, route.shadow) is None:
+        shadow = comparable_shadow(route.info, route.shadow)
+        if self.plane.shadow is None or shadow is None:
             return request
         parsed = service_pb2.ModelInferRequest.FromString(request)
         _seed_sampled(parsed)
         ours = f"maas-shadow-{uuid.uuid4().hex}"
-        self.tracked[ours] = _Tracked(route, parsed, parsed.id, time.perf_counter())
+        self.tracked[ours] = _Tracked(route, shadow, parsed, parsed.id, time.perf_counter())
         parsed.id = ours
         return parsed.SerializeToString()
 
@@ -80,9 +82,8 @@ class StreamShadows:
         return response.SerializeToString()
 
     def _submit(self, entry: _Tracked) -> None:
-        runner, info = self.plane.shadow, entry.route.info
-        shadow = comparable_shadow(info, entry.route.shadow)
-        if runner is None or shadow is None:
+        runner, info, shadow = self.plane.shadow, entry.route.info, entry.shadow
+        if runner is None:
             return
         primary_ids = np.asarray(entry.ids, dtype=np.int64)
         copy = Dataplane.retarget(entry.request.SerializeToString(), info.triton_model, shadow)

@@ -67,17 +67,13 @@ class VersionStatsReporter(PeriodicReport):
         self.reported = 0  # reports the registry accepted (tests)
 
     def record(self, model: str, version: int, error: str | None, seconds: float) -> None:
-        figures = self._pending.get((model, version))
-        if figures is None:
-            figures = self._pending[(model, version)] = _Figures()
+        figures = self._figures(model, version)
         figures.requests += 1
         if error:
             figures.errors[error] = figures.errors.get(error, 0) + 1
         else:
             figures.counts[bisect.bisect_left(LATENCY_BOUNDS_MS, seconds * 1000.0)] += 1
             VERSION_DURATION.labels(model, str(version)).observe(seconds)  # the console's per-version p50/p99
-        if self._registry is not None:
-            self._start_reporting()
 
     def record_counts(self, model: str, version: int, code: str, count: int) -> None:
         """Requests another data path settled (the compiled OIP fast path's "requests" report lines): they
