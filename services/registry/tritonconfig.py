@@ -85,6 +85,7 @@ def generation_config(context_length: int) -> str:
         (generation.PARAM_MAX_QUEUED, generation.DEFAULT_MAX_QUEUED),
         (generation.PARAM_MAX_BATCH_ROWS, generation.DEFAULT_MAX_BATCH_ROWS),
         (generation.PARAM_BATCH_WINDOW_MS, generation.DEFAULT_BATCH_WINDOW_MS),
+        (generation.PARAM_STREAM_INTERVAL_TOKENS, generation.DEFAULT_STREAM_INTERVAL_TOKENS),
         (generation.PARAM_CONTEXT_LENGTH, context_length),
     ):
         config.parameters[key].string_value = str(value)

@@ -442,7 +442,7 @@ def refuse_generation(info: VersionInfo, use: str) -> None:
     """A generation (decoupled) version answers with a stream: one-shot calls are pointed at `use`."""
     if info.post_kind == PostKind.GENERATION:
         raise InvalidArgument(
-            f"model {info.model!r} v{info.version} is a generation model (decoupled: one response per token); use {use}"
+            f"model {info.model!r} v{info.version} is a generation model (decoupled: it streams tokens); use {use}"
         )
 
 

@@ -1,7 +1,7 @@
 """Router.Generate: route to a generation version, tokenize, stream tokens from Triton, detokenize, stop.
 
     request ─ check limits ─ route (table) ─ prompt ids (tokenizer: chat template or plain text)
-            ─ Triton ModelStreamInfer (decoupled, one response per token) ─ detokenize ─ stop match
+            ─ Triton ModelStreamInfer (decoupled, a response per chunk of tokens) ─ detokenize ─ stop match
 
 Detokenizing runs here, in the router's process, with the tokenizer service's definition of the
 tokenizer (services/router/detokenizers.py): no round trip per generated token.
@@ -10,7 +10,7 @@ Everything a request can be refused for is checked before Triton is asked to gen
 are matched here on the detokenized text (the engine has no stop strings on CPU): text that could be
 the start of a stop sequence is held back until it cannot be, so no caller ever sees part of a match.
 When the request ends early (stop match, caller cancel, deadline) the Triton stream is cancelled, and
-Triton cancels the request in the model, which frees its sequence slot within one decode step.
+Triton cancels the request in the model, which frees its sequence slot (docs/generation.md: when).
 Shadowing: when the table picks a shadow generation version (same tokenizer), the same prompt ids and
 parameters go to it after the caller's generation completed (a sampled request gets a seed, the same for
 both, so the comparison means something); the two token id sequences are compared (shadow.compare_tokens).

@@ -33,6 +33,7 @@ PARAM_MAX_SEQUENCES = "max_sequences"
 PARAM_MAX_QUEUED = "max_queued"  # requests waiting for a slot; more are refused (UNAVAILABLE)
 PARAM_MAX_BATCH_ROWS = "max_batch_rows"  # rows of one batched generator
 PARAM_BATCH_WINDOW_MS = "batch_window_ms"  # how long a request waits for companions while others decode
+PARAM_STREAM_INTERVAL_TOKENS = "stream_interval_tokens"  # tokens per response after the first
 PARAM_CONTEXT_LENGTH = "context_length"  # written by the registry from genai_config.json
 DEFAULT_MAX_TOKENS_CAP = 1024
 DEFAULT_DEFAULT_MAX_TOKENS = 64
@@ -40,6 +41,7 @@ DEFAULT_MAX_SEQUENCES = 16
 DEFAULT_MAX_QUEUED = 256
 DEFAULT_MAX_BATCH_ROWS = 8
 DEFAULT_BATCH_WINDOW_MS = 20
+DEFAULT_STREAM_INTERVAL_TOKENS = 4
 
 # finish_reason values of the final response.
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"

@@ -21,6 +21,8 @@ def backend():
     pytest.importorskip("onnxruntime_genai")
     fake = types.ModuleType("triton_python_backend_utils")
     fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    fake.Tensor = lambda name, array: (name, array)
+    fake.InferenceResponse = lambda output_tensors: dict(output_tensors)
     previous = sys.modules.get("triton_python_backend_utils")
     sys.modules["triton_python_backend_utils"] = fake
     spec = importlib.util.spec_from_file_location("genai_backend_under_test", BACKEND)
@@ -37,18 +39,50 @@ def backend():
 
 class Sender:
     def __init__(self, cancelled: bool = False):
-        self.cancelled, self.sent = cancelled, []
+        self.cancelled, self.sent, self.asked = cancelled, [], 0
 
     def is_cancelled(self) -> bool:
+        self.asked += 1
         return self.cancelled
 
     def send(self, response, flags=0) -> None:
         self.sent.append((response, flags))
 
+    def responses(self) -> list[tuple[list[int], str, int]]:
+        """(token ids, finish reason, flags) of each response sent."""
+        return [(r["output_ids"].tolist(), r["finish_reason"][0].decode(), flags) for r, flags in self.sent]
+
+
+class Request:
+    def request_id(self) -> str:
+        return "r"
+
+
+class Generator:
+    """Hands out scripted tokens, one column per row: 10, 11, 12, ... (never a stop id)."""
+
+    def __init__(self, rows: int):
+        self.rows, self.steps = rows, 0
+
+    def generate_next_token(self) -> None:
+        self.steps += 1
+
+    def get_next_tokens(self) -> np.ndarray:
+        return np.full(self.rows, 9 + self.steps)
+
+    def is_done(self) -> bool:
+        return False
+
+
+def running(backend, rows: list):
+    batch = object.__new__(backend.Batch)  # no engine: the scripted generator stands in
+    batch.generator, batch.rows = Generator(len(rows)), list(rows)
+    return batch
+
 
 def sequence(backend, key=("greedy",), prompt=8, max_tokens=16, cancelled=False):
     return backend.Sequence(
-        request=None,
+        request=Request(),
         sender=Sender(cancelled),
         prompt=np.ones(prompt, np.int64),
         max_tokens=max_tokens,
@@ -58,7 +92,7 @@ def sequence(backend, key=("greedy",), prompt=8, max_tokens=16, cancelled=False)
     )
 
 
-def scheduler(backend, context=8192, max_batch_rows=4, max_queued=3):
+def scheduler(backend, context=8192, max_batch_rows=4, max_queued=3, stream_interval=1):
     limits = backend.Limits(
         vocab_size=100,
         context_length=context,
@@ -74,7 +108,8 @@ def scheduler(backend, context=8192, max_batch_rows=4, max_queued=3):
         max_batch_rows=max_batch_rows,
         batch_window_ms=20,
         max_queued=max_queued,
-        logger=None,
+        logger=types.SimpleNamespace(log_info=lambda message: None, log_error=lambda message: None),
+        stream_interval=stream_interval,
     )
 
 
@@ -138,3 +173,47 @@ def test_the_pad_is_a_special_token_that_no_chat_prompt_holds(backend, tmp_path)
     if (smollm2 / "genai_config.json").exists():
         model = json.loads((smollm2 / "genai_config.json").read_text(encoding="utf-8"))["model"]
         assert backend.batch_pad_token_id(smollm2, model) == 0  # <|endoftext|>
+
+
+def test_the_first_token_goes_at_once_then_stream_interval_at_a_time_and_the_rest_with_the_final(backend):
+    s, seq = scheduler(backend, stream_interval=4), sequence(backend, max_tokens=10)
+    batch = running(backend, [seq])
+    s.batches.append(batch)
+    while s.batches:
+        s._step(batch)
+    final = backend.FINAL
+    assert seq.sender.responses() == [
+        ([10], "", 0),
+        ([11, 12, 13, 14], "", 0),
+        ([15, 16, 17, 18], "", 0),
+        ([19], "length", final),
+    ]
+    assert [r["usage"].tolist() for r, _ in seq.sender.sent] == [[8, 1], [8, 5], [8, 9], [8, 10]]
+
+
+def test_a_lone_row_is_asked_about_cancel_every_step_rows_with_company_before_each_response(backend):
+    s = scheduler(backend, stream_interval=4)
+    alone, mates = sequence(backend, max_tokens=6), [sequence(backend, max_tokens=6) for _ in range(2)]
+    for rows in ([alone], mates):
+        batch = running(backend, rows)
+        s.batches.append(batch)
+        while batch in s.batches:
+            s._step(batch)
+    assert alone.sender.asked == 6  # before each of its 6 steps: a cancel ends the batch's compute
+    assert [m.sender.asked for m in mates] == [2, 2]  # before the responses of tokens 1 and 2-5
+
+
+def test_a_cancelled_row_with_company_ends_at_its_next_response_and_the_batch_goes_on(backend):
+    s = scheduler(backend, stream_interval=4)
+    gone, stays = sequence(backend, max_tokens=8), sequence(backend, max_tokens=8)
+    batch = running(backend, [gone, stays])
+    generator = batch.generator
+    s.batches.append(batch)
+    s._step(batch)
+    gone.sender.cancelled = True
+    while batch in s.batches:
+        s._step(batch)
+    final = backend.FINAL
+    assert gone.sender.responses() == [([10], "", 0), ([11, 12, 13, 14], "cancelled", final)]
+    assert stays.sender.responses()[-1] == ([15, 16, 17], "length", final)
+    assert generator.steps == 8  # its compute went on with the batch until the last row ended

@@ -1,7 +1,7 @@
 """Python-based Triton backend named "onnxruntime_genai": a decoupled text-generation model whose
 generation loop (KV cache, sampling) is ONNX Runtime GenAI's.
 
-The contract (inputs, one response per token, the final response) is in docs/generation.md. Triton has
+The contract (inputs, the streamed token responses, the final response) is in docs/generation.md. Triton has
 no native backend for it, so this same file serves on the official GPU image too (with onnxruntime-genai
 installed in its Python environment).
 
@@ -14,6 +14,8 @@ its own runs alone: a seeded sample (its random stream must not depend on neighb
 penalty (it would count the padding), a prompt holding the pad id. (ONNX Runtime GenAI's
 continuous-batching Engine needs paged attention, which its builder exports for CUDA only; its
 static-batch Engine on CPU has no per-request seeds and measured slower than a batched Generator.)
+After the first token, tokens go out `stream_interval_tokens` to a response: each response is a round
+trip to Triton's process on the cores the engine decodes on (docs/generation.md has the figures).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,7 @@ class Sequence:
     batch_key: tuple | None  # sequences with equal keys may share a batch; None = runs alone
     generated: int = 0
     arrived: float = 0.0  # time.monotonic() when the scheduler took it
+    unsent: list[int] = field(default_factory=list)  # decoded, waiting for the next response
 
 
 def _scalar(request, name: str, kind: type, default):
@@ -171,11 +174,13 @@ class Scheduler(threading.Thread):
         batch_window_ms: int,
         max_queued: int,
         logger,
+        stream_interval: int = 1,
     ):
         super().__init__(name="generation-scheduler", daemon=True)
         self.model, self.limits, self.log = model, limits, logger
         self.max_sequences, self.max_batch_rows, self.max_queued = max_sequences, max_batch_rows, max_queued
         self.batch_window_s = batch_window_ms / 1000
+        self.stream_interval = max(stream_interval, 1)
         self.incoming: queue.Queue[Sequence | None] = queue.Queue()
         self.waiting: list[Sequence] = []  # taken from `incoming`, over max_sequences for now
         self.batches: list[Batch] = []
@@ -272,9 +277,13 @@ class Scheduler(threading.Thread):
         return batches
 
     def _step(self, batch: Batch) -> None:
-        for i, seq in batch.live():
-            if seq.sender.is_cancelled():
-                self._finish(batch, i, "cancelled")
+        # Asking Triton whether a request is cancelled is a round trip to its process (~0.2 ms, the
+        # GIL held). The last live row of a batch is asked every step: its cancel ends the batch's
+        # compute. Rows with company are asked before each response: their compute goes on with the
+        # batch anyway, so asking each step would buy nothing but the round trips.
+        live = batch.live()
+        if len(live) == 1 and live[0][1].sender.is_cancelled():
+            self._finish(batch, live[0][0], "cancelled")
         if not batch.live():
             self._drop(batch)
             return
@@ -287,15 +296,22 @@ class Scheduler(threading.Thread):
                 self._fail(seq, f"generation failed after {seq.generated} tokens: {exc}")
             self._drop(batch)
             return
+        alone = len(batch.live()) == 1
         for i, seq in batch.live():
             token = int(tokens[i])
             if token in seq.stop_ids:
                 self._finish(batch, i, "stop")
                 continue
             seq.generated += 1
-            seq.sender.send(_response([token], "", (seq.prompt.size, seq.generated)))
+            seq.unsent.append(token)
             if seq.generated >= seq.max_tokens:
                 self._finish(batch, i, "length")
+            elif seq.generated == 1 or len(seq.unsent) >= self.stream_interval:  # the first token at once
+                if not alone and seq.sender.is_cancelled():
+                    self._finish(batch, i, "cancelled")
+                    continue
+                seq.sender.send(_response(seq.unsent, "", (seq.prompt.size, seq.generated)))
+                seq.unsent = []
         if batch.generator.is_done():  # every row at its end already; a safety net, not a path
             for i, _ in batch.live():
                 self._finish(batch, i, "length")
@@ -308,7 +324,7 @@ class Scheduler(threading.Thread):
             self.log.log_info(
                 f"generation cancelled after {seq.generated} tokens (request {seq.request.request_id()!r})"
             )
-        seq.sender.send(_response([], reason, (seq.prompt.size, seq.generated)), flags=FINAL)
+        seq.sender.send(_response(seq.unsent, reason, (seq.prompt.size, seq.generated)), flags=FINAL)
 
     def _fail(self, seq: Sequence, message: str) -> None:
         self.log.log_error(message)
@@ -380,6 +396,7 @@ class TritonPythonModel:
             _parameter(config, "batch_window_ms", 20),
             _parameter(config, "max_queued", 256),
             pb_utils.Logger,
+            _parameter(config, "stream_interval_tokens", 1),
         )
         self.scheduler.start()
 
