@@ -212,24 +212,17 @@ class StopMatcher:
 
 def triton_request(info: VersionInfo, ids: list[int], max_tokens: int, s: Sampling) -> service_pb2.ModelInferRequest:
     request = service_pb2.ModelInferRequest(model_name=info.triton_model, model_version=info.triton_version)
-
-    def add(name: str, datatype: str, values, dtype: str) -> None:
-        array = np.asarray(values, dtype=dtype)
-        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        request.raw_input_contents.append(array.tobytes())
-
-    add("input_ids", "INT64", ids, "<i8")
-    add("max_tokens", "INT32", [max_tokens], "<i4")
-    if s.temperature is not None:
-        add("temperature", "FP32", [s.temperature], "<f4")
-    if s.top_p is not None:
-        add("top_p", "FP32", [s.top_p], "<f4")
-    if s.top_k:
-        add("top_k", "INT32", [s.top_k], "<i4")
-    if s.seed is not None:
-        add("seed", "UINT64", [s.seed], "<u8")
-    if s.repetition_penalty is not None:
-        add("repetition_penalty", "FP32", [s.repetition_penalty], "<f4")
+    contract.add_input(request, "input_ids", ids)
+    contract.add_input(request, "max_tokens", [max_tokens])
+    for name, value, given in (
+        ("temperature", s.temperature, s.temperature is not None),
+        ("top_p", s.top_p, s.top_p is not None),
+        ("top_k", s.top_k, bool(s.top_k)),
+        ("seed", s.seed, s.seed is not None),
+        ("repetition_penalty", s.repetition_penalty, s.repetition_penalty is not None),
+    ):
+        if given:
+            contract.add_input(request, name, [value])
     return request
 
 

@@ -27,6 +27,7 @@ from services.router.dataplane import Dataplane
 from services.router.generation import comparable_shadow, read_response
 from services.router.routing import Route, VersionInfo
 from services.router.shadow import compare_tokens
+from services.shared import generation as contract
 
 _COMPARED = ("stop", "length")  # a generation cut short (cancelled, failed) is not compared
 
@@ -118,8 +119,7 @@ def _seed_sampled(request: service_pb2.ModelInferRequest) -> None:
     index = names.index("temperature")
     if index >= len(request.raw_input_contents):  # values in the typed contents: left as they are
         return
-    temperature = np.frombuffer(request.raw_input_contents[index], dtype="<f4")
+    temperature = np.frombuffer(request.raw_input_contents[index], dtype=contract.input_dtype("temperature"))
     if not temperature.size or float(temperature[0]) <= 0:
         return
-    request.inputs.add(name="seed", datatype="UINT64", shape=[1])
-    request.raw_input_contents.append(np.asarray([secrets.randbits(63)], dtype="<u8").tobytes())
+    contract.add_input(request, "seed", [secrets.randbits(63)])

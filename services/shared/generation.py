@@ -6,6 +6,12 @@ router builds its ModelStreamInfer requests and reads the responses with these n
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
+from services.shared.tensors import numpy_dtype
+
 BACKEND = "onnxruntime_genai"
 GENAI_CONFIG = "genai_config.json"
 
@@ -20,6 +26,23 @@ INPUTS = (
     ("repetition_penalty", "FP32", (1,), True),
     ("stop_token_ids", "INT64", (-1,), True),
 )
+
+
+_DATATYPES = {name: datatype for name, datatype, _, _ in INPUTS}
+
+
+def input_dtype(name: str) -> np.dtype:
+    """The raw (little-endian) numpy dtype of the contract's input `name`."""
+    return numpy_dtype(_DATATYPES[name]).newbyteorder("<")
+
+
+def add_input(request: Any, name: str, values) -> None:
+    """Appends the contract's input `name` to a ModelInferRequest, its values as raw contents."""
+    array = np.asarray(values, dtype=input_dtype(name))
+    request.inputs.add(name=name, datatype=_DATATYPES[name], shape=list(array.shape))
+    request.raw_input_contents.append(array.tobytes())
+
+
 OUTPUTS = (
     ("output_ids", "INT64", (-1,)),
     ("finish_reason", "BYTES", (1,)),
