@@ -214,14 +214,15 @@ def triton_request(info: VersionInfo, ids: list[int], max_tokens: int, s: Sampli
     request = service_pb2.ModelInferRequest(model_name=info.triton_model, model_version=info.triton_version)
     contract.add_input(request, "input_ids", ids)
     contract.add_input(request, "max_tokens", [max_tokens])
-    for name, value, given in (
-        ("temperature", s.temperature, s.temperature is not None),
-        ("top_p", s.top_p, s.top_p is not None),
-        ("top_k", s.top_k, bool(s.top_k)),
-        ("seed", s.seed, s.seed is not None),
-        ("repetition_penalty", s.repetition_penalty, s.repetition_penalty is not None),
-    ):
-        if given:
+    optional = {  # None: not sent, the model's default applies (top_k 0 = off)
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k or None,
+        "seed": s.seed,
+        "repetition_penalty": s.repetition_penalty,
+    }
+    for name, value in optional.items():
+        if value is not None:
             contract.add_input(request, name, [value])
     return request
 

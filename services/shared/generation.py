@@ -29,11 +29,12 @@ INPUTS = (
 
 
 _DATATYPES = {name: datatype for name, datatype, _, _ in INPUTS}
+_RAW_DTYPES = {name: numpy_dtype(datatype).newbyteorder("<") for name, datatype in _DATATYPES.items()}
 
 
 def input_dtype(name: str) -> np.dtype:
     """The raw (little-endian) numpy dtype of the contract's input `name`."""
-    return numpy_dtype(_DATATYPES[name]).newbyteorder("<")
+    return _RAW_DTYPES[name]
 
 
 def add_input(request: Any, name: str, values) -> None:

@@ -296,7 +296,7 @@ class Scheduler(threading.Thread):
                 self._fail(seq, f"generation failed after {seq.generated} tokens: {exc}")
             self._drop(batch)
             return
-        alone = len(batch.live()) == 1
+        alone = len(live) == 1  # the rows are those asked about above: none ended since
         for i, seq in batch.live():
             token = int(tokens[i])
             if token in seq.stop_ids:
